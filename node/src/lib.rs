@@ -1,0 +1,6 @@
+//! cairn-node: the swarm daemon. It joins nodes of several sites into an
+//! authenticated libp2p swarm, stores fragments and replicated metadata, and
+//! runs the background workers. It drives the sans-IO logic of
+//! `cairn-protocol`; it never depends on the gateway.
+
+pub use cairn_protocol as protocol;

@@ -1,0 +1,21 @@
+//! cairn-protocol: the pure core of Cairn, shared by the node, the gateway
+//! and the simulator.
+//!
+//! Everything here is a function or a state machine fed with bytes, events
+//! and the current time; nothing opens a socket, touches a disk, reads a
+//! clock or draws randomness. The formats are normative in `spec/`.
+
+mod codec;
+pub mod encryption;
+pub mod erasure;
+pub mod hlc;
+pub mod ids;
+pub mod keywrap;
+pub mod manifest;
+pub mod pipeline;
+pub mod placement;
+pub mod version;
+pub mod wire;
+
+pub use codec::{DecodeError, from_hex, to_hex};
+pub use ed25519_dalek;

@@ -1,0 +1,315 @@
+//! The object-version entry of the replicated metadata and its CRDT merge
+//! (spec/metadata.md).
+//!
+//! Every field is a join-semilattice, so replicas that saw the same writes
+//! in any order, any number of times, hold the same entry: the version's
+//! content is immutable, retention only grows (mode and date by max), legal
+//! hold is last-writer-wins, and a permanent delete is a tombstone that wins.
+//! Deciding whether a delete may be applied through a lock is not a merge
+//! question; the metadata layer decides it before writing the tombstone.
+
+use thiserror::Error;
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::hlc::{Hlc, Timestamp};
+use crate::ids::{ManifestId, NodeId, VersionId};
+use crate::manifest::{MAX_BUCKET_BYTES, MAX_ETAG_BYTES, MAX_KEY_BYTES};
+
+const FORMAT_VERSION: u8 = 1;
+
+/// What a version is: data, or a delete marker.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum VersionBody {
+    DeleteMarker,
+    Data {
+        manifest: ManifestId,
+        size_bytes: u64,
+        etag: String,
+    },
+}
+
+/// Object Lock retention; the order is the order of strength.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum RetentionMode {
+    #[default]
+    None,
+    Governance,
+    Compliance,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    pub mode: RetentionMode,
+    pub retain_until_unix_ms: u64,
+}
+
+impl Retention {
+    fn join(self, other: Self) -> Self {
+        Self {
+            mode: self.mode.max(other.mode),
+            retain_until_unix_ms: self.retain_until_unix_ms.max(other.retain_until_unix_ms),
+        }
+    }
+}
+
+/// A last-writer-wins register; equal timestamps fall back to the value's
+/// order so that the merge stays commutative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lww<T> {
+    pub value: T,
+    pub at: Timestamp,
+}
+
+impl<T: Ord + Copy> Lww<T> {
+    fn join(self, other: Self) -> Self {
+        if (other.at, other.value) > (self.at, self.value) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectVersion {
+    pub bucket: String,
+    pub key: String,
+    pub version: VersionId,
+    /// When the version was committed; immutable.
+    pub created: Timestamp,
+    pub body: VersionBody,
+    pub retention: Retention,
+    pub legal_hold: Lww<bool>,
+    /// Set when the version is permanently deleted.
+    pub purged: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum VersionError {
+    #[error("cannot merge entries of different versions")]
+    DifferentVersions,
+    #[error("object version entry format {0} is not supported")]
+    UnsupportedFormat(u8),
+    #[error("malformed object version entry: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+impl ObjectVersion {
+    /// Whether a lock forbids deleting or overwriting this version at `now`.
+    pub fn is_locked(&self, now_unix_ms: u64) -> bool {
+        self.legal_hold.value
+            || (self.retention.mode != RetentionMode::None
+                && self.retention.retain_until_unix_ms > now_unix_ms)
+    }
+
+    /// The CRDT join of two replicas' views of one version.
+    pub fn merge(&self, other: &Self) -> Result<Self, VersionError> {
+        if (&self.bucket, &self.key, self.version) != (&other.bucket, &other.key, other.version) {
+            return Err(VersionError::DifferentVersions);
+        }
+        // Content is write-once; if two replicas ever disagree, both pick the
+        // same one so that they still converge.
+        let (created, body) = (self.created, &self.body).min((other.created, &other.body));
+        Ok(Self {
+            bucket: self.bucket.clone(),
+            key: self.key.clone(),
+            version: self.version,
+            created,
+            body: body.clone(),
+            retention: self.retention.join(other.retention),
+            legal_hold: self.legal_hold.join(other.legal_hold),
+            purged: self.purged.max(other.purged),
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(200 + self.key.len());
+        out.put_u8(FORMAT_VERSION);
+        out.put_bytes16(self.bucket.as_bytes());
+        out.put_bytes16(self.key.as_bytes());
+        out.extend_from_slice(&self.version.0);
+        put_timestamp(&mut out, &self.created);
+        match &self.body {
+            VersionBody::DeleteMarker => out.put_u8(0),
+            VersionBody::Data {
+                manifest,
+                size_bytes,
+                etag,
+            } => {
+                out.put_u8(1);
+                out.extend_from_slice(manifest.as_bytes());
+                out.put_u64(*size_bytes);
+                out.put_bytes16(etag.as_bytes());
+            }
+        }
+        out.put_u8(self.retention.mode as u8);
+        out.put_u64(self.retention.retain_until_unix_ms);
+        out.put_bool(self.legal_hold.value);
+        put_timestamp(&mut out, &self.legal_hold.at);
+        match &self.purged {
+            None => out.put_u8(0),
+            Some(at) => {
+                out.put_u8(1);
+                put_timestamp(&mut out, at);
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, VersionError> {
+        let mut r = Reader::new(bytes);
+        let format = r.u8("format")?;
+        if format != FORMAT_VERSION {
+            return Err(VersionError::UnsupportedFormat(format));
+        }
+        let bucket = r.str16("bucket", MAX_BUCKET_BYTES)?.to_owned();
+        let key = r.str16("key", MAX_KEY_BYTES)?.to_owned();
+        let version = VersionId(r.array("version")?);
+        let created = read_timestamp(&mut r)?;
+        let body = match r.u8("body kind")? {
+            0 => VersionBody::DeleteMarker,
+            1 => VersionBody::Data {
+                manifest: ManifestId(r.array("manifest id")?),
+                size_bytes: r.u64("size")?,
+                etag: r.str16("etag", MAX_ETAG_BYTES)?.to_owned(),
+            },
+            other => {
+                return Err(DecodeError::InvalidValue {
+                    field: "body kind",
+                    value: u64::from(other),
+                }
+                .into());
+            }
+        };
+        let mode = match r.u8("retention mode")? {
+            0 => RetentionMode::None,
+            1 => RetentionMode::Governance,
+            2 => RetentionMode::Compliance,
+            other => {
+                return Err(DecodeError::InvalidValue {
+                    field: "retention mode",
+                    value: u64::from(other),
+                }
+                .into());
+            }
+        };
+        let retain_until_unix_ms = r.u64("retain until")?;
+        let legal_hold = Lww {
+            value: r.bool("legal hold")?,
+            at: read_timestamp(&mut r)?,
+        };
+        let purged = match r.bool("purged")? {
+            false => None,
+            true => Some(read_timestamp(&mut r)?),
+        };
+        r.finish("object version entry")?;
+        Ok(Self {
+            bucket,
+            key,
+            version,
+            created,
+            body,
+            retention: Retention {
+                mode,
+                retain_until_unix_ms,
+            },
+            legal_hold,
+            purged,
+        })
+    }
+}
+
+fn put_timestamp(out: &mut Vec<u8>, at: &Timestamp) {
+    out.put_u64(at.hlc.as_u64());
+    out.extend_from_slice(at.node.as_bytes());
+}
+
+fn read_timestamp(r: &mut Reader<'_>) -> Result<Timestamp, DecodeError> {
+    Ok(Timestamp {
+        hlc: Hlc::from_u64(r.u64("hlc")?),
+        node: NodeId(r.array("node")?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64, node: u8) -> Timestamp {
+        Timestamp {
+            hlc: Hlc::new(ms, 0),
+            node: NodeId([node; 32]),
+        }
+    }
+
+    pub(crate) fn entry() -> ObjectVersion {
+        ObjectVersion {
+            bucket: "b".into(),
+            key: "k".into(),
+            version: VersionId::new(1, [0; 10]),
+            created: at(1, 1),
+            body: VersionBody::Data {
+                manifest: ManifestId([5; 32]),
+                size_bytes: 10,
+                etag: "\"e\"".into(),
+            },
+            retention: Retention::default(),
+            legal_hold: Lww {
+                value: false,
+                at: at(1, 1),
+            },
+            purged: None,
+        }
+    }
+
+    #[test]
+    fn compliance_retention_cannot_be_shortened_by_a_later_write() {
+        let mut locked = entry();
+        locked.retention = Retention {
+            mode: RetentionMode::Compliance,
+            retain_until_unix_ms: 2_000,
+        };
+        let mut shorter = entry();
+        shorter.retention = Retention {
+            mode: RetentionMode::Governance,
+            retain_until_unix_ms: 1_000,
+        };
+        let merged = shorter.merge(&locked).unwrap();
+        assert_eq!(merged.retention, locked.retention);
+        assert!(merged.is_locked(1_999) && !merged.is_locked(2_000));
+    }
+
+    #[test]
+    fn legal_hold_is_last_writer_wins() {
+        let mut on = entry();
+        on.legal_hold = Lww {
+            value: true,
+            at: at(5, 1),
+        };
+        let mut off = entry();
+        off.legal_hold = Lww {
+            value: false,
+            at: at(6, 2),
+        };
+        assert!(!on.merge(&off).unwrap().legal_hold.value);
+        assert!(!off.merge(&on).unwrap().legal_hold.value);
+    }
+
+    #[test]
+    fn entries_of_different_versions_do_not_merge() {
+        let mut other = entry();
+        other.key = "other".into();
+        assert_eq!(entry().merge(&other), Err(VersionError::DifferentVersions));
+    }
+
+    #[test]
+    fn encoding_round_trips_and_truncations_fail() {
+        let mut e = entry();
+        e.purged = Some(at(9, 3));
+        let bytes = e.encode();
+        assert_eq!(ObjectVersion::decode(&bytes).unwrap(), e);
+        for len in 0..bytes.len() {
+            assert!(ObjectVersion::decode(&bytes[..len]).is_err());
+        }
+    }
+}
