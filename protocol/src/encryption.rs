@@ -194,12 +194,58 @@ impl ChunkCipher {
     }
 }
 
+/// Cuts a byte stream into units of a fixed size and hands each one over
+/// only once more input shows that it is not the last: the STREAM last flag
+/// must be known when a chunk is sealed or opened.
+struct HeldBackUnits {
+    pending: Vec<u8>,
+    unit: usize,
+    next_index: u64,
+}
+
+impl HeldBackUnits {
+    fn new(unit: usize) -> Self {
+        Self {
+            pending: Vec::with_capacity(unit),
+            unit,
+            next_index: 0,
+        }
+    }
+
+    /// Calls `complete(index, unit)` for each full unit that `input` proves
+    /// is not the last.
+    fn feed(
+        &mut self,
+        mut input: &[u8],
+        mut complete: impl FnMut(u64, &mut [u8]) -> Result<(), StreamError>,
+    ) -> Result<(), StreamError> {
+        while !input.is_empty() {
+            if self.pending.len() == self.unit {
+                self.release(&mut complete)?;
+            }
+            let take = (self.unit - self.pending.len()).min(input.len());
+            self.pending.extend_from_slice(&input[..take]);
+            input = &input[take..];
+        }
+        Ok(())
+    }
+
+    /// Hands over the held unit (possibly short or empty) as the last.
+    fn release(
+        &mut self,
+        mut complete: impl FnMut(u64, &mut [u8]) -> Result<(), StreamError>,
+    ) -> Result<(), StreamError> {
+        complete(self.next_index, &mut self.pending)?;
+        self.pending.clear();
+        self.next_index += 1;
+        Ok(())
+    }
+}
+
 /// Streaming encryptor: feed plaintext of any shape, collect sealed chunks.
 pub struct StreamEncryptor {
     cipher: ChunkCipher,
-    chunk_size: ChunkSize,
-    pending: Vec<u8>,
-    next_index: u64,
+    chunks: HeldBackUnits,
     finished: bool,
 }
 
@@ -207,29 +253,20 @@ impl StreamEncryptor {
     pub fn new(key: &SecretKey, stream_id: u32, chunk_size: ChunkSize) -> Self {
         Self {
             cipher: ChunkCipher::new(key, stream_id),
-            chunk_size,
-            pending: Vec::with_capacity(chunk_size.bytes()),
-            next_index: 0,
+            chunks: HeldBackUnits::new(chunk_size.bytes()),
             finished: false,
         }
     }
 
     /// Appends the sealed form of every chunk that `input` completes to `out`.
-    /// A full chunk is held back until more input shows it is not the last.
-    pub fn update(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), StreamError> {
+    pub fn update(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), StreamError> {
         if self.finished {
             return Err(StreamError::Finished);
         }
-        let chunk = self.chunk_size.bytes();
-        while !input.is_empty() {
-            if self.pending.len() == chunk {
-                self.seal_pending(false, out)?;
-            }
-            let take = (chunk - self.pending.len()).min(input.len());
-            self.pending.extend_from_slice(&input[..take]);
-            input = &input[take..];
-        }
-        Ok(())
+        let cipher = &self.cipher;
+        self.chunks.feed(input, |index, chunk| {
+            seal_into(cipher, index, false, chunk, out)
+        })
     }
 
     /// Seals the final chunk (possibly empty) into `out`.
@@ -237,29 +274,33 @@ impl StreamEncryptor {
         if self.finished {
             return Err(StreamError::Finished);
         }
-        self.seal_pending(true, out)?;
+        let cipher = &self.cipher;
+        self.chunks
+            .release(|index, chunk| seal_into(cipher, index, true, chunk, out))?;
         self.finished = true;
         Ok(())
     }
+}
 
-    fn seal_pending(&mut self, last: bool, out: &mut Vec<u8>) -> Result<(), StreamError> {
-        let start = out.len();
-        out.extend_from_slice(&self.pending);
-        let tag = self.cipher.seal(self.next_index, last, &mut out[start..])?;
-        out.extend_from_slice(&tag);
-        self.pending.clear();
-        self.next_index += 1;
-        Ok(())
-    }
+fn seal_into(
+    cipher: &ChunkCipher,
+    index: u64,
+    last: bool,
+    chunk: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), StreamError> {
+    let start = out.len();
+    out.extend_from_slice(chunk);
+    let tag = cipher.seal(index, last, &mut out[start..])?;
+    out.extend_from_slice(&tag);
+    Ok(())
 }
 
 /// Streaming decryptor for a stream of unknown length: feed ciphertext of
 /// any shape; plaintext is released one verified chunk at a time.
 pub struct StreamDecryptor {
     cipher: ChunkCipher,
-    chunk_size: ChunkSize,
-    pending: Vec<u8>,
-    next_index: u64,
+    chunks: HeldBackUnits,
     finished: bool,
 }
 
@@ -267,27 +308,21 @@ impl StreamDecryptor {
     pub fn new(key: &SecretKey, stream_id: u32, chunk_size: ChunkSize) -> Self {
         Self {
             cipher: ChunkCipher::new(key, stream_id),
-            chunk_size,
-            pending: Vec::with_capacity(chunk_size.sealed_bytes()),
-            next_index: 0,
+            chunks: HeldBackUnits::new(chunk_size.sealed_bytes()),
             finished: false,
         }
     }
 
-    pub fn update(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), StreamError> {
+    pub fn update(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), StreamError> {
         if self.finished {
             return Err(StreamError::DataAfterFinalChunk);
         }
-        let sealed = self.chunk_size.sealed_bytes();
-        while !input.is_empty() {
-            if self.pending.len() == sealed {
-                self.open_pending(false, out)?;
-            }
-            let take = (sealed - self.pending.len()).min(input.len());
-            self.pending.extend_from_slice(&input[..take]);
-            input = &input[take..];
-        }
-        Ok(())
+        let cipher = &self.cipher;
+        self.chunks.feed(input, |index, sealed| {
+            let len = cipher.open(index, false, sealed)?;
+            out.extend_from_slice(&sealed[..len]);
+            Ok(())
+        })
     }
 
     /// Opens the held-back chunk as the final one. Fails if the stream was
@@ -296,24 +331,16 @@ impl StreamDecryptor {
         if self.finished {
             return Err(StreamError::Finished);
         }
-        if self.pending.len() < TAG_BYTES {
+        if self.chunks.pending.len() < TAG_BYTES {
             return Err(StreamError::Truncated);
         }
-        self.open_pending(true, out)?;
+        let cipher = &self.cipher;
+        self.chunks.release(|index, sealed| {
+            let len = cipher.open_final(index, sealed)?;
+            out.extend_from_slice(&sealed[..len]);
+            Ok(())
+        })?;
         self.finished = true;
-        Ok(())
-    }
-
-    fn open_pending(&mut self, last: bool, out: &mut Vec<u8>) -> Result<(), StreamError> {
-        let index = self.next_index;
-        let len = if last {
-            self.cipher.open_final(index, &mut self.pending)?
-        } else {
-            self.cipher.open(index, false, &mut self.pending)?
-        };
-        out.extend_from_slice(&self.pending[..len]);
-        self.pending.clear();
-        self.next_index += 1;
         Ok(())
     }
 }

@@ -3,6 +3,9 @@
 //! Plaintext is copied once, into the segment buffer where it is sealed in
 //! place chunk by chunk; a full segment is erasure-coded and its fragments
 //! hashed. Memory is one segment plus its parity, whatever the object size.
+//!
+//! The two stages are separate types so that a caller with two cores can
+//! seal segment n+1 while segment n is encoded and hashed elsewhere.
 
 use crate::encryption::{ChunkCipher, SecretKey, StreamError};
 use crate::erasure::{EncodedSegment, ErasureError, SegmentEncoder, SegmentLayout};
@@ -15,30 +18,29 @@ pub enum PipelineError {
     Erasure(#[from] ErasureError),
 }
 
-pub struct PutPipeline {
+/// First stage: plaintext in, sealed ciphertext segments out.
+pub struct SegmentSealer {
     layout: SegmentLayout,
     cipher: ChunkCipher,
-    encoder: SegmentEncoder,
     segment: Vec<u8>,
     /// Where the current (unsealed) chunk starts in `segment`.
     chunk_start: usize,
     chunks_sealed_in_segment: u32,
     next_chunk: u64,
-    spare: Option<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
 }
 
-impl PutPipeline {
+impl SegmentSealer {
     /// `stream_id` is the part number (0 for a single PUT).
     pub fn new(key: &SecretKey, stream_id: u32, layout: SegmentLayout) -> Self {
         Self {
             layout,
             cipher: ChunkCipher::new(key, stream_id),
-            encoder: SegmentEncoder::new(layout.scheme),
             segment: Self::buffer(layout),
             chunk_start: 0,
             chunks_sealed_in_segment: 0,
             next_chunk: 0,
-            spare: None,
+            spare: Vec::new(),
         }
     }
 
@@ -47,19 +49,15 @@ impl PutPipeline {
         Vec::with_capacity(layout.segment_bytes() + 2 * layout.scheme.data())
     }
 
-    /// Gives a finished segment's buffer back, to avoid a fresh allocation.
-    pub fn recycle(&mut self, segment: EncodedSegment) {
-        let mut buffer = segment.into_buffer();
+    /// Gives a segment buffer back (see [`EncodedSegment::into_buffer`]),
+    /// to avoid a fresh allocation per segment.
+    pub fn recycle(&mut self, mut buffer: Vec<u8>) {
         buffer.clear();
-        self.spare = Some(buffer);
+        self.spare.push(buffer);
     }
 
-    /// Feeds plaintext; every segment it completes is pushed to `out`.
-    pub fn push(
-        &mut self,
-        mut input: &[u8],
-        out: &mut Vec<EncodedSegment>,
-    ) -> Result<(), PipelineError> {
+    /// Feeds plaintext; every sealed segment it completes is pushed to `out`.
+    pub fn push(&mut self, mut input: &[u8], out: &mut Vec<Vec<u8>>) -> Result<(), StreamError> {
         let chunk = self.layout.chunk_size.bytes();
         while !input.is_empty() {
             let filled = self.segment.len() - self.chunk_start;
@@ -67,7 +65,7 @@ impl PutPipeline {
                 // More data follows, so this full chunk is not the last.
                 self.seal_current(false)?;
                 if self.chunks_sealed_in_segment == self.layout.chunks_per_segment() {
-                    out.push(self.emit()?);
+                    out.push(self.take_segment());
                 }
                 continue;
             }
@@ -79,12 +77,12 @@ impl PutPipeline {
     }
 
     /// Seals the final chunk and returns the last segment.
-    pub fn finish(mut self) -> Result<EncodedSegment, PipelineError> {
+    pub fn finish(mut self) -> Result<Vec<u8>, StreamError> {
         self.seal_current(true)?;
-        self.emit()
+        Ok(self.take_segment())
     }
 
-    fn seal_current(&mut self, last: bool) -> Result<(), PipelineError> {
+    fn seal_current(&mut self, last: bool) -> Result<(), StreamError> {
         let tag = self
             .cipher
             .seal(self.next_chunk, last, &mut self.segment[self.chunk_start..])?;
@@ -95,15 +93,55 @@ impl PutPipeline {
         Ok(())
     }
 
-    fn emit(&mut self) -> Result<EncodedSegment, PipelineError> {
+    fn take_segment(&mut self) -> Vec<u8> {
         let fresh = self
             .spare
-            .take()
+            .pop()
             .unwrap_or_else(|| Self::buffer(self.layout));
-        let full = std::mem::replace(&mut self.segment, fresh);
         self.chunk_start = 0;
         self.chunks_sealed_in_segment = 0;
-        Ok(self.encoder.encode(full)?)
+        std::mem::replace(&mut self.segment, fresh)
+    }
+}
+
+/// Both stages on the caller's thread: seal, then encode and hash.
+pub struct PutPipeline {
+    sealer: SegmentSealer,
+    encoder: SegmentEncoder,
+    sealed: Vec<Vec<u8>>,
+}
+
+impl PutPipeline {
+    pub fn new(key: &SecretKey, stream_id: u32, layout: SegmentLayout) -> Self {
+        Self {
+            sealer: SegmentSealer::new(key, stream_id, layout),
+            encoder: SegmentEncoder::new(layout.scheme),
+            sealed: Vec::new(),
+        }
+    }
+
+    /// Gives a finished segment's buffer back for reuse.
+    pub fn recycle(&mut self, segment: EncodedSegment) {
+        self.sealer.recycle(segment.into_buffer());
+    }
+
+    /// Feeds plaintext; every segment it completes is pushed to `out`.
+    pub fn push(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<EncodedSegment>,
+    ) -> Result<(), PipelineError> {
+        self.sealer.push(input, &mut self.sealed)?;
+        for segment in self.sealed.drain(..) {
+            out.push(self.encoder.encode(segment)?);
+        }
+        Ok(())
+    }
+
+    /// Seals the final chunk and returns the last segment.
+    pub fn finish(mut self) -> Result<EncodedSegment, PipelineError> {
+        let last = self.sealer.finish()?;
+        Ok(self.encoder.encode(last)?)
     }
 }
 

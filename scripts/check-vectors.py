@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Checks spec/vectors against the spec pages with independent code:
+Python's `cryptography` (AES-GCM, ed25519) and `blake3`, and parsers
+written from the tables of spec/*.md, not from the Rust sources."""
+import json
+import pathlib
+import struct
+import sys
+
+import blake3
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+VECTORS = pathlib.Path(__file__).resolve().parent.parent / "spec" / "vectors"
+
+
+def load(name):
+    return json.loads((VECTORS / name).read_text())
+
+
+def h(text):
+    return bytes.fromhex(text)
+
+
+class Reader:
+    def __init__(self, data):
+        self.data, self.pos = data, 0
+
+    def take(self, n):
+        assert self.pos + n <= len(self.data), "truncated"
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self):
+        return self.take(1)[0]
+
+    def u16(self):
+        return struct.unpack(">H", self.take(2))[0]
+
+    def u32(self):
+        return struct.unpack(">I", self.take(4))[0]
+
+    def u64(self):
+        return struct.unpack(">Q", self.take(8))[0]
+
+    def str16(self, limit):
+        n = self.u16()
+        assert n <= limit
+        return self.take(n).decode()
+
+    def done(self):
+        assert self.pos == len(self.data), "trailing bytes"
+
+
+def check_ids():
+    v = load("ids.json")
+    for f in v["fragments"]:
+        assert blake3.blake3(h(f["bytes"])).hexdigest() == f["fragment_id"]
+    for ver in v["versions"]:
+        ms = min(ver["unix_ms"], 2**48 - 1)
+        assert (ms.to_bytes(6, "big") + h(ver["random"])).hex() == ver["text"]
+
+
+def check_stream():
+    for case in load("stream.json")["cases"]:
+        aead, chunk = AESGCM(h(case["key"])), case["chunk_size"]
+        sealed, plain = h(case["ciphertext"]), h(case["plaintext"])
+        chunks = max(1, -(-len(plain) // chunk))
+        assert len(sealed) == len(plain) + 16 * chunks
+        out = b""
+        for i in range(chunks):
+            piece = sealed[i * (chunk + 16):(i + 1) * (chunk + 16)]
+            nonce = struct.pack(">I", case["stream_id"]) + i.to_bytes(7, "big") + bytes([i == chunks - 1])
+            out += aead.decrypt(nonce, piece, None)
+        assert out == plain
+
+
+def check_keywrap():
+    v = load("keywrap.json")
+    wrapped = h(v["wrapped"])
+    assert len(wrapped) == 73 and wrapped[0] == 1 and wrapped[1:25] == h(v["salt"])
+    one_time = blake3.blake3(h(v["kek"]) + wrapped[1:25], derive_key_context="cairn 2026-11 data key wrap v1").digest()
+    bucket, key = v["bucket"].encode(), v["key"].encode()
+    aad = struct.pack(">I", len(bucket)) + bucket + struct.pack(">I", len(key)) + key + h(v["version"])
+    assert AESGCM(one_time).decrypt(bytes(12), wrapped[25:], aad) == h(v["data_key"])
+
+
+def check_erasure():
+    for case in load("erasure.json")["cases"]:
+        k, m, segment = case["k"], case["m"], h(case["segment"])
+        frags = [h(f) for f in case["fragments"]]
+        assert len(frags) == k + m
+        if k == 1:
+            assert all(f == segment for f in frags)
+        else:
+            size = -(-len(segment) // k)
+            size += size & 1
+            padded = segment + bytes(size * k - len(segment))
+            for i in range(k):
+                assert frags[i] == padded[i * size:(i + 1) * size]
+            assert all(len(f) == size for f in frags)
+        for f, fid in zip(frags, case["fragment_ids"]):
+            assert blake3.blake3(f).hexdigest() == fid
+
+
+def check_manifest():
+    v = load("manifest.json")
+    encoded = h(v["encoded"])
+    body, signature = encoded[:-64], encoded[-64:]
+    assert blake3.blake3(body).hexdigest() == v["manifest_id"]
+    r = Reader(body)
+    assert r.take(4) == b"CRNM" and r.u16() == 1
+    writer = r.take(32)
+    public = Ed25519PrivateKey.from_private_bytes(h(v["writer_secret_key"])).public_key().public_bytes_raw()
+    assert writer == public
+    Ed25519PublicKey.from_public_bytes(writer).verify(signature, body)
+    r.u64()
+    r.str16(63), r.str16(1024), r.take(16)
+    k, m = r.u8(), r.u8()
+    chunk, per_segment = r.u32(), r.u32()
+    assert r.u8() in (1, 2, 3)
+    r.str16(2048)
+    r.take(r.u16())
+    r.str16(64)
+    previous = -1
+    for _ in range(r.u32()):
+        number, length, count = r.u32(), r.u64(), r.u32()
+        assert number > previous
+        previous = number
+        cipher_len = length + 16 * max(1, -(-length // chunk))
+        full = per_segment * (chunk + 16)
+        expected = [min(full, cipher_len - i * full) for i in range(-(-cipher_len // full))]
+        got = []
+        for _ in range(count):
+            got.append(r.u32())
+            r.take(32 * (k + m))
+        assert got == expected
+    r.done()
+
+
+def check_wire():
+    names = ["hello", "put_fragment", "data", "ack", "reject", "get_fragment", "fragment_header", "have_query",
+             "have_reply", "inventory_query", "inventory_digest", "inventory_list", "inventory_page", "cancel"]
+    for i, frame in enumerate(load("wire.json")["frames"]):
+        raw = h(frame["frame"])
+        assert frame["message"] == names[i]
+        assert struct.unpack(">I", raw[:4])[0] == len(raw) - 4 and raw[4] == i + 1
+        if frame["message"] == "put_fragment":
+            p = raw[5:]
+            fragment, manifest, until, writer, sig = p[:32], p[40:72], p[72:80], p[80:112], p[112:176]
+            Ed25519PublicKey.from_public_bytes(writer).verify(sig, b"cairn hold v1" + fragment + manifest + until)
+            assert len(p) == 176
+
+
+def check_versions():
+    for raw in load("version.json").values():
+        r = Reader(h(raw))
+        assert r.u8() == 1
+        r.str16(63), r.str16(1024), r.take(16), r.take(40)
+        if r.u8() == 1:
+            r.take(32), r.u64(), r.str16(64)
+        assert r.u8() in (0, 1, 2)
+        r.u64()
+        assert r.u8() in (0, 1)
+        r.take(40)
+        if r.u8() == 1:
+            r.take(40)
+        r.done()
+
+
+checks = [check_ids, check_stream, check_keywrap, check_erasure, check_manifest, check_wire, check_versions]
+failed = 0
+for check in checks:
+    try:
+        check()
+    except Exception as error:  # report every failing family, not just the first
+        failed += 1
+        print(f"{check.__name__}: FAILED: {error!r}")
+print(f"vectors: {len(checks) - failed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
