@@ -189,17 +189,13 @@ impl EncodedSegment {
             &self.parity[p * len..(p + 1) * len]
         }
     }
-
-    /// Gives the segment buffer back for reuse.
-    pub fn into_buffer(self) -> Vec<u8> {
-        self.data
-    }
 }
 
 /// Encodes segments one after another, reusing the codec's work memory.
 pub struct SegmentEncoder {
     scheme: Scheme,
     codec: Option<ReedSolomonEncoder>,
+    spare_parity: Option<Vec<u8>>,
 }
 
 impl SegmentEncoder {
@@ -207,7 +203,19 @@ impl SegmentEncoder {
         Self {
             scheme,
             codec: None,
+            spare_parity: None,
         }
+    }
+
+    /// Takes back a segment whose fragments are no longer needed: keeps its
+    /// parity memory for the next segment and returns the segment buffer
+    /// (for [`crate::pipeline::SegmentSealer::recycle`]). Fresh multi-MiB
+    /// buffers cost page faults on every segment.
+    pub fn recycle(&mut self, segment: EncodedSegment) -> Vec<u8> {
+        let mut parity = segment.parity;
+        parity.clear();
+        self.spare_parity = Some(parity);
+        segment.data
     }
 
     /// Encodes `segment` (its bytes, which this takes over and pads) and
@@ -228,7 +236,7 @@ impl SegmentEncoder {
                 },
             0,
         );
-        let mut parity = Vec::new();
+        let mut parity = self.spare_parity.take().unwrap_or_default();
         if !scheme.is_replication() && scheme.parity() > 0 {
             let codec = match self.codec.as_mut() {
                 Some(codec) => {

@@ -49,7 +49,7 @@ impl SegmentSealer {
         Vec::with_capacity(layout.segment_bytes() + 2 * layout.scheme.data())
     }
 
-    /// Gives a segment buffer back (see [`EncodedSegment::into_buffer`]),
+    /// Gives a segment buffer back (see [`SegmentEncoder::recycle`]),
     /// to avoid a fresh allocation per segment.
     pub fn recycle(&mut self, mut buffer: Vec<u8>) {
         buffer.clear();
@@ -122,7 +122,8 @@ impl PutPipeline {
 
     /// Gives a finished segment's buffer back for reuse.
     pub fn recycle(&mut self, segment: EncodedSegment) {
-        self.sealer.recycle(segment.into_buffer());
+        let buffer = self.encoder.recycle(segment);
+        self.sealer.recycle(buffer);
     }
 
     /// Feeds plaintext; every segment it completes is pushed to `out`.
