@@ -3,4 +3,6 @@
 //! runs the background workers. It drives the sans-IO logic of
 //! `cairn-protocol`; it never depends on the gateway.
 
+pub mod store;
+
 pub use cairn_protocol as protocol;

@@ -1,0 +1,721 @@
+//! The fragment store: immutable fragments in append-only volumes with a
+//! redb index, made durable in batches (spec/store.md).
+//!
+//! A put is acknowledged only once its bytes and its index entry are both
+//! on disk; reads verify every byte against the fragment id and never serve
+//! a corrupt fragment. Nothing here overwrites a fragment.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::thread;
+
+use cairn_protocol::ids::{FragmentHasher, FragmentId, ManifestId, NodeId};
+use cairn_protocol::wire::Hold;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+const FRAGMENTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("fragments");
+const VOLUMES: TableDefinition<u32, u64> = TableDefinition::new("volumes");
+const RECORD_MAGIC: &[u8; 4] = b"CRNF";
+const RECORD_HEADER_BYTES: u64 = 4 + 1 + 32 + 8;
+const FORMAT: u8 = 1;
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The store keeps `index.redb` and `volumes/` here.
+    pub dir: PathBuf,
+    /// Refuse puts that would take the volumes past this many bytes.
+    pub capacity_bytes: u64,
+    pub max_fragment_bytes: u64,
+    /// Start a new volume when the active one would pass this size.
+    pub volume_bytes: u64,
+    /// How many bytes one group commit may gather.
+    pub batch_bytes: u64,
+    /// How long a deleted fragment stays restorable.
+    pub trash_ms: u64,
+}
+
+impl StoreConfig {
+    pub fn new(dir: impl Into<PathBuf>, capacity_bytes: u64) -> Self {
+        Self {
+            dir: dir.into(),
+            capacity_bytes,
+            // The largest segment (64 MiB of ciphertext) stored whole (k = 1).
+            max_fragment_bytes: 64 << 20,
+            volume_bytes: 1 << 30,
+            batch_bytes: 32 << 20,
+            trash_ms: 7 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("fragment bytes hash to {actual}, not to the claimed id {claimed}")]
+    HashMismatch {
+        claimed: FragmentId,
+        actual: FragmentId,
+    },
+    #[error("fragment of {len} bytes is above this node's limit of {max}")]
+    TooLarge { len: u64, max: u64 },
+    #[error("the hold of fragment {0} is not signed by its writer")]
+    BadHold(FragmentId),
+    #[error("no room for a {len}-byte fragment: {used} of {capacity} bytes used")]
+    DiskFull { len: u64, used: u64, capacity: u64 },
+    #[error("fragment {0} is not stored here")]
+    NotFound(FragmentId),
+    #[error("fragment {0} is corrupt on disk; it is quarantined and will not be served")]
+    Corrupt(FragmentId),
+    #[error(
+        "fragment {id} is held until {retain_until_unix_ms} (Unix ms) and cannot be deleted before"
+    )]
+    Held {
+        id: FragmentId,
+        retain_until_unix_ms: u64,
+    },
+    #[error("fragment {0} is not in the trash")]
+    NotInTrash(FragmentId),
+    #[error("store I/O failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("store index failed: {0}")]
+    Index(String),
+    #[error("index entry of fragment {0} is malformed")]
+    BadIndexEntry(FragmentId),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+fn index_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Index(e.to_string())
+}
+
+/// Fragment bytes whose BLAKE3 has been checked against their id.
+pub struct VerifiedFragment {
+    id: FragmentId,
+    bytes: Vec<u8>,
+}
+
+impl VerifiedFragment {
+    pub fn new(claimed: FragmentId, bytes: Vec<u8>) -> Result<Self, StoreError> {
+        Self::check(claimed, FragmentId::of(&bytes), bytes)
+    }
+
+    /// For bytes that were hashed as they arrived (a streamed put).
+    pub fn from_hasher(
+        claimed: FragmentId,
+        bytes: Vec<u8>,
+        hasher: &FragmentHasher,
+    ) -> Result<Self, StoreError> {
+        Self::check(claimed, hasher.finalize(), bytes)
+    }
+
+    fn check(claimed: FragmentId, actual: FragmentId, bytes: Vec<u8>) -> Result<Self, StoreError> {
+        if actual != claimed {
+            return Err(StoreError::HashMismatch { claimed, actual });
+        }
+        Ok(Self { id: claimed, bytes })
+    }
+
+    pub fn id(&self) -> FragmentId {
+        self.id
+    }
+
+    pub fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// What a put did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Stored,
+    /// The fragment was already here (its hold now keeps the later date).
+    AlreadyStored,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FragmentState {
+    Live,
+    Trash,
+    Quarantined,
+}
+
+/// An index entry (spec/store.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FragmentEntry {
+    pub state: FragmentState,
+    pub volume: u32,
+    pub offset: u64,
+    pub len: u64,
+    pub stored_at_unix_ms: u64,
+    pub trashed_at_unix_ms: u64,
+    pub hold: Hold,
+}
+
+const ENTRY_BYTES: usize = 174;
+
+impl FragmentEntry {
+    fn encode(&self) -> [u8; ENTRY_BYTES] {
+        let mut out = [0u8; ENTRY_BYTES];
+        out[0] = FORMAT;
+        out[1] = match self.state {
+            FragmentState::Live => 0,
+            FragmentState::Trash => 1,
+            FragmentState::Quarantined => 2,
+        };
+        out[2..6].copy_from_slice(&self.volume.to_be_bytes());
+        out[6..14].copy_from_slice(&self.offset.to_be_bytes());
+        out[14..22].copy_from_slice(&self.len.to_be_bytes());
+        out[22..30].copy_from_slice(&self.stored_at_unix_ms.to_be_bytes());
+        out[30..38].copy_from_slice(&self.trashed_at_unix_ms.to_be_bytes());
+        out[38..70].copy_from_slice(self.hold.manifest.as_bytes());
+        out[70..78].copy_from_slice(&self.hold.retain_until_unix_ms.to_be_bytes());
+        out[78..110].copy_from_slice(self.hold.writer.as_bytes());
+        out[110..174].copy_from_slice(&self.hold.signature);
+        out
+    }
+
+    fn decode(id: FragmentId, raw: &[u8]) -> Result<Self, StoreError> {
+        let bad = || StoreError::BadIndexEntry(id);
+        if raw.len() != ENTRY_BYTES || raw[0] != FORMAT {
+            return Err(bad());
+        }
+        let u64_at = |at: usize| u64::from_be_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        let state = match raw[1] {
+            0 => FragmentState::Live,
+            1 => FragmentState::Trash,
+            2 => FragmentState::Quarantined,
+            _ => return Err(bad()),
+        };
+        Ok(Self {
+            state,
+            volume: u32::from_be_bytes(raw[2..6].try_into().expect("4 bytes")),
+            offset: u64_at(6),
+            len: u64_at(14),
+            stored_at_unix_ms: u64_at(22),
+            trashed_at_unix_ms: u64_at(30),
+            hold: Hold {
+                manifest: ManifestId(raw[38..70].try_into().expect("32 bytes")),
+                retain_until_unix_ms: u64_at(70),
+                writer: NodeId(raw[78..110].try_into().expect("32 bytes")),
+                signature: raw[110..174].try_into().expect("64 bytes"),
+            },
+        })
+    }
+}
+
+struct PutRequest {
+    fragment: VerifiedFragment,
+    hold: Hold,
+    now_unix_ms: u64,
+    reply: oneshot::Sender<Result<PutOutcome, StoreError>>,
+}
+
+struct Shared {
+    config: StoreConfig,
+    db: Database,
+    /// Read handles of every volume, by number.
+    volumes: RwLock<BTreeMap<u32, Arc<File>>>,
+}
+
+/// A node's fragment store. Cheap to clone; the last clone dropped stops
+/// the writer thread after it has finished the puts already queued.
+#[derive(Clone)]
+pub struct FragmentStore {
+    // Dropped first: stops the writer, which releases its share of `shared`.
+    writer: Arc<WriterHandle>,
+    shared: Arc<Shared>,
+}
+
+/// Stops the writer thread when the last store clone goes, after the puts
+/// already queued, so that the index is closed when the store is.
+struct WriterHandle {
+    puts: Option<mpsc::Sender<PutRequest>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.puts.take();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the fragment store writer panicked");
+        }
+    }
+}
+
+fn volume_path(dir: &Path, number: u32) -> PathBuf {
+    dir.join("volumes").join(format!("{number:06}.vol"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl FragmentStore {
+    /// Opens (or creates) the store, cutting every volume back to its
+    /// committed length: bytes of a batch a crash interrupted disappear.
+    pub fn open(config: StoreConfig) -> Result<Self, StoreError> {
+        fs::create_dir_all(config.dir.join("volumes"))?;
+        let db = Database::create(config.dir.join("index.redb")).map_err(index_error)?;
+        let committed: BTreeMap<u32, u64> = {
+            let txn = db.begin_write().map_err(index_error)?;
+            let committed = {
+                txn.open_table(FRAGMENTS).map_err(index_error)?;
+                let table = txn.open_table(VOLUMES).map_err(index_error)?;
+                table
+                    .iter()
+                    .map_err(index_error)?
+                    .map(|row| {
+                        row.map(|(k, v)| (k.value(), v.value()))
+                            .map_err(index_error)
+                    })
+                    .collect::<Result<_, _>>()?
+            };
+            txn.commit().map_err(index_error)?;
+            committed
+        };
+        let mut volumes = BTreeMap::new();
+        for (&number, &len) in &committed {
+            let path = volume_path(&config.dir, number);
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            if file.metadata()?.len() > len {
+                tracing::warn!(
+                    volume = number,
+                    committed = len,
+                    "cutting an interrupted batch off the volume"
+                );
+                file.set_len(len)?;
+                file.sync_all()?;
+            }
+            volumes.insert(number, Arc::new(file));
+        }
+        let shared = Arc::new(Shared {
+            config,
+            db,
+            volumes: RwLock::new(volumes),
+        });
+        let (puts, requests) = mpsc::channel(1024);
+        let writer = Writer::new(shared.clone(), committed)?;
+        let thread = thread::Builder::new()
+            .name("cairn-store-writer".into())
+            .spawn(move || writer.run(requests))?;
+        let writer = Arc::new(WriterHandle {
+            puts: Some(puts),
+            thread: Some(thread),
+        });
+        Ok(Self { writer, shared })
+    }
+
+    /// Stores a fragment durably; returns once it is on disk and indexed.
+    pub async fn put(
+        &self,
+        fragment: VerifiedFragment,
+        hold: Hold,
+        now_unix_ms: u64,
+    ) -> Result<PutOutcome, StoreError> {
+        let max = self.shared.config.max_fragment_bytes;
+        if fragment.len() > max {
+            return Err(StoreError::TooLarge {
+                len: fragment.len(),
+                max,
+            });
+        }
+        if !hold.verify(&fragment.id) {
+            return Err(StoreError::BadHold(fragment.id));
+        }
+        let (reply, done) = oneshot::channel();
+        let request = PutRequest {
+            fragment,
+            hold,
+            now_unix_ms,
+            reply,
+        };
+        let puts = self.writer.puts.as_ref().ok_or(StoreError::Closed)?;
+        puts.send(request).await.map_err(|_| StoreError::Closed)?;
+        done.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The index entry of a fragment, in any state.
+    pub fn entry(&self, id: &FragmentId) -> Result<Option<FragmentEntry>, StoreError> {
+        let txn = self.shared.db.begin_read().map_err(index_error)?;
+        let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+        let row = table.get(id.as_bytes()).map_err(index_error)?;
+        row.map(|raw| FragmentEntry::decode(*id, raw.value()))
+            .transpose()
+    }
+
+    /// Reads `len` bytes from `offset` of a live fragment (clipped to its
+    /// end), after verifying the whole fragment. Blocking: call it from a
+    /// blocking thread.
+    pub fn read(&self, id: &FragmentId, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        let entry = match self.entry(id)? {
+            Some(entry) if entry.state == FragmentState::Live => entry,
+            Some(entry) if entry.state == FragmentState::Quarantined => {
+                return Err(StoreError::Corrupt(*id));
+            }
+            _ => return Err(StoreError::NotFound(*id)),
+        };
+        let file = self
+            .shared
+            .volumes
+            .read()
+            .expect("volume map lock")
+            .get(&entry.volume)
+            .cloned()
+            .ok_or(StoreError::BadIndexEntry(*id))?;
+        let mut header = [0u8; RECORD_HEADER_BYTES as usize];
+        let mut bytes = vec![0u8; entry.len as usize];
+        let intact = file.read_exact_at(&mut header, entry.offset).is_ok()
+            && file
+                .read_exact_at(&mut bytes, entry.offset + RECORD_HEADER_BYTES)
+                .is_ok()
+            && header[..4] == RECORD_MAGIC[..]
+            && header[4] == FORMAT
+            && header[5..37] == id.0[..]
+            && header[37..45] == entry.len.to_be_bytes()
+            && FragmentId::of(&bytes) == *id;
+        if !intact {
+            tracing::error!(fragment = %id, volume = entry.volume, offset = entry.offset, "corrupt fragment: quarantined");
+            self.set_state(id, |e| e.state = FragmentState::Quarantined)?;
+            return Err(StoreError::Corrupt(*id));
+        }
+        let start = offset.min(entry.len) as usize;
+        let end = offset.saturating_add(len).min(entry.len) as usize;
+        bytes.truncate(end);
+        bytes.drain(..start);
+        Ok(bytes)
+    }
+
+    /// Moves a fragment to the trash, unless its hold forbids it.
+    pub fn delete(&self, id: &FragmentId, now_unix_ms: u64) -> Result<(), StoreError> {
+        self.set_state(id, |entry| {
+            if entry.hold.retain_until_unix_ms > now_unix_ms {
+                return Err(StoreError::Held {
+                    id: *id,
+                    retain_until_unix_ms: entry.hold.retain_until_unix_ms,
+                });
+            }
+            if entry.state == FragmentState::Live {
+                entry.state = FragmentState::Trash;
+                entry.trashed_at_unix_ms = now_unix_ms;
+            }
+            Ok(())
+        })?
+    }
+
+    /// Brings a fragment back from the trash.
+    pub fn restore(&self, id: &FragmentId) -> Result<(), StoreError> {
+        self.set_state(id, |entry| {
+            if entry.state != FragmentState::Trash {
+                return Err(StoreError::NotInTrash(*id));
+            }
+            entry.state = FragmentState::Live;
+            entry.trashed_at_unix_ms = 0;
+            Ok(())
+        })?
+    }
+
+    /// Forgets the fragments whose trash period is over; returns how many.
+    pub fn purge_trash(&self, now_unix_ms: u64) -> Result<usize, StoreError> {
+        let trash_ms = self.shared.config.trash_ms;
+        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(index_error)?;
+        let purged = {
+            let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            let mut expired = Vec::new();
+            for row in table.iter().map_err(index_error)? {
+                let (key, value) = row.map_err(index_error)?;
+                let id = FragmentId(*key.value());
+                let entry = FragmentEntry::decode(id, value.value())?;
+                if entry.state == FragmentState::Trash
+                    && entry.trashed_at_unix_ms.saturating_add(trash_ms) <= now_unix_ms
+                {
+                    expired.push(id);
+                }
+            }
+            for id in &expired {
+                table.remove(id.as_bytes()).map_err(index_error)?;
+            }
+            expired.len()
+        };
+        txn.commit().map_err(index_error)?;
+        Ok(purged)
+    }
+
+    /// Live fragment ids in `[start, end]`, in order, at most `limit`.
+    pub fn list(
+        &self,
+        start: &FragmentId,
+        end: &FragmentId,
+        limit: usize,
+    ) -> Result<Vec<FragmentId>, StoreError> {
+        let txn = self.shared.db.begin_read().map_err(index_error)?;
+        let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+        let mut ids = Vec::new();
+        for row in table
+            .range::<&[u8; 32]>(start.as_bytes()..=end.as_bytes())
+            .map_err(index_error)?
+        {
+            if ids.len() == limit {
+                break;
+            }
+            let (key, value) = row.map_err(index_error)?;
+            let id = FragmentId(*key.value());
+            if FragmentEntry::decode(id, value.value())?.state == FragmentState::Live {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Count and BLAKE3 digest of the live ids in `[start, end]` (wire.md).
+    pub fn digest(
+        &self,
+        start: &FragmentId,
+        end: &FragmentId,
+    ) -> Result<(u64, [u8; 32]), StoreError> {
+        let ids = self.list(start, end, usize::MAX)?;
+        let mut hasher = FragmentHasher::new();
+        for id in &ids {
+            hasher.update(id.as_bytes());
+        }
+        Ok((ids.len() as u64, hasher.finalize().0))
+    }
+
+    fn set_state<T>(
+        &self,
+        id: &FragmentId,
+        change: impl FnOnce(&mut FragmentEntry) -> T,
+    ) -> Result<T, StoreError> {
+        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(index_error)?;
+        let result = {
+            let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            let mut entry = match table.get(id.as_bytes()).map_err(index_error)? {
+                Some(raw) => FragmentEntry::decode(*id, raw.value())?,
+                None => return Err(StoreError::NotFound(*id)),
+            };
+            let result = change(&mut entry);
+            table
+                .insert(id.as_bytes(), &entry.encode()[..])
+                .map_err(index_error)?;
+            result
+        };
+        txn.commit().map_err(index_error)?;
+        Ok(result)
+    }
+}
+
+/// The single writer: appends batches of records, syncs once, indexes once.
+struct Writer {
+    shared: Arc<Shared>,
+    committed: BTreeMap<u32, u64>,
+    active: (u32, File),
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, committed: BTreeMap<u32, u64>) -> Result<Self, StoreError> {
+        let number = committed.keys().next_back().copied().unwrap_or(1);
+        let mut writer = Self {
+            active: (number, Self::open_volume(&shared, number)?),
+            shared,
+            committed,
+        };
+        writer.committed.entry(number).or_insert(0);
+        Ok(writer)
+    }
+
+    fn open_volume(shared: &Shared, number: u32) -> Result<File, StoreError> {
+        let path = volume_path(&shared.config.dir, number);
+        let created = !path.exists();
+        // Positioned writes at the committed length, not O_APPEND: the bytes
+        // of a failed batch are simply overwritten by the next one.
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        if created {
+            sync_dir(&shared.config.dir.join("volumes"))?;
+        }
+        let reader = File::open(&path)?;
+        shared
+            .volumes
+            .write()
+            .expect("volume map lock")
+            .insert(number, Arc::new(reader));
+        Ok(file)
+    }
+
+    fn run(mut self, mut requests: mpsc::Receiver<PutRequest>) {
+        while let Some(first) = requests.blocking_recv() {
+            let mut bytes = first.fragment.len();
+            let mut batch = vec![first];
+            while bytes < self.shared.config.batch_bytes {
+                match requests.try_recv() {
+                    Ok(next) => {
+                        bytes += next.fragment.len();
+                        batch.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch);
+        }
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.committed.values().sum()
+    }
+
+    fn commit_batch(&mut self, batch: Vec<PutRequest>) {
+        let before = self.committed.clone();
+        let mut replies = Vec::with_capacity(batch.len());
+        let result = self.write_batch(batch, &mut replies);
+        if let Err(error) = &result {
+            tracing::error!(%error, "fragment batch failed; nothing in it is acknowledged");
+            // Cut the failed batch's bytes off the active volume; a volume it
+            // filled and left is cut back at the next open.
+            let (number, file) = &self.active;
+            let len = before.get(number).copied().unwrap_or(0);
+            if let Err(error) = file.set_len(len) {
+                tracing::error!(%error, volume = number, "could not cut a failed batch off the volume");
+            }
+            self.committed = before;
+            self.committed.entry(*number).or_insert(0);
+        }
+        for (reply, outcome) in replies {
+            let outcome = match (&result, outcome) {
+                (Err(error), _) => Err(StoreError::Io(io::Error::other(error.to_string()))),
+                (Ok(()), outcome) => outcome,
+            };
+            let _ = reply.send(outcome);
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn write_batch(
+        &mut self,
+        batch: Vec<PutRequest>,
+        replies: &mut Vec<(
+            oneshot::Sender<Result<PutOutcome, StoreError>>,
+            Result<PutOutcome, StoreError>,
+        )>,
+    ) -> Result<(), StoreError> {
+        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(index_error)?;
+        {
+            let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            let mut new_entries: Vec<(FragmentId, FragmentEntry)> = Vec::new();
+            let mut touched_volumes = Vec::new();
+            for request in batch {
+                let id = request.fragment.id;
+                let existing = match table.get(id.as_bytes()).map_err(index_error)? {
+                    Some(raw) => Some(FragmentEntry::decode(id, raw.value())?),
+                    None => None,
+                };
+                let duplicate_in_batch = new_entries.iter().any(|(other, _)| *other == id);
+                match existing {
+                    _ if duplicate_in_batch => {
+                        replies.push((request.reply, Ok(PutOutcome::AlreadyStored)));
+                        continue;
+                    }
+                    Some(mut entry) if entry.state != FragmentState::Quarantined => {
+                        if request.hold.retain_until_unix_ms > entry.hold.retain_until_unix_ms {
+                            entry.hold = request.hold;
+                        }
+                        entry.state = FragmentState::Live;
+                        entry.trashed_at_unix_ms = 0;
+                        table
+                            .insert(id.as_bytes(), &entry.encode()[..])
+                            .map_err(index_error)?;
+                        replies.push((request.reply, Ok(PutOutcome::AlreadyStored)));
+                        continue;
+                    }
+                    _ => {}
+                }
+                let record_len = RECORD_HEADER_BYTES + request.fragment.len();
+                let (used, capacity) = (self.used_bytes(), self.shared.config.capacity_bytes);
+                if used + record_len > capacity {
+                    let refusal = StoreError::DiskFull {
+                        len: request.fragment.len(),
+                        used,
+                        capacity,
+                    };
+                    replies.push((request.reply, Err(refusal)));
+                    continue;
+                }
+                let (volume, offset) = self.append(&request.fragment)?;
+                if !touched_volumes.contains(&volume) {
+                    touched_volumes.push(volume);
+                }
+                let entry = FragmentEntry {
+                    state: FragmentState::Live,
+                    volume,
+                    offset,
+                    len: request.fragment.len(),
+                    stored_at_unix_ms: request.now_unix_ms,
+                    trashed_at_unix_ms: 0,
+                    hold: request.hold,
+                };
+                new_entries.push((id, entry));
+                replies.push((request.reply, Ok(PutOutcome::Stored)));
+            }
+            if !new_entries.is_empty() {
+                // Data first: the index must never point at bytes not on disk.
+                self.active.1.sync_data()?;
+                for (id, entry) in &new_entries {
+                    table
+                        .insert(id.as_bytes(), &entry.encode()[..])
+                        .map_err(index_error)?;
+                }
+                let mut volumes = txn.open_table(VOLUMES).map_err(index_error)?;
+                for (number, len) in &self.committed {
+                    volumes.insert(number, len).map_err(index_error)?;
+                }
+            }
+        }
+        txn.commit().map_err(index_error)?;
+        Ok(())
+    }
+
+    /// Appends one record to the active volume (starting a new one when it
+    /// is full) and returns where it starts.
+    fn append(&mut self, fragment: &VerifiedFragment) -> Result<(u32, u64), StoreError> {
+        let record_len = RECORD_HEADER_BYTES + fragment.len();
+        let (number, _) = self.active;
+        let end = self.committed[&number];
+        if end > 0 && end + record_len > self.shared.config.volume_bytes {
+            // The full volume's last records must be durable before it is left.
+            self.active.1.sync_data()?;
+            let next = number + 1;
+            self.active = (next, Self::open_volume(&self.shared, next)?);
+            self.committed.insert(next, 0);
+        }
+        let (number, file) = &self.active;
+        let offset = self.committed[number];
+        let mut header = [0u8; RECORD_HEADER_BYTES as usize];
+        header[..4].copy_from_slice(RECORD_MAGIC);
+        header[4] = FORMAT;
+        header[5..37].copy_from_slice(fragment.id.as_bytes());
+        header[37..45].copy_from_slice(&fragment.len().to_be_bytes());
+        file.write_all_at(&header, offset)?;
+        file.write_all_at(&fragment.bytes, offset + RECORD_HEADER_BYTES)?;
+        self.committed.insert(*number, offset + record_len);
+        Ok((*number, offset))
+    }
+}

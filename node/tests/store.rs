@@ -1,0 +1,377 @@
+//! The fragment store on a real disk: durability, idempotence, refusals,
+//! corruption, trash, inventory, and kill -9 in the middle of writing.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_node::store::{
+    FragmentState, FragmentStore, PutOutcome, StoreConfig, StoreError, VerifiedFragment,
+};
+use cairn_protocol::ed25519_dalek::SigningKey;
+use cairn_protocol::ids::{FragmentId, ManifestId};
+use cairn_protocol::wire::Hold;
+
+const NOW: u64 = 1_764_000_000_000;
+
+fn fragment_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn writer_key() -> SigningKey {
+    SigningKey::from_bytes(&[0x21; 32])
+}
+
+fn hold(id: &FragmentId, retain_until: u64) -> Hold {
+    Hold::sign(&writer_key(), id, ManifestId([0x4d; 32]), retain_until)
+}
+
+fn config(dir: &std::path::Path) -> StoreConfig {
+    let mut config = StoreConfig::new(dir, 1 << 30);
+    config.volume_bytes = 4 << 20;
+    config.trash_ms = 1_000;
+    config
+}
+
+async fn put(
+    store: &FragmentStore,
+    bytes: Vec<u8>,
+    retain_until: u64,
+) -> (FragmentId, Result<PutOutcome, StoreError>) {
+    let id = FragmentId::of(&bytes);
+    let fragment = VerifiedFragment::new(id, bytes).unwrap();
+    (id, store.put(fragment, hold(&id, retain_until), NOW).await)
+}
+
+#[tokio::test]
+async fn fragments_round_trip_whole_and_by_range_and_puts_are_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    let bytes = fragment_bytes(1, 300_000);
+    let (id, outcome) = put(&store, bytes.clone(), 0).await;
+    assert_eq!(outcome.unwrap(), PutOutcome::Stored);
+    assert_eq!(store.read(&id, 0, u64::MAX).unwrap(), bytes);
+    assert_eq!(store.read(&id, 1000, 24).unwrap(), &bytes[1000..1024]);
+    assert_eq!(store.read(&id, 299_990, 100).unwrap(), &bytes[299_990..]);
+    assert!(store.read(&id, 400_000, 10).unwrap().is_empty());
+    let (_, again) = put(&store, bytes.clone(), NOW + 5_000).await;
+    assert_eq!(again.unwrap(), PutOutcome::AlreadyStored);
+    // The later retain-until of the second put is kept.
+    assert_eq!(
+        store.entry(&id).unwrap().unwrap().hold.retain_until_unix_ms,
+        NOW + 5_000
+    );
+    assert!(matches!(
+        store.read(&FragmentId([7; 32]), 0, 1),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_wrong_hash_a_forged_hold_and_an_oversize_fragment_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.max_fragment_bytes = 1000;
+    let store = FragmentStore::open(config).unwrap();
+    let bytes = fragment_bytes(2, 500);
+    assert!(matches!(
+        VerifiedFragment::new(FragmentId([1; 32]), bytes.clone()),
+        Err(StoreError::HashMismatch { .. })
+    ));
+    let id = FragmentId::of(&bytes);
+    let mut forged = hold(&id, 0);
+    forged.retain_until_unix_ms = 1;
+    let fragment = VerifiedFragment::new(id, bytes).unwrap();
+    assert!(matches!(
+        store.put(fragment, forged, NOW).await,
+        Err(StoreError::BadHold(_))
+    ));
+    let (_, big) = put(&store, fragment_bytes(3, 1001), 0).await;
+    assert!(matches!(
+        big,
+        Err(StoreError::TooLarge {
+            len: 1001,
+            max: 1000
+        })
+    ));
+    assert!(store.entry(&id).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_full_store_refuses_with_disk_full_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.capacity_bytes = 250_000;
+    let store = FragmentStore::open(config).unwrap();
+    let (first, ok) = put(&store, fragment_bytes(4, 200_000), 0).await;
+    ok.unwrap();
+    let (second, full) = put(&store, fragment_bytes(5, 100_000), 0).await;
+    let message = full.unwrap_err().to_string();
+    assert!(message.contains("no room"), "{message}");
+    assert!(store.entry(&second).unwrap().is_none());
+    assert_eq!(store.read(&first, 0, u64::MAX).unwrap().len(), 200_000);
+}
+
+#[tokio::test]
+async fn everything_survives_a_reopen_across_several_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ids = Vec::new();
+    {
+        let store = FragmentStore::open(config(dir.path())).unwrap();
+        // 12 MiB over 4 MiB volumes, put concurrently: batches and rotations.
+        let puts = (0..12).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { put(&store, fragment_bytes(100 + i, 1 << 20), 0).await })
+        });
+        for handle in puts {
+            let (id, outcome) = handle.await.unwrap();
+            outcome.unwrap();
+            ids.push(id);
+        }
+    }
+    let volumes = std::fs::read_dir(dir.path().join("volumes"))
+        .unwrap()
+        .count();
+    assert!(volumes >= 3, "expected several volumes, found {volumes}");
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            FragmentId::of(&store.read(id, 0, u64::MAX).unwrap()),
+            *id,
+            "fragment {i}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_byte_on_disk_is_detected_quarantined_and_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    let (id, outcome) = put(&store, fragment_bytes(6, 10_000), 0).await;
+    outcome.unwrap();
+    let entry = store.entry(&id).unwrap().unwrap();
+    let volume = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(
+            dir.path()
+                .join("volumes")
+                .join(format!("{:06}.vol", entry.volume)),
+        )
+        .unwrap();
+    let at = entry.offset + 45 + 5_000;
+    let mut byte = [0u8];
+    volume.read_exact_at(&mut byte, at).unwrap();
+    volume.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+    assert!(matches!(
+        store.read(&id, 0, 10),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert_eq!(
+        store.entry(&id).unwrap().unwrap().state,
+        FragmentState::Quarantined
+    );
+    assert!(matches!(
+        store.read(&id, 0, 10),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(
+        store
+            .list(&FragmentId([0; 32]), &FragmentId([0xff; 32]), 10)
+            .unwrap()
+            .is_empty()
+    );
+    // A good copy (from repair) replaces the quarantined one.
+    let (_, again) = put(&store, fragment_bytes(6, 10_000), 0).await;
+    assert_eq!(again.unwrap(), PutOutcome::Stored);
+    assert_eq!(
+        store.read(&id, 0, u64::MAX).unwrap(),
+        fragment_bytes(6, 10_000)
+    );
+}
+
+#[tokio::test]
+async fn bytes_of_an_interrupted_batch_are_cut_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let store = FragmentStore::open(config(dir.path())).unwrap();
+        let (id, outcome) = put(&store, fragment_bytes(7, 5_000), 0).await;
+        outcome.unwrap();
+        id
+    };
+    let path = dir.path().join("volumes/000001.vol");
+    let committed = std::fs::metadata(&path).unwrap().len();
+    // What a crash between the data write and the index commit leaves.
+    let volume = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    volume.write_all_at(&[0xee; 7_000], committed).unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), committed);
+    assert_eq!(
+        store.read(&id, 0, u64::MAX).unwrap(),
+        fragment_bytes(7, 5_000)
+    );
+    let (next, outcome) = put(&store, fragment_bytes(8, 3_000), 0).await;
+    outcome.unwrap();
+    assert_eq!(
+        store.read(&next, 0, u64::MAX).unwrap(),
+        fragment_bytes(8, 3_000)
+    );
+}
+
+#[tokio::test]
+async fn held_fragments_stay_and_the_trash_restores_then_purges() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    let (held, outcome) = put(&store, fragment_bytes(9, 100), NOW + 60_000).await;
+    outcome.unwrap();
+    let refusal = store.delete(&held, NOW).unwrap_err();
+    assert!(matches!(refusal, StoreError::Held { .. }), "{refusal}");
+    store.delete(&held, NOW + 60_000).unwrap();
+    assert!(matches!(
+        store.read(&held, 0, 1),
+        Err(StoreError::NotFound(_))
+    ));
+    store.restore(&held).unwrap();
+    assert_eq!(
+        store.read(&held, 0, u64::MAX).unwrap(),
+        fragment_bytes(9, 100)
+    );
+    store.delete(&held, NOW + 60_000).unwrap();
+    assert_eq!(
+        store.purge_trash(NOW + 60_500).unwrap(),
+        0,
+        "trash period not over"
+    );
+    assert_eq!(store.purge_trash(NOW + 61_000).unwrap(), 1);
+    assert!(store.entry(&held).unwrap().is_none());
+    assert!(matches!(store.restore(&held), Err(StoreError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn inventory_lists_and_digests_live_fragments_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let (id, outcome) = put(&store, fragment_bytes(200 + i, 64), 0).await;
+        outcome.unwrap();
+        ids.push(id);
+    }
+    ids.sort();
+    let (all_start, all_end) = (FragmentId([0; 32]), FragmentId([0xff; 32]));
+    assert_eq!(store.list(&all_start, &all_end, 100).unwrap(), ids);
+    assert_eq!(store.list(&ids[5], &ids[9], 3).unwrap(), &ids[5..8]);
+    let (count, digest) = store.digest(&all_start, &all_end).unwrap();
+    let mut expected = blake3::Hasher::new();
+    for id in &ids {
+        expected.update(id.as_bytes());
+    }
+    assert_eq!((count, digest), (20, *expected.finalize().as_bytes()));
+    store.delete(&ids[0], NOW).unwrap();
+    assert_eq!(store.digest(&all_start, &all_end).unwrap().0, 19);
+}
+
+const CRASH_DIR: &str = "CAIRN_STORE_CRASH_DIR";
+
+/// The child half of the kill -9 test: writes until killed, printing each
+/// acknowledged id. Does nothing when run as an ordinary test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child_writes_until_killed() {
+    let Some(dir) = std::env::var_os(CRASH_DIR) else {
+        return;
+    };
+    let store = FragmentStore::open(config(std::path::Path::new(&dir))).unwrap();
+    let (acks, mut acked) = tokio::sync::mpsc::unbounded_channel();
+    for worker in 0..8u64 {
+        let (store, acks) = (store.clone(), acks.clone());
+        tokio::spawn(async move {
+            for i in 0.. {
+                let (id, outcome) =
+                    put(&store, fragment_bytes(worker << 32 | i, 256 << 10), 0).await;
+                outcome.unwrap();
+                let _ = acks.send(id);
+            }
+        });
+    }
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    while let Some(id) = acked.recv().await {
+        writeln!(out, "acked {}", id.to_hex()).unwrap();
+        out.flush().unwrap();
+    }
+}
+
+#[test]
+fn kill_dash_nine_loses_no_acknowledged_fragment_and_shows_no_half_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "crash_child_writes_until_killed",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_DIR, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut acked = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Kill at a point that differs per round, in the middle of writing.
+        let target = 40 + round * 37;
+        while acked.len() < target && Instant::now() < deadline {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(hex) = line.strip_prefix("acked ") {
+                        acked.push(FragmentId::from_hex(hex).unwrap());
+                    }
+                }
+                _ => break,
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(
+            acked.len() >= target,
+            "round {round}: child acknowledged only {}",
+            acked.len()
+        );
+
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let _guard = runtime.enter();
+        let store = FragmentStore::open(config(dir.path())).unwrap();
+        for id in &acked {
+            let bytes = store
+                .read(id, 0, u64::MAX)
+                .unwrap_or_else(|e| panic!("round {round}: acked {id} lost: {e}"));
+            assert_eq!(FragmentId::of(&bytes), *id);
+        }
+        // Nothing indexed is half-written: every live entry reads back whole.
+        let all = store
+            .list(&FragmentId([0; 32]), &FragmentId([0xff; 32]), usize::MAX)
+            .unwrap();
+        assert!(all.len() >= acked.len());
+        for id in &all {
+            store
+                .read(id, 0, u64::MAX)
+                .unwrap_or_else(|e| panic!("round {round}: visible {id} unreadable: {e}"));
+        }
+        eprintln!(
+            "round {round}: {} acknowledged, {} visible after kill -9",
+            acked.len(),
+            all.len()
+        );
+    }
+}
