@@ -169,7 +169,27 @@ def check_versions():
         r.done()
 
 
-checks = [check_ids, check_stream, check_keywrap, check_erasure, check_manifest, check_wire, check_versions]
+def check_membership():
+    v = load("membership.json")
+    cluster = Ed25519PrivateKey.from_private_bytes(h(v["cluster_secret_key"])).public_key().public_bytes_raw()
+    assert cluster.hex() == v["cluster_id"]
+    for name, magic in (("certificate", b"CRNE"), ("map", b"CRNP")):
+        raw = h(v[name])
+        body, signature = raw[:-64], raw[-64:]
+        Ed25519PublicKey.from_public_bytes(cluster).verify(signature, body)
+        r = Reader(body)
+        assert r.take(4) == magic and r.u16() == 1 and r.take(32) == cluster
+        if name == "certificate":
+            r.take(32), r.str16(63), r.u64(), r.u64()
+        else:
+            r.u64(), r.u8(), r.u8(), r.u8()
+            for _ in range(r.u32()):
+                r.take(32), r.str16(63), r.u64()
+                assert r.u8() in (0, 1, 2, 3)
+        r.done()
+
+
+checks = [check_membership, check_ids, check_stream, check_keywrap, check_erasure, check_manifest, check_wire, check_versions]
 failed = 0
 for check in checks:
     try:

@@ -12,6 +12,7 @@ pub mod hlc;
 pub mod ids;
 pub mod keywrap;
 pub mod manifest;
+pub mod membership;
 pub mod pipeline;
 pub mod placement;
 pub mod version;

@@ -13,6 +13,7 @@ use cairn_protocol::hlc::{Hlc, Timestamp};
 use cairn_protocol::ids::{FragmentId, ManifestId, NodeId, SiteId, VersionId};
 use cairn_protocol::keywrap::{WrapContext, unwrap_data_key, wrap_data_key};
 use cairn_protocol::manifest::{KeyEnvelope, KeyKind, Manifest, Part, SegmentRef, SignedManifest};
+use cairn_protocol::membership::{Certificate, ClusterId, SignedMap};
 use cairn_protocol::placement::{ClusterMap, MapNode, NodeState, Placer, Tolerance};
 use cairn_protocol::version::{Lww, ObjectVersion, Retention, RetentionMode, VersionBody};
 use cairn_protocol::wire::{self, FrameDecoder, Hold, Message, RejectCode};
@@ -443,5 +444,46 @@ fn object_versions() {
     assert_eq!(
         ObjectVersion::decode(&hex_bytes(&stored["purged_delete_marker"])).unwrap(),
         marker
+    );
+}
+
+#[test]
+fn membership() {
+    let cluster_key = SigningKey::from_bytes(&[0x0c; 32]);
+    let cluster = ClusterId::of(&cluster_key);
+    let node = NodeId::from_verifying_key(&SigningKey::from_bytes(&[0x0e; 32]).verifying_key());
+    let certificate = Certificate::issue(
+        &cluster_key,
+        node,
+        SiteId::new("lyon-1").unwrap(),
+        1_764_000_000_000,
+        1_795_536_000_000,
+    );
+    let mut map = vector_map();
+    map.nodes.truncate(6);
+    map.version = 7;
+    map.nodes[5].state = NodeState::Draining;
+    let signed = SignedMap::sign(
+        &cluster_key,
+        map,
+        Scheme::new(4, 2).unwrap(),
+        Tolerance::default(),
+    )
+    .unwrap();
+    let stored = check(
+        "membership.json",
+        json!({
+            "cluster_secret_key": to_hex(&[0x0c; 32]),
+            "cluster_id": cluster.to_hex(),
+            "certificate": to_hex(&certificate.encode()),
+            "map": to_hex(&signed.encode()),
+        }),
+    );
+    let cluster = ClusterId::from_hex(stored["cluster_id"].as_str().unwrap()).unwrap();
+    let decoded = Certificate::decode(&hex_bytes(&stored["certificate"])).unwrap();
+    decoded.verify(&cluster, &node, 1_770_000_000_000).unwrap();
+    assert_eq!(
+        SignedMap::decode(&hex_bytes(&stored["map"]), &cluster).unwrap(),
+        signed
     );
 }
