@@ -3,6 +3,9 @@
 //! runs the background workers. It drives the sans-IO logic of
 //! `cairn-protocol`; it never depends on the gateway.
 
+pub mod identity;
+pub mod pieces;
 pub mod store;
+pub mod swarm;
 
 pub use cairn_protocol as protocol;

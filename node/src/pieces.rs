@@ -1,0 +1,391 @@
+//! The piece-exchange protocol `/cairn/pieces/1` (spec/wire.md) over one
+//! stream: the serving side answers from the fragment store; the client
+//! side puts and gets fragments.
+//!
+//! A peer that breaks the protocol gets a reject with the reason and its
+//! stream closed; nothing it sends is allocated beyond one frame, or beyond
+//! the store's fragment limit for a declared put.
+
+use cairn_protocol::ids::{FragmentHasher, FragmentId};
+use cairn_protocol::wire::{self, FrameDecoder, Hold, Message, RejectCode, WireError};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use thiserror::Error;
+
+use crate::store::{FragmentStore, PutOutcome, StoreError, VerifiedFragment};
+
+/// Bytes read from the stream at a time.
+const READ_BYTES: usize = 256 << 10;
+
+#[derive(Debug, Error)]
+pub enum PieceError {
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Wire(#[from] WireError),
+    #[error("peer closed the stream before answering")]
+    Closed,
+    #[error("peer refused ({code:?}): {message}")]
+    Rejected { code: RejectCode, message: String },
+    #[error("unexpected message from peer: {0}")]
+    Unexpected(String),
+    #[error("fragment bytes from the peer do not hash to {0}")]
+    HashMismatch(FragmentId),
+}
+
+/// Reads whole messages from a stream through the sans-IO decoder.
+pub struct MessageReader<R> {
+    io: R,
+    decoder: FrameDecoder,
+    buffer: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> MessageReader<R> {
+    pub fn new(io: R) -> Self {
+        Self {
+            io,
+            decoder: FrameDecoder::default(),
+            buffer: vec![0; READ_BYTES],
+        }
+    }
+
+    /// The next message, or `None` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<Message>, PieceError> {
+        loop {
+            if let Some(message) = self.decoder.next_message()? {
+                return Ok(Some(message));
+            }
+            let read = self.io.read(&mut self.buffer).await?;
+            if read == 0 {
+                return if self.decoder.buffered() == 0 {
+                    Ok(None)
+                } else {
+                    Err(PieceError::Closed)
+                };
+            }
+            self.decoder.feed(&self.buffer[..read]);
+        }
+    }
+
+    async fn expect(&mut self) -> Result<Message, PieceError> {
+        self.next().await?.ok_or(PieceError::Closed)
+    }
+}
+
+pub async fn send<W: AsyncWrite + Unpin>(io: &mut W, message: &Message) -> Result<(), PieceError> {
+    let mut frame = Vec::new();
+    message.encode(&mut frame)?;
+    io.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Sends `bytes` as data frames, each written from where it lies.
+async fn send_data<W: AsyncWrite + Unpin>(io: &mut W, bytes: &[u8]) -> Result<(), PieceError> {
+    for piece in bytes.chunks(wire::MAX_DATA_BYTES) {
+        let mut header = Vec::with_capacity(5);
+        wire::encode_data_header(piece.len(), &mut header)?;
+        io.write_all(&header).await?;
+        io.write_all(piece).await?;
+    }
+    Ok(())
+}
+
+fn hello() -> Message {
+    Message::Hello {
+        version: wire::PROTOCOL_VERSION,
+        capabilities: wire::capability::RANGE_GET | wire::capability::INVENTORY,
+        max_frame_bytes: wire::MAX_FRAME_BYTES as u32,
+    }
+}
+
+fn reject(code: RejectCode, message: impl Into<String>) -> Message {
+    Message::Reject {
+        code,
+        message: message.into(),
+    }
+}
+
+fn reject_for(error: &StoreError) -> Message {
+    let code = match error {
+        StoreError::HashMismatch { .. } => RejectCode::HashMismatch,
+        StoreError::TooLarge { .. } => RejectCode::TooLarge,
+        StoreError::BadHold(_) => RejectCode::BadHold,
+        StoreError::DiskFull { .. } => RejectCode::DiskFull,
+        StoreError::NotFound(_) | StoreError::NotInTrash(_) => RejectCode::NotFound,
+        StoreError::Corrupt(_) => RejectCode::Corrupt,
+        _ => RejectCode::Internal,
+    };
+    reject(code, error.to_string())
+}
+
+/// What the serving side needs.
+#[derive(Clone)]
+pub struct Server {
+    pub store: FragmentStore,
+    pub max_fragment_bytes: u64,
+    pub now_unix_ms: fn() -> u64,
+}
+
+impl Server {
+    /// Serves one exchange on `stream`. A protocol violation is answered
+    /// with a reject and returned as an error, for the caller to log.
+    pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+    ) -> Result<(), PieceError> {
+        let (read, mut write) = stream.split();
+        let mut reader = MessageReader::new(read);
+        let result = self.exchange(&mut reader, &mut write).await;
+        if let Err(PieceError::Wire(error)) = &result {
+            let _ = send(
+                &mut write,
+                &reject(RejectCode::Malformed, error.to_string()),
+            )
+            .await;
+        }
+        let _ = write.close().await;
+        result
+    }
+
+    async fn exchange<R, W>(
+        &self,
+        reader: &mut MessageReader<R>,
+        write: &mut W,
+    ) -> Result<(), PieceError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        match reader.expect().await? {
+            Message::Hello { version, .. } if version >= 1 => {}
+            Message::Hello { version, .. } => {
+                send(
+                    write,
+                    &reject(
+                        RejectCode::UnsupportedVersion,
+                        format!("version {version} unsupported"),
+                    ),
+                )
+                .await?;
+                return Ok(());
+            }
+            other => return Err(unexpected(&other)),
+        }
+        send(write, &hello()).await?;
+        match reader.expect().await? {
+            Message::PutFragment { id, length, hold } => {
+                self.receive_put(reader, write, id, length, hold).await
+            }
+            Message::GetFragment { id, offset, length } => {
+                let store = self.store.clone();
+                let read = tokio::task::spawn_blocking(move || store.read(&id, offset, length))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                match read {
+                    Ok(bytes) => {
+                        let total_len = self.store.entry(&id).ok().flatten().map_or(0, |e| e.len);
+                        let header = Message::FragmentHeader {
+                            id,
+                            total_len,
+                            offset,
+                            length: bytes.len() as u64,
+                        };
+                        send(write, &header).await?;
+                        send_data(write, &bytes).await
+                    }
+                    Err(error) => send(write, &reject_for(&error)).await,
+                }
+            }
+            Message::HaveQuery { ids } => {
+                let mut bitmap = vec![0u8; ids.len().div_ceil(8)];
+                for (i, id) in ids.iter().enumerate() {
+                    let live = matches!(self.store.entry(id), Ok(Some(e)) if e.state == crate::store::FragmentState::Live);
+                    if live {
+                        bitmap[i / 8] |= 0x80 >> (i % 8);
+                    }
+                }
+                let count = ids.len() as u32;
+                send(write, &Message::HaveReply { count, bitmap }).await
+            }
+            Message::InventoryQuery { start, end } => match self.store.digest(&start, &end) {
+                Ok((count, digest)) => {
+                    send(
+                        write,
+                        &Message::InventoryDigest {
+                            start,
+                            end,
+                            count,
+                            digest,
+                        },
+                    )
+                    .await
+                }
+                Err(error) => send(write, &reject_for(&error)).await,
+            },
+            Message::InventoryList { start, end, limit } => {
+                let limit = (limit as usize).min(wire::MAX_HAVE_IDS);
+                match self.store.list(&start, &end, limit + 1) {
+                    Ok(mut ids) => {
+                        let more = ids.len() > limit;
+                        ids.truncate(limit);
+                        send(write, &Message::InventoryPage { ids, more }).await
+                    }
+                    Err(error) => send(write, &reject_for(&error)).await,
+                }
+            }
+            Message::Cancel => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn receive_put<R, W>(
+        &self,
+        reader: &mut MessageReader<R>,
+        write: &mut W,
+        id: FragmentId,
+        length: u64,
+        hold: Hold,
+    ) -> Result<(), PieceError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if length > self.max_fragment_bytes {
+            let refusal = StoreError::TooLarge {
+                len: length,
+                max: self.max_fragment_bytes,
+            };
+            return send(write, &reject_for(&refusal)).await;
+        }
+        if !hold.verify(&id) {
+            return send(write, &reject_for(&StoreError::BadHold(id))).await;
+        }
+        // Bounded by the check above: never more than the fragment limit.
+        let mut bytes = Vec::with_capacity(length as usize);
+        let mut hasher = FragmentHasher::new();
+        while (bytes.len() as u64) < length {
+            match reader.expect().await? {
+                Message::Data(data) => {
+                    if bytes.len() as u64 + data.len() as u64 > length {
+                        send(
+                            write,
+                            &reject(RejectCode::Malformed, "data beyond the declared length"),
+                        )
+                        .await?;
+                        return Err(PieceError::Unexpected(
+                            "data beyond the declared length".into(),
+                        ));
+                    }
+                    hasher.update(&data);
+                    bytes.extend_from_slice(&data);
+                }
+                Message::Cancel => return Ok(()),
+                other => return Err(unexpected(&other)),
+            }
+        }
+        let outcome = match VerifiedFragment::from_hasher(id, bytes, &hasher) {
+            Ok(fragment) => self.store.put(fragment, hold, (self.now_unix_ms)()).await,
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(PutOutcome::Stored | PutOutcome::AlreadyStored) => {
+                send(write, &Message::Ack { id }).await
+            }
+            Err(error) => send(write, &reject_for(&error)).await,
+        }
+    }
+}
+
+fn unexpected(message: &Message) -> PieceError {
+    let name = match message {
+        Message::Data(data) => format!("data ({} bytes)", data.len()),
+        other => format!("{other:?}").chars().take(80).collect(),
+    };
+    PieceError::Unexpected(name)
+}
+
+async fn open_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    request: &Message,
+) -> Result<
+    (
+        MessageReader<futures::io::ReadHalf<S>>,
+        futures::io::WriteHalf<S>,
+    ),
+    PieceError,
+> {
+    let (read, mut write) = stream.split();
+    send(&mut write, &hello()).await?;
+    send(&mut write, request).await?;
+    let mut reader = MessageReader::new(read);
+    match reader.expect().await? {
+        Message::Hello { .. } => Ok((reader, write)),
+        Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// Puts a fragment on the peer at the other end of `stream`; returns once
+/// the peer has acknowledged it durable.
+pub async fn put<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    id: FragmentId,
+    bytes: &[u8],
+    hold: Hold,
+) -> Result<(), PieceError> {
+    let request = Message::PutFragment {
+        id,
+        length: bytes.len() as u64,
+        hold,
+    };
+    let (mut reader, mut write) = open_exchange(stream, &request).await?;
+    send_data(&mut write, bytes).await?;
+    write.flush().await?;
+    let answer = reader.expect().await?;
+    let _ = write.close().await;
+    match answer {
+        Message::Ack { id: acked } if acked == id => Ok(()),
+        Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// Gets `length` bytes from `offset` of a fragment (`wire::WHOLE` for all);
+/// a whole fragment is verified against its id.
+pub async fn get<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    id: FragmentId,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<u8>, PieceError> {
+    let request = Message::GetFragment { id, offset, length };
+    let (mut reader, mut write) = open_exchange(stream, &request).await?;
+    write.close().await?;
+    let (total_len, declared) = match reader.expect().await? {
+        Message::FragmentHeader {
+            id: answered,
+            total_len,
+            length,
+            ..
+        } if answered == id => (total_len, length),
+        Message::Reject { code, message } => return Err(PieceError::Rejected { code, message }),
+        other => return Err(unexpected(&other)),
+    };
+    if declared > length || declared > total_len {
+        return Err(PieceError::Unexpected(format!(
+            "{declared} bytes announced for a {length}-byte request"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(declared.min(64 << 20) as usize);
+    while (bytes.len() as u64) < declared {
+        match reader.expect().await? {
+            Message::Data(data) if bytes.len() as u64 + data.len() as u64 <= declared => {
+                bytes.extend_from_slice(&data)
+            }
+            other => return Err(unexpected(&other)),
+        }
+    }
+    if offset == 0 && declared == total_len && FragmentId::of(&bytes) != id {
+        return Err(PieceError::HashMismatch(id));
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,574 @@
+//! The swarm: libp2p over QUIC with identify, ping and Kademlia, the
+//! membership handshake, and the piece-exchange protocol on streams.
+//!
+//! No Cairn protocol is served to a peer before it has shown an enrolment
+//! certificate of this cluster for its own key; a peer that fails the
+//! handshake is disconnected and blocked.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_protocol::ids::{FragmentId, NodeId};
+use cairn_protocol::membership::{Certificate, ClusterId, MembershipError};
+use cairn_protocol::wire::{self, Hold};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+pub use libp2p::Multiaddr;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{PeerId, StreamProtocol, allow_block_list, identify, kad, ping};
+use thiserror::Error;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::identity::{Identity, IdentityError, node_id_of, peer_id_of};
+use crate::pieces::{self, PieceError};
+use crate::store::{FragmentStore, StoreConfig, StoreError, VerifiedFragment};
+
+pub const HELLO_PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/hello/1");
+pub const PIECES_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::PROTOCOL_NAME);
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/kad/1.0.0");
+const MAX_CERTIFICATE_BYTES: usize = 1024;
+/// How long a stream from a connected peer may wait for its handshake.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(5);
+
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("this node's own certificate is not valid: {0}")]
+    OwnCertificate(MembershipError),
+    #[error("swarm: {0}")]
+    Swarm(String),
+    #[error("node {0} is not a verified member reachable from here")]
+    NotAMember(NodeId),
+    #[error("could not open a stream to {node}: {reason}")]
+    Stream { node: NodeId, reason: String },
+    #[error(transparent)]
+    Piece(#[from] PieceError),
+    #[error("the node is shut down")]
+    ShutDown,
+}
+
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub cluster: ClusterId,
+    pub certificate: Certificate,
+    pub listen: Multiaddr,
+    pub bootstrap: Vec<Multiaddr>,
+    pub capacity_bytes: u64,
+    /// Inbound piece exchanges served at once; more get `busy`.
+    pub max_inbound_streams: usize,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    streams: libp2p_stream::Behaviour,
+}
+
+/// Peers that have passed the membership handshake.
+#[derive(Default)]
+struct Members {
+    verified: RwLock<HashMap<PeerId, Certificate>>,
+    changed: Notify,
+}
+
+impl Members {
+    fn insert(&self, peer: PeerId, certificate: Certificate) {
+        self.verified
+            .write()
+            .expect("members lock")
+            .insert(peer, certificate);
+        self.changed.notify_waiters();
+    }
+
+    fn remove(&self, peer: &PeerId) {
+        self.verified.write().expect("members lock").remove(peer);
+    }
+
+    fn contains(&self, peer: &PeerId) -> bool {
+        self.verified
+            .read()
+            .expect("members lock")
+            .contains_key(peer)
+    }
+
+    /// Waits until `peer` is verified, up to `timeout`.
+    async fn wait_for(&self, peer: &PeerId, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            if self.contains(peer) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.contains(peer);
+            }
+        }
+    }
+}
+
+enum Command {
+    Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
+    Block(PeerId),
+}
+
+/// A running node.
+pub struct Node {
+    identity: Identity,
+    store: FragmentStore,
+    control: libp2p_stream::Control,
+    members: Arc<Members>,
+    commands: mpsc::Sender<Command>,
+    listen_addrs: Vec<Multiaddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts a node: opens its store, listens, dials the bootstrap peers.
+    pub async fn start(config: NodeConfig, identity: Identity) -> Result<Self, NodeError> {
+        config
+            .certificate
+            .verify(&config.cluster, &identity.node_id(), now_unix_ms())
+            .map_err(NodeError::OwnCertificate)?;
+        let mut store_config =
+            StoreConfig::new(config.data_dir.join("fragments"), config.capacity_bytes);
+        store_config.trash_ms = 7 * 24 * 3600 * 1000;
+        let max_fragment_bytes = store_config.max_fragment_bytes;
+        let store = FragmentStore::open(store_config)?;
+
+        let peer_id = identity.peer_id();
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity.keypair().clone())
+            .with_tokio()
+            .with_quic()
+            .with_behaviour(|key| {
+                let mut kad = kad::Behaviour::with_config(
+                    peer_id,
+                    kad::store::MemoryStore::new(peer_id),
+                    kad::Config::new(KAD_PROTOCOL),
+                );
+                kad.set_mode(Some(kad::Mode::Server));
+                Behaviour {
+                    blocked: allow_block_list::Behaviour::default(),
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/cairn/id/1".into(),
+                        key.public(),
+                    )),
+                    ping: ping::Behaviour::default(),
+                    kad,
+                    streams: libp2p_stream::Behaviour::new(),
+                }
+            })
+            .map_err(|e| NodeError::Swarm(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+            .build();
+        swarm
+            .listen_on(config.listen.clone())
+            .map_err(|e| NodeError::Swarm(e.to_string()))?;
+        let listen_addrs = loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { address, .. } => break vec![address],
+                SwarmEvent::ListenerError { error, .. } => {
+                    return Err(NodeError::Swarm(error.to_string()));
+                }
+                _ => {}
+            }
+        };
+
+        let control = swarm.behaviour().streams.new_control();
+        let members = Arc::new(Members::default());
+        let (commands, command_rx) = mpsc::channel(256);
+        let own_certificate = config.certificate.encode();
+        let mut tasks = Vec::new();
+
+        let mut hello_in = control
+            .clone()
+            .accept(HELLO_PROTOCOL)
+            .map_err(|e| NodeError::Swarm(e.to_string()))?;
+        let mut pieces_in = control
+            .clone()
+            .accept(PIECES_PROTOCOL)
+            .map_err(|e| NodeError::Swarm(e.to_string()))?;
+
+        // The listening half of the handshake: verify theirs, then send ours.
+        {
+            let (members, commands, cluster, own) = (
+                members.clone(),
+                commands.clone(),
+                config.cluster,
+                own_certificate.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while let Some((peer, mut stream)) = hello_in.next().await {
+                    let (members, commands, own) = (members.clone(), commands.clone(), own.clone());
+                    tokio::spawn(async move {
+                        match read_certificate(&mut stream, &cluster, &peer).await {
+                            Ok(certificate) => {
+                                members.insert(peer, certificate);
+                                let _ = write_certificate(&mut stream, &own).await;
+                                let _ = stream.close().await;
+                            }
+                            Err(HandshakeError::Refused(reason)) => {
+                                tracing::warn!(%peer, %reason, "peer failed the membership handshake: blocked");
+                                let _ = commands.send(Command::Block(peer)).await;
+                            }
+                            Err(HandshakeError::Transport(reason)) => {
+                                tracing::info!(%peer, %reason, "membership handshake interrupted; the dialer retries");
+                            }
+                        }
+                    });
+                }
+            }));
+        }
+
+        // Piece exchange: accept in a tight loop, serve behind a semaphore.
+        {
+            let members = members.clone();
+            let commands = commands.clone();
+            let server = pieces::Server {
+                store: store.clone(),
+                max_fragment_bytes,
+                now_unix_ms,
+            };
+            let permits = Arc::new(Semaphore::new(config.max_inbound_streams));
+            tasks.push(tokio::spawn(async move {
+                while let Some((peer, stream)) = pieces_in.next().await {
+                    let (members, commands, server, permits) =
+                        (members.clone(), commands.clone(), server.clone(), permits.clone());
+                    tokio::spawn(async move {
+                        if !members.wait_for(&peer, MEMBERSHIP_WAIT).await {
+                            tracing::warn!(%peer, "piece stream from a peer that is not a verified member: reset");
+                            let _ = commands.send(Command::Block(peer)).await;
+                            return;
+                        }
+                        let Ok(_permit) = permits.try_acquire() else {
+                            tracing::debug!(%peer, "too many piece exchanges in flight: busy");
+                            let (_, mut write) = stream.split();
+                            let busy = wire::Message::Reject {
+                                code: wire::RejectCode::Busy,
+                                message: "too many exchanges in flight; retry".into(),
+                            };
+                            let _ = pieces::send(&mut write, &busy).await;
+                            return;
+                        };
+                        if let Err(error) = server.serve(stream).await {
+                            tracing::info!(%peer, %error, "piece exchange ended with an error");
+                        }
+                    });
+                }
+            }));
+        }
+
+        // The swarm's event loop.
+        {
+            let (members, control, cluster) = (members.clone(), control.clone(), config.cluster);
+            let commands_tx = commands.clone();
+            tasks.push(tokio::spawn(run_swarm(
+                swarm,
+                command_rx,
+                commands_tx,
+                members,
+                control,
+                cluster,
+                own_certificate,
+            )));
+        }
+
+        let node = Self {
+            identity,
+            store,
+            control,
+            members,
+            commands,
+            listen_addrs,
+            tasks,
+        };
+        for address in config.bootstrap {
+            if let Err(error) = node.dial(address.clone()).await {
+                tracing::warn!(%address, %error, "bootstrap peer unreachable for now");
+            }
+        }
+        Ok(node)
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.identity.node_id()
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.identity.peer_id()
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn store(&self) -> &FragmentStore {
+        &self.store
+    }
+
+    /// Addresses this node listens on, with its peer id.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let peer = self.peer_id();
+        self.listen_addrs
+            .iter()
+            .map(|a| a.clone().with_p2p(peer).unwrap_or_else(|a| a))
+            .collect()
+    }
+
+    pub async fn dial(&self, address: Multiaddr) -> Result<(), NodeError> {
+        let (reply, done) = oneshot::channel();
+        self.commands
+            .send(Command::Dial(address, reply))
+            .await
+            .map_err(|_| NodeError::ShutDown)?;
+        done.await
+            .map_err(|_| NodeError::ShutDown)?
+            .map_err(NodeError::Swarm)
+    }
+
+    /// Waits until `node` has passed the membership handshake with us.
+    pub async fn wait_for_member(&self, node: &NodeId, timeout: Duration) -> bool {
+        match peer_id_of(node) {
+            Ok(peer) => self.members.wait_for(&peer, timeout).await,
+            Err(_) => false,
+        }
+    }
+
+    pub fn is_member(&self, node: &NodeId) -> bool {
+        peer_id_of(node).is_ok_and(|peer| self.members.contains(&peer))
+    }
+
+    async fn open(&self, node: &NodeId) -> Result<libp2p::Stream, NodeError> {
+        let peer = peer_id_of(node)?;
+        if !self.members.wait_for(&peer, MEMBERSHIP_WAIT).await {
+            return Err(NodeError::NotAMember(*node));
+        }
+        self.control
+            .clone()
+            .open_stream(peer, PIECES_PROTOCOL)
+            .await
+            .map_err(|e| NodeError::Stream {
+                node: *node,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Puts a fragment on `node` (this node itself included); returns once
+    /// it is durable there.
+    pub async fn put_fragment(
+        &self,
+        node: &NodeId,
+        id: FragmentId,
+        bytes: &[u8],
+        hold: Hold,
+    ) -> Result<(), NodeError> {
+        if *node == self.node_id() {
+            let fragment = VerifiedFragment::new(id, bytes.to_vec())?;
+            self.store.put(fragment, hold, now_unix_ms()).await?;
+            return Ok(());
+        }
+        let stream = self.open(node).await?;
+        Ok(pieces::put(stream, id, bytes, hold).await?)
+    }
+
+    /// Gets a fragment (or a range of it) from `node`.
+    pub async fn get_fragment(
+        &self,
+        node: &NodeId,
+        id: FragmentId,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, NodeError> {
+        if *node == self.node_id() {
+            let store = self.store.clone();
+            let read = tokio::task::spawn_blocking(move || store.read(&id, offset, length))
+                .await
+                .map_err(|e| NodeError::Swarm(e.to_string()))?;
+            return Ok(read?);
+        }
+        let stream = self.open(node).await?;
+        Ok(pieces::get(stream, id, offset, length).await?)
+    }
+
+    /// Opens a raw piece-exchange stream, for tests of misbehaving peers.
+    pub async fn open_raw_piece_stream(&self, node: &NodeId) -> Result<libp2p::Stream, NodeError> {
+        let peer = peer_id_of(node)?;
+        self.control
+            .clone()
+            .open_stream(peer, PIECES_PROTOCOL)
+            .await
+            .map_err(|e| NodeError::Stream {
+                node: *node,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Stops the node: the swarm, its tasks and then its store.
+    pub async fn shutdown(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let store = self.store;
+        // Dropping the last store handle waits for the writer thread.
+        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+    }
+}
+
+async fn write_certificate(stream: &mut libp2p::Stream, certificate: &[u8]) -> std::io::Result<()> {
+    stream
+        .write_all(&(certificate.len() as u16).to_be_bytes())
+        .await?;
+    stream.write_all(certificate).await?;
+    stream.flush().await
+}
+
+/// Why a handshake failed: only a refused certificate blocks the peer; a
+/// transport failure is retried, so one stall never partitions two members.
+#[derive(Debug)]
+enum HandshakeError {
+    Refused(String),
+    Transport(String),
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused(reason) => write!(f, "certificate refused: {reason}"),
+            Self::Transport(reason) => write!(f, "handshake interrupted: {reason}"),
+        }
+    }
+}
+
+async fn read_certificate(
+    stream: &mut libp2p::Stream,
+    cluster: &ClusterId,
+    peer: &PeerId,
+) -> Result<Certificate, HandshakeError> {
+    let mut len = [0u8; 2];
+    let read = async {
+        stream.read_exact(&mut len).await?;
+        let len = usize::from(u16::from_be_bytes(len));
+        if len > MAX_CERTIFICATE_BYTES {
+            return Err(std::io::Error::other(format!(
+                "certificate of {len} bytes is too long"
+            )));
+        }
+        let mut bytes = vec![0u8; len];
+        stream.read_exact(&mut bytes).await?;
+        Ok(bytes)
+    };
+    let bytes = tokio::time::timeout(MEMBERSHIP_WAIT, read)
+        .await
+        .map_err(|_| HandshakeError::Transport("no certificate in time".into()))?
+        .map_err(|e| HandshakeError::Transport(e.to_string()))?;
+    let refused = |e: String| HandshakeError::Refused(e);
+    let certificate = Certificate::decode(&bytes).map_err(|e| refused(e.to_string()))?;
+    let node = node_id_of(peer).ok_or_else(|| refused("peer id carries no ed25519 key".into()))?;
+    certificate
+        .verify(cluster, &node, now_unix_ms())
+        .map_err(|e| refused(e.to_string()))?;
+    Ok(certificate)
+}
+
+/// The dialing half of the handshake: send ours, verify theirs.
+async fn hello_as_dialer(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    cluster: ClusterId,
+    own: Vec<u8>,
+) -> Result<Certificate, HandshakeError> {
+    let mut last = HandshakeError::Transport("not attempted".into());
+    for attempt in 0..4u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        let exchange = async {
+            let mut stream = control
+                .open_stream(peer, HELLO_PROTOCOL)
+                .await
+                .map_err(|e| HandshakeError::Transport(e.to_string()))?;
+            write_certificate(&mut stream, &own)
+                .await
+                .map_err(|e| HandshakeError::Transport(e.to_string()))?;
+            read_certificate(&mut stream, &cluster, &peer).await
+        };
+        match exchange.await {
+            Err(HandshakeError::Transport(reason)) => {
+                tracing::debug!(%peer, %reason, "membership handshake interrupted; retrying");
+                last = HandshakeError::Transport(reason);
+            }
+            done => return done,
+        }
+    }
+    Err(last)
+}
+
+async fn run_swarm(
+    mut swarm: libp2p::Swarm<Behaviour>,
+    mut commands: mpsc::Receiver<Command>,
+    commands_tx: mpsc::Sender<Command>,
+    members: Arc<Members>,
+    control: libp2p_stream::Control,
+    cluster: ClusterId,
+    own_certificate: Vec<u8>,
+) {
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(Command::Dial(address, reply)) => {
+                    let _ = reply.send(swarm.dial(address).map_err(|e| e.to_string()));
+                }
+                Some(Command::Block(peer)) => {
+                    members.remove(&peer);
+                    swarm.behaviour_mut().blocked.block_peer(peer);
+                    swarm.behaviour_mut().kad.remove_peer(&peer);
+                }
+                None => break,
+            },
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if endpoint.is_dialer() => {
+                    let (members, commands, control, own) =
+                        (members.clone(), commands_tx.clone(), control.clone(), own_certificate.clone());
+                    tokio::spawn(async move {
+                        match hello_as_dialer(control, peer_id, cluster, own).await {
+                            Ok(certificate) => members.insert(peer_id, certificate),
+                            Err(HandshakeError::Refused(reason)) => {
+                                tracing::warn!(peer = %peer_id, %reason, "peer failed the membership handshake: blocked");
+                                let _ = commands.send(Command::Block(peer_id)).await;
+                            }
+                            Err(HandshakeError::Transport(reason)) => {
+                                tracing::warn!(peer = %peer_id, %reason, "membership handshake failed after retries");
+                            }
+                        }
+                    });
+                }
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => members.remove(&peer_id),
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
+                    // Only members enter the routing table.
+                    if members.contains(&peer_id) =>
+                {
+                    for address in info.listen_addrs {
+                        swarm.behaviour_mut().kad.add_address(&peer_id, address);
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+}

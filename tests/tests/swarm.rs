@@ -1,0 +1,344 @@
+//! Real nodes on 127.0.0.1 over QUIC: placement-driven puts, reads from
+//! other nodes, restarts, outsiders, corruption and protocol violations.
+
+use std::time::Duration;
+
+use cairn_node::identity::Identity;
+use cairn_node::pieces::PieceError;
+use cairn_node::swarm::{Node, NodeConfig, NodeError, now_unix_ms};
+use cairn_protocol::ed25519_dalek::SigningKey;
+use cairn_protocol::erasure::{Scheme, SegmentEncoder, reconstruct};
+use cairn_protocol::ids::{FragmentId, ManifestId, NodeId, SiteId};
+use cairn_protocol::membership::{Certificate, ClusterId};
+use cairn_protocol::placement::{Placer, Tolerance};
+use cairn_protocol::wire::{self, Hold, RejectCode};
+use cairn_tests::{Cluster, random_secret};
+use futures::{AsyncReadExt, AsyncWriteExt};
+
+fn segment(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Encodes a segment 4+2 and puts each fragment, from `writer`, on the node
+/// that placement picks. Returns the segment, the fragment ids and nodes.
+async fn put_segment(
+    cluster: &Cluster,
+    writer: usize,
+    seed: u64,
+) -> (Vec<u8>, Vec<FragmentId>, Vec<NodeId>) {
+    let scheme = Scheme::new(4, 2).unwrap();
+    let placer = Placer::new(&cluster.map(), scheme, Tolerance::default()).unwrap();
+    let data = segment(3 << 20, seed);
+    let encoded = SegmentEncoder::new(scheme).encode(data.clone()).unwrap();
+    let ids = encoded.fragment_ids().to_vec();
+    let mut key = blake3::Hasher::new();
+    for id in &ids {
+        key.update(id.as_bytes());
+    }
+    let nodes = placer.place(key.finalize().as_bytes());
+    let node = cluster.node(writer);
+    for (index, target) in nodes.iter().enumerate() {
+        let hold = Hold::sign(
+            node.identity().signing_key(),
+            &ids[index],
+            ManifestId([9; 32]),
+            0,
+        );
+        node.put_fragment(target, ids[index], encoded.fragment(index), hold)
+            .await
+            .unwrap();
+    }
+    (data, ids, nodes)
+}
+
+async fn read_segment(
+    cluster: &Cluster,
+    reader: usize,
+    ids: &[FragmentId],
+    nodes: &[NodeId],
+    len: usize,
+) -> Vec<u8> {
+    let node = cluster.node(reader);
+    let mut fragments = Vec::new();
+    // The last k fragments: parity included, so decoding is exercised.
+    for index in 2..6 {
+        let bytes = node
+            .get_fragment(&nodes[index], ids[index], 0, wire::WHOLE)
+            .await
+            .unwrap();
+        fragments.push((index, bytes));
+    }
+    let refs: Vec<(usize, &[u8])> = fragments.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+    reconstruct(Scheme::new(4, 2).unwrap(), len, &refs).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_nodes_in_three_sites_store_where_placement_says_and_survive_a_full_restart() {
+    let mut cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
+    let mut segments = Vec::new();
+    for seed in 0..3 {
+        segments.push(put_segment(&cluster, 0, seed).await);
+    }
+    for (data, ids, nodes) in &segments {
+        // Each fragment sits on its placed node, and only fragments placed there.
+        for (index, node) in nodes.iter().enumerate() {
+            let holder = cluster
+                .members
+                .iter()
+                .position(|m| m.identity.node_id() == *node)
+                .unwrap();
+            assert!(
+                cluster
+                    .node(holder)
+                    .store()
+                    .entry(&ids[index])
+                    .unwrap()
+                    .is_some()
+            );
+        }
+        assert_eq!(
+            &read_segment(&cluster, 5, ids, nodes, data.len()).await,
+            data
+        );
+    }
+    for index in 0..6 {
+        cluster.stop(index).await;
+    }
+    for index in 0..6 {
+        cluster.restart(index).await.unwrap();
+    }
+    for (data, ids, nodes) in &segments {
+        assert_eq!(
+            &read_segment(&cluster, 3, ids, nodes, data.len()).await,
+            data
+        );
+    }
+    // Ranges come back as asked.
+    let (_, ids, nodes) = &segments[0];
+    let whole = cluster
+        .node(1)
+        .get_fragment(&nodes[0], ids[0], 0, wire::WHOLE)
+        .await
+        .unwrap();
+    let range = cluster
+        .node(1)
+        .get_fragment(&nodes[0], ids[0], 1000, 5000)
+        .await
+        .unwrap();
+    assert_eq!(range, &whole[1000..6000]);
+    cluster.shutdown().await;
+}
+
+async fn outsider(
+    cluster_key: &SigningKey,
+    dir: &std::path::Path,
+    bootstrap: Vec<cairn_node::swarm::Multiaddr>,
+) -> Node {
+    let identity = Identity::generate();
+    let now = now_unix_ms();
+    let site = SiteId::new("elsewhere").unwrap();
+    let certificate =
+        Certificate::issue(cluster_key, identity.node_id(), site, now, now + 3_600_000);
+    let config = NodeConfig {
+        data_dir: dir.to_owned(),
+        cluster: ClusterId::of(cluster_key),
+        certificate,
+        listen: "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap(),
+        bootstrap,
+        capacity_bytes: 1 << 30,
+        max_inbound_streams: 8,
+    };
+    Node::start(config, identity).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outsider_can_neither_store_nor_fetch() {
+    let cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Enrolled by another cluster's key: its own handshake passes its own
+    // check, but our nodes refuse it.
+    let stranger_key = SigningKey::from_bytes(&random_secret());
+    let intruder = outsider(&stranger_key, dir.path(), cluster.node(0).listen_addrs()).await;
+    let target = cluster.node(0).node_id();
+    assert!(
+        !intruder
+            .wait_for_member(&target, Duration::from_secs(3))
+            .await
+    );
+    let bytes = segment(1000, 7);
+    let id = FragmentId::of(&bytes);
+    let hold = Hold::sign(
+        intruder.identity().signing_key(),
+        &id,
+        ManifestId([1; 32]),
+        0,
+    );
+    assert!(
+        intruder
+            .put_fragment(&target, id, &bytes, hold)
+            .await
+            .is_err()
+    );
+    // Even on a raw stream, opened without waiting for membership.
+    if let Ok(mut stream) = intruder.open_raw_piece_stream(&target).await {
+        let mut request = Vec::new();
+        wire::Message::Hello {
+            version: 1,
+            capabilities: 0,
+            max_frame_bytes: 1 << 20,
+        }
+        .encode(&mut request)
+        .unwrap();
+        wire::Message::GetFragment {
+            id,
+            offset: 0,
+            length: wire::WHOLE,
+        }
+        .encode(&mut request)
+        .unwrap();
+        let _ = stream.write_all(&request).await;
+        let mut answer = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+        assert!(
+            answer.is_empty(),
+            "an outsider got {} bytes of answer",
+            answer.len()
+        );
+    }
+    assert!(cluster.node(0).store().entry(&id).unwrap().is_none());
+    assert!(!cluster.node(0).is_member(&intruder.node_id()));
+    intruder.shutdown().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_corrupted_on_disk_is_refused_as_corrupt() {
+    let cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
+    let holder = cluster.node(1);
+    let bytes = segment(200_000, 3);
+    let id = FragmentId::of(&bytes);
+    let hold = Hold::sign(
+        cluster.node(0).identity().signing_key(),
+        &id,
+        ManifestId([1; 32]),
+        0,
+    );
+    cluster
+        .node(0)
+        .put_fragment(&holder.node_id(), id, &bytes, hold)
+        .await
+        .unwrap();
+    let entry = holder.store().entry(&id).unwrap().unwrap();
+    let volume = cluster.members[1]
+        .data_dir
+        .join(format!("fragments/volumes/{:06}.vol", entry.volume));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(volume)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"rot", entry.offset + 45 + 1234).unwrap();
+    match cluster
+        .node(2)
+        .get_fragment(&holder.node_id(), id, 0, wire::WHOLE)
+        .await
+    {
+        Err(NodeError::Piece(PieceError::Rejected {
+            code: RejectCode::Corrupt,
+            ..
+        })) => {}
+        other => panic!("expected a corrupt refusal, got {other:?}"),
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_and_oversize_declarations_are_refused_while_others_are_served() {
+    let cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
+    let (attacker, victim, bystander) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let bytes = segment(50_000, 4);
+    let id = FragmentId::of(&bytes);
+    let hold = Hold::sign(
+        bystander.identity().signing_key(),
+        &id,
+        ManifestId([1; 32]),
+        0,
+    );
+    bystander
+        .put_fragment(&victim.node_id(), id, &bytes, hold.clone())
+        .await
+        .unwrap();
+
+    let mut hello = Vec::new();
+    wire::Message::Hello {
+        version: 1,
+        capabilities: 0,
+        max_frame_bytes: 1 << 20,
+    }
+    .encode(&mut hello)
+    .unwrap();
+    let attacks: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "a 4 GiB frame declaration",
+            [hello.clone(), u32::MAX.to_be_bytes().to_vec()].concat(),
+        ),
+        (
+            "an unknown message type",
+            [hello.clone(), vec![0, 0, 0, 1, 0x7f]].concat(),
+        ),
+        (
+            "a truncated put header",
+            [hello.clone(), vec![0, 0, 0, 5, 0x02, 1, 2, 3, 4]].concat(),
+        ),
+        ("a put larger than the fragment limit", {
+            let mut frames = hello.clone();
+            let put = wire::Message::PutFragment {
+                id,
+                length: 1 << 40,
+                hold: hold.clone(),
+            };
+            put.encode(&mut frames).unwrap();
+            frames
+        }),
+    ];
+    for (what, frames) in attacks {
+        let mut stream = attacker
+            .open_raw_piece_stream(&victim.node_id())
+            .await
+            .unwrap();
+        stream.write_all(&frames).await.unwrap();
+        let _ = stream.close().await;
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "{what}: the victim kept the stream open");
+        let mut decoder = wire::FrameDecoder::default();
+        decoder.feed(&answer);
+        let mut rejected = false;
+        while let Ok(Some(message)) = decoder.next_message() {
+            if let wire::Message::Reject { code, .. } = message {
+                rejected = matches!(code, RejectCode::Malformed | RejectCode::TooLarge);
+            }
+        }
+        assert!(
+            rejected,
+            "{what}: no malformed/too-large reject in {} answer bytes",
+            answer.len()
+        );
+        // The victim keeps serving everyone.
+        let again = bystander
+            .get_fragment(&victim.node_id(), id, 0, wire::WHOLE)
+            .await
+            .unwrap();
+        assert_eq!(again, bytes, "{what}");
+    }
+    cluster.shutdown().await;
+}
