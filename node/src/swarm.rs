@@ -380,8 +380,8 @@ impl Node {
             self.store.put(fragment, hold, now_unix_ms()).await?;
             return Ok(());
         }
-        let stream = self.open(node).await?;
-        Ok(pieces::put(stream, id, bytes, hold).await?)
+        self.with_retries(node, |stream| pieces::put(stream, id, bytes, hold.clone()))
+            .await
     }
 
     /// Gets a fragment (or a range of it) from `node`.
@@ -399,8 +399,35 @@ impl Node {
                 .map_err(|e| NodeError::Swarm(e.to_string()))?;
             return Ok(read?);
         }
-        let stream = self.open(node).await?;
-        Ok(pieces::get(stream, id, offset, length).await?)
+        self.with_retries(node, |stream| pieces::get(stream, id, offset, length))
+            .await
+    }
+
+    /// Runs one exchange on a fresh stream, again on a transport failure.
+    /// libp2p-stream drops an inbound stream unread when another is still
+    /// waiting to be accepted, so a burst of opens can lose some; puts are
+    /// idempotent and gets read-only, so trying again is safe.
+    async fn with_retries<T, F, Fut>(&self, node: &NodeId, exchange: F) -> Result<T, NodeError>
+    where
+        F: Fn(libp2p::Stream) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PieceError>>,
+    {
+        const ATTEMPTS: u32 = 6;
+        let mut attempt = 0;
+        loop {
+            let stream = self.open(node).await?;
+            match exchange(stream).await {
+                Err(PieceError::Io(error)) if attempt + 1 < ATTEMPTS => {
+                    tracing::debug!(%node, %error, attempt, "piece stream lost; retrying");
+                }
+                Err(PieceError::Closed) if attempt + 1 < ATTEMPTS => {
+                    tracing::debug!(%node, attempt, "piece stream closed early; retrying");
+                }
+                done => return Ok(done?),
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
+        }
     }
 
     /// Opens a raw piece-exchange stream, for tests of misbehaving peers.
