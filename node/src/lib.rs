@@ -4,6 +4,7 @@
 //! `cairn-protocol`; it never depends on the gateway.
 
 pub mod identity;
+pub mod mapsync;
 pub mod pieces;
 pub mod store;
 pub mod swarm;

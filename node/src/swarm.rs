@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cairn_protocol::ids::{FragmentId, NodeId};
-use cairn_protocol::membership::{Certificate, ClusterId, MembershipError};
+use cairn_protocol::membership::{Certificate, ClusterId, MembershipError, SignedMap};
 use cairn_protocol::wire::{self, Hold};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 pub use libp2p::Multiaddr;
@@ -22,6 +22,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::identity::{Identity, IdentityError, node_id_of, peer_id_of};
+use crate::mapsync::{self, MAP_PROTOCOL, MapError, MapKeeper};
 use crate::pieces::{self, PieceError};
 use crate::store::{FragmentStore, StoreConfig, StoreError, VerifiedFragment};
 
@@ -44,6 +45,10 @@ pub enum NodeError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error("the cluster map does not verify against this cluster: {0}")]
+    ForeignMap(MembershipError),
     #[error("this node's own certificate is not valid: {0}")]
     OwnCertificate(MembershipError),
     #[error("swarm: {0}")]
@@ -98,6 +103,15 @@ impl Members {
         self.verified.write().expect("members lock").remove(peer);
     }
 
+    fn peers(&self) -> Vec<PeerId> {
+        self.verified
+            .read()
+            .expect("members lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
     fn contains(&self, peer: &PeerId) -> bool {
         self.verified
             .read()
@@ -131,9 +145,39 @@ pub struct Node {
     store: FragmentStore,
     control: libp2p_stream::Control,
     members: Arc<Members>,
+    maps: Arc<MapKeeper>,
     commands: mpsc::Sender<Command>,
     listen_addrs: Vec<Multiaddr>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// Sends the map we hold to a peer that just became a member.
+fn share_map(control: &libp2p_stream::Control, maps: &Arc<MapKeeper>, peer: PeerId) {
+    if let Some(map) = maps.current() {
+        let control = control.clone();
+        tokio::spawn(async move {
+            if let Err(error) = mapsync::push(control, peer, &map).await {
+                tracing::debug!(%peer, %error, "could not send the cluster map");
+            }
+        });
+    }
+}
+
+/// Passes a newly adopted map on to every member but `except`.
+fn spread_map(
+    control: &libp2p_stream::Control,
+    members: &Members,
+    map: &SignedMap,
+    except: Option<PeerId>,
+) {
+    for peer in members.peers().into_iter().filter(|p| Some(*p) != except) {
+        let (control, map) = (control.clone(), map.clone());
+        tokio::spawn(async move {
+            if let Err(error) = mapsync::push(control, peer, &map).await {
+                tracing::debug!(%peer, %error, "could not pass the cluster map on");
+            }
+        });
+    }
 }
 
 impl Node {
@@ -148,6 +192,10 @@ impl Node {
         store_config.trash_ms = 7 * 24 * 3600 * 1000;
         let max_fragment_bytes = store_config.max_fragment_bytes;
         let store = FragmentStore::open(store_config)?;
+        let maps = Arc::new(MapKeeper::load(
+            config.cluster,
+            config.data_dir.join("cluster-map.bin"),
+        )?);
 
         let peer_id = identity.peer_id();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity.keypair().clone())
@@ -201,6 +249,29 @@ impl Node {
             .clone()
             .accept(PIECES_PROTOCOL)
             .map_err(|e| NodeError::Swarm(e.to_string()))?;
+        let mut maps_in = control
+            .clone()
+            .accept(MAP_PROTOCOL)
+            .map_err(|e| NodeError::Swarm(e.to_string()))?;
+
+        // Cluster maps pushed by members: keep the newest, pass it on.
+        {
+            let (members, maps, control) = (members.clone(), maps.clone(), control.clone());
+            tasks.push(tokio::spawn(async move {
+                while let Some((peer, mut stream)) = maps_in.next().await {
+                    let (members, maps, control) = (members.clone(), maps.clone(), control.clone());
+                    tokio::spawn(async move {
+                        if !members.wait_for(&peer, MEMBERSHIP_WAIT).await {
+                            tracing::warn!(%peer, "cluster map from a peer that is not a member: ignored");
+                            return;
+                        }
+                        if let Some(map) = maps.receive(&peer, &mut stream).await {
+                            spread_map(&control, &members, &map, Some(peer));
+                        }
+                    });
+                }
+            }));
+        }
 
         // The listening half of the handshake: verify theirs, then send ours.
         {
@@ -210,15 +281,18 @@ impl Node {
                 config.cluster,
                 own_certificate.clone(),
             );
+            let (maps, control) = (maps.clone(), control.clone());
             tasks.push(tokio::spawn(async move {
                 while let Some((peer, mut stream)) = hello_in.next().await {
                     let (members, commands, own) = (members.clone(), commands.clone(), own.clone());
+                    let (maps, control) = (maps.clone(), control.clone());
                     tokio::spawn(async move {
                         match read_certificate(&mut stream, &cluster, &peer).await {
                             Ok(certificate) => {
                                 members.insert(peer, certificate);
                                 let _ = write_certificate(&mut stream, &own).await;
                                 let _ = stream.close().await;
+                                share_map(&control, &maps, peer);
                             }
                             Err(HandshakeError::Refused(reason)) => {
                                 tracing::warn!(%peer, %reason, "peer failed the membership handshake: blocked");
@@ -280,6 +354,7 @@ impl Node {
                 command_rx,
                 commands_tx,
                 members,
+                maps.clone(),
                 control,
                 cluster,
                 own_certificate,
@@ -291,6 +366,7 @@ impl Node {
             store,
             control,
             members,
+            maps,
             commands,
             listen_addrs,
             tasks,
@@ -345,6 +421,28 @@ impl Node {
             Ok(peer) => self.members.wait_for(&peer, timeout).await,
             Err(_) => false,
         }
+    }
+
+    /// The newest valid cluster map this node holds.
+    pub fn cluster_map(&self) -> Option<SignedMap> {
+        self.maps.current()
+    }
+
+    /// Takes a map signed by the cluster key (from `cairn admin`) and, if
+    /// it is newer than the one held, keeps it and sends it to every member.
+    pub fn install_map(&self, map: &SignedMap) -> Result<bool, NodeError> {
+        let checked = SignedMap::decode(&map.encode(), &self.maps.cluster())
+            .map_err(NodeError::ForeignMap)?;
+        let adopted = self.maps.offer(&checked)?;
+        if adopted {
+            spread_map(&self.control, &self.members, &checked, None);
+        }
+        Ok(adopted)
+    }
+
+    /// Waits until this node holds a map of at least `version`.
+    pub async fn wait_for_map_version(&self, version: u64, timeout: Duration) -> bool {
+        self.maps.wait_for_version(version, timeout).await
     }
 
     pub fn is_member(&self, node: &NodeId) -> bool {
@@ -551,6 +649,7 @@ async fn run_swarm(
     mut commands: mpsc::Receiver<Command>,
     commands_tx: mpsc::Sender<Command>,
     members: Arc<Members>,
+    maps: Arc<MapKeeper>,
     control: libp2p_stream::Control,
     cluster: ClusterId,
     own_certificate: Vec<u8>,
@@ -572,9 +671,13 @@ async fn run_swarm(
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if endpoint.is_dialer() => {
                     let (members, commands, control, own) =
                         (members.clone(), commands_tx.clone(), control.clone(), own_certificate.clone());
+                    let maps = maps.clone();
                     tokio::spawn(async move {
-                        match hello_as_dialer(control, peer_id, cluster, own).await {
-                            Ok(certificate) => members.insert(peer_id, certificate),
+                        match hello_as_dialer(control.clone(), peer_id, cluster, own).await {
+                            Ok(certificate) => {
+                                members.insert(peer_id, certificate);
+                                share_map(&control, &maps, peer_id);
+                            }
                             Err(HandshakeError::Refused(reason)) => {
                                 tracing::warn!(peer = %peer_id, %reason, "peer failed the membership handshake: blocked");
                                 let _ = commands.send(Command::Block(peer_id)).await;

@@ -1,0 +1,189 @@
+//! The cluster map as this node knows it, kept on disk and spread to every
+//! member over `/cairn/map/1` (spec/membership.md). Only maps signed by the
+//! cluster key are taken, and only when newer than the one held.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use cairn_protocol::membership::{ClusterId, MembershipError, SignedMap};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::{PeerId, StreamProtocol};
+use tokio::sync::Notify;
+
+pub const MAP_PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/map/1");
+/// A map of 65 536 nodes is about 7 MiB.
+const MAX_MAP_BYTES: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("cluster map file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cluster map file {path} does not verify: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: MembershipError,
+    },
+}
+
+pub struct MapKeeper {
+    cluster: ClusterId,
+    path: PathBuf,
+    current: RwLock<Option<SignedMap>>,
+    changed: Notify,
+}
+
+impl MapKeeper {
+    /// Loads the map kept at `path`, if any; a file that does not verify is
+    /// an error rather than silently replaced.
+    pub fn load(cluster: ClusterId, path: PathBuf) -> Result<Self, MapError> {
+        let current =
+            match fs::read(&path) {
+                Ok(bytes) => Some(SignedMap::decode(&bytes, &cluster).map_err(|source| {
+                    MapError::Invalid {
+                        path: path.clone(),
+                        source,
+                    }
+                })?),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(source) => return Err(MapError::Io { path, source }),
+            };
+        Ok(Self {
+            cluster,
+            path,
+            current: RwLock::new(current),
+            changed: Notify::new(),
+        })
+    }
+
+    pub fn cluster(&self) -> ClusterId {
+        self.cluster
+    }
+
+    pub fn current(&self) -> Option<SignedMap> {
+        self.current.read().expect("map lock").clone()
+    }
+
+    pub fn version(&self) -> Option<u64> {
+        self.current
+            .read()
+            .expect("map lock")
+            .as_ref()
+            .map(|m| m.map.version)
+    }
+
+    /// Takes `map` if it is newer than the one held: written durably first,
+    /// then adopted. Returns whether it was taken.
+    pub fn offer(&self, map: &SignedMap) -> Result<bool, MapError> {
+        let mut current = self.current.write().expect("map lock");
+        if current
+            .as_ref()
+            .is_some_and(|held| !held.is_superseded_by(map))
+        {
+            return Ok(false);
+        }
+        let io = |source| MapError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let temporary = self.path.with_extension("tmp");
+        let mut file = File::create(&temporary).map_err(io)?;
+        file.write_all(&map.encode()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        fs::rename(&temporary, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        *current = Some(map.clone());
+        drop(current);
+        self.changed.notify_waiters();
+        Ok(true)
+    }
+
+    /// Waits until the held map reaches `version`, up to `timeout`.
+    pub async fn wait_for_version(&self, version: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            if self.version().is_some_and(|v| v >= version) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.version().is_some_and(|v| v >= version);
+            }
+        }
+    }
+
+    /// Reads one pushed map from `stream` and decides on it. Returns the
+    /// map when it was newer and taken, for the caller to pass on.
+    pub async fn receive(&self, peer: &PeerId, stream: &mut libp2p::Stream) -> Option<SignedMap> {
+        let mut len = [0u8; 4];
+        let read = async {
+            stream.read_exact(&mut len).await?;
+            let len = u32::from_be_bytes(len) as usize;
+            if len > MAX_MAP_BYTES {
+                return Err(std::io::Error::other(format!(
+                    "a {len}-byte map is above the {MAX_MAP_BYTES}-byte limit"
+                )));
+            }
+            let mut bytes = vec![0u8; len];
+            stream.read_exact(&mut bytes).await?;
+            Ok(bytes)
+        };
+        let bytes = match tokio::time::timeout(Duration::from_secs(30), read).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(error)) => {
+                tracing::warn!(%peer, %error, "cluster map push failed");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "cluster map push timed out");
+                return None;
+            }
+        };
+        let map = match SignedMap::decode(&bytes, &self.cluster) {
+            Ok(map) => map,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "ignoring a cluster map that does not verify");
+                return None;
+            }
+        };
+        match self.offer(&map) {
+            Ok(true) => {
+                tracing::info!(%peer, version = map.map.version, "adopted a newer cluster map");
+                Some(map)
+            }
+            Ok(false) => {
+                tracing::debug!(%peer, offered = map.map.version, held = ?self.version(), "ignoring a stale cluster map");
+                None
+            }
+            Err(error) => {
+                tracing::error!(%error, "could not keep a newer cluster map");
+                None
+            }
+        }
+    }
+}
+
+/// Pushes `map` to `peer` on a fresh stream.
+pub async fn push(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    map: &SignedMap,
+) -> std::io::Result<()> {
+    let mut stream = control
+        .open_stream(peer, MAP_PROTOCOL)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let bytes = map.encode();
+    stream
+        .write_all(&(bytes.len() as u32).to_be_bytes())
+        .await?;
+    stream.write_all(&bytes).await?;
+    stream.close().await
+}
