@@ -347,18 +347,15 @@ impl Node {
 
         // The swarm's event loop.
         {
-            let (members, control, cluster) = (members.clone(), control.clone(), config.cluster);
-            let commands_tx = commands.clone();
-            tasks.push(tokio::spawn(run_swarm(
-                swarm,
-                command_rx,
-                commands_tx,
-                members,
-                maps.clone(),
-                control,
-                cluster,
+            let dialing = Dialing {
+                members: members.clone(),
+                maps: maps.clone(),
+                control: control.clone(),
+                commands: commands.clone(),
+                cluster: config.cluster,
                 own_certificate,
-            )));
+            };
+            tasks.push(tokio::spawn(run_swarm(swarm, command_rx, dialing)));
         }
 
         let node = Self {
@@ -644,16 +641,23 @@ async fn hello_as_dialer(
     Err(last)
 }
 
-async fn run_swarm(
-    mut swarm: libp2p::Swarm<Behaviour>,
-    mut commands: mpsc::Receiver<Command>,
-    commands_tx: mpsc::Sender<Command>,
+/// What the event loop needs to run the dialing half of the handshake.
+#[derive(Clone)]
+struct Dialing {
     members: Arc<Members>,
     maps: Arc<MapKeeper>,
     control: libp2p_stream::Control,
+    commands: mpsc::Sender<Command>,
     cluster: ClusterId,
     own_certificate: Vec<u8>,
+}
+
+async fn run_swarm(
+    mut swarm: libp2p::Swarm<Behaviour>,
+    mut commands: mpsc::Receiver<Command>,
+    dialing: Dialing,
 ) {
+    let members = dialing.members.clone();
     loop {
         tokio::select! {
             command = commands.recv() => match command {
@@ -669,11 +673,9 @@ async fn run_swarm(
             },
             event = swarm.select_next_some() => match event {
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if endpoint.is_dialer() => {
-                    let (members, commands, control, own) =
-                        (members.clone(), commands_tx.clone(), control.clone(), own_certificate.clone());
-                    let maps = maps.clone();
+                    let Dialing { members, maps, control, commands, cluster, own_certificate } = dialing.clone();
                     tokio::spawn(async move {
-                        match hello_as_dialer(control.clone(), peer_id, cluster, own).await {
+                        match hello_as_dialer(control.clone(), peer_id, cluster, own_certificate).await {
                             Ok(certificate) => {
                                 members.insert(peer_id, certificate);
                                 share_map(&control, &maps, peer_id);
