@@ -1,38 +1,235 @@
-//! `cairn`: the command line. It parses arguments and hands over to the
-//! gateway and node crates; nothing else lives here.
+//! `cairn`: the command line. It parses arguments, sets up logging and hands
+//! over to the node and gateway crates; nothing else lives here.
 
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-const USAGE: &str = "\
-cairn — indestructible, multi-site, encrypted object storage
+use anyhow::{Context, Result, bail};
+use cairn_gateway::node::config::ServeConfig;
+use cairn_gateway::node::identity::Identity;
+use cairn_gateway::node::protocol::ids::{NodeId, SiteId};
+use cairn_gateway::node::protocol::membership::{Certificate, ClusterId};
+use cairn_gateway::node::swarm::Node;
+use clap::{Parser, Subcommand};
 
-usage: cairn <command>
+#[derive(Parser)]
+#[command(
+    name = "cairn",
+    version,
+    about = "Indestructible, multi-site, encrypted object storage"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-commands:
-  version    print the version and the formats this build speaks
-  help       print this text
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node of a cluster.
+    Serve {
+        /// The node's TOML configuration.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Overrides `data_dir` (and CAIRN_DATA_DIR).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overrides `listen` (and CAIRN_LISTEN), a QUIC multiaddr.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Overrides `bootstrap` (and CAIRN_BOOTSTRAP); repeat for several peers.
+        #[arg(long)]
+        bootstrap: Vec<String>,
+    },
+    /// Administer the cluster: keys and enrolment.
+    Admin {
+        #[command(subcommand)]
+        command: Admin,
+    },
+    /// Print the version and the formats this build speaks.
+    Version,
+}
 
-The swarm node (`cairn serve`), the administration commands (`cairn admin`)
-and the local multi-site cluster (`cairn dev`) are not in this build yet.
-";
+#[derive(Subcommand)]
+enum Admin {
+    /// Cluster key commands.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Node identity and enrolment.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+}
 
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        None | Some("help" | "-h" | "--help") => {
-            print!("{USAGE}");
-            ExitCode::SUCCESS
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Create a cluster key (keep it offline) and print the cluster id.
+    Init {
+        /// Where to write the new key (mode 0600); refuses to overwrite.
+        #[arg(long)]
+        key: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Print a node's id, creating its key in the data directory if needed.
+    Id {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Sign an enrolment certificate for a node.
+    Enroll {
+        /// The cluster key from `cairn admin cluster init`.
+        #[arg(long)]
+        cluster_key: PathBuf,
+        /// The node id (hex) from `cairn admin node id`.
+        #[arg(long)]
+        node: String,
+        /// The node's site (failure domain).
+        #[arg(long)]
+        site: String,
+        /// How long the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        /// Where to write the certificate.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn load_cluster_key(path: &Path) -> Result<Identity> {
+    if !path.exists() {
+        bail!(
+            "cluster key {} does not exist; create one with `cairn admin cluster init`",
+            path.display()
+        );
+    }
+    Ok(Identity::load_or_create(path)?)
+}
+
+fn admin(command: Admin) -> Result<()> {
+    match command {
+        Admin::Cluster {
+            command: ClusterCommand::Init { key },
+        } => {
+            if key.exists() {
+                bail!(
+                    "{} already exists: a cluster key is never overwritten",
+                    key.display()
+                );
+            }
+            let cluster_key = Identity::load_or_create(&key)?;
+            let cluster = ClusterId::of(cluster_key.signing_key());
+            println!("cluster id: {}", cluster.to_hex());
+            println!(
+                "cluster key written to {} (mode 0600); keep it offline",
+                key.display()
+            );
         }
-        Some("version" | "-V" | "--version") => {
+        Admin::Node {
+            command: NodeCommand::Id { data_dir },
+        } => {
+            let identity = Identity::load_or_create(&data_dir.join("node.key"))?;
+            println!("node id: {}", identity.node_id().to_hex());
+        }
+        Admin::Node {
+            command:
+                NodeCommand::Enroll {
+                    cluster_key,
+                    node,
+                    site,
+                    days,
+                    out,
+                },
+        } => {
+            let cluster_key = load_cluster_key(&cluster_key)?;
+            let node =
+                NodeId::from_hex(&node).context("--node: expected the 64-hex-digit node id")?;
+            node.verifying_key().context("--node")?;
+            let site = SiteId::new(&site)?;
+            let now = now_unix_ms();
+            let expires = now.saturating_add(days.saturating_mul(24 * 3600 * 1000));
+            let certificate =
+                Certificate::issue(cluster_key.signing_key(), node, site.clone(), now, expires);
+            std::fs::write(&out, certificate.encode())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "enrolled node {} in site {site} for {days} days: {}",
+                node.to_hex(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn serve(
+    config: PathBuf,
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    bootstrap: Vec<String>,
+) -> Result<()> {
+    let mut settings = ServeConfig::from_file(&config)?;
+    settings.apply_env(|name| std::env::var(name).ok())?;
+    if let Some(dir) = data_dir {
+        settings.data_dir = dir;
+    }
+    if let Some(listen) = listen {
+        settings.listen = listen;
+    }
+    if !bootstrap.is_empty() {
+        settings.bootstrap = bootstrap;
+    }
+    let (node_config, identity) = settings.into_node_config()?;
+    let node = Node::start(node_config, identity).await?;
+    for address in node.listen_addrs() {
+        tracing::info!(%address, node = %node.node_id(), "listening");
+    }
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for ctrl-c")?;
+    tracing::info!("shutting down");
+    tokio::time::timeout(Duration::from_secs(30), node.shutdown())
+        .await
+        .context("shutdown took over 30 s")?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
             let protocol = cairn_gateway::node::protocol::wire::PROTOCOL_NAME;
             let manifest = cairn_gateway::node::protocol::manifest::FORMAT_VERSION;
             println!("cairn {}", env!("CARGO_PKG_VERSION"));
             println!("piece exchange: {protocol}; manifest format: {manifest}");
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Some(other) => {
-            eprintln!("cairn: unknown command {other:?}\n\n{USAGE}");
-            ExitCode::from(2)
+        Command::Admin { command } => admin(command),
+        Command::Serve {
+            config,
+            data_dir,
+            listen,
+            bootstrap,
+        } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(serve(config, data_dir, listen, bootstrap))
         }
     }
 }

@@ -92,6 +92,7 @@ struct Members {
 
 impl Members {
     fn insert(&self, peer: PeerId, certificate: Certificate) {
+        tracing::info!(%peer, node = %certificate.node, site = %certificate.site, "member verified");
         self.verified
             .write()
             .expect("members lock")

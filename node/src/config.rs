@@ -1,0 +1,180 @@
+//! `cairn serve` configuration: a TOML file, overridden by environment
+//! variables (`CAIRN_*`) and then by command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use cairn_protocol::membership::{Certificate, ClusterId};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::identity::{Identity, IdentityError};
+use crate::swarm::{Multiaddr, NodeConfig};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// The settings of one node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Where the node keeps its key, fragments and cluster map.
+    pub data_dir: PathBuf,
+    /// The cluster's id (hex), as `cairn admin cluster init` printed it.
+    pub cluster: String,
+    /// This node's enrolment certificate (`cairn admin node enroll`).
+    pub certificate: PathBuf,
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+    pub capacity_bytes: u64,
+    #[serde(default = "default_inbound_streams")]
+    pub max_inbound_streams: usize,
+}
+
+fn default_listen() -> String {
+    "/ip4/0.0.0.0/udp/7400/quic-v1".into()
+}
+
+fn default_inbound_streams() -> usize {
+    256
+}
+
+impl ServeConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Applies `CAIRN_DATA_DIR`, `CAIRN_LISTEN`, `CAIRN_BOOTSTRAP`
+    /// (comma-separated) and `CAIRN_CAPACITY_BYTES` when set.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(dir) = env("CAIRN_DATA_DIR") {
+            self.data_dir = dir.into();
+        }
+        if let Some(listen) = env("CAIRN_LISTEN") {
+            self.listen = listen;
+        }
+        if let Some(peers) = env("CAIRN_BOOTSTRAP") {
+            self.bootstrap = peers
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect();
+        }
+        if let Some(capacity) = env("CAIRN_CAPACITY_BYTES") {
+            self.capacity_bytes = capacity.parse().map_err(|_| {
+                invalid(
+                    "CAIRN_CAPACITY_BYTES",
+                    format!("{capacity:?} is not a number of bytes"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The node's key path inside its data directory.
+    pub fn key_path(&self) -> PathBuf {
+        self.data_dir.join("node.key")
+    }
+
+    /// Loads the identity (creating it on first start) and the certificate.
+    pub fn into_node_config(self) -> Result<(NodeConfig, Identity), ConfigError> {
+        let identity = Identity::load_or_create(&self.key_path())?;
+        let cluster = ClusterId::from_hex(&self.cluster)
+            .ok_or_else(|| invalid("cluster", "expected the 64-hex-digit cluster id"))?;
+        let bytes = std::fs::read(&self.certificate).map_err(|source| ConfigError::Read {
+            path: self.certificate.clone(),
+            source,
+        })?;
+        let certificate =
+            Certificate::decode(&bytes).map_err(|e| invalid("certificate", e.to_string()))?;
+        let listen: Multiaddr = self
+            .listen
+            .parse()
+            .map_err(|e| invalid("listen", format!("{:?}: {e}", self.listen)))?;
+        let bootstrap = self
+            .bootstrap
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| invalid("bootstrap", format!("{a:?}: {e}")))
+            })
+            .collect::<Result<Vec<Multiaddr>, _>>()?;
+        if self.capacity_bytes == 0 {
+            return Err(invalid("capacity_bytes", "must be above zero"));
+        }
+        let config = NodeConfig {
+            data_dir: self.data_dir,
+            cluster,
+            certificate,
+            listen,
+            bootstrap,
+            capacity_bytes: self.capacity_bytes,
+            max_inbound_streams: self.max_inbound_streams,
+        };
+        Ok((config, identity))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_reported_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cairn.toml");
+        std::fs::write(&path, "data_dir = \"d\"\ncluster = \"00\"\ncertificate = \"c\"\ncapacity_bytes = 1\nlisten_on = \"x\"\n").unwrap();
+        let error = ServeConfig::from_file(&path).unwrap_err().to_string();
+        assert!(error.contains("listen_on"), "{error}");
+        std::fs::write(
+            &path,
+            "data_dir = \"d\"\ncluster = \"00\"\ncertificate = \"c\"\ncapacity_bytes = 1\n",
+        )
+        .unwrap();
+        let mut config = ServeConfig::from_file(&path).unwrap();
+        let env = |name: &str| match name {
+            "CAIRN_BOOTSTRAP" => {
+                Some("/ip4/127.0.0.1/udp/1/quic-v1, /ip4/127.0.0.1/udp/2/quic-v1".to_owned())
+            }
+            "CAIRN_CAPACITY_BYTES" => Some("12".to_owned()),
+            _ => None,
+        };
+        config.apply_env(env).unwrap();
+        assert_eq!(config.bootstrap.len(), 2);
+        assert_eq!(config.capacity_bytes, 12);
+        config.data_dir = dir.path().to_owned();
+        let error = config.into_node_config().err().unwrap().to_string();
+        assert!(error.contains("cluster"), "{error}");
+    }
+}

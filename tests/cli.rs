@@ -1,0 +1,172 @@
+//! The `cairn` binary end to end: a cluster key, two enrolled nodes started
+//! as real processes on 127.0.0.1, one of them killed with SIGKILL and
+//! started again, and a key file that others can read refused.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");
+
+fn run(args: &[&str]) -> Output {
+    let output = Command::new(CAIRN).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "cairn {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// The value after `label` in the command's standard output.
+fn printed(output: &Output, label: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix(label))
+        .unwrap_or_else(|| panic!("no {label:?} in {stdout}"))
+        .trim()
+        .to_owned()
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn start(config: &Path, env: &[(&str, String)]) -> Self {
+        let mut command = Command::new(CAIRN);
+        command
+            .args(["serve", "-c", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Waits for a log line containing every one of `needles`.
+    fn wait_for(&self, needles: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if needles.iter().all(|n| line.contains(n)) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!("no log line with {needles:?}; saw:\n{}", seen.join("\n"));
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+fn write_config(dir: &Path, name: &str, cluster: &str, port: u16) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "data_dir = \"{data}\"\ncluster = \"{cluster}\"\ncertificate = \"{cert}\"\nlisten = \"/ip4/127.0.0.1/udp/{port}/quic-v1\"\ncapacity_bytes = 1073741824\n",
+        data = dir.join(name).display(),
+        cert = dir.join(format!("{name}.cert")).display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn enrolled_nodes_run_as_processes_survive_kill_dash_nine_and_refuse_an_open_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    let cluster = printed(
+        &run(&["admin", "cluster", "init", "--key", key.to_str().unwrap()]),
+        "cluster id:",
+    );
+    // The cluster key is never overwritten.
+    let again = Command::new(CAIRN)
+        .args(["admin", "cluster", "init", "--key", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
+
+    let mut ids = Vec::new();
+    for (name, site) in [("a", "site-a"), ("b", "site-b")] {
+        let data = dir.path().join(name);
+        let id = printed(
+            &run(&["admin", "node", "id", "--data-dir", data.to_str().unwrap()]),
+            "node id:",
+        );
+        let cert = dir.path().join(format!("{name}.cert"));
+        run(&[
+            "admin",
+            "node",
+            "enroll",
+            "--cluster-key",
+            key.to_str().unwrap(),
+            "--node",
+            &id,
+            "--site",
+            site,
+            "--out",
+            cert.to_str().unwrap(),
+        ]);
+        ids.push(id);
+    }
+    let (port_a, port_b) = (free_udp_port(), free_udp_port());
+    let config_a = write_config(dir.path(), "a", &cluster, port_a);
+    let config_b = write_config(dir.path(), "b", &cluster, port_b);
+    let bootstrap = vec![(
+        "CAIRN_BOOTSTRAP",
+        format!("/ip4/127.0.0.1/udp/{port_a}/quic-v1"),
+    )];
+
+    let a = Server::start(&config_a, &[]);
+    a.wait_for(&["listening"]);
+    let b = Server::start(&config_b, &bootstrap);
+    b.wait_for(&["member verified", &ids[0], "site-a"]);
+    a.wait_for(&["member verified", &ids[1], "site-b"]);
+
+    // SIGKILL, then the same node comes back with the same identity.
+    b.kill();
+    let b = Server::start(&config_b, &bootstrap);
+    b.wait_for(&["member verified", &ids[0]]);
+    b.kill();
+
+    // A key file others can read stops the node with the fix in the message.
+    let key_b = dir.path().join("b/node.key");
+    std::fs::set_permissions(&key_b, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let refused = Command::new(CAIRN)
+        .args(["serve", "-c", config_b.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    a.kill();
+}
