@@ -8,7 +8,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::identity::{Identity, IdentityError};
-use crate::swarm::{Multiaddr, NodeConfig};
+use crate::swarm::{Multiaddr, NodeConfig, StreamLimits};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -52,6 +52,10 @@ pub struct ServeConfig {
     pub capacity_bytes: u64,
     #[serde(default = "default_inbound_streams")]
     pub max_inbound_streams: usize,
+    #[serde(default = "default_streams_per_peer")]
+    pub max_streams_per_peer: usize,
+    #[serde(default = "default_bytes_in_flight")]
+    pub max_bytes_in_flight: u64,
 }
 
 fn default_listen() -> String {
@@ -59,7 +63,15 @@ fn default_listen() -> String {
 }
 
 fn default_inbound_streams() -> usize {
-    256
+    StreamLimits::default().inbound_streams
+}
+
+fn default_streams_per_peer() -> usize {
+    StreamLimits::default().streams_per_peer
+}
+
+fn default_bytes_in_flight() -> u64 {
+    StreamLimits::default().bytes_in_flight
 }
 
 impl ServeConfig {
@@ -140,7 +152,11 @@ impl ServeConfig {
             listen,
             bootstrap,
             capacity_bytes: self.capacity_bytes,
-            max_inbound_streams: self.max_inbound_streams,
+            limits: StreamLimits {
+                inbound_streams: self.max_inbound_streams,
+                streams_per_peer: self.max_streams_per_peer,
+                bytes_in_flight: self.max_bytes_in_flight,
+            },
         };
         Ok((config, identity))
     }

@@ -8,8 +8,12 @@
 
 use cairn_protocol::ids::{FragmentHasher, FragmentId};
 use cairn_protocol::wire::{self, FrameDecoder, Hold, Message, RejectCode, WireError};
+use std::sync::Arc;
+use std::time::Duration;
+
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use thiserror::Error;
+use tokio::sync::Semaphore;
 
 use crate::store::{FragmentStore, PutOutcome, StoreError, VerifiedFragment};
 
@@ -123,7 +127,12 @@ pub struct Server {
     pub store: FragmentStore,
     pub max_fragment_bytes: u64,
     pub now_unix_ms: fn() -> u64,
+    /// Bytes of incoming puts held in memory at once, one permit a byte.
+    pub put_budget: Arc<Semaphore>,
 }
+
+/// How long a put waits for room in the bytes-in-flight budget.
+const BUDGET_WAIT: Duration = Duration::from_secs(30);
 
 impl Server {
     /// Serves one exchange on `stream`. A protocol violation is answered
@@ -259,7 +268,16 @@ impl Server {
         if !hold.verify(&id) {
             return send(write, &reject_for(&StoreError::BadHold(id))).await;
         }
-        // Bounded by the check above: never more than the fragment limit.
+        // Room in the node-wide budget first, then a buffer of the declared
+        // size, which the check above bounds by the fragment limit.
+        let budget = self.put_budget.clone().acquire_many_owned(length as u32);
+        let Ok(Ok(_budget)) = tokio::time::timeout(BUDGET_WAIT, budget).await else {
+            return send(
+                write,
+                &reject(RejectCode::Busy, "too many bytes in flight; retry"),
+            )
+            .await;
+        };
         let mut bytes = Vec::with_capacity(length as usize);
         let mut hasher = FragmentHasher::new();
         while (bytes.len() as u64) < length {

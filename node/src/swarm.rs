@@ -70,8 +70,78 @@ pub struct NodeConfig {
     pub listen: Multiaddr,
     pub bootstrap: Vec<Multiaddr>,
     pub capacity_bytes: u64,
-    /// Inbound piece exchanges served at once; more get `busy`.
-    pub max_inbound_streams: usize,
+    pub limits: StreamLimits,
+}
+
+/// What peers may hold open on this node; past these, `busy`.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Piece exchanges served at once, from all peers together.
+    pub inbound_streams: usize,
+    /// Piece exchanges served at once for any one peer.
+    pub streams_per_peer: usize,
+    /// Bytes of incoming puts held in memory at once (at least one
+    /// fragment's worth); a put waits up to 30 s for room, then gets `busy`.
+    pub bytes_in_flight: u64,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            inbound_streams: 256,
+            streams_per_peer: 32,
+            bytes_in_flight: 512 << 20,
+        }
+    }
+}
+
+/// Counts the exchanges each peer has open.
+#[derive(Default)]
+struct PeerSlots {
+    open: std::sync::Mutex<HashMap<PeerId, usize>>,
+}
+
+/// One exchange's place in [`PeerSlots`], given back when dropped.
+struct PeerSlot {
+    slots: Arc<PeerSlots>,
+    peer: PeerId,
+}
+
+impl PeerSlots {
+    fn try_take(self: &Arc<Self>, peer: PeerId, limit: usize) -> Option<PeerSlot> {
+        let mut open = self.open.lock().expect("peer slots lock");
+        let count = open.entry(peer).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            slots: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().expect("peer slots lock");
+        if let Some(count) = open.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
+}
+
+async fn answer_busy(stream: libp2p::Stream, why: &str) {
+    let (_, mut write) = stream.split();
+    let busy = wire::Message::Reject {
+        code: wire::RejectCode::Busy,
+        message: format!("{why}; retry"),
+    };
+    let _ = pieces::send(&mut write, &busy).await;
+    let _ = write.close().await;
 }
 
 #[derive(NetworkBehaviour)]
@@ -312,16 +382,22 @@ impl Node {
         {
             let members = members.clone();
             let commands = commands.clone();
+            let limits = config.limits;
             let server = pieces::Server {
                 store: store.clone(),
                 max_fragment_bytes,
                 now_unix_ms,
+                put_budget: Arc::new(Semaphore::new(
+                    limits.bytes_in_flight.max(max_fragment_bytes) as usize,
+                )),
             };
-            let permits = Arc::new(Semaphore::new(config.max_inbound_streams));
+            let permits = Arc::new(Semaphore::new(limits.inbound_streams));
+            let peer_slots = Arc::new(PeerSlots::default());
             tasks.push(tokio::spawn(async move {
                 while let Some((peer, stream)) = pieces_in.next().await {
                     let (members, commands, server, permits) =
                         (members.clone(), commands.clone(), server.clone(), permits.clone());
+                    let peer_slots = peer_slots.clone();
                     tokio::spawn(async move {
                         if !members.wait_for(&peer, MEMBERSHIP_WAIT).await {
                             tracing::warn!(%peer, "piece stream from a peer that is not a verified member: reset");
@@ -330,13 +406,11 @@ impl Node {
                         }
                         let Ok(_permit) = permits.try_acquire() else {
                             tracing::debug!(%peer, "too many piece exchanges in flight: busy");
-                            let (_, mut write) = stream.split();
-                            let busy = wire::Message::Reject {
-                                code: wire::RejectCode::Busy,
-                                message: "too many exchanges in flight; retry".into(),
-                            };
-                            let _ = pieces::send(&mut write, &busy).await;
-                            return;
+                            return answer_busy(stream, "too many exchanges in flight").await;
+                        };
+                        let Some(_slot) = peer_slots.try_take(peer, limits.streams_per_peer) else {
+                            tracing::debug!(%peer, "too many piece exchanges from this peer: busy");
+                            return answer_busy(stream, "too many exchanges open from your node").await;
                         };
                         if let Err(error) = server.serve(stream).await {
                             tracing::info!(%peer, %error, "piece exchange ended with an error");

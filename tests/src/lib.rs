@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cairn_node::identity::Identity;
-use cairn_node::swarm::{Node, NodeConfig, NodeError, now_unix_ms};
+use cairn_node::swarm::{Node, NodeConfig, NodeError, StreamLimits, now_unix_ms};
 use cairn_protocol::ed25519_dalek::SigningKey;
 use cairn_protocol::ids::{NodeId, SiteId};
 use cairn_protocol::membership::{Certificate, ClusterId};
@@ -32,6 +32,8 @@ pub struct Cluster {
     pub cluster: ClusterId,
     pub members: Vec<Member>,
     pub capacity_bytes: u64,
+    /// Applied to nodes started (or restarted) from now on.
+    pub limits: StreamLimits,
     _dir: tempfile::TempDir,
 }
 
@@ -85,6 +87,7 @@ impl Cluster {
             cluster,
             members,
             capacity_bytes: 1 << 34,
+            limits: StreamLimits::default(),
             _dir: dir,
         };
         for index in 0..cluster.members.len() {
@@ -115,7 +118,7 @@ impl Cluster {
                 .expect("valid multiaddr"),
             bootstrap,
             capacity_bytes: self.capacity_bytes,
-            max_inbound_streams: 64,
+            limits: self.limits,
         }
     }
 

@@ -154,7 +154,7 @@ async fn outsider(
         listen: "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap(),
         bootstrap,
         capacity_bytes: 1 << 30,
-        max_inbound_streams: 8,
+        limits: Default::default(),
     };
     Node::start(config, identity).await.unwrap()
 }
@@ -314,7 +314,8 @@ async fn malformed_frames_and_oversize_declarations_are_refused_while_others_are
             .open_raw_piece_stream(&victim.node_id())
             .await
             .unwrap();
-        stream.write_all(&frames).await.unwrap();
+        // The victim may refuse before reading everything and stop the stream.
+        let _ = stream.write_all(&frames).await;
         let _ = stream.close().await;
         let mut answer = Vec::new();
         let read =
@@ -339,6 +340,108 @@ async fn malformed_frames_and_oversize_declarations_are_refused_while_others_are
             .await
             .unwrap();
         assert_eq!(again, bytes, "{what}");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_past_its_stream_limit_gets_busy_while_others_are_served() {
+    let mut cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
+    cluster.limits.streams_per_peer = 1;
+    cluster.restart(1).await.unwrap();
+    let (greedy, victim, other) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let bytes = segment(10_000, 5);
+    let id = FragmentId::of(&bytes);
+    let hold = Hold::sign(other.identity().signing_key(), &id, ManifestId([1; 32]), 0);
+    other
+        .put_fragment(&victim.node_id(), id, &bytes, hold)
+        .await
+        .unwrap();
+
+    let mut hello = Vec::new();
+    wire::Message::Hello {
+        version: 1,
+        capabilities: 0,
+        max_frame_bytes: 1 << 20,
+    }
+    .encode(&mut hello)
+    .unwrap();
+    // The first exchange stays open: hello sent, no request yet.
+    let mut first = greedy
+        .open_raw_piece_stream(&victim.node_id())
+        .await
+        .unwrap();
+    first.write_all(&hello).await.unwrap();
+    first.flush().await.unwrap();
+    let mut answer = vec![0u8; hello.len()];
+    first.read_exact(&mut answer).await.unwrap();
+    let mut decoder = wire::FrameDecoder::default();
+    decoder.feed(&answer);
+    assert!(
+        matches!(
+            decoder.next_message(),
+            Ok(Some(wire::Message::Hello { .. }))
+        ),
+        "the victim answers hello once the exchange has its slot"
+    );
+
+    let mut second = greedy
+        .open_raw_piece_stream(&victim.node_id())
+        .await
+        .unwrap();
+    let mut request = hello.clone();
+    wire::Message::GetFragment {
+        id,
+        offset: 0,
+        length: wire::WHOLE,
+    }
+    .encode(&mut request)
+    .unwrap();
+    // The victim may answer busy without reading this and stop the stream,
+    // so the write can fail; the answer is there to read either way.
+    let _ = second.write_all(&request).await;
+    let _ = second.close().await;
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), second.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut decoder = wire::FrameDecoder::default();
+    decoder.feed(&reply);
+    assert!(
+        matches!(
+            decoder.next_message(),
+            Ok(Some(wire::Message::Reject {
+                code: RejectCode::Busy,
+                ..
+            }))
+        ),
+        "expected busy, got {} bytes",
+        reply.len()
+    );
+
+    // Another peer is served meanwhile, and the greedy one once it lets go.
+    assert_eq!(
+        other
+            .get_fragment(&victim.node_id(), id, 0, wire::WHOLE)
+            .await
+            .unwrap(),
+        bytes
+    );
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match greedy
+            .get_fragment(&victim.node_id(), id, 0, wire::WHOLE)
+            .await
+        {
+            Ok(got) => break assert_eq!(got, bytes),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                assert!(error.to_string().contains("Busy"), "{error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("never served again: {error}"),
+        }
     }
     cluster.shutdown().await;
 }
