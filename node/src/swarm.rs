@@ -526,14 +526,7 @@ impl Node {
         if !self.members.wait_for(&peer, MEMBERSHIP_WAIT).await {
             return Err(NodeError::NotAMember(*node));
         }
-        self.control
-            .clone()
-            .open_stream(peer, PIECES_PROTOCOL)
-            .await
-            .map_err(|e| NodeError::Stream {
-                node: *node,
-                reason: e.to_string(),
-            })
+        self.open_raw_piece_stream(node).await
     }
 
     /// Puts a fragment on `node` (this node itself included); returns once
@@ -600,7 +593,9 @@ impl Node {
         }
     }
 
-    /// Opens a raw piece-exchange stream, for tests of misbehaving peers.
+    /// Opens a piece-exchange stream without waiting for the membership
+    /// handshake: the exchanges above use it, and so do tests of peers that
+    /// misbehave.
     pub async fn open_raw_piece_stream(&self, node: &NodeId) -> Result<libp2p::Stream, NodeError> {
         let peer = peer_id_of(node)?;
         self.control

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use cairn_protocol::ids::{FragmentId, ManifestId};
 use cairn_protocol::wire::{self, Hold};
-use cairn_tests::Cluster;
+use cairn_tests::{Cluster, pseudo_random_bytes};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::stream::{self, StreamExt};
 
@@ -22,17 +22,7 @@ const IN_FLIGHT: usize = 8;
 
 fn fragments(round: u64) -> Vec<Vec<u8>> {
     (0..FRAGMENTS as u64)
-        .map(|i| {
-            let mut state = (round << 20 | i).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            (0..FRAGMENT)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as u8
-                })
-                .collect()
-        })
+        .map(|i| pseudo_random_bytes(round << 20 | i, FRAGMENT))
         .collect()
 }
 

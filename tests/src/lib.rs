@@ -201,6 +201,19 @@ impl Cluster {
     }
 }
 
+/// Deterministic bytes that do not compress, from a seed (xorshift64).
+pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 /// 32 random bytes from a fresh libp2p key (the OS random source).
 pub fn random_secret() -> [u8; 32] {
     let identity = Identity::generate();

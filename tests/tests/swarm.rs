@@ -12,19 +12,11 @@ use cairn_protocol::ids::{FragmentId, ManifestId, NodeId, SiteId};
 use cairn_protocol::membership::{Certificate, ClusterId};
 use cairn_protocol::placement::{Placer, Tolerance};
 use cairn_protocol::wire::{self, Hold, RejectCode};
-use cairn_tests::{Cluster, random_secret};
+use cairn_tests::{Cluster, pseudo_random_bytes, random_secret};
 use futures::{AsyncReadExt, AsyncWriteExt};
 
 fn segment(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    pseudo_random_bytes(seed, len)
 }
 
 /// Encodes a segment 4+2 and puts each fragment, from `writer`, on the node
