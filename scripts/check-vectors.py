@@ -189,7 +189,26 @@ def check_membership():
         r.done()
 
 
-checks = [check_membership, check_ids, check_stream, check_keywrap, check_erasure, check_manifest, check_wire, check_versions]
+def check_dht():
+    v = load("dht.json")
+    assert h(v["manifest_provider_key"]) == b"\x01" + h(v["manifest_id"])
+    # An ed25519 peer id: identity multihash of the protobuf public key.
+    key = Ed25519PrivateKey.from_private_bytes(bytes([7] * 32)).public_key().public_bytes_raw()
+    peer = h(v["publisher_peer_id"])
+    assert peer == bytes([0x00, 36, 0x08, 0x01, 0x12, 32]) + key
+    r = Reader(h(v["record"]["encoded"]))
+    assert r.u8() == 1 and r.u64() == v["record"]["expires_unix_ms"]
+    assert r.take(r.u16()) == peer
+    assert r.take(len(r.data) - r.pos) == h(v["record"]["value"])
+    r.done()
+    assert h(v["record_without_publisher"]["encoded"]) == bytes([1]) + bytes(8) + bytes(2)
+    r = Reader(h(v["provider"]["encoded"]))
+    assert r.u8() == 1 and r.u64() == v["provider"]["expires_unix_ms"]
+    assert [r.take(r.u16()).hex() for _ in range(r.u16())] == v["provider"]["addresses"]
+    r.done()
+
+
+checks = [check_dht, check_membership, check_ids, check_stream, check_keywrap, check_erasure, check_manifest, check_wire, check_versions]
 failed = 0
 for check in checks:
     try:

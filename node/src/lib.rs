@@ -4,6 +4,7 @@
 //! `cairn-protocol`; it never depends on the gateway.
 
 pub mod config;
+pub mod dht;
 pub mod identity;
 pub mod mapsync;
 pub mod pieces;

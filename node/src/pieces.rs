@@ -6,14 +6,14 @@
 //! stream closed; nothing it sends is allocated beyond one frame, or beyond
 //! the store's fragment limit for a declared put.
 
-use cairn_protocol::ids::{FragmentHasher, FragmentId};
+use cairn_protocol::ids::{FragmentHasher, FragmentId, ManifestId};
 use cairn_protocol::wire::{self, FrameDecoder, Hold, Message, RejectCode, WireError};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use thiserror::Error;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::store::{FragmentStore, PutOutcome, StoreError, VerifiedFragment};
 
@@ -129,6 +129,9 @@ pub struct Server {
     pub now_unix_ms: fn() -> u64,
     /// Bytes of incoming puts held in memory at once, one permit a byte.
     pub put_budget: Arc<Semaphore>,
+    /// Told the manifest of each fragment stored, for the node to announce
+    /// itself as one of the manifest's providers.
+    pub stored: Option<mpsc::Sender<ManifestId>>,
 }
 
 /// How long a put waits for room in the bytes-in-flight budget.
@@ -300,13 +303,18 @@ impl Server {
                 other => return Err(unexpected(&other)),
             }
         }
+        let manifest = hold.manifest;
         let outcome = match VerifiedFragment::from_hasher(id, bytes, &hasher) {
             Ok(fragment) => self.store.put(fragment, hold, (self.now_unix_ms)()).await,
             Err(error) => Err(error),
         };
         match outcome {
             Ok(PutOutcome::Stored | PutOutcome::AlreadyStored) => {
-                send(write, &Message::Ack { id }).await
+                send(write, &Message::Ack { id }).await?;
+                if let Some(stored) = &self.stored {
+                    let _ = stored.send(manifest).await;
+                }
+                Ok(())
             }
             Err(error) => send(write, &reject_for(&error)).await,
         }
@@ -406,4 +414,25 @@ pub async fn get<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(PieceError::HashMismatch(id));
     }
     Ok(bytes)
+}
+
+/// Asks which of `ids` the peer holds live; the answer is in `ids` order.
+pub async fn have<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    ids: Vec<FragmentId>,
+) -> Result<Vec<bool>, PieceError> {
+    let asked = ids.len();
+    let (mut reader, mut write) = open_exchange(stream, &Message::HaveQuery { ids }).await?;
+    write.close().await?;
+    match reader.expect().await? {
+        Message::HaveReply { count, bitmap }
+            if count as usize == asked && bitmap.len() == asked.div_ceil(8) =>
+        {
+            Ok((0..asked)
+                .map(|i| bitmap[i / 8] & (0x80 >> (i % 8)) != 0)
+                .collect())
+        }
+        Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
+        other => Err(unexpected(&other)),
+    }
 }

@@ -5,22 +5,24 @@
 //! certificate of this cluster for its own key; a peer that fails the
 //! handshake is disconnected and blocked.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cairn_protocol::ids::{FragmentId, NodeId};
+use cairn_protocol::ids::{FragmentId, ManifestId, NodeId};
 use cairn_protocol::membership::{Certificate, ClusterId, MembershipError, SignedMap};
 use cairn_protocol::wire::{self, Hold};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 pub use libp2p::Multiaddr;
+use libp2p::kad::store::RecordStore;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{PeerId, StreamProtocol, allow_block_list, identify, kad, ping};
 use thiserror::Error;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::dht::{DhtStoreLimits, RedbRecordStore};
 use crate::identity::{Identity, IdentityError, node_id_of, peer_id_of};
 use crate::mapsync::{self, MAP_PROTOCOL, MapError, MapKeeper};
 use crate::pieces::{self, PieceError};
@@ -32,6 +34,15 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/kad/1.0.0")
 const MAX_CERTIFICATE_BYTES: usize = 1024;
 /// How long a stream from a connected peer may wait for its handshake.
 const MEMBERSHIP_WAIT: Duration = Duration::from_secs(5);
+/// How long a connected peer may go without passing the handshake before
+/// it is disconnected: the dialer's retries fit in it.
+const UNVERIFIED_GRACE: Duration = Duration::from_secs(15);
+/// How often the DHT store's writes are made durable.
+const DHT_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+fn manifest_provider_key(manifest: &ManifestId) -> kad::RecordKey {
+    kad::RecordKey::new(&cairn_protocol::dht::manifest_provider_key(manifest))
+}
 
 pub fn now_unix_ms() -> u64 {
     SystemTime::now()
@@ -61,6 +72,10 @@ pub enum NodeError {
     Piece(#[from] PieceError),
     #[error("the node is shut down")]
     ShutDown,
+    #[error("DHT store {path}: {reason}")]
+    Dht { path: PathBuf, reason: String },
+    #[error("DHT: {0}")]
+    Query(String),
 }
 
 pub struct NodeConfig {
@@ -149,7 +164,7 @@ struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-    kad: kad::Behaviour<kad::store::MemoryStore>,
+    kad: kad::Behaviour<RedbRecordStore>,
     streams: libp2p_stream::Behaviour,
 }
 
@@ -208,6 +223,17 @@ impl Members {
 enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Block(PeerId),
+    /// Passed the handshake: may enter the routing table.
+    Verified(PeerId),
+    /// Connected for a while and still not verified.
+    DropIfUnverified(PeerId),
+    /// Announce this node as a provider of the key, unless it already is;
+    /// the reply (if any) comes once the announcement has been sent.
+    Provide(kad::RecordKey, Option<oneshot::Sender<Result<(), String>>>),
+    FindProviders(
+        kad::RecordKey,
+        oneshot::Sender<Result<HashSet<PeerId>, String>>,
+    ),
 }
 
 /// A running node.
@@ -218,6 +244,8 @@ pub struct Node {
     members: Arc<Members>,
     maps: Arc<MapKeeper>,
     commands: mpsc::Sender<Command>,
+    /// Manifests of fragments stored here, for the event loop to announce.
+    stored: mpsc::Sender<ManifestId>,
     listen_addrs: Vec<Multiaddr>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -269,15 +297,23 @@ impl Node {
         )?);
 
         let peer_id = identity.peer_id();
+        let dht_path = config.data_dir.join("dht.redb");
+        let dht_store = RedbRecordStore::open(&dht_path, peer_id, DhtStoreLimits::default())
+            .map_err(|e| NodeError::Dht {
+                path: dht_path,
+                reason: e.to_string(),
+            })?;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity.keypair().clone())
             .with_tokio()
             .with_quic()
             .with_behaviour(|key| {
-                let mut kad = kad::Behaviour::with_config(
-                    peer_id,
-                    kad::store::MemoryStore::new(peer_id),
-                    kad::Config::new(KAD_PROTOCOL),
-                );
+                let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+                // What members store and who enters the routing table are
+                // decided here, against the membership (see run_swarm).
+                kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
+                kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
+                kad_config.set_query_timeout(Duration::from_secs(10));
+                let mut kad = kad::Behaviour::with_config(peer_id, dht_store, kad_config);
                 kad.set_mode(Some(kad::Mode::Server));
                 Behaviour {
                     blocked: allow_block_list::Behaviour::default(),
@@ -309,6 +345,7 @@ impl Node {
         let control = swarm.behaviour().streams.new_control();
         let members = Arc::new(Members::default());
         let (commands, command_rx) = mpsc::channel(256);
+        let (stored, stored_rx) = mpsc::channel(1024);
         let own_certificate = config.certificate.encode();
         let mut tasks = Vec::new();
 
@@ -361,6 +398,7 @@ impl Node {
                         match read_certificate(&mut stream, &cluster, &peer).await {
                             Ok(certificate) => {
                                 members.insert(peer, certificate);
+                                let _ = commands.send(Command::Verified(peer)).await;
                                 let _ = write_certificate(&mut stream, &own).await;
                                 let _ = stream.close().await;
                                 share_map(&control, &maps, peer);
@@ -390,6 +428,7 @@ impl Node {
                 put_budget: Arc::new(Semaphore::new(
                     limits.bytes_in_flight.max(max_fragment_bytes) as usize,
                 )),
+                stored: Some(stored.clone()),
             };
             let permits = Arc::new(Semaphore::new(limits.inbound_streams));
             let peer_slots = Arc::new(PeerSlots::default());
@@ -430,7 +469,9 @@ impl Node {
                 cluster: config.cluster,
                 own_certificate,
             };
-            tasks.push(tokio::spawn(run_swarm(swarm, command_rx, dialing)));
+            tasks.push(tokio::spawn(run_swarm(
+                swarm, command_rx, stored_rx, dialing,
+            )));
         }
 
         let node = Self {
@@ -440,6 +481,7 @@ impl Node {
             members,
             maps,
             commands,
+            stored,
             listen_addrs,
             tasks,
         };
@@ -540,7 +582,9 @@ impl Node {
     ) -> Result<(), NodeError> {
         if *node == self.node_id() {
             let fragment = VerifiedFragment::new(id, bytes.to_vec())?;
+            let manifest = hold.manifest;
             self.store.put(fragment, hold, now_unix_ms()).await?;
+            let _ = self.stored.send(manifest).await;
             return Ok(());
         }
         self.with_retries(node, |stream| pieces::put(stream, id, bytes, hold.clone()))
@@ -564,6 +608,83 @@ impl Node {
         }
         self.with_retries(node, |stream| pieces::get(stream, id, offset, length))
             .await
+    }
+
+    async fn ask_swarm<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command,
+    ) -> Result<T, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| NodeError::ShutDown)?;
+        answer
+            .await
+            .map_err(|_| NodeError::ShutDown)?
+            .map_err(NodeError::Query)
+    }
+
+    /// Announces in the DHT that this node holds fragments of `manifest`;
+    /// returns once the announcement has gone out. (A fragment put here
+    /// announces its manifest by itself.)
+    pub async fn provide_manifest(&self, manifest: &ManifestId) -> Result<(), NodeError> {
+        let key = manifest_provider_key(manifest);
+        self.ask_swarm(|reply| Command::Provide(key, Some(reply)))
+            .await
+    }
+
+    /// The nodes that announced they hold fragments of `manifest`.
+    pub async fn manifest_providers(
+        &self,
+        manifest: &ManifestId,
+    ) -> Result<Vec<NodeId>, NodeError> {
+        let key = manifest_provider_key(manifest);
+        let peers = self
+            .ask_swarm(|reply| Command::FindProviders(key, reply))
+            .await?;
+        let mut nodes: Vec<NodeId> = peers.iter().filter_map(node_id_of).collect();
+        nodes.sort();
+        Ok(nodes)
+    }
+
+    /// Which of `ids` `node` holds, in `ids` order.
+    pub async fn have(&self, node: &NodeId, ids: &[FragmentId]) -> Result<Vec<bool>, NodeError> {
+        if *node == self.node_id() {
+            return ids
+                .iter()
+                .map(|id| {
+                    Ok(matches!(self.store.entry(id)?, Some(e) if e.state == crate::store::FragmentState::Live))
+                })
+                .collect();
+        }
+        self.with_retries(node, |stream| pieces::have(stream, ids.to_vec()))
+            .await
+    }
+
+    /// Finds the nodes holding fragment `id` of `manifest` wherever it is,
+    /// moved or repaired: the manifest's providers, each asked whether it
+    /// holds the fragment. A provider that cannot be asked is skipped.
+    pub async fn locate_fragment(
+        &self,
+        manifest: &ManifestId,
+        id: &FragmentId,
+    ) -> Result<Vec<NodeId>, NodeError> {
+        let providers = self.manifest_providers(manifest).await?;
+        let asks = providers.iter().map(|node| async move {
+            match self.have(node, std::slice::from_ref(id)).await {
+                Ok(held) => held.first().copied().unwrap_or(false).then_some(*node),
+                Err(error) => {
+                    tracing::debug!(%node, %error, "provider could not be asked for a fragment");
+                    None
+                }
+            }
+        });
+        Ok(futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
     /// Runs one exchange on a fresh stream, again on a transport failure.
@@ -722,12 +843,28 @@ struct Dialing {
     own_certificate: Vec<u8>,
 }
 
+type ProvidersReply = oneshot::Sender<Result<HashSet<PeerId>, String>>;
+
+/// Queries the event loop is waiting on, with whom to answer.
+#[derive(Default)]
+struct PendingQueries {
+    provides: HashMap<kad::QueryId, oneshot::Sender<Result<(), String>>>,
+    /// Providers found so far for each lookup.
+    finds: HashMap<kad::QueryId, (HashSet<PeerId>, ProvidersReply)>,
+}
+
 async fn run_swarm(
     mut swarm: libp2p::Swarm<Behaviour>,
     mut commands: mpsc::Receiver<Command>,
+    mut stored: mpsc::Receiver<ManifestId>,
     dialing: Dialing,
 ) {
     let members = dialing.members.clone();
+    let local = *swarm.local_peer_id();
+    let mut pending = PendingQueries::default();
+    // What identify told us of each connected peer, for when it is verified.
+    let mut identified: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+    let mut flush = tokio::time::interval(DHT_FLUSH_EVERY);
     loop {
         tokio::select! {
             command = commands.recv() => match command {
@@ -739,38 +876,192 @@ async fn run_swarm(
                     swarm.behaviour_mut().blocked.block_peer(peer);
                     swarm.behaviour_mut().kad.remove_peer(&peer);
                 }
-                None => break,
-            },
-            event = swarm.select_next_some() => match event {
-                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if endpoint.is_dialer() => {
-                    let Dialing { members, maps, control, commands, cluster, own_certificate } = dialing.clone();
-                    tokio::spawn(async move {
-                        match hello_as_dialer(control.clone(), peer_id, cluster, own_certificate).await {
-                            Ok(certificate) => {
-                                members.insert(peer_id, certificate);
-                                share_map(&control, &maps, peer_id);
-                            }
-                            Err(HandshakeError::Refused(reason)) => {
-                                tracing::warn!(peer = %peer_id, %reason, "peer failed the membership handshake: blocked");
-                                let _ = commands.send(Command::Block(peer_id)).await;
-                            }
-                            Err(HandshakeError::Transport(reason)) => {
-                                tracing::warn!(peer = %peer_id, %reason, "membership handshake failed after retries");
-                            }
-                        }
-                    });
-                }
-                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => members.remove(&peer_id),
-                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
-                    // Only members enter the routing table.
-                    if members.contains(&peer_id) =>
-                {
-                    for address in info.listen_addrs {
-                        swarm.behaviour_mut().kad.add_address(&peer_id, address);
+                Some(Command::Verified(peer)) => {
+                    for address in identified.get(&peer).into_iter().flatten() {
+                        swarm.behaviour_mut().kad.add_address(&peer, address.clone());
                     }
                 }
+                Some(Command::DropIfUnverified(peer)) => {
+                    if !members.contains(&peer) && swarm.is_connected(&peer) {
+                        tracing::warn!(%peer, "connected peer never passed the membership handshake: disconnected");
+                        let _ = swarm.disconnect_peer_id(peer);
+                    }
+                }
+                Some(Command::Provide(key, reply)) => provide(&mut swarm, &mut pending, local, key, reply),
+                Some(Command::FindProviders(key, reply)) => {
+                    let query = swarm.behaviour_mut().kad.get_providers(key);
+                    pending.finds.insert(query, (HashSet::new(), reply));
+                }
+                None => break,
+            },
+            Some(manifest) = stored.recv() => {
+                provide(&mut swarm, &mut pending, local, manifest_provider_key(&manifest), None);
+            }
+            _ = flush.tick() => {
+                if let Err(error) = swarm.behaviour_mut().kad.store_mut().flush() {
+                    tracing::error!(%error, "DHT store: flush failed");
+                }
+            }
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                    if num_established.get() == 1 {
+                        let commands = dialing.commands.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(UNVERIFIED_GRACE).await;
+                            let _ = commands.send(Command::DropIfUnverified(peer_id)).await;
+                        });
+                    }
+                    if endpoint.is_dialer() {
+                        tokio::spawn(hello_and_admit(dialing.clone(), peer_id));
+                    }
+                }
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                    members.remove(&peer_id);
+                    identified.remove(&peer_id);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                    // Only members enter the routing table.
+                    if members.contains(&peer_id) {
+                        for address in &info.listen_addrs {
+                            swarm.behaviour_mut().kad.add_address(&peer_id, address.clone());
+                        }
+                    }
+                    identified.insert(peer_id, info.listen_addrs);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => on_kad_event(&mut swarm, &mut pending, &members, event),
                 _ => {}
             },
         }
+    }
+}
+
+/// The dialing half of the handshake, then admission as a member.
+async fn hello_and_admit(dialing: Dialing, peer: PeerId) {
+    let Dialing {
+        members,
+        maps,
+        control,
+        commands,
+        cluster,
+        own_certificate,
+    } = dialing;
+    match hello_as_dialer(control.clone(), peer, cluster, own_certificate).await {
+        Ok(certificate) => {
+            members.insert(peer, certificate);
+            let _ = commands.send(Command::Verified(peer)).await;
+            share_map(&control, &maps, peer);
+        }
+        Err(HandshakeError::Refused(reason)) => {
+            tracing::warn!(%peer, %reason, "peer failed the membership handshake: blocked");
+            let _ = commands.send(Command::Block(peer)).await;
+        }
+        Err(HandshakeError::Transport(reason)) => {
+            tracing::warn!(%peer, %reason, "membership handshake failed after retries");
+        }
+    }
+}
+
+/// Starts announcing `key`. Without a reply to send, a key this node
+/// already provides is left alone: kad republishes it on its own.
+fn provide(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    pending: &mut PendingQueries,
+    local: PeerId,
+    key: kad::RecordKey,
+    reply: Option<oneshot::Sender<Result<(), String>>>,
+) {
+    let kad = &mut swarm.behaviour_mut().kad;
+    if reply.is_none()
+        && kad
+            .store_mut()
+            .providers(&key)
+            .iter()
+            .any(|p| p.provider == local)
+    {
+        return;
+    }
+    match (kad.start_providing(key), reply) {
+        (Ok(query), Some(reply)) => {
+            pending.provides.insert(query, reply);
+        }
+        (Ok(_), None) => {}
+        (Err(error), Some(reply)) => {
+            let _ = reply.send(Err(error.to_string()));
+        }
+        (Err(error), None) => tracing::error!(%error, "could not announce a manifest"),
+    }
+}
+
+fn on_kad_event(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    pending: &mut PendingQueries,
+    members: &Members,
+    event: kad::Event,
+) {
+    use kad::{GetProvidersOk, InboundRequest, QueryResult};
+    match event {
+        kad::Event::OutboundQueryProgressed {
+            id,
+            result: QueryResult::StartProviding(result),
+            ..
+        } => {
+            if let Some(reply) = pending.provides.remove(&id) {
+                let _ = reply.send(result.map(|_| ()).map_err(|e| e.to_string()));
+            }
+        }
+        kad::Event::OutboundQueryProgressed {
+            id,
+            result: QueryResult::GetProviders(result),
+            step,
+            ..
+        } => {
+            let Some((found, _)) = pending.finds.get_mut(&id) else {
+                return;
+            };
+            let failure = match result {
+                Ok(GetProvidersOk::FoundProviders { providers, .. }) => {
+                    found.extend(providers);
+                    None
+                }
+                Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => None,
+                Err(error) => Some(error.to_string()),
+            };
+            if step.last || failure.is_some() {
+                let (found, reply) = pending.finds.remove(&id).expect("present above");
+                let answer = match failure {
+                    Some(error) if found.is_empty() => Err(error),
+                    _ => Ok(found),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+        // Records and provider records are kept only when a member sent them.
+        kad::Event::InboundRequest {
+            request:
+                InboundRequest::PutRecord {
+                    source,
+                    record: Some(record),
+                    ..
+                },
+        } => {
+            if !members.contains(&source) {
+                tracing::warn!(peer = %source, "DHT record from a peer that is not a member: ignored");
+            } else if let Err(error) = swarm.behaviour_mut().kad.store_mut().put(record) {
+                tracing::warn!(peer = %source, %error, "DHT record not kept");
+            }
+        }
+        kad::Event::InboundRequest {
+            request:
+                InboundRequest::AddProvider {
+                    record: Some(record),
+                },
+        } => {
+            if !members.contains(&record.provider) {
+                tracing::warn!(peer = %record.provider, "provider record from a peer that is not a member: ignored");
+            } else if let Err(error) = swarm.behaviour_mut().kad.store_mut().add_provider(record) {
+                tracing::warn!(%error, "provider record not kept");
+            }
+        }
+        _ => {}
     }
 }

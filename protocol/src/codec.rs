@@ -26,24 +26,20 @@ pub enum DecodeError {
 }
 
 /// A cursor over untrusted bytes.
-pub(crate) struct Reader<'a> {
+pub struct Reader<'a> {
     input: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(input: &'a [u8]) -> Self {
+    pub fn new(input: &'a [u8]) -> Self {
         Self { input }
     }
 
-    pub(crate) fn remaining(&self) -> usize {
+    pub fn remaining(&self) -> usize {
         self.input.len()
     }
 
-    pub(crate) fn take(
-        &mut self,
-        len: usize,
-        field: &'static str,
-    ) -> Result<&'a [u8], DecodeError> {
+    pub fn take(&mut self, len: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
         if len > self.input.len() {
             return Err(DecodeError::Truncated { field });
         }
@@ -52,34 +48,31 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    pub(crate) fn array<const N: usize>(
-        &mut self,
-        field: &'static str,
-    ) -> Result<[u8; N], DecodeError> {
+    pub fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
         let bytes = self.take(N, field)?;
         let mut out = [0u8; N];
         out.copy_from_slice(bytes);
         Ok(out)
     }
 
-    pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+    pub fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
         Ok(self.array::<1>(field)?[0])
     }
 
-    pub(crate) fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+    pub fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
         Ok(u16::from_be_bytes(self.array(field)?))
     }
 
-    pub(crate) fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+    pub fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
         Ok(u32::from_be_bytes(self.array(field)?))
     }
 
-    pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+    pub fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
         Ok(u64::from_be_bytes(self.array(field)?))
     }
 
     /// A boolean byte: exactly 0 or 1, so that every value has one encoding.
-    pub(crate) fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+    pub fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
         match self.u8(field)? {
             0 => Ok(false),
             1 => Ok(true),
@@ -91,11 +84,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Bytes with a u16 length prefix, at most `max` long.
-    pub(crate) fn bytes16(
-        &mut self,
-        field: &'static str,
-        max: usize,
-    ) -> Result<&'a [u8], DecodeError> {
+    pub fn bytes16(&mut self, field: &'static str, max: usize) -> Result<&'a [u8], DecodeError> {
         let len = usize::from(self.u16(field)?);
         if len > max {
             return Err(DecodeError::TooLong {
@@ -108,18 +97,14 @@ impl<'a> Reader<'a> {
     }
 
     /// A UTF-8 string with a u16 length prefix, at most `max` bytes long.
-    pub(crate) fn str16(
-        &mut self,
-        field: &'static str,
-        max: usize,
-    ) -> Result<&'a str, DecodeError> {
+    pub fn str16(&mut self, field: &'static str, max: usize) -> Result<&'a str, DecodeError> {
         let bytes = self.bytes16(field, max)?;
         std::str::from_utf8(bytes).map_err(|_| DecodeError::NotUtf8 { field })
     }
 
     /// A count prefix (u32) for `elem_min_bytes`-sized elements, checked
     /// against `max` and against what the remaining input could possibly hold.
-    pub(crate) fn count(
+    pub fn count(
         &mut self,
         field: &'static str,
         max: usize,
@@ -139,7 +124,7 @@ impl<'a> Reader<'a> {
         Ok(declared)
     }
 
-    pub(crate) fn finish(self, what: &'static str) -> Result<(), DecodeError> {
+    pub fn finish(self, what: &'static str) -> Result<(), DecodeError> {
         if self.input.is_empty() {
             Ok(())
         } else {
@@ -152,7 +137,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Appends big-endian fields to a byte vector.
-pub(crate) trait Writer {
+pub trait Writer {
     fn put_u8(&mut self, v: u8);
     fn put_u16(&mut self, v: u16);
     fn put_u32(&mut self, v: u32);

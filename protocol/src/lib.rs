@@ -5,7 +5,8 @@
 //! and the current time; nothing opens a socket, touches a disk, reads a
 //! clock or draws randomness. The formats are normative in `spec/`.
 
-mod codec;
+pub mod codec;
+pub mod dht;
 pub mod encryption;
 pub mod erasure;
 pub mod hlc;

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use bytes::Bytes;
+use cairn_protocol::dht::{StoredProvider, StoredRecord, manifest_provider_key};
 use cairn_protocol::ed25519_dalek::SigningKey;
 use cairn_protocol::encryption::{ChunkSize, SecretKey, StreamDecryptor, StreamEncryptor};
 use cairn_protocol::erasure::{Scheme, SegmentEncoder, SegmentLayout, reconstruct};
@@ -486,4 +487,74 @@ fn membership() {
         SignedMap::decode(&hex_bytes(&stored["map"]), &cluster).unwrap(),
         signed
     );
+}
+
+#[test]
+fn dht_records() {
+    let manifest = ManifestId([0x2a; 32]);
+    // A libp2p peer id of an ed25519 key: the identity multihash (0x00,
+    // length 36) of the protobuf-encoded public key.
+    let public = SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes();
+    let mut publisher = vec![0x00, 36, 0x08, 0x01, 0x12, 32];
+    publisher.extend_from_slice(&public);
+    let record = StoredRecord {
+        expires_unix_ms: 1_790_000_000_000,
+        publisher: Some(publisher.clone()),
+        value: b"cairn".to_vec(),
+    };
+    let anonymous = StoredRecord {
+        expires_unix_ms: 0,
+        publisher: None,
+        value: Vec::new(),
+    };
+    // /ip4/127.0.0.1/udp/4001/quic-v1 and /ip6/::1/udp/4002/quic-v1
+    let mut ip6 = vec![0x29];
+    ip6.extend_from_slice(&[0; 15]);
+    ip6.extend_from_slice(&[1, 0x91, 0x02, 0x0f, 0xa2, 0xcd, 0x03]);
+    let addresses = vec![
+        vec![0x04, 127, 0, 0, 1, 0x91, 0x02, 0x0f, 0xa1, 0xcd, 0x03],
+        ip6,
+    ];
+    let provider = StoredProvider {
+        expires_unix_ms: 1_790_000_000_000,
+        addresses: addresses.clone(),
+    };
+    let stored = check(
+        "dht.json",
+        json!({
+            "manifest_id": to_hex(&manifest.0),
+            "manifest_provider_key": to_hex(&manifest_provider_key(&manifest)),
+            "publisher_peer_id": to_hex(&publisher),
+            "record": {
+                "expires_unix_ms": record.expires_unix_ms,
+                "value": to_hex(&record.value),
+                "encoded": to_hex(&record.encode()),
+            },
+            "record_without_publisher": {
+                "expires_unix_ms": 0,
+                "encoded": to_hex(&anonymous.encode()),
+            },
+            "provider": {
+                "expires_unix_ms": provider.expires_unix_ms,
+                "addresses": addresses.iter().map(|a| to_hex(a)).collect::<Vec<_>>(),
+                "encoded": to_hex(&provider.encode()),
+            },
+        }),
+    );
+    let encoded_record = hex_bytes(&stored["record"]["encoded"]);
+    assert_eq!(StoredRecord::decode(&encoded_record).unwrap(), record);
+    assert_eq!(
+        StoredRecord::decode(&hex_bytes(&stored["record_without_publisher"]["encoded"])).unwrap(),
+        anonymous
+    );
+    let encoded_provider = hex_bytes(&stored["provider"]["encoded"]);
+    assert_eq!(StoredProvider::decode(&encoded_provider).unwrap(), provider);
+    // A truncated value is refused, never a panic: a provider record
+    // anywhere, a record anywhere before its value begins.
+    for cut in 0..encoded_provider.len() {
+        assert!(StoredProvider::decode(&encoded_provider[..cut]).is_err());
+    }
+    for cut in 0..1 + 8 + 2 + publisher.len() {
+        assert!(StoredRecord::decode(&encoded_record[..cut]).is_err());
+    }
 }

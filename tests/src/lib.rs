@@ -48,14 +48,6 @@ impl Cluster {
             )
             .with_test_writer()
             .try_init();
-        // Node logs (warnings and up, or RUST_LOG) go to the test's output.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
         let dir = tempfile::tempdir().map_err(|e| NodeError::Swarm(e.to_string()))?;
         let cluster_key = SigningKey::from_bytes(&random_secret());
         let cluster = ClusterId::of(&cluster_key);

@@ -129,6 +129,92 @@ async fn six_nodes_in_three_sites_store_where_placement_says_and_survive_a_full_
     cluster.shutdown().await;
 }
 
+/// Polls `locate_fragment` from `asker` until it names exactly `expected`.
+async fn wait_until_located(
+    cluster: &Cluster,
+    asker: usize,
+    manifest: &ManifestId,
+    id: &FragmentId,
+    expected: &[NodeId],
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = cluster.node(asker).locate_fragment(manifest, id).await;
+        if found.as_deref().ok() == Some(expected) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {asker} located {found:?}, not {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_off_its_placement_is_found_through_the_manifests_providers_across_restarts() {
+    let mut cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
+    let manifest = ManifestId([42; 32]);
+    let bytes = segment(200_000, 11);
+    let id = FragmentId::of(&bytes);
+    // Stored on node 4 wherever placement would put it, as a repair or a
+    // move would; the holder announces the manifest by itself.
+    let holder = cluster.node(4).node_id();
+    let hold = Hold::sign(cluster.node(0).identity().signing_key(), &id, manifest, 0);
+    cluster
+        .node(0)
+        .put_fragment(&holder, id, &bytes, hold.clone())
+        .await
+        .unwrap();
+    wait_until_located(&cluster, 1, &manifest, &id, &[holder]).await;
+
+    // A second copy on node 2 is found beside the first.
+    let second = cluster.node(2).node_id();
+    cluster
+        .node(5)
+        .put_fragment(&second, id, &bytes, hold)
+        .await
+        .unwrap();
+    let mut both = vec![holder, second];
+    both.sort();
+    wait_until_located(&cluster, 3, &manifest, &id, &both).await;
+
+    // Every node down, every node up: the provider records were kept on
+    // disk, so the lookup answers at once, before any republication.
+    for index in 0..6 {
+        cluster.stop(index).await;
+    }
+    for index in 0..6 {
+        cluster.restart(index).await.unwrap();
+    }
+    let providers = cluster.node(5).manifest_providers(&manifest).await.unwrap();
+    assert_eq!(providers, both);
+    assert_eq!(
+        cluster
+            .node(5)
+            .locate_fragment(&manifest, &id)
+            .await
+            .unwrap(),
+        both
+    );
+    let fetched = cluster
+        .node(5)
+        .get_fragment(&holder, id, 0, wire::WHOLE)
+        .await
+        .unwrap();
+    assert_eq!(fetched, bytes);
+    // A manifest nobody holds has no providers.
+    assert!(
+        cluster
+            .node(1)
+            .manifest_providers(&ManifestId([43; 32]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    cluster.shutdown().await;
+}
+
 async fn outsider(
     cluster_key: &SigningKey,
     dir: &std::path::Path,
@@ -208,6 +294,16 @@ async fn an_outsider_can_neither_store_nor_fetch() {
     }
     assert!(cluster.node(0).store().entry(&id).unwrap().is_none());
     assert!(!cluster.node(0).is_member(&intruder.node_id()));
+    // Nor can it announce itself as a holder of anything.
+    let _ = intruder.provide_manifest(&ManifestId([1; 32])).await;
+    for index in 0..3 {
+        let providers = cluster
+            .node(index)
+            .manifest_providers(&ManifestId([1; 32]))
+            .await
+            .unwrap_or_default();
+        assert!(!providers.contains(&intruder.node_id()));
+    }
     intruder.shutdown().await;
     cluster.shutdown().await;
 }
