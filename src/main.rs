@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use cairn_gateway::node::config::MapConfig;
 use cairn_gateway::node::config::ServeConfig;
 use cairn_gateway::node::identity::Identity;
 use cairn_gateway::node::protocol::ids::{NodeId, SiteId};
-use cairn_gateway::node::protocol::membership::{Certificate, ClusterId};
+use cairn_gateway::node::protocol::membership::{Certificate, ClusterId, SignedMap};
 use cairn_gateway::node::swarm::Node;
+use cairn_gateway::node::swarm::{NodeConfig, StreamLimits};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -60,6 +62,41 @@ enum Admin {
     Node {
         #[command(subcommand)]
         command: NodeCommand,
+    },
+    /// The signed cluster map: sites, nodes, capacities, states.
+    Map {
+        #[command(subcommand)]
+        command: MapCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MapCommand {
+    /// Sign a map written in TOML, after checking that placement on it
+    /// survives the loss of a site.
+    Sign {
+        #[arg(long)]
+        cluster_key: PathBuf,
+        /// The map in TOML (see the README).
+        #[arg(long)]
+        map: PathBuf,
+        /// Where to write the signed map.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Hand a signed map to a running node, which passes it to every
+    /// member; reports the version the node holds afterwards.
+    Push {
+        /// The cluster key: the command joins the cluster for a moment
+        /// under a ten-minute certificate of its own.
+        #[arg(long)]
+        cluster_key: PathBuf,
+        /// The signed map from `cairn admin map sign`.
+        #[arg(long)]
+        map: PathBuf,
+        /// A node's QUIC address, e.g. /ip4/10.0.0.5/udp/7400/quic-v1.
+        #[arg(long)]
+        peer: String,
     },
 }
 
@@ -168,7 +205,91 @@ fn admin(command: Admin) -> Result<()> {
                 out.display()
             );
         }
+        Admin::Map {
+            command:
+                MapCommand::Sign {
+                    cluster_key,
+                    map,
+                    out,
+                },
+        } => {
+            let cluster_key = load_cluster_key(&cluster_key)?;
+            let (cluster_map, scheme, tolerance) = MapConfig::from_file(&map)?.into_parts()?;
+            let (version, nodes) = (cluster_map.version, cluster_map.nodes.len());
+            let signed =
+                SignedMap::sign(cluster_key.signing_key(), cluster_map, scheme, tolerance)?;
+            std::fs::write(&out, signed.encode())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "signed cluster map version {version}: {nodes} nodes, scheme {scheme}: {}",
+                out.display()
+            );
+        }
+        Admin::Map {
+            command:
+                MapCommand::Push {
+                    cluster_key,
+                    map,
+                    peer,
+                },
+        } => {
+            let cluster_key = load_cluster_key(&cluster_key)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(push_map(cluster_key, map, peer))?;
+        }
     }
+    Ok(())
+}
+
+/// Joins the cluster as a short-lived member, pushes the map to one node
+/// and reports what that node holds afterwards.
+async fn push_map(cluster_key: Identity, map: PathBuf, peer: String) -> Result<()> {
+    let cluster = ClusterId::of(cluster_key.signing_key());
+    let bytes = std::fs::read(&map).with_context(|| format!("reading {}", map.display()))?;
+    let signed = SignedMap::decode(&bytes, &cluster)
+        .with_context(|| format!("{} is not a map signed by this cluster key", map.display()))?;
+    let address = peer
+        .parse()
+        .with_context(|| format!("--peer {peer:?} is not a multiaddr"))?;
+    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
+    let identity = Identity::generate();
+    let now = now_unix_ms();
+    let certificate = Certificate::issue(
+        cluster_key.signing_key(),
+        identity.node_id(),
+        SiteId::new("admin")?,
+        now,
+        now + 10 * 60 * 1000,
+    );
+    let config = NodeConfig {
+        data_dir: scratch.path().to_owned(),
+        cluster,
+        certificate,
+        listen: "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+        bootstrap: Vec::new(),
+        capacity_bytes: 1 << 20,
+        limits: StreamLimits::default(),
+    };
+    let node = Node::start(config, identity).await?;
+    let outcome = async {
+        let target = node.connect(address).await?;
+        let held = node.push_map(&target, &signed).await?;
+        anyhow::Ok((target, held))
+    }
+    .await;
+    node.shutdown().await;
+    let (target, held) = outcome?;
+    let version = signed.map.version;
+    if held < version {
+        bail!("node {target} did not take map version {version}: it holds version {held}");
+    }
+    if held > version {
+        bail!(
+            "node {target} already holds map version {held}, newer than version {version}: sign the change as version {}",
+            held + 1
+        );
+    }
+    println!("node {target} holds cluster map version {held}; members receive it from there");
     Ok(())
 }
 
@@ -227,6 +348,8 @@ fn main() -> Result<()> {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .with_writer(std::io::stderr)
+                // Colours only for a person watching, not in log files.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(serve(config, data_dir, listen, bootstrap))

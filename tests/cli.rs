@@ -1,6 +1,7 @@
 //! The `cairn` binary end to end: a cluster key, two enrolled nodes started
 //! as real processes on 127.0.0.1, one of them killed with SIGKILL and
-//! started again, and a key file that others can read refused.
+//! started again, a cluster map signed and pushed to one node and spread to
+//! the other, and a key file that others can read refused.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -156,6 +157,77 @@ fn enrolled_nodes_run_as_processes_survive_kill_dash_nine_and_refuse_an_open_key
     b.kill();
     let b = Server::start(&config_b, &bootstrap);
     b.wait_for(&["member verified", &ids[0]]);
+
+    // A map is signed, handed to node a, and reaches node b through it.
+    let map_toml = dir.path().join("map.toml");
+    let node_entry = |id: &str, site: &str| {
+        format!("[[node]]\nid = \"{id}\"\nsite = \"{site}\"\ncapacity_bytes = 1073741824\n")
+    };
+    let write_map = |version: u64| {
+        let text = format!(
+            "version = {version}\ndata_fragments = 1\nparity_fragments = 1\n{}{}",
+            node_entry(&ids[0], "site-a"),
+            node_entry(&ids[1], "site-b")
+        );
+        std::fs::write(&map_toml, text).unwrap();
+    };
+    let map_bin = dir.path().join("map.bin");
+    let sign = [
+        "admin",
+        "map",
+        "sign",
+        "--cluster-key",
+        key.to_str().unwrap(),
+        "--map",
+        map_toml.to_str().unwrap(),
+        "--out",
+        map_bin.to_str().unwrap(),
+    ];
+    write_map(2);
+    run(&sign);
+    let push = [
+        "admin",
+        "map",
+        "push",
+        "--cluster-key",
+        key.to_str().unwrap(),
+        "--map",
+        map_bin.to_str().unwrap(),
+        "--peer",
+        &format!("/ip4/127.0.0.1/udp/{port_a}/quic-v1"),
+    ];
+    let pushed = run(&push);
+    assert!(printed(&pushed, "node").contains("holds cluster map version 2"));
+    b.wait_for(&["adopted a newer cluster map", "version=2"]);
+    let signed = std::fs::read(&map_bin).unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("b/cluster-map.bin")).unwrap(),
+        signed
+    );
+    // An older map is refused with the version to use instead.
+    write_map(1);
+    run(&sign);
+    let stale = Command::new(CAIRN).args(push).output().unwrap();
+    assert!(!stale.status.success());
+    let stderr = String::from_utf8_lossy(&stale.stderr);
+    assert!(
+        stderr.contains("already holds map version 2") && stderr.contains("as version 3"),
+        "{stderr}"
+    );
+    // A map whose placement cannot survive a site loss is not signed.
+    std::fs::write(
+        &map_toml,
+        format!(
+            "version = 3\ndata_fragments = 2\nparity_fragments = 2\n{}",
+            node_entry(&ids[0], "site-a")
+        ),
+    )
+    .unwrap();
+    let unsafe_map = Command::new(CAIRN).args(sign).output().unwrap();
+    assert!(!unsafe_map.status.success());
+    assert!(
+        String::from_utf8_lossy(&unsafe_map.stderr).contains("cannot survive the loss of a site")
+    );
     b.kill();
 
     // A key file others can read stops the node with the fix in the message.

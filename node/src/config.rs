@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use cairn_protocol::erasure::Scheme;
+use cairn_protocol::ids::{NodeId, SiteId};
 use cairn_protocol::membership::{Certificate, ClusterId};
+use cairn_protocol::placement::{ClusterMap, MapNode, NodeState, Placer, Tolerance};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -162,6 +165,106 @@ impl ServeConfig {
     }
 }
 
+/// A cluster map as an operator writes it, for `cairn admin map sign`:
+///
+/// ```toml
+/// version = 2
+/// data_fragments = 4
+/// parity_fragments = 2
+/// extra_nodes = 0      # nodes lost beyond a whole site
+///
+/// [[node]]
+/// id = "<64 hex digits from cairn admin node id>"
+/// site = "lyon-1"
+/// capacity_bytes = 4000000000000
+/// state = "up"         # up, down, draining or out
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapConfig {
+    pub version: u64,
+    pub data_fragments: u8,
+    pub parity_fragments: u8,
+    #[serde(default)]
+    pub extra_nodes: u8,
+    #[serde(rename = "node")]
+    pub nodes: Vec<MapNodeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapNodeConfig {
+    pub id: String,
+    pub site: String,
+    pub capacity_bytes: u64,
+    #[serde(default = "default_state")]
+    pub state: String,
+}
+
+fn default_state() -> String {
+    "up".into()
+}
+
+impl MapConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The map, its scheme and tolerance, refused unless placement can keep
+    /// every object readable through the loss of a site on it.
+    pub fn into_parts(self) -> Result<(ClusterMap, Scheme, Tolerance), ConfigError> {
+        if self.version == 0 {
+            return Err(invalid(
+                "version",
+                "must be 1 or more, and above the map in force",
+            ));
+        }
+        let scheme = Scheme::new(self.data_fragments, self.parity_fragments)
+            .map_err(|e| invalid("data_fragments/parity_fragments", e.to_string()))?;
+        let mut nodes = Vec::with_capacity(self.nodes.len());
+        for node in self.nodes {
+            let id = NodeId::from_hex(&node.id)
+                .filter(|id| id.verifying_key().is_ok())
+                .ok_or_else(|| invalid("node.id", format!("{:?} is not a node id", node.id)))?;
+            let site = SiteId::new(&node.site).map_err(|e| invalid("node.site", e.to_string()))?;
+            let state = match node.state.as_str() {
+                "up" => NodeState::Up,
+                "down" => NodeState::Down,
+                "draining" => NodeState::Draining,
+                "out" => NodeState::Out,
+                other => {
+                    return Err(invalid(
+                        "node.state",
+                        format!("{other:?}: expected up, down, draining or out"),
+                    ));
+                }
+            };
+            nodes.push(MapNode {
+                id,
+                site,
+                capacity_bytes: node.capacity_bytes,
+                state,
+            });
+        }
+        let map = ClusterMap {
+            version: self.version,
+            nodes,
+        };
+        let tolerance = Tolerance {
+            extra_nodes: self.extra_nodes,
+        };
+        Placer::new(&map, scheme, tolerance).map_err(|e| invalid("node", e.to_string()))?;
+        Ok((map, scheme, tolerance))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +295,43 @@ mod tests {
         config.data_dir = dir.path().to_owned();
         let error = config.into_node_config().err().unwrap().to_string();
         assert!(error.contains("cluster"), "{error}");
+    }
+
+    #[test]
+    fn a_map_that_cannot_survive_a_site_loss_is_refused_with_the_reason() {
+        let node = |seed: u8, site: &str| {
+            let key = cairn_protocol::ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+            format!(
+                "[[node]]\nid = \"{}\"\nsite = \"{site}\"\ncapacity_bytes = 1000\n",
+                NodeId::from_verifying_key(&key.verifying_key()).to_hex()
+            )
+        };
+        let text = |k: u8, m: u8, nodes: &str| {
+            format!("version = 3\ndata_fragments = {k}\nparity_fragments = {m}\n{nodes}")
+        };
+        let three_sites = [node(1, "a"), node(2, "b"), node(3, "c")].concat();
+        let config: MapConfig = toml::from_str(&text(2, 1, &three_sites)).unwrap();
+        let (map, scheme, _) = config.into_parts().unwrap();
+        assert_eq!((map.version, map.nodes.len(), scheme.data()), (3, 3, 2));
+        // 4+2 wants a node per fragment, two per site: three nodes are too few.
+        let config: MapConfig = toml::from_str(&text(4, 2, &three_sites)).unwrap();
+        let error = config.into_parts().unwrap_err().to_string();
+        assert!(
+            error.contains("cannot survive the loss of a site"),
+            "{error}"
+        );
+        let bad_state = text(2, 1, &three_sites).replace(
+            "capacity_bytes = 1000\n",
+            "capacity_bytes = 1000\nstate = \"gone\"\n",
+        );
+        let error = toml::from_str::<MapConfig>(&bad_state)
+            .unwrap()
+            .into_parts()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("expected up, down, draining or out"),
+            "{error}"
+        );
     }
 }

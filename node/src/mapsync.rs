@@ -119,9 +119,23 @@ impl MapKeeper {
         }
     }
 
-    /// Reads one pushed map from `stream` and decides on it. Returns the
-    /// map when it was newer and taken, for the caller to pass on.
+    /// Reads one pushed map from `stream`, decides on it and answers with
+    /// the version now held. Returns the map when it was newer and taken,
+    /// for the caller to pass on.
     pub async fn receive(&self, peer: &PeerId, stream: &mut libp2p::Stream) -> Option<SignedMap> {
+        let taken = self.decide(peer, stream).await;
+        let held = self.version().unwrap_or(0);
+        let answer = async {
+            stream.write_all(&held.to_be_bytes()).await?;
+            stream.close().await
+        };
+        if let Err(error) = answer.await {
+            tracing::debug!(%peer, %error, "could not answer a cluster map push");
+        }
+        taken
+    }
+
+    async fn decide(&self, peer: &PeerId, stream: &mut libp2p::Stream) -> Option<SignedMap> {
         let mut len = [0u8; 4];
         let read = async {
             stream.read_exact(&mut len).await?;
@@ -170,12 +184,13 @@ impl MapKeeper {
     }
 }
 
-/// Pushes `map` to `peer` on a fresh stream.
+/// Pushes `map` to `peer` on a fresh stream; returns the version the peer
+/// holds afterwards (0: none).
 pub async fn push(
     mut control: libp2p_stream::Control,
     peer: PeerId,
     map: &SignedMap,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     let mut stream = control
         .open_stream(peer, MAP_PROTOCOL)
         .await
@@ -185,5 +200,33 @@ pub async fn push(
         .write_all(&(bytes.len() as u32).to_be_bytes())
         .await?;
     stream.write_all(&bytes).await?;
-    stream.close().await
+    stream.close().await?;
+    let mut held = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut held))
+        .await
+        .map_err(|_| std::io::Error::other("no answer to the map push in 30 s"))??;
+    Ok(u64::from_be_bytes(held))
+}
+
+/// Pushes `map` to `peer` until it answers, a few times over about half a
+/// minute: a stream opened on a connection that died with its peer (one
+/// that restarted, say) fails only when QUIC's idle timeout closes it.
+pub async fn push_with_retries(
+    control: libp2p_stream::Control,
+    peer: PeerId,
+    map: &SignedMap,
+) -> std::io::Result<u64> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 0;
+    loop {
+        match push(control.clone(), peer, map).await {
+            Ok(held) => return Ok(held),
+            Err(error) if attempt + 1 < ATTEMPTS => {
+                tracing::debug!(%peer, %error, attempt, "cluster map push failed; retrying");
+            }
+            Err(error) => return Err(error),
+        }
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+    }
 }

@@ -222,6 +222,8 @@ impl Members {
 
 enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
+    /// Dial and answer with the peer once connected.
+    Connect(Multiaddr, oneshot::Sender<Result<PeerId, String>>),
     Block(PeerId),
     /// Passed the handshake: may enter the routing table.
     Verified(PeerId),
@@ -255,7 +257,7 @@ fn share_map(control: &libp2p_stream::Control, maps: &Arc<MapKeeper>, peer: Peer
     if let Some(map) = maps.current() {
         let control = control.clone();
         tokio::spawn(async move {
-            if let Err(error) = mapsync::push(control, peer, &map).await {
+            if let Err(error) = mapsync::push_with_retries(control, peer, &map).await {
                 tracing::debug!(%peer, %error, "could not send the cluster map");
             }
         });
@@ -272,7 +274,7 @@ fn spread_map(
     for peer in members.peers().into_iter().filter(|p| Some(*p) != except) {
         let (control, map) = (control.clone(), map.clone());
         tokio::spawn(async move {
-            if let Err(error) = mapsync::push(control, peer, &map).await {
+            if let Err(error) = mapsync::push_with_retries(control, peer, &map).await {
                 tracing::debug!(%peer, %error, "could not pass the cluster map on");
             }
         });
@@ -527,6 +529,44 @@ impl Node {
         done.await
             .map_err(|_| NodeError::ShutDown)?
             .map_err(NodeError::Swarm)
+    }
+
+    /// Connects to the node at `address` and waits until it has passed the
+    /// membership handshake; returns its id.
+    pub async fn connect(&self, address: Multiaddr) -> Result<NodeId, NodeError> {
+        let shown = address.to_string();
+        let peer = match self
+            .ask_swarm(|reply| Command::Connect(address, reply))
+            .await
+        {
+            Err(NodeError::Query(reason)) => {
+                return Err(NodeError::Swarm(format!(
+                    "could not connect to {shown}: {reason}"
+                )));
+            }
+            other => other?,
+        };
+        let node = node_id_of(&peer)
+            .ok_or_else(|| NodeError::Swarm(format!("peer {peer} has no ed25519 identity")))?;
+        if self.members.wait_for(&peer, UNVERIFIED_GRACE).await {
+            Ok(node)
+        } else {
+            Err(NodeError::NotAMember(node))
+        }
+    }
+
+    /// Pushes `map` to `node` and returns the map version it holds after.
+    pub async fn push_map(&self, node: &NodeId, map: &SignedMap) -> Result<u64, NodeError> {
+        let peer = peer_id_of(node)?;
+        if !self.members.wait_for(&peer, MEMBERSHIP_WAIT).await {
+            return Err(NodeError::NotAMember(*node));
+        }
+        mapsync::push(self.control.clone(), peer, map)
+            .await
+            .map_err(|e| NodeError::Stream {
+                node: *node,
+                reason: e.to_string(),
+            })
     }
 
     /// Waits until `node` has passed the membership handshake with us.
@@ -851,6 +891,7 @@ struct PendingQueries {
     provides: HashMap<kad::QueryId, oneshot::Sender<Result<(), String>>>,
     /// Providers found so far for each lookup.
     finds: HashMap<kad::QueryId, (HashSet<PeerId>, ProvidersReply)>,
+    connects: HashMap<libp2p::swarm::ConnectionId, oneshot::Sender<Result<PeerId, String>>>,
 }
 
 async fn run_swarm(
@@ -870,6 +911,18 @@ async fn run_swarm(
             command = commands.recv() => match command {
                 Some(Command::Dial(address, reply)) => {
                     let _ = reply.send(swarm.dial(address).map_err(|e| e.to_string()));
+                }
+                Some(Command::Connect(address, reply)) => {
+                    let dial = libp2p::swarm::dial_opts::DialOpts::unknown_peer_id().address(address).build();
+                    let connection = dial.connection_id();
+                    match swarm.dial(dial) {
+                        Ok(()) => {
+                            pending.connects.insert(connection, reply);
+                        }
+                        Err(error) => {
+                            let _ = reply.send(Err(error.to_string()));
+                        }
+                    }
                 }
                 Some(Command::Block(peer)) => {
                     members.remove(&peer);
@@ -903,7 +956,15 @@ async fn run_swarm(
                 }
             }
             event = swarm.select_next_some() => match event {
-                SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
+                    if let Some(reply) = pending.connects.remove(&connection_id) {
+                        let _ = reply.send(Err(error.to_string()));
+                    }
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+                    if let Some(reply) = pending.connects.remove(&connection_id) {
+                        let _ = reply.send(Ok(peer_id));
+                    }
                     if num_established.get() == 1 {
                         let commands = dialing.commands.clone();
                         tokio::spawn(async move {
