@@ -96,6 +96,19 @@ impl<'a> Reader<'a> {
         self.take(len, field)
     }
 
+    /// Bytes with a u32 length prefix, at most `max` long.
+    pub fn bytes32(&mut self, field: &'static str, max: usize) -> Result<&'a [u8], DecodeError> {
+        let len = self.u32(field)? as usize;
+        if len > max {
+            return Err(DecodeError::TooLong {
+                field,
+                declared: len as u64,
+                max: max as u64,
+            });
+        }
+        self.take(len, field)
+    }
+
     /// A UTF-8 string with a u16 length prefix, at most `max` bytes long.
     pub fn str16(&mut self, field: &'static str, max: usize) -> Result<&'a str, DecodeError> {
         let bytes = self.bytes16(field, max)?;
@@ -145,6 +158,8 @@ pub trait Writer {
     fn put_bool(&mut self, v: bool);
     /// Writes a u16 length prefix then the bytes; the caller has bounded `v`.
     fn put_bytes16(&mut self, v: &[u8]);
+    /// Writes a u32 length prefix then the bytes; the caller has bounded `v`.
+    fn put_bytes32(&mut self, v: &[u8]);
 }
 
 impl Writer for Vec<u8> {
@@ -166,6 +181,11 @@ impl Writer for Vec<u8> {
     fn put_bytes16(&mut self, v: &[u8]) {
         debug_assert!(v.len() <= usize::from(u16::MAX));
         self.put_u16(v.len() as u16);
+        self.extend_from_slice(v);
+    }
+    fn put_bytes32(&mut self, v: &[u8]) {
+        debug_assert!(v.len() <= u32::MAX as usize);
+        self.put_u32(v.len() as u32);
         self.extend_from_slice(v);
     }
 }

@@ -4,6 +4,7 @@
 
 use thiserror::Error;
 
+use crate::codec::{DecodeError, Reader, Writer};
 use crate::ids::NodeId;
 
 /// 48 bits of Unix milliseconds and a 16-bit logical counter, packed so
@@ -104,6 +105,18 @@ impl HlcClock {
 pub struct Timestamp {
     pub hlc: Hlc,
     pub node: NodeId,
+}
+
+pub(crate) fn put_timestamp(out: &mut Vec<u8>, at: &Timestamp) {
+    out.put_u64(at.hlc.as_u64());
+    out.extend_from_slice(at.node.as_bytes());
+}
+
+pub(crate) fn read_timestamp(r: &mut Reader<'_>) -> Result<Timestamp, DecodeError> {
+    Ok(Timestamp {
+        hlc: Hlc::from_u64(r.u64("hlc")?),
+        node: NodeId(r.array("node")?),
+    })
 }
 
 #[cfg(test)]

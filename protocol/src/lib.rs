@@ -5,6 +5,7 @@
 //! and the current time; nothing opens a socket, touches a disk, reads a
 //! clock or draws randomness. The formats are normative in `spec/`.
 
+pub mod cas;
 pub mod codec;
 pub mod dht;
 pub mod encryption;
@@ -14,6 +15,8 @@ pub mod ids;
 pub mod keywrap;
 pub mod manifest;
 pub mod membership;
+pub mod meta;
+pub mod metarpc;
 pub mod pipeline;
 pub mod placement;
 pub mod version;

@@ -18,7 +18,7 @@ use crate::ids::{FragmentId, ManifestId, NodeId, VersionId};
 const MAGIC: &[u8; 4] = b"CRNM";
 /// The only manifest format this code writes and reads.
 pub const FORMAT_VERSION: u16 = 1;
-const SIGNATURE_BYTES: usize = 64;
+pub const SIGNATURE_BYTES: usize = 64;
 
 pub const MAX_BUCKET_BYTES: usize = 63;
 pub const MAX_KEY_BYTES: usize = 1024;

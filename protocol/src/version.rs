@@ -11,8 +11,8 @@
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::hlc::{Hlc, Timestamp};
-use crate::ids::{ManifestId, NodeId, VersionId};
+use crate::hlc::{Timestamp, put_timestamp, read_timestamp};
+use crate::ids::{ManifestId, VersionId};
 use crate::manifest::{MAX_BUCKET_BYTES, MAX_ETAG_BYTES, MAX_KEY_BYTES};
 
 const FORMAT_VERSION: u8 = 1;
@@ -219,21 +219,11 @@ impl ObjectVersion {
     }
 }
 
-fn put_timestamp(out: &mut Vec<u8>, at: &Timestamp) {
-    out.put_u64(at.hlc.as_u64());
-    out.extend_from_slice(at.node.as_bytes());
-}
-
-fn read_timestamp(r: &mut Reader<'_>) -> Result<Timestamp, DecodeError> {
-    Ok(Timestamp {
-        hlc: Hlc::from_u64(r.u64("hlc")?),
-        node: NodeId(r.array("node")?),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hlc::Hlc;
+    use crate::ids::NodeId;
 
     fn at(ms: u64, node: u8) -> Timestamp {
         Timestamp {

@@ -1,0 +1,268 @@
+//! Linearizable compare-and-set on one register, by single-decree Paxos
+//! rounds over the partition's replicas (CASPaxos; spec/metadata.md,
+//! "Compare-and-set"). The acceptor's rules and the proposer's counting
+//! are here; the node carries the messages and keeps acceptor state durable
+//! before it answers.
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::metarpc::{AcceptedValue, Ballot, MAX_REGISTER_BYTES, Response};
+
+const FORMAT_VERSION: u8 = 1;
+
+/// What an acceptor keeps for one register.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AcceptorState {
+    pub promised: Option<Ballot>,
+    pub accepted: Option<AcceptedValue>,
+}
+
+impl AcceptorState {
+    /// Phase 1: promise never to accept below `ballot`, if nothing higher
+    /// was promised. Returns the answer and whether the state changed.
+    pub fn on_prepare(&mut self, ballot: Ballot) -> Response {
+        match self.promised {
+            Some(promised) if promised >= ballot => Response::Conflict { promised },
+            _ => {
+                self.promised = Some(ballot);
+                Response::Promise {
+                    accepted: self.accepted.clone(),
+                }
+            }
+        }
+    }
+
+    /// Phase 2: accept unless a higher ballot was promised.
+    pub fn on_accept(&mut self, ballot: Ballot, value: Option<Vec<u8>>) -> Response {
+        match self.promised {
+            Some(promised) if promised > ballot => Response::Conflict { promised },
+            _ => {
+                self.promised = Some(ballot);
+                self.accepted = Some(AcceptedValue { ballot, value });
+                Response::Accepted
+            }
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![FORMAT_VERSION];
+        let promised = self.promised.unwrap_or(Ballot::ZERO);
+        out.put_u64(promised.round);
+        out.extend_from_slice(promised.node.as_bytes());
+        match &self.accepted {
+            None => out.put_u8(0),
+            Some(accepted) => {
+                out.put_u8(1);
+                out.put_u64(accepted.ballot.round);
+                out.extend_from_slice(accepted.ballot.node.as_bytes());
+                match &accepted.value {
+                    None => out.put_u8(0),
+                    Some(value) => {
+                        out.put_u8(1);
+                        out.put_bytes32(value);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let format = r.u8("acceptor format")?;
+        if format != FORMAT_VERSION {
+            return Err(DecodeError::InvalidValue {
+                field: "acceptor format",
+                value: u64::from(format),
+            });
+        }
+        let ballot = |r: &mut Reader<'_>| -> Result<Ballot, DecodeError> {
+            Ok(Ballot {
+                round: r.u64("ballot round")?,
+                node: crate::ids::NodeId(r.array("ballot node")?),
+            })
+        };
+        let promised = Some(ballot(&mut r)?).filter(|b| *b != Ballot::ZERO);
+        let accepted = match r.bool("accepted present")? {
+            false => None,
+            true => Some(AcceptedValue {
+                ballot: ballot(&mut r)?,
+                value: match r.bool("value present")? {
+                    false => None,
+                    true => Some(r.bytes32("register value", MAX_REGISTER_BYTES)?.to_vec()),
+                },
+            }),
+        };
+        r.finish("acceptor state")?;
+        Ok(Self { promised, accepted })
+    }
+}
+
+/// Where a proposer's phase stands after the answers so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tally {
+    /// Not enough answers yet either way.
+    Pending,
+    /// A majority granted.
+    Won,
+    /// A majority can no longer grant; retry with a ballot above `seen`.
+    Lost { seen: Option<Ballot> },
+}
+
+/// Counts one phase's answers from `replicas` acceptors.
+#[derive(Debug, Clone)]
+pub struct PhaseTally {
+    replicas: usize,
+    granted: usize,
+    refused: usize,
+    highest_conflict: Option<Ballot>,
+    /// Phase 1: the value accepted under the highest ballot among promises.
+    latest: Option<AcceptedValue>,
+}
+
+impl PhaseTally {
+    pub fn new(replicas: usize) -> Self {
+        Self {
+            replicas,
+            granted: 0,
+            refused: 0,
+            highest_conflict: None,
+            latest: None,
+        }
+    }
+
+    /// Records one acceptor's answer; `None` for no answer (a failure).
+    pub fn record(&mut self, answer: Option<&Response>) -> Tally {
+        match answer {
+            Some(Response::Promise { accepted }) => {
+                self.granted += 1;
+                if let Some(accepted) = accepted
+                    && self
+                        .latest
+                        .as_ref()
+                        .is_none_or(|l| accepted.ballot > l.ballot)
+                {
+                    self.latest = Some(accepted.clone());
+                }
+            }
+            Some(Response::Accepted) => self.granted += 1,
+            Some(Response::Conflict { promised }) => {
+                self.refused += 1;
+                self.highest_conflict = self.highest_conflict.max(Some(*promised));
+            }
+            _ => self.refused += 1,
+        }
+        self.tally()
+    }
+
+    pub fn tally(&self) -> Tally {
+        let quorum = crate::meta::quorum(self.replicas);
+        if self.granted >= quorum {
+            Tally::Won
+        } else if self.replicas - self.refused < quorum {
+            Tally::Lost {
+                seen: self.highest_conflict,
+            }
+        } else {
+            Tally::Pending
+        }
+    }
+
+    /// After a won phase 1: the register's current value (the one accepted
+    /// under the highest ballot; `None` if none or the register is empty).
+    pub fn current_value(&self) -> Option<&[u8]> {
+        self.latest.as_ref().and_then(|l| l.value.as_deref())
+    }
+}
+
+/// The next ballot for `node` above everything seen.
+pub fn next_ballot(node: crate::ids::NodeId, last_round: u64, seen: Option<Ballot>) -> Ballot {
+    let round = last_round.max(seen.map_or(0, |b| b.round)) + 1;
+    Ballot { round, node }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::NodeId;
+
+    fn ballot(round: u64, node: u8) -> Ballot {
+        Ballot {
+            round,
+            node: NodeId([node; 32]),
+        }
+    }
+
+    #[test]
+    fn an_acceptor_keeps_its_promises() {
+        let mut acceptor = AcceptorState::default();
+        assert_eq!(
+            acceptor.on_prepare(ballot(2, 1)),
+            Response::Promise { accepted: None }
+        );
+        assert_eq!(
+            acceptor.on_prepare(ballot(1, 9)),
+            Response::Conflict {
+                promised: ballot(2, 1)
+            }
+        );
+        assert_eq!(
+            acceptor.on_accept(ballot(1, 9), Some(b"x".to_vec())),
+            Response::Conflict {
+                promised: ballot(2, 1)
+            }
+        );
+        assert_eq!(
+            acceptor.on_accept(ballot(2, 1), Some(b"y".to_vec())),
+            Response::Accepted
+        );
+        assert_eq!(
+            acceptor.on_prepare(ballot(3, 0)),
+            Response::Promise {
+                accepted: Some(AcceptedValue {
+                    ballot: ballot(2, 1),
+                    value: Some(b"y".to_vec())
+                })
+            }
+        );
+        let bytes = acceptor.encode();
+        assert_eq!(AcceptorState::decode(&bytes).unwrap(), acceptor);
+        for len in 0..bytes.len() {
+            assert!(AcceptorState::decode(&bytes[..len]).is_err());
+        }
+    }
+
+    #[test]
+    fn a_phase_is_won_by_a_majority_and_adopts_the_latest_accepted_value() {
+        let mut tally = PhaseTally::new(3);
+        let older = Response::Promise {
+            accepted: Some(AcceptedValue {
+                ballot: ballot(1, 1),
+                value: Some(b"old".to_vec()),
+            }),
+        };
+        let newer = Response::Promise {
+            accepted: Some(AcceptedValue {
+                ballot: ballot(2, 1),
+                value: Some(b"new".to_vec()),
+            }),
+        };
+        assert_eq!(tally.record(Some(&newer)), Tally::Pending);
+        assert_eq!(tally.record(Some(&older)), Tally::Won);
+        assert_eq!(tally.current_value(), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn a_phase_is_lost_once_a_majority_cannot_grant() {
+        let mut tally = PhaseTally::new(3);
+        assert_eq!(tally.record(None), Tally::Pending);
+        assert_eq!(
+            tally.record(Some(&Response::Conflict {
+                promised: ballot(7, 2)
+            })),
+            Tally::Lost {
+                seen: Some(ballot(7, 2))
+            }
+        );
+        assert_eq!(next_ballot(NodeId([1; 32]), 3, Some(ballot(7, 2))).round, 8);
+    }
+}
