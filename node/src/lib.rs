@@ -7,6 +7,7 @@ pub mod config;
 pub mod dht;
 pub mod identity;
 pub mod mapsync;
+pub mod meta;
 pub mod pieces;
 pub mod store;
 pub mod swarm;

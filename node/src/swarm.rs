@@ -25,6 +25,8 @@ use tokio::task::JoinHandle;
 use crate::dht::{DhtStoreLimits, RedbRecordStore};
 use crate::identity::{Identity, IdentityError, node_id_of, peer_id_of};
 use crate::mapsync::{self, MAP_PROTOCOL, MapError, MapKeeper};
+use crate::meta::replica::MetaReplica;
+use crate::meta::{META_PROTOCOL, Metadata, rpc as meta_rpc};
 use crate::pieces::{self, PieceError};
 use crate::store::{FragmentStore, StoreConfig, StoreError, VerifiedFragment};
 
@@ -33,7 +35,7 @@ pub const PIECES_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::PROTOCOL_N
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/kad/1.0.0");
 const MAX_CERTIFICATE_BYTES: usize = 1024;
 /// How long a stream from a connected peer may wait for its handshake.
-const MEMBERSHIP_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const MEMBERSHIP_WAIT: Duration = Duration::from_secs(5);
 /// How long a connected peer may go without passing the handshake before
 /// it is disconnected: the dialer's retries fit in it.
 const UNVERIFIED_GRACE: Duration = Duration::from_secs(15);
@@ -76,6 +78,8 @@ pub enum NodeError {
     Dht { path: PathBuf, reason: String },
     #[error("DHT: {0}")]
     Query(String),
+    #[error("cannot open the metadata replica at {path}: {reason}")]
+    Metadata { path: PathBuf, reason: String },
 }
 
 pub struct NodeConfig {
@@ -170,7 +174,7 @@ struct Behaviour {
 
 /// Peers that have passed the membership handshake.
 #[derive(Default)]
-struct Members {
+pub(crate) struct Members {
     verified: RwLock<HashMap<PeerId, Certificate>>,
     changed: Notify,
 }
@@ -206,7 +210,7 @@ impl Members {
     }
 
     /// Waits until `peer` is verified, up to `timeout`.
-    async fn wait_for(&self, peer: &PeerId, timeout: Duration) -> bool {
+    pub(crate) async fn wait_for(&self, peer: &PeerId, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let changed = self.changed.notified();
@@ -242,6 +246,7 @@ enum Command {
 pub struct Node {
     identity: Identity,
     store: FragmentStore,
+    metadata: Metadata,
     control: libp2p_stream::Control,
     members: Arc<Members>,
     maps: Arc<MapKeeper>,
@@ -363,6 +368,56 @@ impl Node {
             .clone()
             .accept(MAP_PROTOCOL)
             .map_err(|e| NodeError::Swarm(e.to_string()))?;
+        let mut meta_in = control
+            .clone()
+            .accept(META_PROTOCOL)
+            .map_err(|e| NodeError::Swarm(e.to_string()))?;
+        let meta_path = config.data_dir.join("meta.redb");
+        let replica = MetaReplica::open(&meta_path).map_err(|e| NodeError::Metadata {
+            path: meta_path,
+            reason: e.to_string(),
+        })?;
+        let metadata = Metadata::new(
+            identity.node_id(),
+            control.clone(),
+            members.clone(),
+            maps.clone(),
+            replica.clone(),
+        );
+
+        // Metadata requests from members, answered from the local replica.
+        {
+            let (members, commands, limits) = (members.clone(), commands.clone(), config.limits);
+            let permits = Arc::new(Semaphore::new(limits.inbound_streams));
+            let peer_slots = Arc::new(PeerSlots::default());
+            tasks.push(tokio::spawn(async move {
+                while let Some((peer, stream)) = meta_in.next().await {
+                    let (members, commands, replica) =
+                        (members.clone(), commands.clone(), replica.clone());
+                    let (permits, peer_slots) = (permits.clone(), peer_slots.clone());
+                    tokio::spawn(async move {
+                        if !members.wait_for(&peer, MEMBERSHIP_WAIT).await {
+                            tracing::warn!(%peer, "metadata stream from a peer that is not a verified member: reset");
+                            let _ = commands.send(Command::Block(peer)).await;
+                            return;
+                        }
+                        // Past the limits the stream is dropped unanswered;
+                        // the caller counts it as a failed replica.
+                        let Ok(_permit) = permits.try_acquire() else {
+                            tracing::debug!(%peer, "too many metadata requests in flight: dropped");
+                            return;
+                        };
+                        let Some(_slot) = peer_slots.try_take(peer, limits.streams_per_peer) else {
+                            tracing::debug!(%peer, "too many metadata requests from this peer: dropped");
+                            return;
+                        };
+                        if let Err(error) = meta_rpc::serve(stream, &replica).await {
+                            tracing::info!(%peer, %error, "metadata request ended with an error");
+                        }
+                    });
+                }
+            }));
+        }
 
         // Cluster maps pushed by members: keep the newest, pass it on.
         {
@@ -479,6 +534,7 @@ impl Node {
         let node = Self {
             identity,
             store,
+            metadata,
             control,
             members,
             maps,
@@ -505,6 +561,11 @@ impl Node {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// The metadata coordinator of this node.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
     }
 
     pub fn store(&self) -> &FragmentStore {
@@ -777,6 +838,7 @@ impl Node {
         for task in self.tasks {
             let _ = task.await;
         }
+        self.metadata.shutdown().await;
         let store = self.store;
         // Dropping the last store handle waits for the writer thread.
         let _ = tokio::task::spawn_blocking(move || drop(store)).await;

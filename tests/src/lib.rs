@@ -8,9 +8,10 @@ use std::time::Duration;
 use cairn_node::identity::Identity;
 use cairn_node::swarm::{Node, NodeConfig, NodeError, StreamLimits, now_unix_ms};
 use cairn_protocol::ed25519_dalek::SigningKey;
+use cairn_protocol::erasure::Scheme;
 use cairn_protocol::ids::{NodeId, SiteId};
-use cairn_protocol::membership::{Certificate, ClusterId};
-use cairn_protocol::placement::{ClusterMap, MapNode, NodeState};
+use cairn_protocol::membership::{Certificate, ClusterId, SignedMap};
+use cairn_protocol::placement::{ClusterMap, MapNode, NodeState, Tolerance};
 
 pub use cairn_gateway as gateway;
 pub use cairn_node as node;
@@ -143,6 +144,38 @@ impl Cluster {
             })
             .collect();
         ClusterMap { version: 1, nodes }
+    }
+
+    /// Signs `map` and installs it on every running node.
+    pub async fn install_map(
+        &self,
+        map: ClusterMap,
+        scheme: Scheme,
+    ) -> Result<SignedMap, NodeError> {
+        let version = map.version;
+        let signed = SignedMap::sign(&self.cluster_key, map, scheme, Tolerance::default())
+            .map_err(|e| NodeError::Swarm(e.to_string()))?;
+        for member in self.members.iter().filter_map(|m| m.node.as_ref()) {
+            member.install_map(&signed)?;
+            if !member
+                .wait_for_map_version(version, Duration::from_secs(5))
+                .await
+            {
+                return Err(NodeError::Swarm(format!(
+                    "node {} did not take map version {version}",
+                    member.node_id()
+                )));
+            }
+        }
+        Ok(signed)
+    }
+
+    /// The index of the member with this id.
+    pub fn index_of(&self, node: &NodeId) -> usize {
+        self.members
+            .iter()
+            .position(|m| m.identity.node_id() == *node)
+            .expect("a member of this cluster")
     }
 
     /// Stops node `index` gracefully; its identity and data stay.

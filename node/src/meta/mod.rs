@@ -1,0 +1,430 @@
+//! The replicated metadata: the coordinator that any node runs for the
+//! gateway (quorum writes, quorum reads with read repair, merged ordered
+//! listing), the local replica's storage, and the RPC between them
+//! (spec/metadata.md). There is no leader: any node coordinates any request.
+//!
+//! A write goes to every replica of its partition and succeeds once a
+//! majority has made it durable; a read asks every replica, returns once a
+//! majority answered, merges their values and sends the merge back to the
+//! ones that were behind. Majorities intersect, so a read sees every write
+//! acknowledged before it began.
+
+pub mod replica;
+pub mod rpc;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_protocol::hlc::{HlcClock, Timestamp};
+use cairn_protocol::ids::NodeId;
+use cairn_protocol::meta::{Partition, RowKey, RowValue, Table, quorum, replica_set};
+use cairn_protocol::metarpc::{self, ErrorCode, Request, Response};
+use libp2p::StreamProtocol;
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::identity::peer_id_of;
+use crate::mapsync::MapKeeper;
+use crate::swarm::{MEMBERSHIP_WAIT, Members, now_unix_ms};
+use replica::{MetaReplica, ReplicaError};
+use rpc::merge_answers;
+
+pub const META_PROTOCOL: StreamProtocol = StreamProtocol::new(metarpc::PROTOCOL_NAME);
+
+/// Replicas per partition unless configured otherwise.
+pub const DEFAULT_REPLICAS: usize = 3;
+/// How far ahead of ours a peer's clock may be before its writes are refused.
+const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
+/// How long one replica may take to answer one request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum MetaError {
+    #[error(
+        "this node has no cluster map yet, so it cannot tell which nodes hold the metadata; install one with `cairn admin map push`"
+    )]
+    NoMap,
+    #[error(
+        "only {answered} of the {replicas} replicas of partition {partition:?} answered, a majority is {needed}: {errors}"
+    )]
+    NoQuorum {
+        partition: String,
+        replicas: usize,
+        needed: usize,
+        answered: usize,
+        errors: String,
+    },
+    #[error("metadata replica {node} refused the request: {message}")]
+    Refused { node: NodeId, message: String },
+    #[error("rows written or read together must be in one partition")]
+    MixedPartitions,
+    #[error(transparent)]
+    Invalid(#[from] cairn_protocol::meta::MetaError),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+}
+
+/// A page of a merged listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub rows: Vec<(Vec<u8>, RowValue)>,
+    /// Rows remain after the last one.
+    pub more: bool,
+}
+
+/// One replica's answer to a range read: who, its rows, whether it had more.
+type ReplicaPage = (NodeId, Vec<(Vec<u8>, RowValue)>, bool);
+
+/// The metadata coordinator of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Metadata {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    own: NodeId,
+    control: libp2p_stream::Control,
+    members: Arc<Members>,
+    maps: Arc<MapKeeper>,
+    replica: MetaReplica,
+    clock: Mutex<HlcClock>,
+    replicas: usize,
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Metadata {
+    pub(crate) fn new(
+        own: NodeId,
+        control: libp2p_stream::Control,
+        members: Arc<Members>,
+        maps: Arc<MapKeeper>,
+        replica: MetaReplica,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                own,
+                control,
+                members,
+                maps,
+                replica,
+                clock: Mutex::new(HlcClock::new(MAX_CLOCK_DRIFT_MS)),
+                replicas: DEFAULT_REPLICAS,
+                background: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// This node's replica (for the RPC server and tests).
+    pub fn replica(&self) -> &MetaReplica {
+        &self.inner.replica
+    }
+
+    /// A fresh timestamp for a write coordinated here.
+    pub fn timestamp(&self) -> Timestamp {
+        let hlc = self
+            .inner
+            .clock
+            .lock()
+            .expect("clock lock")
+            .now(now_unix_ms());
+        Timestamp {
+            hlc,
+            node: self.inner.own,
+        }
+    }
+
+    /// Moves the clock past a timestamp read from a replica, so that a write
+    /// made after a read orders after what was read.
+    fn observe(&self, value: &RowValue) {
+        if let RowValue::Register(register) = value {
+            let mut clock = self.inner.clock.lock().expect("clock lock");
+            if let Err(error) = clock.observe(register.at.hlc, now_unix_ms()) {
+                tracing::warn!(%error, node = %register.at.node, "a row carries a clock far ahead of ours");
+            }
+        }
+    }
+
+    /// The nodes that replicate `partition` under the current map.
+    pub fn replicas_of(&self, partition: &Partition) -> Result<Vec<NodeId>, MetaError> {
+        let map = self.inner.maps.current().ok_or(MetaError::NoMap)?;
+        Ok(replica_set(&map.map, partition, self.inner.replicas))
+    }
+
+    /// Merges `rows` (all of one partition) into a majority of its replicas.
+    pub async fn write(&self, rows: Vec<(RowKey, RowValue)>) -> Result<(), MetaError> {
+        let Some(partition) = single_partition(rows.iter().map(|(k, _)| k))? else {
+            return Ok(());
+        };
+        for (key, value) in &rows {
+            value.check_fits(key)?;
+        }
+        self.quorum_call(&partition, Request::Write { rows }, true)
+            .await?;
+        Ok(())
+    }
+
+    /// The merged values of `keys` (all of one partition) from a majority.
+    pub async fn read(&self, keys: Vec<RowKey>) -> Result<Vec<Option<RowValue>>, MetaError> {
+        let Some(partition) = single_partition(keys.iter())? else {
+            return Ok(Vec::new());
+        };
+        let answers = self
+            .quorum_call(&partition, Request::Read { keys: keys.clone() }, false)
+            .await?;
+        let mut merged: Vec<Option<RowValue>> = vec![None; keys.len()];
+        for (_, response) in &answers {
+            if let Response::Rows(values) = response {
+                for (slot, value) in merged.iter_mut().zip(values) {
+                    if let Some(value) = value {
+                        *slot = Some(match slot.take() {
+                            None => value.clone(),
+                            Some(current) => merge_answers(current, value),
+                        });
+                    }
+                }
+            }
+        }
+        merged.iter().flatten().for_each(|v| self.observe(v));
+        for (node, response) in answers {
+            let Response::Rows(values) = response else {
+                continue;
+            };
+            let stale: Vec<(RowKey, RowValue)> = keys
+                .iter()
+                .zip(&merged)
+                .zip(values)
+                .filter_map(|((key, merged), theirs)| match merged {
+                    Some(merged) if theirs.as_ref() != Some(merged) => {
+                        Some((key.clone(), merged.clone()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            self.repair(node, stale);
+        }
+        Ok(merged)
+    }
+
+    /// Rows of one table of one partition with `start <= sort < end`, in
+    /// order, merged from a majority, at most `limit`.
+    pub async fn range(
+        &self,
+        partition: &Partition,
+        table: Table,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Page, MetaError> {
+        let limit = limit.clamp(1, metarpc::MAX_ITEMS);
+        let request = Request::Range {
+            partition: partition.clone(),
+            table,
+            start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
+            limit: limit as u32,
+        };
+        let answers = self.quorum_call(partition, request, false).await?;
+        let pages: Vec<ReplicaPage> = answers
+            .into_iter()
+            .filter_map(|(node, response)| match response {
+                Response::Page { rows, more } => Some((node, rows, more)),
+                _ => None,
+            })
+            .collect();
+        // A replica that stopped early vouches only up to its last row.
+        let bound: Option<Vec<u8>> = pages
+            .iter()
+            .filter(|(_, rows, more)| *more && !rows.is_empty())
+            .filter_map(|(_, rows, _)| rows.last().map(|(sort, _)| sort.clone()))
+            .min();
+        let within = |sort: &Vec<u8>| bound.as_ref().is_none_or(|b| sort <= b);
+        let mut merged: std::collections::BTreeMap<Vec<u8>, RowValue> = Default::default();
+        for (_, rows, _) in &pages {
+            for (sort, value) in rows.iter().filter(|(sort, _)| within(sort)) {
+                let next = match merged.remove(sort) {
+                    None => value.clone(),
+                    Some(current) => merge_answers(current, value),
+                };
+                merged.insert(sort.clone(), next);
+            }
+        }
+        let mut more = pages.iter().any(|(_, _, more)| *more);
+        let rows: Vec<(Vec<u8>, RowValue)> = if merged.len() > limit {
+            more = true;
+            merged.into_iter().take(limit).collect()
+        } else {
+            merged.into_iter().collect()
+        };
+        rows.iter().for_each(|(_, v)| self.observe(v));
+        // Every answer covers at least up to the bound, so a merged row an
+        // answer lacks or holds older is stale there.
+        for (node, theirs, _) in pages {
+            let theirs: std::collections::BTreeMap<Vec<u8>, RowValue> =
+                theirs.into_iter().collect();
+            let stale: Vec<(RowKey, RowValue)> = rows
+                .iter()
+                .filter(|(sort, value)| theirs.get(sort) != Some(value))
+                .map(|(sort, value)| {
+                    (
+                        RowKey::new(partition.clone(), table, sort.clone()),
+                        value.clone(),
+                    )
+                })
+                .collect();
+            self.repair(node, stale);
+        }
+        Ok(Page { rows, more })
+    }
+
+    /// Sends merged rows to a replica that answered with older ones.
+    fn repair(&self, node: NodeId, rows: Vec<(RowKey, RowValue)>) {
+        if rows.is_empty() {
+            return;
+        }
+        tracing::debug!(%node, rows = rows.len(), "read repair");
+        let this = self.clone();
+        self.spawn_tracked(async move {
+            match this.call(node, Request::Write { rows }).await {
+                Ok(Response::Written) => {}
+                Ok(other) => tracing::info!(%node, ?other, "read repair refused"),
+                Err(error) => tracing::info!(%node, %error, "read repair failed"),
+            }
+        });
+    }
+
+    /// Sends `request` to every replica of `partition` and returns once a
+    /// majority has answered. With `finish_all`, the calls to the others go
+    /// on in the background (writes reach every replica that is up).
+    async fn quorum_call(
+        &self,
+        partition: &Partition,
+        request: Request,
+        finish_all: bool,
+    ) -> Result<Vec<(NodeId, Response)>, MetaError> {
+        let replicas = self.replicas_of(partition)?;
+        let needed = quorum(replicas.len());
+        let (answers_tx, mut answers_rx) = mpsc::channel(replicas.len());
+        let mut calls = Vec::with_capacity(replicas.len());
+        for node in &replicas {
+            let (this, request, answers_tx, node) =
+                (self.clone(), request.clone(), answers_tx.clone(), *node);
+            calls.push(self.spawn_tracked(async move {
+                let answer = this.call(node, request).await;
+                let _ = answers_tx.send((node, answer)).await;
+            }));
+        }
+        drop(answers_tx);
+        let mut granted = Vec::with_capacity(replicas.len());
+        let mut errors = Vec::new();
+        while let Some((node, answer)) = answers_rx.recv().await {
+            match answer {
+                Ok(Response::Error {
+                    code: ErrorCode::Refused | ErrorCode::Malformed,
+                    message,
+                }) => {
+                    return Err(MetaError::Refused { node, message });
+                }
+                Ok(Response::Error { message, .. }) => errors.push(format!("{node}: {message}")),
+                Ok(response) => {
+                    granted.push((node, response));
+                    if granted.len() >= needed {
+                        break;
+                    }
+                }
+                Err(error) => errors.push(format!("{node}: {error}")),
+            }
+            if replicas.len() - errors.len() < needed {
+                break;
+            }
+        }
+        if !finish_all {
+            calls.iter().for_each(|c| c.abort());
+        }
+        if granted.len() >= needed {
+            Ok(granted)
+        } else {
+            Err(MetaError::NoQuorum {
+                partition: partition.as_str().to_owned(),
+                replicas: replicas.len(),
+                needed,
+                answered: granted.len(),
+                errors: errors.join("; "),
+            })
+        }
+    }
+
+    /// Runs background work that [`Metadata::shutdown`] stops.
+    fn spawn_tracked(
+        &self,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::AbortHandle {
+        let task = tokio::spawn(work);
+        let abort = task.abort_handle();
+        let mut background = self.inner.background.lock().expect("background lock");
+        background.retain(|t| !t.is_finished());
+        background.push(task);
+        abort
+    }
+
+    /// Stops the background calls and repairs, then closes the replica once
+    /// the last handle is gone.
+    pub(crate) async fn shutdown(self) {
+        let tasks = std::mem::take(&mut *self.inner.background.lock().expect("background lock"));
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        // Dropping the last replica handle joins its writer thread.
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+    }
+
+    /// One request to one replica, this node's own included. Transport
+    /// failures are retried: every metadata request is idempotent.
+    async fn call(&self, node: NodeId, request: Request) -> Result<Response, String> {
+        if node == self.inner.own {
+            return Ok(rpc::answer(&self.inner.replica, request).await);
+        }
+        let peer = peer_id_of(&node).map_err(|e| e.to_string())?;
+        const ATTEMPTS: u32 = 4;
+        let mut attempt = 0;
+        loop {
+            let exchange = async {
+                if !self.inner.members.wait_for(&peer, MEMBERSHIP_WAIT).await {
+                    return Err("not connected as a verified member".to_owned());
+                }
+                let stream = self
+                    .inner
+                    .control
+                    .clone()
+                    .open_stream(peer, META_PROTOCOL)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                rpc::call(stream, &request).await.map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(error)) if attempt + 1 < ATTEMPTS => {
+                    tracing::debug!(%node, %error, attempt, "metadata call failed; retrying");
+                }
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Err(format!("no answer within {CALL_TIMEOUT:?}")),
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+        }
+    }
+}
+
+fn single_partition<'a>(
+    mut keys: impl Iterator<Item = &'a RowKey>,
+) -> Result<Option<Partition>, MetaError> {
+    let Some(first) = keys.next() else {
+        return Ok(None);
+    };
+    if keys.any(|k| k.partition != first.partition) {
+        return Err(MetaError::MixedPartitions);
+    }
+    Ok(Some(first.partition.clone()))
+}

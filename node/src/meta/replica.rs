@@ -1,0 +1,468 @@
+//! One node's replica of the metadata: rows, their digest leaves and the
+//! compare-and-set acceptors, in `<data>/meta.redb` (spec/metadata.md,
+//! "Replica storage").
+//!
+//! Every change goes through one writer thread that merges a batch of
+//! requests in one durable transaction; a request is answered only after
+//! its transaction is committed. A row is only ever replaced by its merge
+//! with what is stored, so no write, however late or repeated, undoes
+//! another.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+
+use cairn_protocol::cas::AcceptorState;
+use cairn_protocol::meta::{
+    LEAVES, LeafSet, Partition, PartitionDigest, RowKey, RowValue, Table, leaf_of, row_digest,
+    xor_into,
+};
+use cairn_protocol::metarpc::{Ballot, RegisterKey, Response};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+/// (partition, table, sort key) → encoded row value.
+const ROWS: TableDefinition<(&str, u8, &[u8]), &[u8]> = TableDefinition::new("rows");
+/// (partition, leaf) → XOR of the digests of the leaf's rows.
+const LEAF_DIGESTS: TableDefinition<(&str, u8), &[u8]> = TableDefinition::new("leaves");
+/// (partition, register name) → encoded acceptor state.
+const ACCEPTORS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("acceptors");
+
+/// Requests merged in one transaction at most.
+const MAX_BATCH: usize = 512;
+/// A range page stops growing past this many bytes of values.
+const PAGE_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum ReplicaError {
+    #[error("metadata database: {0}")]
+    Database(String),
+    #[error("stored metadata row is unreadable: {0}")]
+    Corrupt(String),
+    #[error("the metadata writer has stopped")]
+    Stopped,
+}
+
+fn db_error(e: impl std::fmt::Display) -> ReplicaError {
+    ReplicaError::Database(e.to_string())
+}
+
+enum Job {
+    Merge {
+        rows: Vec<(RowKey, RowValue)>,
+        reply: oneshot::Sender<Result<(), ReplicaError>>,
+    },
+    Prepare {
+        key: RegisterKey,
+        ballot: Ballot,
+        reply: oneshot::Sender<Result<Response, ReplicaError>>,
+    },
+    Accept {
+        key: RegisterKey,
+        ballot: Ballot,
+        value: Option<Vec<u8>>,
+        reply: oneshot::Sender<Result<Response, ReplicaError>>,
+    },
+}
+
+/// A replica's storage. Cheap to clone; the writer thread stops when the
+/// last clone is dropped, after the jobs already queued.
+#[derive(Clone)]
+pub struct MetaReplica {
+    // Dropped first: the last clone stops and joins the writer thread, which
+    // releases its share of the database.
+    writer: Arc<WriterHandle>,
+    db: Arc<Database>,
+}
+
+struct WriterHandle {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the metadata writer panicked");
+        }
+    }
+}
+
+/// A partition and its digest root.
+pub type PartitionRoot = (Partition, [u8; 32]);
+/// A row seen by anti-entropy: table, sort key, row digest.
+pub type LeafRow = (Table, Vec<u8>, [u8; 32]);
+
+/// A page of a range read.
+pub struct RangePage {
+    pub rows: Vec<(Vec<u8>, RowValue)>,
+    pub more: bool,
+}
+
+impl MetaReplica {
+    pub fn open(path: &Path) -> Result<Self, ReplicaError> {
+        let db = Database::create(path).map_err(db_error)?;
+        {
+            let txn = db.begin_write().map_err(db_error)?;
+            txn.open_table(ROWS).map_err(db_error)?;
+            txn.open_table(LEAF_DIGESTS).map_err(db_error)?;
+            txn.open_table(ACCEPTORS).map_err(db_error)?;
+            txn.commit().map_err(db_error)?;
+        }
+        let db = Arc::new(db);
+        let (jobs, receiver) = mpsc::channel(4096);
+        let writer_db = db.clone();
+        let thread = thread::Builder::new()
+            .name("cairn-meta-writer".into())
+            .spawn(move || run_writer(&writer_db, receiver))
+            .map_err(db_error)?;
+        let writer = Arc::new(WriterHandle {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        });
+        Ok(Self { writer, db })
+    }
+
+    /// Merges rows into the replica; returns once they are durable. The
+    /// caller has checked that each value fits its key.
+    pub async fn merge(&self, rows: Vec<(RowKey, RowValue)>) -> Result<(), ReplicaError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Merge { rows, reply }).await?;
+        answer.await.map_err(|_| ReplicaError::Stopped)?
+    }
+
+    pub async fn prepare(
+        &self,
+        key: RegisterKey,
+        ballot: Ballot,
+    ) -> Result<Response, ReplicaError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Prepare { key, ballot, reply }).await?;
+        answer.await.map_err(|_| ReplicaError::Stopped)?
+    }
+
+    pub async fn accept(
+        &self,
+        key: RegisterKey,
+        ballot: Ballot,
+        value: Option<Vec<u8>>,
+    ) -> Result<Response, ReplicaError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Accept {
+            key,
+            ballot,
+            value,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| ReplicaError::Stopped)?
+    }
+
+    async fn submit(&self, job: Job) -> Result<(), ReplicaError> {
+        let jobs = self.writer.jobs.as_ref().ok_or(ReplicaError::Stopped)?;
+        jobs.send(job).await.map_err(|_| ReplicaError::Stopped)
+    }
+
+    /// The stored values of `keys`, in order.
+    pub fn get(&self, keys: &[RowKey]) -> Result<Vec<Option<RowValue>>, ReplicaError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(ROWS).map_err(db_error)?;
+        keys.iter()
+            .map(|key| {
+                table
+                    .get((
+                        key.partition.as_str(),
+                        key.table.code(),
+                        key.sort.as_slice(),
+                    ))
+                    .map_err(db_error)?
+                    .map(|raw| decode_row(raw.value()))
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// Rows of one table of one partition with `start <= sort < end`.
+    pub fn range(
+        &self,
+        partition: &Partition,
+        table: Table,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<RangePage, ReplicaError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let rows = txn.open_table(ROWS).map_err(db_error)?;
+        let from = (partition.as_str(), table.code(), start);
+        let iter = match end {
+            Some(end) => rows.range(from..(partition.as_str(), table.code(), end)),
+            // Everything of this table: up to the next table code.
+            None => rows.range(from..(partition.as_str(), table.code() + 1, &[][..])),
+        }
+        .map_err(db_error)?;
+        let mut page = RangePage {
+            rows: Vec::new(),
+            more: false,
+        };
+        let mut bytes = 0;
+        for row in iter {
+            if page.rows.len() >= limit.max(1) || bytes >= PAGE_BYTES {
+                page.more = true;
+                break;
+            }
+            let (key, value) = row.map_err(db_error)?;
+            bytes += value.value().len();
+            page.rows
+                .push((key.value().2.to_vec(), decode_row(value.value())?));
+        }
+        Ok(page)
+    }
+
+    /// The digest of one partition (all zero leaves if it holds nothing).
+    pub fn digest(&self, partition: &Partition) -> Result<PartitionDigest, ReplicaError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let leaves = txn.open_table(LEAF_DIGESTS).map_err(db_error)?;
+        let mut digest = PartitionDigest::default();
+        for row in leaves
+            .range((partition.as_str(), 0u8)..=(partition.as_str(), u8::MAX))
+            .map_err(db_error)?
+        {
+            let (key, value) = row.map_err(db_error)?;
+            digest.leaves[usize::from(key.value().1)] = leaf_bytes(value.value())?;
+        }
+        Ok(digest)
+    }
+
+    /// The partitions held here after `after`, with their digest roots.
+    pub fn partitions(
+        &self,
+        after: Option<&Partition>,
+        limit: usize,
+    ) -> Result<(Vec<PartitionRoot>, bool), ReplicaError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let leaves = txn.open_table(LEAF_DIGESTS).map_err(db_error)?;
+        let iter = match after {
+            // Past every leaf of `after`: its name followed by a zero byte
+            // is the smallest name above it.
+            Some(p) => leaves.range((format!("{}\0", p.as_str()).as_str(), 0u8)..),
+            None => leaves.range::<(&str, u8)>(..),
+        }
+        .map_err(db_error)?;
+        let mut items: Vec<PartitionRoot> = Vec::new();
+        let mut current: Option<(String, PartitionDigest)> = None;
+        for row in iter {
+            let (key, value) = row.map_err(db_error)?;
+            let (name, leaf) = key.value();
+            if current.as_ref().is_none_or(|(n, _)| n != name) {
+                if let Some((n, digest)) = current.take() {
+                    items.push((partition_named(n), digest.root()));
+                    if items.len() >= limit.max(1) {
+                        return Ok((items, true));
+                    }
+                }
+                current = Some((name.to_owned(), PartitionDigest::default()));
+            }
+            if let Some((_, digest)) = current.as_mut() {
+                digest.leaves[usize::from(leaf)] = leaf_bytes(value.value())?;
+            }
+        }
+        if let Some((n, digest)) = current {
+            items.push((partition_named(n), digest.root()));
+        }
+        Ok((items, false))
+    }
+
+    /// (table, sort key, row digest) of the rows of `partition` in `leaves`,
+    /// after the cursor, at most `limit`.
+    pub fn leaf_rows(
+        &self,
+        partition: &Partition,
+        leaves: &LeafSet,
+        after: Option<(Table, &[u8])>,
+        limit: usize,
+    ) -> Result<(Vec<LeafRow>, bool), ReplicaError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let rows = txn.open_table(ROWS).map_err(db_error)?;
+        let name = partition.as_str();
+        let iter = match after {
+            Some((table, sort)) => rows.range((name, table.code(), sort)..(name, u8::MAX, &[][..])),
+            None => rows.range((name, 0u8, &[][..])..(name, u8::MAX, &[][..])),
+        }
+        .map_err(db_error)?;
+        let mut items = Vec::new();
+        for row in iter {
+            let (key, value) = row.map_err(db_error)?;
+            let (_, code, sort) = key.value();
+            let Some(table) = Table::from_code(code) else {
+                return Err(ReplicaError::Corrupt(format!("unknown table code {code}")));
+            };
+            if after.is_some_and(|(t, s)| t == table && s == sort)
+                || !leaves.contains(leaf_of(table, sort))
+            {
+                continue;
+            }
+            if items.len() >= limit.max(1) {
+                return Ok((items, true));
+            }
+            items.push((table, sort.to_vec(), row_digest(table, sort, value.value())));
+        }
+        Ok((items, false))
+    }
+}
+
+fn partition_named(name: String) -> Partition {
+    if name.is_empty() {
+        Partition::cluster()
+    } else {
+        Partition::bucket(&name)
+    }
+}
+
+fn leaf_bytes(raw: &[u8]) -> Result<[u8; 32], ReplicaError> {
+    raw.try_into()
+        .map_err(|_| ReplicaError::Corrupt("digest leaf is not 32 bytes".into()))
+}
+
+fn decode_row(raw: &[u8]) -> Result<RowValue, ReplicaError> {
+    RowValue::decode(raw).map_err(|e| ReplicaError::Corrupt(e.to_string()))
+}
+
+fn run_writer(db: &Database, mut jobs: mpsc::Receiver<Job>) {
+    while let Some(first) = jobs.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_batch(db, batch);
+    }
+}
+
+/// Applies a batch in one durable transaction, then answers every job.
+fn commit_batch(db: &Database, batch: Vec<Job>) {
+    let mut answers: Vec<Result<Response, ReplicaError>> = Vec::with_capacity(batch.len());
+    let result = (|| -> Result<(), ReplicaError> {
+        let mut txn = db.begin_write().map_err(db_error)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(db_error)?;
+        {
+            let mut rows = txn.open_table(ROWS).map_err(db_error)?;
+            let mut leaves = txn.open_table(LEAF_DIGESTS).map_err(db_error)?;
+            let mut acceptors = txn.open_table(ACCEPTORS).map_err(db_error)?;
+            for job in &batch {
+                answers.push(match job {
+                    Job::Merge { rows: incoming, .. } => {
+                        merge_rows(&mut rows, &mut leaves, incoming).map(|()| Response::Written)
+                    }
+                    Job::Prepare { key, ballot, .. } => {
+                        with_acceptor(&mut acceptors, key, |state| state.on_prepare(*ballot))
+                    }
+                    Job::Accept {
+                        key, ballot, value, ..
+                    } => with_acceptor(&mut acceptors, key, |state| {
+                        state.on_accept(*ballot, value.clone())
+                    }),
+                });
+            }
+        }
+        txn.commit().map_err(db_error)
+    })();
+    if let Err(error) = &result {
+        tracing::error!(%error, "metadata batch failed; nothing in it is acknowledged");
+    }
+    for (job, answer) in batch.into_iter().zip(
+        answers
+            .into_iter()
+            .map(Some)
+            .chain(std::iter::repeat_with(|| None)),
+    ) {
+        let answer = match (&result, answer) {
+            (Ok(()), Some(answer)) => answer,
+            (Err(error), _) => Err(ReplicaError::Database(error.to_string())),
+            (Ok(()), None) => Err(ReplicaError::Database("job not applied".into())),
+        };
+        match job {
+            Job::Merge { reply, .. } => {
+                let _ = reply.send(answer.map(|_| ()));
+            }
+            Job::Prepare { reply, .. } | Job::Accept { reply, .. } => {
+                let _ = reply.send(answer);
+            }
+        }
+    }
+}
+
+type RowsTable<'t> = redb::Table<'t, (&'static str, u8, &'static [u8]), &'static [u8]>;
+type LeavesTable<'t> = redb::Table<'t, (&'static str, u8), &'static [u8]>;
+type AcceptorsTable<'t> = redb::Table<'t, (&'static str, &'static [u8]), &'static [u8]>;
+
+fn merge_rows(
+    rows: &mut RowsTable<'_>,
+    leaves: &mut LeavesTable<'_>,
+    incoming: &[(RowKey, RowValue)],
+) -> Result<(), ReplicaError> {
+    for (key, value) in incoming {
+        let address = (
+            key.partition.as_str(),
+            key.table.code(),
+            key.sort.as_slice(),
+        );
+        let stored = rows
+            .get(address)
+            .map_err(db_error)?
+            .map(|raw| raw.value().to_vec());
+        let merged = match &stored {
+            None => value.clone(),
+            Some(raw) => decode_row(raw)?
+                .merge(value)
+                .map_err(|e| ReplicaError::Corrupt(e.to_string()))?,
+        };
+        let encoded = merged.encode();
+        if stored.as_deref() == Some(encoded.as_slice()) {
+            continue;
+        }
+        let leaf_key = (key.partition.as_str(), leaf_of(key.table, &key.sort));
+        let mut leaf = match leaves.get(leaf_key).map_err(db_error)? {
+            Some(raw) => leaf_bytes(raw.value())?,
+            None => [0; 32],
+        };
+        if let Some(old) = &stored {
+            xor_into(&mut leaf, &row_digest(key.table, &key.sort, old));
+        }
+        xor_into(&mut leaf, &row_digest(key.table, &key.sort, &encoded));
+        leaves.insert(leaf_key, leaf.as_slice()).map_err(db_error)?;
+        rows.insert(address, encoded.as_slice()).map_err(db_error)?;
+    }
+    Ok(())
+}
+
+fn with_acceptor(
+    acceptors: &mut AcceptorsTable<'_>,
+    key: &RegisterKey,
+    step: impl FnOnce(&mut AcceptorState) -> Response,
+) -> Result<Response, ReplicaError> {
+    let address = (key.partition.as_str(), key.name.as_slice());
+    let mut state = match acceptors.get(address).map_err(db_error)? {
+        Some(raw) => {
+            AcceptorState::decode(raw.value()).map_err(|e| ReplicaError::Corrupt(e.to_string()))?
+        }
+        None => AcceptorState::default(),
+    };
+    let before = state.clone();
+    let answer = step(&mut state);
+    if state != before {
+        acceptors
+            .insert(address, state.encode().as_slice())
+            .map_err(db_error)?;
+    }
+    Ok(answer)
+}
+
+// A leaf is stored under a u8.
+const _: () = assert!(LEAVES == 256);

@@ -1,0 +1,227 @@
+//! The replicated metadata on real nodes: quorum writes and reads, ordered
+//! listing, read repair, and convergence of concurrent writers.
+
+use std::time::Duration;
+
+use cairn_node::meta::Metadata;
+use cairn_protocol::erasure::Scheme;
+use cairn_protocol::hlc::Timestamp;
+use cairn_protocol::ids::{ManifestId, NodeId, VersionId};
+use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, version_sort_key};
+use cairn_protocol::version::{Lww, ObjectVersion, Retention, VersionBody};
+use cairn_tests::Cluster;
+
+async fn cluster_with_map() -> Cluster {
+    let cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
+    cluster
+        .install_map(cluster.map(), Scheme::new(4, 2).unwrap())
+        .await
+        .unwrap();
+    cluster
+}
+
+fn bucket_row(name: &str, at: Timestamp, settings: &[u8]) -> (RowKey, RowValue) {
+    (
+        RowKey::new(
+            Partition::cluster(),
+            Table::Buckets,
+            name.as_bytes().to_vec(),
+        ),
+        RowValue::Register(Register {
+            at,
+            value: Some(settings.to_vec()),
+        }),
+    )
+}
+
+fn version_row(bucket: &str, key: &str, n: u64, at: Timestamp) -> (RowKey, RowValue) {
+    let version = VersionId::new(1_700_000_000_000 + n, [n as u8; 10]);
+    let entry = ObjectVersion {
+        bucket: bucket.into(),
+        key: key.into(),
+        version,
+        created: at,
+        body: VersionBody::Data {
+            manifest: ManifestId([n as u8; 32]),
+            size_bytes: n,
+            etag: format!("\"{n}\""),
+        },
+        retention: Retention::default(),
+        legal_hold: Lww { value: false, at },
+        purged: None,
+    };
+    (
+        RowKey::new(
+            Partition::bucket(bucket),
+            Table::Versions,
+            version_sort_key(key, &version),
+        ),
+        RowValue::Version(Box::new(entry)),
+    )
+}
+
+/// A running node that is not among `excluded`.
+fn coordinator(cluster: &Cluster, excluded: &[NodeId]) -> usize {
+    (0..cluster.members.len())
+        .find(|&i| cluster.members[i].node.is_some() && !excluded.contains(&cluster.node_ids()[i]))
+        .expect("a running node outside the set")
+}
+
+async fn local_value(metadata: &Metadata, key: &RowKey) -> Option<RowValue> {
+    let (replica, key) = (metadata.replica().clone(), key.clone());
+    tokio::task::spawn_blocking(move || replica.get(&[key]).unwrap().remove(0))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_and_list_after_write_with_one_replica_down_and_read_repair_after() {
+    let mut cluster = cluster_with_map().await;
+    let partition = Partition::bucket("photos");
+    let replicas = cluster.node(0).metadata().replicas_of(&partition).unwrap();
+    assert_eq!(replicas.len(), 3);
+    let down = cluster.index_of(&replicas[0]);
+    cluster.stop(down).await;
+
+    // Written through a node that is not a replica, read through another.
+    let writer = coordinator(&cluster, &replicas);
+    let meta = cluster.node(writer).metadata().clone();
+    let mut rows = Vec::new();
+    for n in 0..50 {
+        rows.push(version_row(
+            "photos",
+            &format!("cats/{n:03}"),
+            n,
+            meta.timestamp(),
+        ));
+    }
+    meta.write(rows.clone()).await.unwrap();
+    let reader = coordinator(&cluster, &[cluster.node_ids()[writer]]);
+    let reader_meta = cluster.node(reader).metadata().clone();
+    let read = reader_meta
+        .read(vec![rows[7].0.clone(), rows[42].0.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        read,
+        vec![Some(rows[7].1.clone()), Some(rows[42].1.clone())]
+    );
+
+    // Listed in key order, in pages.
+    let mut listed = Vec::new();
+    let mut start = b"cats/".to_vec();
+    loop {
+        let page = reader_meta
+            .range(&partition, Table::Versions, &start, Some(b"cats0"), 20)
+            .await
+            .unwrap();
+        assert!(page.rows.len() <= 20);
+        listed.extend(page.rows.iter().cloned());
+        if !page.more {
+            break;
+        }
+        start = page.rows.last().unwrap().0.clone();
+        start.push(0);
+    }
+    let expected: Vec<(Vec<u8>, RowValue)> = rows
+        .iter()
+        .map(|(k, v)| (k.sort.clone(), v.clone()))
+        .collect();
+    assert_eq!(listed, expected);
+
+    // The replica that was down comes back. A row that only two replicas
+    // hold (merged into their stores directly, as if the third had missed
+    // it) reaches the third through a read.
+    cluster.restart(down).await.unwrap();
+    let late = version_row("photos", "dogs/1", 99, meta.timestamp());
+    for replica in &replicas[1..] {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        node.replica().merge(vec![late.clone()]).await.unwrap();
+    }
+    let back = cluster.node(down).metadata().clone();
+    assert_eq!(local_value(&back, &late.0).await, None);
+    let mut repaired = false;
+    for _ in 0..100 {
+        // The restarted node may not be in the first majority to answer.
+        let read = reader_meta.read(vec![late.0.clone()]).await.unwrap();
+        assert_eq!(read, vec![Some(late.1.clone())]);
+        if local_value(&back, &late.0).await == Some(late.1.clone()) {
+            repaired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(repaired, "read repair never reached the restarted replica");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_on_two_nodes_converge_on_every_replica() {
+    let cluster = cluster_with_map().await;
+    let (a, b) = (
+        cluster.node(0).metadata().clone(),
+        cluster.node(3).metadata().clone(),
+    );
+    let keys: Vec<String> = (0..20).map(|i| format!("bucket-{i:02}")).collect();
+    let write_all = |meta: Metadata, tag: &'static [u8]| {
+        let keys = keys.clone();
+        async move {
+            for key in &keys {
+                meta.write(vec![bucket_row(key, meta.timestamp(), tag)])
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    tokio::join!(
+        write_all(a.clone(), b"from a"),
+        write_all(b.clone(), b"from b")
+    );
+
+    let replicas = a.replicas_of(&Partition::cluster()).unwrap();
+    // Writes reach every replica that is up, in the background after the
+    // majority answered: wait for them to land.
+    for key in &keys {
+        let row = RowKey::new(
+            Partition::cluster(),
+            Table::Buckets,
+            key.as_bytes().to_vec(),
+        );
+        let through_a = a.read(vec![row.clone()]).await.unwrap().remove(0);
+        let through_b = b.read(vec![row.clone()]).await.unwrap().remove(0);
+        assert_eq!(through_a, through_b, "{key}");
+        let Some(RowValue::Register(register)) = &through_a else {
+            panic!("{key} missing");
+        };
+        assert!(
+            register.value.as_deref() == Some(b"from a")
+                || register.value.as_deref() == Some(b"from b")
+        );
+        for replica in &replicas {
+            let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+            let mut same = false;
+            for _ in 0..100 {
+                if local_value(&node, &row).await == through_a {
+                    same = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(same, "replica {replica} differs on {key}");
+        }
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_does_not_fit_its_key_is_refused_and_nothing_is_written() {
+    let cluster = cluster_with_map().await;
+    let meta = cluster.node(1).metadata().clone();
+    let (key, value) = version_row("photos", "a", 1, meta.timestamp());
+    let mut wrong = key.clone();
+    wrong.sort = version_sort_key("b", &VersionId::new(1, [0; 10]));
+    let error = meta.write(vec![(wrong.clone(), value)]).await.unwrap_err();
+    assert!(error.to_string().contains("does not match"), "{error}");
+    assert_eq!(meta.read(vec![wrong]).await.unwrap(), vec![None]);
+    cluster.shutdown().await;
+}
