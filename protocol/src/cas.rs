@@ -97,6 +97,40 @@ impl AcceptorState {
     }
 }
 
+/// What a register holds: the value, tagged with the id of the operation
+/// that wrote it, so that a proposer whose accept landed but whose answer
+/// was lost recognises its own write on the next attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaggedValue {
+    pub operation: [u8; 16],
+    pub value: Option<Vec<u8>>,
+}
+
+impl TaggedValue {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.operation.to_vec();
+        match &self.value {
+            None => out.put_u8(0),
+            Some(value) => {
+                out.put_u8(1);
+                out.put_bytes32(value);
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let operation = r.array("operation id")?;
+        let value = match r.bool("value present")? {
+            false => None,
+            true => Some(r.bytes32("register value", MAX_REGISTER_BYTES)?.to_vec()),
+        };
+        r.finish("register value")?;
+        Ok(Self { operation, value })
+    }
+}
+
 /// Where a proposer's phase stands after the answers so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tally {
@@ -249,6 +283,21 @@ mod tests {
         assert_eq!(tally.record(Some(&newer)), Tally::Pending);
         assert_eq!(tally.record(Some(&older)), Tally::Won);
         assert_eq!(tally.current_value(), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn tagged_values_round_trip_and_truncations_fail() {
+        for value in [None, Some(b"head".to_vec())] {
+            let tagged = TaggedValue {
+                operation: [7; 16],
+                value,
+            };
+            let bytes = tagged.encode();
+            assert_eq!(TaggedValue::decode(&bytes).unwrap(), tagged);
+            for len in 0..bytes.len() {
+                assert!(TaggedValue::decode(&bytes[..len]).is_err());
+            }
+        }
     }
 
     #[test]

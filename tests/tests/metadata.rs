@@ -8,6 +8,7 @@ use cairn_protocol::erasure::Scheme;
 use cairn_protocol::hlc::Timestamp;
 use cairn_protocol::ids::{ManifestId, NodeId, VersionId};
 use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, version_sort_key};
+use cairn_protocol::metarpc::RegisterKey;
 use cairn_protocol::version::{Lww, ObjectVersion, Retention, VersionBody};
 use cairn_tests::Cluster;
 
@@ -223,5 +224,74 @@ async fn a_row_that_does_not_fit_its_key_is_refused_and_nothing_is_written() {
     let error = meta.write(vec![(wrong.clone(), value)]).await.unwrap_err();
     assert!(error.to_string().contains("does not match"), "{error}");
     assert_eq!(meta.read(vec![wrong]).await.unwrap(), vec![None]);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_fifty_concurrent_conditional_creates_exactly_one_wins_with_a_replica_stopped_midway() {
+    let mut cluster = cluster_with_map().await;
+    let key = RegisterKey {
+        partition: Partition::bucket("photos"),
+        name: b"cat.jpg".to_vec(),
+    };
+    let replicas = cluster
+        .node(0)
+        .metadata()
+        .replicas_of(&key.partition)
+        .unwrap();
+    let victim = cluster.index_of(&replicas[1]);
+    // Every node but the victim proposes; the victim is a replica (acceptor).
+    let proposers: Vec<Metadata> = (0..6)
+        .filter(|&i| i != victim)
+        .map(|i| cluster.node(i).metadata().clone())
+        .collect();
+    let mut attempts = Vec::new();
+    for writer in 0..50u32 {
+        let (meta, key) = (
+            proposers[writer as usize % proposers.len()].clone(),
+            key.clone(),
+        );
+        attempts.push(tokio::spawn(async move {
+            let mine = format!("writer {writer}").into_bytes();
+            // If-None-Match: * — create only if the register is empty.
+            meta.compare_and_set(key, |current| match current {
+                None => Ok(Some(mine.clone())),
+                Some(existing) => Err(existing.to_vec()),
+            })
+            .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cluster.stop(victim).await;
+
+    let mut winners = Vec::new();
+    let mut losers_saw = Vec::new();
+    for (writer, attempt) in attempts.into_iter().enumerate() {
+        match attempt.await.unwrap().unwrap() {
+            Ok(Some(value)) => winners.push((writer, value)),
+            Ok(None) => panic!("writer {writer} set an empty value"),
+            Err(existing) => losers_saw.push(existing),
+        }
+    }
+    let distinct: std::collections::BTreeSet<&Vec<u8>> = losers_saw.iter().collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "winners: {winners:?}, losers saw {distinct:?}"
+    );
+    let winning = &winners[0].1;
+    assert_eq!(winning, &format!("writer {}", winners[0].0).into_bytes());
+    // Every loser was refused because of the winner's value, no other.
+    assert_eq!(losers_saw.len(), 49);
+    assert!(losers_saw.iter().all(|seen| seen == winning));
+
+    // A linearizable read afterwards, through another node, agrees.
+    let read = proposers[3]
+        .compare_and_set(key, |current| {
+            Err::<Option<Vec<u8>>, _>(current.map(<[u8]>::to_vec))
+        })
+        .await
+        .unwrap();
+    assert_eq!(read, Err(Some(winning.clone())));
     cluster.shutdown().await;
 }

@@ -15,10 +15,11 @@ pub mod rpc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cairn_protocol::cas::{PhaseTally, TaggedValue, Tally, next_ballot};
 use cairn_protocol::hlc::{HlcClock, Timestamp};
 use cairn_protocol::ids::NodeId;
 use cairn_protocol::meta::{Partition, RowKey, RowValue, Table, quorum, replica_set};
-use cairn_protocol::metarpc::{self, ErrorCode, Request, Response};
+use cairn_protocol::metarpc::{self, ErrorCode, RegisterKey, Request, Response};
 use libp2p::StreamProtocol;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -276,6 +277,128 @@ impl Metadata {
         Ok(Page { rows, more })
     }
 
+    /// Linearizable compare-and-set of one register (spec/metadata.md,
+    /// "Compare-and-set"): `change` sees the register's current value and
+    /// returns the new one, or refuses with a reason that is handed back.
+    /// A refusal still writes the current value back under this ballot, so
+    /// that what the refusal was based on is chosen, not just seen.
+    /// `change` may run more than once, on each attempt's current value.
+    pub async fn compare_and_set<R>(
+        &self,
+        key: RegisterKey,
+        change: impl Fn(Option<&[u8]>) -> Result<Option<Vec<u8>>, R>,
+    ) -> Result<Result<Option<Vec<u8>>, R>, MetaError> {
+        const ATTEMPTS: u32 = 200;
+        let replicas = self.replicas_of(&key.partition)?;
+        let operation: [u8; 16] = {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&random_u64().to_be_bytes());
+            id[8..].copy_from_slice(&random_u64().to_be_bytes());
+            id
+        };
+        // The value this call proposed, once it has proposed one.
+        let mut proposed: Option<Option<Vec<u8>>> = None;
+        let mut round = 0;
+        let mut seen = None;
+        let mut last_failure = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                // Dueling proposers: back off for a random time that grows.
+                let cap_ms = (5u64 << attempt.min(7)).min(500);
+                tokio::time::sleep(Duration::from_millis(random_u64() % cap_ms)).await;
+            }
+            let ballot = next_ballot(self.inner.own, round, seen);
+            round = ballot.round;
+            let prepare = Request::Prepare {
+                key: key.clone(),
+                ballot,
+            };
+            let (outcome, promises) = self.phase(&replicas, prepare).await;
+            if let Tally::Lost { seen: higher } = outcome {
+                seen = seen.max(higher);
+            }
+            if outcome != Tally::Won {
+                last_failure = "a majority did not promise".into();
+                continue;
+            }
+            let current_raw = promises.current_value().map(<[u8]>::to_vec);
+            let current = match current_raw.as_deref().map(TaggedValue::decode).transpose() {
+                Ok(current) => current,
+                Err(error) => {
+                    return Err(MetaError::Replica(ReplicaError::Corrupt(format!(
+                        "register value: {error}"
+                    ))));
+                }
+            };
+            // Our own earlier accept may have landed: then the current value
+            // is ours, and it is finished rather than judged again.
+            let (decided, value) = match (&current, &proposed) {
+                (Some(current), Some(ours)) if current.operation == operation => {
+                    (Ok(ours.clone()), current_raw)
+                }
+                _ => {
+                    let decided = change(current.as_ref().and_then(|c| c.value.as_deref()));
+                    let value = match &decided {
+                        Ok(new) => {
+                            proposed = Some(new.clone());
+                            Some(
+                                TaggedValue {
+                                    operation,
+                                    value: new.clone(),
+                                }
+                                .encode(),
+                            )
+                        }
+                        Err(_) => current_raw,
+                    };
+                    (decided, value)
+                }
+            };
+            let accept = Request::Accept {
+                key: key.clone(),
+                ballot,
+                value,
+            };
+            match self.phase(&replicas, accept).await {
+                (Tally::Won, _) => return Ok(decided),
+                (Tally::Lost { seen: higher }, _) => {
+                    seen = seen.max(higher);
+                    last_failure = "a majority did not accept".into();
+                }
+                (Tally::Pending, _) => last_failure = "no majority answered".into(),
+            }
+        }
+        Err(MetaError::NoQuorum {
+            partition: key.partition.as_str().to_owned(),
+            replicas: replicas.len(),
+            needed: quorum(replicas.len()),
+            answered: 0,
+            errors: format!("compare-and-set gave up after {ATTEMPTS} attempts: {last_failure}"),
+        })
+    }
+
+    /// Runs one Paxos phase on every replica until a majority decides it.
+    async fn phase(&self, replicas: &[NodeId], request: Request) -> (Tally, PhaseTally) {
+        let (answers_tx, mut answers_rx) = mpsc::channel(replicas.len());
+        for node in replicas {
+            let (this, request, answers_tx, node) =
+                (self.clone(), request.clone(), answers_tx.clone(), *node);
+            self.spawn_tracked(async move {
+                let answer = this.call(node, request).await.ok();
+                let _ = answers_tx.send(answer).await;
+            });
+        }
+        drop(answers_tx);
+        let mut tally = PhaseTally::new(replicas.len());
+        while let Some(answer) = answers_rx.recv().await {
+            match tally.record(answer.as_ref()) {
+                Tally::Pending => {}
+                decided => return (decided, tally),
+            }
+        }
+        (tally.tally(), tally)
+    }
+
     /// Sends merged rows to a replica that answered with older ones.
     fn repair(&self, node: NodeId, rows: Vec<(RowKey, RowValue)>) {
         if rows.is_empty() {
@@ -415,6 +538,15 @@ impl Metadata {
             tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
         }
     }
+}
+
+/// A random number for back-off (the standard library's per-process
+/// random hash keys, drawn fresh each time).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 fn single_partition<'a>(
