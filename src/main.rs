@@ -11,7 +11,7 @@ use cairn_gateway::node::identity::Identity;
 use cairn_gateway::node::protocol::ids::{NodeId, SiteId};
 use cairn_gateway::node::protocol::membership::{Certificate, ClusterId, SignedMap};
 use cairn_gateway::node::swarm::Node;
-use cairn_gateway::node::swarm::{NodeConfig, StreamLimits};
+use cairn_gateway::node::swarm::{DEFAULT_ANTI_ENTROPY_EVERY, NodeConfig, StreamLimits};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -269,6 +269,7 @@ async fn push_map(cluster_key: Identity, map: PathBuf, peer: String) -> Result<(
         bootstrap: Vec::new(),
         capacity_bytes: 1 << 20,
         limits: StreamLimits::default(),
+        anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
     };
     let node = Node::start(config, identity).await?;
     let outcome = async {

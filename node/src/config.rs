@@ -11,7 +11,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::identity::{Identity, IdentityError};
-use crate::swarm::{Multiaddr, NodeConfig, StreamLimits};
+use crate::swarm::{DEFAULT_ANTI_ENTROPY_EVERY, Multiaddr, NodeConfig, StreamLimits};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -160,6 +160,7 @@ impl ServeConfig {
                 streams_per_peer: self.max_streams_per_peer,
                 bytes_in_flight: self.max_bytes_in_flight,
             },
+            anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
         };
         Ok((config, identity))
     }

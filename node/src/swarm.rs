@@ -90,7 +90,12 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     pub capacity_bytes: u64,
     pub limits: StreamLimits,
+    /// How often the metadata replicas compare digests with each other.
+    pub anti_entropy_every: Duration,
 }
+
+/// Anti-entropy period unless configured otherwise.
+pub const DEFAULT_ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(60);
 
 /// What peers may hold open on this node; past these, `busy`.
 #[derive(Debug, Clone, Copy)]
@@ -202,7 +207,7 @@ impl Members {
             .collect()
     }
 
-    fn contains(&self, peer: &PeerId) -> bool {
+    pub(crate) fn contains(&self, peer: &PeerId) -> bool {
         self.verified
             .read()
             .expect("members lock")
@@ -384,6 +389,7 @@ impl Node {
             maps.clone(),
             replica.clone(),
         );
+        metadata.start_anti_entropy(config.anti_entropy_every);
 
         // Metadata requests from members, answered from the local replica.
         {

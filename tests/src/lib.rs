@@ -35,6 +35,8 @@ pub struct Cluster {
     pub capacity_bytes: u64,
     /// Applied to nodes started (or restarted) from now on.
     pub limits: StreamLimits,
+    /// Applied to nodes started (or restarted) from now on.
+    pub anti_entropy_every: Duration,
     _dir: tempfile::TempDir,
 }
 
@@ -81,6 +83,7 @@ impl Cluster {
             members,
             capacity_bytes: 1 << 34,
             limits: StreamLimits::default(),
+            anti_entropy_every: cairn_node::swarm::DEFAULT_ANTI_ENTROPY_EVERY,
             _dir: dir,
         };
         for index in 0..cluster.members.len() {
@@ -112,6 +115,7 @@ impl Cluster {
             bootstrap,
             capacity_bytes: self.capacity_bytes,
             limits: self.limits,
+            anti_entropy_every: self.anti_entropy_every,
         }
     }
 

@@ -295,3 +295,57 @@ async fn of_fifty_concurrent_conditional_creates_exactly_one_wins_with_a_replica
     assert_eq!(read, Err(Some(winning.clone())));
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_a_thousand_writes_converges_by_anti_entropy_alone() {
+    let mut cluster = cluster_with_map().await;
+    let partition = Partition::bucket("logs");
+    let replicas = cluster.node(0).metadata().replicas_of(&partition).unwrap();
+    let victim = cluster.index_of(&replicas[2]);
+    cluster.stop(victim).await;
+
+    // A thousand writes through a node that is no replica, which is then
+    // stopped too: nothing but anti-entropy can bring them to the victim.
+    let writer = coordinator(&cluster, &replicas);
+    let meta = cluster.node(writer).metadata().clone();
+    for batch in 0..10u64 {
+        let rows = (0..100)
+            .map(|i| {
+                let n = batch * 100 + i;
+                version_row("logs", &format!("day/{n:04}"), n, meta.timestamp())
+            })
+            .collect();
+        meta.write(rows).await.unwrap();
+    }
+    cluster.stop(writer).await;
+
+    cluster.anti_entropy_every = Duration::from_millis(200);
+    cluster.restart(victim).await.unwrap();
+    let digest = |index: usize| {
+        let replica = cluster.node(index).metadata().replica().clone();
+        let partition = partition.clone();
+        async move {
+            tokio::task::spawn_blocking(move || replica.digest(&partition).unwrap().root())
+                .await
+                .unwrap()
+        }
+    };
+    let healthy = digest(cluster.index_of(&replicas[0])).await;
+    assert_eq!(healthy, digest(cluster.index_of(&replicas[1])).await);
+    let mut converged = false;
+    for _ in 0..300 {
+        if digest(victim).await == healthy {
+            converged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(converged, "the restarted replica never converged");
+    let back = cluster.node(victim).metadata().clone();
+    let page = back
+        .replica()
+        .range(&partition, Table::Versions, b"", None, 2000)
+        .unwrap();
+    assert_eq!(page.rows.len(), 1000);
+    cluster.shutdown().await;
+}

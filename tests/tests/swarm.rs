@@ -233,6 +233,7 @@ async fn outsider(
         bootstrap,
         capacity_bytes: 1 << 30,
         limits: Default::default(),
+        anti_entropy_every: cairn_node::swarm::DEFAULT_ANTI_ENTROPY_EVERY,
     };
     Node::start(config, identity).await.unwrap()
 }

@@ -9,6 +9,7 @@
 //! ones that were behind. Majorities intersect, so a read sees every write
 //! acknowledged before it began.
 
+pub mod antientropy;
 pub mod replica;
 pub mod rpc;
 
@@ -57,6 +58,8 @@ pub enum MetaError {
     },
     #[error("metadata replica {node} refused the request: {message}")]
     Refused { node: NodeId, message: String },
+    #[error("metadata replica {node} did not answer: {error}")]
+    Unreachable { node: NodeId, error: String },
     #[error("rows written or read together must be in one partition")]
     MixedPartitions,
     #[error(transparent)]
@@ -474,6 +477,10 @@ impl Metadata {
                 errors: errors.join("; "),
             })
         }
+    }
+
+    fn is_connected(&self, node: &NodeId) -> bool {
+        peer_id_of(node).is_ok_and(|peer| self.inner.members.contains(&peer))
     }
 
     /// Runs background work that [`Metadata::shutdown`] stops.

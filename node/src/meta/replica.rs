@@ -186,6 +186,24 @@ impl MetaReplica {
             .collect()
     }
 
+    /// The digests of rows as stored here, `None` where there is no row.
+    pub fn row_digests(
+        &self,
+        partition: &Partition,
+        keys: &[(Table, Vec<u8>)],
+    ) -> Result<Vec<Option<[u8; 32]>>, ReplicaError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(ROWS).map_err(db_error)?;
+        keys.iter()
+            .map(|(t, sort)| {
+                Ok(table
+                    .get((partition.as_str(), t.code(), sort.as_slice()))
+                    .map_err(db_error)?
+                    .map(|raw| row_digest(*t, sort, raw.value())))
+            })
+            .collect()
+    }
+
     /// Rows of one table of one partition with `start <= sort < end`.
     pub fn range(
         &self,

@@ -1,0 +1,217 @@
+//! Anti-entropy (spec/metadata.md, "Anti-entropy"): a replica compares
+//! digests with every other replica of each partition they share and pulls
+//! the rows it lacks or holds older. Pull only: every replica runs it, so a
+//! row one side lacks reaches it from the side that has it. A replica that
+//! was down converges this way without any read touching its data.
+
+use std::time::Duration;
+
+use cairn_protocol::ids::NodeId;
+use cairn_protocol::meta::{Partition, RowKey, Table};
+use cairn_protocol::metarpc::{MAX_ITEMS, Request, Response};
+
+use super::replica::ReplicaError;
+use super::{MetaError, Metadata};
+
+/// Rows asked for in one read while pulling.
+const PULL_BATCH: usize = 256;
+
+/// What one round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Partitions compared with a peer.
+    pub compared: usize,
+    /// Partitions whose roots differed.
+    pub differing: usize,
+    /// Rows pulled and merged here.
+    pub pulled: usize,
+}
+
+impl Metadata {
+    /// Runs anti-entropy every `every` until the node stops.
+    pub(crate) fn start_anti_entropy(&self, every: Duration) {
+        let this = self.clone();
+        self.spawn_tracked(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                match this.anti_entropy_round().await {
+                    Ok(stats) if stats.pulled > 0 => {
+                        tracing::info!(?stats, "anti-entropy pulled rows");
+                    }
+                    Ok(stats) => tracing::debug!(?stats, "anti-entropy round"),
+                    Err(error) => tracing::info!(%error, "anti-entropy round failed"),
+                }
+            }
+        });
+    }
+
+    /// One round against every other node of the map.
+    pub async fn anti_entropy_round(&self) -> Result<SyncStats, MetaError> {
+        let map = self.inner.maps.current().ok_or(MetaError::NoMap)?;
+        let own = self.inner.own;
+        let mut stats = SyncStats::default();
+        let peers: Vec<NodeId> = map
+            .map
+            .nodes
+            .iter()
+            .filter(|n| n.state.is_placed() && n.id != own)
+            .map(|n| n.id)
+            // Peers not connected now are skipped, not waited for: the
+            // next round finds them if they are back.
+            .filter(|id| self.is_connected(id))
+            .collect();
+        for peer in peers {
+            if let Err(error) = self.sync_with(peer, &mut stats).await {
+                tracing::debug!(%peer, %error, "anti-entropy with this peer failed");
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn sync_with(&self, peer: NodeId, stats: &mut SyncStats) -> Result<(), MetaError> {
+        let mut after = None;
+        loop {
+            let request = Request::Partitions {
+                after: after.clone(),
+                limit: MAX_ITEMS as u32,
+            };
+            let Response::Partitions { items, more } = self.ask(peer, request).await? else {
+                return Err(unexpected(peer));
+            };
+            for (partition, root) in &items {
+                let shared = self
+                    .replicas_of(partition)?
+                    .iter()
+                    .filter(|n| **n == peer || **n == self.inner.own)
+                    .count()
+                    == 2;
+                if !shared {
+                    continue;
+                }
+                stats.compared += 1;
+                let ours = self.local_digest(partition).await?;
+                if ours.root() != *root {
+                    stats.differing += 1;
+                    stats.pulled += self.pull_partition(peer, partition, &ours).await?;
+                }
+            }
+            if !more {
+                return Ok(());
+            }
+            after = items.last().map(|(p, _)| p.clone());
+        }
+    }
+
+    async fn pull_partition(
+        &self,
+        peer: NodeId,
+        partition: &Partition,
+        ours: &cairn_protocol::meta::PartitionDigest,
+    ) -> Result<usize, MetaError> {
+        let Response::Digest(theirs) = self
+            .ask(
+                peer,
+                Request::Digest {
+                    partition: partition.clone(),
+                },
+            )
+            .await?
+        else {
+            return Err(unexpected(peer));
+        };
+        let leaves = ours.differing(&theirs);
+        if leaves.is_empty() {
+            return Ok(0);
+        }
+        let mut pulled = 0;
+        let mut cursor: Option<(Table, Vec<u8>)> = None;
+        loop {
+            let request = Request::LeafRows {
+                partition: partition.clone(),
+                leaves,
+                after: cursor.clone(),
+                limit: MAX_ITEMS as u32,
+            };
+            let Response::LeafRows { items, more } = self.ask(peer, request).await? else {
+                return Err(unexpected(peer));
+            };
+            let keys: Vec<(Table, Vec<u8>)> =
+                items.iter().map(|(t, s, _)| (*t, s.clone())).collect();
+            let local = {
+                let (replica, partition, keys) =
+                    (self.inner.replica.clone(), partition.clone(), keys.clone());
+                tokio::task::spawn_blocking(move || replica.row_digests(&partition, &keys))
+                    .await
+                    .map_err(|e| ReplicaError::Database(e.to_string()))??
+            };
+            let wanted: Vec<RowKey> = items
+                .iter()
+                .zip(local)
+                .filter(|((_, _, theirs), ours)| ours.as_ref() != Some(theirs))
+                .map(|((table, sort, _), _)| RowKey::new(partition.clone(), *table, sort.clone()))
+                .collect();
+            for chunk in wanted.chunks(PULL_BATCH) {
+                let Response::Rows(values) = self
+                    .ask(
+                        peer,
+                        Request::Read {
+                            keys: chunk.to_vec(),
+                        },
+                    )
+                    .await?
+                else {
+                    return Err(unexpected(peer));
+                };
+                let mut rows = Vec::with_capacity(chunk.len());
+                for (key, value) in chunk.iter().zip(values).filter_map(|(k, v)| Some((k, v?))) {
+                    // A peer's row is checked like any write before it is merged.
+                    match value.check_fits(key) {
+                        Ok(()) => rows.push((key.clone(), value)),
+                        Err(error) => {
+                            tracing::warn!(%peer, %error, "anti-entropy: peer sent a row that does not fit its key");
+                        }
+                    }
+                }
+                pulled += rows.len();
+                self.inner.replica.merge(rows).await?;
+            }
+            if !more {
+                return Ok(pulled);
+            }
+            cursor = keys.last().cloned();
+        }
+    }
+
+    async fn local_digest(
+        &self,
+        partition: &Partition,
+    ) -> Result<cairn_protocol::meta::PartitionDigest, MetaError> {
+        let (replica, partition) = (self.inner.replica.clone(), partition.clone());
+        Ok(
+            tokio::task::spawn_blocking(move || replica.digest(&partition))
+                .await
+                .map_err(|e| ReplicaError::Database(e.to_string()))??,
+        )
+    }
+
+    async fn ask(&self, peer: NodeId, request: Request) -> Result<Response, MetaError> {
+        match self.call(peer, request).await {
+            Ok(Response::Error { message, .. }) => Err(MetaError::Refused {
+                node: peer,
+                message,
+            }),
+            Ok(response) => Ok(response),
+            Err(error) => Err(MetaError::Unreachable { node: peer, error }),
+        }
+    }
+}
+
+fn unexpected(peer: NodeId) -> MetaError {
+    MetaError::Refused {
+        node: peer,
+        message: "answered with an unexpected message".into(),
+    }
+}
