@@ -102,6 +102,13 @@ impl ObjectVersion {
                 && self.retention.retain_until_unix_ms > now_unix_ms)
     }
 
+    /// Whether the version still exists at `now`: not purged, or purged
+    /// while a lock holds (a permanent delete takes effect only where no
+    /// lock holds, whatever order the replicas learnt of them in).
+    pub fn exists(&self, now_unix_ms: u64) -> bool {
+        self.purged.is_none() || self.is_locked(now_unix_ms)
+    }
+
     /// The CRDT join of two replicas' views of one version.
     pub fn merge(&self, other: &Self) -> Result<Self, VersionError> {
         if (&self.bucket, &self.key, self.version) != (&other.bucket, &other.key, other.version) {

@@ -349,3 +349,138 @@ async fn a_replica_that_missed_a_thousand_writes_converges_by_anti_entropy_alone
     assert_eq!(page.rows.len(), 1000);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_roll_up_prefixes_hide_deleted_keys_and_page_in_order() {
+    use cairn_node::meta::listing::{ListRequest, ListStart};
+    use cairn_protocol::version::RetentionMode;
+
+    let cluster = cluster_with_map().await;
+    let meta = cluster.node(2).metadata().clone();
+    let mut rows = Vec::new();
+    let mut n = 0;
+    let mut add = |key: &str, edit: &dyn Fn(&mut ObjectVersion)| {
+        n += 1;
+        let (row_key, value) = version_row("docs", key, n, meta.timestamp());
+        let RowValue::Version(mut version) = value else {
+            unreachable!()
+        };
+        edit(&mut version);
+        rows.push((row_key, RowValue::Version(version)));
+    };
+    let keep = |_: &mut ObjectVersion| {};
+    add("a", &keep);
+    add("b/1", &keep);
+    add("b/2", &keep);
+    add("c", &keep);
+    add("c", &|v| v.body = VersionBody::DeleteMarker);
+    add("d", &keep);
+    add("d", &keep);
+    let purged_at = meta.timestamp();
+    add("e", &|v| v.purged = Some(purged_at));
+    add("f", &|v| {
+        v.purged = Some(purged_at);
+        v.retention.mode = RetentionMode::Compliance;
+        v.retention.retain_until_unix_ms = u64::MAX;
+    });
+    meta.write(rows).await.unwrap();
+
+    let keys = |entries: &[ObjectVersion]| -> Vec<String> {
+        entries.iter().map(|v| v.key.clone()).collect()
+    };
+    let request = |delimiter: Option<&str>, start: ListStart, max_keys: usize| ListRequest {
+        prefix: String::new(),
+        delimiter: delimiter.map(str::to_owned),
+        start,
+        max_keys,
+    };
+    let all = meta
+        .list_objects("docs", &request(None, ListStart::Beginning, 1000))
+        .await
+        .unwrap();
+    // c's newest version is a delete marker; e was purged; f was purged
+    // under a compliance lock, which the purge cannot pass.
+    assert_eq!(keys(&all.entries), ["a", "b/1", "b/2", "d", "f"]);
+    assert!(
+        matches!(all.entries[3].body, VersionBody::Data { size_bytes: 7, .. }),
+        "d lists its newest version"
+    );
+    assert_eq!(all.resume, None);
+
+    let first = meta
+        .list_objects("docs", &request(Some("/"), ListStart::Beginning, 2))
+        .await
+        .unwrap();
+    assert_eq!(keys(&first.entries), ["a"]);
+    assert_eq!(first.common_prefixes, ["b/"]);
+    let second = meta
+        .list_objects(
+            "docs",
+            &request(
+                Some("/"),
+                ListStart::Resume(first.resume.clone().unwrap()),
+                2,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys(&second.entries), ["d", "f"]);
+    assert!(second.common_prefixes.is_empty());
+
+    let after = meta
+        .list_objects(
+            "docs",
+            &request(None, ListStart::AfterKey("b/1".into()), 1000),
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys(&after.entries), ["b/2", "d", "f"]);
+
+    let versions = meta
+        .list_versions("docs", &request(None, ListStart::Beginning, 1000))
+        .await
+        .unwrap();
+    assert_eq!(
+        keys(&versions.entries),
+        ["a", "b/1", "b/2", "c", "c", "d", "d", "f"]
+    );
+    assert_eq!(versions.entries[3].body, VersionBody::DeleteMarker);
+    assert!(versions.entries[5].version > versions.entries[6].version);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_version_survives_a_delete_sent_to_every_replica() {
+    use cairn_protocol::version::RetentionMode;
+
+    let cluster = cluster_with_map().await;
+    let meta = cluster.node(4).metadata().clone();
+    let (key, RowValue::Version(mut locked)) = version_row("vault", "ledger", 1, meta.timestamp())
+    else {
+        unreachable!()
+    };
+    locked.retention.mode = RetentionMode::Compliance;
+    locked.retention.retain_until_unix_ms = u64::MAX;
+    meta.write(vec![(key.clone(), RowValue::Version(locked.clone()))])
+        .await
+        .unwrap();
+
+    // A delete that tries to clear the lock and purge, merged straight into
+    // every replica's store.
+    let mut delete = locked.clone();
+    delete.retention = Retention::default();
+    delete.purged = Some(meta.timestamp());
+    for replica in meta.replicas_of(&key.partition).unwrap() {
+        let node = cluster.node(cluster.index_of(&replica)).metadata().clone();
+        node.replica()
+            .merge(vec![(key.clone(), RowValue::Version(delete.clone()))])
+            .await
+            .unwrap();
+    }
+    let Some(RowValue::Version(after)) = meta.read(vec![key]).await.unwrap().remove(0) else {
+        panic!("the version is gone");
+    };
+    assert_eq!(after.retention, locked.retention, "retention was shortened");
+    assert!(after.exists(cairn_node::swarm::now_unix_ms()));
+    cluster.shutdown().await;
+}

@@ -10,6 +10,7 @@
 //! acknowledged before it began.
 
 pub mod antientropy;
+pub mod listing;
 pub mod replica;
 pub mod rpc;
 

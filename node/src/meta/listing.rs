@@ -1,0 +1,209 @@
+//! Ordered object listings over the versions table (spec/metadata.md,
+//! "Listing"): what ListObjects (V1 and V2) and ListObjectVersions need —
+//! prefix, delimiter with common prefixes, a start point, and a bounded
+//! page with the point to continue from. Pages come from quorum range
+//! reads, so a listing sees every write acknowledged before it began.
+
+use cairn_protocol::ids::VersionId;
+use cairn_protocol::meta::{
+    Partition, RowValue, Table, prefix_end, version_of_sort_key, version_sort_key,
+};
+use cairn_protocol::metarpc::MAX_ITEMS;
+use cairn_protocol::version::ObjectVersion;
+
+use super::{MetaError, Metadata};
+use crate::swarm::now_unix_ms;
+
+/// Entries in one listing page at most (S3's own cap).
+pub const MAX_KEYS: usize = 1000;
+
+/// Where a listing starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListStart {
+    /// From the first key.
+    Beginning,
+    /// After every version of this key (start-after, marker, key-marker).
+    AfterKey(String),
+    /// After this version of this key (key-marker with version-id-marker).
+    AfterVersion(String, VersionId),
+    /// From a point a previous page handed out (continuation token).
+    Resume(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListRequest {
+    pub prefix: String,
+    pub delimiter: Option<String>,
+    pub start: ListStart,
+    /// 1 to [`MAX_KEYS`] (0 is answered with an empty, truncated page by S3;
+    /// the gateway decides that case).
+    pub max_keys: usize,
+}
+
+/// One page: entries and common prefixes in key order, counted together
+/// against `max_keys`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    pub entries: Vec<ObjectVersion>,
+    pub common_prefixes: Vec<String>,
+    /// Where the next page starts, when the listing is truncated.
+    pub resume: Option<Vec<u8>>,
+}
+
+impl Metadata {
+    /// The current version of every key (ListObjects): keys whose newest
+    /// existing version is a delete marker are left out.
+    pub async fn list_objects(
+        &self,
+        bucket: &str,
+        request: &ListRequest,
+    ) -> Result<ListPage, MetaError> {
+        self.list(bucket, request, false).await
+    }
+
+    /// Every existing version, newest first within a key, delete markers
+    /// included (ListObjectVersions).
+    pub async fn list_versions(
+        &self,
+        bucket: &str,
+        request: &ListRequest,
+    ) -> Result<ListPage, MetaError> {
+        self.list(bucket, request, true).await
+    }
+
+    async fn list(
+        &self,
+        bucket: &str,
+        request: &ListRequest,
+        all_versions: bool,
+    ) -> Result<ListPage, MetaError> {
+        let partition = Partition::bucket(bucket);
+        let max_keys = request.max_keys.clamp(1, MAX_KEYS);
+        let prefix = request.prefix.as_bytes();
+        let end = prefix_end(prefix);
+        let mut cursor = match &request.start {
+            ListStart::Beginning => prefix.to_vec(),
+            ListStart::AfterKey(key) => after_key(key),
+            ListStart::AfterVersion(key, version) => {
+                let mut sort = version_sort_key(key, version);
+                sort.push(0);
+                sort
+            }
+            ListStart::Resume(point) => point.clone(),
+        };
+        if cursor.as_slice() < prefix {
+            cursor = prefix.to_vec();
+        }
+        let now = now_unix_ms();
+        let mut page = ListPage {
+            entries: Vec::new(),
+            common_prefixes: Vec::new(),
+            resume: None,
+        };
+        // The key whose current version was decided (ListObjects takes the
+        // first existing version of each key and skips the rest).
+        let mut decided_key: Option<String> = None;
+        loop {
+            let rows = self
+                .range(
+                    &partition,
+                    Table::Versions,
+                    &cursor,
+                    end.as_deref(),
+                    MAX_ITEMS.min(4 * max_keys),
+                )
+                .await?;
+            let mut jumped = false;
+            for (sort, value) in &rows.rows {
+                let (Some((key, _)), RowValue::Version(version)) =
+                    (version_of_sort_key(sort), value)
+                else {
+                    continue;
+                };
+                if decided_key.as_deref() == Some(key) {
+                    continue;
+                }
+                if let Some(common) =
+                    common_prefix(&request.prefix, request.delimiter.as_deref(), key)
+                {
+                    if page.entries.len() + page.common_prefixes.len() == max_keys {
+                        page.resume = Some(sort.clone());
+                        return Ok(page);
+                    }
+                    page.common_prefixes.push(common.to_owned());
+                    // Skip every key under the common prefix in one step.
+                    match prefix_end(common.as_bytes()) {
+                        Some(next) => cursor = next,
+                        None => return Ok(page),
+                    }
+                    jumped = true;
+                    break;
+                }
+                if !version.exists(now) {
+                    continue;
+                }
+                if !all_versions {
+                    decided_key = Some(key.to_owned());
+                    if version.body == cairn_protocol::version::VersionBody::DeleteMarker {
+                        continue;
+                    }
+                }
+                if page.entries.len() + page.common_prefixes.len() == max_keys {
+                    page.resume = Some(sort.clone());
+                    return Ok(page);
+                }
+                page.entries.push((**version).clone());
+            }
+            if jumped {
+                continue;
+            }
+            match rows.rows.last() {
+                Some((last, _)) if rows.more => {
+                    cursor = last.clone();
+                    cursor.push(0);
+                }
+                _ => return Ok(page),
+            }
+        }
+    }
+}
+
+/// The first sort key after every version of `key`.
+fn after_key(key: &str) -> Vec<u8> {
+    let mut sort = key.as_bytes().to_vec();
+    sort.push(1);
+    sort
+}
+
+/// The common prefix `key` rolls up into: the prefix and the key's text up
+/// to and including the first delimiter after it.
+fn common_prefix<'k>(prefix: &str, delimiter: Option<&str>, key: &'k str) -> Option<&'k str> {
+    let delimiter = delimiter.filter(|d| !d.is_empty())?;
+    let rest = key.get(prefix.len()..)?;
+    let at = rest.find(delimiter)?;
+    Some(&key[..prefix.len() + at + delimiter.len()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_prefixes_stop_at_the_first_delimiter_after_the_prefix() {
+        assert_eq!(common_prefix("", Some("/"), "a/b/c"), Some("a/"));
+        assert_eq!(common_prefix("a/", Some("/"), "a/b/c"), Some("a/b/"));
+        assert_eq!(common_prefix("a/", Some("/"), "a/c"), None);
+        assert_eq!(common_prefix("", None, "a/b"), None);
+        assert_eq!(common_prefix("", Some(""), "a/b"), None);
+        assert_eq!(common_prefix("x", Some("--"), "x1--2--3"), Some("x1--"));
+    }
+
+    #[test]
+    fn after_key_sorts_past_every_version_of_the_key_and_before_longer_keys() {
+        let v = VersionId::new(u64::MAX, [0xff; 10]);
+        assert!(after_key("a") > version_sort_key("a", &VersionId::new(0, [0; 10])));
+        assert!(after_key("a") > version_sort_key("a", &v));
+        assert!(after_key("a") < version_sort_key("a\u{2}", &v));
+        assert!(after_key("a") < version_sort_key("a/", &v));
+    }
+}
