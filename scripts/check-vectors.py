@@ -208,7 +208,74 @@ def check_dht():
     r.done()
 
 
-checks = [check_dht, check_membership, check_ids, check_stream, check_keywrap, check_erasure, check_manifest, check_wire, check_versions]
+def derive(context, data):
+    return blake3.blake3(data, derive_key_context=context).digest()
+
+
+def check_meta():
+    v = load("meta.json")
+    row = v["register_row"]
+    # RowValue kind 1: Timestamp (hlc u64, node [32]), present, bytes32.
+    r = Reader(h(row["encoded"]))
+    assert r.u8() == 1 and r.u64() == row["hlc"] and r.take(32) == h(row["node"])
+    assert r.u8() == 1 and r.take(r.u32()) == h(row["value"])
+    r.done()
+    sort, table = h(row["sort"]), row["table"]
+    assert derive("cairn 2026-11 metadata leaf v1", bytes([table]) + sort)[0] == row["leaf"]
+    digest = derive(
+        "cairn 2026-11 metadata row v1",
+        bytes([table]) + struct.pack(">H", len(sort)) + sort + h(row["encoded"]),
+    )
+    assert digest == h(row["row_digest"])
+    leaves = [bytes(32)] * 256
+    leaves[row["leaf"]] = digest
+    assert derive("cairn 2026-11 metadata root v1", b"".join(leaves)) == h(row["partition_root"])
+
+    vs = v["version_sort_key"]
+    inverted = bytes(b ^ 0xFF for b in h(vs["version"]))
+    assert h(vs["sort"]) == vs["key"].encode() + b"\x00" + inverted
+
+    rep = v["replicas"]
+    key = derive("cairn 2026-11 metadata partition v1", rep["partition"].encode())
+    assert key == h(rep["placement_key"])
+    ranked = sorted(
+        rep["nodes"],
+        key=lambda n: derive("cairn 2026-11 metadata replicas v1", key + h(n["id"])),
+    )
+    chosen, sites = [], set()
+    for n in ranked:
+        if len(chosen) < 3 and n["site"] not in sites:
+            sites.add(n["site"])
+            chosen.append(n["id"])
+    for n in ranked:
+        if len(chosen) < 3 and n["id"] not in chosen:
+            chosen.append(n["id"])
+    assert chosen == rep["replicas_3"]
+
+    tv = v["tagged_value"]
+    assert h(tv["encoded"]) == h(tv["operation"]) + b"\x01" + struct.pack(">I", len(h(tv["value"]))) + h(tv["value"])
+
+    # Write: 0x01, count, RowKey (partition str16, table, sort bytes16), RowValue.
+    r = Reader(h(v["requests"]["write"]))
+    assert r.u8() == 0x01 and r.u32() == 1
+    assert r.str16(63) == row["partition"] and r.u8() == table and r.take(r.u16()) == sort
+    assert r.take(len(row["encoded"]) // 2) == h(row["encoded"])
+    r.done()
+    # Accept: 0x11, RegisterKey, Ballot (round, node), OptBytes.
+    r = Reader(h(v["requests"]["accept"]))
+    assert r.u8() == 0x11 and r.str16(63) == "photos" and r.take(r.u16()) == b"cat.jpg"
+    assert r.u64() == 7 and r.take(32) == bytes([0x22] * 32)
+    assert r.u8() == 1 and r.take(r.u32()) == h(tv["encoded"])
+    r.done()
+    # Promise: 0x90, has_accepted, Ballot, OptBytes.
+    r = Reader(h(v["responses"]["promise"]))
+    assert r.u8() == 0x90 and r.u8() == 1 and r.u64() == 7 and r.take(32) == bytes([0x22] * 32)
+    assert r.u8() == 1 and r.take(r.u32()) == h(tv["encoded"])
+    r.done()
+    assert h(v["responses"]["written"]) == b"\x81"
+
+
+checks = [check_meta, check_dht, check_membership, check_ids, check_stream, check_keywrap, check_erasure, check_manifest, check_wire, check_versions]
 failed = 0
 for check in checks:
     try:

@@ -558,3 +558,135 @@ fn dht_records() {
         assert!(StoredRecord::decode(&encoded_record[..cut]).is_err());
     }
 }
+
+#[test]
+fn metadata_rows_rpc_and_replicas() {
+    use cairn_protocol::cas::TaggedValue;
+    use cairn_protocol::meta::{
+        Partition, PartitionDigest, Register, RowKey, RowValue, Table, leaf_of, replica_set,
+        row_digest, version_sort_key, xor_into,
+    };
+    use cairn_protocol::metarpc::{AcceptedValue, Ballot, RegisterKey, Request, Response};
+
+    let at = Timestamp {
+        hlc: Hlc::new(1_790_000_000_000, 3),
+        node: NodeId([0x11; 32]),
+    };
+    let bucket_key = RowKey::new(Partition::cluster(), Table::Buckets, b"photos".to_vec());
+    let bucket_value = RowValue::Register(Register {
+        at,
+        value: Some(b"settings".to_vec()),
+    });
+    let encoded_value = bucket_value.encode();
+    let leaf = leaf_of(Table::Buckets, &bucket_key.sort);
+    let digest = row_digest(Table::Buckets, &bucket_key.sort, &encoded_value);
+    let mut partition_digest = PartitionDigest::default();
+    xor_into(&mut partition_digest.leaves[usize::from(leaf)], &digest);
+    let version = VersionId::new(1_790_000_000_000, [0x5a; 10]);
+    let sites = ["a", "b", "c"];
+    let map = ClusterMap {
+        version: 1,
+        nodes: (0..6u8)
+            .map(|i| MapNode {
+                id: NodeId([i + 1; 32]),
+                site: SiteId::new(sites[usize::from(i % 3)]).unwrap(),
+                capacity_bytes: 1 << 40,
+                state: NodeState::Up,
+            })
+            .collect(),
+    };
+    let photos = Partition::bucket("photos");
+    let ballot = Ballot {
+        round: 7,
+        node: NodeId([0x22; 32]),
+    };
+    let tagged = TaggedValue {
+        operation: [0x33; 16],
+        value: Some(b"head".to_vec()),
+    };
+    let register = RegisterKey {
+        partition: photos.clone(),
+        name: b"cat.jpg".to_vec(),
+    };
+    let write = Request::Write {
+        rows: vec![(bucket_key.clone(), bucket_value.clone())],
+    };
+    let accept = Request::Accept {
+        key: register.clone(),
+        ballot,
+        value: Some(tagged.encode()),
+    };
+    let promise = Response::Promise {
+        accepted: Some(AcceptedValue {
+            ballot,
+            value: Some(tagged.encode()),
+        }),
+    };
+    let stored = check(
+        "meta.json",
+        json!({
+            "register_row": {
+                "partition": "",
+                "table": 1,
+                "sort": to_hex(&bucket_key.sort),
+                "hlc": at.hlc.as_u64(),
+                "node": to_hex(at.node.as_bytes()),
+                "value": to_hex(b"settings"),
+                "encoded": to_hex(&encoded_value),
+                "leaf": leaf,
+                "row_digest": to_hex(&digest),
+                "partition_root": to_hex(&partition_digest.root()),
+            },
+            "version_sort_key": {
+                "key": "cats/tom.jpg",
+                "version": version.to_text(),
+                "sort": to_hex(&version_sort_key("cats/tom.jpg", &version)),
+            },
+            "replicas": {
+                "nodes": map.nodes.iter().map(|n| json!({
+                    "id": to_hex(n.id.as_bytes()),
+                    "site": n.site.as_str(),
+                })).collect::<Vec<_>>(),
+                "partition": "photos",
+                "placement_key": to_hex(&photos.placement_key()),
+                "replicas_3": replica_set(&map, &photos, 3)
+                    .iter()
+                    .map(|id| to_hex(id.as_bytes()))
+                    .collect::<Vec<_>>(),
+            },
+            "tagged_value": {
+                "operation": to_hex(&tagged.operation),
+                "value": to_hex(b"head"),
+                "encoded": to_hex(&tagged.encode()),
+            },
+            "requests": {
+                "write": to_hex(&write.encode()),
+                "accept": to_hex(&accept.encode()),
+            },
+            "responses": {
+                "promise": to_hex(&promise.encode()),
+                "written": to_hex(&Response::Written.encode()),
+            },
+        }),
+    );
+    assert_eq!(
+        RowValue::decode(&hex_bytes(&stored["register_row"]["encoded"])).unwrap(),
+        bucket_value
+    );
+    assert_eq!(
+        Request::decode(&hex_bytes(&stored["requests"]["write"])).unwrap(),
+        write
+    );
+    assert_eq!(
+        Request::decode(&hex_bytes(&stored["requests"]["accept"])).unwrap(),
+        accept
+    );
+    assert_eq!(
+        Response::decode(&hex_bytes(&stored["responses"]["promise"])).unwrap(),
+        promise
+    );
+    assert_eq!(
+        TaggedValue::decode(&hex_bytes(&stored["tagged_value"]["encoded"])).unwrap(),
+        tagged
+    );
+}
