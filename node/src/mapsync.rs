@@ -31,32 +31,71 @@ pub enum MapError {
     },
 }
 
+fn previous_path(path: &std::path::Path) -> PathBuf {
+    path.with_extension("previous")
+}
+
 pub struct MapKeeper {
     cluster: ClusterId,
     path: PathBuf,
     current: RwLock<Option<SignedMap>>,
+    /// The map held before the current one: metadata partitions that moved
+    /// are served by both replica sets until the new one has filled.
+    previous: RwLock<Option<SignedMap>>,
     changed: Notify,
+}
+
+fn read_map(cluster: &ClusterId, path: &PathBuf) -> Result<Option<SignedMap>, MapError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(SignedMap::decode(&bytes, cluster).map_err(
+            |source| MapError::Invalid {
+                path: path.clone(),
+                source,
+            },
+        )?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(MapError::Io {
+            path: path.clone(),
+            source,
+        }),
+    }
+}
+
+/// Writes a map file durably: temporary file, fsync, rename, directory fsync.
+fn write_map(path: &PathBuf, map: &SignedMap) -> Result<(), MapError> {
+    let io = |source| MapError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let mut file = File::create(&temporary).map_err(io)?;
+    file.write_all(&map.encode()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    fs::rename(&temporary, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
 }
 
 impl MapKeeper {
     /// Loads the map kept at `path`, if any; a file that does not verify is
     /// an error rather than silently replaced.
     pub fn load(cluster: ClusterId, path: PathBuf) -> Result<Self, MapError> {
-        let current =
-            match fs::read(&path) {
-                Ok(bytes) => Some(SignedMap::decode(&bytes, &cluster).map_err(|source| {
-                    MapError::Invalid {
-                        path: path.clone(),
-                        source,
-                    }
-                })?),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(source) => return Err(MapError::Io { path, source }),
-            };
+        let current = read_map(&cluster, &path)?;
+        let previous = read_map(&cluster, &previous_path(&path))?
+            // A crash between the two writes of `offer` leaves them equal.
+            .filter(|p| {
+                current
+                    .as_ref()
+                    .is_some_and(|c| p.map.version < c.map.version)
+            });
         Ok(Self {
             cluster,
             path,
             current: RwLock::new(current),
+            previous: RwLock::new(previous),
             changed: Notify::new(),
         })
     }
@@ -67,6 +106,11 @@ impl MapKeeper {
 
     pub fn current(&self) -> Option<SignedMap> {
         self.current.read().expect("map lock").clone()
+    }
+
+    /// The map held before the current one, if any.
+    pub fn previous(&self) -> Option<SignedMap> {
+        self.previous.read().expect("map lock").clone()
     }
 
     pub fn version(&self) -> Option<u64> {
@@ -87,18 +131,11 @@ impl MapKeeper {
         {
             return Ok(false);
         }
-        let io = |source| MapError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let temporary = self.path.with_extension("tmp");
-        let mut file = File::create(&temporary).map_err(io)?;
-        file.write_all(&map.encode()).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        fs::rename(&temporary, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        if let Some(held) = current.as_ref() {
+            write_map(&previous_path(&self.path), held)?;
         }
+        write_map(&self.path, map)?;
+        *self.previous.write().expect("map lock") = current.take();
         *current = Some(map.clone());
         drop(current);
         self.changed.notify_waiters();

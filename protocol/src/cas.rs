@@ -4,7 +4,11 @@
 //! are here; the node carries the messages and keeps acceptor state durable
 //! before it answers.
 
+use std::collections::BTreeSet;
+
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::ids::NodeId;
+use crate::meta::QuorumSets;
 use crate::metarpc::{AcceptedValue, Ballot, MAX_REGISTER_BYTES, Response};
 
 const FORMAT_VERSION: u8 = 1;
@@ -78,7 +82,7 @@ impl AcceptorState {
         let ballot = |r: &mut Reader<'_>| -> Result<Ballot, DecodeError> {
             Ok(Ballot {
                 round: r.u64("ballot round")?,
-                node: crate::ids::NodeId(r.array("ballot node")?),
+                node: NodeId(r.array("ballot node")?),
             })
         };
         let promised = Some(ballot(&mut r)?).filter(|b| *b != Ballot::ZERO);
@@ -142,33 +146,33 @@ pub enum Tally {
     Lost { seen: Option<Ballot> },
 }
 
-/// Counts one phase's answers from `replicas` acceptors.
+/// Counts one phase's answers from the acceptors of some quorum sets.
 #[derive(Debug, Clone)]
 pub struct PhaseTally {
-    replicas: usize,
-    granted: usize,
-    refused: usize,
+    sets: QuorumSets,
+    granted: BTreeSet<NodeId>,
+    refused: BTreeSet<NodeId>,
     highest_conflict: Option<Ballot>,
     /// Phase 1: the value accepted under the highest ballot among promises.
     latest: Option<AcceptedValue>,
 }
 
 impl PhaseTally {
-    pub fn new(replicas: usize) -> Self {
+    pub fn new(sets: QuorumSets) -> Self {
         Self {
-            replicas,
-            granted: 0,
-            refused: 0,
+            sets,
+            granted: BTreeSet::new(),
+            refused: BTreeSet::new(),
             highest_conflict: None,
             latest: None,
         }
     }
 
-    /// Records one acceptor's answer; `None` for no answer (a failure).
-    pub fn record(&mut self, answer: Option<&Response>) -> Tally {
+    /// Records `node`'s answer; `None` for no answer (a failure).
+    pub fn record(&mut self, node: NodeId, answer: Option<&Response>) -> Tally {
         match answer {
             Some(Response::Promise { accepted }) => {
-                self.granted += 1;
+                self.granted.insert(node);
                 if let Some(accepted) = accepted
                     && self
                         .latest
@@ -178,21 +182,24 @@ impl PhaseTally {
                     self.latest = Some(accepted.clone());
                 }
             }
-            Some(Response::Accepted) => self.granted += 1,
+            Some(Response::Accepted) => {
+                self.granted.insert(node);
+            }
             Some(Response::Conflict { promised }) => {
-                self.refused += 1;
+                self.refused.insert(node);
                 self.highest_conflict = self.highest_conflict.max(Some(*promised));
             }
-            _ => self.refused += 1,
+            _ => {
+                self.refused.insert(node);
+            }
         }
         self.tally()
     }
 
     pub fn tally(&self) -> Tally {
-        let quorum = crate::meta::quorum(self.replicas);
-        if self.granted >= quorum {
+        if self.sets.reached(&self.granted) {
             Tally::Won
-        } else if self.replicas - self.refused < quorum {
+        } else if self.sets.lost(&self.refused) {
             Tally::Lost {
                 seen: self.highest_conflict,
             }
@@ -209,7 +216,7 @@ impl PhaseTally {
 }
 
 /// The next ballot for `node` above everything seen.
-pub fn next_ballot(node: crate::ids::NodeId, last_round: u64, seen: Option<Ballot>) -> Ballot {
+pub fn next_ballot(node: NodeId, last_round: u64, seen: Option<Ballot>) -> Ballot {
     let round = last_round.max(seen.map_or(0, |b| b.round)) + 1;
     Ballot { round, node }
 }
@@ -217,7 +224,10 @@ pub fn next_ballot(node: crate::ids::NodeId, last_round: u64, seen: Option<Ballo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::NodeId;
+
+    fn three() -> QuorumSets {
+        QuorumSets::new((1..=3).map(|i| NodeId([i; 32])).collect(), None)
+    }
 
     fn ballot(round: u64, node: u8) -> Ballot {
         Ballot {
@@ -267,7 +277,7 @@ mod tests {
 
     #[test]
     fn a_phase_is_won_by_a_majority_and_adopts_the_latest_accepted_value() {
-        let mut tally = PhaseTally::new(3);
+        let mut tally = PhaseTally::new(three());
         let older = Response::Promise {
             accepted: Some(AcceptedValue {
                 ballot: ballot(1, 1),
@@ -280,8 +290,8 @@ mod tests {
                 value: Some(b"new".to_vec()),
             }),
         };
-        assert_eq!(tally.record(Some(&newer)), Tally::Pending);
-        assert_eq!(tally.record(Some(&older)), Tally::Won);
+        assert_eq!(tally.record(NodeId([1; 32]), Some(&newer)), Tally::Pending);
+        assert_eq!(tally.record(NodeId([2; 32]), Some(&older)), Tally::Won);
         assert_eq!(tally.current_value(), Some(&b"new"[..]));
     }
 
@@ -302,12 +312,15 @@ mod tests {
 
     #[test]
     fn a_phase_is_lost_once_a_majority_cannot_grant() {
-        let mut tally = PhaseTally::new(3);
-        assert_eq!(tally.record(None), Tally::Pending);
+        let mut tally = PhaseTally::new(three());
+        assert_eq!(tally.record(NodeId([1; 32]), None), Tally::Pending);
         assert_eq!(
-            tally.record(Some(&Response::Conflict {
-                promised: ballot(7, 2)
-            })),
+            tally.record(
+                NodeId([2; 32]),
+                Some(&Response::Conflict {
+                    promised: ballot(7, 2)
+                })
+            ),
             Tally::Lost {
                 seen: Some(ballot(7, 2))
             }

@@ -540,6 +540,62 @@ pub fn quorum(replicas: usize) -> usize {
     replicas / 2 + 1
 }
 
+/// The replica sets a request needs a majority of: the current map's and,
+/// while a partition moves, the previous map's as well (joint majorities:
+/// whatever either configuration acknowledged is seen).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuorumSets {
+    sets: Vec<Vec<NodeId>>,
+}
+
+impl QuorumSets {
+    /// `previous` is dropped when it holds the same nodes as `current`.
+    pub fn new(current: Vec<NodeId>, previous: Option<Vec<NodeId>>) -> Self {
+        let same = |a: &[NodeId], b: &[NodeId]| {
+            a.iter().collect::<BTreeSet<_>>() == b.iter().collect::<BTreeSet<_>>()
+        };
+        let mut sets = vec![current];
+        if let Some(previous) = previous.filter(|p| !p.is_empty() && !same(p, &sets[0])) {
+            sets.push(previous);
+        }
+        Self { sets }
+    }
+
+    pub fn current(&self) -> &[NodeId] {
+        &self.sets[0]
+    }
+
+    /// The previous map's set, while the partition moves.
+    pub fn previous(&self) -> Option<&[NodeId]> {
+        self.sets.get(1).map(Vec::as_slice)
+    }
+
+    /// Every node of every set, each once, the current set first.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        let mut nodes: Vec<NodeId> = Vec::new();
+        for node in self.sets.iter().flatten() {
+            if !nodes.contains(node) {
+                nodes.push(*node);
+            }
+        }
+        nodes
+    }
+
+    /// Whether the nodes in `granted` hold a majority of every set.
+    pub fn reached(&self, granted: &BTreeSet<NodeId>) -> bool {
+        self.sets
+            .iter()
+            .all(|set| set.iter().filter(|n| granted.contains(n)).count() >= quorum(set.len()))
+    }
+
+    /// Whether some set can no longer reach a majority once `failed` failed.
+    pub fn lost(&self, failed: &BTreeSet<NodeId>) -> bool {
+        self.sets
+            .iter()
+            .any(|set| set.iter().filter(|n| !failed.contains(n)).count() < quorum(set.len()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -694,6 +750,20 @@ mod tests {
         let set = replica_set(&two_sites, &Partition::cluster(), 3);
         assert_eq!(set.len(), 3);
         assert_eq!(replica_set(&two_sites, &Partition::cluster(), 5).len(), 3);
+    }
+
+    #[test]
+    fn joint_sets_need_a_majority_of_each() {
+        let n = |i: u8| NodeId([i; 32]);
+        let sets = QuorumSets::new(vec![n(1), n(2), n(3)], Some(vec![n(3), n(4), n(5)]));
+        assert_eq!(sets.nodes(), vec![n(1), n(2), n(3), n(4), n(5)]);
+        let granted = |ids: &[u8]| ids.iter().map(|&i| n(i)).collect::<BTreeSet<_>>();
+        assert!(!sets.reached(&granted(&[1, 2])));
+        assert!(sets.reached(&granted(&[1, 3, 4])));
+        assert!(!sets.lost(&granted(&[1, 4])));
+        assert!(sets.lost(&granted(&[4, 5])));
+        let unmoved = QuorumSets::new(vec![n(1), n(2), n(3)], Some(vec![n(3), n(2), n(1)]));
+        assert_eq!(unmoved.previous(), None);
     }
 
     #[test]

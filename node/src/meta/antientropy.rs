@@ -51,18 +51,23 @@ impl Metadata {
     /// One round against every other node of the map.
     pub async fn anti_entropy_round(&self) -> Result<SyncStats, MetaError> {
         let map = self.inner.maps.current().ok_or(MetaError::NoMap)?;
+        let previous = self.inner.maps.previous();
         let own = self.inner.own;
         let mut stats = SyncStats::default();
-        let peers: Vec<NodeId> = map
+        // Members of the previous map too: they hold partitions that moved.
+        let mut peers: Vec<NodeId> = map
             .map
             .nodes
             .iter()
+            .chain(previous.iter().flat_map(|p| p.map.nodes.iter()))
             .filter(|n| n.state.is_placed() && n.id != own)
             .map(|n| n.id)
             // Peers not connected now are skipped, not waited for: the
             // next round finds them if they are back.
             .filter(|id| self.is_connected(id))
             .collect();
+        peers.sort();
+        peers.dedup();
         for peer in peers {
             if let Err(error) = self.sync_with(peer, &mut stats).await {
                 tracing::debug!(%peer, %error, "anti-entropy with this peer failed");
@@ -82,12 +87,11 @@ impl Metadata {
                 return Err(unexpected(peer));
             };
             for (partition, root) in &items {
-                let shared = self
-                    .replicas_of(partition)?
-                    .iter()
-                    .filter(|n| **n == peer || **n == self.inner.own)
-                    .count()
-                    == 2;
+                // Pull what we replicate now from every node that holds it
+                // now or held it under the previous map.
+                let sets = self.quorum_sets_of(partition)?;
+                let shared =
+                    sets.current().contains(&self.inner.own) && sets.nodes().contains(&peer);
                 if !shared {
                     continue;
                 }

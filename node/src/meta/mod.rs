@@ -14,13 +14,14 @@ pub mod listing;
 pub mod replica;
 pub mod rpc;
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_protocol::cas::{PhaseTally, TaggedValue, Tally, next_ballot};
 use cairn_protocol::hlc::{HlcClock, Timestamp};
 use cairn_protocol::ids::NodeId;
-use cairn_protocol::meta::{Partition, RowKey, RowValue, Table, quorum, replica_set};
+use cairn_protocol::meta::{Partition, QuorumSets, RowKey, RowValue, Table, replica_set};
 use cairn_protocol::metarpc::{self, ErrorCode, RegisterKey, Request, Response};
 use libp2p::StreamProtocol;
 use thiserror::Error;
@@ -48,13 +49,14 @@ pub enum MetaError {
     )]
     NoMap,
     #[error(
-        "only {answered} of the {replicas} replicas of partition {partition:?} answered, a majority is {needed}: {errors}"
+        "no majority of the replicas of partition {partition:?} answered ({answered} of {asked} did{moving}): {errors}"
     )]
     NoQuorum {
         partition: String,
-        replicas: usize,
-        needed: usize,
+        asked: usize,
         answered: usize,
+        /// Says so when the partition is moving (two majorities needed).
+        moving: &'static str,
         errors: String,
     },
     #[error("metadata replica {node} refused the request: {message}")]
@@ -151,8 +153,20 @@ impl Metadata {
 
     /// The nodes that replicate `partition` under the current map.
     pub fn replicas_of(&self, partition: &Partition) -> Result<Vec<NodeId>, MetaError> {
+        Ok(self.quorum_sets_of(partition)?.current().to_vec())
+    }
+
+    /// The replica sets a request on `partition` needs majorities of: the
+    /// current map's, and the previous map's while the partition moves.
+    pub fn quorum_sets_of(&self, partition: &Partition) -> Result<QuorumSets, MetaError> {
         let map = self.inner.maps.current().ok_or(MetaError::NoMap)?;
-        Ok(replica_set(&map.map, partition, self.inner.replicas))
+        let current = replica_set(&map.map, partition, self.inner.replicas);
+        let previous = self
+            .inner
+            .maps
+            .previous()
+            .map(|p| replica_set(&p.map, partition, self.inner.replicas));
+        Ok(QuorumSets::new(current, previous))
     }
 
     /// Merges `rows` (all of one partition) into a majority of its replicas.
@@ -293,7 +307,7 @@ impl Metadata {
         change: impl Fn(Option<&[u8]>) -> Result<Option<Vec<u8>>, R>,
     ) -> Result<Result<Option<Vec<u8>>, R>, MetaError> {
         const ATTEMPTS: u32 = 200;
-        let replicas = self.replicas_of(&key.partition)?;
+        let sets = self.quorum_sets_of(&key.partition)?;
         let operation: [u8; 16] = {
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&random_u64().to_be_bytes());
@@ -317,7 +331,7 @@ impl Metadata {
                 key: key.clone(),
                 ballot,
             };
-            let (outcome, promises) = self.phase(&replicas, prepare).await;
+            let (outcome, promises) = self.phase(&sets, prepare).await;
             if let Tally::Lost { seen: higher } = outcome {
                 seen = seen.max(higher);
             }
@@ -363,7 +377,7 @@ impl Metadata {
                 ballot,
                 value,
             };
-            match self.phase(&replicas, accept).await {
+            match self.phase(&sets, accept).await {
                 (Tally::Won, _) => return Ok(decided),
                 (Tally::Lost { seen: higher }, _) => {
                     seen = seen.max(higher);
@@ -374,28 +388,28 @@ impl Metadata {
         }
         Err(MetaError::NoQuorum {
             partition: key.partition.as_str().to_owned(),
-            replicas: replicas.len(),
-            needed: quorum(replicas.len()),
+            asked: sets.nodes().len(),
             answered: 0,
+            moving: moving(&sets),
             errors: format!("compare-and-set gave up after {ATTEMPTS} attempts: {last_failure}"),
         })
     }
 
     /// Runs one Paxos phase on every replica until a majority decides it.
-    async fn phase(&self, replicas: &[NodeId], request: Request) -> (Tally, PhaseTally) {
-        let (answers_tx, mut answers_rx) = mpsc::channel(replicas.len());
-        for node in replicas {
-            let (this, request, answers_tx, node) =
-                (self.clone(), request.clone(), answers_tx.clone(), *node);
+    async fn phase(&self, sets: &QuorumSets, request: Request) -> (Tally, PhaseTally) {
+        let nodes = sets.nodes();
+        let (answers_tx, mut answers_rx) = mpsc::channel(nodes.len());
+        for node in nodes {
+            let (this, request, answers_tx) = (self.clone(), request.clone(), answers_tx.clone());
             self.spawn_tracked(async move {
                 let answer = this.call(node, request).await.ok();
-                let _ = answers_tx.send(answer).await;
+                let _ = answers_tx.send((node, answer)).await;
             });
         }
         drop(answers_tx);
-        let mut tally = PhaseTally::new(replicas.len());
-        while let Some(answer) = answers_rx.recv().await {
-            match tally.record(answer.as_ref()) {
+        let mut tally = PhaseTally::new(sets.clone());
+        while let Some((node, answer)) = answers_rx.recv().await {
+            match tally.record(node, answer.as_ref()) {
                 Tally::Pending => {}
                 decided => return (decided, tally),
             }
@@ -428,11 +442,11 @@ impl Metadata {
         request: Request,
         finish_all: bool,
     ) -> Result<Vec<(NodeId, Response)>, MetaError> {
-        let replicas = self.replicas_of(partition)?;
-        let needed = quorum(replicas.len());
-        let (answers_tx, mut answers_rx) = mpsc::channel(replicas.len());
-        let mut calls = Vec::with_capacity(replicas.len());
-        for node in &replicas {
+        let sets = self.quorum_sets_of(partition)?;
+        let nodes = sets.nodes();
+        let (answers_tx, mut answers_rx) = mpsc::channel(nodes.len());
+        let mut calls = Vec::with_capacity(nodes.len());
+        for node in &nodes {
             let (this, request, answers_tx, node) =
                 (self.clone(), request.clone(), answers_tx.clone(), *node);
             calls.push(self.spawn_tracked(async move {
@@ -441,7 +455,9 @@ impl Metadata {
             }));
         }
         drop(answers_tx);
-        let mut granted = Vec::with_capacity(replicas.len());
+        let mut granted = Vec::with_capacity(nodes.len());
+        let mut granted_nodes = BTreeSet::new();
+        let mut failed = BTreeSet::new();
         let mut errors = Vec::new();
         while let Some((node, answer)) = answers_rx.recv().await {
             match answer {
@@ -451,30 +467,37 @@ impl Metadata {
                 }) => {
                     return Err(MetaError::Refused { node, message });
                 }
-                Ok(Response::Error { message, .. }) => errors.push(format!("{node}: {message}")),
+                Ok(Response::Error { message, .. }) => {
+                    errors.push(format!("{node}: {message}"));
+                    failed.insert(node);
+                }
                 Ok(response) => {
                     granted.push((node, response));
-                    if granted.len() >= needed {
+                    granted_nodes.insert(node);
+                    if sets.reached(&granted_nodes) {
                         break;
                     }
                 }
-                Err(error) => errors.push(format!("{node}: {error}")),
+                Err(error) => {
+                    errors.push(format!("{node}: {error}"));
+                    failed.insert(node);
+                }
             }
-            if replicas.len() - errors.len() < needed {
+            if sets.lost(&failed) {
                 break;
             }
         }
         if !finish_all {
             calls.iter().for_each(|c| c.abort());
         }
-        if granted.len() >= needed {
+        if sets.reached(&granted_nodes) {
             Ok(granted)
         } else {
             Err(MetaError::NoQuorum {
                 partition: partition.as_str().to_owned(),
-                replicas: replicas.len(),
-                needed,
+                asked: nodes.len(),
                 answered: granted.len(),
+                moving: moving(&sets),
                 errors: errors.join("; "),
             })
         }
@@ -545,6 +568,14 @@ impl Metadata {
             attempt += 1;
             tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
         }
+    }
+}
+
+fn moving(sets: &QuorumSets) -> &'static str {
+    if sets.previous().is_some() {
+        "; the partition is moving, so a majority of both its old and its new replicas is needed"
+    } else {
+        ""
     }
 }
 
