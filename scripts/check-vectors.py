@@ -255,6 +255,13 @@ def check_meta():
     tv = v["tagged_value"]
     assert h(tv["encoded"]) == h(tv["operation"]) + b"\x01" + struct.pack(">I", len(h(tv["value"]))) + h(tv["value"])
 
+    g = v["guard"]
+    r = Reader(h(g["encoded"]))
+    assert r.u8() == 1 and r.u8() == g["mode"] and r.u64() == g["retain_until_unix_ms"]
+    assert r.u8() == int(g["legal_hold"]) and r.u64() == row["hlc"] and r.take(32) == h(row["node"])
+    assert r.u8() == int(g["purged"])
+    r.done()
+
     # Write: 0x01, count, RowKey (partition str16, table, sort bytes16), RowValue.
     r = Reader(h(v["requests"]["write"]))
     assert r.u8() == 0x01 and r.u32() == 1

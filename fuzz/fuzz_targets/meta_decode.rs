@@ -1,9 +1,11 @@
-//! Metadata RPC messages, row values, acceptor states and register values:
+//! Metadata RPC messages, row values, acceptor states, register values and
+//! version guards:
 //! no panic; what decodes re-encodes to the same bytes (every encoding is
 //! canonical). The first byte picks the decoder.
 #![no_main]
 
 use cairn_protocol::cas::{AcceptorState, TaggedValue};
+use cairn_protocol::guard::VersionGuard;
 use cairn_protocol::meta::RowValue;
 use cairn_protocol::metarpc::{Request, Response};
 use libfuzzer_sys::fuzz_target;
@@ -36,6 +38,11 @@ fuzz_target!(|data: &[u8]| {
         4 => {
             if let Ok(value) = TaggedValue::decode(body) {
                 assert_eq!(value.encode(), body);
+            }
+        }
+        5 => {
+            if let Ok(guard) = VersionGuard::decode(body) {
+                assert_eq!(guard.encode(), body);
             }
         }
         _ => {}

@@ -10,6 +10,7 @@ pub mod codec;
 pub mod dht;
 pub mod encryption;
 pub mod erasure;
+pub mod guard;
 pub mod hlc;
 pub mod ids;
 pub mod keywrap;

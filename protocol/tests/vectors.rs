@@ -616,6 +616,14 @@ fn metadata_rows_rpc_and_replicas() {
         ballot,
         value: Some(tagged.encode()),
     };
+    let guard = cairn_protocol::guard::VersionGuard {
+        retention: Retention {
+            mode: RetentionMode::Compliance,
+            retain_until_unix_ms: 1_800_000_000_000,
+        },
+        legal_hold: Lww { value: true, at },
+        purged: false,
+    };
     let promise = Response::Promise {
         accepted: Some(AcceptedValue {
             ballot,
@@ -659,6 +667,13 @@ fn metadata_rows_rpc_and_replicas() {
                 "value": to_hex(b"head"),
                 "encoded": to_hex(&tagged.encode()),
             },
+            "guard": {
+                "mode": 2,
+                "retain_until_unix_ms": 1_800_000_000_000u64,
+                "legal_hold": true,
+                "purged": false,
+                "encoded": to_hex(&guard.encode()),
+            },
             "requests": {
                 "write": to_hex(&write.encode()),
                 "accept": to_hex(&accept.encode()),
@@ -688,5 +703,10 @@ fn metadata_rows_rpc_and_replicas() {
     assert_eq!(
         TaggedValue::decode(&hex_bytes(&stored["tagged_value"]["encoded"])).unwrap(),
         tagged
+    );
+    assert_eq!(
+        cairn_protocol::guard::VersionGuard::decode(&hex_bytes(&stored["guard"]["encoded"]))
+            .unwrap(),
+        guard
     );
 }

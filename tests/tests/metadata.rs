@@ -697,3 +697,68 @@ async fn partitions_moved_by_a_new_map_under_load_lose_nothing() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_delete_racing_a_new_lock_is_decided_one_way_only() {
+    use cairn_node::meta::locks::LockError;
+    use cairn_protocol::guard::{GuardChange, GuardRefusal};
+
+    let cluster = cluster_with_map().await;
+    let (deleter, locker) = (
+        cluster.node(1).metadata().clone(),
+        cluster.node(4).metadata().clone(),
+    );
+    let (mut deletes_won, mut locks_won) = (0, 0);
+    for trial in 0..20u64 {
+        let row = version_row("vault", &format!("doc-{trial}"), trial, deleter.timestamp());
+        deleter.write(vec![row.clone()]).await.unwrap();
+        let key = row.0.clone();
+        let hold = GuardChange::LegalHold {
+            on: true,
+            at: locker.timestamp(),
+        };
+        // Trials alternate: a true race, a delete with a head start, a true
+        // race, a lock with a head start.
+        let head_start = |side: u64| async move {
+            if trial % 4 == side {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let (deleted, locked) = tokio::join!(
+            async {
+                head_start(3).await;
+                deleter.change_version_lock(&key, GuardChange::Purge).await
+            },
+            async {
+                head_start(1).await;
+                locker.change_version_lock(&key, hold).await
+            },
+        );
+        let Some(RowValue::Version(after)) =
+            deleter.read(vec![key.clone()]).await.unwrap().remove(0)
+        else {
+            panic!("trial {trial}: the row is gone");
+        };
+        let now = cairn_node::swarm::now_unix_ms();
+        match (deleted, locked) {
+            (Ok(_), Err(LockError::Refused(GuardRefusal::Purged))) => {
+                deletes_won += 1;
+                assert!(
+                    !after.exists(now) && !after.legal_hold.value,
+                    "trial {trial}"
+                );
+            }
+            (Err(LockError::Refused(GuardRefusal::Locked { .. })), Ok(_)) => {
+                locks_won += 1;
+                assert!(after.exists(now) && after.legal_hold.value, "trial {trial}");
+                assert_eq!(after.purged, None, "trial {trial}");
+            }
+            (deleted, locked) => {
+                panic!("trial {trial}: both or neither decided: {deleted:?} / {locked:?}")
+            }
+        }
+    }
+    eprintln!("deletes won {deletes_won}, locks won {locks_won}");
+    assert!(deletes_won > 0 && locks_won > 0);
+    cluster.shutdown().await;
+}

@@ -11,6 +11,7 @@
 
 pub mod antientropy;
 pub mod listing;
+pub mod locks;
 pub mod replica;
 pub mod rpc;
 
