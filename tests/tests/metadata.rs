@@ -224,6 +224,22 @@ async fn a_row_that_does_not_fit_its_key_is_refused_and_nothing_is_written() {
     let error = meta.write(vec![(wrong.clone(), value)]).await.unwrap_err();
     assert!(error.to_string().contains("does not match"), "{error}");
     assert_eq!(meta.read(vec![wrong]).await.unwrap(), vec![None]);
+
+    // Too many rows, or too many bytes, for one request: refused up front.
+    let many: Vec<(RowKey, RowValue)> = (0..4097)
+        .map(|n| bucket_row(&format!("b{n}"), meta.timestamp(), b""))
+        .collect();
+    let error = meta.write(many).await.unwrap_err();
+    assert!(error.to_string().contains("at most 4096"), "{error}");
+    let big = vec![0u8; 9 << 20];
+    let error = meta
+        .write(vec![
+            bucket_row("big-a", meta.timestamp(), &big),
+            bucket_row("big-b", meta.timestamp(), &big),
+        ])
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("bytes"), "{error}");
     cluster.shutdown().await;
 }
 

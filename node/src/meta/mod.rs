@@ -66,6 +66,10 @@ pub enum MetaError {
     Unreachable { node: NodeId, error: String },
     #[error("rows written or read together must be in one partition")]
     MixedPartitions,
+    #[error("{count} rows in one request; at most {max} go together")]
+    TooManyRows { count: usize, max: usize },
+    #[error("the rows of one write take {bytes} bytes; at most {max} go together")]
+    TooLarge { bytes: usize, max: usize },
     #[error(transparent)]
     Invalid(#[from] cairn_protocol::meta::MetaError),
     #[error(transparent)]
@@ -178,8 +182,15 @@ impl Metadata {
         for (key, value) in &rows {
             value.check_fits(key)?;
         }
-        self.quorum_call(&partition, Request::Write { rows }, true)
-            .await?;
+        let request = Request::Write { rows };
+        let bytes = request.encode().len();
+        if bytes > metarpc::MAX_MESSAGE_BYTES {
+            return Err(MetaError::TooLarge {
+                bytes,
+                max: metarpc::MAX_MESSAGE_BYTES,
+            });
+        }
+        self.quorum_call(&partition, request, true).await?;
         Ok(())
     }
 
@@ -531,8 +542,10 @@ impl Metadata {
         for task in tasks {
             let _ = task.await;
         }
-        // Dropping the last replica handle joins its writer thread.
-        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+        // Closed even if clones of this coordinator are still held elsewhere,
+        // so that the node can start again in the same process.
+        let replica = self.inner.replica.clone();
+        let _ = tokio::task::spawn_blocking(move || replica.close()).await;
     }
 
     /// One request to one replica, this node's own included. Transport
@@ -590,8 +603,15 @@ fn random_u64() -> u64 {
 }
 
 fn single_partition<'a>(
-    mut keys: impl Iterator<Item = &'a RowKey>,
+    keys: impl ExactSizeIterator<Item = &'a RowKey>,
 ) -> Result<Option<Partition>, MetaError> {
+    if keys.len() > metarpc::MAX_ITEMS {
+        return Err(MetaError::TooManyRows {
+            count: keys.len(),
+            max: metarpc::MAX_ITEMS,
+        });
+    }
+    let mut keys = keys;
     let Some(first) = keys.next() else {
         return Ok(None);
     };

@@ -9,7 +9,7 @@
 //! another.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 
 use cairn_protocol::cas::AcceptorState;
@@ -66,29 +66,37 @@ enum Job {
     },
 }
 
-/// A replica's storage. Cheap to clone; the writer thread stops when the
-/// last clone is dropped, after the jobs already queued.
+/// A replica's storage. Cheap to clone. [`MetaReplica::close`] (or the
+/// last clone going) stops the writer after the jobs already queued and
+/// closes the database; clones still held answer `Stopped` from then on,
+/// so a node can be restarted in the same process.
 #[derive(Clone)]
 pub struct MetaReplica {
-    // Dropped first: the last clone stops and joins the writer thread, which
-    // releases its share of the database.
-    writer: Arc<WriterHandle>,
-    db: Arc<Database>,
+    inner: Arc<ReplicaInner>,
 }
 
-struct WriterHandle {
-    jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<thread::JoinHandle<()>>,
+struct ReplicaInner {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<thread::JoinHandle<()>>>,
+    db: RwLock<Option<Arc<Database>>>,
 }
 
-impl Drop for WriterHandle {
-    fn drop(&mut self) {
-        self.jobs.take();
-        if let Some(thread) = self.thread.take()
+impl ReplicaInner {
+    fn close(&self) {
+        self.jobs.lock().expect("replica lock").take();
+        let thread = self.thread.lock().expect("replica lock").take();
+        if let Some(thread) = thread
             && thread.join().is_err()
         {
             tracing::error!("the metadata writer panicked");
         }
+        self.db.write().expect("replica lock").take();
+    }
+}
+
+impl Drop for ReplicaInner {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -120,11 +128,28 @@ impl MetaReplica {
             .name("cairn-meta-writer".into())
             .spawn(move || run_writer(&writer_db, receiver))
             .map_err(db_error)?;
-        let writer = Arc::new(WriterHandle {
-            jobs: Some(jobs),
-            thread: Some(thread),
-        });
-        Ok(Self { writer, db })
+        Ok(Self {
+            inner: Arc::new(ReplicaInner {
+                jobs: Mutex::new(Some(jobs)),
+                thread: Mutex::new(Some(thread)),
+                db: RwLock::new(Some(db)),
+            }),
+        })
+    }
+
+    /// Stops the writer once the jobs already queued are done, and closes
+    /// the database. Blocks: call it off the async runtime.
+    pub fn close(&self) {
+        self.inner.close();
+    }
+
+    fn db(&self) -> Result<Arc<Database>, ReplicaError> {
+        self.inner
+            .db
+            .read()
+            .expect("replica lock")
+            .clone()
+            .ok_or(ReplicaError::Stopped)
     }
 
     /// Merges rows into the replica; returns once they are durable. The
@@ -163,13 +188,19 @@ impl MetaReplica {
     }
 
     async fn submit(&self, job: Job) -> Result<(), ReplicaError> {
-        let jobs = self.writer.jobs.as_ref().ok_or(ReplicaError::Stopped)?;
+        let jobs = self
+            .inner
+            .jobs
+            .lock()
+            .expect("replica lock")
+            .clone()
+            .ok_or(ReplicaError::Stopped)?;
         jobs.send(job).await.map_err(|_| ReplicaError::Stopped)
     }
 
     /// The stored values of `keys`, in order.
     pub fn get(&self, keys: &[RowKey]) -> Result<Vec<Option<RowValue>>, ReplicaError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let txn = self.db()?.begin_read().map_err(db_error)?;
         let table = txn.open_table(ROWS).map_err(db_error)?;
         keys.iter()
             .map(|key| {
@@ -192,7 +223,7 @@ impl MetaReplica {
         partition: &Partition,
         keys: &[(Table, Vec<u8>)],
     ) -> Result<Vec<Option<[u8; 32]>>, ReplicaError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let txn = self.db()?.begin_read().map_err(db_error)?;
         let table = txn.open_table(ROWS).map_err(db_error)?;
         keys.iter()
             .map(|(t, sort)| {
@@ -213,7 +244,7 @@ impl MetaReplica {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<RangePage, ReplicaError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let txn = self.db()?.begin_read().map_err(db_error)?;
         let rows = txn.open_table(ROWS).map_err(db_error)?;
         let from = (partition.as_str(), table.code(), start);
         let iter = match end {
@@ -242,7 +273,7 @@ impl MetaReplica {
 
     /// The digest of one partition (all zero leaves if it holds nothing).
     pub fn digest(&self, partition: &Partition) -> Result<PartitionDigest, ReplicaError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let txn = self.db()?.begin_read().map_err(db_error)?;
         let leaves = txn.open_table(LEAF_DIGESTS).map_err(db_error)?;
         let mut digest = PartitionDigest::default();
         for row in leaves
@@ -261,7 +292,7 @@ impl MetaReplica {
         after: Option<&Partition>,
         limit: usize,
     ) -> Result<(Vec<PartitionRoot>, bool), ReplicaError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let txn = self.db()?.begin_read().map_err(db_error)?;
         let leaves = txn.open_table(LEAF_DIGESTS).map_err(db_error)?;
         let iter = match after {
             // Past every leaf of `after`: its name followed by a zero byte
@@ -303,7 +334,7 @@ impl MetaReplica {
         after: Option<(Table, &[u8])>,
         limit: usize,
     ) -> Result<(Vec<LeafRow>, bool), ReplicaError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let txn = self.db()?.begin_read().map_err(db_error)?;
         let rows = txn.open_table(ROWS).map_err(db_error)?;
         let name = partition.as_str();
         let iter = match after {
