@@ -268,6 +268,9 @@ def check_meta():
     assert r.str16(63) == row["partition"] and r.u8() == table and r.take(r.u16()) == sort
     assert r.take(len(row["encoded"]) // 2) == h(row["encoded"])
     r.done()
+    # A call: the sender's map version, then the request.
+    call = h(v["requests"]["call_write"])
+    assert call == struct.pack(">Q", v["requests"]["call_map_version"]) + h(v["requests"]["write"])
     # Accept: 0x11, RegisterKey, Ballot (round, node), OptBytes.
     r = Reader(h(v["requests"]["accept"]))
     assert r.u8() == 0x11 and r.str16(63) == "photos" and r.take(r.u16()) == b"cat.jpg"

@@ -7,7 +7,7 @@
 use cairn_protocol::cas::{AcceptorState, TaggedValue};
 use cairn_protocol::guard::VersionGuard;
 use cairn_protocol::meta::RowValue;
-use cairn_protocol::metarpc::{Request, Response};
+use cairn_protocol::metarpc::{Call, Response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,8 +16,8 @@ fuzz_target!(|data: &[u8]| {
     };
     match which {
         0 => {
-            if let Ok(request) = Request::decode(body) {
-                assert_eq!(request.encode(), body);
+            if let Ok(call) = Call::decode(body) {
+                assert_eq!(call.encode(), body);
             }
         }
         1 => {

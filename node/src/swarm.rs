@@ -394,12 +394,13 @@ impl Node {
         // Metadata requests from members, answered from the local replica.
         {
             let (members, commands, limits) = (members.clone(), commands.clone(), config.limits);
+            let metadata = metadata.clone();
             let permits = Arc::new(Semaphore::new(limits.inbound_streams));
             let peer_slots = Arc::new(PeerSlots::default());
             tasks.push(tokio::spawn(async move {
                 while let Some((peer, stream)) = meta_in.next().await {
-                    let (members, commands, replica) =
-                        (members.clone(), commands.clone(), replica.clone());
+                    let (members, commands, metadata) =
+                        (members.clone(), commands.clone(), metadata.clone());
                     let (permits, peer_slots) = (permits.clone(), peer_slots.clone());
                     tokio::spawn(async move {
                         if !members.wait_for(&peer, MEMBERSHIP_WAIT).await {
@@ -417,7 +418,7 @@ impl Node {
                             tracing::debug!(%peer, "too many metadata requests from this peer: dropped");
                             return;
                         };
-                        if let Err(error) = meta_rpc::serve(stream, &replica).await {
+                        if let Err(error) = meta_rpc::serve(stream, &metadata).await {
                             tracing::info!(%peer, %error, "metadata request ended with an error");
                         }
                     });

@@ -535,6 +535,18 @@ pub fn replica_set(map: &ClusterMap, partition: &Partition, replicas: usize) -> 
     chosen
 }
 
+/// A name for a set of replicas, whatever their order.
+pub fn replica_set_id(nodes: &[NodeId]) -> [u8; 32] {
+    let mut sorted = nodes.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    let mut hasher = blake3::Hasher::new_derive_key("cairn 2026-11 metadata replica set v1");
+    for node in &sorted {
+        hasher.update(node.as_bytes());
+    }
+    *hasher.finalize().as_bytes()
+}
+
 /// A majority of `replicas`.
 pub fn quorum(replicas: usize) -> usize {
     replicas / 2 + 1

@@ -18,6 +18,8 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_VALUE_BYTES + (64 << 10);
 pub const MAX_ITEMS: usize = 4096;
 /// Bytes of a compare-and-set register's value.
 pub const MAX_REGISTER_BYTES: usize = 64 << 10;
+/// Replicas named in a Filled request.
+pub const MAX_OLD_REPLICAS: usize = 64;
 /// Bytes of an error message.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 512;
 
@@ -91,6 +93,14 @@ pub enum Request {
         after: Option<(Table, Vec<u8>)>,
         limit: u32,
     },
+    /// Whether the receiver, a replica of `partition` under map `version`,
+    /// has pulled the partition from a majority of `old` (the replicas
+    /// under the asker's previous map); asking starts the pull.
+    Filled {
+        partition: Partition,
+        version: u64,
+        old: Vec<NodeId>,
+    },
     /// Paxos phase 1 for a register.
     Prepare { key: RegisterKey, ballot: Ballot },
     /// Paxos phase 2 for a register.
@@ -112,13 +122,22 @@ pub enum ErrorCode {
     Busy = 3,
     /// The replica failed (its disk); try another.
     Internal = 4,
+    /// The sender's cluster map is older than one the replica has seen:
+    /// fetch the newer map and try again.
+    StaleMap = 5,
 }
 
 impl ErrorCode {
     fn from_code(code: u8) -> Option<Self> {
-        [Self::Malformed, Self::Refused, Self::Busy, Self::Internal]
-            .into_iter()
-            .find(|c| *c as u8 == code)
+        [
+            Self::Malformed,
+            Self::Refused,
+            Self::Busy,
+            Self::Internal,
+            Self::StaleMap,
+        ]
+        .into_iter()
+        .find(|c| *c as u8 == code)
     }
 }
 
@@ -140,6 +159,10 @@ pub enum Response {
     LeafRows {
         items: Vec<(Table, Vec<u8>, [u8; 32])>,
         more: bool,
+    },
+    /// The answer to Filled.
+    Filled {
+        filled: bool,
     },
     /// Phase 1 granted, with what the acceptor accepted before, if anything.
     Promise {
@@ -163,6 +186,7 @@ mod code {
     pub const PARTITIONS: u8 = 0x04;
     pub const DIGEST: u8 = 0x05;
     pub const LEAF_ROWS: u8 = 0x06;
+    pub const FILLED: u8 = 0x07;
     pub const PREPARE: u8 = 0x10;
     pub const ACCEPT: u8 = 0x11;
 
@@ -172,6 +196,7 @@ mod code {
     pub const PARTITIONS_REPLY: u8 = 0x84;
     pub const DIGEST_REPLY: u8 = 0x85;
     pub const LEAF_ROWS_REPLY: u8 = 0x86;
+    pub const FILLED_REPLY: u8 = 0x87;
     pub const PROMISE: u8 = 0x90;
     pub const ACCEPTED: u8 = 0x91;
     pub const CONFLICT: u8 = 0x92;
@@ -211,8 +236,36 @@ fn read_register_key(r: &mut Reader<'_>) -> Result<RegisterKey, DecodeError> {
     })
 }
 
-impl Request {
+/// A request as sent: the map version the sender holds (0: none), which a
+/// replica uses to fence off coordinators whose map is older than one it
+/// has seen, then the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub map_version: u64,
+    pub request: Request,
+}
+
+impl Call {
     /// The frame body (without the length prefix).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.map_version.to_be_bytes().to_vec();
+        out.extend_from_slice(&self.request.encode());
+        out
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let map_version = r.u64("map version")?;
+        let request = Request::decode(r.take(r.remaining(), "request")?)?;
+        Ok(Self {
+            map_version,
+            request,
+        })
+    }
+}
+
+impl Request {
+    /// The request's bytes, after the map version of its [`Call`].
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {
@@ -285,6 +338,19 @@ impl Request {
                 }
                 out.put_u32(*limit);
             }
+            Request::Filled {
+                partition,
+                version,
+                old,
+            } => {
+                out.put_u8(code::FILLED);
+                partition.put(&mut out);
+                out.put_u64(*version);
+                out.put_u32(old.len() as u32);
+                for node in old {
+                    out.extend_from_slice(node.as_bytes());
+                }
+            }
             Request::Prepare { key, ballot } => {
                 out.put_u8(code::PREPARE);
                 put_register_key(&mut out, key);
@@ -354,6 +420,20 @@ impl Request {
                 },
                 limit: r.u32("limit")?,
             },
+            code::FILLED => {
+                let partition = Partition::read(&mut r)?;
+                let version = r.u64("map version")?;
+                let count = r.count("old replicas", MAX_OLD_REPLICAS, 32)?;
+                let mut old = Vec::with_capacity(count);
+                for _ in 0..count {
+                    old.push(NodeId(r.array("old replica")?));
+                }
+                Request::Filled {
+                    partition,
+                    version,
+                    old,
+                }
+            }
             code::PREPARE => Request::Prepare {
                 key: read_register_key(&mut r)?,
                 ballot: Ballot::read(&mut r)?,
@@ -450,6 +530,10 @@ impl Response {
                     }
                 }
             }
+            Response::Filled { filled } => {
+                out.put_u8(code::FILLED_REPLY);
+                out.put_bool(*filled);
+            }
             Response::Accepted => out.put_u8(code::ACCEPTED),
             Response::Conflict { promised } => {
                 out.put_u8(code::CONFLICT);
@@ -532,6 +616,9 @@ impl Response {
                         value: read_optional_bytes(&mut r, "register value", MAX_REGISTER_BYTES)?,
                     }),
                 },
+            },
+            code::FILLED_REPLY => Response::Filled {
+                filled: r.bool("filled")?,
             },
             code::ACCEPTED => Response::Accepted,
             code::CONFLICT => Response::Conflict {
@@ -635,6 +722,11 @@ mod tests {
                 after: Some((Table::Versions, b"x".to_vec())),
                 limit: 100,
             },
+            Request::Filled {
+                partition: Partition::bucket("photos"),
+                version: 9,
+                old: vec![NodeId([1; 32]), NodeId([2; 32])],
+            },
             Request::Prepare {
                 key: register.clone(),
                 ballot,
@@ -669,6 +761,7 @@ mod tests {
             },
             Response::Promise { accepted: None },
             Response::Accepted,
+            Response::Filled { filled: true },
             Response::Conflict { promised: ballot },
             Response::error(ErrorCode::Refused, "no"),
         ];

@@ -675,6 +675,11 @@ fn metadata_rows_rpc_and_replicas() {
                 "encoded": to_hex(&guard.encode()),
             },
             "requests": {
+                "call_map_version": 5,
+                "call_write": to_hex(&cairn_protocol::metarpc::Call {
+                    map_version: 5,
+                    request: write.clone(),
+                }.encode()),
                 "write": to_hex(&write.encode()),
                 "accept": to_hex(&accept.encode()),
             },

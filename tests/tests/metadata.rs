@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use cairn_node::meta::Metadata;
+use cairn_node::meta::replica::UNFENCED;
 use cairn_protocol::erasure::Scheme;
 use cairn_protocol::hlc::Timestamp;
 use cairn_protocol::ids::{ManifestId, NodeId, VersionId};
@@ -137,7 +138,10 @@ async fn read_and_list_after_write_with_one_replica_down_and_read_repair_after()
     let late = version_row("photos", "dogs/1", 99, meta.timestamp());
     for replica in &replicas[1..] {
         let node = cluster.node(cluster.index_of(replica)).metadata().clone();
-        node.replica().merge(vec![late.clone()]).await.unwrap();
+        node.replica()
+            .merge(vec![late.clone()], UNFENCED)
+            .await
+            .unwrap();
     }
     let back = cluster.node(down).metadata().clone();
     assert_eq!(local_value(&back, &late.0).await, None);
@@ -489,7 +493,10 @@ async fn a_retained_version_survives_a_delete_sent_to_every_replica() {
     for replica in meta.replicas_of(&key.partition).unwrap() {
         let node = cluster.node(cluster.index_of(&replica)).metadata().clone();
         node.replica()
-            .merge(vec![(key.clone(), RowValue::Version(delete.clone()))])
+            .merge(
+                vec![(key.clone(), RowValue::Version(delete.clone()))],
+                UNFENCED,
+            )
             .await
             .unwrap();
     }
@@ -776,5 +783,81 @@ async fn a_permanent_delete_racing_a_new_lock_is_decided_one_way_only() {
     }
     eprintln!("deletes won {deletes_won}, locks won {locks_won}");
     assert!(deletes_won > 0 && locks_won > 0);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_partition_settles_on_its_new_replicas_and_outlives_its_old_ones() {
+    use cairn_protocol::meta::replica_set;
+
+    let mut cluster = Cluster::start(&[3, 3, 3]).await.unwrap();
+    let scheme = Scheme::new(4, 2).unwrap();
+    let mut small = cluster.map();
+    small
+        .nodes
+        .retain(|n| ![2, 5, 8].contains(&cluster.index_of(&n.id)));
+    let mut big = cluster.map();
+    big.version = 2;
+    // A bucket that map 2 moves off two of its three map-1 replicas.
+    let (bucket, old, new) = (0..10_000)
+        .map(|i| format!("moving-{i}"))
+        .find_map(|name| {
+            let p = Partition::bucket(&name);
+            let (old, new) = (replica_set(&small, &p, 3), replica_set(&big, &p, 3));
+            let gone = old.iter().filter(|n| !new.contains(n)).count();
+            (gone >= 2).then_some((name, old, new))
+        })
+        .expect("some bucket moves off two replicas");
+    let partition = Partition::bucket(&bucket);
+    cluster.install_map(small, scheme).await.unwrap();
+
+    // Written under map 1: held by the old replicas only.
+    let coordinator = (0..9)
+        .find(|i| {
+            let id = cluster.node_ids()[*i];
+            !old.contains(&id) && !new.contains(&id)
+        })
+        .expect("a node outside both sets");
+    let meta = cluster.node(coordinator).metadata().clone();
+    let rows: Vec<(RowKey, RowValue)> = (0..200)
+        .map(|n| version_row(&bucket, &format!("k{n:03}"), n, meta.timestamp()))
+        .collect();
+    meta.write(rows.clone()).await.unwrap();
+
+    cluster.install_map(big, scheme).await.unwrap();
+    assert!(meta.is_moving(&partition).unwrap());
+    // Touching the partition asks its new replicas to fill; once a majority
+    // of them has, it is served by them alone.
+    let mut settled = false;
+    for _ in 0..100 {
+        if !meta.is_moving(&partition).unwrap() {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "the moved partition never settled");
+
+    // The old replicas that left the set go away: everything is still
+    // readable and writable through the new replicas.
+    for gone in old.iter().filter(|n| !new.contains(n)) {
+        cluster.stop(cluster.index_of(gone)).await;
+    }
+    let keys: Vec<RowKey> = rows.iter().map(|(k, _)| k.clone()).collect();
+    let read = meta.read(keys).await.unwrap();
+    let missing = rows
+        .iter()
+        .zip(&read)
+        .filter(|((_, value), got)| got.as_ref() != Some(value))
+        .count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} rows lost with the old replicas",
+        rows.len()
+    );
+    meta.write(vec![version_row(&bucket, "after", 999, meta.timestamp())])
+        .await
+        .unwrap();
     cluster.shutdown().await;
 }

@@ -10,7 +10,7 @@ use cairn_protocol::ids::NodeId;
 use cairn_protocol::meta::{Partition, RowKey, Table};
 use cairn_protocol::metarpc::{MAX_ITEMS, Request, Response};
 
-use super::replica::ReplicaError;
+use super::replica::{ReplicaError, UNFENCED};
 use super::{MetaError, Metadata};
 
 /// Rows asked for in one read while pulling.
@@ -109,7 +109,7 @@ impl Metadata {
         }
     }
 
-    async fn pull_partition(
+    pub(crate) async fn pull_partition(
         &self,
         peer: NodeId,
         partition: &Partition,
@@ -180,7 +180,7 @@ impl Metadata {
                     }
                 }
                 pulled += rows.len();
-                self.inner.replica.merge(rows).await?;
+                self.inner.replica.merge(rows, UNFENCED).await?;
             }
             if !more {
                 return Ok(pulled);
@@ -189,7 +189,7 @@ impl Metadata {
         }
     }
 
-    async fn local_digest(
+    pub(crate) async fn local_digest(
         &self,
         partition: &Partition,
     ) -> Result<cairn_protocol::meta::PartitionDigest, MetaError> {

@@ -15,15 +15,17 @@ pub mod locks;
 pub mod replica;
 pub mod rpc;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cairn_protocol::cas::{PhaseTally, TaggedValue, Tally, next_ballot};
 use cairn_protocol::hlc::{HlcClock, Timestamp};
 use cairn_protocol::ids::NodeId;
-use cairn_protocol::meta::{Partition, QuorumSets, RowKey, RowValue, Table, replica_set};
-use cairn_protocol::metarpc::{self, ErrorCode, RegisterKey, Request, Response};
+use cairn_protocol::meta::{
+    Partition, QuorumSets, RowKey, RowValue, Table, quorum, replica_set, replica_set_id,
+};
+use cairn_protocol::metarpc::{self, Call, ErrorCode, RegisterKey, Request, Response};
 use libp2p::StreamProtocol;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -95,6 +97,13 @@ pub struct Metadata {
 
 struct Inner {
     own: NodeId,
+    /// Moved partitions whose new replicas have filled, by map version:
+    /// served by the new replica set alone from then on.
+    settled: Mutex<HashSet<(Partition, u64)>>,
+    /// When the new replicas of a moving partition were last asked.
+    asked: Mutex<HashMap<(Partition, u64), Instant>>,
+    /// Partitions this node is filling now.
+    filling: Mutex<HashSet<(Partition, u64)>>,
     control: libp2p_stream::Control,
     members: Arc<Members>,
     maps: Arc<MapKeeper>,
@@ -115,6 +124,9 @@ impl Metadata {
         Self {
             inner: Arc::new(Inner {
                 own,
+                settled: Mutex::default(),
+                asked: Mutex::default(),
+                filling: Mutex::default(),
                 control,
                 members,
                 maps,
@@ -163,15 +175,157 @@ impl Metadata {
 
     /// The replica sets a request on `partition` needs majorities of: the
     /// current map's, and the previous map's while the partition moves.
+    ///
+    /// A moving partition settles once a majority of its new replicas say
+    /// they have filled from the old ones (spec/metadata.md, "Moving
+    /// partitions"); they are asked in the background, at most once a
+    /// second per partition.
     pub fn quorum_sets_of(&self, partition: &Partition) -> Result<QuorumSets, MetaError> {
         let map = self.inner.maps.current().ok_or(MetaError::NoMap)?;
+        let version = map.map.version;
         let current = replica_set(&map.map, partition, self.inner.replicas);
         let previous = self
             .inner
             .maps
             .previous()
             .map(|p| replica_set(&p.map, partition, self.inner.replicas));
-        Ok(QuorumSets::new(current, previous))
+        let sets = QuorumSets::new(current.clone(), previous);
+        let Some(old) = sets.previous() else {
+            return Ok(sets);
+        };
+        let key = (partition.clone(), version);
+        if self
+            .inner
+            .settled
+            .lock()
+            .expect("settled lock")
+            .contains(&key)
+        {
+            return Ok(QuorumSets::new(current, None));
+        }
+        let due = {
+            let mut asked = self.inner.asked.lock().expect("asked lock");
+            let now = Instant::now();
+            let due = asked
+                .get(&key)
+                .is_none_or(|at| now.duration_since(*at) >= Duration::from_secs(1));
+            if due {
+                asked.insert(key.clone(), now);
+            }
+            due
+        };
+        if due {
+            let (this, old) = (self.clone(), old.to_vec());
+            self.spawn_tracked(async move { this.ask_filled(key, current, old).await });
+        }
+        Ok(sets)
+    }
+
+    /// Whether `partition` is served by two replica sets (it moved with the
+    /// last map and its new replicas have not all filled yet).
+    pub fn is_moving(&self, partition: &Partition) -> Result<bool, MetaError> {
+        Ok(self.quorum_sets_of(partition)?.previous().is_some())
+    }
+
+    async fn ask_filled(&self, key: (Partition, u64), current: Vec<NodeId>, old: Vec<NodeId>) {
+        let (partition, version) = key.clone();
+        let asks = current.iter().map(|node| {
+            let request = Request::Filled {
+                partition: partition.clone(),
+                version,
+                old: old.clone(),
+            };
+            self.call(*node, request)
+        });
+        let filled = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter(|answer| matches!(answer, Ok(Response::Filled { filled: true })))
+            .count();
+        if filled >= quorum(current.len()) {
+            tracing::info!(
+                partition = partition.as_str(),
+                version,
+                "moved partition settled on its new replicas"
+            );
+            self.inner.settled.lock().expect("settled lock").insert(key);
+        }
+    }
+
+    /// Answers Filled: pulls `partition` from every node of `old` (each
+    /// raises its fence to our map version before it answers) and records
+    /// it filled once a majority of `old` was pulled from.
+    pub(crate) async fn ensure_filled(
+        &self,
+        partition: Partition,
+        version: u64,
+        mut old: Vec<NodeId>,
+    ) -> Result<bool, MetaError> {
+        let map = self.inner.maps.current().ok_or(MetaError::NoMap)?;
+        if map.map.version != version
+            || !replica_set(&map.map, &partition, self.inner.replicas).contains(&self.inner.own)
+        {
+            return Ok(false);
+        }
+        old.sort();
+        old.dedup();
+        let old_set = replica_set_id(&old);
+        let replica = self.inner.replica.clone();
+        let (p, r) = (partition.clone(), replica.clone());
+        if tokio::task::spawn_blocking(move || r.is_filled(&p, version, &old_set))
+            .await
+            .map_err(|e| ReplicaError::Database(e.to_string()))??
+        {
+            return Ok(true);
+        }
+        let key = (partition.clone(), version);
+        if !self
+            .inner
+            .filling
+            .lock()
+            .expect("filling lock")
+            .insert(key.clone())
+        {
+            return Ok(false);
+        }
+        let mut pulled_from = 0;
+        for node in &old {
+            if *node == self.inner.own {
+                pulled_from += 1;
+                continue;
+            }
+            let ours = self.local_digest(&partition).await;
+            match ours {
+                Ok(ours) => match self.pull_partition(*node, &partition, &ours).await {
+                    Ok(rows) => {
+                        tracing::debug!(%node, rows, partition = partition.as_str(), "filled from an old replica");
+                        pulled_from += 1;
+                    }
+                    Err(error) => {
+                        tracing::info!(%node, %error, partition = partition.as_str(), "could not fill from an old replica");
+                    }
+                },
+                Err(error) => {
+                    self.inner
+                        .filling
+                        .lock()
+                        .expect("filling lock")
+                        .remove(&key);
+                    return Err(error);
+                }
+            }
+        }
+        self.inner
+            .filling
+            .lock()
+            .expect("filling lock")
+            .remove(&key);
+        if pulled_from >= quorum(old.len()) {
+            replica.mark_filled(partition, version, old_set).await?;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
     }
 
     /// Merges `rows` (all of one partition) into a majority of its replicas.
@@ -550,38 +704,51 @@ impl Metadata {
 
     /// One request to one replica, this node's own included. Transport
     /// failures are retried: every metadata request is idempotent.
-    async fn call(&self, node: NodeId, request: Request) -> Result<Response, String> {
-        if node == self.inner.own {
-            return Ok(rpc::answer(&self.inner.replica, request).await);
-        }
-        let peer = peer_id_of(&node).map_err(|e| e.to_string())?;
-        const ATTEMPTS: u32 = 4;
-        let mut attempt = 0;
-        loop {
-            let exchange = async {
-                if !self.inner.members.wait_for(&peer, MEMBERSHIP_WAIT).await {
-                    return Err("not connected as a verified member".to_owned());
-                }
-                let stream = self
-                    .inner
-                    .control
-                    .clone()
-                    .open_stream(peer, META_PROTOCOL)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                rpc::call(stream, &request).await.map_err(|e| e.to_string())
+    ///
+    /// Returns a boxed future: answering Filled locally calls other
+    /// replicas through here again, and a named type ends that cycle.
+    fn call(
+        &self,
+        node: NodeId,
+        request: Request,
+    ) -> futures::future::BoxFuture<'_, Result<Response, String>> {
+        Box::pin(async move {
+            let call = Call {
+                map_version: self.inner.maps.version().unwrap_or(0),
+                request,
             };
-            match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
-                Ok(Ok(response)) => return Ok(response),
-                Ok(Err(error)) if attempt + 1 < ATTEMPTS => {
-                    tracing::debug!(%node, %error, attempt, "metadata call failed; retrying");
-                }
-                Ok(Err(error)) => return Err(error),
-                Err(_) => return Err(format!("no answer within {CALL_TIMEOUT:?}")),
+            if node == self.inner.own {
+                return Ok(rpc::answer(self, call).await);
             }
-            attempt += 1;
-            tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
-        }
+            let peer = peer_id_of(&node).map_err(|e| e.to_string())?;
+            const ATTEMPTS: u32 = 4;
+            let mut attempt = 0;
+            loop {
+                let exchange = async {
+                    if !self.inner.members.wait_for(&peer, MEMBERSHIP_WAIT).await {
+                        return Err("not connected as a verified member".to_owned());
+                    }
+                    let stream = self
+                        .inner
+                        .control
+                        .clone()
+                        .open_stream(peer, META_PROTOCOL)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    rpc::call(stream, &call).await.map_err(|e| e.to_string())
+                };
+                match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
+                    Ok(Ok(response)) => return Ok(response),
+                    Ok(Err(error)) if attempt + 1 < ATTEMPTS => {
+                        tracing::debug!(%node, %error, attempt, "metadata call failed; retrying");
+                    }
+                    Ok(Err(error)) => return Err(error),
+                    Err(_) => return Err(format!("no answer within {CALL_TIMEOUT:?}")),
+                }
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+            }
+        })
     }
 }
 

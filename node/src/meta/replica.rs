@@ -9,6 +9,7 @@
 //! another.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 
@@ -17,7 +18,7 @@ use cairn_protocol::meta::{
     LEAVES, LeafSet, Partition, PartitionDigest, RowKey, RowValue, Table, leaf_of, row_digest,
     xor_into,
 };
-use cairn_protocol::metarpc::{Ballot, RegisterKey, Response};
+use cairn_protocol::metarpc::{Ballot, ErrorCode, RegisterKey, Response};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +29,10 @@ const ROWS: TableDefinition<(&str, u8, &[u8]), &[u8]> = TableDefinition::new("ro
 const LEAF_DIGESTS: TableDefinition<(&str, u8), &[u8]> = TableDefinition::new("leaves");
 /// (partition, register name) → encoded acceptor state.
 const ACCEPTORS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("acceptors");
+/// "fence" → the highest map version seen: changes from older maps are refused.
+const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
+/// (partition, map version, hash of the old replica set) → filled from it.
+const FILLED: TableDefinition<(&str, u64, &[u8]), u8> = TableDefinition::new("filled");
 
 /// Requests merged in one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -48,23 +53,56 @@ fn db_error(e: impl std::fmt::Display) -> ReplicaError {
     ReplicaError::Database(e.to_string())
 }
 
+/// A change for the writer thread. `map_version` is the map of the
+/// coordinator that sent it; below the replica's fence it is refused.
 enum Job {
     Merge {
         rows: Vec<(RowKey, RowValue)>,
-        reply: oneshot::Sender<Result<(), ReplicaError>>,
+        map_version: u64,
+        reply: oneshot::Sender<Result<Response, ReplicaError>>,
     },
     Prepare {
         key: RegisterKey,
         ballot: Ballot,
+        map_version: u64,
         reply: oneshot::Sender<Result<Response, ReplicaError>>,
     },
     Accept {
         key: RegisterKey,
         ballot: Ballot,
         value: Option<Vec<u8>>,
+        map_version: u64,
+        reply: oneshot::Sender<Result<Response, ReplicaError>>,
+    },
+    /// Refuse changes from maps older than `version` from now on.
+    Fence {
+        version: u64,
+        reply: oneshot::Sender<Result<Response, ReplicaError>>,
+    },
+    /// Record that `partition` was filled from `old` under map `version`.
+    MarkFilled {
+        partition: Partition,
+        version: u64,
+        old: [u8; 32],
         reply: oneshot::Sender<Result<Response, ReplicaError>>,
     },
 }
+
+impl Job {
+    fn into_reply(self) -> oneshot::Sender<Result<Response, ReplicaError>> {
+        match self {
+            Job::Merge { reply, .. }
+            | Job::Prepare { reply, .. }
+            | Job::Accept { reply, .. }
+            | Job::Fence { reply, .. }
+            | Job::MarkFilled { reply, .. } => reply,
+        }
+    }
+}
+
+/// Map version given for merges that are not coordinator writes (anti-entropy
+/// pulls): never fenced.
+pub const UNFENCED: u64 = u64::MAX;
 
 /// A replica's storage. Cheap to clone. [`MetaReplica::close`] (or the
 /// last clone going) stops the writer after the jobs already queued and
@@ -76,6 +114,8 @@ pub struct MetaReplica {
 }
 
 struct ReplicaInner {
+    /// The fence as last committed, to skip needless Fence jobs.
+    fence: Arc<AtomicU64>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
     db: RwLock<Option<Arc<Database>>>,
@@ -119,17 +159,30 @@ impl MetaReplica {
             txn.open_table(ROWS).map_err(db_error)?;
             txn.open_table(LEAF_DIGESTS).map_err(db_error)?;
             txn.open_table(ACCEPTORS).map_err(db_error)?;
+            txn.open_table(FILLED).map_err(db_error)?;
+            txn.open_table(STATE).map_err(db_error)?;
             txn.commit().map_err(db_error)?;
         }
+        let fence = {
+            let txn = db.begin_read().map_err(db_error)?;
+            let state = txn.open_table(STATE).map_err(db_error)?;
+            state
+                .get("fence")
+                .map_err(db_error)?
+                .map_or(0, |v| v.value())
+        };
+        let fence = Arc::new(AtomicU64::new(fence));
+        let writer_fence = fence.clone();
         let db = Arc::new(db);
         let (jobs, receiver) = mpsc::channel(4096);
         let writer_db = db.clone();
         let thread = thread::Builder::new()
             .name("cairn-meta-writer".into())
-            .spawn(move || run_writer(&writer_db, receiver))
+            .spawn(move || run_writer(&writer_db, &writer_fence, receiver))
             .map_err(db_error)?;
         Ok(Self {
             inner: Arc::new(ReplicaInner {
+                fence,
                 jobs: Mutex::new(Some(jobs)),
                 thread: Mutex::new(Some(thread)),
                 db: RwLock::new(Some(db)),
@@ -152,22 +205,35 @@ impl MetaReplica {
             .ok_or(ReplicaError::Stopped)
     }
 
-    /// Merges rows into the replica; returns once they are durable. The
-    /// caller has checked that each value fits its key.
-    pub async fn merge(&self, rows: Vec<(RowKey, RowValue)>) -> Result<(), ReplicaError> {
-        let (reply, answer) = oneshot::channel();
-        self.submit(Job::Merge { rows, reply }).await?;
-        answer.await.map_err(|_| ReplicaError::Stopped)?
+    /// Merges rows into the replica; answers Written once they are
+    /// durable, or a StaleMap error below the fence. The caller has checked
+    /// that each value fits its key.
+    pub async fn merge(
+        &self,
+        rows: Vec<(RowKey, RowValue)>,
+        map_version: u64,
+    ) -> Result<Response, ReplicaError> {
+        self.run(|reply| Job::Merge {
+            rows,
+            map_version,
+            reply,
+        })
+        .await
     }
 
     pub async fn prepare(
         &self,
         key: RegisterKey,
         ballot: Ballot,
+        map_version: u64,
     ) -> Result<Response, ReplicaError> {
-        let (reply, answer) = oneshot::channel();
-        self.submit(Job::Prepare { key, ballot, reply }).await?;
-        answer.await.map_err(|_| ReplicaError::Stopped)?
+        self.run(|reply| Job::Prepare {
+            key,
+            ballot,
+            map_version,
+            reply,
+        })
+        .await
     }
 
     pub async fn accept(
@@ -175,15 +241,69 @@ impl MetaReplica {
         key: RegisterKey,
         ballot: Ballot,
         value: Option<Vec<u8>>,
+        map_version: u64,
     ) -> Result<Response, ReplicaError> {
-        let (reply, answer) = oneshot::channel();
-        self.submit(Job::Accept {
+        self.run(|reply| Job::Accept {
             key,
             ballot,
             value,
+            map_version,
+            reply,
+        })
+        .await
+    }
+
+    /// From now on, refuses changes sent under maps older than `version`;
+    /// returns once that is durable.
+    pub async fn raise_fence(&self, version: u64) -> Result<(), ReplicaError> {
+        if version == UNFENCED || version <= self.fence() {
+            return Ok(());
+        }
+        self.run(|reply| Job::Fence { version, reply }).await?;
+        Ok(())
+    }
+
+    /// The highest map version this replica has seen.
+    pub fn fence(&self) -> u64 {
+        self.inner.fence.load(Ordering::Acquire)
+    }
+
+    pub async fn mark_filled(
+        &self,
+        partition: Partition,
+        version: u64,
+        old: [u8; 32],
+    ) -> Result<(), ReplicaError> {
+        self.run(|reply| Job::MarkFilled {
+            partition,
+            version,
+            old,
             reply,
         })
         .await?;
+        Ok(())
+    }
+
+    pub fn is_filled(
+        &self,
+        partition: &Partition,
+        version: u64,
+        old: &[u8; 32],
+    ) -> Result<bool, ReplicaError> {
+        let txn = self.db()?.begin_read().map_err(db_error)?;
+        let filled = txn.open_table(FILLED).map_err(db_error)?;
+        Ok(filled
+            .get((partition.as_str(), version, old.as_slice()))
+            .map_err(db_error)?
+            .is_some())
+    }
+
+    async fn run(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<Response, ReplicaError>>) -> Job,
+    ) -> Result<Response, ReplicaError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(job(reply)).await?;
         answer.await.map_err(|_| ReplicaError::Stopped)?
     }
 
@@ -380,7 +500,7 @@ fn decode_row(raw: &[u8]) -> Result<RowValue, ReplicaError> {
     RowValue::decode(raw).map_err(|e| ReplicaError::Corrupt(e.to_string()))
 }
 
-fn run_writer(db: &Database, mut jobs: mpsc::Receiver<Job>) {
+fn run_writer(db: &Database, fence: &AtomicU64, mut jobs: mpsc::Receiver<Job>) {
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -389,13 +509,14 @@ fn run_writer(db: &Database, mut jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        commit_batch(db, batch);
+        commit_batch(db, fence, batch);
     }
 }
 
 /// Applies a batch in one durable transaction, then answers every job.
-fn commit_batch(db: &Database, batch: Vec<Job>) {
+fn commit_batch(db: &Database, fence: &AtomicU64, batch: Vec<Job>) {
     let mut answers: Vec<Result<Response, ReplicaError>> = Vec::with_capacity(batch.len());
+    let mut raised = fence.load(Ordering::Acquire);
     let result = (|| -> Result<(), ReplicaError> {
         let mut txn = db.begin_write().map_err(db_error)?;
         txn.set_durability(Durability::Immediate)
@@ -404,26 +525,79 @@ fn commit_batch(db: &Database, batch: Vec<Job>) {
             let mut rows = txn.open_table(ROWS).map_err(db_error)?;
             let mut leaves = txn.open_table(LEAF_DIGESTS).map_err(db_error)?;
             let mut acceptors = txn.open_table(ACCEPTORS).map_err(db_error)?;
+            let mut filled = txn.open_table(FILLED).map_err(db_error)?;
+            let mut state = txn.open_table(STATE).map_err(db_error)?;
+            // Jobs are taken in order: a change queued before a fence is
+            // applied, one queued after it is refused.
+            let stale = |map_version: u64, fence: u64| {
+                (map_version < fence).then(|| {
+                    Response::error(
+                        ErrorCode::StaleMap,
+                        format!("your cluster map (version {map_version}) is older than version {fence}, which this replica has seen"),
+                    )
+                })
+            };
             for job in &batch {
                 answers.push(match job {
-                    Job::Merge { rows: incoming, .. } => {
-                        merge_rows(&mut rows, &mut leaves, incoming).map(|()| Response::Written)
-                    }
-                    Job::Prepare { key, ballot, .. } => {
-                        with_acceptor(&mut acceptors, key, |state| state.on_prepare(*ballot))
-                    }
+                    Job::Merge {
+                        rows: incoming,
+                        map_version,
+                        ..
+                    } => match stale(*map_version, raised) {
+                        Some(refusal) => Ok(refusal),
+                        None => {
+                            merge_rows(&mut rows, &mut leaves, incoming).map(|()| Response::Written)
+                        }
+                    },
+                    Job::Prepare {
+                        key,
+                        ballot,
+                        map_version,
+                        ..
+                    } => match stale(*map_version, raised) {
+                        Some(refusal) => Ok(refusal),
+                        None => {
+                            with_acceptor(&mut acceptors, key, |state| state.on_prepare(*ballot))
+                        }
+                    },
                     Job::Accept {
-                        key, ballot, value, ..
-                    } => with_acceptor(&mut acceptors, key, |state| {
-                        state.on_accept(*ballot, value.clone())
-                    }),
+                        key,
+                        ballot,
+                        value,
+                        map_version,
+                        ..
+                    } => match stale(*map_version, raised) {
+                        Some(refusal) => Ok(refusal),
+                        None => with_acceptor(&mut acceptors, key, |state| {
+                            state.on_accept(*ballot, value.clone())
+                        }),
+                    },
+                    Job::Fence { version, .. } => {
+                        if *version > raised {
+                            raised = *version;
+                            state.insert("fence", raised).map_err(db_error)?;
+                        }
+                        Ok(Response::Written)
+                    }
+                    Job::MarkFilled {
+                        partition,
+                        version,
+                        old,
+                        ..
+                    } => filled
+                        .insert((partition.as_str(), *version, old.as_slice()), 1)
+                        .map(|_| Response::Written)
+                        .map_err(db_error),
                 });
             }
         }
         txn.commit().map_err(db_error)
     })();
-    if let Err(error) = &result {
-        tracing::error!(%error, "metadata batch failed; nothing in it is acknowledged");
+    match &result {
+        Ok(()) => fence.store(raised, Ordering::Release),
+        Err(error) => {
+            tracing::error!(%error, "metadata batch failed; nothing in it is acknowledged");
+        }
     }
     for (job, answer) in batch.into_iter().zip(
         answers
@@ -436,14 +610,7 @@ fn commit_batch(db: &Database, batch: Vec<Job>) {
             (Err(error), _) => Err(ReplicaError::Database(error.to_string())),
             (Ok(()), None) => Err(ReplicaError::Database("job not applied".into())),
         };
-        match job {
-            Job::Merge { reply, .. } => {
-                let _ = reply.send(answer.map(|_| ()));
-            }
-            Job::Prepare { reply, .. } | Job::Accept { reply, .. } => {
-                let _ = reply.send(answer);
-            }
-        }
+        let _ = job.into_reply().send(answer);
     }
 }
 
@@ -515,3 +682,75 @@ fn with_acceptor(
 
 // A leaf is stored under a u8.
 const _: () = assert!(LEAVES == 256);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_protocol::hlc::{Hlc, Timestamp};
+    use cairn_protocol::ids::NodeId;
+    use cairn_protocol::meta::Register;
+
+    fn row(name: &str) -> (RowKey, RowValue) {
+        (
+            RowKey::new(
+                Partition::cluster(),
+                Table::Buckets,
+                name.as_bytes().to_vec(),
+            ),
+            RowValue::Register(Register {
+                at: Timestamp {
+                    hlc: Hlc::new(1, 0),
+                    node: NodeId([1; 32]),
+                },
+                value: Some(b"v".to_vec()),
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn changes_from_maps_older_than_the_fence_are_refused_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let replica = MetaReplica::open(&path).unwrap();
+        assert_eq!(
+            replica.merge(vec![row("a")], 3).await.unwrap(),
+            Response::Written
+        );
+        replica.raise_fence(4).await.unwrap();
+        let refused = replica.merge(vec![row("b")], 3).await.unwrap();
+        assert!(
+            matches!(
+                refused,
+                Response::Error {
+                    code: ErrorCode::StaleMap,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(replica.get(&[row("b").0]).unwrap(), vec![None]);
+        // Anti-entropy pulls are not coordinator writes: never fenced.
+        assert_eq!(
+            replica.merge(vec![row("c")], UNFENCED).await.unwrap(),
+            Response::Written
+        );
+        let closing = replica.clone();
+        tokio::task::spawn_blocking(move || closing.close())
+            .await
+            .unwrap();
+        assert!(matches!(
+            replica.merge(vec![row("d")], 9).await,
+            Err(ReplicaError::Stopped)
+        ));
+        let reopened = MetaReplica::open(&path).unwrap();
+        assert_eq!(reopened.fence(), 4);
+        let refused = reopened.merge(vec![row("e")], 3).await.unwrap();
+        assert!(matches!(
+            refused,
+            Response::Error {
+                code: ErrorCode::StaleMap,
+                ..
+            }
+        ));
+    }
+}

@@ -4,11 +4,12 @@
 //! answer with the reason, and the stream is closed.
 
 use cairn_protocol::meta::RowValue;
-use cairn_protocol::metarpc::{self, ErrorCode, MAX_ITEMS, Request, Response};
+use cairn_protocol::metarpc::{self, Call, ErrorCode, MAX_ITEMS, Request, Response};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use thiserror::Error;
 
-use super::replica::{MetaReplica, ReplicaError};
+use super::Metadata;
+use super::replica::ReplicaError;
 
 #[derive(Debug, Error)]
 pub enum RpcError {
@@ -41,18 +42,18 @@ async fn write_frame(stream: &mut libp2p::Stream, body: &[u8]) -> Result<(), Rpc
 }
 
 /// Sends one request and reads its answer.
-pub async fn call(mut stream: libp2p::Stream, request: &Request) -> Result<Response, RpcError> {
-    write_frame(&mut stream, &request.encode()).await?;
+pub async fn call(mut stream: libp2p::Stream, call: &Call) -> Result<Response, RpcError> {
+    write_frame(&mut stream, &call.encode()).await?;
     let body = read_frame(&mut stream).await?;
     let _ = stream.close().await;
     Ok(Response::decode(&body)?)
 }
 
 /// Serves one request from a peer.
-pub async fn serve(mut stream: libp2p::Stream, replica: &MetaReplica) -> Result<(), RpcError> {
+pub async fn serve(mut stream: libp2p::Stream, metadata: &Metadata) -> Result<(), RpcError> {
     let body = read_frame(&mut stream).await?;
-    let response = match Request::decode(&body) {
-        Ok(request) => answer(replica, request).await,
+    let response = match Call::decode(&body) {
+        Ok(call) => answer(metadata, call).await,
         Err(error) => {
             let response = Response::error(ErrorCode::Malformed, error.to_string());
             write_frame(&mut stream, &response.encode()).await?;
@@ -66,9 +67,16 @@ pub async fn serve(mut stream: libp2p::Stream, replica: &MetaReplica) -> Result<
 }
 
 /// Answers a request from the local replica: the same path serves peers
-/// and this node's own coordinator.
-pub async fn answer(replica: &MetaReplica, request: Request) -> Response {
-    match try_answer(replica, request).await {
+/// and this node's own coordinator. The caller's map version first raises
+/// the replica's fence, so that a node that has seen a newer map, even only
+/// in a request, refuses changes from coordinators with an older one.
+pub async fn answer(metadata: &Metadata, call: Call) -> Response {
+    let replica = metadata.replica();
+    if let Err(error) = replica.raise_fence(call.map_version).await {
+        tracing::error!(%error, "metadata replica could not raise its fence");
+        return Response::error(ErrorCode::Internal, error.to_string());
+    }
+    match try_answer(metadata, call.map_version, call.request).await {
         Ok(response) => response,
         Err(error) => {
             tracing::error!(%error, "metadata replica failed a request");
@@ -77,7 +85,12 @@ pub async fn answer(replica: &MetaReplica, request: Request) -> Response {
     }
 }
 
-async fn try_answer(replica: &MetaReplica, request: Request) -> Result<Response, ReplicaError> {
+async fn try_answer(
+    metadata: &Metadata,
+    map_version: u64,
+    request: Request,
+) -> Result<Response, ReplicaError> {
+    let replica = metadata.replica();
     let limit = |limit: u32| (limit as usize).min(MAX_ITEMS);
     Ok(match request {
         Request::Write { rows } => {
@@ -86,8 +99,7 @@ async fn try_answer(replica: &MetaReplica, request: Request) -> Result<Response,
                     return Ok(Response::error(ErrorCode::Refused, error.to_string()));
                 }
             }
-            replica.merge(rows).await?;
-            Response::Written
+            replica.merge(rows, map_version).await?
         }
         Request::Read { keys } => {
             let replica = replica.clone();
@@ -143,8 +155,18 @@ async fn try_answer(replica: &MetaReplica, request: Request) -> Result<Response,
             })
             .await?
         }
-        Request::Prepare { key, ballot } => replica.prepare(key, ballot).await?,
-        Request::Accept { key, ballot, value } => replica.accept(key, ballot, value).await?,
+        Request::Filled {
+            partition,
+            version,
+            old,
+        } => match metadata.ensure_filled(partition, version, old).await {
+            Ok(filled) => Response::Filled { filled },
+            Err(error) => Response::error(ErrorCode::Internal, error.to_string()),
+        },
+        Request::Prepare { key, ballot } => replica.prepare(key, ballot, map_version).await?,
+        Request::Accept { key, ballot, value } => {
+            replica.accept(key, ballot, value, map_version).await?
+        }
     })
 }
 
