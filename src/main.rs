@@ -214,10 +214,15 @@ fn admin(command: Admin) -> Result<()> {
                 },
         } => {
             let cluster_key = load_cluster_key(&cluster_key)?;
-            let (cluster_map, scheme, tolerance) = MapConfig::from_file(&map)?.into_parts()?;
-            let (version, nodes) = (cluster_map.version, cluster_map.nodes.len());
-            let signed =
-                SignedMap::sign(cluster_key.signing_key(), cluster_map, scheme, tolerance)?;
+            let parts = MapConfig::from_file(&map)?.into_parts()?;
+            let (version, nodes, scheme) = (parts.map.version, parts.map.nodes.len(), parts.scheme);
+            let signed = SignedMap::sign_with_replicas(
+                cluster_key.signing_key(),
+                parts.map,
+                parts.scheme,
+                parts.tolerance,
+                parts.metadata_replicas,
+            )?;
             std::fs::write(&out, signed.encode())
                 .with_context(|| format!("writing {}", out.display()))?;
             println!(

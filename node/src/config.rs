@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use cairn_protocol::erasure::Scheme;
 use cairn_protocol::ids::{NodeId, SiteId};
-use cairn_protocol::membership::{Certificate, ClusterId};
+use cairn_protocol::membership::{
+    Certificate, ClusterId, DEFAULT_METADATA_REPLICAS, MAX_METADATA_REPLICAS,
+};
 use cairn_protocol::placement::{ClusterMap, MapNode, NodeState, Placer, Tolerance};
 use serde::Deserialize;
 use thiserror::Error;
@@ -173,6 +175,7 @@ impl ServeConfig {
 /// data_fragments = 4
 /// parity_fragments = 2
 /// extra_nodes = 0      # nodes lost beyond a whole site
+/// metadata_replicas = 3 # replicas of each metadata partition (1 to 15)
 ///
 /// [[node]]
 /// id = "<64 hex digits from cairn admin node id>"
@@ -188,6 +191,8 @@ pub struct MapConfig {
     pub parity_fragments: u8,
     #[serde(default)]
     pub extra_nodes: u8,
+    #[serde(default = "default_metadata_replicas")]
+    pub metadata_replicas: u8,
     #[serde(rename = "node")]
     pub nodes: Vec<MapNodeConfig>,
 }
@@ -200,6 +205,19 @@ pub struct MapNodeConfig {
     pub capacity_bytes: u64,
     #[serde(default = "default_state")]
     pub state: String,
+}
+
+fn default_metadata_replicas() -> u8 {
+    DEFAULT_METADATA_REPLICAS
+}
+
+/// A checked map and the policy signed with it.
+#[derive(Debug, Clone)]
+pub struct MapParts {
+    pub map: ClusterMap,
+    pub scheme: Scheme,
+    pub tolerance: Tolerance,
+    pub metadata_replicas: u8,
 }
 
 fn default_state() -> String {
@@ -218,9 +236,9 @@ impl MapConfig {
         })
     }
 
-    /// The map, its scheme and tolerance, refused unless placement can keep
-    /// every object readable through the loss of a site on it.
-    pub fn into_parts(self) -> Result<(ClusterMap, Scheme, Tolerance), ConfigError> {
+    /// The map and its policy, refused unless placement can keep every
+    /// object readable through the loss of a site on it.
+    pub fn into_parts(self) -> Result<MapParts, ConfigError> {
         if self.version == 0 {
             return Err(invalid(
                 "version",
@@ -262,7 +280,18 @@ impl MapConfig {
             extra_nodes: self.extra_nodes,
         };
         Placer::new(&map, scheme, tolerance).map_err(|e| invalid("node", e.to_string()))?;
-        Ok((map, scheme, tolerance))
+        if !(1..=MAX_METADATA_REPLICAS).contains(&self.metadata_replicas) {
+            return Err(invalid(
+                "metadata_replicas",
+                format!("{} (1 to {MAX_METADATA_REPLICAS})", self.metadata_replicas),
+            ));
+        }
+        Ok(MapParts {
+            map,
+            scheme,
+            tolerance,
+            metadata_replicas: self.metadata_replicas,
+        })
     }
 }
 
@@ -312,8 +341,24 @@ mod tests {
         };
         let three_sites = [node(1, "a"), node(2, "b"), node(3, "c")].concat();
         let config: MapConfig = toml::from_str(&text(2, 1, &three_sites)).unwrap();
-        let (map, scheme, _) = config.into_parts().unwrap();
-        assert_eq!((map.version, map.nodes.len(), scheme.data()), (3, 3, 2));
+        let parts = config.into_parts().unwrap();
+        assert_eq!(
+            (
+                parts.map.version,
+                parts.map.nodes.len(),
+                parts.scheme.data(),
+                parts.metadata_replicas
+            ),
+            (3, 3, 2, 3)
+        );
+        let five = text(2, 1, &three_sites)
+            .replace("version = 3\n", "version = 3\nmetadata_replicas = 16\n");
+        let error = toml::from_str::<MapConfig>(&five)
+            .unwrap()
+            .into_parts()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("metadata_replicas"), "{error}");
         // 4+2 wants a node per fragment, two per site: three nodes are too few.
         let config: MapConfig = toml::from_str(&text(4, 2, &three_sites)).unwrap();
         let error = config.into_parts().unwrap_err().to_string();

@@ -16,6 +16,13 @@ use crate::placement::{ClusterMap, MapNode, NodeState, Tolerance};
 const CERT_MAGIC: &[u8; 4] = b"CRNE";
 const MAP_MAGIC: &[u8; 4] = b"CRNP";
 const FORMAT: u16 = 1;
+/// Maps are written in format 2 (format 1 lacked the metadata replica
+/// count, read as the default).
+const MAP_FORMAT: u16 = 2;
+/// Metadata replicas per partition unless the map says otherwise.
+pub const DEFAULT_METADATA_REPLICAS: u8 = 3;
+/// The most metadata replicas a map may ask for.
+pub const MAX_METADATA_REPLICAS: u8 = 15;
 pub const MAX_MAP_NODES: usize = 65_536;
 
 /// The public half of the cluster key: names the cluster.
@@ -46,8 +53,10 @@ pub enum MembershipError {
     Decode(#[from] DecodeError),
     #[error("not a {0} (bad magic bytes)")]
     BadMagic(&'static str),
-    #[error("{what} format {found} is not supported (this node reads format {FORMAT})")]
+    #[error("{what} format {found} is not supported by this node")]
     UnsupportedFormat { what: &'static str, found: u16 },
+    #[error("a map asks for {0} metadata replicas; 1 to 15 are possible")]
+    MetadataReplicas(u8),
     #[error("signed by another cluster ({found}), not this one ({expected})")]
     WrongCluster { expected: String, found: String },
     #[error("the cluster key's signature does not verify")]
@@ -73,25 +82,27 @@ pub struct Certificate {
     pub signature: [u8; 64],
 }
 
-fn body_start(out: &mut Vec<u8>, magic: &[u8; 4], cluster: &ClusterId) {
+fn body_start(out: &mut Vec<u8>, magic: &[u8; 4], format: u16, cluster: &ClusterId) {
     out.extend_from_slice(magic);
-    out.put_u16(FORMAT);
+    out.put_u16(format);
     out.extend_from_slice(&cluster.0);
 }
 
+/// Reads the magic, a format among `formats`, and the cluster id.
 fn read_start(
     r: &mut Reader<'_>,
     magic: &[u8; 4],
+    formats: &[u16],
     what: &'static str,
-) -> Result<ClusterId, MembershipError> {
+) -> Result<(ClusterId, u16), MembershipError> {
     if r.take(4, "magic")? != magic {
         return Err(MembershipError::BadMagic(what));
     }
     let found = r.u16("format")?;
-    if found != FORMAT {
+    if !formats.contains(&found) {
         return Err(MembershipError::UnsupportedFormat { what, found });
     }
-    Ok(ClusterId(r.array("cluster")?))
+    Ok((ClusterId(r.array("cluster")?), found))
 }
 
 fn check_cluster(expected: &ClusterId, found: &ClusterId) -> Result<(), MembershipError> {
@@ -134,7 +145,7 @@ impl Certificate {
 
     fn body(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(128);
-        body_start(&mut out, CERT_MAGIC, &self.cluster);
+        body_start(&mut out, CERT_MAGIC, FORMAT, &self.cluster);
         out.extend_from_slice(self.node.as_bytes());
         out.put_bytes16(self.site.as_str().as_bytes());
         out.put_u64(self.issued_unix_ms);
@@ -151,7 +162,7 @@ impl Certificate {
     /// Decodes untrusted bytes; does not verify (see [`Certificate::verify`]).
     pub fn decode(bytes: &[u8]) -> Result<Self, MembershipError> {
         let mut r = Reader::new(bytes);
-        let cluster = read_start(&mut r, CERT_MAGIC, "certificate")?;
+        let (cluster, _) = read_start(&mut r, CERT_MAGIC, &[FORMAT], "certificate")?;
         let node = NodeId(r.array("node")?);
         let site_text = r.str16("site", SiteId::MAX_LEN)?;
         let site = SiteId::new(site_text).map_err(|_| DecodeError::InvalidValue {
@@ -209,6 +220,8 @@ pub struct SignedMap {
     pub map: ClusterMap,
     pub scheme: Scheme,
     pub tolerance: Tolerance,
+    /// Metadata replicas per partition (spec/metadata.md).
+    pub metadata_replicas: u8,
     pub signature: [u8; 64],
 }
 
@@ -222,20 +235,41 @@ fn state_byte(state: NodeState) -> u8 {
 }
 
 impl SignedMap {
+    /// Signs a map with the default metadata replica count.
     pub fn sign(
         cluster_key: &SigningKey,
         map: ClusterMap,
         scheme: Scheme,
         tolerance: Tolerance,
     ) -> Result<Self, MembershipError> {
+        Self::sign_with_replicas(
+            cluster_key,
+            map,
+            scheme,
+            tolerance,
+            DEFAULT_METADATA_REPLICAS,
+        )
+    }
+
+    pub fn sign_with_replicas(
+        cluster_key: &SigningKey,
+        map: ClusterMap,
+        scheme: Scheme,
+        tolerance: Tolerance,
+        metadata_replicas: u8,
+    ) -> Result<Self, MembershipError> {
         if map.nodes.len() > MAX_MAP_NODES {
             return Err(MembershipError::TooManyNodes(map.nodes.len()));
+        }
+        if !(1..=MAX_METADATA_REPLICAS).contains(&metadata_replicas) {
+            return Err(MembershipError::MetadataReplicas(metadata_replicas));
         }
         let mut signed = Self {
             cluster: ClusterId::of(cluster_key),
             map,
             scheme,
             tolerance,
+            metadata_replicas,
             signature: [0; 64],
         };
         signed.signature = cluster_key.sign(&signed.body()).to_bytes();
@@ -244,11 +278,12 @@ impl SignedMap {
 
     fn body(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.map.nodes.len() * 64);
-        body_start(&mut out, MAP_MAGIC, &self.cluster);
+        body_start(&mut out, MAP_MAGIC, MAP_FORMAT, &self.cluster);
         out.put_u64(self.map.version);
         out.put_u8(self.scheme.data() as u8);
         out.put_u8(self.scheme.parity() as u8);
         out.put_u8(self.tolerance.extra_nodes);
+        out.put_u8(self.metadata_replicas);
         out.put_u32(self.map.nodes.len() as u32);
         for node in &self.map.nodes {
             out.extend_from_slice(node.id.as_bytes());
@@ -272,7 +307,7 @@ impl SignedMap {
             .checked_sub(64)
             .ok_or(DecodeError::Truncated { field: "signature" })?;
         let mut r = Reader::new(&bytes[..body_len]);
-        let found = read_start(&mut r, MAP_MAGIC, "cluster map")?;
+        let (found, format) = read_start(&mut r, MAP_MAGIC, &[1, MAP_FORMAT], "cluster map")?;
         check_cluster(cluster, &found)?;
         let version = r.u64("version")?;
         let (k, m) = (r.u8("k")?, r.u8("m")?);
@@ -282,6 +317,19 @@ impl SignedMap {
         })?;
         let tolerance = Tolerance {
             extra_nodes: r.u8("extra nodes")?,
+        };
+        let metadata_replicas = match format {
+            1 => DEFAULT_METADATA_REPLICAS,
+            _ => match r.u8("metadata replicas")? {
+                n @ 1..=MAX_METADATA_REPLICAS => n,
+                other => {
+                    return Err(DecodeError::InvalidValue {
+                        field: "metadata replicas",
+                        value: u64::from(other),
+                    }
+                    .into());
+                }
+            },
         };
         // A node entry is at least 32 + 2 + 1 + 8 + 1 bytes.
         let count = r.count("nodes", MAX_MAP_NODES, 44)?;
@@ -322,6 +370,7 @@ impl SignedMap {
             map: ClusterMap { version, nodes },
             scheme,
             tolerance,
+            metadata_replicas,
             signature,
         })
     }
@@ -413,5 +462,45 @@ mod tests {
         for len in 0..v1.encode().len() {
             assert!(SignedMap::decode(&v1.encode()[..len], &cluster).is_err());
         }
+    }
+
+    #[test]
+    fn a_format_1_map_reads_with_the_default_metadata_replicas() {
+        let key = SigningKey::from_bytes(&[0x42; 32]);
+        let cluster = ClusterId::of(&key);
+        let scheme = Scheme::new(1, 0).unwrap();
+        let signed = SignedMap::sign_with_replicas(
+            &key,
+            ClusterMap::default(),
+            scheme,
+            Tolerance::default(),
+            5,
+        )
+        .unwrap();
+        assert_eq!(
+            SignedMap::decode(&signed.encode(), &cluster)
+                .unwrap()
+                .metadata_replicas,
+            5
+        );
+        // Format 1: no replica byte after the tolerance.
+        let mut body = signed.body();
+        body[4..6].copy_from_slice(&1u16.to_be_bytes());
+        body.remove(4 + 2 + 32 + 8 + 3);
+        let signature = key.sign(&body).to_bytes();
+        body.extend_from_slice(&signature);
+        let old = SignedMap::decode(&body, &cluster).unwrap();
+        assert_eq!(old.metadata_replicas, DEFAULT_METADATA_REPLICAS);
+        assert_eq!(old.map, signed.map);
+        assert!(matches!(
+            SignedMap::sign_with_replicas(
+                &key,
+                ClusterMap::default(),
+                scheme,
+                Tolerance::default(),
+                0
+            ),
+            Err(MembershipError::MetadataReplicas(0))
+        ));
     }
 }

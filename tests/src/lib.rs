@@ -156,9 +156,14 @@ impl Cluster {
         map: ClusterMap,
         scheme: Scheme,
     ) -> Result<SignedMap, NodeError> {
-        let version = map.version;
         let signed = SignedMap::sign(&self.cluster_key, map, scheme, Tolerance::default())
             .map_err(|e| NodeError::Swarm(e.to_string()))?;
+        self.install_signed(signed).await
+    }
+
+    /// Installs a signed map on every running node.
+    pub async fn install_signed(&self, signed: SignedMap) -> Result<SignedMap, NodeError> {
+        let version = signed.map.version;
         for member in self.members.iter().filter_map(|m| m.node.as_ref()) {
             member.install_map(&signed)?;
             if !member

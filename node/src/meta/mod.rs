@@ -38,8 +38,6 @@ use rpc::merge_answers;
 
 pub const META_PROTOCOL: StreamProtocol = StreamProtocol::new(metarpc::PROTOCOL_NAME);
 
-/// Replicas per partition unless configured otherwise.
-pub const DEFAULT_REPLICAS: usize = 3;
 /// How far ahead of ours a peer's clock may be before its writes are refused.
 const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
 /// How long one replica may take to answer one request.
@@ -109,7 +107,6 @@ struct Inner {
     maps: Arc<MapKeeper>,
     replica: MetaReplica,
     clock: Mutex<HlcClock>,
-    replicas: usize,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -132,7 +129,6 @@ impl Metadata {
                 maps,
                 replica,
                 clock: Mutex::new(HlcClock::new(MAX_CLOCK_DRIFT_MS)),
-                replicas: DEFAULT_REPLICAS,
                 background: Mutex::new(Vec::new()),
             }),
         }
@@ -183,12 +179,12 @@ impl Metadata {
     pub fn quorum_sets_of(&self, partition: &Partition) -> Result<QuorumSets, MetaError> {
         let map = self.inner.maps.current().ok_or(MetaError::NoMap)?;
         let version = map.map.version;
-        let current = replica_set(&map.map, partition, self.inner.replicas);
+        let current = replica_set(&map.map, partition, usize::from(map.metadata_replicas));
         let previous = self
             .inner
             .maps
             .previous()
-            .map(|p| replica_set(&p.map, partition, self.inner.replicas));
+            .map(|p| replica_set(&p.map, partition, usize::from(p.metadata_replicas)));
         let sets = QuorumSets::new(current.clone(), previous);
         let Some(old) = sets.previous() else {
             return Ok(sets);
@@ -263,7 +259,8 @@ impl Metadata {
     ) -> Result<bool, MetaError> {
         let map = self.inner.maps.current().ok_or(MetaError::NoMap)?;
         if map.map.version != version
-            || !replica_set(&map.map, &partition, self.inner.replicas).contains(&self.inner.own)
+            || !replica_set(&map.map, &partition, usize::from(map.metadata_replicas))
+                .contains(&self.inner.own)
         {
             return Ok(false);
         }
