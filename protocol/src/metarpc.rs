@@ -101,6 +101,13 @@ pub enum Request {
         version: u64,
         old: Vec<NodeId>,
     },
+    /// Names of the compare-and-set registers the replica holds acceptor
+    /// state for in `partition`, after `after`.
+    Registers {
+        partition: Partition,
+        after: Option<Vec<u8>>,
+        limit: u32,
+    },
     /// Paxos phase 1 for a register.
     Prepare { key: RegisterKey, ballot: Ballot },
     /// Paxos phase 2 for a register.
@@ -164,6 +171,11 @@ pub enum Response {
     Filled {
         filled: bool,
     },
+    /// The answer to Registers.
+    Registers {
+        names: Vec<Vec<u8>>,
+        more: bool,
+    },
     /// Phase 1 granted, with what the acceptor accepted before, if anything.
     Promise {
         accepted: Option<AcceptedValue>,
@@ -187,6 +199,7 @@ mod code {
     pub const DIGEST: u8 = 0x05;
     pub const LEAF_ROWS: u8 = 0x06;
     pub const FILLED: u8 = 0x07;
+    pub const REGISTERS: u8 = 0x08;
     pub const PREPARE: u8 = 0x10;
     pub const ACCEPT: u8 = 0x11;
 
@@ -197,6 +210,7 @@ mod code {
     pub const DIGEST_REPLY: u8 = 0x85;
     pub const LEAF_ROWS_REPLY: u8 = 0x86;
     pub const FILLED_REPLY: u8 = 0x87;
+    pub const REGISTERS_REPLY: u8 = 0x88;
     pub const PROMISE: u8 = 0x90;
     pub const ACCEPTED: u8 = 0x91;
     pub const CONFLICT: u8 = 0x92;
@@ -351,6 +365,22 @@ impl Request {
                     out.extend_from_slice(node.as_bytes());
                 }
             }
+            Request::Registers {
+                partition,
+                after,
+                limit,
+            } => {
+                out.put_u8(code::REGISTERS);
+                partition.put(&mut out);
+                match after {
+                    None => out.put_u8(0),
+                    Some(name) => {
+                        out.put_u8(1);
+                        out.put_bytes16(name);
+                    }
+                }
+                out.put_u32(*limit);
+            }
             Request::Prepare { key, ballot } => {
                 out.put_u8(code::PREPARE);
                 put_register_key(&mut out, key);
@@ -434,6 +464,14 @@ impl Request {
                     old,
                 }
             }
+            code::REGISTERS => Request::Registers {
+                partition: Partition::read(&mut r)?,
+                after: match r.bool("after present")? {
+                    false => None,
+                    true => Some(r.bytes16("register name", MAX_SORT_BYTES)?.to_vec()),
+                },
+                limit: r.u32("limit")?,
+            },
             code::PREPARE => Request::Prepare {
                 key: read_register_key(&mut r)?,
                 ballot: Ballot::read(&mut r)?,
@@ -534,6 +572,14 @@ impl Response {
                 out.put_u8(code::FILLED_REPLY);
                 out.put_bool(*filled);
             }
+            Response::Registers { names, more } => {
+                out.put_u8(code::REGISTERS_REPLY);
+                out.put_u32(names.len() as u32);
+                for name in names {
+                    out.put_bytes16(name);
+                }
+                out.put_bool(*more);
+            }
             Response::Accepted => out.put_u8(code::ACCEPTED),
             Response::Conflict { promised } => {
                 out.put_u8(code::CONFLICT);
@@ -620,6 +666,17 @@ impl Response {
             code::FILLED_REPLY => Response::Filled {
                 filled: r.bool("filled")?,
             },
+            code::REGISTERS_REPLY => {
+                let count = r.count("register names", MAX_ITEMS, 2)?;
+                let mut names = Vec::with_capacity(count);
+                for _ in 0..count {
+                    names.push(r.bytes16("register name", MAX_SORT_BYTES)?.to_vec());
+                }
+                Response::Registers {
+                    names,
+                    more: r.bool("more")?,
+                }
+            }
             code::ACCEPTED => Response::Accepted,
             code::CONFLICT => Response::Conflict {
                 promised: Ballot::read(&mut r)?,
@@ -727,6 +784,11 @@ mod tests {
                 version: 9,
                 old: vec![NodeId([1; 32]), NodeId([2; 32])],
             },
+            Request::Registers {
+                partition: Partition::bucket("photos"),
+                after: Some(b"cat.jpg".to_vec()),
+                limit: 100,
+            },
             Request::Prepare {
                 key: register.clone(),
                 ballot,
@@ -762,6 +824,10 @@ mod tests {
             Response::Promise { accepted: None },
             Response::Accepted,
             Response::Filled { filled: true },
+            Response::Registers {
+                names: vec![b"a".to_vec(), b"b\0c".to_vec()],
+                more: true,
+            },
             Response::Conflict { promised: ballot },
             Response::error(ErrorCode::Refused, "no"),
         ];

@@ -823,6 +823,22 @@ async fn a_moved_partition_settles_on_its_new_replicas_and_outlives_its_old_ones
         .map(|n| version_row(&bucket, &format!("k{n:03}"), n, meta.timestamp()))
         .collect();
     meta.write(rows.clone()).await.unwrap();
+    // And a conditional create decided by the old replicas.
+    let register = RegisterKey {
+        partition: partition.clone(),
+        name: b"only-once".to_vec(),
+    };
+    let create = |value: &'static [u8]| {
+        move |current: Option<&[u8]>| match current {
+            None => Ok(Some(value.to_vec())),
+            Some(existing) => Err(existing.to_vec()),
+        }
+    };
+    let first = meta
+        .compare_and_set(register.clone(), create(b"first"))
+        .await
+        .unwrap();
+    assert_eq!(first, Ok(Some(b"first".to_vec())));
 
     cluster.install_map(big, scheme).await.unwrap();
     assert!(meta.is_moving(&partition).unwrap());
@@ -859,6 +875,12 @@ async fn a_moved_partition_settles_on_its_new_replicas_and_outlives_its_old_ones
     meta.write(vec![version_row(&bucket, "after", 999, meta.timestamp())])
         .await
         .unwrap();
+    // The register's decision moved too: a second create is refused.
+    let second = meta
+        .compare_and_set(register, create(b"second"))
+        .await
+        .unwrap();
+    assert_eq!(second, Err(b"first".to_vec()));
     cluster.shutdown().await;
 }
 

@@ -312,17 +312,65 @@ impl Metadata {
                 }
             }
         }
+        let filled =
+            pulled_from >= quorum(old.len()) && self.carry_registers(&partition, &old).await;
         self.inner
             .filling
             .lock()
             .expect("filling lock")
             .remove(&key);
-        if pulled_from >= quorum(old.len()) {
+        if filled {
             replica.mark_filled(partition, version, old_set).await?;
-            Ok(true)
-        } else {
-            Ok(false)
         }
+        Ok(filled)
+    }
+
+    /// Brings every compare-and-set register of `partition` that the old
+    /// replicas hold to the new ones: an identity compare-and-set per
+    /// register, run while the partition is moving (joint majorities), so
+    /// that the value it chooses is accepted by a majority of the new set.
+    /// Acceptor state is never copied: Paxos itself moves it.
+    async fn carry_registers(&self, partition: &Partition, old: &[NodeId]) -> bool {
+        let mut names = BTreeSet::new();
+        let mut listed_from = 0;
+        for node in old {
+            let mut after = None;
+            let listed = loop {
+                let request = Request::Registers {
+                    partition: partition.clone(),
+                    after: after.clone(),
+                    limit: metarpc::MAX_ITEMS as u32,
+                };
+                match self.call(*node, request).await {
+                    Ok(Response::Registers { names: page, more }) => {
+                        after = page.last().cloned();
+                        names.extend(page);
+                        if !more {
+                            break true;
+                        }
+                    }
+                    _ => break false,
+                }
+            };
+            listed_from += usize::from(listed);
+        }
+        if listed_from < quorum(old.len()) {
+            return false;
+        }
+        for name in names {
+            let key = RegisterKey {
+                partition: partition.clone(),
+                name,
+            };
+            let carried = self
+                .compare_and_set(key, |_| Err::<Option<Vec<u8>>, ()>(()))
+                .await;
+            if let Err(error) = carried {
+                tracing::info!(%error, partition = partition.as_str(), "could not carry a register to the new replicas");
+                return false;
+            }
+        }
+        true
     }
 
     /// Merges `rows` (all of one partition) into a majority of its replicas.

@@ -391,6 +391,36 @@ impl MetaReplica {
         Ok(page)
     }
 
+    /// Names of the registers of `partition` this replica holds acceptor
+    /// state for, after `after`, at most `limit`.
+    pub fn register_names(
+        &self,
+        partition: &Partition,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<Vec<u8>>, bool), ReplicaError> {
+        let txn = self.db()?.begin_read().map_err(db_error)?;
+        let acceptors = txn.open_table(ACCEPTORS).map_err(db_error)?;
+        let name = partition.as_str();
+        let start = after.unwrap_or_default();
+        let mut names = Vec::new();
+        for row in acceptors.range((name, start)..).map_err(db_error)? {
+            let (key, _) = row.map_err(db_error)?;
+            let (partition_name, register) = key.value();
+            if partition_name != name {
+                break;
+            }
+            if after.is_some_and(|a| a == register) {
+                continue;
+            }
+            if names.len() >= limit.max(1) {
+                return Ok((names, true));
+            }
+            names.push(register.to_vec());
+        }
+        Ok((names, false))
+    }
+
     /// The digest of one partition (all zero leaves if it holds nothing).
     pub fn digest(&self, partition: &Partition) -> Result<PartitionDigest, ReplicaError> {
         let txn = self.db()?.begin_read().map_err(db_error)?;

@@ -163,6 +163,19 @@ async fn try_answer(
             Ok(filled) => Response::Filled { filled },
             Err(error) => Response::error(ErrorCode::Internal, error.to_string()),
         },
+        Request::Registers {
+            partition,
+            after,
+            limit: max,
+        } => {
+            let replica = replica.clone();
+            blocking(move || {
+                replica
+                    .register_names(&partition, after.as_deref(), limit(max))
+                    .map(|(names, more)| Response::Registers { names, more })
+            })
+            .await?
+        }
         Request::Prepare { key, ballot } => replica.prepare(key, ballot, map_version).await?,
         Request::Accept { key, ballot, value } => {
             replica.accept(key, ballot, value, map_version).await?
