@@ -854,9 +854,22 @@ async fn a_moved_partition_settles_on_its_new_replicas_and_outlives_its_old_ones
     }
     assert!(settled, "the moved partition never settled");
 
-    // The old replicas that left the set go away: everything is still
-    // readable and writable through the new replicas.
+    // The old replicas that left the set forget the partition once it has
+    // settled, and then go away: everything is still readable and writable
+    // through the new replicas.
+    let empty = cairn_protocol::meta::PartitionDigest::default().root();
     for gone in old.iter().filter(|n| !new.contains(n)) {
+        let node = cluster.node(cluster.index_of(gone)).metadata().clone();
+        let mut forgot = false;
+        for _ in 0..50 {
+            node.anti_entropy_round().await.unwrap();
+            if node.replica().digest(&partition).unwrap().root() == empty {
+                forgot = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(forgot, "old replica {gone} kept the partition");
         cluster.stop(cluster.index_of(gone)).await;
     }
     let keys: Vec<RowKey> = rows.iter().map(|(k, _)| k.clone()).collect();

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use cairn_protocol::ids::NodeId;
-use cairn_protocol::meta::{Partition, RowKey, Table};
+use cairn_protocol::meta::{Partition, RowKey, Table, replica_set};
 use cairn_protocol::metarpc::{MAX_ITEMS, Request, Response};
 
 use super::replica::{ReplicaError, UNFENCED};
@@ -25,6 +25,9 @@ pub struct SyncStats {
     pub differing: usize,
     /// Rows pulled and merged here.
     pub pulled: usize,
+    /// Partitions dropped here: they moved away and settled on their new
+    /// replicas.
+    pub forgotten: usize,
 }
 
 impl Metadata {
@@ -73,7 +76,49 @@ impl Metadata {
                 tracing::debug!(%peer, %error, "anti-entropy with this peer failed");
             }
         }
+        stats.forgotten = self.forget_moved_away().await?;
         Ok(stats)
+    }
+
+    /// Drops the partitions this node replicated under the previous map but
+    /// not under the current one, once they have settled on their new
+    /// replicas (which hold every row and register). Partitions held from
+    /// further back are kept: nothing says they were carried.
+    async fn forget_moved_away(&self) -> Result<usize, MetaError> {
+        let Some(previous) = self.inner.maps.previous() else {
+            return Ok(0);
+        };
+        let own = self.inner.own;
+        let mut forgotten = 0;
+        let mut after: Option<Partition> = None;
+        loop {
+            let (replica, cursor) = (self.inner.replica.clone(), after.clone());
+            let (held, more) =
+                tokio::task::spawn_blocking(move || replica.partitions(cursor.as_ref(), MAX_ITEMS))
+                    .await
+                    .map_err(|e| ReplicaError::Database(e.to_string()))??;
+            for (partition, _) in &held {
+                let was_replica = replica_set(
+                    &previous.map,
+                    partition,
+                    usize::from(previous.metadata_replicas),
+                )
+                .contains(&own);
+                let sets = self.quorum_sets_of(partition)?;
+                if was_replica && !sets.current().contains(&own) && sets.previous().is_none() {
+                    tracing::info!(
+                        partition = partition.as_str(),
+                        "forgetting a partition that moved to other replicas"
+                    );
+                    self.inner.replica.forget(partition.clone()).await?;
+                    forgotten += 1;
+                }
+            }
+            if !more {
+                return Ok(forgotten);
+            }
+            after = held.last().map(|(p, _)| p.clone());
+        }
     }
 
     async fn sync_with(&self, peer: NodeId, stats: &mut SyncStats) -> Result<(), MetaError> {

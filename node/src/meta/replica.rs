@@ -79,6 +79,11 @@ enum Job {
         version: u64,
         reply: oneshot::Sender<Result<Response, ReplicaError>>,
     },
+    /// Drop every row, digest leaf and acceptor of `partition`.
+    Forget {
+        partition: Partition,
+        reply: oneshot::Sender<Result<Response, ReplicaError>>,
+    },
     /// Record that `partition` was filled from `old` under map `version`.
     MarkFilled {
         partition: Partition,
@@ -95,7 +100,8 @@ impl Job {
             | Job::Prepare { reply, .. }
             | Job::Accept { reply, .. }
             | Job::Fence { reply, .. }
-            | Job::MarkFilled { reply, .. } => reply,
+            | Job::MarkFilled { reply, .. }
+            | Job::Forget { reply, .. } => reply,
         }
     }
 }
@@ -281,6 +287,13 @@ impl MetaReplica {
             reply,
         })
         .await?;
+        Ok(())
+    }
+
+    /// Drops everything this replica holds of `partition` (once its new
+    /// replicas have settled it and this node is no longer one).
+    pub async fn forget(&self, partition: Partition) -> Result<(), ReplicaError> {
+        self.run(|reply| Job::Forget { partition, reply }).await?;
         Ok(())
     }
 
@@ -609,6 +622,10 @@ fn commit_batch(db: &Database, fence: &AtomicU64, batch: Vec<Job>) {
                         }
                         Ok(Response::Written)
                     }
+                    Job::Forget { partition, .. } => {
+                        forget(&mut rows, &mut leaves, &mut acceptors, partition)
+                            .map(|()| Response::Written)
+                    }
                     Job::MarkFilled {
                         partition,
                         version,
@@ -685,6 +702,27 @@ fn merge_rows(
         leaves.insert(leaf_key, leaf.as_slice()).map_err(db_error)?;
         rows.insert(address, encoded.as_slice()).map_err(db_error)?;
     }
+    Ok(())
+}
+
+fn forget(
+    rows: &mut RowsTable<'_>,
+    leaves: &mut LeavesTable<'_>,
+    acceptors: &mut AcceptorsTable<'_>,
+    partition: &Partition,
+) -> Result<(), ReplicaError> {
+    let name = partition.as_str();
+    rows.retain_in((name, 0u8, &[][..])..(name, u8::MAX, &[][..]), |_, _| false)
+        .map_err(db_error)?;
+    leaves
+        .retain_in((name, 0u8)..=(name, u8::MAX), |_, _| false)
+        .map_err(db_error)?;
+    // Every register name of the partition: from the empty name up to the
+    // next partition's names (the partition name followed by a zero byte).
+    let next = format!("{name}\0");
+    acceptors
+        .retain_in((name, &[][..])..(next.as_str(), &[][..]), |_, _| false)
+        .map_err(db_error)?;
     Ok(())
 }
 
