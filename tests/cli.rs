@@ -1,7 +1,8 @@
-//! The `cairn` binary end to end: a cluster key, two enrolled nodes started
-//! as real processes on 127.0.0.1, one of them killed with SIGKILL and
-//! started again, a cluster map signed and pushed to one node and spread to
-//! the other, and a key file that others can read refused.
+//! The `cairn` binary end to end: a cluster key, enrolled nodes started as
+//! real processes on 127.0.0.1 and killed with SIGKILL and started again, a
+//! cluster map signed and pushed to one node and spread to the others, a
+//! key file that others can read refused, and metadata replicas killed in
+//! the middle of writes and of a compare-and-set race.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -241,4 +242,241 @@ fn enrolled_nodes_run_as_processes_survive_kill_dash_nine_and_refuse_an_open_key
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("chmod 600"), "{stderr}");
     a.kill();
+}
+
+/// Enrols a node for `site`: its identity in `dir/name`, its certificate in
+/// `dir/name.cert`; returns its node id.
+fn enrol(dir: &Path, key: &Path, name: &str, site: &str) -> String {
+    let data = dir.join(name);
+    let id = printed(
+        &run(&["admin", "node", "id", "--data-dir", data.to_str().unwrap()]),
+        "node id:",
+    );
+    let cert = dir.join(format!("{name}.cert"));
+    run(&[
+        "admin",
+        "node",
+        "enroll",
+        "--cluster-key",
+        key.to_str().unwrap(),
+        "--node",
+        &id,
+        "--site",
+        site,
+        "--out",
+        cert.to_str().unwrap(),
+    ]);
+    id
+}
+
+#[test]
+fn metadata_replicas_killed_with_sigkill_lose_no_acknowledged_write_and_no_decision() {
+    use cairn_gateway::node::config::ServeConfig;
+    use cairn_gateway::node::protocol::meta::{Partition, Register, RowKey, RowValue, Table};
+    use cairn_gateway::node::protocol::metarpc::RegisterKey;
+    use cairn_gateway::node::swarm::Node;
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    let cluster = printed(
+        &run(&["admin", "cluster", "init", "--key", key.to_str().unwrap()]),
+        "cluster id:",
+    );
+    // Three replicas as processes, one per site; the coordinator runs in
+    // this test, enrolled like any node but not in the map.
+    let names = ["a", "b", "c"];
+    let ids: Vec<String> = names
+        .iter()
+        .map(|n| enrol(dir.path(), &key, n, &format!("site-{n}")))
+        .collect();
+    enrol(dir.path(), &key, "coordinator", "site-a");
+    let ports: Vec<u16> = names.iter().map(|_| free_udp_port()).collect();
+    let configs: Vec<_> = names
+        .iter()
+        .zip(&ports)
+        .map(|(n, p)| write_config(dir.path(), n, &cluster, *p))
+        .collect();
+    let first = format!("/ip4/127.0.0.1/udp/{}/quic-v1", ports[0]);
+    let bootstrap = vec![("CAIRN_BOOTSTRAP", first.clone())];
+    let a = Server::start(&configs[0], &[]);
+    a.wait_for(&["listening"]);
+    let mut b = Server::start(&configs[1], &bootstrap);
+    let mut c = Server::start(&configs[2], &bootstrap);
+    b.wait_for(&["member verified", &ids[0]]);
+    c.wait_for(&["member verified", &ids[0]]);
+
+    let map_toml = dir.path().join("map.toml");
+    let mut text = "version = 1\ndata_fragments = 1\nparity_fragments = 1\n".to_owned();
+    for (id, n) in ids.iter().zip(names) {
+        text +=
+            &format!("[[node]]\nid = \"{id}\"\nsite = \"site-{n}\"\ncapacity_bytes = 1073741824\n");
+    }
+    std::fs::write(&map_toml, text).unwrap();
+    let map_bin = dir.path().join("map.bin");
+    let (key_arg, map_arg, bin_arg) = (
+        key.to_str().unwrap(),
+        map_toml.to_str().unwrap(),
+        map_bin.to_str().unwrap(),
+    );
+    run(&[
+        "admin",
+        "map",
+        "sign",
+        "--cluster-key",
+        key_arg,
+        "--map",
+        map_arg,
+        "--out",
+        bin_arg,
+    ]);
+    run(&[
+        "admin",
+        "map",
+        "push",
+        "--cluster-key",
+        key_arg,
+        "--map",
+        bin_arg,
+        "--peer",
+        &first,
+    ]);
+
+    let coordinator_config = write_config(dir.path(), "coordinator", &cluster, free_udp_port());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut settings = ServeConfig::from_file(&coordinator_config).unwrap();
+    settings.bootstrap = vec![first.clone()];
+    let (node_config, identity) = settings.into_node_config().unwrap();
+    let node = runtime
+        .block_on(Node::start(node_config, identity))
+        .unwrap();
+    assert!(runtime.block_on(node.wait_for_map_version(1, Duration::from_secs(30))));
+    let meta = node.metadata().clone();
+    let partition = Partition::bucket("killed");
+    // Every replica connected before the test begins.
+    for id in &ids {
+        let id = cairn_gateway::node::protocol::ids::NodeId::from_hex(id).unwrap();
+        assert!(runtime.block_on(node.wait_for_member(&id, Duration::from_secs(30))));
+    }
+
+    // 30 concurrent conditional creates of one register; b is killed with
+    // SIGKILL 20 ms in. Exactly one wins.
+    let register = RegisterKey {
+        partition: partition.clone(),
+        name: b"once".to_vec(),
+    };
+    let creates: Vec<_> = (0..30u32)
+        .map(|n| {
+            let (meta, register) = (meta.clone(), register.clone());
+            runtime.spawn(async move {
+                let mine = format!("writer {n}").into_bytes();
+                meta.compare_and_set(register, |current| match current {
+                    None => Ok(Some(mine.clone())),
+                    Some(existing) => Err(existing.to_vec()),
+                })
+                .await
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(20));
+    b.kill();
+    let outcomes: Vec<_> = creates
+        .into_iter()
+        .map(|c| runtime.block_on(c).unwrap().unwrap())
+        .collect();
+    let winners: Vec<&Vec<u8>> = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().ok()?.as_ref())
+        .collect();
+    assert_eq!(winners.len(), 1, "{outcomes:?}");
+    let winner = winners[0].clone();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.as_ref().err().is_none_or(|seen| *seen == winner))
+    );
+
+    // b comes back; writes run while c is killed and started again.
+    b = Server::start(&configs[1], &bootstrap);
+    b.wait_for(&["member verified", &ids[0]]);
+    let writing = {
+        let (meta, partition) = (meta.clone(), partition.clone());
+        runtime.spawn(async move {
+            let mut acknowledged = Vec::new();
+            let started = std::time::Instant::now();
+            let mut n = 0u64;
+            while started.elapsed() < Duration::from_secs(3) {
+                let row = (
+                    RowKey::new(
+                        Partition::cluster(),
+                        Table::Buckets,
+                        format!("bucket-{n}").into_bytes(),
+                    ),
+                    RowValue::Register(Register {
+                        at: meta.timestamp(),
+                        value: Some(n.to_be_bytes().to_vec()),
+                    }),
+                );
+                let in_bucket = RowKey::new(partition.clone(), Table::Uploads, {
+                    let mut sort = format!("key-{n}").into_bytes();
+                    sort.push(0);
+                    sort.extend_from_slice(&[7; 16]);
+                    sort
+                });
+                let upload = RowValue::Register(Register {
+                    at: meta.timestamp(),
+                    value: Some(vec![1]),
+                });
+                if meta.write(vec![row.clone()]).await.is_ok() {
+                    acknowledged.push(row);
+                }
+                if meta
+                    .write(vec![(in_bucket.clone(), upload.clone())])
+                    .await
+                    .is_ok()
+                {
+                    acknowledged.push((in_bucket, upload));
+                }
+                n += 1;
+            }
+            acknowledged
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    c.kill();
+    std::thread::sleep(Duration::from_millis(1000));
+    c = Server::start(&configs[2], &bootstrap);
+    c.wait_for(&["member verified", &ids[0]]);
+    let acknowledged = runtime.block_on(writing).unwrap();
+    assert!(
+        acknowledged.len() > 20,
+        "only {} writes acknowledged",
+        acknowledged.len()
+    );
+    eprintln!(
+        "{} writes acknowledged across two SIGKILLs",
+        acknowledged.len()
+    );
+
+    // Every acknowledged write is read back, and the decision stands.
+    runtime.block_on(async {
+        for (key, value) in &acknowledged {
+            let read = meta.read(vec![key.clone()]).await.unwrap();
+            assert_eq!(read, vec![Some(value.clone())], "{key:?}");
+        }
+        let again = meta
+            .compare_and_set(register, |current| {
+                Err::<Option<Vec<u8>>, _>(current.map(<[u8]>::to_vec))
+            })
+            .await
+            .unwrap();
+        assert_eq!(again, Err(Some(winner)));
+        node.shutdown().await;
+    });
+    a.kill();
+    b.kill();
+    c.kill();
 }
