@@ -116,7 +116,7 @@ def check_manifest():
     assert writer == public
     Ed25519PublicKey.from_public_bytes(writer).verify(signature, body)
     r.u64()
-    r.str16(63), r.str16(1024), r.take(16)
+    r.str16(63), r.str16(1024), r.take(16), r.take(16)
     k, m = r.u8(), r.u8()
     chunk, per_segment = r.u32(), r.u32()
     assert r.u8() in (1, 2, 3)
@@ -148,9 +148,9 @@ def check_wire():
         assert struct.unpack(">I", raw[:4])[0] == len(raw) - 4 and raw[4] == i + 1
         if frame["message"] == "put_fragment":
             p = raw[5:]
-            fragment, manifest, until, writer, sig = p[:32], p[40:72], p[72:80], p[80:112], p[112:176]
-            Ed25519PublicKey.from_public_bytes(writer).verify(sig, b"cairn hold v1" + fragment + manifest + until)
-            assert len(p) == 176
+            fragment, upload, until, writer, sig = p[:32], p[40:56], p[56:64], p[64:96], p[96:160]
+            Ed25519PublicKey.from_public_bytes(writer).verify(sig, b"cairn hold v1" + fragment + upload + until)
+            assert len(p) == 160
 
 
 def check_versions():
@@ -160,6 +160,8 @@ def check_versions():
         r.str16(63), r.str16(1024), r.take(16), r.take(40)
         if r.u8() == 1:
             r.take(32), r.u64(), r.str16(64)
+            names = [(r.str16(8192), r.str16(8192))[0] for _ in range(r.u32())]
+            assert names == sorted(set(names)) and all(n == n.lower() for n in names)
         assert r.u8() in (0, 1, 2)
         r.u64()
         assert r.u8() in (0, 1)
@@ -194,7 +196,7 @@ def check_membership():
 
 def check_dht():
     v = load("dht.json")
-    assert h(v["manifest_provider_key"]) == b"\x01" + h(v["manifest_id"])
+    assert h(v["upload_provider_key"]) == b"\x01" + h(v["upload_id"])
     # An ed25519 peer id: identity multihash of the protobuf public key.
     key = Ed25519PrivateKey.from_private_bytes(bytes([7] * 32)).public_key().public_bytes_raw()
     peer = h(v["publisher_peer_id"])
@@ -288,7 +290,13 @@ def check_meta():
     assert h(v["responses"]["written"]) == b"\x81"
 
 
-checks = [check_meta, check_dht, check_membership, check_ids, check_stream, check_keywrap, check_erasure, check_manifest, check_wire, check_versions]
+def check_placement_key():
+    v = load("placement.json")
+    ids = b"".join(h(f) for f in v["segment_fragments"])
+    assert derive("cairn 2026-11 segment placement v1", ids) == h(v["segment_placement_key"])
+
+
+checks = [check_placement_key, check_meta, check_dht, check_membership, check_ids, check_stream, check_keywrap, check_erasure, check_manifest, check_wire, check_versions]
 failed = 0
 for check in checks:
     try:

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use cairn_node::store::{FragmentStore, StoreConfig, VerifiedFragment};
 use cairn_protocol::ed25519_dalek::SigningKey;
-use cairn_protocol::ids::{FragmentId, ManifestId};
+use cairn_protocol::ids::{FragmentId, UploadId};
 use cairn_protocol::wire::Hold;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -62,7 +62,7 @@ fn ingest(c: &mut Criterion) {
                     .into_iter()
                     .map(|bytes| {
                         let id = FragmentId::of(&bytes);
-                        let hold = Hold::sign(&key, &id, ManifestId([1; 32]), 0);
+                        let hold = Hold::sign(&key, &id, UploadId([1; 16]), 0);
                         (VerifiedFragment::new(id, bytes).unwrap(), hold)
                     })
                     .collect();

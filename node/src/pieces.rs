@@ -6,7 +6,7 @@
 //! stream closed; nothing it sends is allocated beyond one frame, or beyond
 //! the store's fragment limit for a declared put.
 
-use cairn_protocol::ids::{FragmentHasher, FragmentId, ManifestId};
+use cairn_protocol::ids::{FragmentHasher, FragmentId, UploadId};
 use cairn_protocol::wire::{self, FrameDecoder, Hold, Message, RejectCode, WireError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,9 +129,9 @@ pub struct Server {
     pub now_unix_ms: fn() -> u64,
     /// Bytes of incoming puts held in memory at once, one permit a byte.
     pub put_budget: Arc<Semaphore>,
-    /// Told the manifest of each fragment stored, for the node to announce
-    /// itself as one of the manifest's providers.
-    pub stored: Option<mpsc::Sender<ManifestId>>,
+    /// Told the upload of each fragment stored, for the node to announce
+    /// itself as one of the upload's providers.
+    pub stored: Option<mpsc::Sender<UploadId>>,
 }
 
 /// How long a put waits for room in the bytes-in-flight budget.
@@ -303,7 +303,7 @@ impl Server {
                 other => return Err(unexpected(&other)),
             }
         }
-        let manifest = hold.manifest;
+        let upload = hold.upload;
         let outcome = match VerifiedFragment::from_hasher(id, bytes, &hasher) {
             Ok(fragment) => self.store.put(fragment, hold, (self.now_unix_ms)()).await,
             Err(error) => Err(error),
@@ -312,7 +312,7 @@ impl Server {
             Ok(PutOutcome::Stored | PutOutcome::AlreadyStored) => {
                 send(write, &Message::Ack { id }).await?;
                 if let Some(stored) = &self.stored {
-                    let _ = stored.send(manifest).await;
+                    let _ = stored.send(upload).await;
                 }
                 Ok(())
             }

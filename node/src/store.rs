@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::thread;
 
-use cairn_protocol::ids::{FragmentHasher, FragmentId, ManifestId, NodeId};
+use cairn_protocol::ids::{FragmentHasher, FragmentId, NodeId, UploadId};
 use cairn_protocol::wire::Hold;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use thiserror::Error;
@@ -23,7 +23,7 @@ const FRAGMENTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("fragm
 const VOLUMES: TableDefinition<u32, u64> = TableDefinition::new("volumes");
 const RECORD_MAGIC: &[u8; 4] = b"CRNF";
 const RECORD_HEADER_BYTES: u64 = 4 + 1 + 32 + 8;
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -161,7 +161,7 @@ pub struct FragmentEntry {
     pub hold: Hold,
 }
 
-const ENTRY_BYTES: usize = 174;
+const ENTRY_BYTES: usize = 158;
 
 impl FragmentEntry {
     fn encode(&self) -> [u8; ENTRY_BYTES] {
@@ -177,10 +177,10 @@ impl FragmentEntry {
         out[14..22].copy_from_slice(&self.len.to_be_bytes());
         out[22..30].copy_from_slice(&self.stored_at_unix_ms.to_be_bytes());
         out[30..38].copy_from_slice(&self.trashed_at_unix_ms.to_be_bytes());
-        out[38..70].copy_from_slice(self.hold.manifest.as_bytes());
-        out[70..78].copy_from_slice(&self.hold.retain_until_unix_ms.to_be_bytes());
-        out[78..110].copy_from_slice(self.hold.writer.as_bytes());
-        out[110..174].copy_from_slice(&self.hold.signature);
+        out[38..54].copy_from_slice(self.hold.upload.as_bytes());
+        out[54..62].copy_from_slice(&self.hold.retain_until_unix_ms.to_be_bytes());
+        out[62..94].copy_from_slice(self.hold.writer.as_bytes());
+        out[94..158].copy_from_slice(&self.hold.signature);
         out
     }
 
@@ -204,10 +204,10 @@ impl FragmentEntry {
             stored_at_unix_ms: u64_at(22),
             trashed_at_unix_ms: u64_at(30),
             hold: Hold {
-                manifest: ManifestId(raw[38..70].try_into().expect("32 bytes")),
-                retain_until_unix_ms: u64_at(70),
-                writer: NodeId(raw[78..110].try_into().expect("32 bytes")),
-                signature: raw[110..174].try_into().expect("64 bytes"),
+                upload: UploadId(raw[38..54].try_into().expect("16 bytes")),
+                retain_until_unix_ms: u64_at(54),
+                writer: NodeId(raw[62..94].try_into().expect("32 bytes")),
+                signature: raw[94..158].try_into().expect("64 bytes"),
             },
         })
     }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cairn_protocol::ids::{FragmentId, ManifestId, NodeId};
+use cairn_protocol::ids::{FragmentId, NodeId, UploadId};
 use cairn_protocol::membership::{Certificate, ClusterId, MembershipError, SignedMap};
 use cairn_protocol::wire::{self, Hold};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -42,8 +42,8 @@ const UNVERIFIED_GRACE: Duration = Duration::from_secs(15);
 /// How often the DHT store's writes are made durable.
 const DHT_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
-fn manifest_provider_key(manifest: &ManifestId) -> kad::RecordKey {
-    kad::RecordKey::new(&cairn_protocol::dht::manifest_provider_key(manifest))
+fn upload_provider_key(upload: &UploadId) -> kad::RecordKey {
+    kad::RecordKey::new(&cairn_protocol::dht::upload_provider_key(upload))
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -256,8 +256,8 @@ pub struct Node {
     members: Arc<Members>,
     maps: Arc<MapKeeper>,
     commands: mpsc::Sender<Command>,
-    /// Manifests of fragments stored here, for the event loop to announce.
-    stored: mpsc::Sender<ManifestId>,
+    /// Uploads of fragments stored here, for the event loop to announce.
+    stored: mpsc::Sender<UploadId>,
     listen_addrs: Vec<Multiaddr>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -690,9 +690,9 @@ impl Node {
     ) -> Result<(), NodeError> {
         if *node == self.node_id() {
             let fragment = VerifiedFragment::new(id, bytes.to_vec())?;
-            let manifest = hold.manifest;
+            let upload = hold.upload;
             self.store.put(fragment, hold, now_unix_ms()).await?;
-            let _ = self.stored.send(manifest).await;
+            let _ = self.stored.send(upload).await;
             return Ok(());
         }
         self.with_retries(node, |stream| pieces::put(stream, id, bytes, hold.clone()))
@@ -733,21 +733,18 @@ impl Node {
             .map_err(NodeError::Query)
     }
 
-    /// Announces in the DHT that this node holds fragments of `manifest`;
+    /// Announces in the DHT that this node holds fragments of `upload`;
     /// returns once the announcement has gone out. (A fragment put here
-    /// announces its manifest by itself.)
-    pub async fn provide_manifest(&self, manifest: &ManifestId) -> Result<(), NodeError> {
-        let key = manifest_provider_key(manifest);
+    /// announces its upload by itself.)
+    pub async fn provide_upload(&self, upload: &UploadId) -> Result<(), NodeError> {
+        let key = upload_provider_key(upload);
         self.ask_swarm(|reply| Command::Provide(key, Some(reply)))
             .await
     }
 
-    /// The nodes that announced they hold fragments of `manifest`.
-    pub async fn manifest_providers(
-        &self,
-        manifest: &ManifestId,
-    ) -> Result<Vec<NodeId>, NodeError> {
-        let key = manifest_provider_key(manifest);
+    /// The nodes that announced they hold fragments of `upload`.
+    pub async fn upload_providers(&self, upload: &UploadId) -> Result<Vec<NodeId>, NodeError> {
+        let key = upload_provider_key(upload);
         let peers = self
             .ask_swarm(|reply| Command::FindProviders(key, reply))
             .await?;
@@ -770,15 +767,15 @@ impl Node {
             .await
     }
 
-    /// Finds the nodes holding fragment `id` of `manifest` wherever it is,
-    /// moved or repaired: the manifest's providers, each asked whether it
+    /// Finds the nodes holding fragment `id` of `upload` wherever it is,
+    /// moved or repaired: the upload's providers, each asked whether it
     /// holds the fragment. A provider that cannot be asked is skipped.
     pub async fn locate_fragment(
         &self,
-        manifest: &ManifestId,
+        upload: &UploadId,
         id: &FragmentId,
     ) -> Result<Vec<NodeId>, NodeError> {
-        let providers = self.manifest_providers(manifest).await?;
+        let providers = self.upload_providers(upload).await?;
         let asks = providers.iter().map(|node| async move {
             match self.have(node, std::slice::from_ref(id)).await {
                 Ok(held) => held.first().copied().unwrap_or(false).then_some(*node),
@@ -966,7 +963,7 @@ struct PendingQueries {
 async fn run_swarm(
     mut swarm: libp2p::Swarm<Behaviour>,
     mut commands: mpsc::Receiver<Command>,
-    mut stored: mpsc::Receiver<ManifestId>,
+    mut stored: mpsc::Receiver<UploadId>,
     dialing: Dialing,
 ) {
     let members = dialing.members.clone();
@@ -1016,8 +1013,8 @@ async fn run_swarm(
                 }
                 None => break,
             },
-            Some(manifest) = stored.recv() => {
-                provide(&mut swarm, &mut pending, local, manifest_provider_key(&manifest), None);
+            Some(upload) = stored.recv() => {
+                provide(&mut swarm, &mut pending, local, upload_provider_key(&upload), None);
             }
             _ = flush.tick() => {
                 if let Err(error) = swarm.behaviour_mut().kad.store_mut().flush() {
@@ -1118,7 +1115,7 @@ fn provide(
         (Err(error), Some(reply)) => {
             let _ = reply.send(Err(error.to_string()));
         }
-        (Err(error), None) => tracing::error!(%error, "could not announce a manifest"),
+        (Err(error), None) => tracing::error!(%error, "could not announce an upload"),
     }
 }
 

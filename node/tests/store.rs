@@ -10,7 +10,7 @@ use cairn_node::store::{
     FragmentState, FragmentStore, PutOutcome, StoreConfig, StoreError, VerifiedFragment,
 };
 use cairn_protocol::ed25519_dalek::SigningKey;
-use cairn_protocol::ids::{FragmentId, ManifestId};
+use cairn_protocol::ids::{FragmentId, UploadId};
 use cairn_protocol::wire::Hold;
 
 const NOW: u64 = 1_764_000_000_000;
@@ -32,7 +32,7 @@ fn writer_key() -> SigningKey {
 }
 
 fn hold(id: &FragmentId, retain_until: u64) -> Hold {
-    Hold::sign(&writer_key(), id, ManifestId([0x4d; 32]), retain_until)
+    Hold::sign(&writer_key(), id, UploadId([0x4d; 16]), retain_until)
 }
 
 fn config(dir: &std::path::Path) -> StoreConfig {

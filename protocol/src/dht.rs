@@ -3,7 +3,7 @@
 //! turns them into libp2p types.
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::ids::ManifestId;
+use crate::ids::UploadId;
 
 const FORMAT_VERSION: u8 = 1;
 /// Addresses kept per provider record.
@@ -13,12 +13,12 @@ pub const MAX_ADDRESS_BYTES: usize = 512;
 /// Bytes of a publisher's peer id (an ed25519 one is 38).
 pub const MAX_PEER_ID_BYTES: usize = 128;
 
-/// The key under which the holders of a manifest's fragments announce
+/// The key under which the holders of an upload's fragments announce
 /// themselves.
-pub fn manifest_provider_key(manifest: &ManifestId) -> Vec<u8> {
-    let mut key = Vec::with_capacity(33);
+pub fn upload_provider_key(upload: &UploadId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + UploadId::LEN);
     key.push(0x01);
-    key.extend_from_slice(manifest.as_bytes());
+    key.extend_from_slice(upload.as_bytes());
     key
 }
 

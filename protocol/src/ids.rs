@@ -110,6 +110,8 @@ pub enum IdError {
     InvalidSite { given: String },
     #[error("version id must be 32 lower-case hex digits, got {given:?}")]
     InvalidVersion { given: String },
+    #[error("upload id must be 32 lower-case hex digits, got {given:?}")]
+    InvalidUpload { given: String },
     #[error("node id is not a valid ed25519 public key")]
     NotAPublicKey,
 }
@@ -202,6 +204,51 @@ impl fmt::Display for VersionId {
 impl fmt::Debug for VersionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "VersionId({})", self.to_text())
+    }
+}
+
+/// An upload: one PUT, or one multipart upload. Chosen at random by the
+/// gateway before the first fragment is pushed, so that every fragment's hold
+/// can name what it belongs to before the manifest (whose id hashes the
+/// fragment ids) exists. Its text form is the S3 multipart `UploadId`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UploadId(pub [u8; 16]);
+
+impl UploadId {
+    pub const LEN: usize = 16;
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    /// 32 lower-case hex digits.
+    pub fn to_text(&self) -> String {
+        to_hex(&self.0)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, IdError> {
+        if text.bytes().any(|c| c.is_ascii_uppercase()) {
+            return Err(IdError::InvalidUpload {
+                given: text.to_owned(),
+            });
+        }
+        from_hex::<16>(text)
+            .map(Self)
+            .ok_or_else(|| IdError::InvalidUpload {
+                given: text.to_owned(),
+            })
+    }
+}
+
+impl fmt::Display for UploadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_text())
+    }
+}
+
+impl fmt::Debug for UploadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UploadId({})", self.to_text())
     }
 }
 

@@ -13,7 +13,7 @@ use thiserror::Error;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::encryption::ChunkSize;
 use crate::erasure::{Scheme, SegmentLayout};
-use crate::ids::{FragmentId, ManifestId, NodeId, VersionId};
+use crate::ids::{FragmentId, ManifestId, NodeId, UploadId, VersionId};
 
 const MAGIC: &[u8; 4] = b"CRNM";
 /// The only manifest format this code writes and reads.
@@ -105,6 +105,8 @@ pub struct Manifest {
     pub bucket: String,
     pub key: String,
     pub version: VersionId,
+    /// The upload whose fragments these are: every fragment's hold names it.
+    pub upload: UploadId,
     pub layout: SegmentLayout,
     pub encryption: KeyEnvelope,
     pub etag: String,
@@ -135,6 +137,7 @@ impl Manifest {
         out.put_bytes16(self.bucket.as_bytes());
         out.put_bytes16(self.key.as_bytes());
         out.extend_from_slice(&self.version.0);
+        out.extend_from_slice(self.upload.as_bytes());
         out.put_u8(scheme.data() as u8);
         out.put_u8(scheme.parity() as u8);
         out.put_u32(self.layout.chunk_size.get());
@@ -299,6 +302,7 @@ fn decode_body(body: &[u8]) -> Result<Manifest, ManifestError> {
     let bucket = r.str16("bucket", MAX_BUCKET_BYTES)?.to_owned();
     let key = r.str16("key", MAX_KEY_BYTES)?.to_owned();
     let version = VersionId(r.array("version")?);
+    let upload = UploadId(r.array("upload")?);
     let k = r.u8("k")?;
     let m = r.u8("m")?;
     let scheme = Scheme::new(k, m).map_err(|e| ManifestError::Inconsistent(e.to_string()))?;
@@ -342,6 +346,7 @@ fn decode_body(body: &[u8]) -> Result<Manifest, ManifestError> {
         bucket,
         key,
         version,
+        upload,
         layout,
         encryption: KeyEnvelope {
             kind,
@@ -379,6 +384,7 @@ mod tests {
             bucket: "photos".into(),
             key: "2026/cat.jpg".into(),
             version: VersionId::new(1_764_000_000_000, [1; 10]),
+            upload: UploadId([2; 16]),
             layout,
             encryption: KeyEnvelope {
                 kind: KeyKind::SseS3,

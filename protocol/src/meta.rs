@@ -400,7 +400,9 @@ impl RowValue {
                             field: "version entry format",
                             value: u64::from(format),
                         },
-                        VersionError::DifferentVersions => DecodeError::InvalidValue {
+                        VersionError::DifferentVersions
+                        | VersionError::HeadersTooLarge { .. }
+                        | VersionError::BadHeaderName(_) => DecodeError::InvalidValue {
                             field: "version entry",
                             value: 0,
                         },

@@ -89,6 +89,17 @@ pub type PlacementKey = [u8; 32];
 
 const HASH_CONTEXT: &str = "cairn 2026-11 placement v1";
 
+/// The placement key of a segment: its fragment ids in order, so that the
+/// key is known once the segment is encoded and anyone holding the manifest
+/// can recompute where the fragments belong.
+pub fn segment_placement_key(fragments: &[crate::ids::FragmentId]) -> PlacementKey {
+    let mut hasher = blake3::Hasher::new_derive_key("cairn 2026-11 segment placement v1");
+    for id in fragments {
+        hasher.update(id.as_bytes());
+    }
+    *hasher.finalize().as_bytes()
+}
+
 impl Placer {
     /// Checks that `scheme` on `map` keeps every segment readable after the
     /// loss of any one site plus `tolerance.extra_nodes` nodes, and prepares

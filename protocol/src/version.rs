@@ -17,6 +17,71 @@ use crate::manifest::{MAX_BUCKET_BYTES, MAX_ETAG_BYTES, MAX_KEY_BYTES};
 
 const FORMAT_VERSION: u8 = 1;
 
+/// Bytes of all stored header names and values of one version together.
+pub const MAX_STORED_HEADER_BYTES: usize = 8 << 10;
+
+/// The headers an object answers GET and HEAD with, fixed when it is
+/// written (content type, user metadata, checksums, encryption): lower-case
+/// names, sorted, unique, so that one set has one encoding.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StoredHeaders(Vec<(String, String)>);
+
+impl StoredHeaders {
+    /// Sorts `headers` by name; refuses upper-case or repeated names and
+    /// sets over [`MAX_STORED_HEADER_BYTES`].
+    pub fn new(mut headers: Vec<(String, String)>) -> Result<Self, VersionError> {
+        headers.sort();
+        let total: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+        if total > MAX_STORED_HEADER_BYTES {
+            return Err(VersionError::HeadersTooLarge { bytes: total });
+        }
+        for (index, (name, _)) in headers.iter().enumerate() {
+            if name.is_empty() || name.bytes().any(|c| c.is_ascii_uppercase()) {
+                return Err(VersionError::BadHeaderName(name.clone()));
+            }
+            if index > 0 && headers[index - 1].0 == *name {
+                return Err(VersionError::BadHeaderName(name.clone()));
+            }
+        }
+        Ok(Self(headers))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()
+            .map(|i| self.0[i].1.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        out.put_u32(self.0.len() as u32);
+        for (name, value) in &self.0 {
+            out.put_bytes16(name.as_bytes());
+            out.put_bytes16(value.as_bytes());
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, VersionError> {
+        // A header takes at least 5 bytes (two lengths and a name byte).
+        let count = r.count("stored headers", MAX_STORED_HEADER_BYTES, 5)?;
+        let mut headers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let name = r.str16("header name", MAX_STORED_HEADER_BYTES)?.to_owned();
+            let value = r.str16("header value", MAX_STORED_HEADER_BYTES)?.to_owned();
+            headers.push((name, value));
+        }
+        let canonical = Self::new(headers.clone())?;
+        if canonical.0 != headers {
+            return Err(VersionError::BadHeaderName("(not in order)".into()));
+        }
+        Ok(canonical)
+    }
+}
+
 /// What a version is: data, or a delete marker.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum VersionBody {
@@ -25,6 +90,7 @@ pub enum VersionBody {
         manifest: ManifestId,
         size_bytes: u64,
         etag: String,
+        headers: StoredHeaders,
     },
 }
 
@@ -90,6 +156,10 @@ pub enum VersionError {
     DifferentVersions,
     #[error("object version entry format {0} is not supported")]
     UnsupportedFormat(u8),
+    #[error("stored headers take {bytes} bytes, more than {max}", max = MAX_STORED_HEADER_BYTES)]
+    HeadersTooLarge { bytes: usize },
+    #[error("stored header name {0:?} is empty, not lower-case or repeated")]
+    BadHeaderName(String),
     #[error("malformed object version entry: {0}")]
     Decode(#[from] DecodeError),
 }
@@ -142,11 +212,13 @@ impl ObjectVersion {
                 manifest,
                 size_bytes,
                 etag,
+                headers,
             } => {
                 out.put_u8(1);
                 out.extend_from_slice(manifest.as_bytes());
                 out.put_u64(*size_bytes);
                 out.put_bytes16(etag.as_bytes());
+                headers.put(&mut out);
             }
         }
         out.put_u8(self.retention.mode as u8);
@@ -179,6 +251,7 @@ impl ObjectVersion {
                 manifest: ManifestId(r.array("manifest id")?),
                 size_bytes: r.u64("size")?,
                 etag: r.str16("etag", MAX_ETAG_BYTES)?.to_owned(),
+                headers: StoredHeaders::read(&mut r)?,
             },
             other => {
                 return Err(DecodeError::InvalidValue {
@@ -249,6 +322,11 @@ mod tests {
                 manifest: ManifestId([5; 32]),
                 size_bytes: 10,
                 etag: "\"e\"".into(),
+                headers: StoredHeaders::new(vec![
+                    ("content-type".into(), "text/plain".into()),
+                    ("x-amz-meta-colour".into(), "blue".into()),
+                ])
+                .unwrap(),
             },
             retention: Retention::default(),
             legal_hold: Lww {

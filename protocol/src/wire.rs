@@ -10,7 +10,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey};
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::ids::{FragmentId, ManifestId, NodeId};
+use crate::ids::{FragmentId, NodeId, UploadId};
 
 /// The protocol name on libp2p streams.
 pub const PROTOCOL_NAME: &str = "/cairn/pieces/1";
@@ -30,11 +30,11 @@ pub mod capability {
     pub const INVENTORY: u64 = 1 << 1;
 }
 
-/// The writer's signed statement that a fragment belongs to a manifest and
+/// The writer's signed statement that a fragment belongs to an upload and
 /// must be kept until a date; the storing node enforces it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hold {
-    pub manifest: ManifestId,
+    pub upload: UploadId,
     pub retain_until_unix_ms: u64,
     pub writer: NodeId,
     pub signature: [u8; 64],
@@ -45,13 +45,13 @@ const HOLD_CONTEXT: &[u8] = b"cairn hold v1";
 impl Hold {
     fn signed_bytes(
         fragment: &FragmentId,
-        manifest: &ManifestId,
+        upload: &UploadId,
         retain_until_unix_ms: u64,
     ) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(HOLD_CONTEXT.len() + 72);
+        let mut bytes = Vec::with_capacity(HOLD_CONTEXT.len() + 56);
         bytes.extend_from_slice(HOLD_CONTEXT);
         bytes.extend_from_slice(fragment.as_bytes());
-        bytes.extend_from_slice(manifest.as_bytes());
+        bytes.extend_from_slice(upload.as_bytes());
         bytes.put_u64(retain_until_unix_ms);
         bytes
     }
@@ -59,18 +59,14 @@ impl Hold {
     pub fn sign(
         key: &SigningKey,
         fragment: &FragmentId,
-        manifest: ManifestId,
+        upload: UploadId,
         retain_until_unix_ms: u64,
     ) -> Self {
         let signature = key
-            .sign(&Self::signed_bytes(
-                fragment,
-                &manifest,
-                retain_until_unix_ms,
-            ))
+            .sign(&Self::signed_bytes(fragment, &upload, retain_until_unix_ms))
             .to_bytes();
         Self {
-            manifest,
+            upload,
             retain_until_unix_ms,
             writer: NodeId::from_verifying_key(&key.verifying_key()),
             signature,
@@ -84,7 +80,7 @@ impl Hold {
         };
         let signature = Signature::from_bytes(&self.signature);
         key.verify_strict(
-            &Self::signed_bytes(fragment, &self.manifest, self.retain_until_unix_ms),
+            &Self::signed_bytes(fragment, &self.upload, self.retain_until_unix_ms),
             &signature,
         )
         .is_ok()
@@ -271,7 +267,7 @@ impl Message {
                 out.put_u8(tag::PUT_FRAGMENT);
                 out.extend_from_slice(id.as_bytes());
                 out.put_u64(*length);
-                out.extend_from_slice(hold.manifest.as_bytes());
+                out.extend_from_slice(hold.upload.as_bytes());
                 out.put_u64(hold.retain_until_unix_ms);
                 out.extend_from_slice(hold.writer.as_bytes());
                 out.extend_from_slice(&hold.signature);
@@ -381,7 +377,7 @@ impl Message {
                 id: FragmentId(r.array("fragment id")?),
                 length: r.u64("length")?,
                 hold: Hold {
-                    manifest: ManifestId(r.array("manifest id")?),
+                    upload: UploadId(r.array("upload id")?),
                     retain_until_unix_ms: r.u64("retain until")?,
                     writer: NodeId(r.array("writer")?),
                     signature: r.array("signature")?,
@@ -567,7 +563,7 @@ mod tests {
             Message::PutFragment {
                 id,
                 length: 8,
-                hold: Hold::sign(&key, &id, ManifestId([1; 32]), 42),
+                hold: Hold::sign(&key, &id, UploadId([1; 16]), 42),
             },
             Message::Data(Bytes::from_static(b"fragment")),
             Message::Ack { id },
@@ -600,7 +596,7 @@ mod tests {
     fn holds_verify_only_for_their_fragment() {
         let key = SigningKey::from_bytes(&[3; 32]);
         let id = FragmentId::of(b"a");
-        let hold = Hold::sign(&key, &id, ManifestId([1; 32]), 1000);
+        let hold = Hold::sign(&key, &id, UploadId([1; 16]), 1000);
         assert!(hold.verify(&id));
         assert!(!hold.verify(&FragmentId::of(b"b")));
         let mut longer = hold.clone();

@@ -22,6 +22,7 @@ fn body() -> impl Strategy<Value = VersionBody> {
             manifest: ManifestId([m; 32]),
             size_bytes: size,
             etag: format!("\"{m}\""),
+            headers: Default::default(),
         }),
     ]
 }

@@ -6,17 +6,21 @@
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use cairn_protocol::dht::{StoredProvider, StoredRecord, manifest_provider_key};
+use cairn_protocol::dht::{StoredProvider, StoredRecord, upload_provider_key};
 use cairn_protocol::ed25519_dalek::SigningKey;
 use cairn_protocol::encryption::{ChunkSize, SecretKey, StreamDecryptor, StreamEncryptor};
 use cairn_protocol::erasure::{Scheme, SegmentEncoder, SegmentLayout, reconstruct};
 use cairn_protocol::hlc::{Hlc, Timestamp};
-use cairn_protocol::ids::{FragmentId, ManifestId, NodeId, SiteId, VersionId};
+use cairn_protocol::ids::{FragmentId, ManifestId, NodeId, SiteId, UploadId, VersionId};
 use cairn_protocol::keywrap::{WrapContext, unwrap_data_key, wrap_data_key};
 use cairn_protocol::manifest::{KeyEnvelope, KeyKind, Manifest, Part, SegmentRef, SignedManifest};
 use cairn_protocol::membership::{Certificate, ClusterId, SignedMap};
-use cairn_protocol::placement::{ClusterMap, MapNode, NodeState, Placer, Tolerance};
-use cairn_protocol::version::{Lww, ObjectVersion, Retention, RetentionMode, VersionBody};
+use cairn_protocol::placement::{
+    ClusterMap, MapNode, NodeState, Placer, Tolerance, segment_placement_key,
+};
+use cairn_protocol::version::{
+    Lww, ObjectVersion, Retention, RetentionMode, StoredHeaders, VersionBody,
+};
 use cairn_protocol::wire::{self, FrameDecoder, Hold, Message, RejectCode};
 use cairn_protocol::{from_hex, to_hex};
 use serde_json::{Value, json};
@@ -208,6 +212,7 @@ fn vector_manifest(key: &SigningKey) -> Manifest {
         bucket: "photos".into(),
         key: "2026/cat.jpg".into(),
         version: VersionId::new(1_764_000_000_000, [0xab; 10]),
+        upload: UploadId([0xcd; 16]),
         layout,
         encryption: KeyEnvelope {
             kind: KeyKind::SseKms,
@@ -267,9 +272,17 @@ fn placement() {
         .iter()
         .map(|n| json!({ "id": n.id.to_hex(), "site": n.site.as_str(), "capacity_bytes": n.capacity_bytes }))
         .collect();
+    let segment: Vec<FragmentId> = (0..6u8).map(|i| FragmentId([i; 32])).collect();
     let stored = check(
         "placement.json",
-        json!({ "scheme": "4+2", "extra_nodes": 0, "nodes": nodes, "placements": placements }),
+        json!({
+            "scheme": "4+2",
+            "extra_nodes": 0,
+            "nodes": nodes,
+            "placements": placements,
+            "segment_fragments": segment.iter().map(FragmentId::to_hex).collect::<Vec<_>>(),
+            "segment_placement_key": to_hex(&segment_placement_key(&segment)),
+        }),
     );
     for p in stored["placements"].as_array().unwrap() {
         let key: [u8; 32] = hex_bytes(&p["key"]).try_into().unwrap();
@@ -300,7 +313,7 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
             Message::PutFragment {
                 id,
                 length: 8,
-                hold: Hold::sign(&key, &id, ManifestId([0x0d; 32]), 1_900_000_000_000),
+                hold: Hold::sign(&key, &id, UploadId([0x0d; 16]), 1_900_000_000_000),
             },
         ),
         ("data", Message::Data(Bytes::from_static(b"fragment"))),
@@ -413,6 +426,11 @@ fn object_versions() {
             manifest: ManifestId([0x0d; 32]),
             size_bytes: 65_547,
             etag: "\"9b2cf535f27731c974343645a3985328-2\"".into(),
+            headers: StoredHeaders::new(vec![
+                ("content-type".into(), "image/jpeg".into()),
+                ("x-amz-meta-camera".into(), "pinhole".into()),
+            ])
+            .unwrap(),
         },
         retention: Retention {
             mode: RetentionMode::Compliance,
@@ -491,7 +509,7 @@ fn membership() {
 
 #[test]
 fn dht_records() {
-    let manifest = ManifestId([0x2a; 32]);
+    let upload = UploadId([0x2a; 16]);
     // A libp2p peer id of an ed25519 key: the identity multihash (0x00,
     // length 36) of the protobuf-encoded public key.
     let public = SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes();
@@ -522,8 +540,8 @@ fn dht_records() {
     let stored = check(
         "dht.json",
         json!({
-            "manifest_id": to_hex(&manifest.0),
-            "manifest_provider_key": to_hex(&manifest_provider_key(&manifest)),
+            "upload_id": upload.to_text(),
+            "upload_provider_key": to_hex(&upload_provider_key(&upload)),
             "publisher_peer_id": to_hex(&publisher),
             "record": {
                 "expires_unix_ms": record.expires_unix_ms,

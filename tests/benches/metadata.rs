@@ -38,6 +38,7 @@ fn row(bucket: &str, n: u64, at: Timestamp) -> (RowKey, RowValue) {
             manifest: ManifestId([(n % 251) as u8; 32]),
             size_bytes: n,
             etag: format!("\"{n:032x}\""),
+            headers: Default::default(),
         },
         retention: Retention::default(),
         legal_hold: Lww { value: false, at },

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_protocol::ids::{FragmentId, ManifestId};
+use cairn_protocol::ids::{FragmentId, UploadId};
 use cairn_protocol::wire::{self, Hold};
 use cairn_tests::{Cluster, pseudo_random_bytes};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -53,7 +53,7 @@ fn pieces(c: &mut Criterion) {
                     stream::iter(data.iter())
                         .map(|bytes| {
                             let id = FragmentId::of(bytes);
-                            let hold = Hold::sign(&key, &id, ManifestId([1; 32]), 0);
+                            let hold = Hold::sign(&key, &id, UploadId([1; 16]), 0);
                             async move {
                                 writer.put_fragment(&target, id, bytes, hold).await.unwrap();
                                 id

@@ -47,6 +47,7 @@ fn version_row(bucket: &str, key: &str, n: u64, at: Timestamp) -> (RowKey, RowVa
             manifest: ManifestId([n as u8; 32]),
             size_bytes: n,
             etag: format!("\"{n}\""),
+            headers: Default::default(),
         },
         retention: Retention::default(),
         legal_hold: Lww { value: false, at },

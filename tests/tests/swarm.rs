@@ -8,7 +8,7 @@ use cairn_node::pieces::PieceError;
 use cairn_node::swarm::{Node, NodeConfig, NodeError, now_unix_ms};
 use cairn_protocol::ed25519_dalek::SigningKey;
 use cairn_protocol::erasure::{Scheme, SegmentEncoder, reconstruct};
-use cairn_protocol::ids::{FragmentId, ManifestId, NodeId, SiteId};
+use cairn_protocol::ids::{FragmentId, NodeId, SiteId, UploadId};
 use cairn_protocol::membership::{Certificate, ClusterId};
 use cairn_protocol::placement::{Placer, Tolerance};
 use cairn_protocol::wire::{self, Hold, RejectCode};
@@ -41,7 +41,7 @@ async fn put_segment(
         let hold = Hold::sign(
             node.identity().signing_key(),
             &ids[index],
-            ManifestId([9; 32]),
+            UploadId([9; 16]),
             0,
         );
         node.put_fragment(target, ids[index], encoded.fragment(index), hold)
@@ -133,13 +133,13 @@ async fn six_nodes_in_three_sites_store_where_placement_says_and_survive_a_full_
 async fn wait_until_located(
     cluster: &Cluster,
     asker: usize,
-    manifest: &ManifestId,
+    upload: &UploadId,
     id: &FragmentId,
     expected: &[NodeId],
 ) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let found = cluster.node(asker).locate_fragment(manifest, id).await;
+        let found = cluster.node(asker).locate_fragment(upload, id).await;
         if found.as_deref().ok() == Some(expected) {
             return;
         }
@@ -152,21 +152,21 @@ async fn wait_until_located(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fragment_off_its_placement_is_found_through_the_manifests_providers_across_restarts() {
+async fn a_fragment_off_its_placement_is_found_through_the_uploads_providers_across_restarts() {
     let mut cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
-    let manifest = ManifestId([42; 32]);
+    let upload = UploadId([42; 16]);
     let bytes = segment(200_000, 11);
     let id = FragmentId::of(&bytes);
     // Stored on node 4 wherever placement would put it, as a repair or a
-    // move would; the holder announces the manifest by itself.
+    // move would; the holder announces the upload by itself.
     let holder = cluster.node(4).node_id();
-    let hold = Hold::sign(cluster.node(0).identity().signing_key(), &id, manifest, 0);
+    let hold = Hold::sign(cluster.node(0).identity().signing_key(), &id, upload, 0);
     cluster
         .node(0)
         .put_fragment(&holder, id, &bytes, hold.clone())
         .await
         .unwrap();
-    wait_until_located(&cluster, 1, &manifest, &id, &[holder]).await;
+    wait_until_located(&cluster, 1, &upload, &id, &[holder]).await;
 
     // A second copy on node 2 is found beside the first.
     let second = cluster.node(2).node_id();
@@ -177,7 +177,7 @@ async fn a_fragment_off_its_placement_is_found_through_the_manifests_providers_a
         .unwrap();
     let mut both = vec![holder, second];
     both.sort();
-    wait_until_located(&cluster, 3, &manifest, &id, &both).await;
+    wait_until_located(&cluster, 3, &upload, &id, &both).await;
 
     // Every node down, every node up: the provider records were kept on
     // disk, so the lookup answers at once, before any republication.
@@ -187,14 +187,10 @@ async fn a_fragment_off_its_placement_is_found_through_the_manifests_providers_a
     for index in 0..6 {
         cluster.restart(index).await.unwrap();
     }
-    let providers = cluster.node(5).manifest_providers(&manifest).await.unwrap();
+    let providers = cluster.node(5).upload_providers(&upload).await.unwrap();
     assert_eq!(providers, both);
     assert_eq!(
-        cluster
-            .node(5)
-            .locate_fragment(&manifest, &id)
-            .await
-            .unwrap(),
+        cluster.node(5).locate_fragment(&upload, &id).await.unwrap(),
         both
     );
     let fetched = cluster
@@ -203,11 +199,11 @@ async fn a_fragment_off_its_placement_is_found_through_the_manifests_providers_a
         .await
         .unwrap();
     assert_eq!(fetched, bytes);
-    // A manifest nobody holds has no providers.
+    // An upload nobody holds has no providers.
     assert!(
         cluster
             .node(1)
-            .manifest_providers(&ManifestId([43; 32]))
+            .upload_providers(&UploadId([43; 16]))
             .await
             .unwrap()
             .is_empty()
@@ -254,12 +250,7 @@ async fn an_outsider_can_neither_store_nor_fetch() {
     );
     let bytes = segment(1000, 7);
     let id = FragmentId::of(&bytes);
-    let hold = Hold::sign(
-        intruder.identity().signing_key(),
-        &id,
-        ManifestId([1; 32]),
-        0,
-    );
+    let hold = Hold::sign(intruder.identity().signing_key(), &id, UploadId([1; 16]), 0);
     assert!(
         intruder
             .put_fragment(&target, id, &bytes, hold)
@@ -296,11 +287,11 @@ async fn an_outsider_can_neither_store_nor_fetch() {
     assert!(cluster.node(0).store().entry(&id).unwrap().is_none());
     assert!(!cluster.node(0).is_member(&intruder.node_id()));
     // Nor can it announce itself as a holder of anything.
-    let _ = intruder.provide_manifest(&ManifestId([1; 32])).await;
+    let _ = intruder.provide_upload(&UploadId([1; 16])).await;
     for index in 0..3 {
         let providers = cluster
             .node(index)
-            .manifest_providers(&ManifestId([1; 32]))
+            .upload_providers(&UploadId([1; 16]))
             .await
             .unwrap_or_default();
         assert!(!providers.contains(&intruder.node_id()));
@@ -318,7 +309,7 @@ async fn a_fragment_corrupted_on_disk_is_refused_as_corrupt() {
     let hold = Hold::sign(
         cluster.node(0).identity().signing_key(),
         &id,
-        ManifestId([1; 32]),
+        UploadId([1; 16]),
         0,
     );
     cluster
@@ -358,7 +349,7 @@ async fn malformed_frames_and_oversize_declarations_are_refused_while_others_are
     let hold = Hold::sign(
         bystander.identity().signing_key(),
         &id,
-        ManifestId([1; 32]),
+        UploadId([1; 16]),
         0,
     );
     bystander
@@ -441,7 +432,7 @@ async fn a_peer_past_its_stream_limit_gets_busy_while_others_are_served() {
     let (greedy, victim, other) = (cluster.node(0), cluster.node(1), cluster.node(2));
     let bytes = segment(10_000, 5);
     let id = FragmentId::of(&bytes);
-    let hold = Hold::sign(other.identity().signing_key(), &id, ManifestId([1; 32]), 0);
+    let hold = Hold::sign(other.identity().signing_key(), &id, UploadId([1; 16]), 0);
     other
         .put_fragment(&victim.node_id(), id, &bytes, hold)
         .await
