@@ -2,4 +2,102 @@
 //! the replicated metadata of `cairn-node`, and never talks to storage
 //! nodes except through it.
 
+pub mod buckets;
+pub mod error;
+pub mod keys;
+pub mod kms;
+pub mod objects;
+pub mod s3;
+pub mod server;
+
+use std::net::SocketAddr;
+
+use cairn_node::swarm::NodeHandle;
+use s3s::service::S3ServiceBuilder;
+use tokio::net::TcpListener;
+
 pub use cairn_node as node;
+
+use crate::buckets::Buckets;
+use crate::error::{GatewayError, GatewayResult};
+use crate::keys::AccessKeys;
+use crate::kms::{Kms, RootKey};
+use crate::objects::ObjectStore;
+use crate::s3::CairnS3;
+use crate::server::CairnHost;
+
+/// How a gateway is set up.
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    /// The region clients sign for.
+    pub region: String,
+    /// Domains for virtual-hosted-style requests (`bucket.domain`).
+    pub domains: Vec<String>,
+}
+
+/// A running S3 gateway on one node.
+pub struct Gateway {
+    address: SocketAddr,
+    keys: AccessKeys,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Binds `config.listen` and serves S3 there through `node`.
+    pub async fn start(
+        node: NodeHandle,
+        root: RootKey,
+        config: GatewayConfig,
+    ) -> GatewayResult<Self> {
+        let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+            GatewayError::Internal(format!("cannot listen on {}: {e}", config.listen))
+        })?;
+        Self::start_on(node, root, config, listener)
+    }
+
+    /// Serves S3 on an already bound listener.
+    pub fn start_on(
+        node: NodeHandle,
+        root: RootKey,
+        config: GatewayConfig,
+        listener: TcpListener,
+    ) -> GatewayResult<Self> {
+        let address = listener
+            .local_addr()
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        let metadata = node.metadata().clone();
+        let kms = Kms::new(root, metadata.clone());
+        let keys = AccessKeys::new(kms.clone(), metadata.clone());
+        let s3 = CairnS3 {
+            buckets: Buckets::new(metadata, kms.clone()),
+            objects: ObjectStore::new(node, kms),
+            region: config.region.clone(),
+        };
+        let mut builder = S3ServiceBuilder::new(s3);
+        builder.set_auth(keys.clone());
+        builder.set_host(CairnHost::new(config.domains));
+        let service = builder.build();
+        let task = tokio::spawn(server::serve(listener, service, config.region));
+        tracing::info!(%address, "S3 gateway listening");
+        Ok(Self {
+            address,
+            keys,
+            task,
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The access keys, to create and delete them.
+    pub fn keys(&self) -> &AccessKeys {
+        &self.keys
+    }
+
+    /// Stops accepting requests and drops the gateway's handles on the node.
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}

@@ -247,8 +247,17 @@ enum Command {
     ),
 }
 
-/// A running node.
+/// A running node. It derefs to its [`NodeHandle`], which does the work.
 pub struct Node {
+    handle: NodeHandle,
+    listen_addrs: Vec<Multiaddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// What a node's users call: cheap to clone. Clones must be dropped before
+/// [`Node::shutdown`] returns, or they keep the node's databases open.
+#[derive(Clone)]
+pub struct NodeHandle {
     identity: Identity,
     store: FragmentStore,
     metadata: Metadata,
@@ -258,8 +267,6 @@ pub struct Node {
     commands: mpsc::Sender<Command>,
     /// Uploads of fragments stored here, for the event loop to announce.
     stored: mpsc::Sender<UploadId>,
-    listen_addrs: Vec<Multiaddr>,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 /// Sends the map we hold to a peer that just became a member.
@@ -539,14 +546,16 @@ impl Node {
         }
 
         let node = Self {
-            identity,
-            store,
-            metadata,
-            control,
-            members,
-            maps,
-            commands,
-            stored,
+            handle: NodeHandle {
+                identity,
+                store,
+                metadata,
+                control,
+                members,
+                maps,
+                commands,
+                stored,
+            },
             listen_addrs,
             tasks,
         };
@@ -558,6 +567,47 @@ impl Node {
         Ok(node)
     }
 
+    /// A cheap handle on this node for users that outlive a borrow (the
+    /// gateway); stop them before [`Node::shutdown`].
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// Addresses this node listens on, with its peer id.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let peer = self.peer_id();
+        self.listen_addrs
+            .iter()
+            .map(|a| a.clone().with_p2p(peer).unwrap_or_else(|a| a))
+            .collect()
+    }
+
+    /// Stops the node: the swarm, its tasks and then its store.
+    pub async fn shutdown(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let NodeHandle {
+            metadata, store, ..
+        } = self.handle;
+        metadata.shutdown().await;
+        // Dropping the last store handle waits for the writer thread.
+        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+    }
+}
+
+impl std::ops::Deref for Node {
+    type Target = NodeHandle;
+
+    fn deref(&self) -> &NodeHandle {
+        &self.handle
+    }
+}
+
+impl NodeHandle {
     pub fn node_id(&self) -> NodeId {
         self.identity.node_id()
     }
@@ -577,15 +627,6 @@ impl Node {
 
     pub fn store(&self) -> &FragmentStore {
         &self.store
-    }
-
-    /// Addresses this node listens on, with its peer id.
-    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
-        let peer = self.peer_id();
-        self.listen_addrs
-            .iter()
-            .map(|a| a.clone().with_p2p(peer).unwrap_or_else(|a| a))
-            .collect()
     }
 
     pub async fn dial(&self, address: Multiaddr) -> Result<(), NodeError> {
@@ -832,20 +873,6 @@ impl Node {
                 node: *node,
                 reason: e.to_string(),
             })
-    }
-
-    /// Stops the node: the swarm, its tasks and then its store.
-    pub async fn shutdown(self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-        for task in self.tasks {
-            let _ = task.await;
-        }
-        self.metadata.shutdown().await;
-        let store = self.store;
-        // Dropping the last store handle waits for the writer thread.
-        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
     }
 }
 

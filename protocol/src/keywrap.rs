@@ -15,7 +15,7 @@ use crate::ids::VersionId;
 
 /// Bytes of a wrapped data key: format byte, salt, sealed key, tag.
 pub const WRAPPED_KEY_BYTES: usize = 1 + SALT_BYTES + 32 + 16;
-const SALT_BYTES: usize = 24;
+pub const SALT_BYTES: usize = 24;
 const FORMAT_V1: u8 = 1;
 const DERIVE_CONTEXT: &str = "cairn 2026-11 data key wrap v1";
 
@@ -68,6 +68,54 @@ pub fn wrap_data_key(
     context: &WrapContext<'_>,
     salt: [u8; SALT_BYTES],
 ) -> [u8; WRAPPED_KEY_BYTES] {
+    wrap(kek, data_key, &context.associated_data(), salt)
+}
+
+pub fn unwrap_data_key(
+    kek: &SecretKey,
+    wrapped: &[u8],
+    context: &WrapContext<'_>,
+) -> Result<SecretKey, KeyWrapError> {
+    unwrap(kek, wrapped, &context.associated_data())
+}
+
+/// The associated data of a key bound to a name rather than to an object
+/// (a KMS key, an access key's secret). It starts with a byte no object's
+/// associated data starts with (theirs is a bucket length below 2^24), so
+/// a key wrapped for one use never unwraps for the other.
+fn label_associated_data(label: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(LABEL_PREFIX.len() + label.len());
+    aad.extend_from_slice(LABEL_PREFIX);
+    aad.extend_from_slice(label.as_bytes());
+    aad
+}
+
+const LABEL_PREFIX: &[u8] = b"cairn key label v1\0";
+
+/// Wraps a 32-byte key under `kek`, bound to `label` (e.g. `kms/<key id>`).
+pub fn wrap_labelled_key(
+    kek: &SecretKey,
+    key: &SecretKey,
+    label: &str,
+    salt: [u8; SALT_BYTES],
+) -> [u8; WRAPPED_KEY_BYTES] {
+    wrap(kek, key, &label_associated_data(label), salt)
+}
+
+pub fn unwrap_labelled_key(
+    kek: &SecretKey,
+    wrapped: &[u8],
+    label: &str,
+) -> Result<SecretKey, KeyWrapError> {
+    unwrap(kek, wrapped, &label_associated_data(label))
+}
+
+fn wrap(
+    kek: &SecretKey,
+    data_key: &SecretKey,
+    associated_data: &[u8],
+    salt: [u8; SALT_BYTES],
+) -> [u8; WRAPPED_KEY_BYTES] {
     let mut out = [0u8; WRAPPED_KEY_BYTES];
     out[0] = FORMAT_V1;
     out[1..1 + SALT_BYTES].copy_from_slice(&salt);
@@ -75,20 +123,16 @@ pub fn wrap_data_key(
     body.copy_from_slice(data_key.as_bytes());
     // The derived key is used exactly once, so a zero nonce is safe.
     let tag = one_time_cipher(kek, &salt)
-        .encrypt_inout_detached(
-            &Nonce::<Aes256Gcm>::default(),
-            &context.associated_data(),
-            body.into(),
-        )
+        .encrypt_inout_detached(&Nonce::<Aes256Gcm>::default(), associated_data, body.into())
         .expect("32 bytes are far below the GCM length limit");
     out[1 + SALT_BYTES + 32..].copy_from_slice(&tag);
     out
 }
 
-pub fn unwrap_data_key(
+fn unwrap(
     kek: &SecretKey,
     wrapped: &[u8],
-    context: &WrapContext<'_>,
+    associated_data: &[u8],
 ) -> Result<SecretKey, KeyWrapError> {
     if wrapped.len() != WRAPPED_KEY_BYTES {
         return Err(KeyWrapError::BadLength { len: wrapped.len() });
@@ -105,7 +149,7 @@ pub fn unwrap_data_key(
     one_time_cipher(kek, &salt)
         .decrypt_inout_detached(
             &Nonce::<Aes256Gcm>::default(),
-            &context.associated_data(),
+            associated_data,
             body.as_mut_slice().into(),
             &tag,
         )
@@ -123,6 +167,19 @@ mod tests {
             key,
             version: VersionId::new(1_700_000_000_000, [7; 10]),
         }
+    }
+
+    #[test]
+    fn labelled_keys_unwrap_only_under_their_label() {
+        let kek = SecretKey::from_bytes([1; 32]);
+        let key = SecretKey::from_bytes([2; 32]);
+        let wrapped = wrap_labelled_key(&kek, &key, "kms/bucket-1", [3; 24]);
+        let back = unwrap_labelled_key(&kek, &wrapped, "kms/bucket-1").unwrap();
+        assert_eq!(back.as_bytes(), key.as_bytes());
+        assert!(unwrap_labelled_key(&kek, &wrapped, "kms/bucket-2").is_err());
+        assert!(unwrap_data_key(&kek, &wrapped, &context("kms/bucket-1")).is_err());
+        let object = wrap_data_key(&kek, &key, &context("a"), [3; 24]);
+        assert!(unwrap_labelled_key(&kek, &object, "a").is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod meta;
 pub mod metarpc;
 pub mod pipeline;
 pub mod placement;
+pub mod records;
 pub mod version;
 pub mod wire;
 

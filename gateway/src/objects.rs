@@ -1,0 +1,785 @@
+//! The data path (spec/gateway.md, "Data path"): a PUT streams plaintext
+//! through MD5, chunked encryption and erasure coding, pushes each
+//! segment's fragments in parallel to the nodes placement picks, signs the
+//! manifest and commits it with the version row in one quorum write. A GET
+//! resolves the version, fetches any `k` fragments of each segment it
+//! touches, rebuilds, decrypts and streams. Memory is a few segments per
+//! request, whatever the object's size.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cairn_node::swarm::{NodeHandle, now_unix_ms};
+use cairn_protocol::encryption::{RangePlan, SecretKey};
+use cairn_protocol::erasure::{EncodedSegment, Scheme, SegmentLayout, reconstruct};
+use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId, VersionIdGenerator};
+use cairn_protocol::keywrap::{SALT_BYTES, WrapContext, unwrap_data_key, wrap_data_key};
+use cairn_protocol::manifest::{KeyEnvelope, KeyKind, Manifest, Part, SegmentRef, SignedManifest};
+use cairn_protocol::membership::SignedMap;
+use cairn_protocol::meta::{
+    Partition, Register, RowKey, RowValue, Table, upload_sort_key, version_sort_key,
+};
+use cairn_protocol::pipeline::PutPipeline;
+use cairn_protocol::placement::{Placer, segment_placement_key};
+use cairn_protocol::records::UploadRecord;
+use cairn_protocol::version::{Lww, ObjectVersion, Retention, StoredHeaders, VersionBody};
+use cairn_protocol::wire::Hold;
+use futures::stream::{FuturesUnordered, StreamExt};
+use md5::Digest;
+use tokio::sync::mpsc;
+
+use crate::error::{GatewayError, GatewayResult};
+use crate::kms::{Kms, random_bytes};
+
+/// Objects up to this size are stored as `1 + m` copies rather than
+/// erasure-coded: one fragment per segment is cheaper to write and read.
+pub const SMALL_OBJECT_BYTES: u64 = 256 << 10;
+/// The largest single PUT (and part), as in S3.
+pub const MAX_PUT_BYTES: u64 = 5 << 30;
+/// Plaintext handed to the encoder at once (one hop to a blocking thread).
+const BATCH_BYTES: usize = 1 << 20;
+/// Segments being pushed at once by one PUT.
+const SEGMENTS_IN_FLIGHT: usize = 2;
+/// Segments fetched ahead of the one being sent by one GET.
+const SEGMENTS_AHEAD: usize = 2;
+/// When a fragment fetch takes longer than this, one more is started.
+const SPARE_AFTER: Duration = Duration::from_millis(1500);
+
+/// What a PUT writes.
+pub struct NewObject {
+    pub bucket: String,
+    pub bucket_key_id: String,
+    pub key: String,
+    pub headers: StoredHeaders,
+    /// The body's length as announced (Content-Length or the decoded length).
+    pub length: u64,
+    pub content_md5: Option<[u8; 16]>,
+}
+
+/// An object opened for reading: its manifest and data key.
+pub struct OpenObject {
+    pub manifest: Manifest,
+    data_key: Arc<SecretKey>,
+}
+
+/// The data path of one gateway. Cheap to clone.
+#[derive(Clone)]
+pub struct ObjectStore {
+    node: NodeHandle,
+    kms: Kms,
+    versions: Arc<Mutex<VersionIdGenerator>>,
+}
+
+fn versions_row(bucket: &str, key: &str, version: &VersionId) -> RowKey {
+    RowKey::new(
+        Partition::bucket(bucket),
+        Table::Versions,
+        version_sort_key(key, version),
+    )
+}
+
+fn manifest_row(bucket: &str, manifest: &cairn_protocol::ids::ManifestId) -> RowKey {
+    RowKey::new(
+        Partition::bucket(bucket),
+        Table::Manifests,
+        manifest.as_bytes().to_vec(),
+    )
+}
+
+fn upload_row(bucket: &str, key: &str, upload: &UploadId) -> RowKey {
+    RowKey::new(
+        Partition::bucket(bucket),
+        Table::Uploads,
+        upload_sort_key(key, upload.as_bytes()),
+    )
+}
+
+fn register(value: Option<Vec<u8>>, at: cairn_protocol::hlc::Timestamp) -> RowValue {
+    RowValue::Register(Register { at, value })
+}
+
+impl ObjectStore {
+    pub fn new(node: NodeHandle, kms: Kms) -> Self {
+        Self {
+            node,
+            kms,
+            versions: Arc::default(),
+        }
+    }
+
+    pub fn node(&self) -> &NodeHandle {
+        &self.node
+    }
+
+    fn map(&self) -> GatewayResult<SignedMap> {
+        self.node.cluster_map().ok_or(GatewayError::NoMap)
+    }
+
+    fn new_version(&self) -> VersionId {
+        self.versions
+            .lock()
+            .expect("version generator")
+            .next(now_unix_ms(), random_bytes())
+    }
+
+    /// The scheme an object of `length` bytes is stored with: the map's, or
+    /// copies with the same tolerance for small objects.
+    fn scheme_for(map: &SignedMap, length: u64) -> GatewayResult<Scheme> {
+        if length <= SMALL_OBJECT_BYTES && map.scheme.parity() > 0 {
+            return Scheme::new(1, map.scheme.parity() as u8)
+                .map_err(|e| GatewayError::Internal(e.to_string()));
+        }
+        Ok(map.scheme)
+    }
+
+    fn placer(map: &SignedMap, scheme: Scheme) -> GatewayResult<Placer> {
+        Placer::new(&map.map, scheme, map.tolerance)
+            .map_err(|e| GatewayError::Unavailable(format!("placement: {e}")))
+    }
+
+    /// Stores an object from `body` and commits it. Nothing is visible
+    /// unless every byte arrived, matched its digests and is durable.
+    pub async fn put<S, E>(&self, object: NewObject, body: S) -> GatewayResult<ObjectVersion>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        if object.length > MAX_PUT_BYTES {
+            return Err(GatewayError::EntityTooLarge { max: MAX_PUT_BYTES });
+        }
+        let map = self.map()?;
+        let scheme = Self::scheme_for(&map, object.length)?;
+        let placer = Arc::new(Self::placer(&map, scheme)?);
+        let layout = SegmentLayout::with_defaults(scheme);
+        let metadata = self.node.metadata();
+        let version = self.new_version();
+        let upload = UploadId(random_bytes());
+
+        // The upload is recorded before any fragment exists, so that the
+        // fragments of a PUT that never commits can be found and collected.
+        let record = UploadRecord {
+            upload,
+            started_unix_ms: now_unix_ms(),
+            multipart: false,
+        };
+        let upload_key = upload_row(&object.bucket, &object.key, &upload);
+        metadata
+            .write(vec![(
+                upload_key.clone(),
+                register(Some(record.encode()), metadata.timestamp()),
+            )])
+            .await?;
+
+        let bucket_key = self.kms.key(&object.bucket_key_id).await?;
+        let data_key = SecretKey::from_bytes(random_bytes());
+        let context = WrapContext {
+            bucket: &object.bucket,
+            key: &object.key,
+            version,
+        };
+        let wrapped = wrap_data_key(
+            &bucket_key,
+            &data_key,
+            &context,
+            random_bytes::<SALT_BYTES>(),
+        );
+
+        let stream = StreamPut {
+            store: self,
+            placer,
+            upload,
+            retain_until_unix_ms: 0,
+        };
+        let (segments, digest) = stream
+            .run(PutPipeline::new(&data_key, 0, layout), object.length, body)
+            .await?;
+        if object
+            .content_md5
+            .is_some_and(|expected| expected != digest)
+        {
+            return Err(GatewayError::BadDigest);
+        }
+        let etag = format!("\"{}\"", cairn_protocol::to_hex(&digest));
+        let manifest = Manifest {
+            writer: self.node.node_id(),
+            created_unix_ms: now_unix_ms(),
+            bucket: object.bucket.clone(),
+            key: object.key.clone(),
+            version,
+            upload,
+            layout,
+            encryption: KeyEnvelope {
+                kind: KeyKind::SseS3,
+                key_id: object.bucket_key_id.clone(),
+                wrapped: wrapped.to_vec(),
+            },
+            etag: etag.clone(),
+            parts: vec![Part {
+                number: 0,
+                plaintext_len: object.length,
+                segments,
+            }],
+        };
+        self.commit(manifest, object.headers, upload_key).await
+    }
+
+    /// Signs the manifest and writes it, the version row and the end of the
+    /// upload in one quorum write: the object appears whole or not at all.
+    async fn commit(
+        &self,
+        manifest: Manifest,
+        headers: StoredHeaders,
+        upload_key: RowKey,
+    ) -> GatewayResult<ObjectVersion> {
+        let metadata = self.node.metadata();
+        let signed = manifest
+            .sign(self.node.identity().signing_key())
+            .map_err(|e| GatewayError::Internal(format!("manifest: {e}")))?;
+        let at = metadata.timestamp();
+        let manifest = &signed.manifest;
+        let row = ObjectVersion {
+            bucket: manifest.bucket.clone(),
+            key: manifest.key.clone(),
+            version: manifest.version,
+            created: at,
+            body: VersionBody::Data {
+                manifest: signed.id,
+                size_bytes: manifest.plaintext_len(),
+                etag: manifest.etag.clone(),
+                headers,
+            },
+            retention: Retention::default(),
+            legal_hold: Lww { value: false, at },
+            purged: None,
+        };
+        metadata
+            .write(vec![
+                (
+                    manifest_row(&manifest.bucket, &signed.id),
+                    RowValue::Immutable(signed.encoded.clone()),
+                ),
+                (
+                    versions_row(&manifest.bucket, &manifest.key, &manifest.version),
+                    RowValue::Version(Box::new(row.clone())),
+                ),
+                (upload_key, register(None, at)),
+            ])
+            .await?;
+        Ok(row)
+    }
+
+    /// Pushes one segment's fragments to the nodes placement picks for it;
+    /// a node that fails is replaced by the next of the ranking. Succeeds
+    /// once every fragment is durable, or at least `k + 1` of them on
+    /// distinct nodes when some nodes cannot be reached.
+    async fn push_segment(
+        &self,
+        placer: &Placer,
+        upload: UploadId,
+        retain_until_unix_ms: u64,
+        segment: Arc<EncodedSegment>,
+    ) -> GatewayResult<SegmentRef> {
+        let ids = segment.fragment_ids().to_vec();
+        let key = segment_placement_key(&ids);
+        let placed = placer.place(&key);
+        let ranking = placer.rank(&key);
+        let mut spare = ranking.into_iter().filter(|n| !placed.contains(n));
+        let signing = self.node.identity().signing_key();
+        let put = |index: usize, target: NodeId| {
+            let segment = segment.clone();
+            let id = ids[index];
+            let hold = Hold::sign(signing, &id, upload, retain_until_unix_ms);
+            async move {
+                let result = self
+                    .node
+                    .put_fragment(&target, id, segment.fragment(index), hold)
+                    .await;
+                (index, target, result)
+            }
+        };
+        let mut pending: FuturesUnordered<_> =
+            placed.iter().enumerate().map(|(i, n)| put(i, *n)).collect();
+        let mut stored = 0usize;
+        let mut failures = Vec::new();
+        while let Some((index, target, result)) = pending.next().await {
+            match result {
+                Ok(()) => stored += 1,
+                Err(error) => {
+                    tracing::debug!(%target, %error, index, "fragment push failed; trying the next node");
+                    failures.push(format!("{target}: {error}"));
+                    if let Some(next) = spare.next() {
+                        pending.push(put(index, next));
+                    }
+                }
+            }
+        }
+        let scheme = placer.scheme();
+        let needed = (scheme.data() + 1).min(scheme.total());
+        if stored < needed {
+            return Err(GatewayError::Unavailable(format!(
+                "{stored} of {} fragments of a segment stored, {needed} needed: {}",
+                scheme.total(),
+                failures.join("; ")
+            )));
+        }
+        if stored < scheme.total() {
+            tracing::warn!(
+                stored,
+                total = scheme.total(),
+                "segment stored with reduced redundancy"
+            );
+        }
+        Ok(SegmentRef {
+            ciphertext_len: segment.segment_len() as u32,
+            fragments: ids,
+        })
+    }
+
+    /// The version a GET without a version id reads: the newest existing
+    /// one, unless it is a delete marker.
+    pub async fn current(&self, bucket: &str, key: &str) -> GatewayResult<Option<ObjectVersion>> {
+        let partition = Partition::bucket(bucket);
+        let mut start = key.as_bytes().to_vec();
+        start.push(0);
+        let mut end = key.as_bytes().to_vec();
+        end.push(1);
+        let now = now_unix_ms();
+        loop {
+            let page = self
+                .node
+                .metadata()
+                .range(&partition, Table::Versions, &start, Some(&end), 64)
+                .await?;
+            for (_, value) in &page.rows {
+                if let RowValue::Version(version) = value
+                    && version.exists(now)
+                {
+                    return Ok(match version.body {
+                        VersionBody::DeleteMarker => None,
+                        VersionBody::Data { .. } => Some((**version).clone()),
+                    });
+                }
+            }
+            match page.rows.last() {
+                Some((last, _)) if page.more => {
+                    start = last.clone();
+                    start.push(0);
+                }
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// Every existing version of `key`, newest first.
+    pub async fn versions_of(&self, bucket: &str, key: &str) -> GatewayResult<Vec<ObjectVersion>> {
+        let partition = Partition::bucket(bucket);
+        let mut start = key.as_bytes().to_vec();
+        start.push(0);
+        let mut end = key.as_bytes().to_vec();
+        end.push(1);
+        let now = now_unix_ms();
+        let mut versions = Vec::new();
+        loop {
+            let page = self
+                .node
+                .metadata()
+                .range(&partition, Table::Versions, &start, Some(&end), 1000)
+                .await?;
+            for (_, value) in &page.rows {
+                if let RowValue::Version(version) = value
+                    && version.exists(now)
+                {
+                    versions.push((**version).clone());
+                }
+            }
+            match page.rows.last() {
+                Some((last, _)) if page.more => {
+                    start = last.clone();
+                    start.push(0);
+                }
+                _ => return Ok(versions),
+            }
+        }
+    }
+
+    /// Permanently deletes these versions (the bucket keeps no history).
+    pub async fn purge(&self, versions: Vec<ObjectVersion>) -> GatewayResult<()> {
+        let metadata = self.node.metadata();
+        let at = metadata.timestamp();
+        let rows: Vec<(RowKey, RowValue)> = versions
+            .into_iter()
+            .map(|mut version| {
+                version.purged = Some(at);
+                (
+                    versions_row(&version.bucket, &version.key, &version.version),
+                    RowValue::Version(Box::new(version)),
+                )
+            })
+            .collect();
+        for chunk in rows.chunks(1000) {
+            metadata.write(chunk.to_vec()).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads and checks the manifest of `version` and unwraps its data key.
+    pub async fn open(&self, version: &ObjectVersion) -> GatewayResult<OpenObject> {
+        let VersionBody::Data { manifest: id, .. } = &version.body else {
+            return Err(GatewayError::NoSuchKey);
+        };
+        let value = self
+            .node
+            .metadata()
+            .read(vec![manifest_row(&version.bucket, id)])
+            .await?
+            .remove(0);
+        let Some(RowValue::Immutable(bytes)) = value else {
+            return Err(GatewayError::Corrupt(format!("manifest {id} is missing")));
+        };
+        let signed = SignedManifest::decode(&bytes)
+            .map_err(|e| GatewayError::Corrupt(format!("manifest {id}: {e}")))?;
+        if signed.id != *id {
+            return Err(GatewayError::Corrupt(format!(
+                "manifest {id} has another id"
+            )));
+        }
+        let manifest = signed.manifest;
+        if (&manifest.bucket, &manifest.key, manifest.version)
+            != (&version.bucket, &version.key, version.version)
+        {
+            return Err(GatewayError::Corrupt(format!(
+                "manifest {id} belongs to another object"
+            )));
+        }
+        let data_key = match manifest.encryption.kind {
+            KeyKind::SseS3 => {
+                let bucket_key = self.kms.key(&manifest.encryption.key_id).await?;
+                unwrap_data_key(
+                    &bucket_key,
+                    &manifest.encryption.wrapped,
+                    &WrapContext {
+                        bucket: &manifest.bucket,
+                        key: &manifest.key,
+                        version: manifest.version,
+                    },
+                )
+                .map_err(|e| GatewayError::Corrupt(format!("manifest {id}: {e}")))?
+            }
+            other => {
+                return Err(GatewayError::Internal(format!(
+                    "objects encrypted with {other:?} cannot be read by this gateway yet"
+                )));
+            }
+        };
+        Ok(OpenObject {
+            manifest,
+            data_key: Arc::new(data_key),
+        })
+    }
+
+    /// Streams plaintext bytes `range` of an opened object. Segments are
+    /// fetched a few ahead of the one being sent; the stream ends with an
+    /// error (and the client sees a cut body) if a segment cannot be read.
+    pub fn read(
+        &self,
+        object: OpenObject,
+        range: Range<u64>,
+    ) -> mpsc::Receiver<Result<Bytes, std::io::Error>> {
+        let (sender, receiver) = mpsc::channel(2);
+        let store = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = store.send_range(&object, range, &sender).await {
+                tracing::warn!(
+                    bucket = %object.manifest.bucket,
+                    key = %object.manifest.key,
+                    %error,
+                    "object read failed"
+                );
+                let _ = sender
+                    .send(Err(std::io::Error::other(error.to_string())))
+                    .await;
+            }
+        });
+        receiver
+    }
+
+    async fn send_range(
+        &self,
+        object: &OpenObject,
+        range: Range<u64>,
+        sender: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    ) -> GatewayResult<()> {
+        let manifest = &object.manifest;
+        let layout = manifest.layout;
+        let map = self.map()?;
+        let placer = Arc::new(Self::placer(&map, layout.scheme)?);
+        let segment_bytes = layout.segment_bytes() as u64;
+        let mut part_start = 0u64;
+        for part in &manifest.parts {
+            let part_end = part_start + part.plaintext_len;
+            let start = range.start.max(part_start);
+            let end = range.end.min(part_end);
+            if start >= end {
+                part_start = part_end;
+                continue;
+            }
+            let plan = RangePlan::new(
+                layout.chunk_size,
+                part.plaintext_len,
+                start - part_start..end - part_start,
+            )
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+            let mut decryptor = plan.decryptor(&object.data_key, part.number, layout.chunk_size);
+            let cipher = plan.ciphertext.clone();
+            let first = (cipher.start / segment_bytes) as usize;
+            let last = cipher.end.div_ceil(segment_bytes) as usize;
+            let fetches = futures::stream::iter(first..last)
+                .map(|index| {
+                    let placer = placer.clone();
+                    let segment = &part.segments[index];
+                    async move {
+                        self.fetch_segment(&placer, manifest.upload, segment)
+                            .await
+                            .map(|bytes| (index, bytes))
+                    }
+                })
+                .buffered(SEGMENTS_AHEAD);
+            futures::pin_mut!(fetches);
+            while let Some(fetched) = fetches.next().await {
+                let (index, bytes) = fetched?;
+                let segment_start = index as u64 * segment_bytes;
+                let from = cipher.start.max(segment_start) - segment_start;
+                let to = cipher.end.min(segment_start + bytes.len() as u64) - segment_start;
+                let mut plaintext = Vec::with_capacity((to - from) as usize);
+                decryptor
+                    .update(&bytes[from as usize..to as usize], &mut plaintext)
+                    .map_err(|e| GatewayError::Corrupt(format!("segment {index}: {e}")))?;
+                if !plaintext.is_empty() && sender.send(Ok(Bytes::from(plaintext))).await.is_err() {
+                    return Ok(()); // The client went away.
+                }
+            }
+            let mut tail = Vec::new();
+            decryptor
+                .finish(&mut tail)
+                .map_err(|e| GatewayError::Corrupt(e.to_string()))?;
+            if !tail.is_empty() && sender.send(Ok(Bytes::from(tail))).await.is_err() {
+                return Ok(());
+            }
+            part_start = part_end;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds one segment from any `k` of its fragments: the placed nodes
+    /// first (this node, then its site, data fragments before parity), a
+    /// spare request when one is slow, the upload's providers in the DHT for
+    /// fragments that moved.
+    async fn fetch_segment(
+        &self,
+        placer: &Placer,
+        upload: UploadId,
+        segment: &SegmentRef,
+    ) -> GatewayResult<Vec<u8>> {
+        let scheme = placer.scheme();
+        let segment_len = segment.ciphertext_len as usize;
+        let fragment_len = scheme.fragment_len(segment_len) as u64;
+        let placed = placer.place(&segment_placement_key(&segment.fragments));
+        let own = self.node.node_id();
+        let mut order: Vec<usize> = (0..scheme.total()).collect();
+        order.sort_by_key(|&i| (placed.get(i) != Some(&own), i >= scheme.data(), i));
+        let mut queue = order.into_iter();
+        let fetch = |index: usize, node: NodeId| {
+            let id = segment.fragments[index];
+            async move {
+                let result = self.node.get_fragment(&node, id, 0, fragment_len).await;
+                (index, node, result)
+            }
+        };
+        let mut running = FuturesUnordered::new();
+        for _ in 0..scheme.data() {
+            if let Some(index) = queue.next() {
+                running.push(fetch(index, placed[index]));
+            }
+        }
+        let mut got: Vec<(usize, Vec<u8>)> = Vec::with_capacity(scheme.data());
+        let mut failed: Vec<usize> = Vec::new();
+        let mut errors: Vec<String> = Vec::new();
+        while got.len() < scheme.data() {
+            let next = tokio::time::timeout(SPARE_AFTER, running.next()).await;
+            match next {
+                Err(_) => {
+                    // Endgame: a slow peer gets company.
+                    if let Some(index) = queue.next() {
+                        running.push(fetch(index, placed[index]));
+                    }
+                }
+                Ok(Some((index, node, Ok(bytes)))) => {
+                    if FragmentId::of(&bytes) == segment.fragments[index]
+                        && !got.iter().any(|(i, _)| *i == index)
+                    {
+                        got.push((index, bytes));
+                    } else if FragmentId::of(&bytes) != segment.fragments[index] {
+                        errors.push(format!("{node} sent a corrupt fragment"));
+                        failed.push(index);
+                    }
+                }
+                Ok(Some((index, node, Err(error)))) => {
+                    errors.push(format!("{node}: {error}"));
+                    failed.push(index);
+                    if let Some(index) = queue.next() {
+                        running.push(fetch(index, placed[index]));
+                    }
+                }
+                Ok(None) => {
+                    // Placement is exhausted: look for moved fragments.
+                    let Some(index) = failed.pop() else {
+                        break;
+                    };
+                    let id = segment.fragments[index];
+                    if let Ok(holders) = self.node.locate_fragment(&upload, &id).await {
+                        for holder in holders.into_iter().filter(|h| *h != placed[index]) {
+                            running.push(fetch(index, holder));
+                        }
+                    }
+                }
+            }
+        }
+        if got.len() < scheme.data() {
+            return Err(GatewayError::Unavailable(format!(
+                "{} of the {} fragments a segment needs could be read: {}",
+                got.len(),
+                scheme.data(),
+                errors.join("; ")
+            )));
+        }
+        let scheme_copy = scheme;
+        tokio::task::spawn_blocking(move || {
+            let fragments: Vec<(usize, &[u8])> =
+                got.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+            reconstruct(scheme_copy, segment_len, &fragments)
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(e.to_string()))?
+        .map_err(|e| GatewayError::Corrupt(format!("segment: {e}")))
+    }
+}
+
+/// One PUT's streaming state: batches of plaintext go through MD5 and the
+/// encoder on a blocking thread; each finished segment is pushed while the
+/// next is being encoded, at most [`SEGMENTS_IN_FLIGHT`] at a time.
+struct StreamPut<'a> {
+    store: &'a ObjectStore,
+    placer: Arc<Placer>,
+    upload: UploadId,
+    retain_until_unix_ms: u64,
+}
+
+impl StreamPut<'_> {
+    async fn run<S, E>(
+        &self,
+        pipeline: PutPipeline,
+        length: u64,
+        mut body: S,
+    ) -> GatewayResult<(Vec<SegmentRef>, [u8; 16])>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let mut state = Some((pipeline, md5::Md5::new()));
+        let mut received: u64 = 0;
+        let mut batch: Vec<u8> = Vec::with_capacity(BATCH_BYTES);
+        let mut pushes = FuturesUnordered::new();
+        let mut segments: Vec<Option<SegmentRef>> = Vec::new();
+        let mut finished = false;
+        loop {
+            match body.next().await {
+                Some(Ok(chunk)) => {
+                    received += chunk.len() as u64;
+                    if received > length {
+                        return Err(GatewayError::BodyTooLong { expected: length });
+                    }
+                    batch.extend_from_slice(&chunk);
+                    if batch.len() < BATCH_BYTES {
+                        continue;
+                    }
+                }
+                Some(Err(error)) => return Err(GatewayError::ClientBody(error.to_string())),
+                None => {
+                    if received < length {
+                        return Err(GatewayError::IncompleteBody {
+                            expected: length,
+                            got: received,
+                        });
+                    }
+                    finished = true;
+                }
+            }
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH_BYTES));
+            let (pipeline, mut md5) = state.take().expect("encoder state");
+            let (pipeline, md5, encoded) = tokio::task::spawn_blocking(move || {
+                md5.update(&full);
+                let mut encoded = Vec::new();
+                let mut pipeline = pipeline;
+                let outcome = pipeline.push(&full, &mut encoded);
+                let pipeline = match (outcome, finished) {
+                    (Err(e), _) => return Err(e),
+                    (Ok(()), true) => {
+                        encoded.push(pipeline.finish()?);
+                        None
+                    }
+                    (Ok(()), false) => Some(pipeline),
+                };
+                Ok((pipeline, md5, encoded))
+            })
+            .await
+            .map_err(|e| GatewayError::Internal(e.to_string()))?
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+            for segment in encoded {
+                while pushes.len() >= SEGMENTS_IN_FLIGHT {
+                    record(&mut segments, pushes.next().await)?;
+                }
+                let index = segments.len();
+                segments.push(None);
+                let placer = self.placer.clone();
+                pushes.push(async move {
+                    let pushed = self
+                        .store
+                        .push_segment(
+                            &placer,
+                            self.upload,
+                            self.retain_until_unix_ms,
+                            Arc::new(segment),
+                        )
+                        .await;
+                    (index, pushed)
+                });
+            }
+            match pipeline {
+                Some(pipeline) => state = Some((pipeline, md5)),
+                None => {
+                    while let Some(done) = pushes.next().await {
+                        record(&mut segments, Some(done))?;
+                    }
+                    let digest: [u8; 16] = md5.finalize().into();
+                    let segments = segments
+                        .into_iter()
+                        .map(|s| s.expect("every push recorded"))
+                        .collect();
+                    return Ok((segments, digest));
+                }
+            }
+        }
+    }
+}
+
+fn record(
+    segments: &mut [Option<SegmentRef>],
+    done: Option<(usize, GatewayResult<SegmentRef>)>,
+) -> GatewayResult<()> {
+    if let Some((index, pushed)) = done {
+        segments[index] = Some(pushed?);
+    }
+    Ok(())
+}

@@ -1,0 +1,784 @@
+//! The S3 operations: s3s parses and authenticates a request, and each
+//! method here maps it onto buckets and the data path, answering every
+//! failure with the error code an S3 client expects.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use base64::Engine;
+use cairn_node::meta::listing::{ListPage, ListRequest, ListStart, MAX_KEYS};
+use cairn_protocol::ids::VersionId;
+use cairn_protocol::manifest::MAX_KEY_BYTES;
+use cairn_protocol::meta::prefix_end;
+use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
+use s3s::dto::*;
+use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
+
+use crate::buckets::Buckets;
+use crate::error::GatewayError;
+use crate::objects::{NewObject, ObjectStore};
+
+/// User metadata (`x-amz-meta-*` names and values) per object, as in S3.
+pub const MAX_USER_METADATA_BYTES: usize = 2 << 10;
+/// The region this gateway answers for.
+pub const DEFAULT_REGION: &str = "us-east-1";
+
+impl From<GatewayError> for S3Error {
+    fn from(error: GatewayError) -> Self {
+        use S3ErrorCode as C;
+        let code = match &error {
+            GatewayError::NoSuchBucket(_) => C::NoSuchBucket,
+            GatewayError::NoSuchKey => C::NoSuchKey,
+            GatewayError::NoSuchVersion => C::NoSuchVersion,
+            GatewayError::NoSuchUpload => C::NoSuchUpload,
+            GatewayError::BucketAlreadyOwnedByYou(_) => C::BucketAlreadyOwnedByYou,
+            GatewayError::BucketAlreadyExists(_) => C::BucketAlreadyExists,
+            GatewayError::BucketNotEmpty(_) => C::BucketNotEmpty,
+            GatewayError::InvalidBucketName(_) => C::InvalidBucketName,
+            GatewayError::InvalidArgument(_) => C::InvalidArgument,
+            GatewayError::KeyTooLong(_) => C::KeyTooLongError,
+            GatewayError::MetadataTooLarge(_) => C::MetadataTooLarge,
+            GatewayError::BadDigest | GatewayError::ChecksumMismatch { .. } => C::BadDigest,
+            GatewayError::InvalidDigest(_) => C::InvalidDigest,
+            GatewayError::IncompleteBody { .. } | GatewayError::ClientBody(_) => C::IncompleteBody,
+            GatewayError::BodyTooLong { .. } => C::InvalidRequest,
+            GatewayError::EntityTooLarge { .. } => C::EntityTooLarge,
+            GatewayError::EntityTooSmall => C::EntityTooSmall,
+            GatewayError::InvalidRange { .. } => C::InvalidRange,
+            GatewayError::InvalidPart(_) => C::InvalidPart,
+            GatewayError::InvalidPartOrder => C::InvalidPartOrder,
+            GatewayError::PreconditionFailed => C::PreconditionFailed,
+            GatewayError::NotModified => C::NotModified,
+            GatewayError::Unavailable(_)
+            | GatewayError::NoMap
+            | GatewayError::Metadata(_)
+            | GatewayError::Node(_) => C::ServiceUnavailable,
+            GatewayError::Corrupt(_) | GatewayError::Internal(_) => C::InternalError,
+        };
+        if matches!(code, C::ServiceUnavailable | C::InternalError) {
+            tracing::warn!(%error, "request failed");
+        }
+        S3Error::with_message(code, error.to_string())
+    }
+}
+
+/// The S3 service of one gateway.
+#[derive(Clone)]
+pub struct CairnS3 {
+    pub(crate) buckets: Buckets,
+    pub(crate) objects: ObjectStore,
+    pub(crate) region: String,
+}
+
+fn owner_of<T>(req: &S3Request<T>) -> String {
+    req.credentials
+        .as_ref()
+        .map(|c| c.access_key.clone())
+        .unwrap_or_default()
+}
+
+fn check_key(key: &str) -> Result<(), GatewayError> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(GatewayError::KeyTooLong(format!(
+            "an object key is 1 to {MAX_KEY_BYTES} bytes; this one has {}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+fn timestamp_of(unix_ms: u64) -> Timestamp {
+    Timestamp::from(UNIX_EPOCH + Duration::from_millis(unix_ms))
+}
+
+fn last_modified(version: &ObjectVersion) -> Timestamp {
+    timestamp_of(version.created.hlc.unix_ms())
+}
+
+fn strong_etag(quoted: &str) -> ETag {
+    ETag::Strong(quoted.trim_matches('"').to_owned())
+}
+
+/// The headers a PUT stores with the object: the standard ones it sent,
+/// its user metadata, and how it is encrypted.
+fn stored_headers(input: &PutObjectInput) -> Result<StoredHeaders, GatewayError> {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut push = |name: &str, value: Option<String>| {
+        if let Some(value) = value {
+            headers.push((name.to_owned(), value));
+        }
+    };
+    push("content-type", input.content_type.clone());
+    push("cache-control", input.cache_control.clone());
+    push("content-disposition", input.content_disposition.clone());
+    push("content-encoding", input.content_encoding.clone());
+    push("content-language", input.content_language.clone());
+    push(
+        "expires",
+        input.expires.as_ref().and_then(|t| {
+            let mut out = Vec::new();
+            t.format(TimestampFormat::HttpDate, &mut out).ok()?;
+            String::from_utf8(out).ok()
+        }),
+    );
+    push(
+        "x-amz-website-redirect-location",
+        input.website_redirect_location.clone(),
+    );
+    push("x-amz-server-side-encryption", Some("AES256".into()));
+    if let Some(metadata) = &input.metadata {
+        let size: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > MAX_USER_METADATA_BYTES {
+            return Err(GatewayError::MetadataTooLarge(format!(
+                "user metadata takes {size} bytes; at most {MAX_USER_METADATA_BYTES} are allowed"
+            )));
+        }
+        for (name, value) in metadata {
+            headers.push((
+                format!("x-amz-meta-{}", name.to_ascii_lowercase()),
+                value.clone(),
+            ));
+        }
+    }
+    StoredHeaders::new(headers).map_err(|e| GatewayError::MetadataTooLarge(e.to_string()))
+}
+
+fn user_metadata(headers: &StoredHeaders) -> Option<Metadata> {
+    let metadata: Metadata = headers
+        .iter()
+        .filter_map(|(n, v)| Some((n.strip_prefix("x-amz-meta-")?.to_owned(), v.to_owned())))
+        .collect();
+    (!metadata.is_empty()).then_some(metadata)
+}
+
+fn parse_content_md5(value: Option<&String>) -> Result<Option<[u8; 16]>, GatewayError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .map_err(|_| GatewayError::InvalidDigest("Content-MD5 is not valid base64".into()))?;
+    let digest: [u8; 16] = bytes
+        .try_into()
+        .map_err(|_| GatewayError::InvalidDigest("Content-MD5 is not 16 bytes".into()))?;
+    Ok(Some(digest))
+}
+
+/// RFC 9110's order: If-Match, else If-Unmodified-Since; then
+/// If-None-Match, else If-Modified-Since.
+fn check_read_conditions(
+    version: &ObjectVersion,
+    if_match: Option<&ETagCondition>,
+    if_none_match: Option<&ETagCondition>,
+    if_modified_since: Option<&Timestamp>,
+    if_unmodified_since: Option<&Timestamp>,
+) -> Result<(), GatewayError> {
+    let VersionBody::Data { etag, .. } = &version.body else {
+        return Ok(());
+    };
+    let ours = strong_etag(etag);
+    let matches = |condition: &ETagCondition| match condition {
+        ETagCondition::Any => true,
+        ETagCondition::ETag(theirs) => theirs.value() == ours.value(),
+    };
+    // Whole seconds: HTTP dates carry no more.
+    let modified_secs = (version.created.hlc.unix_ms() / 1000) as i64;
+    let secs = |t: &Timestamp| time::OffsetDateTime::from(t.clone()).unix_timestamp();
+    match (if_match, if_unmodified_since) {
+        (Some(condition), _) if !matches(condition) => {
+            return Err(GatewayError::PreconditionFailed);
+        }
+        (None, Some(since)) if modified_secs > secs(since) => {
+            return Err(GatewayError::PreconditionFailed);
+        }
+        _ => {}
+    }
+    match (if_none_match, if_modified_since) {
+        (Some(condition), _) if matches(condition) => return Err(GatewayError::NotModified),
+        (None, Some(since)) if modified_secs <= secs(since) => {
+            return Err(GatewayError::NotModified);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Percent-encodes a key for `encoding-type=url` (everything but
+/// unreserved characters and `/`).
+fn url_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~/".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn encode_token(resume: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(resume)
+}
+
+fn decode_token(token: &str) -> Result<Vec<u8>, GatewayError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .filter(|bytes| bytes.len() <= MAX_KEY_BYTES + 17)
+        .ok_or_else(|| {
+            GatewayError::InvalidArgument("The continuation token provided is incorrect".into())
+        })
+}
+
+fn max_keys(requested: Option<i32>) -> Result<usize, GatewayError> {
+    match requested {
+        None => Ok(MAX_KEYS),
+        Some(n) if n < 0 => Err(GatewayError::InvalidArgument(
+            "max-keys must not be negative".into(),
+        )),
+        Some(n) => Ok((n as usize).min(MAX_KEYS)),
+    }
+}
+
+fn listed_objects(page: &ListPage, url: bool) -> (Vec<Object>, Vec<CommonPrefix>) {
+    let encode = |key: &str| if url { url_encode(key) } else { key.to_owned() };
+    let objects = page
+        .entries
+        .iter()
+        .filter_map(|version| {
+            let VersionBody::Data {
+                size_bytes, etag, ..
+            } = &version.body
+            else {
+                return None;
+            };
+            Some(Object {
+                key: Some(encode(&version.key)),
+                size: Some(*size_bytes as i64),
+                e_tag: Some(strong_etag(etag)),
+                last_modified: Some(last_modified(version)),
+                storage_class: Some(ObjectStorageClass::from_static(
+                    ObjectStorageClass::STANDARD,
+                )),
+                ..Default::default()
+            })
+        })
+        .collect();
+    let prefixes = page
+        .common_prefixes
+        .iter()
+        .map(|p| CommonPrefix {
+            prefix: Some(encode(p)),
+        })
+        .collect();
+    (objects, prefixes)
+}
+
+fn wants_url(encoding: Option<&EncodingType>) -> Result<bool, GatewayError> {
+    match encoding.map(|e| e.as_str()) {
+        None => Ok(false),
+        Some("url") => Ok(true),
+        Some(other) => Err(GatewayError::InvalidArgument(format!(
+            "encoding-type {other:?} is not supported; use url"
+        ))),
+    }
+}
+
+impl CairnS3 {
+    async fn resolve(
+        &self,
+        bucket: &str,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> S3Result<ObjectVersion> {
+        self.buckets.get(bucket).await?;
+        check_key(key)?;
+        if let Some(text) = version_id.filter(|v| *v != "null") {
+            let version =
+                VersionId::parse(text).map_err(|e| GatewayError::InvalidArgument(e.to_string()))?;
+            return self
+                .objects
+                .versions_of(bucket, key)
+                .await?
+                .into_iter()
+                .find(|v| v.version == version)
+                .ok_or_else(|| GatewayError::NoSuchVersion.into());
+        }
+        self.objects
+            .current(bucket, key)
+            .await?
+            .ok_or_else(|| GatewayError::NoSuchKey.into())
+    }
+
+    async fn delete_key(&self, bucket: &str, key: &str) -> Result<(), GatewayError> {
+        let versions = self.objects.versions_of(bucket, key).await?;
+        self.objects.purge(versions).await
+    }
+}
+
+#[async_trait::async_trait]
+impl S3 for CairnS3 {
+    async fn list_buckets(
+        &self,
+        req: S3Request<ListBucketsInput>,
+    ) -> S3Result<S3Response<ListBucketsOutput>> {
+        let owner = owner_of(&req);
+        let buckets = self
+            .buckets
+            .list()
+            .await?
+            .into_iter()
+            .map(|(name, record)| Bucket {
+                name: Some(name),
+                creation_date: Some(timestamp_of(record.created_unix_ms)),
+                bucket_region: Some(self.region.clone()),
+            })
+            .collect();
+        Ok(S3Response::new(ListBucketsOutput {
+            buckets: Some(buckets),
+            owner: Some(Owner {
+                display_name: Some(owner.clone()),
+                id: Some(owner),
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn create_bucket(
+        &self,
+        req: S3Request<CreateBucketInput>,
+    ) -> S3Result<S3Response<CreateBucketOutput>> {
+        if let Some(constraint) = req
+            .input
+            .create_bucket_configuration
+            .as_ref()
+            .and_then(|c| c.location_constraint.as_ref())
+            && constraint.as_str() != self.region
+        {
+            return Err(S3Error::with_message(
+                S3ErrorCode::InvalidLocationConstraint,
+                format!(
+                    "this cluster's region is {}; the location constraint {} is not it",
+                    self.region,
+                    constraint.as_str()
+                ),
+            ));
+        }
+        let owner = owner_of(&req);
+        self.buckets.create(&req.input.bucket, &owner).await?;
+        Ok(S3Response::new(CreateBucketOutput {
+            location: Some(format!("/{}", req.input.bucket)),
+        }))
+    }
+
+    async fn head_bucket(
+        &self,
+        req: S3Request<HeadBucketInput>,
+    ) -> S3Result<S3Response<HeadBucketOutput>> {
+        self.buckets.get(&req.input.bucket).await?;
+        Ok(S3Response::new(HeadBucketOutput {
+            bucket_region: Some(self.region.clone()),
+            ..Default::default()
+        }))
+    }
+
+    async fn delete_bucket(
+        &self,
+        req: S3Request<DeleteBucketInput>,
+    ) -> S3Result<S3Response<DeleteBucketOutput>> {
+        self.buckets.delete(&req.input.bucket).await?;
+        Ok(S3Response::new(DeleteBucketOutput {}))
+    }
+
+    async fn get_bucket_location(
+        &self,
+        req: S3Request<GetBucketLocationInput>,
+    ) -> S3Result<S3Response<GetBucketLocationOutput>> {
+        self.buckets.get(&req.input.bucket).await?;
+        // us-east-1 is spelt as no constraint, as S3 does.
+        let constraint = (self.region != DEFAULT_REGION)
+            .then(|| BucketLocationConstraint::from(self.region.clone()));
+        Ok(S3Response::new(GetBucketLocationOutput {
+            location_constraint: constraint,
+        }))
+    }
+
+    async fn put_object(
+        &self,
+        req: S3Request<PutObjectInput>,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
+        let input = req.input;
+        let bucket = self.buckets.get(&input.bucket).await?;
+        check_key(&input.key)?;
+        let headers = stored_headers(&input)?;
+        let content_md5 = parse_content_md5(input.content_md5.as_ref())?;
+        let body = input.body.ok_or_else(|| {
+            S3Error::with_message(S3ErrorCode::MissingContentLength, "a PUT needs a body")
+        })?;
+        let length = match input.content_length {
+            Some(length) if length >= 0 => length as u64,
+            _ => {
+                use s3s::stream::ByteStream;
+                body.remaining_length().exact().ok_or_else(|| {
+                    S3Error::with_message(
+                        S3ErrorCode::MissingContentLength,
+                        "send Content-Length (or x-amz-decoded-content-length)",
+                    )
+                })? as u64
+            }
+        };
+        let version = self
+            .objects
+            .put(
+                NewObject {
+                    bucket: input.bucket.clone(),
+                    bucket_key_id: bucket.bucket_key_id,
+                    key: input.key.clone(),
+                    headers,
+                    length,
+                    content_md5,
+                },
+                body,
+            )
+            .await?;
+        // The bucket keeps no history: older versions of the key go.
+        let older: Vec<ObjectVersion> = self
+            .objects
+            .versions_of(&input.bucket, &input.key)
+            .await?
+            .into_iter()
+            .filter(|v| v.version < version.version)
+            .collect();
+        if !older.is_empty() {
+            self.objects.purge(older).await?;
+        }
+        let VersionBody::Data { etag, .. } = &version.body else {
+            unreachable!("a PUT writes data");
+        };
+        Ok(S3Response::new(PutObjectOutput {
+            e_tag: Some(strong_etag(etag)),
+            server_side_encryption: Some(ServerSideEncryption::from_static(
+                ServerSideEncryption::AES256,
+            )),
+            ..Default::default()
+        }))
+    }
+
+    async fn get_object(
+        &self,
+        req: S3Request<GetObjectInput>,
+    ) -> S3Result<S3Response<GetObjectOutput>> {
+        let input = req.input;
+        let version = self
+            .resolve(&input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        check_read_conditions(
+            &version,
+            input.if_match.as_ref(),
+            input.if_none_match.as_ref(),
+            input.if_modified_since.as_ref(),
+            input.if_unmodified_since.as_ref(),
+        )?;
+        let VersionBody::Data {
+            size_bytes,
+            etag,
+            headers,
+            ..
+        } = &version.body
+        else {
+            return Err(GatewayError::NoSuchKey.into());
+        };
+        let size = *size_bytes;
+        let (range, content_range) = match &input.range {
+            None => (0..size, None),
+            Some(range) => {
+                let r = range
+                    .check(size)
+                    .map_err(|_| GatewayError::InvalidRange { size })?;
+                let text = format!("bytes {}-{}/{size}", r.start, r.end - 1);
+                (r, Some(text))
+            }
+        };
+        let open = self.objects.open(&version).await?;
+        let receiver = self.objects.read(open, range.clone());
+        let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|item| (item, receiver))
+        });
+        let header = |name: &str| headers.get(name).map(str::to_owned);
+        let mut output = GetObjectOutput {
+            body: Some(StreamingBlob::wrap(stream)),
+            content_length: Some((range.end - range.start) as i64),
+            content_range,
+            accept_ranges: Some("bytes".into()),
+            e_tag: Some(strong_etag(etag)),
+            last_modified: Some(last_modified(&version)),
+            metadata: user_metadata(headers),
+            content_type: header("content-type"),
+            cache_control: header("cache-control"),
+            content_disposition: header("content-disposition"),
+            content_encoding: header("content-encoding"),
+            content_language: header("content-language"),
+            website_redirect_location: header("x-amz-website-redirect-location"),
+            server_side_encryption: Some(ServerSideEncryption::from_static(
+                ServerSideEncryption::AES256,
+            )),
+            ..Default::default()
+        };
+        if let Some(expires) = header("expires") {
+            output.expires = Timestamp::parse(TimestampFormat::HttpDate, &expires).ok();
+        }
+        // The response-* query parameters override what was stored.
+        if let Some(v) = input.response_content_type {
+            output.content_type = Some(v);
+        }
+        if let Some(v) = input.response_cache_control {
+            output.cache_control = Some(v);
+        }
+        if let Some(v) = input.response_content_disposition {
+            output.content_disposition = Some(v);
+        }
+        if let Some(v) = input.response_content_encoding {
+            output.content_encoding = Some(v);
+        }
+        if let Some(v) = input.response_content_language {
+            output.content_language = Some(v);
+        }
+        if let Some(v) = input.response_expires {
+            output.expires = Some(v);
+        }
+        let mut response = S3Response::new(output);
+        if input.range.is_some() {
+            response.status = Some(http::StatusCode::PARTIAL_CONTENT);
+        }
+        Ok(response)
+    }
+
+    async fn head_object(
+        &self,
+        req: S3Request<HeadObjectInput>,
+    ) -> S3Result<S3Response<HeadObjectOutput>> {
+        let input = req.input;
+        let version = self
+            .resolve(&input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        check_read_conditions(
+            &version,
+            input.if_match.as_ref(),
+            input.if_none_match.as_ref(),
+            input.if_modified_since.as_ref(),
+            input.if_unmodified_since.as_ref(),
+        )?;
+        let VersionBody::Data {
+            size_bytes,
+            etag,
+            headers,
+            ..
+        } = &version.body
+        else {
+            return Err(GatewayError::NoSuchKey.into());
+        };
+        let header = |name: &str| headers.get(name).map(str::to_owned);
+        let mut output = HeadObjectOutput {
+            content_length: Some(*size_bytes as i64),
+            accept_ranges: Some("bytes".into()),
+            e_tag: Some(strong_etag(etag)),
+            last_modified: Some(last_modified(&version)),
+            metadata: user_metadata(headers),
+            content_type: header("content-type"),
+            cache_control: header("cache-control"),
+            content_disposition: header("content-disposition"),
+            content_encoding: header("content-encoding"),
+            content_language: header("content-language"),
+            website_redirect_location: header("x-amz-website-redirect-location"),
+            server_side_encryption: Some(ServerSideEncryption::from_static(
+                ServerSideEncryption::AES256,
+            )),
+            ..Default::default()
+        };
+        if let Some(expires) = header("expires") {
+            output.expires = Timestamp::parse(TimestampFormat::HttpDate, &expires).ok();
+        }
+        Ok(S3Response::new(output))
+    }
+
+    async fn delete_object(
+        &self,
+        req: S3Request<DeleteObjectInput>,
+    ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        check_key(&input.key)?;
+        // Deleting a key that does not exist succeeds, as in S3.
+        self.delete_key(&input.bucket, &input.key).await?;
+        let mut response = S3Response::new(DeleteObjectOutput::default());
+        response.status = Some(http::StatusCode::NO_CONTENT);
+        Ok(response)
+    }
+
+    async fn delete_objects(
+        &self,
+        req: S3Request<DeleteObjectsInput>,
+    ) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        if input.delete.objects.len() > 1000 {
+            return Err(S3Error::with_message(
+                S3ErrorCode::MalformedXML,
+                "a DeleteObjects request names at most 1000 keys",
+            ));
+        }
+        let quiet = input.delete.quiet.unwrap_or(false);
+        let mut deleted = Vec::new();
+        let mut errors = Vec::new();
+        for object in input.delete.objects {
+            let outcome = match check_key(&object.key) {
+                Ok(()) => self.delete_key(&input.bucket, &object.key).await,
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(()) if !quiet => deleted.push(DeletedObject {
+                    key: Some(object.key),
+                    ..Default::default()
+                }),
+                Ok(()) => {}
+                Err(error) => {
+                    let s3: S3Error = error.into();
+                    errors.push(Error {
+                        code: Some(s3.code().as_str().to_owned()),
+                        key: Some(object.key),
+                        message: s3.message().map(str::to_owned),
+                        version_id: object.version_id,
+                    });
+                }
+            }
+        }
+        Ok(S3Response::new(DeleteObjectsOutput {
+            deleted: Some(deleted),
+            errors: (!errors.is_empty()).then_some(errors),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: S3Request<ListObjectsV2Input>,
+    ) -> S3Result<S3Response<ListObjectsV2Output>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        let url = wants_url(input.encoding_type.as_ref())?;
+        let max = max_keys(input.max_keys)?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let start = match (&input.continuation_token, &input.start_after) {
+            (Some(token), _) => ListStart::Resume(decode_token(token)?),
+            (None, Some(after)) if !after.is_empty() => ListStart::AfterKey(after.clone()),
+            _ => ListStart::Beginning,
+        };
+        let page = if max == 0 {
+            ListPage {
+                entries: Vec::new(),
+                common_prefixes: Vec::new(),
+                resume: None,
+            }
+        } else {
+            self.objects
+                .node()
+                .metadata()
+                .list_objects(
+                    &input.bucket,
+                    &ListRequest {
+                        prefix: prefix.clone(),
+                        delimiter: input.delimiter.clone(),
+                        start,
+                        max_keys: max,
+                    },
+                )
+                .await
+                .map_err(GatewayError::from)?
+        };
+        let (contents, common_prefixes) = listed_objects(&page, url);
+        let encode = |text: String| if url { url_encode(&text) } else { text };
+        Ok(S3Response::new(ListObjectsV2Output {
+            name: Some(input.bucket),
+            prefix: Some(encode(prefix)),
+            delimiter: input.delimiter.map(encode),
+            max_keys: Some(max as i32),
+            key_count: Some((contents.len() + common_prefixes.len()) as i32),
+            is_truncated: Some(page.resume.is_some()),
+            continuation_token: input.continuation_token,
+            next_continuation_token: page.resume.as_deref().map(encode_token),
+            start_after: input.start_after.map(encode),
+            encoding_type: input.encoding_type,
+            contents: Some(contents),
+            common_prefixes: Some(common_prefixes),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_objects(
+        &self,
+        req: S3Request<ListObjectsInput>,
+    ) -> S3Result<S3Response<ListObjectsOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        let url = wants_url(input.encoding_type.as_ref())?;
+        let max = max_keys(input.max_keys)?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
+        let start = match &input.marker {
+            Some(marker) if !marker.is_empty() => match &delimiter {
+                // A marker that is a common prefix skips everything under it.
+                Some(d) if marker.ends_with(d.as_str()) && marker.starts_with(&prefix) => {
+                    match prefix_end(marker.as_bytes()) {
+                        Some(end) => ListStart::Resume(end),
+                        None => ListStart::AfterKey(marker.clone()),
+                    }
+                }
+                _ => ListStart::AfterKey(marker.clone()),
+            },
+            _ => ListStart::Beginning,
+        };
+        let page = if max == 0 {
+            ListPage {
+                entries: Vec::new(),
+                common_prefixes: Vec::new(),
+                resume: None,
+            }
+        } else {
+            self.objects
+                .node()
+                .metadata()
+                .list_objects(
+                    &input.bucket,
+                    &ListRequest {
+                        prefix: prefix.clone(),
+                        delimiter: delimiter.clone(),
+                        start,
+                        max_keys: max,
+                    },
+                )
+                .await
+                .map_err(GatewayError::from)?
+        };
+        // V1 has no token: the next marker is the last key or prefix listed.
+        let next_marker = page.resume.as_ref().and_then(|_| {
+            let last_key = page.entries.last().map(|v| v.key.clone());
+            let last_prefix = page.common_prefixes.last().cloned();
+            last_key.max(last_prefix)
+        });
+        let (contents, common_prefixes) = listed_objects(&page, url);
+        let encode = |text: String| if url { url_encode(&text) } else { text };
+        Ok(S3Response::new(ListObjectsOutput {
+            name: Some(input.bucket),
+            prefix: Some(encode(prefix)),
+            marker: input.marker.map(encode),
+            delimiter: input.delimiter.map(encode),
+            max_keys: Some(max as i32),
+            is_truncated: Some(page.resume.is_some()),
+            next_marker: next_marker.map(encode),
+            encoding_type: input.encoding_type,
+            contents: Some(contents),
+            common_prefixes: Some(common_prefixes),
+            ..Default::default()
+        }))
+    }
+}

@@ -1,0 +1,202 @@
+//! The HTTP side: the listener, the host parser, and the checks s3s 0.14
+//! leaves to its user (spec/gateway.md, "Request checks"). They live here,
+//! in one place, to be deleted when s3s does them itself.
+
+use std::net::SocketAddr;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use s3s::host::{S3Host, VirtualHost};
+use s3s::service::S3Service;
+use s3s::{Body, HttpResponse, S3Result};
+use tokio::net::TcpListener;
+
+use crate::objects::MAX_PUT_BYTES;
+
+/// Presigned URLs live at most a week, as in S3.
+pub const MAX_PRESIGNED_SECONDS: u64 = 7 * 24 * 3600;
+
+/// Virtual-hosted-style requests name the bucket in the host
+/// (`bucket.domain`); any other host (an IP address, `localhost`, a name
+/// the gateway was not told about) is path-style.
+pub struct CairnHost {
+    domains: Vec<String>,
+}
+
+impl CairnHost {
+    pub fn new(domains: Vec<String>) -> Self {
+        Self { domains }
+    }
+}
+
+impl S3Host for CairnHost {
+    fn parse_host_header<'a>(&'a self, host: &'a str) -> S3Result<VirtualHost<'a>> {
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|c| c.is_ascii_digit()) => name,
+            _ => host,
+        };
+        for domain in &self.domains {
+            if let Some(bucket) = name
+                .strip_suffix(domain.as_str())
+                .and_then(|rest| rest.strip_suffix('.'))
+                && !bucket.is_empty()
+            {
+                return Ok(VirtualHost::new(domain.as_str()).with_bucket(bucket));
+            }
+        }
+        Ok(VirtualHost::new(host))
+    }
+}
+
+/// An S3 error answered before s3s sees the request.
+fn refuse(status: u16, code: &str, message: &str) -> HttpResponse {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{}</Message></Error>",
+        message
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    );
+    let mut response = HttpResponse::new(Body::from(xml));
+    *response.status_mut() = http::StatusCode::from_u16(status).expect("a valid status");
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/xml"),
+    );
+    response
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
+
+/// The region named in a SigV4 credential scope
+/// (`AKID/20261124/us-east-1/s3/aws4_request`).
+fn credential_region(credential: &str) -> Option<&str> {
+    credential.split('/').nth(2)
+}
+
+/// The checks s3s 0.14 does not make; `None` lets the request through.
+pub fn check_request<B>(request: &http::Request<B>, region: &str) -> Option<HttpResponse> {
+    let headers = request.headers();
+    let query = request.uri().query().unwrap_or("");
+    let authorization = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let unsupported = "The authorization mechanism you have provided is not supported. Please use AWS4-HMAC-SHA256.";
+    if authorization.starts_with("AWS ")
+        || (query_param(query, "AWSAccessKeyId").is_some()
+            && query_param(query, "Signature").is_some())
+    {
+        return Some(refuse(400, "InvalidRequest", unsupported));
+    }
+    if let Some(rest) = authorization.strip_prefix("AWS4-HMAC-SHA256") {
+        let credential = rest
+            .split(',')
+            .filter_map(|p| p.trim().strip_prefix("Credential="))
+            .next();
+        if let Some(theirs) = credential.and_then(credential_region)
+            && theirs != region
+        {
+            return Some(refuse(
+                400,
+                "AuthorizationHeaderMalformed",
+                &format!(
+                    "the authorization header is malformed; the region '{theirs}' is wrong; expecting '{region}'"
+                ),
+            ));
+        }
+    }
+    if query_param(query, "X-Amz-Algorithm").is_some() {
+        let credential = query_param(query, "X-Amz-Credential")
+            .map(|c| c.replace("%2F", "/").replace("%2f", "/"));
+        if let Some(theirs) = credential.as_deref().and_then(credential_region)
+            && theirs != region
+        {
+            return Some(refuse(
+                400,
+                "AuthorizationQueryParametersError",
+                &format!(
+                    "Error parsing the X-Amz-Credential parameter; the region '{theirs}' is wrong; expecting '{region}'"
+                ),
+            ));
+        }
+        let expires = query_param(query, "X-Amz-Expires").and_then(|v| v.parse::<u64>().ok());
+        if expires.is_none_or(|seconds| seconds > MAX_PRESIGNED_SECONDS) {
+            return Some(refuse(
+                400,
+                "AuthorizationQueryParametersError",
+                &format!(
+                    "X-Amz-Expires must be a number of seconds no greater than {MAX_PRESIGNED_SECONDS} (a week)"
+                ),
+            ));
+        }
+    }
+    let length = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    // aws-chunked framing adds a little to the decoded length.
+    let framed_max = MAX_PUT_BYTES + MAX_PUT_BYTES / 64 + (1 << 20);
+    if length("x-amz-decoded-content-length").is_some_and(|l| l > MAX_PUT_BYTES)
+        || length("content-length").is_some_and(|l| l > framed_max)
+    {
+        return Some(refuse(
+            400,
+            "EntityTooLarge",
+            &format!(
+                "Your proposed upload exceeds the maximum allowed size of {MAX_PUT_BYTES} bytes"
+            ),
+        ));
+    }
+    None
+}
+
+/// Serves `service` on `listener` until the task is aborted.
+pub async fn serve(listener: TcpListener, service: S3Service, region: String) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Small requests must not wait for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let region = region.clone();
+        tokio::spawn(async move {
+            let handler = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                let service = service.clone();
+                let refused = check_request(&request, &region);
+                async move {
+                    match refused {
+                        Some(response) => Ok(response),
+                        None => hyper::service::Service::call(&service, request).await,
+                    }
+                }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(error) = builder
+                .serve_connection(TokioIo::new(stream), handler)
+                .await
+            {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The address a listener is bound to, for messages.
+pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}
