@@ -86,6 +86,33 @@ def check_keywrap():
     assert AESGCM(one_time).decrypt(bytes(12), wrapped[25:], aad) == h(v["data_key"])
 
 
+def check_gateway():
+    v = load("gateway.json")
+    lk = v["labelled_key"]
+    wrapped = h(lk["wrapped"])
+    assert len(wrapped) == 73 and wrapped[0] == 1 and wrapped[1:25] == h(lk["salt"])
+    one_time = blake3.blake3(h(lk["kek"]) + wrapped[1:25], derive_key_context="cairn 2026-11 data key wrap v1").digest()
+    aad = b"cairn key label v1\x00" + lk["label"].encode()
+    assert AESGCM(one_time).decrypt(bytes(12), wrapped[25:], aad) == h(lk["key"])
+    r = Reader(h(v["bucket_record"]))
+    assert r.u8() == 1
+    r.u64(), r.str16(128), r.str16(256)
+    r.done()
+    for name in ("access_key_record", "kms_key_record"):
+        r = Reader(h(v[name]))
+        assert r.u8() == 1
+        r.u64()
+        if name == "access_key_record":
+            r.str16(256)
+        assert r.take(r.u16()) == wrapped
+        r.done()
+    r = Reader(h(v["upload_record"]))
+    assert r.u8() == 1
+    r.take(16), r.u64()
+    assert r.u8() in (0, 1)
+    r.done()
+
+
 def check_erasure():
     for case in load("erasure.json")["cases"]:
         k, m, segment = case["k"], case["m"], h(case["segment"])
@@ -296,7 +323,7 @@ def check_placement_key():
     assert derive("cairn 2026-11 segment placement v1", ids) == h(v["segment_placement_key"])
 
 
-checks = [check_placement_key, check_meta, check_dht, check_membership, check_ids, check_stream, check_keywrap, check_erasure, check_manifest, check_wire, check_versions]
+checks = [check_gateway, check_placement_key, check_meta, check_dht, check_membership, check_ids, check_stream, check_keywrap, check_erasure, check_manifest, check_wire, check_versions]
 failed = 0
 for check in checks:
     try:

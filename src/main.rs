@@ -27,6 +27,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A local cluster (3 sites x 2 nodes, 4+2) with an S3 endpoint, in one
+    /// process, nothing to set up.
+    Dev {
+        /// Where everything is kept; a restart finds its objects there.
+        #[arg(long, default_value = "cairn-dev-data")]
+        data_dir: PathBuf,
+        /// The S3 port to try first (the next free one is taken if busy).
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
+    },
     /// Run one node of a cluster.
     Serve {
         /// The node's TOML configuration.
@@ -331,6 +341,61 @@ async fn serve(
     Ok(())
 }
 
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default.into())
+        // s3s logs whole requests at debug, SSE-C keys included: never.
+        .add_directive("s3s=info".parse().expect("a valid directive"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colours only for a person watching, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn dev(data_dir: PathBuf, port: u16) -> Result<()> {
+    use cairn_gateway::dev::{DevCluster, DevOptions};
+    eprintln!(
+        "starting 6 nodes in 3 sites (4+2) under {} ...",
+        data_dir.display()
+    );
+    let cluster = DevCluster::start(DevOptions {
+        data_dir: data_dir.clone(),
+        port,
+        ..DevOptions::default()
+    })
+    .await
+    .context("the dev cluster did not start")?;
+    let endpoint = cluster.endpoint();
+    println!(
+        "Cairn dev cluster: 3 sites x 2 nodes, 4+2 erasure coding, data in {}",
+        data_dir.display()
+    );
+    println!();
+    println!("  S3 endpoint:  {endpoint}");
+    println!("  access key:   {}", cluster.access_key);
+    println!("  secret key:   {}", cluster.secret_key);
+    println!("  region:       us-east-1");
+    println!();
+    println!("Try it:");
+    println!(
+        "  export AWS_ACCESS_KEY_ID={} AWS_SECRET_ACCESS_KEY={} AWS_DEFAULT_REGION=us-east-1",
+        cluster.access_key, cluster.secret_key
+    );
+    println!("  aws --endpoint-url {endpoint} s3 mb s3://demo");
+    println!("  aws --endpoint-url {endpoint} s3 cp ./README.md s3://demo/");
+    println!("  aws --endpoint-url {endpoint} s3 ls s3://demo/");
+    println!();
+    println!("Ctrl-C stops it.");
+    tokio::signal::ctrl_c().await?;
+    eprintln!("stopping ...");
+    tokio::time::timeout(Duration::from_secs(30), cluster.shutdown())
+        .await
+        .context("shutdown took over 30 s")?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -342,21 +407,18 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Admin { command } => admin(command),
+        Command::Dev { data_dir, port } => {
+            init_logging("warn");
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(dev(data_dir, port))
+        }
         Command::Serve {
             config,
             data_dir,
             listen,
             bootstrap,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                // Colours only for a person watching, not in log files.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            init_logging("info");
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(serve(config, data_dir, listen, bootstrap))
         }

@@ -2,7 +2,8 @@
 //! real processes on 127.0.0.1 and killed with SIGKILL and started again, a
 //! cluster map signed and pushed to one node and spread to the others, a
 //! key file that others can read refused, and metadata replicas killed in
-//! the middle of writes and of a compare-and-set race.
+//! the middle of writes and of a compare-and-set race, and `cairn dev`
+//! serving S3 across a restart.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -479,4 +480,105 @@ fn metadata_replicas_killed_with_sigkill_lose_no_acknowledged_write_and_no_decis
     a.kill();
     b.kill();
     c.kill();
+}
+
+/// Starts `cairn dev` and returns it with its endpoint, key and secret.
+fn start_dev(dir: &Path, port: u16) -> (Child, String, String, String) {
+    let mut child = Command::new(CAIRN)
+        .args([
+            "dev",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (mut endpoint, mut key, mut secret) = (None, None, None);
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let value = |label: &str| line.trim().strip_prefix(label).map(|v| v.trim().to_owned());
+        endpoint = endpoint.or(value("S3 endpoint:"));
+        key = key.or(value("access key:"));
+        secret = secret.or(value("secret key:"));
+        if line.starts_with("Ctrl-C") {
+            break;
+        }
+    }
+    (child, endpoint.unwrap(), key.unwrap(), secret.unwrap())
+}
+
+fn stop_gracefully(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "cairn dev exited with {status}");
+}
+
+#[test]
+fn cairn_dev_serves_s3_and_keeps_objects_and_credentials_across_a_restart() {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    use aws_sdk_s3::primitives::ByteStream;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev-data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = |endpoint: &str, key: &str, secret: &str| {
+        aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .endpoint_url(endpoint)
+                .region(Region::new("us-east-1"))
+                .credentials_provider(Credentials::new(key, secret, None, None, "test"))
+                .force_path_style(true)
+                .build(),
+        )
+    };
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+
+    let (mut child, endpoint, key, secret) = start_dev(&data, port);
+    assert_eq!(endpoint, format!("http://127.0.0.1:{port}"));
+    runtime.block_on(async {
+        let s3 = client(&endpoint, &key, &secret);
+        s3.create_bucket().bucket("kept").send().await.unwrap();
+        s3.put_object()
+            .bucket("kept")
+            .key("blob")
+            .body(ByteStream::from(body.clone()))
+            .send()
+            .await
+            .unwrap();
+    });
+    stop_gracefully(&mut child);
+
+    let (mut child, endpoint, key_again, secret_again) = start_dev(&data, port);
+    assert_eq!((&key_again, &secret_again), (&key, &secret));
+    runtime.block_on(async {
+        let s3 = client(&endpoint, &key, &secret);
+        let object = s3
+            .get_object()
+            .bucket("kept")
+            .key("blob")
+            .send()
+            .await
+            .unwrap();
+        let back = object.body.collect().await.unwrap().into_bytes();
+        assert!(
+            back.as_ref() == body.as_slice(),
+            "the object changed across the restart"
+        );
+    });
+    stop_gracefully(&mut child);
 }

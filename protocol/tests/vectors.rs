@@ -153,6 +153,66 @@ fn key_wrapping() {
 }
 
 #[test]
+fn gateway_records_and_labelled_keys() {
+    use cairn_protocol::keywrap::{unwrap_labelled_key, wrap_labelled_key};
+    use cairn_protocol::records::{AccessKeyRecord, BucketRecord, KmsKeyRecord, UploadRecord};
+    let root = SecretKey::from_bytes([0x44; 32]);
+    let key = SecretKey::from_bytes([0x55; 32]);
+    let label = "kms/bucket/photos/0011223344556677";
+    let wrapped = wrap_labelled_key(&root, &key, label, [0x66; 24]);
+    let bucket = BucketRecord {
+        created_unix_ms: 1_764_000_000_000,
+        owner: "CKABCDEFGHIJKLMNOPQR".into(),
+        bucket_key_id: "bucket/photos/0011223344556677".into(),
+    };
+    let access = AccessKeyRecord {
+        created_unix_ms: 1_764_000_000_001,
+        name: "backup job".into(),
+        wrapped_secret: wrapped.to_vec(),
+    };
+    let kms = KmsKeyRecord {
+        created_unix_ms: 1_764_000_000_002,
+        wrapped_key: wrapped.to_vec(),
+    };
+    let upload = UploadRecord {
+        upload: UploadId([0x77; 16]),
+        started_unix_ms: 1_764_000_000_003,
+        multipart: true,
+    };
+    let stored = check(
+        "gateway.json",
+        json!({
+            "labelled_key": {
+                "kek": to_hex(root.as_bytes()), "key": to_hex(key.as_bytes()),
+                "salt": to_hex(&[0x66; 24]), "label": label, "wrapped": to_hex(&wrapped),
+            },
+            "bucket_record": to_hex(&bucket.encode()),
+            "access_key_record": to_hex(&access.encode()),
+            "kms_key_record": to_hex(&kms.encode()),
+            "upload_record": to_hex(&upload.encode()),
+        }),
+    );
+    let back = unwrap_labelled_key(&root, &hex_bytes(&stored["labelled_key"]["wrapped"]), label);
+    assert_eq!(back.unwrap().as_bytes(), key.as_bytes());
+    assert_eq!(
+        BucketRecord::decode(&hex_bytes(&stored["bucket_record"])),
+        Ok(bucket)
+    );
+    assert_eq!(
+        AccessKeyRecord::decode(&hex_bytes(&stored["access_key_record"])),
+        Ok(access)
+    );
+    assert_eq!(
+        KmsKeyRecord::decode(&hex_bytes(&stored["kms_key_record"])),
+        Ok(kms)
+    );
+    assert_eq!(
+        UploadRecord::decode(&hex_bytes(&stored["upload_record"])),
+        Ok(upload)
+    );
+}
+
+#[test]
 fn erasure_coding() {
     let cases: Vec<Value> = [(4u8, 2u8, 100usize), (1, 2, 10), (3, 3, 1)]
         .iter()
