@@ -110,6 +110,17 @@ def check_gateway():
     assert r.u8() == 1
     r.take(16), r.u64()
     assert r.u8() in (0, 1)
+    r.u8(), r.u8(), r.str16(256)
+    assert r.take(r.u16()) == wrapped
+    names = [(r.str16(8192), r.str16(8192))[0] for _ in range(r.u32())]
+    assert names == sorted(set(names))
+    r.done()
+    r = Reader(h(v["part_record"]))
+    assert r.u8() == 1
+    r.u64(), r.u64(), r.str16(64)
+    k, m = r.u8(), r.u8()
+    for _ in range(r.u32()):
+        r.u32(), r.take(32 * (k + m))
     r.done()
 
 

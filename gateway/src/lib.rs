@@ -7,6 +7,7 @@ pub mod dev;
 pub mod error;
 pub mod keys;
 pub mod kms;
+pub mod multipart;
 pub mod objects;
 pub mod s3;
 pub mod server;

@@ -88,7 +88,7 @@ fn manifest_row(bucket: &str, manifest: &cairn_protocol::ids::ManifestId) -> Row
     )
 }
 
-fn upload_row(bucket: &str, key: &str, upload: &UploadId) -> RowKey {
+pub(crate) fn upload_row(bucket: &str, key: &str, upload: &UploadId) -> RowKey {
     RowKey::new(
         Partition::bucket(bucket),
         Table::Uploads,
@@ -96,7 +96,7 @@ fn upload_row(bucket: &str, key: &str, upload: &UploadId) -> RowKey {
     )
 }
 
-fn register(value: Option<Vec<u8>>, at: cairn_protocol::hlc::Timestamp) -> RowValue {
+pub(crate) fn register(value: Option<Vec<u8>>, at: cairn_protocol::hlc::Timestamp) -> RowValue {
     RowValue::Register(Register { at, value })
 }
 
@@ -109,15 +109,19 @@ impl ObjectStore {
         }
     }
 
+    pub(crate) fn kms(&self) -> &Kms {
+        &self.kms
+    }
+
     pub fn node(&self) -> &NodeHandle {
         &self.node
     }
 
-    fn map(&self) -> GatewayResult<SignedMap> {
+    pub(crate) fn map(&self) -> GatewayResult<SignedMap> {
         self.node.cluster_map().ok_or(GatewayError::NoMap)
     }
 
-    fn new_version(&self) -> VersionId {
+    pub(crate) fn new_version(&self) -> VersionId {
         self.versions
             .lock()
             .expect("version generator")
@@ -134,7 +138,7 @@ impl ObjectStore {
         Ok(map.scheme)
     }
 
-    fn placer(map: &SignedMap, scheme: Scheme) -> GatewayResult<Placer> {
+    pub(crate) fn placer(map: &SignedMap, scheme: Scheme) -> GatewayResult<Placer> {
         Placer::new(&map.map, scheme, map.tolerance)
             .map_err(|e| GatewayError::Unavailable(format!("placement: {e}")))
     }
@@ -163,6 +167,10 @@ impl ObjectStore {
             upload,
             started_unix_ms: now_unix_ms(),
             multipart: false,
+            scheme,
+            bucket_key_id: object.bucket_key_id.clone(),
+            wrapped_key: Vec::new(),
+            headers: StoredHeaders::default(),
         };
         let upload_key = upload_row(&object.bucket, &object.key, &upload);
         metadata
@@ -227,7 +235,7 @@ impl ObjectStore {
 
     /// Signs the manifest and writes it, the version row and the end of the
     /// upload in one quorum write: the object appears whole or not at all.
-    async fn commit(
+    pub(crate) async fn commit(
         &self,
         manifest: Manifest,
         headers: StoredHeaders,
@@ -669,15 +677,15 @@ impl ObjectStore {
 /// One PUT's streaming state: batches of plaintext go through MD5 and the
 /// encoder on a blocking thread; each finished segment is pushed while the
 /// next is being encoded, at most [`SEGMENTS_IN_FLIGHT`] at a time.
-struct StreamPut<'a> {
-    store: &'a ObjectStore,
-    placer: Arc<Placer>,
-    upload: UploadId,
-    retain_until_unix_ms: u64,
+pub(crate) struct StreamPut<'a> {
+    pub(crate) store: &'a ObjectStore,
+    pub(crate) placer: Arc<Placer>,
+    pub(crate) upload: UploadId,
+    pub(crate) retain_until_unix_ms: u64,
 }
 
 impl StreamPut<'_> {
-    async fn run<S, E>(
+    pub(crate) async fn run<S, E>(
         &self,
         pipeline: PutPipeline,
         length: u64,

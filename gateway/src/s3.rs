@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine;
 use cairn_node::meta::listing::{ListPage, ListRequest, ListStart, MAX_KEYS};
-use cairn_protocol::ids::VersionId;
+use cairn_protocol::ids::{UploadId, VersionId};
 use cairn_protocol::manifest::MAX_KEY_BYTES;
 use cairn_protocol::meta::prefix_end;
 use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
@@ -15,6 +15,7 @@ use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 
 use crate::buckets::Buckets;
 use crate::error::GatewayError;
+use crate::multipart::{MAX_PART_NUMBER, check_part_number};
 use crate::objects::{NewObject, ObjectStore};
 
 /// User metadata (`x-amz-meta-*` names and values) per object, as in S3.
@@ -98,34 +99,59 @@ fn strong_etag(quoted: &str) -> ETag {
     ETag::Strong(quoted.trim_matches('"').to_owned())
 }
 
-/// The headers a PUT stores with the object: the standard ones it sent,
-/// its user metadata, and how it is encrypted.
-fn stored_headers(input: &PutObjectInput) -> Result<StoredHeaders, GatewayError> {
-    let mut headers: Vec<(String, String)> = Vec::new();
-    let mut push = |name: &str, value: Option<String>| {
-        if let Some(value) = value {
-            headers.push((name.to_owned(), value));
+/// The headers a request sets on the object it writes.
+struct HeaderFields<'a> {
+    content_type: Option<&'a String>,
+    cache_control: Option<&'a String>,
+    content_disposition: Option<&'a String>,
+    content_encoding: Option<&'a String>,
+    content_language: Option<&'a String>,
+    expires: Option<&'a Timestamp>,
+    website_redirect_location: Option<&'a String>,
+    metadata: Option<&'a Metadata>,
+}
+
+macro_rules! header_fields {
+    ($input:expr) => {
+        HeaderFields {
+            content_type: $input.content_type.as_ref(),
+            cache_control: $input.cache_control.as_ref(),
+            content_disposition: $input.content_disposition.as_ref(),
+            content_encoding: $input.content_encoding.as_ref(),
+            content_language: $input.content_language.as_ref(),
+            expires: $input.expires.as_ref(),
+            website_redirect_location: $input.website_redirect_location.as_ref(),
+            metadata: $input.metadata.as_ref(),
         }
     };
-    push("content-type", input.content_type.clone());
-    push("cache-control", input.cache_control.clone());
-    push("content-disposition", input.content_disposition.clone());
-    push("content-encoding", input.content_encoding.clone());
-    push("content-language", input.content_language.clone());
-    push(
-        "expires",
-        input.expires.as_ref().and_then(|t| {
-            let mut out = Vec::new();
-            t.format(TimestampFormat::HttpDate, &mut out).ok()?;
-            String::from_utf8(out).ok()
-        }),
-    );
+}
+
+/// The headers stored with an object: the standard ones the request sent,
+/// its user metadata, and how it is encrypted.
+fn stored_headers(fields: HeaderFields<'_>) -> Result<StoredHeaders, GatewayError> {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut push = |name: &str, value: Option<&String>| {
+        if let Some(value) = value {
+            headers.push((name.to_owned(), value.clone()));
+        }
+    };
+    push("content-type", fields.content_type);
+    push("cache-control", fields.cache_control);
+    push("content-disposition", fields.content_disposition);
+    push("content-encoding", fields.content_encoding);
+    push("content-language", fields.content_language);
     push(
         "x-amz-website-redirect-location",
-        input.website_redirect_location.clone(),
+        fields.website_redirect_location,
     );
-    push("x-amz-server-side-encryption", Some("AES256".into()));
-    if let Some(metadata) = &input.metadata {
+    let expires = fields.expires.and_then(|t| {
+        let mut out = Vec::new();
+        t.format(TimestampFormat::HttpDate, &mut out).ok()?;
+        String::from_utf8(out).ok()
+    });
+    push("expires", expires.as_ref());
+    push("x-amz-server-side-encryption", Some(&"AES256".to_owned()));
+    if let Some(metadata) = fields.metadata {
         let size: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
         if size > MAX_USER_METADATA_BYTES {
             return Err(GatewayError::MetadataTooLarge(format!(
@@ -284,7 +310,85 @@ fn wants_url(encoding: Option<&EncodingType>) -> Result<bool, GatewayError> {
     }
 }
 
+fn body_length(content_length: Option<i64>, body: &StreamingBlob) -> S3Result<u64> {
+    match content_length {
+        Some(length) if length >= 0 => Ok(length as u64),
+        _ => {
+            use s3s::stream::ByteStream;
+            body.remaining_length()
+                .exact()
+                .map(|l| l as u64)
+                .ok_or_else(|| {
+                    S3Error::with_message(
+                        S3ErrorCode::MissingContentLength,
+                        "send Content-Length (or x-amz-decoded-content-length)",
+                    )
+                })
+        }
+    }
+}
+
+type ByteReceiver = tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>;
+
+fn receiver_stream(
+    receiver: ByteReceiver,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static {
+    Box::pin(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
+    ))
+}
+
+fn parse_upload_id(text: &str) -> Result<UploadId, GatewayError> {
+    UploadId::parse(text).map_err(|_| GatewayError::NoSuchUpload)
+}
+
+/// The conditions on a copy's source: any that fails is PreconditionFailed.
+fn check_copy_conditions(
+    version: &ObjectVersion,
+    if_match: Option<&ETagCondition>,
+    if_none_match: Option<&ETagCondition>,
+    if_modified_since: Option<&Timestamp>,
+    if_unmodified_since: Option<&Timestamp>,
+) -> Result<(), GatewayError> {
+    match check_read_conditions(
+        version,
+        if_match,
+        if_none_match,
+        if_modified_since,
+        if_unmodified_since,
+    ) {
+        Err(GatewayError::NotModified) => Err(GatewayError::PreconditionFailed),
+        other => other,
+    }
+}
+
 impl CairnS3 {
+    /// The source of a copy: its version, resolved like a GET.
+    async fn copy_source(&self, source: &CopySource) -> S3Result<ObjectVersion> {
+        let CopySource::Bucket {
+            bucket,
+            key,
+            version_id,
+        } = source
+        else {
+            return Err(S3Error::with_message(
+                S3ErrorCode::InvalidArgument,
+                "copy sources are bucket/key",
+            ));
+        };
+        self.resolve(bucket, key, version_id.as_deref()).await
+    }
+
+    fn source_stream(
+        &self,
+        open: crate::objects::OpenObject,
+        range: std::ops::Range<u64>,
+    ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static
+    {
+        receiver_stream(self.objects.read(open, range))
+    }
+
     async fn resolve(
         &self,
         bucket: &str,
@@ -308,6 +412,22 @@ impl CairnS3 {
             .current(bucket, key)
             .await?
             .ok_or_else(|| GatewayError::NoSuchKey.into())
+    }
+
+    /// The bucket keeps no history: versions of the key older than the one
+    /// just written go.
+    async fn purge_older(&self, written: &ObjectVersion) -> Result<(), GatewayError> {
+        let older: Vec<ObjectVersion> = self
+            .objects
+            .versions_of(&written.bucket, &written.key)
+            .await?
+            .into_iter()
+            .filter(|v| v.version < written.version)
+            .collect();
+        if older.is_empty() {
+            return Ok(());
+        }
+        self.objects.purge(older).await
     }
 
     async fn delete_key(&self, bucket: &str, key: &str) -> Result<(), GatewayError> {
@@ -410,23 +530,12 @@ impl S3 for CairnS3 {
         let input = req.input;
         let bucket = self.buckets.get(&input.bucket).await?;
         check_key(&input.key)?;
-        let headers = stored_headers(&input)?;
+        let headers = stored_headers(header_fields!(input))?;
         let content_md5 = parse_content_md5(input.content_md5.as_ref())?;
         let body = input.body.ok_or_else(|| {
             S3Error::with_message(S3ErrorCode::MissingContentLength, "a PUT needs a body")
         })?;
-        let length = match input.content_length {
-            Some(length) if length >= 0 => length as u64,
-            _ => {
-                use s3s::stream::ByteStream;
-                body.remaining_length().exact().ok_or_else(|| {
-                    S3Error::with_message(
-                        S3ErrorCode::MissingContentLength,
-                        "send Content-Length (or x-amz-decoded-content-length)",
-                    )
-                })? as u64
-            }
-        };
+        let length = body_length(input.content_length, &body)?;
         let version = self
             .objects
             .put(
@@ -441,17 +550,7 @@ impl S3 for CairnS3 {
                 body,
             )
             .await?;
-        // The bucket keeps no history: older versions of the key go.
-        let older: Vec<ObjectVersion> = self
-            .objects
-            .versions_of(&input.bucket, &input.key)
-            .await?
-            .into_iter()
-            .filter(|v| v.version < version.version)
-            .collect();
-        if !older.is_empty() {
-            self.objects.purge(older).await?;
-        }
+        self.purge_older(&version).await?;
         let VersionBody::Data { etag, .. } = &version.body else {
             unreachable!("a PUT writes data");
         };
@@ -500,10 +599,7 @@ impl S3 for CairnS3 {
             }
         };
         let open = self.objects.open(&version).await?;
-        let receiver = self.objects.read(open, range.clone());
-        let stream = futures::stream::unfold(receiver, |mut receiver| async move {
-            receiver.recv().await.map(|item| (item, receiver))
-        });
+        let stream = self.source_stream(open, range.clone());
         let header = |name: &str| headers.get(name).map(str::to_owned);
         let mut output = GetObjectOutput {
             body: Some(StreamingBlob::wrap(stream)),
@@ -778,6 +874,367 @@ impl S3 for CairnS3 {
             encoding_type: input.encoding_type,
             contents: Some(contents),
             common_prefixes: Some(common_prefixes),
+            ..Default::default()
+        }))
+    }
+
+    async fn copy_object(
+        &self,
+        req: S3Request<CopyObjectInput>,
+    ) -> S3Result<S3Response<CopyObjectOutput>> {
+        let input = req.input;
+        let bucket = self.buckets.get(&input.bucket).await?;
+        check_key(&input.key)?;
+        let source = self.copy_source(&input.copy_source).await?;
+        check_copy_conditions(
+            &source,
+            input.copy_source_if_match.as_ref(),
+            input.copy_source_if_none_match.as_ref(),
+            input.copy_source_if_modified_since.as_ref(),
+            input.copy_source_if_unmodified_since.as_ref(),
+        )?;
+        let VersionBody::Data {
+            size_bytes,
+            headers: source_headers,
+            ..
+        } = &source.body
+        else {
+            return Err(GatewayError::NoSuchKey.into());
+        };
+        let replace = input
+            .metadata_directive
+            .as_ref()
+            .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
+        if !replace && source.bucket == input.bucket && source.key == input.key {
+            return Err(S3Error::with_message(
+                S3ErrorCode::InvalidRequest,
+                "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata, storage class, website redirect location or encryption attributes.",
+            ));
+        }
+        let headers = if replace {
+            stored_headers(header_fields!(input))?
+        } else {
+            source_headers.clone()
+        };
+        let open = self.objects.open(&source).await?;
+        let body = self.source_stream(open, 0..*size_bytes);
+        let version = self
+            .objects
+            .put(
+                NewObject {
+                    bucket: input.bucket.clone(),
+                    bucket_key_id: bucket.bucket_key_id,
+                    key: input.key.clone(),
+                    headers,
+                    length: *size_bytes,
+                    content_md5: None,
+                },
+                body,
+            )
+            .await?;
+        self.purge_older(&version).await?;
+        let VersionBody::Data { etag, .. } = &version.body else {
+            unreachable!("a copy writes data");
+        };
+        Ok(S3Response::new(CopyObjectOutput {
+            copy_object_result: Some(CopyObjectResult {
+                e_tag: Some(strong_etag(etag)),
+                last_modified: Some(last_modified(&version)),
+                ..Default::default()
+            }),
+            server_side_encryption: Some(ServerSideEncryption::from_static(
+                ServerSideEncryption::AES256,
+            )),
+            ..Default::default()
+        }))
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        let input = req.input;
+        let bucket = self.buckets.get(&input.bucket).await?;
+        check_key(&input.key)?;
+        let headers = stored_headers(header_fields!(input))?;
+        let upload = self
+            .objects
+            .create_upload(&input.bucket, &bucket.bucket_key_id, &input.key, headers)
+            .await?;
+        Ok(S3Response::new(CreateMultipartUploadOutput {
+            bucket: Some(input.bucket),
+            key: Some(input.key),
+            upload_id: Some(upload.to_text()),
+            server_side_encryption: Some(ServerSideEncryption::from_static(
+                ServerSideEncryption::AES256,
+            )),
+            ..Default::default()
+        }))
+    }
+
+    async fn upload_part(
+        &self,
+        req: S3Request<UploadPartInput>,
+    ) -> S3Result<S3Response<UploadPartOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        check_key(&input.key)?;
+        let number = check_part_number(input.part_number)?;
+        let upload = parse_upload_id(&input.upload_id)?;
+        let content_md5 = parse_content_md5(input.content_md5.as_ref())?;
+        let body = input.body.ok_or_else(|| {
+            S3Error::with_message(S3ErrorCode::MissingContentLength, "a part needs a body")
+        })?;
+        let length = body_length(input.content_length, &body)?;
+        let etag = self
+            .objects
+            .upload_part(
+                &input.bucket,
+                &input.key,
+                &upload,
+                number,
+                length,
+                content_md5,
+                body,
+            )
+            .await?;
+        Ok(S3Response::new(UploadPartOutput {
+            e_tag: Some(strong_etag(&etag)),
+            server_side_encryption: Some(ServerSideEncryption::from_static(
+                ServerSideEncryption::AES256,
+            )),
+            ..Default::default()
+        }))
+    }
+
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<UploadPartCopyInput>,
+    ) -> S3Result<S3Response<UploadPartCopyOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        check_key(&input.key)?;
+        let number = check_part_number(input.part_number)?;
+        let upload = parse_upload_id(&input.upload_id)?;
+        let source = self.copy_source(&input.copy_source).await?;
+        check_copy_conditions(
+            &source,
+            input.copy_source_if_match.as_ref(),
+            input.copy_source_if_none_match.as_ref(),
+            input.copy_source_if_modified_since.as_ref(),
+            input.copy_source_if_unmodified_since.as_ref(),
+        )?;
+        let VersionBody::Data { size_bytes, .. } = &source.body else {
+            return Err(GatewayError::NoSuchKey.into());
+        };
+        let size = *size_bytes;
+        let range = match &input.copy_source_range {
+            None => 0..size,
+            Some(text) => {
+                let range = Range::parse(text).map_err(|_| {
+                    GatewayError::InvalidArgument(format!(
+                        "x-amz-copy-source-range {text:?} is not bytes=first-last"
+                    ))
+                })?;
+                range
+                    .check(size)
+                    .map_err(|_| GatewayError::InvalidRange { size })?
+            }
+        };
+        let open = self.objects.open(&source).await?;
+        let body = self.source_stream(open, range.clone());
+        let etag = self
+            .objects
+            .upload_part(
+                &input.bucket,
+                &input.key,
+                &upload,
+                number,
+                range.end - range.start,
+                None,
+                body,
+            )
+            .await?;
+        Ok(S3Response::new(UploadPartCopyOutput {
+            copy_part_result: Some(CopyPartResult {
+                e_tag: Some(strong_etag(&etag)),
+                last_modified: Some(timestamp_of(cairn_node::swarm::now_unix_ms())),
+                ..Default::default()
+            }),
+            server_side_encryption: Some(ServerSideEncryption::from_static(
+                ServerSideEncryption::AES256,
+            )),
+            ..Default::default()
+        }))
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        check_key(&input.key)?;
+        let upload = parse_upload_id(&input.upload_id)?;
+        let mut chosen = Vec::new();
+        for part in input
+            .multipart_upload
+            .and_then(|m| m.parts)
+            .unwrap_or_default()
+        {
+            let number = check_part_number(part.part_number.unwrap_or(0))?;
+            let etag = part
+                .e_tag
+                .map(|e| e.value().to_owned())
+                .ok_or_else(|| GatewayError::InvalidPart(format!("part {number} has no ETag")))?;
+            chosen.push((number, etag));
+        }
+        let version = self
+            .objects
+            .complete_upload(&input.bucket, &input.key, &upload, &chosen)
+            .await?;
+        self.purge_older(&version).await?;
+        let VersionBody::Data { etag, .. } = &version.body else {
+            unreachable!("a completed upload writes data");
+        };
+        Ok(S3Response::new(CompleteMultipartUploadOutput {
+            bucket: Some(input.bucket.clone()),
+            key: Some(input.key.clone()),
+            e_tag: Some(strong_etag(etag)),
+            location: Some(format!("/{}/{}", input.bucket, input.key)),
+            server_side_encryption: Some(ServerSideEncryption::from_static(
+                ServerSideEncryption::AES256,
+            )),
+            ..Default::default()
+        }))
+    }
+
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        let upload = parse_upload_id(&input.upload_id)?;
+        self.objects
+            .abort_upload(&input.bucket, &input.key, &upload)
+            .await?;
+        let mut response = S3Response::new(AbortMultipartUploadOutput::default());
+        response.status = Some(http::StatusCode::NO_CONTENT);
+        Ok(response)
+    }
+
+    async fn list_parts(
+        &self,
+        req: S3Request<ListPartsInput>,
+    ) -> S3Result<S3Response<ListPartsOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        let upload = parse_upload_id(&input.upload_id)?;
+        self.objects
+            .upload(&input.bucket, &input.key, &upload)
+            .await?;
+        let max = match input.max_parts {
+            Some(n) if n < 0 => {
+                return Err(
+                    GatewayError::InvalidArgument("max-parts must not be negative".into()).into(),
+                );
+            }
+            Some(n) => (n as usize).min(1000),
+            None => 1000,
+        };
+        let after = match input.part_number_marker {
+            None => 0,
+            Some(n) if n < 0 => {
+                return Err(GatewayError::InvalidArgument(
+                    "part-number-marker must not be negative".into(),
+                )
+                .into());
+            }
+            Some(n) => n as u32,
+        };
+        let page = self
+            .objects
+            .list_parts(&input.bucket, &upload, after.min(MAX_PART_NUMBER), max)
+            .await?;
+        let next = page.parts.last().map(|(n, _)| *n as i32);
+        let parts = page
+            .parts
+            .iter()
+            .map(|(number, part)| s3s::dto::Part {
+                part_number: Some(*number as i32),
+                e_tag: Some(strong_etag(&part.etag)),
+                size: Some(part.plaintext_len as i64),
+                last_modified: Some(timestamp_of(part.uploaded_unix_ms)),
+                ..Default::default()
+            })
+            .collect();
+        Ok(S3Response::new(ListPartsOutput {
+            bucket: Some(input.bucket),
+            key: Some(input.key),
+            upload_id: Some(upload.to_text()),
+            max_parts: Some(max as i32),
+            part_number_marker: input.part_number_marker,
+            next_part_number_marker: page.truncated.then_some(next).flatten(),
+            is_truncated: Some(page.truncated),
+            parts: Some(parts),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        req: S3Request<ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        let max = match input.max_uploads {
+            Some(n) if n < 0 => {
+                return Err(GatewayError::InvalidArgument(
+                    "max-uploads must not be negative".into(),
+                )
+                .into());
+            }
+            Some(n) => (n as usize).min(1000),
+            None => 1000,
+        };
+        let upload_marker = match input.upload_id_marker.as_deref() {
+            None | Some("") => None,
+            Some(text) => Some(parse_upload_id(text)?),
+        };
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let (uploads, truncated) = self
+            .objects
+            .list_uploads(
+                &input.bucket,
+                &prefix,
+                input.key_marker.as_deref().filter(|k| !k.is_empty()),
+                upload_marker.as_ref(),
+                max,
+            )
+            .await?;
+        let last = uploads
+            .last()
+            .map(|u| (u.key.clone(), u.record.upload.to_text()));
+        let listed = uploads
+            .into_iter()
+            .map(|u| MultipartUpload {
+                key: Some(u.key),
+                upload_id: Some(u.record.upload.to_text()),
+                initiated: Some(timestamp_of(u.record.started_unix_ms)),
+                ..Default::default()
+            })
+            .collect();
+        Ok(S3Response::new(ListMultipartUploadsOutput {
+            bucket: Some(input.bucket),
+            prefix: Some(prefix),
+            key_marker: input.key_marker,
+            upload_id_marker: input.upload_id_marker,
+            max_uploads: Some(max as i32),
+            is_truncated: Some(truncated),
+            next_key_marker: truncated.then(|| last.clone().map(|l| l.0)).flatten(),
+            next_upload_id_marker: truncated.then(|| last.map(|l| l.1)).flatten(),
+            uploads: Some(listed),
             ..Default::default()
         }))
     }

@@ -6,8 +6,11 @@
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::ids::UploadId;
+use crate::erasure::Scheme;
+use crate::ids::{FragmentId, UploadId};
 use crate::keywrap::WRAPPED_KEY_BYTES;
+use crate::manifest::{MAX_ETAG_BYTES, SegmentRef};
+use crate::version::{StoredHeaders, VersionError};
 
 const FORMAT_VERSION: u8 = 1;
 /// Bytes of an access key id: 16 to 128, S3's own bounds.
@@ -23,6 +26,8 @@ pub enum RecordError {
     UnsupportedFormat(u8),
     #[error("malformed record: {0}")]
     Decode(#[from] DecodeError),
+    #[error("invalid record: {0}")]
+    Invalid(String),
 }
 
 fn read_format(r: &mut Reader<'_>) -> Result<(), RecordError> {
@@ -132,35 +137,128 @@ impl KmsKeyRecord {
 /// An upload in progress (Uploads table, bucket partition; sort key:
 /// `upload_sort_key(key, upload)`): written before the first fragment is
 /// pushed and removed when the upload commits or is aborted, so that the
-/// fragments of one that never ends can be found and collected.
+/// fragments of one that never ends can be found and collected. A
+/// multipart upload also keeps what its parts share: the scheme, the data
+/// key (wrapped under the bucket key with label `upload/<bucket>/<upload>`)
+/// and the headers the object will have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadRecord {
     pub upload: UploadId,
     pub started_unix_ms: u64,
     /// A multipart upload (else a single PUT).
     pub multipart: bool,
+    pub scheme: Scheme,
+    pub bucket_key_id: String,
+    /// Empty for a single PUT.
+    pub wrapped_key: Vec<u8>,
+    pub headers: StoredHeaders,
 }
 
 impl UploadRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(26);
+        let mut out = Vec::with_capacity(128 + self.bucket_key_id.len());
         out.put_u8(FORMAT_VERSION);
         out.extend_from_slice(self.upload.as_bytes());
         out.put_u64(self.started_unix_ms);
         out.put_bool(self.multipart);
+        out.put_u8(self.scheme.data() as u8);
+        out.put_u8(self.scheme.parity() as u8);
+        out.put_bytes16(self.bucket_key_id.as_bytes());
+        out.put_bytes16(&self.wrapped_key);
+        self.headers.put(&mut out);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         let mut r = Reader::new(bytes);
         read_format(&mut r)?;
+        let upload = UploadId(r.array("upload")?);
+        let started_unix_ms = r.u64("started")?;
+        let multipart = r.bool("multipart")?;
+        let scheme = read_scheme(&mut r)?;
         let record = Self {
-            upload: UploadId(r.array("upload")?),
-            started_unix_ms: r.u64("started")?,
-            multipart: r.bool("multipart")?,
+            upload,
+            started_unix_ms,
+            multipart,
+            scheme,
+            bucket_key_id: r.str16("bucket key id", MAX_KMS_KEY_ID_BYTES)?.to_owned(),
+            wrapped_key: r.bytes16("wrapped key", WRAPPED_KEY_BYTES)?.to_vec(),
+            headers: StoredHeaders::read(&mut r).map_err(|e| match e {
+                VersionError::Decode(d) => RecordError::Decode(d),
+                other => RecordError::Invalid(other.to_string()),
+            })?,
         };
         r.finish("upload record")?;
         Ok(record)
+    }
+}
+
+fn read_scheme(r: &mut Reader<'_>) -> Result<Scheme, RecordError> {
+    let k = r.u8("k")?;
+    let m = r.u8("m")?;
+    Scheme::new(k, m).map_err(|e| RecordError::Invalid(e.to_string()))
+}
+
+/// One uploaded part of a multipart upload (Parts table, bucket partition;
+/// sort key: `part_sort_key(upload, number)`): its own encryption stream
+/// (stream id = part number) cut into segments like any object's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartRecord {
+    pub uploaded_unix_ms: u64,
+    pub plaintext_len: u64,
+    /// The part's S3 ETag, quotes included.
+    pub etag: String,
+    pub scheme: Scheme,
+    pub segments: Vec<SegmentRef>,
+}
+
+impl PartRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let per_segment = 4 + 32 * self.scheme.total();
+        let mut out = Vec::with_capacity(64 + self.segments.len() * per_segment);
+        out.put_u8(FORMAT_VERSION);
+        out.put_u64(self.uploaded_unix_ms);
+        out.put_u64(self.plaintext_len);
+        out.put_bytes16(self.etag.as_bytes());
+        out.put_u8(self.scheme.data() as u8);
+        out.put_u8(self.scheme.parity() as u8);
+        out.put_u32(self.segments.len() as u32);
+        for segment in &self.segments {
+            out.put_u32(segment.ciphertext_len);
+            for id in &segment.fragments {
+                out.extend_from_slice(id.as_bytes());
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        let mut r = Reader::new(bytes);
+        read_format(&mut r)?;
+        let uploaded_unix_ms = r.u64("uploaded")?;
+        let plaintext_len = r.u64("length")?;
+        let etag = r.str16("etag", MAX_ETAG_BYTES)?.to_owned();
+        let scheme = read_scheme(&mut r)?;
+        let count = r.count("segments", usize::MAX, 4 + 32 * scheme.total())?;
+        let mut segments = Vec::with_capacity(count);
+        for _ in 0..count {
+            let ciphertext_len = r.u32("segment length")?;
+            let fragments = (0..scheme.total())
+                .map(|_| r.array("fragment id").map(FragmentId))
+                .collect::<Result<Vec<_>, _>>()?;
+            segments.push(SegmentRef {
+                ciphertext_len,
+                fragments,
+            });
+        }
+        r.finish("part record")?;
+        Ok(Self {
+            uploaded_unix_ms,
+            plaintext_len,
+            etag,
+            scheme,
+            segments,
+        })
     }
 }
 
@@ -188,17 +286,37 @@ mod tests {
             upload: UploadId([3; 16]),
             started_unix_ms: 11,
             multipart: true,
+            scheme: Scheme::new(4, 2).unwrap(),
+            bucket_key_id: "bucket/b/1".into(),
+            wrapped_key: vec![4; WRAPPED_KEY_BYTES],
+            headers: StoredHeaders::new(vec![("content-type".into(), "text/plain".into())])
+                .unwrap(),
+        };
+        let part = PartRecord {
+            uploaded_unix_ms: 12,
+            plaintext_len: 5 << 20,
+            etag: "\"00\"".into(),
+            scheme: Scheme::new(2, 1).unwrap(),
+            segments: vec![SegmentRef {
+                ciphertext_len: 100,
+                fragments: vec![FragmentId([5; 32]); 3],
+            }],
         };
         let encoded = [
             bucket.encode(),
             access.encode(),
             kms.encode(),
             upload.encode(),
+            part.encode(),
         ];
         assert_eq!(BucketRecord::decode(&encoded[0]), Ok(bucket));
         assert_eq!(AccessKeyRecord::decode(&encoded[1]), Ok(access));
         assert_eq!(KmsKeyRecord::decode(&encoded[2]), Ok(kms));
         assert_eq!(UploadRecord::decode(&encoded[3]), Ok(upload));
+        assert_eq!(PartRecord::decode(&encoded[4]), Ok(part));
+        for cut in 0..encoded[4].len() {
+            assert!(PartRecord::decode(&encoded[4][..cut]).is_err());
+        }
         for cut in 0..encoded[0].len() {
             assert!(BucketRecord::decode(&encoded[0][..cut]).is_err());
         }

@@ -57,7 +57,7 @@ impl StoredHeaders {
         self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
     }
 
-    fn put(&self, out: &mut Vec<u8>) {
+    pub(crate) fn put(&self, out: &mut Vec<u8>) {
         out.put_u32(self.0.len() as u32);
         for (name, value) in &self.0 {
             out.put_bytes16(name.as_bytes());
@@ -65,7 +65,7 @@ impl StoredHeaders {
         }
     }
 
-    fn read(r: &mut Reader<'_>) -> Result<Self, VersionError> {
+    pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, VersionError> {
         // A header takes at least 5 bytes (two lengths and a name byte).
         let count = r.count("stored headers", MAX_STORED_HEADER_BYTES, 5)?;
         let mut headers = Vec::with_capacity(count);

@@ -155,7 +155,9 @@ fn key_wrapping() {
 #[test]
 fn gateway_records_and_labelled_keys() {
     use cairn_protocol::keywrap::{unwrap_labelled_key, wrap_labelled_key};
-    use cairn_protocol::records::{AccessKeyRecord, BucketRecord, KmsKeyRecord, UploadRecord};
+    use cairn_protocol::records::{
+        AccessKeyRecord, BucketRecord, KmsKeyRecord, PartRecord, UploadRecord,
+    };
     let root = SecretKey::from_bytes([0x44; 32]);
     let key = SecretKey::from_bytes([0x55; 32]);
     let label = "kms/bucket/photos/0011223344556677";
@@ -178,6 +180,20 @@ fn gateway_records_and_labelled_keys() {
         upload: UploadId([0x77; 16]),
         started_unix_ms: 1_764_000_000_003,
         multipart: true,
+        scheme: Scheme::new(4, 2).unwrap(),
+        bucket_key_id: "bucket/photos/0011223344556677".into(),
+        wrapped_key: wrapped.to_vec(),
+        headers: StoredHeaders::new(vec![("content-type".into(), "video/mp4".into())]).unwrap(),
+    };
+    let part = PartRecord {
+        uploaded_unix_ms: 1_764_000_000_004,
+        plaintext_len: 10,
+        etag: "\"9e107d9d372bb6826bd81d3542a419d6\"".into(),
+        scheme: Scheme::new(2, 1).unwrap(),
+        segments: vec![SegmentRef {
+            ciphertext_len: 26,
+            fragments: (0..3u8).map(|i| FragmentId([0x80 + i; 32])).collect(),
+        }],
     };
     let stored = check(
         "gateway.json",
@@ -190,6 +206,7 @@ fn gateway_records_and_labelled_keys() {
             "access_key_record": to_hex(&access.encode()),
             "kms_key_record": to_hex(&kms.encode()),
             "upload_record": to_hex(&upload.encode()),
+            "part_record": to_hex(&part.encode()),
         }),
     );
     let back = unwrap_labelled_key(&root, &hex_bytes(&stored["labelled_key"]["wrapped"]), label);

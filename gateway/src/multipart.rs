@@ -1,0 +1,458 @@
+//! Multipart uploads (spec/gateway.md, "Multipart uploads"): each part is
+//! its own encryption stream (stream id = part number) under the upload's
+//! one data key, stored like an object's body; completing the upload writes
+//! one manifest listing the chosen parts, so no byte moves at completion.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cairn_node::swarm::now_unix_ms;
+use cairn_protocol::encryption::SecretKey;
+use cairn_protocol::erasure::SegmentLayout;
+use cairn_protocol::ids::UploadId;
+use cairn_protocol::keywrap::{
+    SALT_BYTES, WrapContext, unwrap_labelled_key, wrap_data_key, wrap_labelled_key,
+};
+use cairn_protocol::manifest::{KeyEnvelope, KeyKind, MAX_PARTS, Manifest, Part};
+use cairn_protocol::meta::{
+    Partition, Register, RowKey, RowValue, Table, part_sort_key, prefix_end, split_key_sort,
+};
+use cairn_protocol::pipeline::PutPipeline;
+use cairn_protocol::records::{PartRecord, UploadRecord};
+use cairn_protocol::version::{ObjectVersion, StoredHeaders};
+use md5::Digest;
+
+use crate::error::{GatewayError, GatewayResult};
+use crate::kms::random_bytes;
+use crate::objects::{MAX_PUT_BYTES, ObjectStore, StreamPut, register, upload_row};
+
+/// Every part but the last is at least this long, as in S3.
+pub const MIN_PART_BYTES: u64 = 5 << 20;
+/// Part numbers run from 1 to this.
+pub const MAX_PART_NUMBER: u32 = 10_000;
+
+fn label(bucket: &str, upload: &UploadId) -> String {
+    format!("upload/{bucket}/{upload}")
+}
+
+fn part_row(bucket: &str, upload: &UploadId, number: u32) -> RowKey {
+    RowKey::new(
+        Partition::bucket(bucket),
+        Table::Parts,
+        part_sort_key(upload.as_bytes(), number as u16),
+    )
+}
+
+/// An upload in progress, as ListMultipartUploads shows it.
+#[derive(Debug, Clone)]
+pub struct UploadInfo {
+    pub key: String,
+    pub record: UploadRecord,
+}
+
+/// A page of ListParts.
+pub struct PartsPage {
+    pub parts: Vec<(u32, PartRecord)>,
+    pub truncated: bool,
+}
+
+pub fn check_part_number(number: i32) -> GatewayResult<u32> {
+    if !(1..=MAX_PART_NUMBER as i32).contains(&number) {
+        return Err(GatewayError::InvalidArgument(format!(
+            "Part number must be an integer between 1 and {MAX_PART_NUMBER}, inclusive; got {number}"
+        )));
+    }
+    Ok(number as u32)
+}
+
+fn decode_register<T>(
+    value: Option<RowValue>,
+    decode: impl Fn(&[u8]) -> Result<T, cairn_protocol::records::RecordError>,
+) -> GatewayResult<Option<T>> {
+    match value {
+        Some(RowValue::Register(Register {
+            value: Some(bytes), ..
+        })) => decode(&bytes)
+            .map(Some)
+            .map_err(|e| GatewayError::Corrupt(e.to_string())),
+        _ => Ok(None),
+    }
+}
+
+impl ObjectStore {
+    /// Starts a multipart upload: its scheme, data key and headers are
+    /// fixed now.
+    pub async fn create_upload(
+        &self,
+        bucket: &str,
+        bucket_key_id: &str,
+        key: &str,
+        headers: StoredHeaders,
+    ) -> GatewayResult<UploadId> {
+        let map = self.map()?;
+        let upload = UploadId(random_bytes());
+        let bucket_key = self.kms().key(bucket_key_id).await?;
+        let data_key = SecretKey::from_bytes(random_bytes());
+        let wrapped = wrap_labelled_key(
+            &bucket_key,
+            &data_key,
+            &label(bucket, &upload),
+            random_bytes::<SALT_BYTES>(),
+        );
+        let record = UploadRecord {
+            upload,
+            started_unix_ms: now_unix_ms(),
+            multipart: true,
+            scheme: map.scheme,
+            bucket_key_id: bucket_key_id.to_owned(),
+            wrapped_key: wrapped.to_vec(),
+            headers,
+        };
+        let metadata = self.node().metadata();
+        metadata
+            .write(vec![(
+                upload_row(bucket, key, &upload),
+                register(Some(record.encode()), metadata.timestamp()),
+            )])
+            .await?;
+        Ok(upload)
+    }
+
+    /// The upload's record, or `NoSuchUpload`.
+    pub async fn upload(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload: &UploadId,
+    ) -> GatewayResult<UploadRecord> {
+        let value = self
+            .node()
+            .metadata()
+            .read(vec![upload_row(bucket, key, upload)])
+            .await?
+            .remove(0);
+        match decode_register(value, UploadRecord::decode)? {
+            Some(record) if record.multipart => Ok(record),
+            _ => Err(GatewayError::NoSuchUpload),
+        }
+    }
+
+    async fn upload_key(&self, bucket: &str, record: &UploadRecord) -> GatewayResult<SecretKey> {
+        let bucket_key = self.kms().key(&record.bucket_key_id).await?;
+        unwrap_labelled_key(
+            &bucket_key,
+            &record.wrapped_key,
+            &label(bucket, &record.upload),
+        )
+        .map_err(|e| GatewayError::Corrupt(format!("upload {}: {e}", record.upload)))
+    }
+
+    /// Stores one part; a part uploaded again under the same number
+    /// replaces the earlier one. Returns the part's ETag.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn upload_part<S, E>(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload: &UploadId,
+        number: u32,
+        length: u64,
+        content_md5: Option<[u8; 16]>,
+        body: S,
+    ) -> GatewayResult<String>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        if length > MAX_PUT_BYTES {
+            return Err(GatewayError::EntityTooLarge { max: MAX_PUT_BYTES });
+        }
+        let record = self.upload(bucket, key, upload).await?;
+        let data_key = self.upload_key(bucket, &record).await?;
+        let map = self.map()?;
+        let placer = Arc::new(Self::placer(&map, record.scheme)?);
+        let layout = SegmentLayout::with_defaults(record.scheme);
+        let stream = StreamPut {
+            store: self,
+            placer,
+            upload: *upload,
+            retain_until_unix_ms: 0,
+        };
+        let (segments, digest) = stream
+            .run(PutPipeline::new(&data_key, number, layout), length, body)
+            .await?;
+        if content_md5.is_some_and(|expected| expected != digest) {
+            return Err(GatewayError::BadDigest);
+        }
+        let etag = format!("\"{}\"", cairn_protocol::to_hex(&digest));
+        let part = PartRecord {
+            uploaded_unix_ms: now_unix_ms(),
+            plaintext_len: length,
+            etag: etag.clone(),
+            scheme: record.scheme,
+            segments,
+        };
+        let metadata = self.node().metadata();
+        metadata
+            .write(vec![(
+                part_row(bucket, upload, number),
+                register(Some(part.encode()), metadata.timestamp()),
+            )])
+            .await?;
+        Ok(etag)
+    }
+
+    /// The upload's parts from `after` on, at most `max`.
+    pub async fn list_parts(
+        &self,
+        bucket: &str,
+        upload: &UploadId,
+        after: u32,
+        max: usize,
+    ) -> GatewayResult<PartsPage> {
+        let partition = Partition::bucket(bucket);
+        let start = part_sort_key(upload.as_bytes(), (after + 1).min(u16::MAX as u32) as u16);
+        let end = prefix_end(upload.as_bytes());
+        let mut parts = Vec::new();
+        let mut cursor = start;
+        loop {
+            let page = self
+                .node()
+                .metadata()
+                .range(&partition, Table::Parts, &cursor, end.as_deref(), 1000)
+                .await?;
+            for (sort, value) in &page.rows {
+                let Some(record) = decode_register(Some(value.clone()), PartRecord::decode)? else {
+                    continue;
+                };
+                let [.., high, low] = sort.as_slice() else {
+                    continue;
+                };
+                let number = u16::from_be_bytes([*high, *low]) as u32;
+                if parts.len() == max {
+                    return Ok(PartsPage {
+                        parts,
+                        truncated: true,
+                    });
+                }
+                parts.push((number, record));
+            }
+            match page.rows.last() {
+                Some((last, _)) if page.more => {
+                    cursor = last.clone();
+                    cursor.push(0);
+                }
+                _ => {
+                    return Ok(PartsPage {
+                        parts,
+                        truncated: false,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Completes the upload with the parts the client chose, in order.
+    pub async fn complete_upload(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload: &UploadId,
+        chosen: &[(u32, String)],
+    ) -> GatewayResult<ObjectVersion> {
+        if chosen.is_empty() {
+            return Err(GatewayError::InvalidArgument(
+                "You must specify at least one part".into(),
+            ));
+        }
+        if chosen.len() > MAX_PARTS {
+            return Err(GatewayError::InvalidArgument(format!(
+                "at most {MAX_PARTS} parts"
+            )));
+        }
+        if chosen.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(GatewayError::InvalidPartOrder);
+        }
+        let record = self.upload(bucket, key, upload).await?;
+        let stored = self
+            .list_parts(bucket, upload, 0, MAX_PART_NUMBER as usize)
+            .await?
+            .parts;
+        let mut parts = Vec::with_capacity(chosen.len());
+        let mut md5_of_md5s = md5::Md5::new();
+        for (index, (number, etag)) in chosen.iter().enumerate() {
+            let Some((_, part)) = stored.iter().find(|(n, _)| n == number) else {
+                return Err(GatewayError::InvalidPart(format!(
+                    "part {number} has not been uploaded"
+                )));
+            };
+            if part.etag.trim_matches('"') != etag.trim_matches('"') {
+                return Err(GatewayError::InvalidPart(format!(
+                    "part {number} has ETag {}, not {etag}",
+                    part.etag
+                )));
+            }
+            if index + 1 < chosen.len() && part.plaintext_len < MIN_PART_BYTES {
+                return Err(GatewayError::EntityTooSmall);
+            }
+            let digest = cairn_protocol::from_hex::<16>(part.etag.trim_matches('"'))
+                .ok_or_else(|| GatewayError::Corrupt(format!("part {number} ETag")))?;
+            md5_of_md5s.update(digest);
+            parts.push(Part {
+                number: *number,
+                plaintext_len: part.plaintext_len,
+                segments: part.segments.clone(),
+            });
+        }
+        let etag = format!(
+            "\"{}-{}\"",
+            cairn_protocol::to_hex(&md5_of_md5s.finalize()),
+            chosen.len()
+        );
+        let version = self.new_version();
+        // The data key was wrapped for the upload; the object's copy is
+        // bound to its final version like any object's.
+        let data_key = self.upload_key(bucket, &record).await?;
+        let bucket_key = self.kms().key(&record.bucket_key_id).await?;
+        let wrapped = wrap_data_key(
+            &bucket_key,
+            &data_key,
+            &WrapContext {
+                bucket,
+                key,
+                version,
+            },
+            random_bytes::<SALT_BYTES>(),
+        );
+        let manifest = Manifest {
+            writer: self.node().node_id(),
+            created_unix_ms: now_unix_ms(),
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            version,
+            upload: *upload,
+            layout: SegmentLayout::with_defaults(record.scheme),
+            encryption: KeyEnvelope {
+                kind: KeyKind::SseS3,
+                key_id: record.bucket_key_id.clone(),
+                wrapped: wrapped.to_vec(),
+            },
+            etag,
+            parts,
+        };
+        let committed = self
+            .commit(manifest, record.headers, upload_row(bucket, key, upload))
+            .await?;
+        self.forget_parts(bucket, upload, stored.iter().map(|(n, _)| *n))
+            .await?;
+        Ok(committed)
+    }
+
+    /// Aborts the upload; its fragments are left for the collector.
+    pub async fn abort_upload(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload: &UploadId,
+    ) -> GatewayResult<()> {
+        self.upload(bucket, key, upload).await?;
+        let metadata = self.node().metadata();
+        metadata
+            .write(vec![(
+                upload_row(bucket, key, upload),
+                register(None, metadata.timestamp()),
+            )])
+            .await?;
+        let numbers: Vec<u32> = self
+            .list_parts(bucket, upload, 0, MAX_PART_NUMBER as usize)
+            .await?
+            .parts
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        self.forget_parts(bucket, upload, numbers.into_iter()).await
+    }
+
+    async fn forget_parts(
+        &self,
+        bucket: &str,
+        upload: &UploadId,
+        numbers: impl Iterator<Item = u32>,
+    ) -> GatewayResult<()> {
+        let metadata = self.node().metadata();
+        let at = metadata.timestamp();
+        let rows: Vec<(RowKey, RowValue)> = numbers
+            .map(|n| (part_row(bucket, upload, n), register(None, at)))
+            .collect();
+        for chunk in rows.chunks(1000) {
+            metadata.write(chunk.to_vec()).await?;
+        }
+        Ok(())
+    }
+
+    /// Multipart uploads in progress, by key then upload id, from the
+    /// markers on; at most `max`, and whether more remain.
+    pub async fn list_uploads(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        key_marker: Option<&str>,
+        upload_marker: Option<&UploadId>,
+        max: usize,
+    ) -> GatewayResult<(Vec<UploadInfo>, bool)> {
+        let partition = Partition::bucket(bucket);
+        let mut cursor = match (key_marker, upload_marker) {
+            (Some(key), Some(upload)) => {
+                let mut sort = key.as_bytes().to_vec();
+                sort.push(0);
+                sort.extend_from_slice(upload.as_bytes());
+                sort.push(0);
+                sort
+            }
+            (Some(key), None) => {
+                let mut sort = key.as_bytes().to_vec();
+                sort.push(1);
+                sort
+            }
+            _ => prefix.as_bytes().to_vec(),
+        };
+        if cursor.as_slice() < prefix.as_bytes() {
+            cursor = prefix.as_bytes().to_vec();
+        }
+        let end = prefix_end(prefix.as_bytes());
+        let mut uploads = Vec::new();
+        loop {
+            let page = self
+                .node()
+                .metadata()
+                .range(&partition, Table::Uploads, &cursor, end.as_deref(), 1000)
+                .await?;
+            for (sort, value) in &page.rows {
+                let Some(record) = decode_register(Some(value.clone()), UploadRecord::decode)?
+                else {
+                    continue;
+                };
+                let Some((key, _)) = split_key_sort(sort) else {
+                    continue;
+                };
+                if !record.multipart {
+                    continue;
+                }
+                if uploads.len() == max {
+                    return Ok((uploads, true));
+                }
+                uploads.push(UploadInfo {
+                    key: key.to_owned(),
+                    record,
+                });
+            }
+            match page.rows.last() {
+                Some((last, _)) if page.more => {
+                    cursor = last.clone();
+                    cursor.push(0);
+                }
+                _ => return Ok((uploads, false)),
+            }
+        }
+    }
+}
