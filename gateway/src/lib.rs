@@ -3,6 +3,7 @@
 //! nodes except through it.
 
 pub mod buckets;
+pub mod checksum;
 pub mod dev;
 pub mod error;
 pub mod keys;

@@ -22,6 +22,7 @@ use cairn_protocol::records::{PartRecord, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, StoredHeaders};
 use md5::Digest;
 
+use crate::checksum::ChecksumRequest;
 use crate::error::{GatewayError, GatewayResult};
 use crate::kms::random_bytes;
 use crate::objects::{MAX_PUT_BYTES, ObjectStore, StreamPut, register, upload_row};
@@ -158,8 +159,9 @@ impl ObjectStore {
         number: u32,
         length: u64,
         content_md5: Option<[u8; 16]>,
+        checksum: Option<ChecksumRequest>,
         body: S,
-    ) -> GatewayResult<String>
+    ) -> GatewayResult<(String, Option<String>)>
     where
         S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -178,12 +180,22 @@ impl ObjectStore {
             upload: *upload,
             retain_until_unix_ms: 0,
         };
-        let (segments, digest) = stream
-            .run(PutPipeline::new(&data_key, number, layout), length, body)
+        let streamed = stream
+            .run(
+                PutPipeline::new(&data_key, number, layout),
+                length,
+                checksum.as_ref().map(ChecksumRequest::hasher),
+                body,
+            )
             .await?;
+        let (segments, digest) = (streamed.segments, streamed.md5);
         if content_md5.is_some_and(|expected| expected != digest) {
             return Err(GatewayError::BadDigest);
         }
+        let checksum_value = match (&checksum, streamed.checksum) {
+            (Some(request), Some(hasher)) => Some(request.verify(hasher)?),
+            _ => None,
+        };
         let etag = format!("\"{}\"", cairn_protocol::to_hex(&digest));
         let part = PartRecord {
             uploaded_unix_ms: now_unix_ms(),
@@ -199,7 +211,7 @@ impl ObjectStore {
                 register(Some(part.encode()), metadata.timestamp()),
             )])
             .await?;
-        Ok(etag)
+        Ok((etag, checksum_value))
     }
 
     /// The upload's parts from `after` on, at most `max`.

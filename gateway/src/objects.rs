@@ -28,8 +28,10 @@ use cairn_protocol::version::{Lww, ObjectVersion, Retention, StoredHeaders, Vers
 use cairn_protocol::wire::Hold;
 use futures::stream::{FuturesUnordered, StreamExt};
 use md5::Digest;
+use s3s::checksum::ChecksumHasher;
 use tokio::sync::mpsc;
 
+use crate::checksum::{Algorithm, ChecksumRequest};
 use crate::error::{GatewayError, GatewayResult};
 use crate::kms::{Kms, random_bytes};
 
@@ -56,6 +58,7 @@ pub struct NewObject {
     /// The body's length as announced (Content-Length or the decoded length).
     pub length: u64,
     pub content_md5: Option<[u8; 16]>,
+    pub checksum: Option<ChecksumRequest>,
 }
 
 /// An object opened for reading: its manifest and data key.
@@ -200,14 +203,25 @@ impl ObjectStore {
             upload,
             retain_until_unix_ms: 0,
         };
-        let (segments, digest) = stream
-            .run(PutPipeline::new(&data_key, 0, layout), object.length, body)
+        let streamed = stream
+            .run(
+                PutPipeline::new(&data_key, 0, layout),
+                object.length,
+                object.checksum.as_ref().map(ChecksumRequest::hasher),
+                body,
+            )
             .await?;
+        let (segments, digest) = (streamed.segments, streamed.md5);
         if object
             .content_md5
             .is_some_and(|expected| expected != digest)
         {
             return Err(GatewayError::BadDigest);
+        }
+        let mut headers = object.headers;
+        if let (Some(request), Some(hasher)) = (&object.checksum, streamed.checksum) {
+            let value = request.verify(hasher)?;
+            headers = with_checksum(headers, request.algorithm, value)?;
         }
         let etag = format!("\"{}\"", cairn_protocol::to_hex(&digest));
         let manifest = Manifest {
@@ -230,7 +244,7 @@ impl ObjectStore {
                 segments,
             }],
         };
-        self.commit(manifest, object.headers, upload_key).await
+        self.commit(manifest, headers, upload_key).await
     }
 
     /// Signs the manifest and writes it, the version row and the end of the
@@ -674,6 +688,13 @@ impl ObjectStore {
     }
 }
 
+/// What streaming a body produced.
+pub(crate) struct StreamedBody {
+    pub(crate) segments: Vec<SegmentRef>,
+    pub(crate) md5: [u8; 16],
+    pub(crate) checksum: Option<ChecksumHasher>,
+}
+
 /// One PUT's streaming state: batches of plaintext go through MD5 and the
 /// encoder on a blocking thread; each finished segment is pushed while the
 /// next is being encoded, at most [`SEGMENTS_IN_FLIGHT`] at a time.
@@ -689,13 +710,14 @@ impl StreamPut<'_> {
         &self,
         pipeline: PutPipeline,
         length: u64,
+        checksum: Option<ChecksumHasher>,
         mut body: S,
-    ) -> GatewayResult<(Vec<SegmentRef>, [u8; 16])>
+    ) -> GatewayResult<StreamedBody>
     where
         S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let mut state = Some((pipeline, md5::Md5::new()));
+        let mut state = Some((pipeline, md5::Md5::new(), checksum));
         let mut received: u64 = 0;
         let mut batch: Vec<u8> = Vec::with_capacity(BATCH_BYTES);
         let mut pushes = FuturesUnordered::new();
@@ -725,9 +747,12 @@ impl StreamPut<'_> {
                 }
             }
             let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH_BYTES));
-            let (pipeline, mut md5) = state.take().expect("encoder state");
-            let (pipeline, md5, encoded) = tokio::task::spawn_blocking(move || {
+            let (pipeline, mut md5, mut checksum) = state.take().expect("encoder state");
+            let (pipeline, md5, checksum, encoded) = tokio::task::spawn_blocking(move || {
                 md5.update(&full);
+                if let Some(checksum) = &mut checksum {
+                    checksum.update(&full);
+                }
                 let mut encoded = Vec::new();
                 let mut pipeline = pipeline;
                 let outcome = pipeline.push(&full, &mut encoded);
@@ -739,7 +764,7 @@ impl StreamPut<'_> {
                     }
                     (Ok(()), false) => Some(pipeline),
                 };
-                Ok((pipeline, md5, encoded))
+                Ok((pipeline, md5, checksum, encoded))
             })
             .await
             .map_err(|e| GatewayError::Internal(e.to_string()))?
@@ -765,17 +790,20 @@ impl StreamPut<'_> {
                 });
             }
             match pipeline {
-                Some(pipeline) => state = Some((pipeline, md5)),
+                Some(pipeline) => state = Some((pipeline, md5, checksum)),
                 None => {
                     while let Some(done) = pushes.next().await {
                         record(&mut segments, Some(done))?;
                     }
-                    let digest: [u8; 16] = md5.finalize().into();
                     let segments = segments
                         .into_iter()
                         .map(|s| s.expect("every push recorded"))
                         .collect();
-                    return Ok((segments, digest));
+                    return Ok(StreamedBody {
+                        segments,
+                        md5: md5.finalize().into(),
+                        checksum,
+                    });
                 }
             }
         }
@@ -790,4 +818,19 @@ fn record(
         segments[index] = Some(pushed?);
     }
     Ok(())
+}
+
+/// `headers` with the object's full-object checksum added.
+pub(crate) fn with_checksum(
+    headers: StoredHeaders,
+    algorithm: Algorithm,
+    value: String,
+) -> GatewayResult<StoredHeaders> {
+    let mut pairs: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .collect();
+    pairs.push((algorithm.header().to_owned(), value));
+    pairs.push(("x-amz-checksum-type".to_owned(), "FULL_OBJECT".to_owned()));
+    StoredHeaders::new(pairs).map_err(|e| GatewayError::MetadataTooLarge(e.to_string()))
 }

@@ -14,6 +14,7 @@ use s3s::dto::*;
 use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 
 use crate::buckets::Buckets;
+use crate::checksum::{Algorithm, ChecksumRequest};
 use crate::error::GatewayError;
 use crate::multipart::{MAX_PART_NUMBER, check_part_number};
 use crate::objects::{NewObject, ObjectStore};
@@ -166,6 +167,25 @@ fn stored_headers(fields: HeaderFields<'_>) -> Result<StoredHeaders, GatewayErro
         }
     }
     StoredHeaders::new(headers).map_err(|e| GatewayError::MetadataTooLarge(e.to_string()))
+}
+
+/// The full-object checksum stored with an object, if it has one.
+fn stored_checksums(headers: &StoredHeaders) -> Checksum {
+    let value = |algorithm: Algorithm| headers.get(algorithm.header()).map(str::to_owned);
+    Checksum {
+        checksum_crc32: value(Algorithm::Crc32),
+        checksum_crc32c: value(Algorithm::Crc32c),
+        checksum_crc64nvme: value(Algorithm::Crc64Nvme),
+        checksum_sha1: value(Algorithm::Sha1),
+        checksum_sha256: value(Algorithm::Sha256),
+        checksum_type: headers
+            .get("x-amz-checksum-type")
+            .map(|t| ChecksumType::from(t.to_owned())),
+    }
+}
+
+fn checksums_wanted(mode: Option<&ChecksumMode>) -> bool {
+    mode.is_some_and(|m| m.as_str().eq_ignore_ascii_case(ChecksumMode::ENABLED))
 }
 
 fn user_metadata(headers: &StoredHeaders) -> Option<Metadata> {
@@ -527,6 +547,7 @@ impl S3 for CairnS3 {
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
+        let checksum = ChecksumRequest::from_headers(&req.headers, req.trailing_headers.as_ref())?;
         let input = req.input;
         let bucket = self.buckets.get(&input.bucket).await?;
         check_key(&input.key)?;
@@ -546,16 +567,23 @@ impl S3 for CairnS3 {
                     headers,
                     length,
                     content_md5,
+                    checksum,
                 },
                 body,
             )
             .await?;
         self.purge_older(&version).await?;
-        let VersionBody::Data { etag, .. } = &version.body else {
+        let VersionBody::Data { etag, headers, .. } = &version.body else {
             unreachable!("a PUT writes data");
         };
+        let sums = stored_checksums(headers);
         Ok(S3Response::new(PutObjectOutput {
             e_tag: Some(strong_etag(etag)),
+            checksum_crc32: sums.checksum_crc32,
+            checksum_crc32c: sums.checksum_crc32c,
+            checksum_crc64nvme: sums.checksum_crc64nvme,
+            checksum_sha1: sums.checksum_sha1,
+            checksum_sha256: sums.checksum_sha256,
             server_side_encryption: Some(ServerSideEncryption::from_static(
                 ServerSideEncryption::AES256,
             )),
@@ -622,6 +650,16 @@ impl S3 for CairnS3 {
         };
         if let Some(expires) = header("expires") {
             output.expires = Timestamp::parse(TimestampFormat::HttpDate, &expires).ok();
+        }
+        // A checksum covers the whole object: a range is sent without it.
+        if checksums_wanted(input.checksum_mode.as_ref()) && input.range.is_none() {
+            let sums = stored_checksums(headers);
+            output.checksum_crc32 = sums.checksum_crc32;
+            output.checksum_crc32c = sums.checksum_crc32c;
+            output.checksum_crc64nvme = sums.checksum_crc64nvme;
+            output.checksum_sha1 = sums.checksum_sha1;
+            output.checksum_sha256 = sums.checksum_sha256;
+            output.checksum_type = sums.checksum_type;
         }
         // The response-* query parameters override what was stored.
         if let Some(v) = input.response_content_type {
@@ -693,6 +731,15 @@ impl S3 for CairnS3 {
         };
         if let Some(expires) = header("expires") {
             output.expires = Timestamp::parse(TimestampFormat::HttpDate, &expires).ok();
+        }
+        if checksums_wanted(input.checksum_mode.as_ref()) {
+            let sums = stored_checksums(headers);
+            output.checksum_crc32 = sums.checksum_crc32;
+            output.checksum_crc32c = sums.checksum_crc32c;
+            output.checksum_crc64nvme = sums.checksum_crc64nvme;
+            output.checksum_sha1 = sums.checksum_sha1;
+            output.checksum_sha256 = sums.checksum_sha256;
+            output.checksum_type = sums.checksum_type;
         }
         Ok(S3Response::new(output))
     }
@@ -928,6 +975,7 @@ impl S3 for CairnS3 {
                     headers,
                     length: *size_bytes,
                     content_md5: None,
+                    checksum: None,
                 },
                 body,
             )
@@ -976,6 +1024,7 @@ impl S3 for CairnS3 {
         &self,
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
+        let checksum = ChecksumRequest::from_headers(&req.headers, req.trailing_headers.as_ref())?;
         let input = req.input;
         self.buckets.get(&input.bucket).await?;
         check_key(&input.key)?;
@@ -986,7 +1035,8 @@ impl S3 for CairnS3 {
             S3Error::with_message(S3ErrorCode::MissingContentLength, "a part needs a body")
         })?;
         let length = body_length(input.content_length, &body)?;
-        let etag = self
+        let algorithm = checksum.as_ref().map(|c| c.algorithm);
+        let (etag, sum) = self
             .objects
             .upload_part(
                 &input.bucket,
@@ -995,15 +1045,25 @@ impl S3 for CairnS3 {
                 number,
                 length,
                 content_md5,
+                checksum,
                 body,
             )
             .await?;
+        let mut output = UploadPartOutput::default();
+        match (algorithm, sum) {
+            (Some(Algorithm::Crc32), sum) => output.checksum_crc32 = sum,
+            (Some(Algorithm::Crc32c), sum) => output.checksum_crc32c = sum,
+            (Some(Algorithm::Crc64Nvme), sum) => output.checksum_crc64nvme = sum,
+            (Some(Algorithm::Sha1), sum) => output.checksum_sha1 = sum,
+            (Some(Algorithm::Sha256), sum) => output.checksum_sha256 = sum,
+            (None, _) => {}
+        }
         Ok(S3Response::new(UploadPartOutput {
             e_tag: Some(strong_etag(&etag)),
             server_side_encryption: Some(ServerSideEncryption::from_static(
                 ServerSideEncryption::AES256,
             )),
-            ..Default::default()
+            ..output
         }))
     }
 
@@ -1043,7 +1103,7 @@ impl S3 for CairnS3 {
         };
         let open = self.objects.open(&source).await?;
         let body = self.source_stream(open, range.clone());
-        let etag = self
+        let (etag, _) = self
             .objects
             .upload_part(
                 &input.bucket,
@@ -1051,6 +1111,7 @@ impl S3 for CairnS3 {
                 &upload,
                 number,
                 range.end - range.start,
+                None,
                 None,
                 body,
             )

@@ -760,3 +760,118 @@ async fn copies_keep_or_replace_metadata_and_copy_parts_by_range() {
     assert!(get_bytes(c, "dst", "assembled").await == body);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn additional_checksums_are_verified_kept_and_returned() {
+    use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode};
+    use base64::Engine;
+    use s3s::crypto::{Checksum, Crc32c, Sha256};
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let s = setup().await;
+    let c = &s.client;
+    c.create_bucket().bucket("sums").send().await.unwrap();
+    let body = pseudo_random_bytes(3, 3 << 20);
+    let expected = b64(&Crc32c::checksum(&body));
+    let put = c
+        .put_object()
+        .bucket("sums")
+        .key("crc")
+        .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+        .body(ByteStream::from(body.clone()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.checksum_crc32_c(), Some(expected.as_str()));
+    let head = c
+        .head_object()
+        .bucket("sums")
+        .key("crc")
+        .checksum_mode(ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.checksum_crc32_c(), Some(expected.as_str()));
+    // The client checks the checksum it is sent back against the bytes.
+    let got = c
+        .get_object()
+        .bucket("sums")
+        .key("crc")
+        .checksum_mode(ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.checksum_crc32_c(), Some(expected.as_str()));
+    assert!(got.body.collect().await.unwrap().into_bytes().as_ref() == body.as_slice());
+
+    // A body streamed from a file goes as aws-chunked with the checksum in
+    // a trailer.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &body).unwrap();
+    let streamed = c
+        .put_object()
+        .bucket("sums")
+        .key("streamed")
+        .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+        .body(ByteStream::from_path(file.path()).await.unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.checksum_crc32_c(), Some(expected.as_str()));
+    assert!(get_bytes(c, "sums", "streamed").await == body);
+
+    let sha = b64(Sha256::checksum(b"exact").as_ref());
+    c.put_object()
+        .bucket("sums")
+        .key("sha")
+        .checksum_sha256(&sha)
+        .body(ByteStream::from_static(b"exact"))
+        .send()
+        .await
+        .unwrap();
+    let wrong = c
+        .put_object()
+        .bucket("sums")
+        .key("wrong")
+        .checksum_sha256(b64(Sha256::checksum(b"other").as_ref()))
+        .body(ByteStream::from_static(b"exact"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&wrong.into_service_error()), "BadDigest");
+    let none = c
+        .head_object()
+        .bucket("sums")
+        .key("wrong")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(none.raw_response().map(|r| r.status().as_u16()), Some(404));
+
+    let upload_id = c
+        .create_multipart_upload()
+        .bucket("sums")
+        .key("parts")
+        .checksum_algorithm(ChecksumAlgorithm::Sha256)
+        .send()
+        .await
+        .unwrap()
+        .upload_id()
+        .unwrap()
+        .to_owned();
+    let part = c
+        .upload_part()
+        .bucket("sums")
+        .key("parts")
+        .upload_id(&upload_id)
+        .part_number(1)
+        .checksum_algorithm(ChecksumAlgorithm::Sha256)
+        .body(ByteStream::from_static(b"part one"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        part.checksum_sha256(),
+        Some(b64(Sha256::checksum(b"part one").as_ref()).as_str())
+    );
+    s.shutdown().await;
+}
