@@ -78,6 +78,58 @@ enum Admin {
         #[command(subcommand)]
         command: MapCommand,
     },
+    /// S3 access keys, kept in the cluster's replicated metadata.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Create a KMS root key file for the gateways (mode 0600).
+    RootKey {
+        /// Where to write it; refuses to overwrite.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// How a key command reaches the cluster: it joins for a moment under a
+/// ten-minute certificate of its own.
+#[derive(clap::Args)]
+struct ClusterAccess {
+    /// The cluster key.
+    #[arg(long)]
+    cluster_key: PathBuf,
+    /// A node's QUIC address, e.g. /ip4/10.0.0.5/udp/7400/quic-v1.
+    #[arg(long)]
+    peer: String,
+    /// The gateways' KMS root key file (or CAIRN_ROOT_KEY), which wraps
+    /// the secrets.
+    #[arg(long)]
+    root_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create an access key and print its id and secret (shown only once).
+    Create {
+        #[command(flatten)]
+        access: ClusterAccess,
+        /// A name to remember the key by.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List the access keys (never their secrets).
+    List {
+        #[command(flatten)]
+        access: ClusterAccess,
+    },
+    /// Delete an access key; requests signed with it are refused within
+    /// seconds on every gateway.
+    Delete {
+        #[command(flatten)]
+        access: ClusterAccess,
+        /// The access key id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -240,6 +292,17 @@ fn admin(command: Admin) -> Result<()> {
                 out.display()
             );
         }
+        Admin::RootKey { out } => {
+            cairn_gateway::kms::RootKey::create(&out)?;
+            println!(
+                "KMS root key written to {} (mode 0600); give it to every gateway node, and keep a copy offline: without it no object can be read",
+                out.display()
+            );
+        }
+        Admin::Key { command } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(key_command(command))?;
+        }
         Admin::Map {
             command:
                 MapCommand::Push {
@@ -254,6 +317,99 @@ fn admin(command: Admin) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Joins the cluster as a short-lived member through `peer` and waits
+/// until it holds the map and reaches the nodes in it.
+async fn join_for_a_moment(
+    cluster_key: &Identity,
+    peer: &str,
+) -> Result<(tempfile::TempDir, Node)> {
+    let cluster = ClusterId::of(cluster_key.signing_key());
+    let address = peer
+        .parse()
+        .with_context(|| format!("--peer {peer:?} is not a multiaddr"))?;
+    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
+    let identity = Identity::generate();
+    let now = now_unix_ms();
+    let certificate = Certificate::issue(
+        cluster_key.signing_key(),
+        identity.node_id(),
+        SiteId::new("admin")?,
+        now,
+        now + 10 * 60 * 1000,
+    );
+    let config = NodeConfig {
+        data_dir: scratch.path().to_owned(),
+        cluster,
+        certificate,
+        listen: "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+        bootstrap: vec![address],
+        capacity_bytes: 1 << 20,
+        limits: StreamLimits::default(),
+        anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
+    };
+    let node = Node::start(config, identity).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while node.cluster_map().is_none() {
+        if tokio::time::Instant::now() > deadline {
+            node.shutdown().await;
+            bail!("{peer} did not hand over the cluster map within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let map = node.cluster_map().expect("checked above");
+    for member in &map.map.nodes {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !node.wait_for_member(&member.id, left).await {
+            eprintln!(
+                "node {} not reached yet; the metadata quorum may still answer",
+                member.id
+            );
+        }
+    }
+    Ok((scratch, node))
+}
+
+async fn key_command(command: KeyCommand) -> Result<()> {
+    use cairn_gateway::keys::AccessKeys;
+    use cairn_gateway::kms::{Kms, RootKey};
+    let access = match &command {
+        KeyCommand::Create { access, .. }
+        | KeyCommand::List { access }
+        | KeyCommand::Delete { access, .. } => access,
+    };
+    let cluster_key = load_cluster_key(&access.cluster_key)?;
+    let root = RootKey::from_env_or_file(access.root_key.as_deref())?;
+    let (_scratch, node) = join_for_a_moment(&cluster_key, &access.peer).await?;
+    let metadata = node.metadata().clone();
+    let keys = AccessKeys::new(Kms::new(root, metadata.clone()), metadata);
+    let outcome = async {
+        match &command {
+            KeyCommand::Create { name, .. } => {
+                let key = keys.create(name).await?;
+                println!("access key: {}", key.id);
+                println!("secret key: {}", key.secret);
+                println!("(the secret is shown only now)");
+            }
+            KeyCommand::List { .. } => {
+                for key in keys.list().await? {
+                    println!("{}  created {}  {}", key.id, key.created_unix_ms, key.name);
+                }
+            }
+            KeyCommand::Delete { id, .. } => {
+                if !keys.delete(id).await? {
+                    bail!("there is no access key {id}");
+                }
+                println!("deleted access key {id}");
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    drop(keys);
+    node.shutdown().await;
+    outcome
 }
 
 /// Joins the cluster as a short-lived member, pushes the map to one node
@@ -326,15 +482,47 @@ async fn serve(
     if !bootstrap.is_empty() {
         settings.bootstrap = bootstrap;
     }
+    let s3 = settings.s3.clone();
     let (node_config, identity) = settings.into_node_config()?;
+    // The root key is checked before the node starts, so that a gateway
+    // that cannot decrypt anything never comes up.
+    let root = match &s3 {
+        Some(section) => Some(cairn_gateway::kms::RootKey::from_env_or_file(
+            section.root_key_file.as_deref(),
+        )?),
+        None => None,
+    };
     let node = Node::start(node_config, identity).await?;
     for address in node.listen_addrs() {
         tracing::info!(%address, node = %node.node_id(), "listening");
     }
+    let gateway = match (s3, root) {
+        (Some(section), Some(root)) => {
+            let listen = section.listen.parse().with_context(|| {
+                format!("[s3] listen {:?} is not an address:port", section.listen)
+            })?;
+            Some(
+                cairn_gateway::Gateway::start(
+                    node.handle(),
+                    root,
+                    cairn_gateway::GatewayConfig {
+                        listen,
+                        region: section.region,
+                        domains: section.domains,
+                    },
+                )
+                .await?,
+            )
+        }
+        _ => None,
+    };
     tokio::signal::ctrl_c()
         .await
         .context("waiting for ctrl-c")?;
     tracing::info!("shutting down");
+    if let Some(gateway) = gateway {
+        gateway.stop().await;
+    }
     tokio::time::timeout(Duration::from_secs(30), node.shutdown())
         .await
         .context("shutdown took over 30 s")?;

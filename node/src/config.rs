@@ -61,6 +61,29 @@ pub struct ServeConfig {
     pub max_streams_per_peer: usize,
     #[serde(default = "default_bytes_in_flight")]
     pub max_bytes_in_flight: u64,
+    /// Serve S3 from this node (the gateway reads it; the node ignores it).
+    #[serde(default)]
+    pub s3: Option<S3Section>,
+}
+
+/// `[s3]`: this node is also an S3 gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    /// A TCP socket address, e.g. "0.0.0.0:9000".
+    pub listen: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Domains for virtual-hosted-style requests (`bucket.domain`).
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// The KMS root key file (64 hex digits, mode 0600), unless
+    /// CAIRN_ROOT_KEY is set.
+    pub root_key_file: Option<PathBuf>,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
 }
 
 fn default_listen() -> String {
