@@ -25,7 +25,7 @@ use md5::Digest;
 use crate::checksum::ChecksumRequest;
 use crate::error::{GatewayError, GatewayResult};
 use crate::kms::random_bytes;
-use crate::objects::{MAX_PUT_BYTES, ObjectStore, StreamPut, register, upload_row};
+use crate::objects::{MAX_PUT_BYTES, ObjectStore, StreamPut, WriteCondition, register, upload_row};
 
 /// Every part but the last is at least this long, as in S3.
 pub const MIN_PART_BYTES: u64 = 5 << 20;
@@ -271,6 +271,7 @@ impl ObjectStore {
         key: &str,
         upload: &UploadId,
         chosen: &[(u32, String)],
+        condition: &WriteCondition,
     ) -> GatewayResult<ObjectVersion> {
         if chosen.is_empty() {
             return Err(GatewayError::InvalidArgument(
@@ -353,7 +354,12 @@ impl ObjectStore {
             parts,
         };
         let committed = self
-            .commit(manifest, record.headers, upload_row(bucket, key, upload))
+            .commit(
+                manifest,
+                record.headers,
+                upload_row(bucket, key, upload),
+                condition,
+            )
             .await?;
         self.forget_parts(bucket, upload, stored.iter().map(|(n, _)| *n))
             .await?;

@@ -21,6 +21,7 @@ use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::{
     Partition, Register, RowKey, RowValue, Table, upload_sort_key, version_sort_key,
 };
+use cairn_protocol::metarpc::RegisterKey;
 use cairn_protocol::pipeline::PutPipeline;
 use cairn_protocol::placement::{Placer, segment_placement_key};
 use cairn_protocol::records::UploadRecord;
@@ -49,6 +50,29 @@ const SEGMENTS_AHEAD: usize = 2;
 /// When a fragment fetch takes longer than this, one more is started.
 const SPARE_AFTER: Duration = Duration::from_millis(1500);
 
+/// The precondition of a write, decided by the key's head register.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum WriteCondition {
+    #[default]
+    Always,
+    /// If-None-Match: * — only when the key has no current object.
+    IfAbsent,
+    /// If-Match — only when the current object has this ETag (unquoted).
+    IfMatch(String),
+    /// If-Match: * — only when the key has a current object.
+    IfPresent,
+}
+
+/// The register that orders the writes of one key (spec/gateway.md,
+/// "Heads"): its name is the object key, which never holds a zero byte,
+/// so it never meets a lock guard's register (key, zero, version).
+fn head_register(bucket: &str, key: &str) -> RegisterKey {
+    RegisterKey {
+        partition: Partition::bucket(bucket),
+        name: key.as_bytes().to_vec(),
+    }
+}
+
 /// What a PUT writes.
 pub struct NewObject {
     pub bucket: String,
@@ -59,6 +83,7 @@ pub struct NewObject {
     pub length: u64,
     pub content_md5: Option<[u8; 16]>,
     pub checksum: Option<ChecksumRequest>,
+    pub condition: WriteCondition,
 }
 
 /// An object opened for reading: its manifest and data key.
@@ -244,16 +269,22 @@ impl ObjectStore {
                 segments,
             }],
         };
-        self.commit(manifest, headers, upload_key).await
+        self.commit(manifest, headers, upload_key, &object.condition)
+            .await
     }
 
-    /// Signs the manifest and writes it, the version row and the end of the
-    /// upload in one quorum write: the object appears whole or not at all.
+    /// Commits an object whose fragments are durable: the signed manifest
+    /// first (invisible alone), then the key's head register by
+    /// compare-and-set (where the condition is decided, and which orders
+    /// every write of the key), then the version row with the end of the
+    /// upload. A head that a crashed writer set but never wrote out is
+    /// written out here too, so nothing decided is lost.
     pub(crate) async fn commit(
         &self,
         manifest: Manifest,
         headers: StoredHeaders,
         upload_key: RowKey,
+        condition: &WriteCondition,
     ) -> GatewayResult<ObjectVersion> {
         let metadata = self.node.metadata();
         let signed = manifest
@@ -277,19 +308,67 @@ impl ObjectStore {
             purged: None,
         };
         metadata
-            .write(vec![
-                (
-                    manifest_row(&manifest.bucket, &signed.id),
-                    RowValue::Immutable(signed.encoded.clone()),
-                ),
-                (
-                    versions_row(&manifest.bucket, &manifest.key, &manifest.version),
-                    RowValue::Version(Box::new(row.clone())),
-                ),
-                (upload_key, register(None, at)),
-            ])
+            .write(vec![(
+                manifest_row(&manifest.bucket, &signed.id),
+                RowValue::Immutable(signed.encoded.clone()),
+            )])
             .await?;
+        let previous = self
+            .swap_head(&manifest.bucket, &manifest.key, condition, Some(&row))
+            .await?;
+        let mut rows = vec![
+            (
+                versions_row(&manifest.bucket, &manifest.key, &manifest.version),
+                RowValue::Version(Box::new(row.clone())),
+            ),
+            (upload_key, register(None, at)),
+        ];
+        if let Some(previous) = previous.filter(|p| p.version != row.version) {
+            rows.push((
+                versions_row(&previous.bucket, &previous.key, &previous.version),
+                RowValue::Version(Box::new(previous)),
+            ));
+        }
+        metadata.write(rows).await?;
         Ok(row)
+    }
+
+    /// Sets the head of `key` to `new` (`None`: no current object) if
+    /// `condition` holds for the current head; returns the head it
+    /// replaced. Linearizable: of two writers racing on one condition,
+    /// exactly one wins.
+    pub(crate) async fn swap_head(
+        &self,
+        bucket: &str,
+        key: &str,
+        condition: &WriteCondition,
+        new: Option<&ObjectVersion>,
+    ) -> GatewayResult<Option<ObjectVersion>> {
+        let encoded = new.map(ObjectVersion::encode);
+        let replaced: Mutex<Option<ObjectVersion>> = Mutex::new(None);
+        let decided = self
+            .node
+            .metadata()
+            .compare_and_set(head_register(bucket, key), |current| {
+                let head = current.and_then(|bytes| ObjectVersion::decode(bytes).ok());
+                let holds = match (condition, &head) {
+                    (WriteCondition::Always, _) => true,
+                    (WriteCondition::IfAbsent, head) => head.is_none(),
+                    (WriteCondition::IfMatch(etag), Some(head)) => matches!(
+                        &head.body,
+                        VersionBody::Data { etag: ours, .. } if ours.trim_matches('"') == etag
+                    ),
+                    (WriteCondition::IfMatch(_), None) => false,
+                    (WriteCondition::IfPresent, head) => head.is_some(),
+                };
+                *replaced.lock().expect("head slot") = head;
+                if holds { Ok(encoded.clone()) } else { Err(()) }
+            })
+            .await?;
+        match decided {
+            Ok(_) => Ok(replaced.into_inner().expect("head slot")),
+            Err(()) => Err(GatewayError::PreconditionFailed),
+        }
     }
 
     /// Pushes one segment's fragments to the nodes placement picks for it;

@@ -17,7 +17,7 @@ use crate::buckets::Buckets;
 use crate::checksum::{Algorithm, ChecksumRequest};
 use crate::error::GatewayError;
 use crate::multipart::{MAX_PART_NUMBER, check_part_number};
-use crate::objects::{NewObject, ObjectStore};
+use crate::objects::{NewObject, ObjectStore, WriteCondition};
 
 /// User metadata (`x-amz-meta-*` names and values) per object, as in S3.
 pub const MAX_USER_METADATA_BYTES: usize = 2 << 10;
@@ -85,7 +85,34 @@ fn check_key(key: &str) -> Result<(), GatewayError> {
             key.len()
         )));
     }
+    // A key names its head register, which must never contain a zero byte.
+    if key.contains('\0') {
+        return Err(GatewayError::InvalidArgument(
+            "an object key cannot contain the NUL character".into(),
+        ));
+    }
     Ok(())
+}
+
+/// The precondition of a write from If-None-Match and If-Match.
+fn write_condition(
+    if_none_match: Option<&ETagCondition>,
+    if_match: Option<&ETagCondition>,
+) -> Result<WriteCondition, GatewayError> {
+    match (if_none_match, if_match) {
+        (None, None) => Ok(WriteCondition::Always),
+        (Some(ETagCondition::Any), None) => Ok(WriteCondition::IfAbsent),
+        (Some(ETagCondition::ETag(_)), None) => Err(GatewayError::InvalidArgument(
+            "If-None-Match on a write takes only *".into(),
+        )),
+        (None, Some(ETagCondition::Any)) => Ok(WriteCondition::IfPresent),
+        (None, Some(ETagCondition::ETag(etag))) => {
+            Ok(WriteCondition::IfMatch(etag.value().to_owned()))
+        }
+        (Some(_), Some(_)) => Err(GatewayError::InvalidArgument(
+            "a write takes If-None-Match or If-Match, not both".into(),
+        )),
+    }
 }
 
 fn timestamp_of(unix_ms: u64) -> Timestamp {
@@ -451,7 +478,17 @@ impl CairnS3 {
     }
 
     async fn delete_key(&self, bucket: &str, key: &str) -> Result<(), GatewayError> {
-        let versions = self.objects.versions_of(bucket, key).await?;
+        let previous = self
+            .objects
+            .swap_head(bucket, key, &WriteCondition::Always, None)
+            .await?;
+        let mut versions = self.objects.versions_of(bucket, key).await?;
+        // A head its writer never wrote out goes too.
+        if let Some(previous) = previous
+            && !versions.iter().any(|v| v.version == previous.version)
+        {
+            versions.push(previous);
+        }
         self.objects.purge(versions).await
     }
 }
@@ -553,6 +590,7 @@ impl S3 for CairnS3 {
         check_key(&input.key)?;
         let headers = stored_headers(header_fields!(input))?;
         let content_md5 = parse_content_md5(input.content_md5.as_ref())?;
+        let condition = write_condition(input.if_none_match.as_ref(), input.if_match.as_ref())?;
         let body = input.body.ok_or_else(|| {
             S3Error::with_message(S3ErrorCode::MissingContentLength, "a PUT needs a body")
         })?;
@@ -568,6 +606,7 @@ impl S3 for CairnS3 {
                     length,
                     content_md5,
                     checksum,
+                    condition,
                 },
                 body,
             )
@@ -976,6 +1015,7 @@ impl S3 for CairnS3 {
                     length: *size_bytes,
                     content_md5: None,
                     checksum: None,
+                    condition: WriteCondition::Always,
                 },
                 body,
             )
@@ -1137,6 +1177,7 @@ impl S3 for CairnS3 {
         self.buckets.get(&input.bucket).await?;
         check_key(&input.key)?;
         let upload = parse_upload_id(&input.upload_id)?;
+        let condition = write_condition(input.if_none_match.as_ref(), input.if_match.as_ref())?;
         let mut chosen = Vec::new();
         for part in input
             .multipart_upload
@@ -1152,7 +1193,7 @@ impl S3 for CairnS3 {
         }
         let version = self
             .objects
-            .complete_upload(&input.bucket, &input.key, &upload, &chosen)
+            .complete_upload(&input.bucket, &input.key, &upload, &chosen, &condition)
             .await?;
         self.purge_older(&version).await?;
         let VersionBody::Data { etag, .. } = &version.body else {

@@ -875,3 +875,185 @@ async fn additional_checksums_are_verified_kept_and_returned() {
     );
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conditional_writes_from_three_gateways_have_exactly_one_winner() {
+    let cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
+    cluster
+        .install_map(cluster.map(), Scheme::new(4, 2).unwrap())
+        .await
+        .unwrap();
+    let root = random_secret();
+    let mut gateways = Vec::new();
+    for node in [0, 2, 4] {
+        gateways.push(
+            Gateway::start(
+                cluster.node(node).handle(),
+                RootKey::from_bytes(root),
+                GatewayConfig {
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    region: "us-east-1".into(),
+                    domains: Vec::new(),
+                },
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let key = gateways[0].keys().create("test").await.unwrap();
+    let clients: Vec<Client> = gateways
+        .iter()
+        .map(|g| client_for(g, &key.id, &key.secret))
+        .collect();
+    clients[0]
+        .create_bucket()
+        .bucket("cond")
+        .send()
+        .await
+        .unwrap();
+
+    let attempts = (0..30).map(|n| {
+        let client = clients[n % 3].clone();
+        async move {
+            client
+                .put_object()
+                .bucket("cond")
+                .key("only-once")
+                .if_none_match("*")
+                .body(ByteStream::from(format!("writer {n}").into_bytes()))
+                .send()
+                .await
+                .map(|_| n)
+                .map_err(|e| code(&e.into_service_error()))
+        }
+    });
+    let outcomes = futures::future::join_all(attempts).await;
+    let winners: Vec<usize> = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().ok().copied())
+        .collect();
+    let refused = outcomes
+        .iter()
+        .filter(|o| matches!(o, Err(code) if code == "PreconditionFailed"))
+        .count();
+    assert_eq!(winners.len(), 1, "{outcomes:?}");
+    assert_eq!(refused, 29, "{outcomes:?}");
+    let winner = winners[0];
+    for client in &clients {
+        let body = get_bytes(client, "cond", "only-once").await;
+        assert_eq!(body, format!("writer {winner}").into_bytes());
+    }
+
+    // If-Match: the current ETag wins, another one is refused.
+    let etag = clients[1]
+        .head_object()
+        .bucket("cond")
+        .key("only-once")
+        .send()
+        .await
+        .unwrap()
+        .e_tag()
+        .unwrap()
+        .to_owned();
+    let stale = clients[2]
+        .put_object()
+        .bucket("cond")
+        .key("only-once")
+        .if_match("\"00000000000000000000000000000000\"")
+        .body(ByteStream::from_static(b"stale"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&stale.into_service_error()), "PreconditionFailed");
+    clients[2]
+        .put_object()
+        .bucket("cond")
+        .key("only-once")
+        .if_match(&etag)
+        .body(ByteStream::from_static(b"updated"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        get_bytes(&clients[0], "cond", "only-once").await,
+        b"updated"
+    );
+    let missing = clients[0]
+        .put_object()
+        .bucket("cond")
+        .key("absent")
+        .if_match(&etag)
+        .body(ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&missing.into_service_error()), "PreconditionFailed");
+
+    // A multipart completion is conditional too.
+    let upload_id = clients[1]
+        .create_multipart_upload()
+        .bucket("cond")
+        .key("only-once")
+        .send()
+        .await
+        .unwrap()
+        .upload_id()
+        .unwrap()
+        .to_owned();
+    let part = clients[1]
+        .upload_part()
+        .bucket("cond")
+        .key("only-once")
+        .upload_id(&upload_id)
+        .part_number(1)
+        .body(ByteStream::from_static(b"late"))
+        .send()
+        .await
+        .unwrap();
+    let late = clients[1]
+        .complete_multipart_upload()
+        .bucket("cond")
+        .key("only-once")
+        .upload_id(&upload_id)
+        .if_none_match("*")
+        .multipart_upload(
+            aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                .parts(
+                    aws_sdk_s3::types::CompletedPart::builder()
+                        .part_number(1)
+                        .e_tag(part.e_tag().unwrap())
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&late.into_service_error()), "PreconditionFailed");
+    assert_eq!(
+        get_bytes(&clients[2], "cond", "only-once").await,
+        b"updated"
+    );
+
+    // After a delete, a conditional create succeeds again.
+    clients[0]
+        .delete_object()
+        .bucket("cond")
+        .key("only-once")
+        .send()
+        .await
+        .unwrap();
+    clients[1]
+        .put_object()
+        .bucket("cond")
+        .key("only-once")
+        .if_none_match("*")
+        .body(ByteStream::from_static(b"again"))
+        .send()
+        .await
+        .unwrap();
+    for gateway in gateways {
+        gateway.stop().await;
+    }
+    cluster.shutdown().await;
+}
