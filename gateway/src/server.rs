@@ -178,11 +178,22 @@ pub async fn serve(listener: TcpListener, service: S3Service, region: String) {
             let handler = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 let service = service.clone();
                 let refused = check_request(&request, &region);
+                // Only the method and path are ever logged: headers carry
+                // credentials and SSE-C keys.
+                let (method, path) = (request.method().clone(), request.uri().path().to_owned());
                 async move {
-                    match refused {
+                    let response = match refused {
                         Some(response) => Ok(response),
                         None => hyper::service::Service::call(&service, request).await,
+                    };
+                    match &response {
+                        Ok(r) if r.status().is_server_error() => {
+                            tracing::warn!(%method, %path, status = %r.status(), "S3 request failed");
+                        }
+                        Err(_) => tracing::warn!(%method, %path, "S3 request failed"),
+                        Ok(_) => {}
                     }
+                    response
                 }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

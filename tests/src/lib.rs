@@ -47,7 +47,9 @@ impl Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn".into()),
+                    .unwrap_or_else(|_| "warn".into())
+                    // s3s logs every client mistake as an error.
+                    .add_directive("s3s=off".parse().expect("a valid directive")),
             )
             .with_test_writer()
             .try_init();

@@ -1057,3 +1057,270 @@ async fn conditional_writes_from_three_gateways_have_exactly_one_winner() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_5_plus_4_on_three_sites_every_object_survives_a_site_and_one_more_node() {
+    use cairn_protocol::membership::SignedMap;
+    use cairn_protocol::placement::Tolerance;
+    let mut cluster = Cluster::start(&[3, 3, 3]).await.unwrap();
+    // Nine metadata replicas: a majority survives four nodes lost.
+    let map = SignedMap::sign_with_replicas(
+        &cluster.cluster_key,
+        cluster.map(),
+        Scheme::new(5, 4).unwrap(),
+        Tolerance { extra_nodes: 1 },
+        9,
+    )
+    .unwrap();
+    cluster.install_signed(map).await.unwrap();
+    let gateway = Gateway::start(
+        cluster.node(0).handle(),
+        RootKey::from_bytes(random_secret()),
+        GatewayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            region: "us-east-1".into(),
+            domains: Vec::new(),
+        },
+    )
+    .await
+    .unwrap();
+    let key = gateway.keys().create("test").await.unwrap();
+    let client = client_for(&gateway, &key.id, &key.secret);
+    client
+        .create_bucket()
+        .bucket("sturdy")
+        .send()
+        .await
+        .unwrap();
+    let sizes = [0usize, 1, 200 << 10, (5 << 20) + 1, 13 << 20];
+    let mut objects = Vec::new();
+    for (n, size) in sizes.iter().enumerate() {
+        let body = pseudo_random_bytes(500 + n as u64, *size);
+        client
+            .put_object()
+            .bucket("sturdy")
+            .key(format!("k{n}"))
+            .body(ByteStream::from(body.clone()))
+            .send()
+            .await
+            .unwrap();
+        objects.push(body);
+    }
+    // Site 2 (nodes 6, 7, 8) and node 3 of site 1 go away; the gateway
+    // runs on node 0.
+    for node in [6, 7, 8, 3] {
+        cluster.stop(node).await;
+    }
+    for (n, body) in objects.iter().enumerate() {
+        let back = get_bytes(&client, "sturdy", &format!("k{n}")).await;
+        assert!(back == *body, "object {n} differs with four nodes down");
+    }
+    let listed = client
+        .list_objects_v2()
+        .bucket("sturdy")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.contents().len(), sizes.len());
+    gateway.stop().await;
+    cluster.shutdown().await;
+}
+
+/// Replaces a request's body before it is signed, to send what no SDK
+/// would: malformed XML, correctly signed.
+#[derive(Debug)]
+struct ReplaceBody(&'static str);
+
+impl aws_sdk_s3::config::Intercept for ReplaceBody {
+    fn name(&self) -> &'static str {
+        "replace body"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut<'_>,
+        _components: &aws_sdk_s3::config::RuntimeComponents,
+        _config: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        let request = context.request_mut();
+        *request.body_mut() = aws_sdk_s3::primitives::SdkBody::from(self.0);
+        request
+            .headers_mut()
+            .insert("content-length", self.0.len().to_string());
+        request.headers_mut().remove("content-md5");
+        for algorithm in ["crc32", "crc32c", "crc64nvme", "sha1", "sha256"] {
+            request
+                .headers_mut()
+                .remove(format!("x-amz-checksum-{algorithm}"));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_its_s3_error_and_changes_nothing() {
+    let s = setup().await;
+    let c = &s.client;
+    for bad in ["Bad_Name", "ab", "-leading", "192.168.0.1"] {
+        let error = c.create_bucket().bucket(bad).send().await.unwrap_err();
+        assert_eq!(
+            code(&error.into_service_error()),
+            "InvalidBucketName",
+            "{bad}"
+        );
+    }
+    assert!(c.list_buckets().send().await.unwrap().buckets().is_empty());
+    c.create_bucket().bucket("strict").send().await.unwrap();
+
+    let large = c
+        .put_object()
+        .bucket("strict")
+        .key("k")
+        .metadata("big", "x".repeat(2100))
+        .body(ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&large.into_service_error()), "MetadataTooLarge");
+
+    // A malformed XML body, signed like any other.
+    let upload_id = c
+        .create_multipart_upload()
+        .bucket("strict")
+        .key("k")
+        .send()
+        .await
+        .unwrap()
+        .upload_id()
+        .unwrap()
+        .to_owned();
+    let malformed = c
+        .complete_multipart_upload()
+        .bucket("strict")
+        .key("k")
+        .upload_id(&upload_id)
+        .customize()
+        .interceptor(ReplaceBody("<CompleteMultipartUpload><Part><PartNumber>1"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&malformed.into_service_error()), "MalformedXML");
+    let malformed = c
+        .delete_objects()
+        .bucket("strict")
+        .delete(
+            aws_sdk_s3::types::Delete::builder()
+                .objects(
+                    aws_sdk_s3::types::ObjectIdentifier::builder()
+                        .key("k")
+                        .build()
+                        .unwrap(),
+                )
+                .build()
+                .unwrap(),
+        )
+        .customize()
+        .interceptor(ReplaceBody("<Delete><Object><Key>k</Object></Delete>"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&malformed.into_service_error()), "MalformedXML");
+    let upload = c
+        .list_multipart_uploads()
+        .bucket("strict")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.uploads().len(), 1, "the upload is still there");
+    let listed = c.list_objects_v2().bucket("strict").send().await.unwrap();
+    assert!(listed.contents().is_empty());
+    let bad_token = c
+        .list_objects_v2()
+        .bucket("strict")
+        .continuation_token("!!!")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&bad_token.into_service_error()), "InvalidArgument");
+    let long_key = c
+        .put_object()
+        .bucket("strict")
+        .key("k".repeat(1025))
+        .body(ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&long_key.into_service_error()), "KeyTooLongError");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_disconnects_in_the_middle_of_a_put_leaves_no_object() {
+    let s = setup().await;
+    s.client.create_bucket().bucket("cut").send().await.unwrap();
+    // A presigned PUT lets a raw socket send part of a body and hang up.
+    let presigned = s
+        .client
+        .put_object()
+        .bucket("cut")
+        .key("half")
+        .presigned(
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let uri: http::Uri = presigned.uri().parse().unwrap();
+    let address = s.gateway.address();
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n",
+        uri.path_and_query().unwrap(),
+        10 << 20
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+        .write_all(&pseudo_random_bytes(1, 3 << 20))
+        .await
+        .unwrap();
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let missing = s
+        .client
+        .head_object()
+        .bucket("cut")
+        .key("half")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        missing.raw_response().map(|r| r.status().as_u16()),
+        Some(404)
+    );
+    let listed = s
+        .client
+        .list_objects_v2()
+        .bucket("cut")
+        .send()
+        .await
+        .unwrap();
+    assert!(listed.contents().is_empty());
+    // The same presigned URL, used in full, stores the object.
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let body = pseudo_random_bytes(2, 1 << 20);
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        uri.path_and_query().unwrap(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(get_bytes(&s.client, "cut", "half").await == body);
+    s.shutdown().await;
+}
