@@ -4,6 +4,7 @@
 
 pub mod buckets;
 pub mod checksum;
+pub mod chunked;
 pub mod dev;
 pub mod error;
 pub mod keys;

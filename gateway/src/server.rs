@@ -184,6 +184,10 @@ pub async fn serve(listener: TcpListener, service: S3Service, region: String) {
                 async move {
                     let response = match refused {
                         Some(response) => Ok(response),
+                        None if crate::chunked::is_aws_chunked(request.headers()) => {
+                            let request = request.map(crate::chunked::ChunkGuard::new);
+                            tower::Service::call(&mut service.clone(), request).await
+                        }
                         None => hyper::service::Service::call(&service, request).await,
                     };
                     match &response {
@@ -210,4 +214,91 @@ pub async fn serve(listener: TcpListener, service: S3Service, region: String) {
 /// The address a listener is bound to, for messages.
 pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {
     listener.local_addr().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+        let mut builder = http::Request::builder().uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    fn code_of(response: Option<HttpResponse>) -> Option<String> {
+        let response = response?;
+        Some(format!("{}", response.status().as_u16()))
+    }
+
+    #[test]
+    fn hosts_name_buckets_only_under_a_configured_domain() {
+        let host = CairnHost::new(vec!["s3.example.org".into(), "localhost".into()]);
+        let parsed = host.parse_host_header("photos.s3.example.org").unwrap();
+        assert_eq!(parsed.bucket(), Some("photos"));
+        let parsed = host.parse_host_header("photos.localhost:9000").unwrap();
+        assert_eq!(parsed.bucket(), Some("photos"));
+        for path_style in [
+            "s3.example.org",
+            "localhost:9000",
+            "127.0.0.1:9000",
+            "other.host",
+            "[::1]:9000",
+        ] {
+            let parsed = host.parse_host_header(path_style).unwrap();
+            assert_eq!(parsed.bucket(), None, "{path_style}");
+        }
+    }
+
+    #[test]
+    fn sigv2_foreign_regions_long_presigned_urls_and_huge_bodies_are_refused() {
+        let region = "us-east-1";
+        let ok = request(
+            "/b/k",
+            &[(
+                "authorization",
+                "AWS4-HMAC-SHA256 Credential=AK/20261124/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00",
+            )],
+        );
+        assert!(check_request(&ok, region).is_none());
+        let v2 = request("/b/k", &[("authorization", "AWS AK:c2ln")]);
+        assert_eq!(code_of(check_request(&v2, region)).as_deref(), Some("400"));
+        let v2_query = request("/b/k?AWSAccessKeyId=AK&Expires=1&Signature=x", &[]);
+        assert_eq!(
+            code_of(check_request(&v2_query, region)).as_deref(),
+            Some("400")
+        );
+        let foreign = request(
+            "/b/k",
+            &[(
+                "authorization",
+                "AWS4-HMAC-SHA256 Credential=AK/20261124/eu-west-3/s3/aws4_request, SignedHeaders=host, Signature=00",
+            )],
+        );
+        assert_eq!(
+            code_of(check_request(&foreign, region)).as_deref(),
+            Some("400")
+        );
+        let week = "/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AK%2F20261124%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Expires=604800";
+        assert!(check_request(&request(week, &[]), region).is_none());
+        let longer = week.replace("604800", "604801");
+        assert_eq!(
+            code_of(check_request(&request(&longer, &[]), region)).as_deref(),
+            Some("400")
+        );
+        let foreign_presigned = week.replace("us-east-1", "ap-south-1");
+        assert_eq!(
+            code_of(check_request(&request(&foreign_presigned, &[]), region)).as_deref(),
+            Some("400")
+        );
+        let huge = request("/b/k", &[("x-amz-decoded-content-length", "5368709121")]);
+        assert_eq!(
+            code_of(check_request(&huge, region)).as_deref(),
+            Some("400")
+        );
+        let largest = request("/b/k", &[("content-length", "5368709120")]);
+        assert!(check_request(&largest, region).is_none());
+    }
 }
