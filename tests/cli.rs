@@ -5,102 +5,13 @@
 //! the middle of writes and of a compare-and-set race, and `cairn dev`
 //! serving S3 across a restart.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+#[path = "process_support.rs"]
+mod process_support;
+
 use std::time::Duration;
 
-const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");
-
-fn run(args: &[&str]) -> Output {
-    let output = Command::new(CAIRN).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "cairn {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-/// The value after `label` in the command's standard output.
-fn printed(output: &Output, label: &str) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    stdout
-        .lines()
-        .find_map(|line| line.strip_prefix(label))
-        .unwrap_or_else(|| panic!("no {label:?} in {stdout}"))
-        .trim()
-        .to_owned()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Server {
-    fn start(config: &Path, env: &[(&str, String)]) -> Self {
-        let mut command = Command::new(CAIRN);
-        command
-            .args(["serve", "-c", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (name, value) in env {
-            command.env(name, value);
-        }
-        let mut child = command.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines }
-    }
-
-    /// Waits for a log line containing every one of `needles`.
-    fn wait_for(&self, needles: &[&str]) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if needles.iter().all(|n| line.contains(n)) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => break,
-            }
-        }
-        panic!("no log line with {needles:?}; saw:\n{}", seen.join("\n"));
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-fn write_config(dir: &Path, name: &str, cluster: &str, port: u16) -> std::path::PathBuf {
-    let path = dir.join(format!("{name}.toml"));
-    let text = format!(
-        "data_dir = \"{data}\"\ncluster = \"{cluster}\"\ncertificate = \"{cert}\"\nlisten = \"/ip4/127.0.0.1/udp/{port}/quic-v1\"\ncapacity_bytes = 1073741824\n",
-        data = dir.join(name).display(),
-        cert = dir.join(format!("{name}.cert")).display(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use process_support::*;
+use std::process::Command;
 
 #[test]
 fn enrolled_nodes_run_as_processes_survive_kill_dash_nine_and_refuse_an_open_key() {
@@ -246,30 +157,6 @@ fn enrolled_nodes_run_as_processes_survive_kill_dash_nine_and_refuse_an_open_key
 }
 
 /// Enrols a node for `site`: its identity in `dir/name`, its certificate in
-/// `dir/name.cert`; returns its node id.
-fn enrol(dir: &Path, key: &Path, name: &str, site: &str) -> String {
-    let data = dir.join(name);
-    let id = printed(
-        &run(&["admin", "node", "id", "--data-dir", data.to_str().unwrap()]),
-        "node id:",
-    );
-    let cert = dir.join(format!("{name}.cert"));
-    run(&[
-        "admin",
-        "node",
-        "enroll",
-        "--cluster-key",
-        key.to_str().unwrap(),
-        "--node",
-        &id,
-        "--site",
-        site,
-        "--out",
-        cert.to_str().unwrap(),
-    ]);
-    id
-}
-
 #[test]
 fn metadata_replicas_killed_with_sigkill_lose_no_acknowledged_write_and_no_decision() {
     use cairn_gateway::node::config::ServeConfig;
@@ -480,43 +367,6 @@ fn metadata_replicas_killed_with_sigkill_lose_no_acknowledged_write_and_no_decis
     a.kill();
     b.kill();
     c.kill();
-}
-
-/// Starts `cairn dev` and returns it with its endpoint, key and secret.
-fn start_dev(dir: &Path, port: u16) -> (Child, String, String, String) {
-    let mut child = Command::new(CAIRN)
-        .args([
-            "dev",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--port",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let (mut endpoint, mut key, mut secret) = (None, None, None);
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        let value = |label: &str| line.trim().strip_prefix(label).map(|v| v.trim().to_owned());
-        endpoint = endpoint.or(value("S3 endpoint:"));
-        key = key.or(value("access key:"));
-        secret = secret.or(value("secret key:"));
-        if line.starts_with("Ctrl-C") {
-            break;
-        }
-    }
-    (child, endpoint.unwrap(), key.unwrap(), secret.unwrap())
-}
-
-fn stop_gracefully(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "cairn dev exited with {status}");
 }
 
 #[test]

@@ -1,0 +1,287 @@
+//! Helpers for tests and benchmarks that drive real `cairn` processes:
+//! running admin commands, enrolling nodes, writing their configuration,
+//! starting `cairn serve` and `cairn dev` and reading what they print.
+//! Included with `#[path]` by the binary's tests and benchmarks, which are
+//! the only targets that know where the built binary is.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");
+
+pub fn run(args: &[&str]) -> Output {
+    let output = Command::new(CAIRN).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "cairn {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// The value after `label` in the command's standard output.
+pub fn printed(output: &Output, label: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix(label))
+        .unwrap_or_else(|| panic!("no {label:?} in {stdout}"))
+        .trim()
+        .to_owned()
+}
+
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Server {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Server {
+    pub fn start(config: &Path, env: &[(&str, String)]) -> Self {
+        let mut command = Command::new(CAIRN);
+        command
+            .args(["serve", "-c", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Waits for a log line containing every one of `needles`.
+    pub fn wait_for(&self, needles: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if needles.iter().all(|n| line.contains(n)) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!("no log line with {needles:?}; saw:\n{}", seen.join("\n"));
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+pub fn write_config(dir: &Path, name: &str, cluster: &str, port: u16) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "data_dir = \"{data}\"\ncluster = \"{cluster}\"\ncertificate = \"{cert}\"\nlisten = \"/ip4/127.0.0.1/udp/{port}/quic-v1\"\ncapacity_bytes = 1073741824\n",
+        data = dir.join(name).display(),
+        cert = dir.join(format!("{name}.cert")).display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `dir/name.cert`; returns its node id.
+pub fn enrol(dir: &Path, key: &Path, name: &str, site: &str) -> String {
+    let data = dir.join(name);
+    let id = printed(
+        &run(&["admin", "node", "id", "--data-dir", data.to_str().unwrap()]),
+        "node id:",
+    );
+    let cert = dir.join(format!("{name}.cert"));
+    run(&[
+        "admin",
+        "node",
+        "enroll",
+        "--cluster-key",
+        key.to_str().unwrap(),
+        "--node",
+        &id,
+        "--site",
+        site,
+        "--out",
+        cert.to_str().unwrap(),
+    ]);
+    id
+}
+
+/// Starts `cairn dev` and returns it with its endpoint, key and secret.
+pub fn start_dev(dir: &Path, port: u16) -> (Child, String, String, String) {
+    let mut child = Command::new(CAIRN)
+        .args([
+            "dev",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (mut endpoint, mut key, mut secret) = (None, None, None);
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let value = |label: &str| line.trim().strip_prefix(label).map(|v| v.trim().to_owned());
+        endpoint = endpoint.or(value("S3 endpoint:"));
+        key = key.or(value("access key:"));
+        secret = secret.or(value("secret key:"));
+        if line.starts_with("Ctrl-C") {
+            break;
+        }
+    }
+    (child, endpoint.unwrap(), key.unwrap(), secret.unwrap())
+}
+
+pub fn stop_gracefully(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "cairn dev exited with {status}");
+}
+
+/// A cluster of `cairn serve` processes: storage nodes in sites, and one
+/// more process that serves S3 and holds no data (enrolled, not in the map).
+pub struct ProcessCluster {
+    pub dir: tempfile::TempDir,
+    pub gateway: Server,
+    pub nodes: Vec<Server>,
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl ProcessCluster {
+    /// `nodes_per_site[s]` storage nodes in site `s`, scheme `k+m`.
+    pub fn start(nodes_per_site: &[usize], k: u8, m: u8) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("cluster.key");
+        let cluster = printed(
+            &run(&["admin", "cluster", "init", "--key", key.to_str().unwrap()]),
+            "cluster id:",
+        );
+        let root = dir.path().join("root.key");
+        run(&["admin", "root-key", "--out", root.to_str().unwrap()]);
+        let gateway_id = enrol(dir.path(), &key, "gateway", "site-0");
+        let gateway_port = free_udp_port();
+        let gateway_config = write_config(dir.path(), "gateway", &cluster, gateway_port);
+        let s3_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut text = std::fs::read_to_string(&gateway_config).unwrap();
+        text += &format!(
+            "[s3]\nlisten = \"127.0.0.1:{s3_port}\"\nroot_key_file = \"{}\"\n",
+            root.display()
+        );
+        std::fs::write(&gateway_config, text).unwrap();
+        let gateway = Server::start(&gateway_config, &[]);
+        gateway.wait_for(&["S3 gateway listening"]);
+        let first = format!("/ip4/127.0.0.1/udp/{gateway_port}/quic-v1");
+
+        let mut map = format!("version = 1\ndata_fragments = {k}\nparity_fragments = {m}\n");
+        let mut nodes = Vec::new();
+        for (site, &count) in nodes_per_site.iter().enumerate() {
+            for n in 0..count {
+                let name = format!("s{site}n{n}");
+                let id = enrol(dir.path(), &key, &name, &format!("site-{site}"));
+                let config = write_config(dir.path(), &name, &cluster, free_udp_port());
+                let server = Server::start(&config, &[("CAIRN_BOOTSTRAP", first.clone())]);
+                server.wait_for(&["member verified", &gateway_id]);
+                nodes.push(server);
+                map += &format!(
+                    "[[node]]\nid = \"{id}\"\nsite = \"site-{site}\"\ncapacity_bytes = 1099511627776\n"
+                );
+            }
+        }
+        let map_toml = dir.path().join("map.toml");
+        std::fs::write(&map_toml, map).unwrap();
+        let map_bin = dir.path().join("map.bin");
+        let key_arg = key.to_str().unwrap();
+        run(&[
+            "admin",
+            "map",
+            "sign",
+            "--cluster-key",
+            key_arg,
+            "--map",
+            map_toml.to_str().unwrap(),
+            "--out",
+            map_bin.to_str().unwrap(),
+        ]);
+        run(&[
+            "admin",
+            "map",
+            "push",
+            "--cluster-key",
+            key_arg,
+            "--map",
+            map_bin.to_str().unwrap(),
+            "--peer",
+            &first,
+        ]);
+        let created = run(&[
+            "admin",
+            "key",
+            "create",
+            "--cluster-key",
+            key_arg,
+            "--peer",
+            &first,
+            "--root-key",
+            root.to_str().unwrap(),
+        ]);
+        Self {
+            access_key: printed(&created, "access key:"),
+            secret_key: printed(&created, "secret key:"),
+            endpoint: format!("http://127.0.0.1:{s3_port}"),
+            dir,
+            gateway,
+            nodes,
+        }
+    }
+
+    pub fn shutdown(self) {
+        self.gateway.kill();
+        for node in self.nodes {
+            node.kill();
+        }
+    }
+}
+
+/// A process's resident memory now and at its peak, in MiB.
+pub fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(f64::NAN, |kib| kib / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
