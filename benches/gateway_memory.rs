@@ -10,10 +10,8 @@ mod process_support;
 
 use std::time::Instant;
 
-use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
-use process_support::{ProcessCluster, rss_mib};
+use process_support::{ProcessCluster, pseudo_random, rss_mib, s3_client};
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
@@ -24,34 +22,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let client = Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(&cluster.endpoint)
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new(
-                &cluster.access_key,
-                &cluster.secret_key,
-                None,
-                None,
-                "bench",
-            ))
-            .force_path_style(true)
-            .build(),
-    );
+    let client = s3_client(&cluster.endpoint, &cluster.access_key, &cluster.secret_key);
     let file = cluster.dir.path().join("object.bin");
     {
         use std::io::Write;
         let mut out = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let block: Vec<u8> = (0..1 << 20)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
+        let block = pseudo_random(7, 1 << 20);
         for _ in 0..(size >> 20) {
             out.write_all(&block).unwrap();
         }

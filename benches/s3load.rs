@@ -6,84 +6,17 @@
 //! `cargo bench --bench s3load` runs the full load; under `cargo test` it
 //! runs a few objects of each size only, as a check that it still works.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+#[path = "../tests/process_support.rs"]
+mod process_support;
+
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
+use process_support::{pseudo_random, rss_mib, s3_client, start_dev};
 use tokio::task::JoinSet;
-
-const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");
-
-struct Dev {
-    child: Child,
-    endpoint: String,
-    key: String,
-    secret: String,
-}
-
-fn start_dev(dir: &std::path::Path) -> Dev {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(CAIRN)
-        .args([
-            "dev",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--port",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let (mut endpoint, mut key, mut secret) = (None, None, None);
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        let value = |label: &str| line.trim().strip_prefix(label).map(|v| v.trim().to_owned());
-        endpoint = endpoint.or(value("S3 endpoint:"));
-        key = key.or(value("access key:"));
-        secret = secret.or(value("secret key:"));
-        if line.starts_with("Ctrl-C") {
-            break;
-        }
-    }
-    Dev {
-        child,
-        endpoint: endpoint.unwrap(),
-        key: key.unwrap(),
-        secret: secret.unwrap(),
-    }
-}
-
-/// The peak resident set of a process, in MiB (VmHWM).
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
-fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 struct Figures {
     seconds: f64,
@@ -174,24 +107,24 @@ async fn get_all(
     }
 }
 
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let dir = tempfile::tempdir().unwrap();
-    let mut dev = start_dev(&dir.path().join("dev"));
-    let pid = dev.child.id();
+    let (mut child, endpoint, key, secret) = start_dev(&dir.path().join("dev"), free_tcp_port());
+    let pid = child.id();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let client = Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(&dev.endpoint)
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new(&dev.key, &dev.secret, None, None, "bench"))
-            .force_path_style(true)
-            .build(),
-    );
+    let client = s3_client(&endpoint, &key, &secret);
     let scale = |n: usize| if full { n } else { 2 };
     runtime.block_on(async {
         client.create_bucket().bucket("load").send().await.unwrap();
@@ -221,7 +154,7 @@ fn main() {
                 );
             }
         }
-        println!("peak RSS of the cluster process so far: {:.0} MiB", peak_rss_mib(pid));
+        println!("peak RSS of the cluster process so far: {:.0} MiB", rss_mib(pid).1);
         if full {
             // 2 GiB each way, streamed from and to the client's disk.
             let size: u64 = 2 << 30;
@@ -234,7 +167,7 @@ fn main() {
                     out.write_all(&block).unwrap();
                 }
             }
-            let before = peak_rss_mib(pid);
+            let before = rss_mib(pid).1;
             let started = Instant::now();
             client
                 .put_object()
@@ -261,13 +194,12 @@ fn main() {
             );
             println!(
                 "peak RSS of the cluster process: {before:.0} MiB before the 2 GiB object, {:.0} MiB after",
-                peak_rss_mib(pid)
+                rss_mib(pid).1
             );
         }
     });
     let _ = Command::new("kill")
         .args(["-INT", &pid.to_string()])
         .status();
-    let _ = dev.child.wait();
-    drop(dev.endpoint);
+    let _ = child.wait();
 }

@@ -319,16 +319,12 @@ fn admin(command: Admin) -> Result<()> {
     Ok(())
 }
 
-/// Joins the cluster as a short-lived member through `peer` and waits
-/// until it holds the map and reaches the nodes in it.
-async fn join_for_a_moment(
+/// A member of the cluster for ten minutes at most, with a scratch data
+/// directory, under a certificate the cluster key signs for it.
+async fn temporary_member(
     cluster_key: &Identity,
-    peer: &str,
+    bootstrap: Vec<cairn_gateway::node::swarm::Multiaddr>,
 ) -> Result<(tempfile::TempDir, Node)> {
-    let cluster = ClusterId::of(cluster_key.signing_key());
-    let address = peer
-        .parse()
-        .with_context(|| format!("--peer {peer:?} is not a multiaddr"))?;
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
     let identity = Identity::generate();
     let now = now_unix_ms();
@@ -341,15 +337,28 @@ async fn join_for_a_moment(
     );
     let config = NodeConfig {
         data_dir: scratch.path().to_owned(),
-        cluster,
+        cluster: ClusterId::of(cluster_key.signing_key()),
         certificate,
         listen: "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
-        bootstrap: vec![address],
+        bootstrap,
         capacity_bytes: 1 << 20,
         limits: StreamLimits::default(),
         anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
     };
     let node = Node::start(config, identity).await?;
+    Ok((scratch, node))
+}
+
+/// Joins the cluster as a short-lived member through `peer` and waits
+/// until it holds the map and reaches the nodes in it.
+async fn join_for_a_moment(
+    cluster_key: &Identity,
+    peer: &str,
+) -> Result<(tempfile::TempDir, Node)> {
+    let address = peer
+        .parse()
+        .with_context(|| format!("--peer {peer:?} is not a multiaddr"))?;
+    let (scratch, node) = temporary_member(cluster_key, vec![address]).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while node.cluster_map().is_none() {
         if tokio::time::Instant::now() > deadline {
@@ -422,27 +431,7 @@ async fn push_map(cluster_key: Identity, map: PathBuf, peer: String) -> Result<(
     let address = peer
         .parse()
         .with_context(|| format!("--peer {peer:?} is not a multiaddr"))?;
-    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
-    let identity = Identity::generate();
-    let now = now_unix_ms();
-    let certificate = Certificate::issue(
-        cluster_key.signing_key(),
-        identity.node_id(),
-        SiteId::new("admin")?,
-        now,
-        now + 10 * 60 * 1000,
-    );
-    let config = NodeConfig {
-        data_dir: scratch.path().to_owned(),
-        cluster,
-        certificate,
-        listen: "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
-        bootstrap: Vec::new(),
-        capacity_bytes: 1 << 20,
-        limits: StreamLimits::default(),
-        anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
-    };
-    let node = Node::start(config, identity).await?;
+    let (_scratch, node) = temporary_member(&cluster_key, Vec::new()).await?;
     let outcome = async {
         let target = node.connect(address).await?;
         let held = node.push_map(&target, &signed).await?;

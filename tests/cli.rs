@@ -193,41 +193,12 @@ fn metadata_replicas_killed_with_sigkill_lose_no_acknowledged_write_and_no_decis
     b.wait_for(&["member verified", &ids[0]]);
     c.wait_for(&["member verified", &ids[0]]);
 
-    let map_toml = dir.path().join("map.toml");
     let mut text = "version = 1\ndata_fragments = 1\nparity_fragments = 1\n".to_owned();
     for (id, n) in ids.iter().zip(names) {
         text +=
             &format!("[[node]]\nid = \"{id}\"\nsite = \"site-{n}\"\ncapacity_bytes = 1073741824\n");
     }
-    std::fs::write(&map_toml, text).unwrap();
-    let map_bin = dir.path().join("map.bin");
-    let (key_arg, map_arg, bin_arg) = (
-        key.to_str().unwrap(),
-        map_toml.to_str().unwrap(),
-        map_bin.to_str().unwrap(),
-    );
-    run(&[
-        "admin",
-        "map",
-        "sign",
-        "--cluster-key",
-        key_arg,
-        "--map",
-        map_arg,
-        "--out",
-        bin_arg,
-    ]);
-    run(&[
-        "admin",
-        "map",
-        "push",
-        "--cluster-key",
-        key_arg,
-        "--map",
-        bin_arg,
-        "--peer",
-        &first,
-    ]);
+    sign_and_push_map(dir.path(), &key, &text, &first);
 
     let coordinator_config = write_config(dir.path(), "coordinator", &cluster, free_udp_port());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -371,7 +342,6 @@ fn metadata_replicas_killed_with_sigkill_lose_no_acknowledged_write_and_no_decis
 
 #[test]
 fn cairn_dev_serves_s3_and_keeps_objects_and_credentials_across_a_restart() {
-    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
     use aws_sdk_s3::primitives::ByteStream;
 
     let dir = tempfile::tempdir().unwrap();
@@ -385,23 +355,12 @@ fn cairn_dev_serves_s3_and_keeps_objects_and_credentials_across_a_restart() {
         .enable_all()
         .build()
         .unwrap();
-    let client = |endpoint: &str, key: &str, secret: &str| {
-        aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::Config::builder()
-                .behavior_version(BehaviorVersion::latest())
-                .endpoint_url(endpoint)
-                .region(Region::new("us-east-1"))
-                .credentials_provider(Credentials::new(key, secret, None, None, "test"))
-                .force_path_style(true)
-                .build(),
-        )
-    };
     let body: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
 
     let (mut child, endpoint, key, secret) = start_dev(&data, port);
     assert_eq!(endpoint, format!("http://127.0.0.1:{port}"));
     runtime.block_on(async {
-        let s3 = client(&endpoint, &key, &secret);
+        let s3 = s3_client(&endpoint, &key, &secret);
         s3.create_bucket().bucket("kept").send().await.unwrap();
         s3.put_object()
             .bucket("kept")
@@ -416,7 +375,7 @@ fn cairn_dev_serves_s3_and_keeps_objects_and_credentials_across_a_restart() {
     let (mut child, endpoint, key_again, secret_again) = start_dev(&data, port);
     assert_eq!((&key_again, &secret_again), (&key, &secret));
     runtime.block_on(async {
-        let s3 = client(&endpoint, &key, &secret);
+        let s3 = s3_client(&endpoint, &key, &secret);
         let object = s3
             .get_object()
             .bucket("kept")
@@ -435,109 +394,32 @@ fn cairn_dev_serves_s3_and_keeps_objects_and_credentials_across_a_restart() {
 
 #[test]
 fn a_served_node_with_an_s3_section_serves_keys_made_by_the_admin_commands() {
-    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
     use aws_sdk_s3::primitives::ByteStream;
 
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    let cluster = printed(
-        &run(&["admin", "cluster", "init", "--key", key.to_str().unwrap()]),
-        "cluster id:",
-    );
-    let root = dir.path().join("root.key");
-    run(&["admin", "root-key", "--out", root.to_str().unwrap()]);
-    let names = ["a", "b", "c"];
-    let ids: Vec<String> = names
-        .iter()
-        .map(|n| enrol(dir.path(), &key, n, &format!("site-{n}")))
-        .collect();
-    let ports: Vec<u16> = names.iter().map(|_| free_udp_port()).collect();
-    let configs: Vec<_> = names
-        .iter()
-        .zip(&ports)
-        .map(|(n, p)| write_config(dir.path(), n, &cluster, *p))
-        .collect();
-    let s3_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut gateway_config = std::fs::read_to_string(&configs[0]).unwrap();
-    gateway_config += &format!(
-        "[s3]\nlisten = \"127.0.0.1:{s3_port}\"\nroot_key_file = \"{}\"\n",
-        root.display()
-    );
-    std::fs::write(&configs[0], gateway_config).unwrap();
-
-    let first = format!("/ip4/127.0.0.1/udp/{}/quic-v1", ports[0]);
-    let bootstrap = vec![("CAIRN_BOOTSTRAP", first.clone())];
-    let a = Server::start(&configs[0], &[]);
-    a.wait_for(&["S3 gateway listening"]);
-    let b = Server::start(&configs[1], &bootstrap);
-    let c = Server::start(&configs[2], &bootstrap);
-    b.wait_for(&["member verified", &ids[0]]);
-    c.wait_for(&["member verified", &ids[0]]);
-    let map_toml = dir.path().join("map.toml");
-    let mut text = "version = 1\ndata_fragments = 1\nparity_fragments = 1\n".to_owned();
-    for (id, n) in ids.iter().zip(names) {
-        text +=
-            &format!("[[node]]\nid = \"{id}\"\nsite = \"site-{n}\"\ncapacity_bytes = 1073741824\n");
-    }
-    std::fs::write(&map_toml, text).unwrap();
-    let map_bin = dir.path().join("map.bin");
-    let (key_arg, root_arg) = (key.to_str().unwrap(), root.to_str().unwrap());
-    run(&[
-        "admin",
-        "map",
-        "sign",
-        "--cluster-key",
-        key_arg,
-        "--map",
-        map_toml.to_str().unwrap(),
-        "--out",
-        map_bin.to_str().unwrap(),
-    ]);
-    run(&[
-        "admin",
-        "map",
-        "push",
-        "--cluster-key",
-        key_arg,
-        "--map",
-        map_bin.to_str().unwrap(),
-        "--peer",
-        &first,
-    ]);
-
-    let access = [
-        "--cluster-key",
-        key_arg,
-        "--peer",
-        &first,
-        "--root-key",
-        root_arg,
-    ];
-    let created = run(&[&["admin", "key", "create", "--name", "ci"][..], &access[..]].concat());
+    // Three storage nodes and a gateway process, keys made by the admin
+    // commands through the gateway's QUIC address.
+    let cluster = ProcessCluster::start(&[1, 1, 1], 1, 1);
+    let admin = |command: &[&str]| {
+        let args: Vec<&str> = ["admin", "key"]
+            .into_iter()
+            .chain(command.iter().copied())
+            .chain(cluster.admin_args.iter().map(String::as_str))
+            .collect();
+        run(&args)
+    };
+    let created = admin(&["create", "--name", "ci"]);
     let (id, secret) = (
         printed(&created, "access key:"),
         printed(&created, "secret key:"),
     );
-    let listed = run(&[&["admin", "key", "list"][..], &access[..]].concat());
+    let listed = admin(&["list"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&id));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let client = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(format!("http://127.0.0.1:{s3_port}"))
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new(&id, &secret, None, None, "test"))
-            .force_path_style(true)
-            .build(),
-    );
+    let client = s3_client(&cluster.endpoint, &id, &secret);
     runtime.block_on(async {
         client
             .create_bucket()
@@ -564,12 +446,7 @@ fn a_served_node_with_an_s3_section_serves_keys_made_by_the_admin_commands() {
         assert_eq!(bytes.as_ref(), b"through cairn serve");
     });
 
-    run(&[
-        &["admin", "key", "delete"][..],
-        &access[..],
-        &[id.as_str()][..],
-    ]
-    .concat());
+    admin(&["delete", &id]);
     // Gateways trust a looked-up secret for 10 s at most.
     std::thread::sleep(Duration::from_secs(11));
     runtime.block_on(async {
@@ -578,7 +455,5 @@ fn a_served_node_with_an_s3_section_serves_keys_made_by_the_admin_commands() {
             .map(str::to_owned);
         assert_eq!(code.as_deref(), Some("InvalidAccessKeyId"));
     });
-    a.kill();
-    b.kill();
-    c.kill();
+    cluster.shutdown();
 }

@@ -172,6 +172,8 @@ pub struct ProcessCluster {
     pub endpoint: String,
     pub access_key: String,
     pub secret_key: String,
+    /// What `cairn admin key` needs: the cluster key, a peer, the root key.
+    pub admin_args: Vec<String>,
 }
 
 impl ProcessCluster {
@@ -218,32 +220,8 @@ impl ProcessCluster {
                 );
             }
         }
-        let map_toml = dir.path().join("map.toml");
-        std::fs::write(&map_toml, map).unwrap();
-        let map_bin = dir.path().join("map.bin");
+        sign_and_push_map(dir.path(), &key, &map, &first);
         let key_arg = key.to_str().unwrap();
-        run(&[
-            "admin",
-            "map",
-            "sign",
-            "--cluster-key",
-            key_arg,
-            "--map",
-            map_toml.to_str().unwrap(),
-            "--out",
-            map_bin.to_str().unwrap(),
-        ]);
-        run(&[
-            "admin",
-            "map",
-            "push",
-            "--cluster-key",
-            key_arg,
-            "--map",
-            map_bin.to_str().unwrap(),
-            "--peer",
-            &first,
-        ]);
         let created = run(&[
             "admin",
             "key",
@@ -255,7 +233,18 @@ impl ProcessCluster {
             "--root-key",
             root.to_str().unwrap(),
         ]);
+        let admin_args = [
+            "--cluster-key",
+            key_arg,
+            "--peer",
+            &first,
+            "--root-key",
+            root.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
         Self {
+            admin_args,
             access_key: printed(&created, "access key:"),
             secret_key: printed(&created, "secret key:"),
             endpoint: format!("http://127.0.0.1:{s3_port}"),
@@ -284,4 +273,63 @@ pub fn rss_mib(pid: u32) -> (f64, f64) {
             .map_or(f64::NAN, |kib| kib / 1024.0)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// An aws-sdk-s3 client for a Cairn endpoint (path-style, us-east-1).
+pub fn s3_client(endpoint: &str, key: &str, secret: &str) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(endpoint)
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new(key, secret, None, None, "cairn"))
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+/// Deterministic bytes that do not compress, from a seed (xorshift64).
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Writes `map` (TOML) to `dir/map.toml`, signs it with the cluster key and
+/// pushes it to `peer`.
+pub fn sign_and_push_map(dir: &Path, cluster_key: &Path, map: &str, peer: &str) {
+    let map_toml = dir.join("map.toml");
+    std::fs::write(&map_toml, map).unwrap();
+    let map_bin = dir.join("map.bin");
+    let key = cluster_key.to_str().unwrap();
+    let (toml, bin) = (map_toml.to_str().unwrap(), map_bin.to_str().unwrap());
+    run(&[
+        "admin",
+        "map",
+        "sign",
+        "--cluster-key",
+        key,
+        "--map",
+        toml,
+        "--out",
+        bin,
+    ]);
+    run(&[
+        "admin",
+        "map",
+        "push",
+        "--cluster-key",
+        key,
+        "--map",
+        bin,
+        "--peer",
+        peer,
+    ]);
 }

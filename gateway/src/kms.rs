@@ -158,12 +158,16 @@ impl Kms {
                 }),
             )])
             .await?;
+        Ok(self.remember(id, key))
+    }
+
+    fn remember(&self, id: &str, key: SecretKey) -> Arc<SecretKey> {
         let key = Arc::new(key);
         self.cache
             .lock()
             .expect("kms cache")
             .insert(id.to_owned(), key.clone());
-        Ok(key)
+        key
     }
 
     /// Key `id`, unwrapped.
@@ -186,11 +190,6 @@ impl Kms {
                     "KMS key {id:?} does not unwrap under this gateway's root key: {e}"
                 ))
             })?;
-        let key = Arc::new(key);
-        self.cache
-            .lock()
-            .expect("kms cache")
-            .insert(id.to_owned(), key.clone());
-        Ok(key)
+        Ok(self.remember(id, key))
     }
 }

@@ -6,6 +6,7 @@
 //! touches, rebuilds, decrypts and streams. Memory is a few segments per
 //! request, whatever the object's size.
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,6 +50,8 @@ const SEGMENTS_IN_FLIGHT: usize = 2;
 const SEGMENTS_AHEAD: usize = 2;
 /// When a fragment fetch takes longer than this, one more is started.
 const SPARE_AFTER: Duration = Duration::from_millis(1500);
+/// How long a read waits before asking the placed nodes that failed again.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 /// The precondition of a write, decided by the key's head register.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -441,40 +444,25 @@ impl ObjectStore {
     /// The version a GET without a version id reads: the newest existing
     /// one, unless it is a delete marker.
     pub async fn current(&self, bucket: &str, key: &str) -> GatewayResult<Option<ObjectVersion>> {
-        let partition = Partition::bucket(bucket);
-        let mut start = key.as_bytes().to_vec();
-        start.push(0);
-        let mut end = key.as_bytes().to_vec();
-        end.push(1);
-        let now = now_unix_ms();
-        loop {
-            let page = self
-                .node
-                .metadata()
-                .range(&partition, Table::Versions, &start, Some(&end), 64)
-                .await?;
-            for (_, value) in &page.rows {
-                if let RowValue::Version(version) = value
-                    && version.exists(now)
-                {
-                    return Ok(match version.body {
-                        VersionBody::DeleteMarker => None,
-                        VersionBody::Data { .. } => Some((**version).clone()),
-                    });
-                }
-            }
-            match page.rows.last() {
-                Some((last, _)) if page.more => {
-                    start = last.clone();
-                    start.push(0);
-                }
-                _ => return Ok(None),
-            }
-        }
+        let newest = self.existing_versions(bucket, key, Some(1)).await?;
+        Ok(newest
+            .into_iter()
+            .next()
+            .filter(|v| matches!(v.body, VersionBody::Data { .. })))
     }
 
     /// Every existing version of `key`, newest first.
     pub async fn versions_of(&self, bucket: &str, key: &str) -> GatewayResult<Vec<ObjectVersion>> {
+        self.existing_versions(bucket, key, None).await
+    }
+
+    /// The existing versions of `key`, newest first, `limit` at most.
+    async fn existing_versions(
+        &self,
+        bucket: &str,
+        key: &str,
+        limit: Option<usize>,
+    ) -> GatewayResult<Vec<ObjectVersion>> {
         let partition = Partition::bucket(bucket);
         let mut start = key.as_bytes().to_vec();
         start.push(0);
@@ -486,13 +474,22 @@ impl ObjectStore {
             let page = self
                 .node
                 .metadata()
-                .range(&partition, Table::Versions, &start, Some(&end), 1000)
+                .range(
+                    &partition,
+                    Table::Versions,
+                    &start,
+                    Some(&end),
+                    limit.map_or(1000, |l| l.max(64)),
+                )
                 .await?;
             for (_, value) in &page.rows {
                 if let RowValue::Version(version) = value
                     && version.exists(now)
                 {
                     versions.push((**version).clone());
+                    if limit.is_some_and(|l| versions.len() >= l) {
+                        return Ok(versions);
+                    }
                 }
             }
             match page.rows.last() {
@@ -616,6 +613,15 @@ impl ObjectStore {
         let layout = manifest.layout;
         let map = self.map()?;
         let placer = Arc::new(Self::placer(&map, layout.scheme)?);
+        let own = self.node.node_id();
+        let own_site = map.map.nodes.iter().find(|n| n.id == own).map(|n| &n.site);
+        let same_site: HashSet<NodeId> = map
+            .map
+            .nodes
+            .iter()
+            .filter(|n| Some(&n.site) == own_site)
+            .map(|n| n.id)
+            .collect();
         let segment_bytes = layout.segment_bytes() as u64;
         let mut part_start = 0u64;
         for part in &manifest.parts {
@@ -640,8 +646,9 @@ impl ObjectStore {
                 .map(|index| {
                     let placer = placer.clone();
                     let segment = &part.segments[index];
+                    let same_site = &same_site;
                     async move {
-                        self.fetch_segment(&placer, manifest.upload, segment)
+                        self.fetch_segment(&placer, same_site, manifest.upload, segment)
                             .await
                             .map(|bytes| (index, bytes))
                     }
@@ -674,12 +681,13 @@ impl ObjectStore {
     }
 
     /// Rebuilds one segment from any `k` of its fragments: the placed nodes
-    /// first (this node, then its site, data fragments before parity), a
-    /// spare request when one is slow, the upload's providers in the DHT for
-    /// fragments that moved.
+    /// first (this node, then its site, data fragments before parity), a spare
+    /// request when one is slow, the placed nodes that failed once more,
+    /// then the upload's providers in the DHT for fragments that moved.
     async fn fetch_segment(
         &self,
         placer: &Placer,
+        same_site: &HashSet<NodeId>,
         upload: UploadId,
         segment: &SegmentRef,
     ) -> GatewayResult<Vec<u8>> {
@@ -689,7 +697,15 @@ impl ObjectStore {
         let placed = placer.place(&segment_placement_key(&segment.fragments));
         let own = self.node.node_id();
         let mut order: Vec<usize> = (0..scheme.total()).collect();
-        order.sort_by_key(|&i| (placed.get(i) != Some(&own), i >= scheme.data(), i));
+        order.sort_by_key(|&i| {
+            let node = placed.get(i);
+            (
+                node != Some(&own),
+                !node.is_some_and(|n| same_site.contains(n)),
+                i >= scheme.data(),
+                i,
+            )
+        });
         let mut queue = order.into_iter();
         let fetch = |index: usize, node: NodeId| {
             let id = segment.fragments[index];
@@ -707,6 +723,7 @@ impl ObjectStore {
         let mut got: Vec<(usize, Vec<u8>)> = Vec::with_capacity(scheme.data());
         let mut failed: Vec<usize> = Vec::new();
         let mut errors: Vec<String> = Vec::new();
+        let mut retried = false;
         while got.len() < scheme.data() {
             let next = tokio::time::timeout(SPARE_AFTER, running.next()).await;
             match next {
@@ -733,8 +750,19 @@ impl ObjectStore {
                         running.push(fetch(index, placed[index]));
                     }
                 }
+                Ok(None) if !retried && !failed.is_empty() => {
+                    // Placement is exhausted: a node that was busy or
+                    // briefly unreachable gets one more chance.
+                    retried = true;
+                    tokio::time::sleep(RETRY_AFTER).await;
+                    failed.sort_unstable();
+                    failed.dedup();
+                    for index in failed.drain(..) {
+                        running.push(fetch(index, placed[index]));
+                    }
+                }
                 Ok(None) => {
-                    // Placement is exhausted: look for moved fragments.
+                    // Still short: look for fragments that moved.
                     let Some(index) = failed.pop() else {
                         break;
                     };

@@ -211,6 +211,79 @@ fn stored_checksums(headers: &StoredHeaders) -> Checksum {
     }
 }
 
+/// What GET and HEAD both answer for a data version; `checksums` adds the
+/// stored full-object checksum.
+fn head_output(version: &ObjectVersion, checksums: bool) -> HeadObjectOutput {
+    let VersionBody::Data {
+        size_bytes,
+        etag,
+        headers,
+        ..
+    } = &version.body
+    else {
+        return HeadObjectOutput::default();
+    };
+    let header = |name: &str| headers.get(name).map(str::to_owned);
+    let sums = if checksums {
+        stored_checksums(headers)
+    } else {
+        Checksum::default()
+    };
+    HeadObjectOutput {
+        content_length: Some(*size_bytes as i64),
+        accept_ranges: Some("bytes".into()),
+        e_tag: Some(strong_etag(etag)),
+        last_modified: Some(last_modified(version)),
+        metadata: user_metadata(headers),
+        content_type: header("content-type"),
+        cache_control: header("cache-control"),
+        content_disposition: header("content-disposition"),
+        content_encoding: header("content-encoding"),
+        content_language: header("content-language"),
+        website_redirect_location: header("x-amz-website-redirect-location"),
+        expires: header("expires")
+            .and_then(|e| Timestamp::parse(TimestampFormat::HttpDate, &e).ok()),
+        server_side_encryption: Some(ServerSideEncryption::from_static(
+            ServerSideEncryption::AES256,
+        )),
+        checksum_crc32: sums.checksum_crc32,
+        checksum_crc32c: sums.checksum_crc32c,
+        checksum_crc64nvme: sums.checksum_crc64nvme,
+        checksum_sha1: sums.checksum_sha1,
+        checksum_sha256: sums.checksum_sha256,
+        checksum_type: sums.checksum_type,
+        ..Default::default()
+    }
+}
+
+/// A GET answer with every field it shares with `head`, plus `extra`.
+macro_rules! from_head {
+    ($head:expr, GetObjectOutput { $($extra:tt)* }) => {{
+        let head = $head;
+        GetObjectOutput {
+            accept_ranges: head.accept_ranges,
+            e_tag: head.e_tag,
+            last_modified: head.last_modified,
+            metadata: head.metadata,
+            content_type: head.content_type,
+            cache_control: head.cache_control,
+            content_disposition: head.content_disposition,
+            content_encoding: head.content_encoding,
+            content_language: head.content_language,
+            website_redirect_location: head.website_redirect_location,
+            expires: head.expires,
+            server_side_encryption: head.server_side_encryption,
+            checksum_crc32: head.checksum_crc32,
+            checksum_crc32c: head.checksum_crc32c,
+            checksum_crc64nvme: head.checksum_crc64nvme,
+            checksum_sha1: head.checksum_sha1,
+            checksum_sha256: head.checksum_sha256,
+            checksum_type: head.checksum_type,
+            $($extra)*
+        }
+    }};
+}
+
 fn checksums_wanted(mode: Option<&ChecksumMode>) -> bool {
     mode.is_some_and(|m| m.as_str().eq_ignore_ascii_case(ChecksumMode::ENABLED))
 }
@@ -461,6 +534,37 @@ impl CairnS3 {
             .ok_or_else(|| GatewayError::NoSuchKey.into())
     }
 
+    /// One page of ListObjects (V1 or V2); S3 answers max-keys 0 with an
+    /// empty page.
+    async fn list_page(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        delimiter: Option<String>,
+        start: ListStart,
+        max_keys: usize,
+    ) -> Result<ListPage, GatewayError> {
+        if max_keys == 0 {
+            return Ok(ListPage {
+                entries: Vec::new(),
+                common_prefixes: Vec::new(),
+                resume: None,
+            });
+        }
+        let request = ListRequest {
+            prefix: prefix.to_owned(),
+            delimiter,
+            start,
+            max_keys,
+        };
+        Ok(self
+            .objects
+            .node()
+            .metadata()
+            .list_objects(bucket, &request)
+            .await?)
+    }
+
     /// The bucket keeps no history: versions of the key older than the one
     /// just written go.
     async fn purge_older(&self, written: &ObjectVersion) -> Result<(), GatewayError> {
@@ -645,13 +749,7 @@ impl S3 for CairnS3 {
             input.if_modified_since.as_ref(),
             input.if_unmodified_since.as_ref(),
         )?;
-        let VersionBody::Data {
-            size_bytes,
-            etag,
-            headers,
-            ..
-        } = &version.body
-        else {
+        let VersionBody::Data { size_bytes, .. } = &version.body else {
             return Err(GatewayError::NoSuchKey.into());
         };
         let size = *size_bytes;
@@ -667,39 +765,20 @@ impl S3 for CairnS3 {
         };
         let open = self.objects.open(&version).await?;
         let stream = self.source_stream(open, range.clone());
-        let header = |name: &str| headers.get(name).map(str::to_owned);
-        let mut output = GetObjectOutput {
-            body: Some(StreamingBlob::wrap(stream)),
-            content_length: Some((range.end - range.start) as i64),
-            content_range,
-            accept_ranges: Some("bytes".into()),
-            e_tag: Some(strong_etag(etag)),
-            last_modified: Some(last_modified(&version)),
-            metadata: user_metadata(headers),
-            content_type: header("content-type"),
-            cache_control: header("cache-control"),
-            content_disposition: header("content-disposition"),
-            content_encoding: header("content-encoding"),
-            content_language: header("content-language"),
-            website_redirect_location: header("x-amz-website-redirect-location"),
-            server_side_encryption: Some(ServerSideEncryption::from_static(
-                ServerSideEncryption::AES256,
-            )),
-            ..Default::default()
-        };
-        if let Some(expires) = header("expires") {
-            output.expires = Timestamp::parse(TimestampFormat::HttpDate, &expires).ok();
-        }
         // A checksum covers the whole object: a range is sent without it.
-        if checksums_wanted(input.checksum_mode.as_ref()) && input.range.is_none() {
-            let sums = stored_checksums(headers);
-            output.checksum_crc32 = sums.checksum_crc32;
-            output.checksum_crc32c = sums.checksum_crc32c;
-            output.checksum_crc64nvme = sums.checksum_crc64nvme;
-            output.checksum_sha1 = sums.checksum_sha1;
-            output.checksum_sha256 = sums.checksum_sha256;
-            output.checksum_type = sums.checksum_type;
-        }
+        let head = head_output(
+            &version,
+            checksums_wanted(input.checksum_mode.as_ref()) && input.range.is_none(),
+        );
+        let mut output = from_head!(
+            head,
+            GetObjectOutput {
+                body: Some(StreamingBlob::wrap(stream)),
+                content_length: Some((range.end - range.start) as i64),
+                content_range,
+                ..Default::default()
+            }
+        );
         // The response-* query parameters override what was stored.
         if let Some(v) = input.response_content_type {
             output.content_type = Some(v);
@@ -741,46 +820,10 @@ impl S3 for CairnS3 {
             input.if_modified_since.as_ref(),
             input.if_unmodified_since.as_ref(),
         )?;
-        let VersionBody::Data {
-            size_bytes,
-            etag,
-            headers,
-            ..
-        } = &version.body
-        else {
-            return Err(GatewayError::NoSuchKey.into());
-        };
-        let header = |name: &str| headers.get(name).map(str::to_owned);
-        let mut output = HeadObjectOutput {
-            content_length: Some(*size_bytes as i64),
-            accept_ranges: Some("bytes".into()),
-            e_tag: Some(strong_etag(etag)),
-            last_modified: Some(last_modified(&version)),
-            metadata: user_metadata(headers),
-            content_type: header("content-type"),
-            cache_control: header("cache-control"),
-            content_disposition: header("content-disposition"),
-            content_encoding: header("content-encoding"),
-            content_language: header("content-language"),
-            website_redirect_location: header("x-amz-website-redirect-location"),
-            server_side_encryption: Some(ServerSideEncryption::from_static(
-                ServerSideEncryption::AES256,
-            )),
-            ..Default::default()
-        };
-        if let Some(expires) = header("expires") {
-            output.expires = Timestamp::parse(TimestampFormat::HttpDate, &expires).ok();
-        }
-        if checksums_wanted(input.checksum_mode.as_ref()) {
-            let sums = stored_checksums(headers);
-            output.checksum_crc32 = sums.checksum_crc32;
-            output.checksum_crc32c = sums.checksum_crc32c;
-            output.checksum_crc64nvme = sums.checksum_crc64nvme;
-            output.checksum_sha1 = sums.checksum_sha1;
-            output.checksum_sha256 = sums.checksum_sha256;
-            output.checksum_type = sums.checksum_type;
-        }
-        Ok(S3Response::new(output))
+        Ok(S3Response::new(head_output(
+            &version,
+            checksums_wanted(input.checksum_mode.as_ref()),
+        )))
     }
 
     async fn delete_object(
@@ -855,28 +898,9 @@ impl S3 for CairnS3 {
             (None, Some(after)) if !after.is_empty() => ListStart::AfterKey(after.clone()),
             _ => ListStart::Beginning,
         };
-        let page = if max == 0 {
-            ListPage {
-                entries: Vec::new(),
-                common_prefixes: Vec::new(),
-                resume: None,
-            }
-        } else {
-            self.objects
-                .node()
-                .metadata()
-                .list_objects(
-                    &input.bucket,
-                    &ListRequest {
-                        prefix: prefix.clone(),
-                        delimiter: input.delimiter.clone(),
-                        start,
-                        max_keys: max,
-                    },
-                )
-                .await
-                .map_err(GatewayError::from)?
-        };
+        let page = self
+            .list_page(&input.bucket, &prefix, input.delimiter.clone(), start, max)
+            .await?;
         let (contents, common_prefixes) = listed_objects(&page, url);
         let encode = |text: String| if url { url_encode(&text) } else { text };
         Ok(S3Response::new(ListObjectsV2Output {
@@ -919,28 +943,9 @@ impl S3 for CairnS3 {
             },
             _ => ListStart::Beginning,
         };
-        let page = if max == 0 {
-            ListPage {
-                entries: Vec::new(),
-                common_prefixes: Vec::new(),
-                resume: None,
-            }
-        } else {
-            self.objects
-                .node()
-                .metadata()
-                .list_objects(
-                    &input.bucket,
-                    &ListRequest {
-                        prefix: prefix.clone(),
-                        delimiter: delimiter.clone(),
-                        start,
-                        max_keys: max,
-                    },
-                )
-                .await
-                .map_err(GatewayError::from)?
-        };
+        let page = self
+            .list_page(&input.bucket, &prefix, delimiter, start, max)
+            .await?;
         // V1 has no token: the next marker is the last key or prefix listed.
         let next_marker = page.resume.as_ref().and_then(|_| {
             let last_key = page.entries.last().map(|v| v.key.clone());

@@ -71,6 +71,17 @@ fn code<E: aws_sdk_s3::error::ProvideErrorMetadata>(error: &E) -> String {
     error.code().unwrap_or("(none)").to_owned()
 }
 
+async fn put_bytes(client: &Client, bucket: &str, key: impl Into<String>, body: &'static [u8]) {
+    client
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from_static(body))
+        .send()
+        .await
+        .unwrap();
+}
+
 async fn get_bytes(client: &Client, bucket: &str, key: &str) -> Vec<u8> {
     let object = client
         .get_object()
@@ -101,13 +112,7 @@ async fn buckets_are_created_listed_and_deleted_with_s3_errors() {
         .collect();
     assert_eq!(names, ["photos"]);
 
-    c.put_object()
-        .bucket("photos")
-        .key("a")
-        .body(ByteStream::from_static(b"x"))
-        .send()
-        .await
-        .unwrap();
+    put_bytes(c, "photos", "a", b"x").await;
     let busy = c.delete_bucket().bucket("photos").send().await.unwrap_err();
     assert_eq!(code(&busy.into_service_error()), "BucketNotEmpty");
     c.delete_object()
@@ -200,21 +205,9 @@ async fn objects_of_every_size_round_trip_with_s3_etags_ranges_and_metadata() {
     assert_eq!(code(&beyond.into_service_error()), "InvalidRange");
 
     // Overwrite, list, delete.
-    c.put_object()
-        .bucket("data")
-        .key("dir/object-1")
-        .body(ByteStream::from_static(b"second"))
-        .send()
-        .await
-        .unwrap();
+    put_bytes(c, "data", "dir/object-1", b"second").await;
     assert_eq!(get_bytes(c, "data", "dir/object-1").await, b"second");
-    c.put_object()
-        .bucket("data")
-        .key("top")
-        .body(ByteStream::from_static(b"t"))
-        .send()
-        .await
-        .unwrap();
+    put_bytes(c, "data", "top", b"t").await;
     let listed = c
         .list_objects_v2()
         .bucket("data")
