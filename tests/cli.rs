@@ -29,29 +29,10 @@ fn enrolled_nodes_run_as_processes_survive_kill_dash_nine_and_refuse_an_open_key
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
 
-    let mut ids = Vec::new();
-    for (name, site) in [("a", "site-a"), ("b", "site-b")] {
-        let data = dir.path().join(name);
-        let id = printed(
-            &run(&["admin", "node", "id", "--data-dir", data.to_str().unwrap()]),
-            "node id:",
-        );
-        let cert = dir.path().join(format!("{name}.cert"));
-        run(&[
-            "admin",
-            "node",
-            "enroll",
-            "--cluster-key",
-            key.to_str().unwrap(),
-            "--node",
-            &id,
-            "--site",
-            site,
-            "--out",
-            cert.to_str().unwrap(),
-        ]);
-        ids.push(id);
-    }
+    let ids: Vec<String> = [("a", "site-a"), ("b", "site-b")]
+        .into_iter()
+        .map(|(name, site)| enrol(dir.path(), &key, name, site))
+        .collect();
     let (port_a, port_b) = (free_udp_port(), free_udp_port());
     let config_a = write_config(dir.path(), "a", &cluster, port_a);
     let config_b = write_config(dir.path(), "b", &cluster, port_b);
