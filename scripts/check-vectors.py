@@ -115,6 +115,13 @@ def check_gateway():
     names = [(r.str16(8192), r.str16(8192))[0] for _ in range(r.u32())]
     assert names == sorted(set(names))
     r.done()
+    for raw, (kind, id_len) in zip(v["release_records"], [(1, 16), (2, 32)]):
+        r = Reader(h(raw))
+        assert r.u8() == 1
+        r.u64()
+        assert r.u8() == kind
+        r.take(id_len)
+        r.done()
     r = Reader(h(v["part_record"]))
     assert r.u8() == 1
     r.u64(), r.u64(), r.str16(64)
@@ -179,7 +186,8 @@ def check_manifest():
 
 def check_wire():
     names = ["hello", "put_fragment", "data", "ack", "reject", "get_fragment", "fragment_header", "have_query",
-             "have_reply", "inventory_query", "inventory_digest", "inventory_list", "inventory_page", "cancel"]
+             "have_reply", "inventory_query", "inventory_digest", "inventory_list", "inventory_page", "cancel",
+             "release", "released"]
     for i, frame in enumerate(load("wire.json")["frames"]):
         raw = h(frame["frame"])
         assert frame["message"] == names[i]
@@ -189,6 +197,10 @@ def check_wire():
             fragment, upload, until, writer, sig = p[:32], p[40:56], p[56:64], p[64:96], p[96:160]
             Ed25519PublicKey.from_public_bytes(writer).verify(sig, b"cairn hold v1" + fragment + upload + until)
             assert len(p) == 160
+        if frame["message"] == "release":
+            assert len(raw) == 5 + 16
+        if frame["message"] == "released":
+            assert len(raw) == 5 + 16
 
 
 def check_versions():

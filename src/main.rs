@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use cairn_gateway::collector::{Collection, Collector};
 use cairn_gateway::node::config::MapConfig;
 use cairn_gateway::node::config::ServeConfig;
 use cairn_gateway::node::identity::Identity;
@@ -485,6 +486,8 @@ async fn serve(
     for address in node.listen_addrs() {
         tracing::info!(%address, node = %node.node_id(), "listening");
     }
+    // Every node collects orphan fragments for the buckets it replicates.
+    let collector = Collector::start(node.handle(), Collection::default());
     let gateway = match (s3, root) {
         (Some(section), Some(root)) => {
             let listen = section.listen.parse().with_context(|| {
@@ -498,6 +501,7 @@ async fn serve(
                         listen,
                         region: section.region,
                         domains: section.domains,
+                        collection: Collection::default(),
                     },
                 )
                 .await?,
@@ -509,6 +513,7 @@ async fn serve(
         .await
         .context("waiting for ctrl-c")?;
     tracing::info!("shutting down");
+    drop(collector);
     if let Some(gateway) = gateway {
         gateway.stop().await;
     }

@@ -1,10 +1,11 @@
-//! The gateway's records (bucket, access key, KMS key, upload, part): no
+//! The gateway's records (bucket, access key, KMS key, upload, part,
+//! release): no
 //! panic; what decodes re-encodes to the same bytes. The first byte picks
 //! the decoder.
 #![no_main]
 
 use cairn_protocol::records::{
-    AccessKeyRecord, BucketRecord, KmsKeyRecord, PartRecord, UploadRecord,
+    AccessKeyRecord, BucketRecord, KmsKeyRecord, PartRecord, ReleaseRecord, UploadRecord,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -12,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {
         return;
     };
-    match which % 5 {
+    match which % 6 {
         0 => {
             if let Ok(record) = BucketRecord::decode(body) {
                 assert_eq!(record.encode(), body);
@@ -33,8 +34,13 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(record.encode(), body);
             }
         }
-        _ => {
+        4 => {
             if let Ok(record) = PartRecord::decode(body) {
+                assert_eq!(record.encode(), body);
+            }
+        }
+        _ => {
+            if let Ok(record) = ReleaseRecord::decode(body) {
                 assert_eq!(record.encode(), body);
             }
         }

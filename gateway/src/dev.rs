@@ -16,6 +16,7 @@ use cairn_protocol::membership::{Certificate, ClusterId, SignedMap};
 use cairn_protocol::placement::{ClusterMap, MapNode, NodeState, Tolerance};
 use tokio::net::TcpListener;
 
+use crate::collector::{Collection, Collector};
 use crate::error::{GatewayError, GatewayResult};
 use crate::kms::{RootKey, random_bytes};
 use crate::{Gateway, GatewayConfig};
@@ -48,6 +49,7 @@ impl Default for DevOptions {
 /// A running dev cluster.
 pub struct DevCluster {
     nodes: Vec<Node>,
+    collectors: Vec<Collector>,
     gateway: Gateway,
     pub access_key: String,
     pub secret_key: String,
@@ -193,9 +195,14 @@ impl DevCluster {
                     .map_err(|e| internal("listener")(e.to_string()))?,
                 region: crate::s3::DEFAULT_REGION.into(),
                 domains: vec!["localhost".into()],
+                collection: Collection::default(),
             },
             listener,
         )?;
+        let collectors = nodes
+            .iter()
+            .map(|node| Collector::start(node.handle(), Collection::default()))
+            .collect();
         let seed = dev_key_seed(&dir.join("access-key.seed"))?;
         let key = gateway
             .keys()
@@ -203,6 +210,7 @@ impl DevCluster {
             .await?;
         Ok(Self {
             nodes,
+            collectors,
             gateway,
             access_key: key.id,
             secret_key: key.secret,
@@ -214,6 +222,7 @@ impl DevCluster {
     }
 
     pub async fn shutdown(self) {
+        drop(self.collectors);
         self.gateway.stop().await;
         for node in self.nodes {
             node.shutdown().await;

@@ -53,6 +53,8 @@ pub enum GatewayError {
     PreconditionFailed,
     #[error("not modified")]
     NotModified,
+    #[error("the write ran past its deadline of {minutes} minutes; nothing was committed")]
+    WriteDeadline { minutes: u64 },
     #[error("the client stopped sending the body: {0}")]
     ClientBody(String),
     #[error("not enough storage nodes answered: {0}")]

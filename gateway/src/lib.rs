@@ -5,6 +5,7 @@
 pub mod buckets;
 pub mod checksum;
 pub mod chunked;
+pub mod collector;
 pub mod dev;
 pub mod error;
 pub mod keys;
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 pub use cairn_node as node;
 
 use crate::buckets::Buckets;
+use crate::collector::Collection;
 use crate::error::{GatewayError, GatewayResult};
 use crate::keys::AccessKeys;
 use crate::kms::{Kms, RootKey};
@@ -37,6 +39,8 @@ pub struct GatewayConfig {
     pub region: String,
     /// Domains for virtual-hosted-style requests (`bucket.domain`).
     pub domains: Vec<String>,
+    /// Write deadlines, shared with the orphan collector.
+    pub collection: Collection,
 }
 
 /// A running S3 gateway on one node.
@@ -74,7 +78,7 @@ impl Gateway {
         let keys = AccessKeys::new(kms.clone(), metadata.clone());
         let s3 = CairnS3 {
             buckets: Buckets::new(metadata, kms.clone()),
-            objects: ObjectStore::new(node, kms),
+            objects: ObjectStore::new(node, kms, config.collection),
             region: config.region.clone(),
         };
         let mut builder = S3ServiceBuilder::new(s3);

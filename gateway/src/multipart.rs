@@ -18,14 +18,16 @@ use cairn_protocol::meta::{
     Partition, Register, RowKey, RowValue, Table, part_sort_key, prefix_end, split_key_sort,
 };
 use cairn_protocol::pipeline::PutPipeline;
-use cairn_protocol::records::{PartRecord, UploadRecord};
+use cairn_protocol::records::{PartRecord, ReleaseRecord, ReleaseTarget, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, StoredHeaders};
 use md5::Digest;
 
 use crate::checksum::ChecksumRequest;
 use crate::error::{GatewayError, GatewayResult};
 use crate::kms::random_bytes;
-use crate::objects::{MAX_PUT_BYTES, ObjectStore, StreamPut, WriteCondition, register, upload_row};
+use crate::objects::{
+    MAX_PUT_BYTES, ObjectStore, StreamPut, WriteCondition, register, release_row, upload_row,
+};
 
 /// Every part but the last is at least this long, as in S3.
 pub const MIN_PART_BYTES: u64 = 5 << 20;
@@ -174,11 +176,13 @@ impl ObjectStore {
         let map = self.map()?;
         let placer = Arc::new(Self::placer(&map, record.scheme)?);
         let layout = SegmentLayout::with_defaults(record.scheme);
+        let deadline = self.write_deadline(now_unix_ms());
         let stream = StreamPut {
             store: self,
             placer,
             upload: *upload,
             retain_until_unix_ms: 0,
+            deadline_unix_ms: deadline,
         };
         let streamed = stream
             .run(
@@ -197,6 +201,9 @@ impl ObjectStore {
             _ => None,
         };
         let etag = format!("\"{}\"", cairn_protocol::to_hex(&digest));
+        if now_unix_ms() > deadline {
+            return Err(self.deadline_error());
+        }
         let part = PartRecord {
             uploaded_unix_ms: now_unix_ms(),
             plaintext_len: length,
@@ -286,6 +293,7 @@ impl ObjectStore {
         if chosen.windows(2).any(|w| w[0].0 >= w[1].0) {
             return Err(GatewayError::InvalidPartOrder);
         }
+        let deadline = self.write_deadline(now_unix_ms());
         let record = self.upload(bucket, key, upload).await?;
         let stored = self
             .list_parts(bucket, upload, 0, MAX_PART_NUMBER as usize)
@@ -359,6 +367,7 @@ impl ObjectStore {
                 record.headers,
                 upload_row(bucket, key, upload),
                 condition,
+                deadline,
             )
             .await?;
         self.forget_parts(bucket, upload, stored.iter().map(|(n, _)| *n))
@@ -366,7 +375,8 @@ impl ObjectStore {
         Ok(committed)
     }
 
-    /// Aborts the upload; its fragments are left for the collector.
+    /// Aborts the upload; its fragments are left for the collector, which
+    /// releases them once no part in flight can still be stored.
     pub async fn abort_upload(
         &self,
         bucket: &str,
@@ -375,11 +385,19 @@ impl ObjectStore {
     ) -> GatewayResult<()> {
         self.upload(bucket, key, upload).await?;
         let metadata = self.node().metadata();
+        let at = metadata.timestamp();
+        let release = ReleaseRecord {
+            since_unix_ms: now_unix_ms(),
+            target: ReleaseTarget::Upload(*upload),
+        };
         metadata
-            .write(vec![(
-                upload_row(bucket, key, upload),
-                register(None, metadata.timestamp()),
-            )])
+            .write(vec![
+                (upload_row(bucket, key, upload), register(None, at)),
+                (
+                    release_row(bucket, key, &release.target),
+                    register(Some(release.encode()), at),
+                ),
+            ])
             .await?;
         let numbers: Vec<u32> = self
             .list_parts(bucket, upload, 0, MAX_PART_NUMBER as usize)

@@ -12,10 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use cairn_node::meta::Metadata;
 use cairn_node::swarm::{NodeHandle, now_unix_ms};
 use cairn_protocol::encryption::{RangePlan, SecretKey};
 use cairn_protocol::erasure::{EncodedSegment, Scheme, SegmentLayout, reconstruct};
-use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId, VersionIdGenerator};
+use cairn_protocol::ids::{
+    FragmentId, ManifestId, NodeId, UploadId, VersionId, VersionIdGenerator,
+};
 use cairn_protocol::keywrap::{SALT_BYTES, WrapContext, unwrap_data_key, wrap_data_key};
 use cairn_protocol::manifest::{KeyEnvelope, KeyKind, Manifest, Part, SegmentRef, SignedManifest};
 use cairn_protocol::membership::SignedMap;
@@ -25,7 +28,7 @@ use cairn_protocol::meta::{
 use cairn_protocol::metarpc::RegisterKey;
 use cairn_protocol::pipeline::PutPipeline;
 use cairn_protocol::placement::{Placer, segment_placement_key};
-use cairn_protocol::records::UploadRecord;
+use cairn_protocol::records::{ReleaseRecord, ReleaseTarget, UploadRecord};
 use cairn_protocol::version::{Lww, ObjectVersion, Retention, StoredHeaders, VersionBody};
 use cairn_protocol::wire::Hold;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -34,6 +37,7 @@ use s3s::checksum::ChecksumHasher;
 use tokio::sync::mpsc;
 
 use crate::checksum::{Algorithm, ChecksumRequest};
+use crate::collector::Collection;
 use crate::error::{GatewayError, GatewayResult};
 use crate::kms::{Kms, random_bytes};
 
@@ -76,6 +80,94 @@ fn head_register(bucket: &str, key: &str) -> RegisterKey {
     }
 }
 
+/// The existing versions of `key`, newest first, `limit` at most.
+pub(crate) async fn existing_versions(
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+    limit: Option<usize>,
+) -> GatewayResult<Vec<ObjectVersion>> {
+    let partition = Partition::bucket(bucket);
+    let mut start = key.as_bytes().to_vec();
+    start.push(0);
+    let mut end = key.as_bytes().to_vec();
+    end.push(1);
+    let now = now_unix_ms();
+    let mut versions = Vec::new();
+    loop {
+        let page = metadata
+            .range(
+                &partition,
+                Table::Versions,
+                &start,
+                Some(&end),
+                limit.map_or(1000, |l| l.max(64)),
+            )
+            .await?;
+        for (_, value) in &page.rows {
+            if let RowValue::Version(version) = value
+                && version.exists(now)
+            {
+                versions.push((**version).clone());
+                if limit.is_some_and(|l| versions.len() >= l) {
+                    return Ok(versions);
+                }
+            }
+        }
+        match page.rows.last() {
+            Some((last, _)) if page.more => {
+                start = last.clone();
+                start.push(0);
+            }
+            _ => return Ok(versions),
+        }
+    }
+}
+
+/// The signed manifest `id` of `bucket`, checked against its id; `None`
+/// when no replica has it.
+pub(crate) async fn read_manifest(
+    metadata: &Metadata,
+    bucket: &str,
+    id: &ManifestId,
+) -> GatewayResult<Option<Manifest>> {
+    let value = metadata
+        .read(vec![manifest_row(bucket, id)])
+        .await?
+        .remove(0);
+    let Some(RowValue::Immutable(bytes)) = value else {
+        return Ok(None);
+    };
+    let signed = SignedManifest::decode(&bytes)
+        .map_err(|e| GatewayError::Corrupt(format!("manifest {id}: {e}")))?;
+    if signed.id != *id {
+        return Err(GatewayError::Corrupt(format!(
+            "manifest {id} has another id"
+        )));
+    }
+    Ok(Some(signed.manifest))
+}
+
+/// The key's head: the version its last committed write set, whether or
+/// not that writer wrote the version row out. A linearizable read.
+pub(crate) async fn read_head(
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+) -> GatewayResult<Option<ObjectVersion>> {
+    let current = metadata
+        .compare_and_set(head_register(bucket, key), |current| {
+            Err::<Option<Vec<u8>>, _>(current.map(<[u8]>::to_vec))
+        })
+        .await?;
+    let (Ok(Some(bytes)) | Err(Some(bytes))) = current else {
+        return Ok(None);
+    };
+    ObjectVersion::decode(&bytes)
+        .map(Some)
+        .map_err(|e| GatewayError::Corrupt(format!("head of {key}: {e}")))
+}
+
 /// What a PUT writes.
 pub struct NewObject {
     pub bucket: String,
@@ -101,9 +193,10 @@ pub struct ObjectStore {
     node: NodeHandle,
     kms: Kms,
     versions: Arc<Mutex<VersionIdGenerator>>,
+    collection: Collection,
 }
 
-fn versions_row(bucket: &str, key: &str, version: &VersionId) -> RowKey {
+pub(crate) fn versions_row(bucket: &str, key: &str, version: &VersionId) -> RowKey {
     RowKey::new(
         Partition::bucket(bucket),
         Table::Versions,
@@ -111,7 +204,7 @@ fn versions_row(bucket: &str, key: &str, version: &VersionId) -> RowKey {
     )
 }
 
-fn manifest_row(bucket: &str, manifest: &cairn_protocol::ids::ManifestId) -> RowKey {
+fn manifest_row(bucket: &str, manifest: &ManifestId) -> RowKey {
     RowKey::new(
         Partition::bucket(bucket),
         Table::Manifests,
@@ -127,16 +220,37 @@ pub(crate) fn upload_row(bucket: &str, key: &str, upload: &UploadId) -> RowKey {
     )
 }
 
+pub(crate) fn release_row(bucket: &str, key: &str, target: &ReleaseTarget) -> RowKey {
+    RowKey::new(
+        Partition::bucket(bucket),
+        Table::Releases,
+        target.sort_key(key),
+    )
+}
+
 pub(crate) fn register(value: Option<Vec<u8>>, at: cairn_protocol::hlc::Timestamp) -> RowValue {
     RowValue::Register(Register { at, value })
 }
 
 impl ObjectStore {
-    pub fn new(node: NodeHandle, kms: Kms) -> Self {
+    pub fn new(node: NodeHandle, kms: Kms, collection: Collection) -> Self {
         Self {
             node,
             kms,
             versions: Arc::default(),
+            collection,
+        }
+    }
+
+    /// When a write starting now must have committed (spec/gateway.md,
+    /// "Collecting orphan fragments").
+    pub(crate) fn write_deadline(&self, started_unix_ms: u64) -> u64 {
+        started_unix_ms.saturating_add(self.collection.write_deadline.as_millis() as u64)
+    }
+
+    pub(crate) fn deadline_error(&self) -> GatewayError {
+        GatewayError::WriteDeadline {
+            minutes: self.collection.write_deadline.as_secs() / 60,
         }
     }
 
@@ -191,12 +305,13 @@ impl ObjectStore {
         let metadata = self.node.metadata();
         let version = self.new_version();
         let upload = UploadId(random_bytes());
+        let started = now_unix_ms();
 
         // The upload is recorded before any fragment exists, so that the
         // fragments of a PUT that never commits can be found and collected.
         let record = UploadRecord {
             upload,
-            started_unix_ms: now_unix_ms(),
+            started_unix_ms: started,
             multipart: false,
             scheme,
             bucket_key_id: object.bucket_key_id.clone(),
@@ -225,11 +340,13 @@ impl ObjectStore {
             random_bytes::<SALT_BYTES>(),
         );
 
+        let deadline = self.write_deadline(started);
         let stream = StreamPut {
             store: self,
             placer,
             upload,
             retain_until_unix_ms: 0,
+            deadline_unix_ms: deadline,
         };
         let streamed = stream
             .run(
@@ -272,7 +389,7 @@ impl ObjectStore {
                 segments,
             }],
         };
-        self.commit(manifest, headers, upload_key, &object.condition)
+        self.commit(manifest, headers, upload_key, &object.condition, deadline)
             .await
     }
 
@@ -281,13 +398,16 @@ impl ObjectStore {
     /// compare-and-set (where the condition is decided, and which orders
     /// every write of the key), then the version row with the end of the
     /// upload. A head that a crashed writer set but never wrote out is
-    /// written out here too, so nothing decided is lost.
+    /// written out here too, so nothing decided is lost. Past
+    /// `deadline_unix_ms` the head refuses it: the collector may by then
+    /// be releasing the upload's fragments.
     pub(crate) async fn commit(
         &self,
         manifest: Manifest,
         headers: StoredHeaders,
         upload_key: RowKey,
         condition: &WriteCondition,
+        deadline_unix_ms: u64,
     ) -> GatewayResult<ObjectVersion> {
         let metadata = self.node.metadata();
         let signed = manifest
@@ -317,7 +437,13 @@ impl ObjectStore {
             )])
             .await?;
         let previous = self
-            .swap_head(&manifest.bucket, &manifest.key, condition, Some(&row))
+            .swap_head(
+                &manifest.bucket,
+                &manifest.key,
+                condition,
+                Some(&row),
+                Some(deadline_unix_ms),
+            )
             .await?;
         let mut rows = vec![
             (
@@ -339,14 +465,20 @@ impl ObjectStore {
     /// Sets the head of `key` to `new` (`None`: no current object) if
     /// `condition` holds for the current head; returns the head it
     /// replaced. Linearizable: of two writers racing on one condition,
-    /// exactly one wins.
+    /// exactly one wins. The deadline is checked where the value is
+    /// decided, so no commit lands after it.
     pub(crate) async fn swap_head(
         &self,
         bucket: &str,
         key: &str,
         condition: &WriteCondition,
         new: Option<&ObjectVersion>,
+        deadline_unix_ms: Option<u64>,
     ) -> GatewayResult<Option<ObjectVersion>> {
+        enum Refusal {
+            Condition,
+            Deadline,
+        }
         let encoded = new.map(ObjectVersion::encode);
         let replaced: Mutex<Option<ObjectVersion>> = Mutex::new(None);
         let decided = self
@@ -365,12 +497,20 @@ impl ObjectStore {
                     (WriteCondition::IfPresent, head) => head.is_some(),
                 };
                 *replaced.lock().expect("head slot") = head;
-                if holds { Ok(encoded.clone()) } else { Err(()) }
+                if deadline_unix_ms.is_some_and(|deadline| now_unix_ms() > deadline) {
+                    return Err(Refusal::Deadline);
+                }
+                if holds {
+                    Ok(encoded.clone())
+                } else {
+                    Err(Refusal::Condition)
+                }
             })
             .await?;
         match decided {
             Ok(_) => Ok(replaced.into_inner().expect("head slot")),
-            Err(()) => Err(GatewayError::PreconditionFailed),
+            Err(Refusal::Condition) => Err(GatewayError::PreconditionFailed),
+            Err(Refusal::Deadline) => Err(self.deadline_error()),
         }
     }
 
@@ -456,66 +596,39 @@ impl ObjectStore {
         self.existing_versions(bucket, key, None).await
     }
 
-    /// The existing versions of `key`, newest first, `limit` at most.
     async fn existing_versions(
         &self,
         bucket: &str,
         key: &str,
         limit: Option<usize>,
     ) -> GatewayResult<Vec<ObjectVersion>> {
-        let partition = Partition::bucket(bucket);
-        let mut start = key.as_bytes().to_vec();
-        start.push(0);
-        let mut end = key.as_bytes().to_vec();
-        end.push(1);
-        let now = now_unix_ms();
-        let mut versions = Vec::new();
-        loop {
-            let page = self
-                .node
-                .metadata()
-                .range(
-                    &partition,
-                    Table::Versions,
-                    &start,
-                    Some(&end),
-                    limit.map_or(1000, |l| l.max(64)),
-                )
-                .await?;
-            for (_, value) in &page.rows {
-                if let RowValue::Version(version) = value
-                    && version.exists(now)
-                {
-                    versions.push((**version).clone());
-                    if limit.is_some_and(|l| versions.len() >= l) {
-                        return Ok(versions);
-                    }
-                }
-            }
-            match page.rows.last() {
-                Some((last, _)) if page.more => {
-                    start = last.clone();
-                    start.push(0);
-                }
-                _ => return Ok(versions),
-            }
-        }
+        existing_versions(self.node.metadata(), bucket, key, limit).await
     }
 
-    /// Permanently deletes these versions (the bucket keeps no history).
+    /// Permanently deletes these versions (the bucket keeps no history);
+    /// their fragments are left to the collector.
     pub async fn purge(&self, versions: Vec<ObjectVersion>) -> GatewayResult<()> {
         let metadata = self.node.metadata();
         let at = metadata.timestamp();
-        let rows: Vec<(RowKey, RowValue)> = versions
-            .into_iter()
-            .map(|mut version| {
-                version.purged = Some(at);
-                (
-                    versions_row(&version.bucket, &version.key, &version.version),
-                    RowValue::Version(Box::new(version)),
-                )
-            })
-            .collect();
+        let now = now_unix_ms();
+        let mut rows: Vec<(RowKey, RowValue)> = Vec::with_capacity(versions.len() * 2);
+        for mut version in versions {
+            version.purged = Some(at);
+            if let VersionBody::Data { manifest, .. } = &version.body {
+                let release = ReleaseRecord {
+                    since_unix_ms: now,
+                    target: ReleaseTarget::Manifest(*manifest),
+                };
+                rows.push((
+                    release_row(&version.bucket, &version.key, &release.target),
+                    register(Some(release.encode()), at),
+                ));
+            }
+            rows.push((
+                versions_row(&version.bucket, &version.key, &version.version),
+                RowValue::Version(Box::new(version)),
+            ));
+        }
         for chunk in rows.chunks(1000) {
             metadata.write(chunk.to_vec()).await?;
         }
@@ -527,23 +640,9 @@ impl ObjectStore {
         let VersionBody::Data { manifest: id, .. } = &version.body else {
             return Err(GatewayError::NoSuchKey);
         };
-        let value = self
-            .node
-            .metadata()
-            .read(vec![manifest_row(&version.bucket, id)])
+        let manifest = read_manifest(self.node.metadata(), &version.bucket, id)
             .await?
-            .remove(0);
-        let Some(RowValue::Immutable(bytes)) = value else {
-            return Err(GatewayError::Corrupt(format!("manifest {id} is missing")));
-        };
-        let signed = SignedManifest::decode(&bytes)
-            .map_err(|e| GatewayError::Corrupt(format!("manifest {id}: {e}")))?;
-        if signed.id != *id {
-            return Err(GatewayError::Corrupt(format!(
-                "manifest {id} has another id"
-            )));
-        }
-        let manifest = signed.manifest;
+            .ok_or_else(|| GatewayError::Corrupt(format!("manifest {id} is missing")))?;
         if (&manifest.bucket, &manifest.key, manifest.version)
             != (&version.bucket, &version.key, version.version)
         {
@@ -681,9 +780,10 @@ impl ObjectStore {
     }
 
     /// Rebuilds one segment from any `k` of its fragments: the placed nodes
-    /// first (this node, then its site, data fragments before parity), a spare
-    /// request when one is slow, the placed nodes that failed once more,
-    /// then the upload's providers in the DHT for fragments that moved.
+    /// first (connected ones, this node, then its site, data fragments
+    /// before parity), a spare request when one is slow, the placed nodes
+    /// that failed once more, then the upload's providers in the DHT for
+    /// fragments that moved.
     async fn fetch_segment(
         &self,
         placer: &Placer,
@@ -697,9 +797,12 @@ impl ObjectStore {
         let placed = placer.place(&segment_placement_key(&segment.fragments));
         let own = self.node.node_id();
         let mut order: Vec<usize> = (0..scheme.total()).collect();
+        // Nodes this one is connected to first: asking a stopped node costs
+        // a membership wait before it fails.
         order.sort_by_key(|&i| {
             let node = placed.get(i);
             (
+                !node.is_some_and(|n| *n == own || self.node.is_member(n)),
                 node != Some(&own),
                 !node.is_some_and(|n| same_site.contains(n)),
                 i >= scheme.data(),
@@ -810,6 +913,9 @@ pub(crate) struct StreamPut<'a> {
     pub(crate) placer: Arc<Placer>,
     pub(crate) upload: UploadId,
     pub(crate) retain_until_unix_ms: u64,
+    /// No segment is pushed after this: the collector may be releasing
+    /// the upload.
+    pub(crate) deadline_unix_ms: u64,
 }
 
 impl StreamPut<'_> {
@@ -879,6 +985,9 @@ impl StreamPut<'_> {
             for segment in encoded {
                 while pushes.len() >= SEGMENTS_IN_FLIGHT {
                     record(&mut segments, pushes.next().await)?;
+                }
+                if now_unix_ms() > self.deadline_unix_ms {
+                    return Err(self.store.deadline_error());
                 }
                 let index = segments.len();
                 segments.push(None);

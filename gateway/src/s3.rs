@@ -42,6 +42,7 @@ impl From<GatewayError> for S3Error {
             GatewayError::BadDigest | GatewayError::ChecksumMismatch { .. } => C::BadDigest,
             GatewayError::InvalidDigest(_) => C::InvalidDigest,
             GatewayError::IncompleteBody { .. } | GatewayError::ClientBody(_) => C::IncompleteBody,
+            GatewayError::WriteDeadline { .. } => C::RequestTimeout,
             GatewayError::BodyTooLong { .. } => C::InvalidRequest,
             GatewayError::EntityTooLarge { .. } => C::EntityTooLarge,
             GatewayError::EntityTooSmall => C::EntityTooSmall,
@@ -584,7 +585,7 @@ impl CairnS3 {
     async fn delete_key(&self, bucket: &str, key: &str) -> Result<(), GatewayError> {
         let previous = self
             .objects
-            .swap_head(bucket, key, &WriteCondition::Always, None)
+            .swap_head(bucket, key, &WriteCondition::Always, None, None)
             .await?;
         let mut versions = self.objects.versions_of(bucket, key).await?;
         // A head its writer never wrote out goes too.

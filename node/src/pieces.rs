@@ -15,7 +15,7 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use thiserror::Error;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::store::{FragmentStore, PutOutcome, StoreError, VerifiedFragment};
+use crate::store::{FragmentStore, PutOutcome, Released, StoreError, VerifiedFragment};
 
 /// Bytes read from the stream at a time.
 const READ_BYTES: usize = 256 << 10;
@@ -244,6 +244,22 @@ impl Server {
                     Err(error) => send(write, &reject_for(&error)).await,
                 }
             }
+            Message::Release { upload } => {
+                let store = self.store.clone();
+                let now = (self.now_unix_ms)();
+                let released = tokio::task::spawn_blocking(move || store.release(&upload, now))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                match released {
+                    Ok(Released { trashed, held }) => {
+                        if trashed > 0 {
+                            tracing::info!(%upload, trashed, held, "released an upload's fragments to the trash");
+                        }
+                        send(write, &Message::Released { trashed, held }).await
+                    }
+                    Err(error) => send(write, &reject_for(&error)).await,
+                }
+            }
             Message::Cancel => Ok(()),
             other => Err(unexpected(&other)),
         }
@@ -432,6 +448,20 @@ pub async fn have<S: AsyncRead + AsyncWrite + Unpin>(
                 .map(|i| bitmap[i / 8] & (0x80 >> (i % 8)) != 0)
                 .collect())
         }
+        Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// Asks the peer to move the fragments of `upload` to its trash.
+pub async fn release<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    upload: UploadId,
+) -> Result<Released, PieceError> {
+    let (mut reader, mut write) = open_exchange(stream, &Message::Release { upload }).await?;
+    write.close().await?;
+    match reader.expect().await? {
+        Message::Released { trashed, held } => Ok(Released { trashed, held }),
         Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
         other => Err(unexpected(&other)),
     }

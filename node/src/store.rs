@@ -21,6 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 
 const FRAGMENTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("fragments");
 const VOLUMES: TableDefinition<u32, u64> = TableDefinition::new("volumes");
+/// Upload id ‖ fragment id of every indexed fragment: what a release finds.
+const BY_UPLOAD: TableDefinition<&[u8; 48], ()> = TableDefinition::new("by_upload");
 const RECORD_MAGIC: &[u8; 4] = b"CRNF";
 const RECORD_HEADER_BYTES: u64 = 4 + 1 + 32 + 8;
 const FORMAT: u8 = 2;
@@ -132,6 +134,23 @@ impl VerifiedFragment {
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
+}
+
+/// What releasing an upload did here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Released {
+    /// Live fragments of the upload moved to the trash.
+    pub trashed: u64,
+    /// Live fragments of the upload kept because their hold's retain-until
+    /// is still in the future.
+    pub held: u64,
+}
+
+fn upload_key(upload: &UploadId, id: &FragmentId) -> [u8; 48] {
+    let mut key = [0u8; 48];
+    key[..16].copy_from_slice(upload.as_bytes());
+    key[16..].copy_from_slice(id.as_bytes());
+    key
 }
 
 /// What a put did.
@@ -272,6 +291,7 @@ impl FragmentStore {
             let txn = db.begin_write().map_err(index_error)?;
             let committed = {
                 txn.open_table(FRAGMENTS).map_err(index_error)?;
+                txn.open_table(BY_UPLOAD).map_err(index_error)?;
                 let table = txn.open_table(VOLUMES).map_err(index_error)?;
                 table
                     .iter()
@@ -426,6 +446,68 @@ impl FragmentStore {
         })?
     }
 
+    /// Moves every live fragment whose hold names `upload` to the trash,
+    /// except those still held (spec/store.md, "Releasing an upload").
+    /// Blocking: call it from a blocking thread.
+    pub fn release(&self, upload: &UploadId, now_unix_ms: u64) -> Result<Released, StoreError> {
+        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(index_error)?;
+        let mut released = Released::default();
+        {
+            let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
+            let first = upload_key(upload, &FragmentId([0; 32]));
+            let last = upload_key(upload, &FragmentId([0xff; 32]));
+            let ids: Vec<FragmentId> = by_upload
+                .range::<&[u8; 48]>(&first..=&last)
+                .map_err(index_error)?
+                .map(|row| {
+                    row.map(|(key, _)| FragmentId(key.value()[16..].try_into().expect("32 bytes")))
+                        .map_err(index_error)
+                })
+                .collect::<Result<_, _>>()?;
+            for id in ids {
+                let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
+                    continue;
+                };
+                let mut entry = FragmentEntry::decode(id, raw.value())?;
+                drop(raw);
+                if entry.state != FragmentState::Live || entry.hold.upload != *upload {
+                    continue;
+                }
+                if entry.hold.retain_until_unix_ms > now_unix_ms {
+                    released.held += 1;
+                    continue;
+                }
+                entry.state = FragmentState::Trash;
+                entry.trashed_at_unix_ms = now_unix_ms;
+                table
+                    .insert(id.as_bytes(), &entry.encode()[..])
+                    .map_err(index_error)?;
+                released.trashed += 1;
+            }
+        }
+        txn.commit().map_err(index_error)?;
+        Ok(released)
+    }
+
+    /// How many fragments are here in each state: (live, trash, quarantined).
+    pub fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
+        let txn = self.shared.db.begin_read().map_err(index_error)?;
+        let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+        let mut counts = (0, 0, 0);
+        for row in table.iter().map_err(index_error)? {
+            let (key, value) = row.map_err(index_error)?;
+            match FragmentEntry::decode(FragmentId(*key.value()), value.value())?.state {
+                FragmentState::Live => counts.0 += 1,
+                FragmentState::Trash => counts.1 += 1,
+                FragmentState::Quarantined => counts.2 += 1,
+            }
+        }
+        Ok(counts)
+    }
+
     /// Forgets the fragments whose trash period is over; returns how many.
     pub fn purge_trash(&self, now_unix_ms: u64) -> Result<usize, StoreError> {
         let trash_ms = self.shared.config.trash_ms;
@@ -434,6 +516,7 @@ impl FragmentStore {
             .map_err(index_error)?;
         let purged = {
             let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            let mut by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
             let mut expired = Vec::new();
             for row in table.iter().map_err(index_error)? {
                 let (key, value) = row.map_err(index_error)?;
@@ -442,11 +525,14 @@ impl FragmentStore {
                 if entry.state == FragmentState::Trash
                     && entry.trashed_at_unix_ms.saturating_add(trash_ms) <= now_unix_ms
                 {
-                    expired.push(id);
+                    expired.push((id, entry.hold.upload));
                 }
             }
-            for id in &expired {
+            for (id, upload) in &expired {
                 table.remove(id.as_bytes()).map_err(index_error)?;
+                by_upload
+                    .remove(&upload_key(upload, id))
+                    .map_err(index_error)?;
             }
             expired.len()
         };
@@ -620,6 +706,7 @@ impl Writer {
             .map_err(index_error)?;
         {
             let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            let mut by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
             let mut new_entries: Vec<(FragmentId, FragmentEntry)> = Vec::new();
             let mut touched_volumes = Vec::new();
             for request in batch {
@@ -636,6 +723,12 @@ impl Writer {
                     }
                     Some(mut entry) if entry.state != FragmentState::Quarantined => {
                         if request.hold.retain_until_unix_ms > entry.hold.retain_until_unix_ms {
+                            by_upload
+                                .remove(&upload_key(&entry.hold.upload, &id))
+                                .map_err(index_error)?;
+                            by_upload
+                                .insert(&upload_key(&request.hold.upload, &id), ())
+                                .map_err(index_error)?;
                             entry.hold = request.hold;
                         }
                         entry.state = FragmentState::Live;
@@ -681,6 +774,9 @@ impl Writer {
                 for (id, entry) in &new_entries {
                     table
                         .insert(id.as_bytes(), &entry.encode()[..])
+                        .map_err(index_error)?;
+                    by_upload
+                        .insert(&upload_key(&entry.hold.upload, id), ())
                         .map_err(index_error)?;
                 }
                 let mut volumes = txn.open_table(VOLUMES).map_err(index_error)?;

@@ -82,6 +82,9 @@ pub enum NodeError {
     Metadata { path: PathBuf, reason: String },
 }
 
+/// How often the trash is purged of fragments whose trash period is over.
+const TRASH_PURGE_EVERY: Duration = Duration::from_secs(3600);
+
 pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub cluster: ClusterId,
@@ -397,6 +400,26 @@ impl Node {
             replica.clone(),
         );
         metadata.start_anti_entropy(config.anti_entropy_every);
+
+        // Fragments whose trash period is over leave the index.
+        {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut every = tokio::time::interval(TRASH_PURGE_EVERY);
+                loop {
+                    every.tick().await;
+                    let store = store.clone();
+                    match tokio::task::spawn_blocking(move || store.purge_trash(now_unix_ms()))
+                        .await
+                    {
+                        Ok(Ok(0)) => {}
+                        Ok(Ok(purged)) => tracing::info!(purged, "purged fragments from the trash"),
+                        Ok(Err(error)) => tracing::warn!(%error, "trash purge failed"),
+                        Err(error) => tracing::warn!(%error, "trash purge task failed"),
+                    }
+                }
+            }));
+        }
 
         // Metadata requests from members, answered from the local replica.
         {
@@ -792,6 +815,25 @@ impl NodeHandle {
         let mut nodes: Vec<NodeId> = peers.iter().filter_map(node_id_of).collect();
         nodes.sort();
         Ok(nodes)
+    }
+
+    /// Asks `node` (this node itself included) to move the fragments of
+    /// `upload` to its trash.
+    pub async fn release_upload(
+        &self,
+        node: &NodeId,
+        upload: UploadId,
+    ) -> Result<crate::store::Released, NodeError> {
+        if *node == self.node_id() {
+            let store = self.store.clone();
+            let released =
+                tokio::task::spawn_blocking(move || store.release(&upload, now_unix_ms()))
+                    .await
+                    .map_err(|e| NodeError::Swarm(e.to_string()))?;
+            return Ok(released?);
+        }
+        self.with_retries(node, |stream| pieces::release(stream, upload))
+            .await
     }
 
     /// Which of `ids` `node` holds, in `ids` order.

@@ -91,10 +91,13 @@ pub enum Table {
     AccessKeys = 6,
     /// Cluster partition; sort key: the KMS key id.
     KmsKeys = 7,
+    /// Bucket partition; sort key: object key ‖ 0 ‖ the release's target
+    /// (the orphan collector's work list).
+    Releases = 8,
 }
 
 impl Table {
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 8] = [
         Table::Buckets,
         Table::Versions,
         Table::Uploads,
@@ -102,6 +105,7 @@ impl Table {
         Table::Manifests,
         Table::AccessKeys,
         Table::KmsKeys,
+        Table::Releases,
     ];
 
     pub fn code(self) -> u8 {
@@ -124,7 +128,7 @@ impl Table {
     pub fn in_bucket_partition(self) -> bool {
         matches!(
             self,
-            Table::Versions | Table::Uploads | Table::Parts | Table::Manifests
+            Table::Versions | Table::Uploads | Table::Parts | Table::Manifests | Table::Releases
         )
     }
 

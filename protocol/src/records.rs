@@ -7,7 +7,7 @@ use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::erasure::Scheme;
-use crate::ids::{FragmentId, UploadId};
+use crate::ids::{FragmentId, ManifestId, UploadId};
 use crate::keywrap::WRAPPED_KEY_BYTES;
 use crate::manifest::{MAX_ETAG_BYTES, SegmentRef};
 use crate::version::{StoredHeaders, VersionError};
@@ -262,6 +262,89 @@ impl PartRecord {
     }
 }
 
+/// What a release frees: the fragments of an upload, or those of the
+/// upload a manifest names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseTarget {
+    Upload(UploadId),
+    Manifest(ManifestId),
+}
+
+impl ReleaseTarget {
+    fn id_bytes(&self) -> &[u8] {
+        match self {
+            ReleaseTarget::Upload(upload) => upload.as_bytes(),
+            ReleaseTarget::Manifest(manifest) => manifest.as_bytes(),
+        }
+    }
+
+    /// Sort key of the release row: `key ‖ 0 ‖ the target's id`.
+    pub fn sort_key(&self, key: &str) -> Vec<u8> {
+        let id = self.id_bytes();
+        let mut sort = Vec::with_capacity(key.len() + 1 + id.len());
+        sort.extend_from_slice(key.as_bytes());
+        sort.push(0);
+        sort.extend_from_slice(id);
+        sort
+    }
+
+    /// The object key in a release row's sort key, given its target.
+    pub fn key_of<'a>(&self, sort: &'a [u8]) -> Option<&'a str> {
+        let split = sort.len().checked_sub(1 + self.id_bytes().len())?;
+        if sort[split] != 0 || &sort[split + 1..] != self.id_bytes() {
+            return None;
+        }
+        std::str::from_utf8(&sort[..split]).ok()
+    }
+}
+
+/// Fragments to release once no write in flight can still commit them
+/// (Releases table, bucket partition; sort key: [`ReleaseTarget::sort_key`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseRecord {
+    /// When the fragments became garbage (an abort, a purge) or, for a
+    /// PUT cut off, when it started.
+    pub since_unix_ms: u64,
+    pub target: ReleaseTarget,
+}
+
+impl ReleaseRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(42);
+        out.put_u8(FORMAT_VERSION);
+        out.put_u64(self.since_unix_ms);
+        match &self.target {
+            ReleaseTarget::Upload(upload) => {
+                out.put_u8(1);
+                out.extend_from_slice(upload.as_bytes());
+            }
+            ReleaseTarget::Manifest(manifest) => {
+                out.put_u8(2);
+                out.extend_from_slice(manifest.as_bytes());
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        let mut r = Reader::new(bytes);
+        read_format(&mut r)?;
+        let since_unix_ms = r.u64("since")?;
+        let target = match r.u8("target kind")? {
+            1 => ReleaseTarget::Upload(UploadId(r.array("upload id")?)),
+            2 => ReleaseTarget::Manifest(ManifestId(r.array("manifest id")?)),
+            other => {
+                return Err(RecordError::Invalid(format!("release target kind {other}")));
+            }
+        };
+        r.finish("release record")?;
+        Ok(Self {
+            since_unix_ms,
+            target,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,5 +416,34 @@ mod tests {
             BucketRecord::decode(&[2]),
             Err(RecordError::UnsupportedFormat(2))
         );
+    }
+
+    #[test]
+    fn release_records_round_trip_and_name_their_key() {
+        for target in [
+            ReleaseTarget::Upload(UploadId([6; 16])),
+            ReleaseTarget::Manifest(ManifestId([7; 32])),
+        ] {
+            let record = ReleaseRecord {
+                since_unix_ms: 13,
+                target,
+            };
+            let encoded = record.encode();
+            assert_eq!(ReleaseRecord::decode(&encoded), Ok(record));
+            for cut in 0..encoded.len() {
+                assert!(ReleaseRecord::decode(&encoded[..cut]).is_err());
+            }
+            let sort = target.sort_key("dir/a\0b");
+            assert_eq!(target.key_of(&sort), Some("dir/a\0b"));
+            assert_eq!(target.key_of(&sort[1..]), Some("ir/a\0b"));
+            assert_eq!(target.key_of(&sort[..sort.len() - 1]), None);
+        }
+        let mut bad = ReleaseRecord {
+            since_unix_ms: 1,
+            target: ReleaseTarget::Upload(UploadId([0; 16])),
+        }
+        .encode();
+        bad[9] = 3;
+        assert!(ReleaseRecord::decode(&bad).is_err());
     }
 }

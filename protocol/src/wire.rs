@@ -210,6 +210,17 @@ pub enum Message {
         more: bool,
     },
     Cancel,
+    /// Asks the holder to move every fragment whose hold names `upload` to
+    /// its trash: the upload never committed or its versions are purged.
+    Release {
+        upload: UploadId,
+    },
+    /// Answers a release: fragments moved to the trash, and those kept
+    /// because their hold's retain-until is still ahead.
+    Released {
+        trashed: u64,
+        held: u64,
+    },
 }
 
 mod tag {
@@ -227,6 +238,8 @@ mod tag {
     pub const INVENTORY_LIST: u8 = 0x0c;
     pub const INVENTORY_PAGE: u8 = 0x0d;
     pub const CANCEL: u8 = 0x0e;
+    pub const RELEASE: u8 = 0x0f;
+    pub const RELEASED: u8 = 0x10;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -356,6 +369,15 @@ impl Message {
                 put_ids(out, ids);
             }
             Message::Cancel => out.put_u8(tag::CANCEL),
+            Message::Release { upload } => {
+                out.put_u8(tag::RELEASE);
+                out.extend_from_slice(upload.as_bytes());
+            }
+            Message::Released { trashed, held } => {
+                out.put_u8(tag::RELEASED);
+                out.put_u64(*trashed);
+                out.put_u64(*held);
+            }
         }
         let frame_len = out.len() - start - 4;
         out[start..start + 4].copy_from_slice(&(frame_len as u32).to_be_bytes());
@@ -435,6 +457,13 @@ impl Message {
                 }
             }
             tag::CANCEL => Message::Cancel,
+            tag::RELEASE => Message::Release {
+                upload: UploadId(r.array("upload id")?),
+            },
+            tag::RELEASED => Message::Released {
+                trashed: r.u64("trashed")?,
+                held: r.u64("held")?,
+            },
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish("message")?;
@@ -573,6 +602,13 @@ mod tests {
                 bitmap: vec![0xff, 0x80],
             },
             Message::Cancel,
+            Message::Release {
+                upload: UploadId([7; 16]),
+            },
+            Message::Released {
+                trashed: 3,
+                held: 1,
+            },
         ];
         let mut stream = Vec::new();
         for m in &messages {

@@ -156,7 +156,8 @@ fn key_wrapping() {
 fn gateway_records_and_labelled_keys() {
     use cairn_protocol::keywrap::{unwrap_labelled_key, wrap_labelled_key};
     use cairn_protocol::records::{
-        AccessKeyRecord, BucketRecord, KmsKeyRecord, PartRecord, UploadRecord,
+        AccessKeyRecord, BucketRecord, KmsKeyRecord, PartRecord, ReleaseRecord, ReleaseTarget,
+        UploadRecord,
     };
     let root = SecretKey::from_bytes([0x44; 32]);
     let key = SecretKey::from_bytes([0x55; 32]);
@@ -195,6 +196,14 @@ fn gateway_records_and_labelled_keys() {
             fragments: (0..3u8).map(|i| FragmentId([0x80 + i; 32])).collect(),
         }],
     };
+    let release_upload = ReleaseRecord {
+        since_unix_ms: 1_764_000_000_005,
+        target: ReleaseTarget::Upload(UploadId([0x77; 16])),
+    };
+    let release_manifest = ReleaseRecord {
+        since_unix_ms: 1_764_000_000_006,
+        target: ReleaseTarget::Manifest(ManifestId([0x78; 32])),
+    };
     let stored = check(
         "gateway.json",
         json!({
@@ -207,8 +216,17 @@ fn gateway_records_and_labelled_keys() {
             "kms_key_record": to_hex(&kms.encode()),
             "upload_record": to_hex(&upload.encode()),
             "part_record": to_hex(&part.encode()),
+            "release_records": [to_hex(&release_upload.encode()), to_hex(&release_manifest.encode())],
         }),
     );
+    for (stored, record) in stored["release_records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip([release_upload, release_manifest])
+    {
+        assert_eq!(ReleaseRecord::decode(&hex_bytes(stored)), Ok(record));
+    }
     let back = unwrap_labelled_key(&root, &hex_bytes(&stored["labelled_key"]["wrapped"]), label);
     assert_eq!(back.unwrap().as_bytes(), key.as_bytes());
     assert_eq!(
@@ -464,6 +482,19 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
             },
         ),
         ("cancel", Message::Cancel),
+        (
+            "release",
+            Message::Release {
+                upload: UploadId([0x4d; 16]),
+            },
+        ),
+        (
+            "released",
+            Message::Released {
+                trashed: 12,
+                held: 1,
+            },
+        ),
     ]
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
+use cairn_gateway::collector::{Collection, Collector};
 use cairn_gateway::kms::RootKey;
 use cairn_gateway::{Gateway, GatewayConfig};
 use cairn_protocol::erasure::Scheme;
@@ -19,6 +20,10 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(Collection::default()).await
+}
+
+async fn setup_with(collection: Collection) -> Setup {
     let cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
     cluster
         .install_map(cluster.map(), Scheme::new(4, 2).unwrap())
@@ -31,6 +36,7 @@ async fn setup() -> Setup {
             listen: "127.0.0.1:0".parse().unwrap(),
             region: "us-east-1".into(),
             domains: vec!["localhost".into()],
+            collection,
         },
     )
     .await
@@ -887,6 +893,7 @@ async fn conditional_writes_from_three_gateways_have_exactly_one_winner() {
                     listen: "127.0.0.1:0".parse().unwrap(),
                     region: "us-east-1".into(),
                     domains: Vec::new(),
+                    collection: Collection::default(),
                 },
             )
             .await
@@ -1073,6 +1080,7 @@ async fn with_5_plus_4_on_three_sites_every_object_survives_a_site_and_one_more_
             listen: "127.0.0.1:0".parse().unwrap(),
             region: "us-east-1".into(),
             domains: Vec::new(),
+            collection: Collection::default(),
         },
     )
     .await
@@ -1315,5 +1323,259 @@ async fn a_client_that_disconnects_in_the_middle_of_a_put_leaves_no_object() {
         String::from_utf8_lossy(&answer)
     );
     assert!(get_bytes(&s.client, "cut", "half").await == body);
+    s.shutdown().await;
+}
+
+/// Live and trashed fragments over every node of the cluster.
+fn fragment_counts(cluster: &Cluster) -> (u64, u64) {
+    (0..6).fold((0, 0), |(live, trash), i| {
+        let (l, t, _) = cluster.node(i).store().counts().unwrap();
+        (live + l, trash + t)
+    })
+}
+
+/// The collector's work left in a bucket: single-PUT upload records and
+/// release rows, as a quorum read sees them.
+async fn collector_work(cluster: &Cluster, bucket: &str) -> usize {
+    use cairn_protocol::meta::{Partition, Register, RowValue, Table};
+    use cairn_protocol::records::UploadRecord;
+    let metadata = cluster.node(0).metadata();
+    let mut work = 0;
+    for table in [Table::Uploads, Table::Releases] {
+        let page = metadata
+            .range(&Partition::bucket(bucket), table, &[], None, 1000)
+            .await
+            .unwrap();
+        for (_, value) in page.rows {
+            if let RowValue::Register(Register {
+                value: Some(bytes), ..
+            }) = value
+                && (table == Table::Releases || !UploadRecord::decode(&bytes).unwrap().multipart)
+            {
+                work += 1;
+            }
+        }
+    }
+    work
+}
+
+/// Gives a committed object the upload record its PUT would have left had
+/// it crashed between its commit and the record's deletion: the collector
+/// must see the object and keep its fragments.
+async fn forge_uncommitted_look(cluster: &Cluster, bucket: &str, key: &str) {
+    use cairn_protocol::manifest::SignedManifest;
+    use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, upload_sort_key};
+    use cairn_protocol::records::UploadRecord;
+    use cairn_protocol::version::{StoredHeaders, VersionBody};
+    let metadata = cluster.node(0).metadata();
+    let partition = Partition::bucket(bucket);
+    let (start, end) = (
+        [key.as_bytes(), &[0]].concat(),
+        [key.as_bytes(), &[1]].concat(),
+    );
+    let page = metadata
+        .range(&partition, Table::Versions, &start, Some(&end), 10)
+        .await
+        .unwrap();
+    let RowValue::Version(version) = &page.rows[0].1 else {
+        panic!("a version row");
+    };
+    let VersionBody::Data { manifest, .. } = &version.body else {
+        panic!("an object");
+    };
+    let manifest_row = RowKey::new(
+        partition.clone(),
+        Table::Manifests,
+        manifest.as_bytes().to_vec(),
+    );
+    let Some(RowValue::Immutable(bytes)) =
+        metadata.read(vec![manifest_row]).await.unwrap().remove(0)
+    else {
+        panic!("a manifest");
+    };
+    let upload = SignedManifest::decode(&bytes).unwrap().manifest.upload;
+    let record = UploadRecord {
+        upload,
+        started_unix_ms: 1,
+        multipart: false,
+        scheme: Scheme::new(4, 2).unwrap(),
+        bucket_key_id: String::new(),
+        wrapped_key: Vec::new(),
+        headers: StoredHeaders::default(),
+    };
+    let row = RowKey::new(
+        partition,
+        Table::Uploads,
+        upload_sort_key(key, upload.as_bytes()),
+    );
+    let value = RowValue::Register(Register {
+        at: metadata.timestamp(),
+        value: Some(record.encode()),
+    });
+    metadata.write(vec![(row, value)]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
+    // Short deadlines so that the collector acts within the test; every
+    // node runs one, as `cairn serve` does.
+    let collection = Collection {
+        write_deadline: Duration::from_secs(8),
+        clock_margin: Duration::from_secs(2),
+        every: Duration::from_millis(500),
+    };
+    let s = setup_with(collection).await;
+    let collectors: Vec<Collector> = (0..6)
+        .map(|i| Collector::start(s.cluster.node(i).handle(), collection))
+        .collect();
+    let c = &s.client;
+    c.create_bucket().bucket("orphans").send().await.unwrap();
+    let put = |key: &'static str, seed: u64| async move {
+        c.put_object()
+            .bucket("orphans")
+            .key(key)
+            .body(ByteStream::from(pseudo_random_bytes(seed, 1 << 20)))
+            .send()
+            .await
+            .unwrap();
+    };
+
+    // What stays: a plain object, the newest of two versions, and a
+    // completed multipart upload.
+    put("kept", 1).await;
+    put("over", 2).await;
+    let upload = |key: &'static str| async move {
+        let created = c
+            .create_multipart_upload()
+            .bucket("orphans")
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        let id = created.upload_id().unwrap().to_owned();
+        let mut parts = Vec::new();
+        for (number, size) in [(1, 5 << 20), (2, 1 << 20)] {
+            let part = c
+                .upload_part()
+                .bucket("orphans")
+                .key(key)
+                .upload_id(&id)
+                .part_number(number)
+                .body(ByteStream::from(pseudo_random_bytes(
+                    10 + number as u64,
+                    size,
+                )))
+                .send()
+                .await
+                .unwrap();
+            parts.push(
+                aws_sdk_s3::types::CompletedPart::builder()
+                    .part_number(number)
+                    .e_tag(part.e_tag().unwrap())
+                    .build(),
+            );
+        }
+        (id, parts)
+    };
+    let (id, parts) = upload("completed").await;
+    c.complete_multipart_upload()
+        .bucket("orphans")
+        .key("completed")
+        .upload_id(&id)
+        .multipart_upload(
+            aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    forge_uncommitted_look(&s.cluster, "orphans", "kept").await;
+    let (before_deleted, _) = fragment_counts(&s.cluster);
+    put("deleted", 3).await;
+    let (committed, trash) = fragment_counts(&s.cluster);
+    assert_eq!(trash, 0);
+    let one_object = committed - before_deleted;
+    assert!(one_object > 0);
+
+    // What goes: an overwritten version, a deleted object, an aborted
+    // upload, and a PUT whose client hung up after 9 of 12 MiB.
+    put("over", 4).await;
+    c.delete_object()
+        .bucket("orphans")
+        .key("deleted")
+        .send()
+        .await
+        .unwrap();
+    let (id, _) = upload("aborted").await;
+    c.abort_multipart_upload()
+        .bucket("orphans")
+        .key("aborted")
+        .upload_id(&id)
+        .send()
+        .await
+        .unwrap();
+    let presigned = c
+        .put_object()
+        .bucket("orphans")
+        .key("cut")
+        .presigned(
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let uri: http::Uri = presigned.uri().parse().unwrap();
+    let address = s.gateway.address();
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n",
+        uri.path_and_query().unwrap(),
+        12 << 20
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+        .write_all(&pseudo_random_bytes(5, 9 << 20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(stream);
+    let (_, stored_garbage) = {
+        let (live, _) = fragment_counts(&s.cluster);
+        (live, live - committed)
+    };
+    assert!(
+        stored_garbage >= one_object,
+        "the overwrite, the aborted part and the cut PUT stored fragments"
+    );
+
+    // Every fragment that no version uses reaches the trash once the
+    // deadlines have passed; every committed one stays.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (live, trash) = fragment_counts(&s.cluster);
+        if live == committed - one_object && collector_work(&s.cluster, "orphans").await == 0 {
+            assert!(
+                trash >= one_object * 2,
+                "the old version and the deleted object: {trash}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "live {live} (want {}), trash {trash}, work {}",
+            committed - one_object,
+            collector_work(&s.cluster, "orphans").await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(get_bytes(c, "orphans", "kept").await == pseudo_random_bytes(1, 1 << 20));
+    assert!(get_bytes(c, "orphans", "over").await == pseudo_random_bytes(4, 1 << 20));
+    let mut whole = pseudo_random_bytes(11, 5 << 20);
+    whole.extend(pseudo_random_bytes(12, 1 << 20));
+    assert!(get_bytes(c, "orphans", "completed").await == whole);
+    // More passes change nothing.
+    tokio::time::sleep(collection.every * 4).await;
+    assert_eq!(fragment_counts(&s.cluster).0, committed - one_object);
+    drop(collectors);
     s.shutdown().await;
 }

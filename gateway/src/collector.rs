@@ -1,0 +1,324 @@
+//! The orphan collector (spec/gateway.md, "Collecting orphan fragments"):
+//! fragments that no committed version will ever need — those of a PUT cut
+//! off before it committed, of an aborted multipart upload, of a purged
+//! version — are released to every node's trash once no write still in
+//! flight can commit them.
+//!
+//! Every node runs one, for the bucket partitions it replicates. It finds
+//! its work in its own replica (upload records of single PUTs, release
+//! rows) and decides with quorum reads, so that replicas running it at
+//! once only repeat idempotent steps.
+
+use std::time::Duration;
+
+use cairn_node::swarm::{NodeHandle, now_unix_ms};
+use cairn_protocol::ids::UploadId;
+use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, split_key_sort};
+use cairn_protocol::records::{ReleaseRecord, ReleaseTarget, UploadRecord};
+use cairn_protocol::version::{ObjectVersion, VersionBody};
+
+use crate::error::{GatewayError, GatewayResult};
+use crate::objects::{
+    existing_versions, read_head, read_manifest, register, upload_row, versions_row,
+};
+
+/// The times the collector and every writer agree on. All nodes of a
+/// cluster must use the same.
+#[derive(Debug, Clone, Copy)]
+pub struct Collection {
+    /// A PUT, part or completion not committed this long after it began
+    /// is refused, and pushes no more fragments.
+    pub write_deadline: Duration,
+    /// Allowance for clocks that differ between nodes and for messages
+    /// delayed in the network.
+    pub clock_margin: Duration,
+    /// How often each node looks for work.
+    pub every: Duration,
+}
+
+impl Default for Collection {
+    fn default() -> Self {
+        Self {
+            // A 5 GiB PUT at 1 MB/s takes under 90 minutes.
+            write_deadline: Duration::from_secs(6 * 3600),
+            clock_margin: Duration::from_secs(3600),
+            every: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Collection {
+    /// How long after it became garbage (or its write began) a release
+    /// waits: past every deadline a write in flight could still meet.
+    fn grace_ms(&self) -> u64 {
+        (self.write_deadline + self.clock_margin).as_millis() as u64
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Collected {
+    /// Uploads whose fragments every node of the map moved to its trash.
+    pub released: u64,
+    /// Candidates found still in use by a committed version: nothing released.
+    pub kept: u64,
+    /// Releases some node did not confirm; tried again next pass.
+    pub pending: u64,
+}
+
+/// The collector of one node; stops when dropped.
+pub struct Collector {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    pub fn start(node: NodeHandle, collection: Collection) -> Self {
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(collection.every);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                match collect_once(&node, &collection).await {
+                    Ok(collected) if collected == Collected::default() => {}
+                    Ok(collected) => tracing::info!(?collected, "orphan collection pass"),
+                    Err(error) => tracing::warn!(%error, "orphan collection pass failed"),
+                }
+            }
+        });
+        Self { task }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One pass over the bucket partitions this node replicates.
+pub async fn collect_once(node: &NodeHandle, collection: &Collection) -> GatewayResult<Collected> {
+    let mut collected = Collected::default();
+    let own = node.node_id();
+    let mut after: Option<Partition> = None;
+    loop {
+        let (partitions, more) = node
+            .metadata()
+            .replica()
+            .partitions(after.as_ref(), 64)
+            .map_err(|e| GatewayError::Internal(format!("replica: {e}")))?;
+        for (partition, _) in &partitions {
+            // A partition that moved away is the new replicas' to collect.
+            if partition.is_cluster() || !node.metadata().replicas_of(partition)?.contains(&own) {
+                continue;
+            }
+            if let Err(error) = collect_bucket(node, collection, partition, &mut collected).await {
+                tracing::warn!(bucket = partition.as_str(), %error, "orphan collection of a bucket failed");
+            }
+        }
+        match partitions.last() {
+            Some((last, _)) if more => after = Some(last.clone()),
+            _ => return Ok(collected),
+        }
+    }
+}
+
+/// A candidate: the fragments of `target` under `key`, and the row that
+/// stands for the work until it is done.
+struct Candidate {
+    key: String,
+    target: ReleaseTarget,
+    row: RowKey,
+}
+
+async fn collect_bucket(
+    node: &NodeHandle,
+    collection: &Collection,
+    partition: &Partition,
+    collected: &mut Collected,
+) -> GatewayResult<()> {
+    let bucket = partition.as_str();
+    let ripe_before = now_unix_ms().saturating_sub(collection.grace_ms());
+    let mut candidates = Vec::new();
+    // Single PUTs whose upload record outlived every deadline: cut off.
+    for (sort, record) in local_registers(node, partition, Table::Uploads)? {
+        let Ok(record) = UploadRecord::decode(&record) else {
+            continue;
+        };
+        let Some((key, _)) = split_key_sort(&sort) else {
+            continue;
+        };
+        if !record.multipart && record.started_unix_ms < ripe_before {
+            candidates.push(Candidate {
+                key: key.to_owned(),
+                target: ReleaseTarget::Upload(record.upload),
+                row: upload_row(bucket, key, &record.upload),
+            });
+        }
+    }
+    // Aborted uploads and purged versions.
+    for (sort, record) in local_registers(node, partition, Table::Releases)? {
+        let Ok(record) = ReleaseRecord::decode(&record) else {
+            continue;
+        };
+        let Some(key) = record.target.key_of(&sort) else {
+            continue;
+        };
+        if record.since_unix_ms < ripe_before {
+            candidates.push(Candidate {
+                key: key.to_owned(),
+                target: record.target,
+                row: RowKey::new(partition.clone(), Table::Releases, sort.clone()),
+            });
+        }
+    }
+    for candidate in candidates {
+        collect(node, bucket, candidate, collected).await?;
+    }
+    Ok(())
+}
+
+/// The live registers of one table of a partition in this node's replica.
+fn local_registers(
+    node: &NodeHandle,
+    partition: &Partition,
+    table: Table,
+) -> GatewayResult<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut registers = Vec::new();
+    let mut start = Vec::new();
+    loop {
+        let page = node
+            .metadata()
+            .replica()
+            .range(partition, table, &start, None, 1000)
+            .map_err(|e| GatewayError::Internal(format!("replica: {e}")))?;
+        for (sort, value) in &page.rows {
+            if let RowValue::Register(Register {
+                value: Some(bytes), ..
+            }) = value
+            {
+                registers.push((sort.clone(), bytes.clone()));
+            }
+        }
+        match page.rows.last() {
+            Some((last, _)) if page.more => {
+                start = last.clone();
+                start.push(0);
+            }
+            _ => return Ok(registers),
+        }
+    }
+}
+
+async fn collect(
+    node: &NodeHandle,
+    bucket: &str,
+    candidate: Candidate,
+    collected: &mut Collected,
+) -> GatewayResult<()> {
+    let metadata = node.metadata();
+    let upload = match candidate.target {
+        ReleaseTarget::Upload(upload) => upload,
+        ReleaseTarget::Manifest(id) => match read_manifest(metadata, bucket, &id).await? {
+            Some(manifest) => manifest.upload,
+            // Never written: its PUT failed before committing, and that
+            // PUT's own upload record leads to its fragments.
+            None => return forget(node, candidate.row).await,
+        },
+    };
+    if in_use(node, bucket, &candidate.key, upload).await? {
+        collected.kept += 1;
+        return forget(node, candidate.row).await;
+    }
+    let Some(map) = node.cluster_map() else {
+        return Err(GatewayError::NoMap);
+    };
+    let releases = map.map.nodes.iter().map(|member| async move {
+        let asked = tokio::time::timeout(RELEASE_TIMEOUT, node.release_upload(&member.id, upload));
+        match asked.await {
+            Ok(Ok(_)) => true,
+            Ok(Err(error)) => {
+                tracing::debug!(node = %member.id, %upload, %error, "release not confirmed");
+                false
+            }
+            Err(_) => false,
+        }
+    });
+    if futures::future::join_all(releases)
+        .await
+        .into_iter()
+        .all(|confirmed| confirmed)
+    {
+        tracing::info!(bucket, key = candidate.key, %upload, "released the fragments of an upload no version uses");
+        collected.released += 1;
+        forget(node, candidate.row).await
+    } else {
+        collected.pending += 1;
+        Ok(())
+    }
+}
+
+/// How long one node is given to answer a release.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether a version of `key` that exists, or the key's head, was written
+/// by `upload`. A head whose writer never wrote its version row out is
+/// written out here: it is committed, and a GET should see it.
+async fn in_use(
+    node: &NodeHandle,
+    bucket: &str,
+    key: &str,
+    upload: UploadId,
+) -> GatewayResult<bool> {
+    let metadata = node.metadata();
+    let versions = existing_versions(metadata, bucket, key, None).await?;
+    let head = read_head(metadata, bucket, key).await?;
+    for version in &versions {
+        if written_by(node, version, upload).await? {
+            return Ok(true);
+        }
+    }
+    let Some(head) = head else {
+        return Ok(false);
+    };
+    if versions.iter().any(|v| v.version == head.version)
+        || !written_by(node, &head, upload).await?
+    {
+        return Ok(false);
+    }
+    let already = metadata
+        .read(vec![versions_row(bucket, key, &head.version)])
+        .await?
+        .remove(0);
+    if already.is_none() {
+        tracing::info!(bucket, key, version = %head.version, "writing out a committed head its writer left");
+        metadata
+            .write(vec![(
+                versions_row(bucket, key, &head.version),
+                RowValue::Version(Box::new(head)),
+            )])
+            .await?;
+    }
+    Ok(true)
+}
+
+async fn written_by(
+    node: &NodeHandle,
+    version: &ObjectVersion,
+    upload: UploadId,
+) -> GatewayResult<bool> {
+    let VersionBody::Data { manifest, .. } = &version.body else {
+        return Ok(false);
+    };
+    Ok(read_manifest(node.metadata(), &version.bucket, manifest)
+        .await?
+        .is_some_and(|m| m.upload == upload))
+}
+
+/// Ends the work a row stood for.
+async fn forget(node: &NodeHandle, row: RowKey) -> GatewayResult<()> {
+    let metadata = node.metadata();
+    metadata
+        .write(vec![(row, register(None, metadata.timestamp()))])
+        .await?;
+    Ok(())
+}
