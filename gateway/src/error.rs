@@ -55,6 +55,8 @@ pub enum GatewayError {
     NotModified,
     #[error("the write ran past its deadline of {minutes} minutes; nothing was committed")]
     WriteDeadline { minutes: u64 },
+    #[error("the body does not hash to the x-amz-content-sha256 the request was signed with")]
+    ContentSha256Mismatch,
     #[error("the client stopped sending the body: {0}")]
     ClientBody(String),
     #[error("not enough storage nodes answered: {0}")]

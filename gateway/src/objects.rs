@@ -948,7 +948,7 @@ impl StreamPut<'_> {
                         continue;
                     }
                 }
-                Some(Err(error)) => return Err(GatewayError::ClientBody(error.to_string())),
+                Some(Err(error)) => return Err(body_error(error)),
                 None => {
                     if received < length {
                         return Err(GatewayError::IncompleteBody {
@@ -1023,6 +1023,17 @@ impl StreamPut<'_> {
                 }
             }
         }
+    }
+}
+
+/// What a failed body means. s3s checks a signed payload's SHA-256 as the
+/// body passes and reports a mismatch only through its error's text.
+fn body_error(error: impl std::fmt::Display) -> GatewayError {
+    let text = error.to_string();
+    if text.contains("Sha256Mismatch") {
+        GatewayError::ContentSha256Mismatch
+    } else {
+        GatewayError::ClientBody(text)
     }
 }
 

@@ -43,6 +43,8 @@ impl From<GatewayError> for S3Error {
             GatewayError::InvalidDigest(_) => C::InvalidDigest,
             GatewayError::IncompleteBody { .. } | GatewayError::ClientBody(_) => C::IncompleteBody,
             GatewayError::WriteDeadline { .. } => C::RequestTimeout,
+            // Not among s3s's codes; AWS answers it with 400 (below).
+            GatewayError::ContentSha256Mismatch => C::Custom("XAmzContentSHA256Mismatch".into()),
             GatewayError::BodyTooLong { .. } => C::InvalidRequest,
             GatewayError::EntityTooLarge { .. } => C::EntityTooLarge,
             GatewayError::EntityTooSmall => C::EntityTooSmall,
@@ -60,7 +62,12 @@ impl From<GatewayError> for S3Error {
         if matches!(code, C::ServiceUnavailable | C::InternalError) {
             tracing::warn!(%error, "request failed");
         }
-        S3Error::with_message(code, error.to_string())
+        let custom = matches!(code, C::Custom(_));
+        let mut refusal = S3Error::with_message(code, error.to_string());
+        if custom {
+            refusal.set_status_code(http::StatusCode::BAD_REQUEST);
+        }
+        refusal
     }
 }
 

@@ -1305,6 +1305,34 @@ async fn a_client_that_disconnects_in_the_middle_of_a_put_leaves_no_object() {
         .await
         .unwrap();
     assert!(listed.contents().is_empty());
+    // A body that does not hash to the SHA-256 the request claims.
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let body = pseudo_random_bytes(3, 100_000);
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\nx-amz-content-sha256: {}\r\nConnection: close\r\n\r\n",
+        uri.path_and_query().unwrap(),
+        body.len(),
+        "0".repeat(64)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400")
+            && answer.contains("<Code>XAmzContentSHA256Mismatch</Code>"),
+        "{answer}"
+    );
+    assert!(
+        s.client
+            .head_object()
+            .bucket("cut")
+            .key("half")
+            .send()
+            .await
+            .is_err()
+    );
     // The same presigned URL, used in full, stores the object.
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let body = pseudo_random_bytes(2, 1 << 20);
