@@ -124,7 +124,7 @@ def check_gateway():
         r.done()
     r = Reader(h(v["part_record"]))
     assert r.u8() == 1
-    r.u64(), r.u64(), r.str16(64)
+    r.take(16), r.u64(), r.u64(), r.str16(64)
     k, m = r.u8(), r.u8()
     for _ in range(r.u32()):
         r.u32(), r.take(32 * (k + m))
@@ -170,7 +170,7 @@ def check_manifest():
     r.str16(64)
     previous = -1
     for _ in range(r.u32()):
-        number, length, count = r.u32(), r.u64(), r.u32()
+        number, _upload, length, count = r.u32(), r.take(16), r.u64(), r.u32()
         assert number > previous
         previous = number
         cipher_len = length + 16 * max(1, -(-length // chunk))

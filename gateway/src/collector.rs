@@ -216,52 +216,66 @@ async fn collect(
     collected: &mut Collected,
 ) -> GatewayResult<()> {
     let metadata = node.metadata();
-    let upload = match candidate.target {
-        ReleaseTarget::Upload(upload) => upload,
+    let uploads = match candidate.target {
+        ReleaseTarget::Upload(upload) => vec![upload],
         ReleaseTarget::Manifest(id) => match read_manifest(metadata, bucket, &id).await? {
-            Some(manifest) => manifest.upload,
+            Some(manifest) => {
+                let mut uploads: Vec<UploadId> = std::iter::once(manifest.upload)
+                    .chain(manifest.parts.iter().map(|p| p.upload))
+                    .collect();
+                uploads.sort_unstable();
+                uploads.dedup();
+                uploads
+            }
             // Never written: its PUT failed before committing, and that
             // PUT's own upload record leads to its fragments.
             None => return forget(node, candidate.row).await,
         },
     };
-    if in_use(node, bucket, &candidate.key, upload).await? {
-        collected.kept += 1;
-        return forget(node, candidate.row).await;
-    }
     let Some(map) = node.cluster_map() else {
         return Err(GatewayError::NoMap);
     };
-    let releases = map.map.nodes.iter().map(|member| async move {
-        let asked = tokio::time::timeout(RELEASE_TIMEOUT, node.release_upload(&member.id, upload));
-        match asked.await {
-            Ok(Ok(_)) => true,
-            Ok(Err(error)) => {
-                tracing::debug!(node = %member.id, %upload, %error, "release not confirmed");
-                false
-            }
-            Err(_) => false,
+    let mut confirmed = true;
+    for upload in uploads {
+        if in_use(node, bucket, &candidate.key, upload).await? {
+            collected.kept += 1;
+            continue;
         }
-    });
-    if futures::future::join_all(releases)
-        .await
-        .into_iter()
-        .all(|confirmed| confirmed)
-    {
-        tracing::info!(bucket, key = candidate.key, %upload, "released the fragments of an upload no version uses");
-        collected.released += 1;
-        forget(node, candidate.row).await
-    } else {
-        collected.pending += 1;
-        Ok(())
+        let releases = map.map.nodes.iter().map(|member| async move {
+            let asked =
+                tokio::time::timeout(RELEASE_TIMEOUT, node.release_upload(&member.id, upload));
+            match asked.await {
+                Ok(Ok(_)) => true,
+                Ok(Err(error)) => {
+                    tracing::debug!(node = %member.id, %upload, %error, "release not confirmed");
+                    false
+                }
+                Err(_) => false,
+            }
+        });
+        if futures::future::join_all(releases)
+            .await
+            .into_iter()
+            .all(|done| done)
+        {
+            tracing::info!(bucket, key = candidate.key, %upload, "released the fragments of an upload no version uses");
+            collected.released += 1;
+        } else {
+            collected.pending += 1;
+            confirmed = false;
+        }
     }
+    if confirmed {
+        forget(node, candidate.row).await?;
+    }
+    Ok(())
 }
 
 /// How long one node is given to answer a release.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether a version of `key` that exists, or the key's head, was written
-/// by `upload`. A head whose writer never wrote its version row out is
+/// by `upload` (as the object's upload or one of its parts'). A head whose writer never wrote its version row out is
 /// written out here: it is committed, and a GET should see it.
 async fn in_use(
     node: &NodeHandle,
@@ -311,7 +325,7 @@ async fn written_by(
     };
     Ok(read_manifest(node.metadata(), &version.bucket, manifest)
         .await?
-        .is_some_and(|m| m.upload == upload))
+        .is_some_and(|m| m.upload == upload || m.parts.iter().any(|p| p.upload == upload)))
 }
 
 /// Ends the work a row stood for.

@@ -38,6 +38,23 @@ fn label(bucket: &str, upload: &UploadId) -> String {
     format!("upload/{bucket}/{upload}")
 }
 
+/// A release row for the fragments of `upload` (a part attempt).
+fn release(
+    bucket: &str,
+    key: &str,
+    upload: UploadId,
+    at: cairn_protocol::hlc::Timestamp,
+) -> (RowKey, RowValue) {
+    let record = ReleaseRecord {
+        since_unix_ms: now_unix_ms(),
+        target: ReleaseTarget::Upload(upload),
+    };
+    (
+        release_row(bucket, key, &record.target),
+        register(Some(record.encode()), at),
+    )
+}
+
 fn part_row(bucket: &str, upload: &UploadId, number: u32) -> RowKey {
     RowKey::new(
         Partition::bucket(bucket),
@@ -176,11 +193,33 @@ impl ObjectStore {
         let map = self.map()?;
         let placer = Arc::new(Self::placer(&map, record.scheme)?);
         let layout = SegmentLayout::with_defaults(record.scheme);
-        let deadline = self.write_deadline(now_unix_ms());
+        let started = now_unix_ms();
+        let deadline = self.write_deadline(started);
+        // Each attempt at a part gets its own upload id for its fragments'
+        // holds, recorded before the first fragment like a single PUT's,
+        // so that a part cut off, replaced or not chosen can be released
+        // alone (spec/gateway.md, "Collecting orphan fragments").
+        let attempt = UploadId(random_bytes());
+        let intent = UploadRecord {
+            upload: attempt,
+            started_unix_ms: started,
+            multipart: false,
+            scheme: record.scheme,
+            bucket_key_id: record.bucket_key_id.clone(),
+            wrapped_key: Vec::new(),
+            headers: StoredHeaders::default(),
+        };
+        let metadata = self.node().metadata();
+        metadata
+            .write(vec![(
+                upload_row(bucket, key, &attempt),
+                register(Some(intent.encode()), metadata.timestamp()),
+            )])
+            .await?;
         let stream = StreamPut {
             store: self,
             placer,
-            upload: *upload,
+            upload: attempt,
             retain_until_unix_ms: 0,
             deadline_unix_ms: deadline,
         };
@@ -205,19 +244,41 @@ impl ObjectStore {
             return Err(self.deadline_error());
         }
         let part = PartRecord {
+            upload: attempt,
             uploaded_unix_ms: now_unix_ms(),
             plaintext_len: length,
             etag: etag.clone(),
             scheme: record.scheme,
             segments,
         };
-        let metadata = self.node().metadata();
-        metadata
-            .write(vec![(
+        let replaced = decode_register(
+            metadata
+                .read(vec![part_row(bucket, upload, number)])
+                .await?
+                .remove(0),
+            PartRecord::decode,
+        )?;
+        let at = metadata.timestamp();
+        let mut rows = vec![
+            (
                 part_row(bucket, upload, number),
-                register(Some(part.encode()), metadata.timestamp()),
-            )])
-            .await?;
+                register(Some(part.encode()), at),
+            ),
+            (upload_row(bucket, key, &attempt), register(None, at)),
+        ];
+        if let Some(replaced) = replaced.filter(|r| r.upload != attempt) {
+            rows.push(release(bucket, key, replaced.upload, at));
+        }
+        metadata.write(rows).await?;
+        // An upload completed or aborted while this part was on its way
+        // did not see it: the part releases itself.
+        if let Err(GatewayError::NoSuchUpload) = self.upload(bucket, key, upload).await {
+            let at = metadata.timestamp();
+            metadata
+                .write(vec![release(bucket, key, attempt, at)])
+                .await?;
+            return Err(GatewayError::NoSuchUpload);
+        }
         Ok((etag, checksum_value))
     }
 
@@ -321,6 +382,7 @@ impl ObjectStore {
             md5_of_md5s.update(digest);
             parts.push(Part {
                 number: *number,
+                upload: part.upload,
                 plaintext_len: part.plaintext_len,
                 segments: part.segments.clone(),
             });
@@ -370,7 +432,13 @@ impl ObjectStore {
                 deadline,
             )
             .await?;
-        self.forget_parts(bucket, upload, stored.iter().map(|(n, _)| *n))
+        // The parts not chosen go to the collector with the part rows.
+        let unchosen: Vec<UploadId> = stored
+            .iter()
+            .filter(|(n, _)| !chosen.iter().any(|(c, _)| c == n))
+            .map(|(_, part)| part.upload)
+            .collect();
+        self.forget_parts(bucket, key, upload, &stored, &unchosen)
             .await?;
         Ok(committed)
     }
@@ -385,40 +453,37 @@ impl ObjectStore {
     ) -> GatewayResult<()> {
         self.upload(bucket, key, upload).await?;
         let metadata = self.node().metadata();
-        let at = metadata.timestamp();
-        let release = ReleaseRecord {
-            since_unix_ms: now_unix_ms(),
-            target: ReleaseTarget::Upload(*upload),
-        };
         metadata
-            .write(vec![
-                (upload_row(bucket, key, upload), register(None, at)),
-                (
-                    release_row(bucket, key, &release.target),
-                    register(Some(release.encode()), at),
-                ),
-            ])
+            .write(vec![(
+                upload_row(bucket, key, upload),
+                register(None, metadata.timestamp()),
+            )])
             .await?;
-        let numbers: Vec<u32> = self
+        let stored = self
             .list_parts(bucket, upload, 0, MAX_PART_NUMBER as usize)
             .await?
-            .parts
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        self.forget_parts(bucket, upload, numbers.into_iter()).await
+            .parts;
+        let every: Vec<UploadId> = stored.iter().map(|(_, part)| part.upload).collect();
+        self.forget_parts(bucket, key, upload, &stored, &every)
+            .await
     }
 
+    /// Deletes the part rows of a finished upload, with a release row for
+    /// each of `released` in the same writes.
     async fn forget_parts(
         &self,
         bucket: &str,
+        key: &str,
         upload: &UploadId,
-        numbers: impl Iterator<Item = u32>,
+        stored: &[(u32, PartRecord)],
+        released: &[UploadId],
     ) -> GatewayResult<()> {
         let metadata = self.node().metadata();
         let at = metadata.timestamp();
-        let rows: Vec<(RowKey, RowValue)> = numbers
-            .map(|n| (part_row(bucket, upload, n), register(None, at)))
+        let rows: Vec<(RowKey, RowValue)> = stored
+            .iter()
+            .map(|(n, _)| (part_row(bucket, upload, *n), register(None, at)))
+            .chain(released.iter().map(|r| release(bucket, key, *r, at)))
             .collect();
         for chunk in rows.chunks(1000) {
             metadata.write(chunk.to_vec()).await?;

@@ -385,6 +385,7 @@ impl ObjectStore {
             etag: etag.clone(),
             parts: vec![Part {
                 number: 0,
+                upload,
                 plaintext_len: object.length,
                 segments,
             }],
@@ -747,7 +748,7 @@ impl ObjectStore {
                     let segment = &part.segments[index];
                     let same_site = &same_site;
                     async move {
-                        self.fetch_segment(&placer, same_site, manifest.upload, segment)
+                        self.fetch_segment(&placer, same_site, part.upload, segment)
                             .await
                             .map(|bytes| (index, bytes))
                     }

@@ -94,6 +94,10 @@ pub struct SegmentRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part {
     pub number: u32,
+    /// The upload the holds of this part's fragments name: the object's
+    /// upload for a single PUT, its own for each part attempt of a
+    /// multipart upload (so that parts can be released one by one).
+    pub upload: UploadId,
     pub plaintext_len: u64,
     pub segments: Vec<SegmentRef>,
 }
@@ -149,6 +153,7 @@ impl Manifest {
         out.put_u32(self.parts.len() as u32);
         for part in &self.parts {
             out.put_u32(part.number);
+            out.extend_from_slice(part.upload.as_bytes());
             out.put_u64(part.plaintext_len);
             out.put_u32(part.segments.len() as u32);
             for segment in &part.segments {
@@ -314,12 +319,13 @@ fn decode_body(body: &[u8]) -> Result<Manifest, ManifestError> {
     let key_id = r.str16("key id", MAX_KEY_ID_BYTES)?.to_owned();
     let wrapped = r.bytes16("wrapped key", MAX_WRAPPED_KEY_BYTES)?.to_vec();
     let etag = r.str16("etag", MAX_ETAG_BYTES)?.to_owned();
-    // A part needs at least 16 bytes (number, length, segment count).
-    let part_count = r.count("parts", MAX_PARTS, 16)?;
+    // A part needs at least 32 bytes (number, upload, length, segment count).
+    let part_count = r.count("parts", MAX_PARTS, 32)?;
     let mut parts = Vec::with_capacity(part_count);
     let segment_bytes = 4 + 32 * scheme.total();
     for _ in 0..part_count {
         let number = r.u32("part number")?;
+        let upload = UploadId(r.array("part upload id")?);
         let plaintext_len = r.u64("part length")?;
         let segment_count = r.count("segments", usize::MAX, segment_bytes)?;
         let mut segments = Vec::with_capacity(segment_count);
@@ -335,6 +341,7 @@ fn decode_body(body: &[u8]) -> Result<Manifest, ManifestError> {
         }
         parts.push(Part {
             number,
+            upload,
             plaintext_len,
             segments,
         });
@@ -394,6 +401,7 @@ mod tests {
             etag: "\"0123456789abcdef0123456789abcdef\"".into(),
             parts: vec![Part {
                 number: 0,
+                upload: UploadId([2; 16]),
                 plaintext_len,
                 segments,
             }],

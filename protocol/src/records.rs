@@ -204,6 +204,8 @@ fn read_scheme(r: &mut Reader<'_>) -> Result<Scheme, RecordError> {
 /// (stream id = part number) cut into segments like any object's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartRecord {
+    /// The upload id this part attempt's fragment holds name.
+    pub upload: UploadId,
     pub uploaded_unix_ms: u64,
     pub plaintext_len: u64,
     /// The part's S3 ETag, quotes included.
@@ -217,6 +219,7 @@ impl PartRecord {
         let per_segment = 4 + 32 * self.scheme.total();
         let mut out = Vec::with_capacity(64 + self.segments.len() * per_segment);
         out.put_u8(FORMAT_VERSION);
+        out.extend_from_slice(self.upload.as_bytes());
         out.put_u64(self.uploaded_unix_ms);
         out.put_u64(self.plaintext_len);
         out.put_bytes16(self.etag.as_bytes());
@@ -235,6 +238,7 @@ impl PartRecord {
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         let mut r = Reader::new(bytes);
         read_format(&mut r)?;
+        let upload = UploadId(r.array("upload id")?);
         let uploaded_unix_ms = r.u64("uploaded")?;
         let plaintext_len = r.u64("length")?;
         let etag = r.str16("etag", MAX_ETAG_BYTES)?.to_owned();
@@ -253,6 +257,7 @@ impl PartRecord {
         }
         r.finish("part record")?;
         Ok(Self {
+            upload,
             uploaded_unix_ms,
             plaintext_len,
             etag,
@@ -263,7 +268,7 @@ impl PartRecord {
 }
 
 /// What a release frees: the fragments of an upload, or those of the
-/// upload a manifest names.
+/// uploads a manifest names (its own and its parts').
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReleaseTarget {
     Upload(UploadId),
@@ -376,6 +381,7 @@ mod tests {
                 .unwrap(),
         };
         let part = PartRecord {
+            upload: UploadId([8; 16]),
             uploaded_unix_ms: 12,
             plaintext_len: 5 << 20,
             etag: "\"00\"".into(),

@@ -187,6 +187,7 @@ fn gateway_records_and_labelled_keys() {
         headers: StoredHeaders::new(vec![("content-type".into(), "video/mp4".into())]).unwrap(),
     };
     let part = PartRecord {
+        upload: UploadId([0x79; 16]),
         uploaded_unix_ms: 1_764_000_000_004,
         plaintext_len: 10,
         etag: "\"9e107d9d372bb6826bd81d3542a419d6\"".into(),
@@ -289,6 +290,7 @@ fn vector_manifest(key: &SigningKey) -> Manifest {
     let layout = SegmentLayout::new(scheme, ChunkSize::new(4096).unwrap(), 16).unwrap();
     let part = |number: u32, plaintext_len: u64| Part {
         number,
+        upload: UploadId([0x30 + number as u8; 16]),
         plaintext_len,
         segments: layout
             .segment_lens(plaintext_len)

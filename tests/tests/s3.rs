@@ -1472,7 +1472,9 @@ async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
     // completed multipart upload.
     put("kept", 1).await;
     put("over", 2).await;
-    let upload = |key: &'static str| async move {
+    // Uploads parts (number, seed, size) in order; returns the upload id
+    // and, per part number, the ETag of its last upload.
+    let upload = |key: &'static str, parts: &'static [(i32, u64, usize)]| async move {
         let created = c
             .create_multipart_upload()
             .bucket("orphans")
@@ -1481,43 +1483,50 @@ async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
             .await
             .unwrap();
         let id = created.upload_id().unwrap().to_owned();
-        let mut parts = Vec::new();
-        for (number, size) in [(1, 5 << 20), (2, 1 << 20)] {
+        let mut etags = std::collections::BTreeMap::new();
+        for &(number, seed, size) in parts {
             let part = c
                 .upload_part()
                 .bucket("orphans")
                 .key(key)
                 .upload_id(&id)
                 .part_number(number)
-                .body(ByteStream::from(pseudo_random_bytes(
-                    10 + number as u64,
-                    size,
-                )))
+                .body(ByteStream::from(pseudo_random_bytes(seed, size)))
                 .send()
                 .await
                 .unwrap();
-            parts.push(
+            etags.insert(number, part.e_tag().unwrap().to_owned());
+        }
+        (id, etags)
+    };
+    let complete = |key: &'static str, id: String, chosen: Vec<(i32, String)>| async move {
+        let parts = chosen
+            .into_iter()
+            .map(|(number, etag)| {
                 aws_sdk_s3::types::CompletedPart::builder()
                     .part_number(number)
-                    .e_tag(part.e_tag().unwrap())
+                    .e_tag(etag)
+                    .build()
+            })
+            .collect();
+        c.complete_multipart_upload()
+            .bucket("orphans")
+            .key(key)
+            .upload_id(&id)
+            .multipart_upload(
+                aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
                     .build(),
-            );
-        }
-        (id, parts)
+            )
+            .send()
+            .await
+            .unwrap();
     };
-    let (id, parts) = upload("completed").await;
-    c.complete_multipart_upload()
-        .bucket("orphans")
-        .key("completed")
-        .upload_id(&id)
-        .multipart_upload(
-            aws_sdk_s3::types::CompletedMultipartUpload::builder()
-                .set_parts(Some(parts))
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    const TWO_PARTS: &[(i32, u64, usize)] = &[(1, 11, 5 << 20), (2, 12, 1 << 20)];
+    let (before_completed, _) = fragment_counts(&s.cluster);
+    let (id, etags) = upload("completed", TWO_PARTS).await;
+    complete("completed", id, etags.into_iter().collect()).await;
+    let two_parts = fragment_counts(&s.cluster).0 - before_completed;
     forge_uncommitted_look(&s.cluster, "orphans", "kept").await;
     let (before_deleted, _) = fragment_counts(&s.cluster);
     put("deleted", 3).await;
@@ -1535,7 +1544,21 @@ async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
         .send()
         .await
         .unwrap();
-    let (id, _) = upload("aborted").await;
+    let (id, _) = upload("aborted", TWO_PARTS).await;
+    // Part 1 sent twice, part 3 not chosen: only the second part 1 and
+    // part 2 stay.
+    let (id_redone, etags) = upload(
+        "redone",
+        &[
+            (1, 20, 5 << 20),
+            (1, 11, 5 << 20),
+            (2, 12, 1 << 20),
+            (3, 23, 1 << 20),
+        ],
+    )
+    .await;
+    let chosen = etags.into_iter().filter(|(n, _)| *n < 3).collect();
+    complete("redone", id_redone, chosen).await;
     c.abort_multipart_upload()
         .bucket("orphans")
         .key("aborted")
@@ -1581,7 +1604,9 @@ async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let (live, trash) = fragment_counts(&s.cluster);
-        if live == committed - one_object && collector_work(&s.cluster, "orphans").await == 0 {
+        if live == committed - one_object + two_parts
+            && collector_work(&s.cluster, "orphans").await == 0
+        {
             assert!(
                 trash >= one_object * 2,
                 "the old version and the deleted object: {trash}"
@@ -1591,7 +1616,7 @@ async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "live {live} (want {}), trash {trash}, work {}",
-            committed - one_object,
+            committed - one_object + two_parts,
             collector_work(&s.cluster, "orphans").await
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1601,9 +1626,13 @@ async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
     let mut whole = pseudo_random_bytes(11, 5 << 20);
     whole.extend(pseudo_random_bytes(12, 1 << 20));
     assert!(get_bytes(c, "orphans", "completed").await == whole);
+    assert!(get_bytes(c, "orphans", "redone").await == whole);
     // More passes change nothing.
     tokio::time::sleep(collection.every * 4).await;
-    assert_eq!(fragment_counts(&s.cluster).0, committed - one_object);
+    assert_eq!(
+        fragment_counts(&s.cluster).0,
+        committed - one_object + two_parts
+    );
     drop(collectors);
     s.shutdown().await;
 }
