@@ -1636,3 +1636,114 @@ async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
     drop(collectors);
     s.shutdown().await;
 }
+
+/// Sends one HTTP/1.1 request with `host` as its Host header to the
+/// gateway and returns the whole answer.
+async fn raw_request(
+    address: std::net::SocketAddr,
+    method: &str,
+    uri: &http::Uri,
+    host: &str,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "{method} {} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        uri.path_and_query().unwrap(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn virtual_hosted_style_requests_reach_their_bucket() {
+    let s = setup().await;
+    s.client
+        .create_bucket()
+        .bucket("vhost")
+        .send()
+        .await
+        .unwrap();
+    let key = s.gateway.keys().create("virtual").await.unwrap();
+    // Signed for `vhost.localhost:<port>`, sent to 127.0.0.1 with that Host.
+    let port = s.gateway.address().port();
+    let virtual_client = Client::from_conf(
+        aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(format!("http://localhost:{port}"))
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new(&key.id, &key.secret, None, None, "test"))
+            .force_path_style(false)
+            .build(),
+    );
+    let presign =
+        || aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300)).unwrap();
+    let put = virtual_client
+        .put_object()
+        .bucket("vhost")
+        .key("dir/object.txt")
+        .presigned(presign())
+        .await
+        .unwrap();
+    let put_uri: http::Uri = put.uri().parse().unwrap();
+    let host = format!("vhost.localhost:{port}");
+    assert_eq!(put_uri.authority().unwrap().as_str(), host);
+    assert_eq!(put_uri.path(), "/dir/object.txt");
+    let answer = raw_request(
+        s.gateway.address(),
+        "PUT",
+        &put_uri,
+        &host,
+        b"by virtual host",
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Path-style sees what the virtual-hosted PUT stored, and back.
+    assert_eq!(
+        get_bytes(&s.client, "vhost", "dir/object.txt").await,
+        b"by virtual host"
+    );
+    let get = virtual_client
+        .get_object()
+        .bucket("vhost")
+        .key("dir/object.txt")
+        .presigned(presign())
+        .await
+        .unwrap();
+    let answer = raw_request(
+        s.gateway.address(),
+        "GET",
+        &get.uri().parse().unwrap(),
+        &host,
+        b"",
+    )
+    .await;
+    assert!(answer.ends_with(b"\r\n\r\nby virtual host"));
+    // A bucket that does not exist, named by the host.
+    let missing = virtual_client
+        .get_object()
+        .bucket("absent-bucket")
+        .key("dir/object.txt")
+        .presigned(presign())
+        .await
+        .unwrap();
+    let answer = raw_request(
+        s.gateway.address(),
+        "GET",
+        &missing.uri().parse().unwrap(),
+        &format!("absent-bucket.localhost:{port}"),
+        b"",
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 404") && answer.contains("<Code>NoSuchBucket</Code>"),
+        "{answer}"
+    );
+    s.shutdown().await;
+}
