@@ -125,6 +125,8 @@ def check_gateway():
     r = Reader(h(v["part_record"]))
     assert r.u8() == 1
     r.take(16), r.u64(), r.u64(), r.str16(64)
+    algorithm, value = r.str16(16), r.str16(64)
+    assert (algorithm == "") == (value == "")
     k, m = r.u8(), r.u8()
     for _ in range(r.u32()):
         r.u32(), r.take(32 * (k + m))

@@ -53,7 +53,7 @@ impl Algorithm {
         }
     }
 
-    fn by_name(name: &str) -> Option<Self> {
+    pub fn by_name(name: &str) -> Option<Self> {
         Self::ALL
             .into_iter()
             .find(|a| a.name().eq_ignore_ascii_case(name.trim()))
@@ -187,6 +187,37 @@ impl ChecksumRequest {
         }
         Ok(computed)
     }
+}
+
+/// The checksum of a multipart object from its parts' (S3's COMPOSITE
+/// type): the algorithm over the parts' binary checksums in order, in
+/// base64, then `-N`. `None` for CRC64NVME, which S3 keeps only as a
+/// full-object value.
+pub fn composite(algorithm: Algorithm, parts: &[&str]) -> GatewayResult<Option<String>> {
+    use base64::Engine as _;
+    if algorithm == Algorithm::Crc64Nvme {
+        return Ok(None);
+    }
+    let mut hasher = ChecksumRequest {
+        algorithm,
+        expected: Expected::Computed,
+    }
+    .hasher();
+    for part in parts {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(part)
+            .map_err(|_| GatewayError::Corrupt(format!("stored part checksum {part:?}")))?;
+        hasher.update(&raw);
+    }
+    let sums = hasher.finalize();
+    let value = match algorithm {
+        Algorithm::Crc32 => sums.checksum_crc32,
+        Algorithm::Crc32c => sums.checksum_crc32c,
+        Algorithm::Crc64Nvme => sums.checksum_crc64nvme,
+        Algorithm::Sha1 => sums.checksum_sha1,
+        Algorithm::Sha256 => sums.checksum_sha256,
+    };
+    Ok(value.map(|v| format!("{v}-{}", parts.len())))
 }
 
 #[cfg(test)]

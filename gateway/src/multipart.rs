@@ -22,11 +22,12 @@ use cairn_protocol::records::{PartRecord, ReleaseRecord, ReleaseTarget, UploadRe
 use cairn_protocol::version::{ObjectVersion, StoredHeaders};
 use md5::Digest;
 
-use crate::checksum::ChecksumRequest;
+use crate::checksum::{Algorithm, ChecksumRequest, composite};
 use crate::error::{GatewayError, GatewayResult};
 use crate::kms::random_bytes;
 use crate::objects::{
     MAX_PUT_BYTES, ObjectStore, StreamPut, WriteCondition, register, release_row, upload_row,
+    with_checksum,
 };
 
 /// Every part but the last is at least this long, as in S3.
@@ -61,6 +62,15 @@ fn part_row(bucket: &str, upload: &UploadId, number: u32) -> RowKey {
         Table::Parts,
         part_sort_key(upload.as_bytes(), number as u16),
     )
+}
+
+/// A part CompleteMultipartUpload names: its number, its ETag and the
+/// checksum the client holds for it, if any.
+#[derive(Debug, Clone)]
+pub struct ChosenPart {
+    pub number: u32,
+    pub etag: String,
+    pub checksum: Option<(Algorithm, String)>,
 }
 
 /// An upload in progress, as ListMultipartUploads shows it.
@@ -236,7 +246,7 @@ impl ObjectStore {
             return Err(GatewayError::BadDigest);
         }
         let checksum_value = match (&checksum, streamed.checksum) {
-            (Some(request), Some(hasher)) => Some(request.verify(hasher)?),
+            (Some(request), Some(hasher)) => Some((request.algorithm, request.verify(hasher)?)),
             _ => None,
         };
         let etag = format!("\"{}\"", cairn_protocol::to_hex(&digest));
@@ -248,6 +258,9 @@ impl ObjectStore {
             uploaded_unix_ms: now_unix_ms(),
             plaintext_len: length,
             etag: etag.clone(),
+            checksum: checksum_value
+                .as_ref()
+                .map(|(algorithm, value)| (algorithm.name().to_owned(), value.clone())),
             scheme: record.scheme,
             segments,
         };
@@ -279,7 +292,7 @@ impl ObjectStore {
                 .await?;
             return Err(GatewayError::NoSuchUpload);
         }
-        Ok((etag, checksum_value))
+        Ok((etag, checksum_value.map(|(_, value)| value)))
     }
 
     /// The upload's parts from `after` on, at most `max`.
@@ -338,7 +351,7 @@ impl ObjectStore {
         bucket: &str,
         key: &str,
         upload: &UploadId,
-        chosen: &[(u32, String)],
+        chosen: &[ChosenPart],
         condition: &WriteCondition,
     ) -> GatewayResult<ObjectVersion> {
         if chosen.is_empty() {
@@ -351,7 +364,7 @@ impl ObjectStore {
                 "at most {MAX_PARTS} parts"
             )));
         }
-        if chosen.windows(2).any(|w| w[0].0 >= w[1].0) {
+        if chosen.windows(2).any(|w| w[0].number >= w[1].number) {
             return Err(GatewayError::InvalidPartOrder);
         }
         let deadline = self.write_deadline(now_unix_ms());
@@ -362,7 +375,9 @@ impl ObjectStore {
             .parts;
         let mut parts = Vec::with_capacity(chosen.len());
         let mut md5_of_md5s = md5::Md5::new();
-        for (index, (number, etag)) in chosen.iter().enumerate() {
+        let mut part_checksums: Vec<Option<&(String, String)>> = Vec::with_capacity(chosen.len());
+        for (index, choice) in chosen.iter().enumerate() {
+            let (number, etag) = (&choice.number, &choice.etag);
             let Some((_, part)) = stored.iter().find(|(n, _)| n == number) else {
                 return Err(GatewayError::InvalidPart(format!(
                     "part {number} has not been uploaded"
@@ -377,6 +392,16 @@ impl ObjectStore {
             if index + 1 < chosen.len() && part.plaintext_len < MIN_PART_BYTES {
                 return Err(GatewayError::EntityTooSmall);
             }
+            if let Some((algorithm, value)) = &choice.checksum
+                && part.checksum.as_ref()
+                    != Some(&(algorithm.name().to_owned(), value.trim().to_owned()))
+            {
+                return Err(GatewayError::InvalidPart(format!(
+                    "part {number} was not uploaded with the {} checksum {value}",
+                    algorithm.name()
+                )));
+            }
+            part_checksums.push(part.checksum.as_ref());
             let digest = cairn_protocol::from_hex::<16>(part.etag.trim_matches('"'))
                 .ok_or_else(|| GatewayError::Corrupt(format!("part {number} ETag")))?;
             md5_of_md5s.update(digest);
@@ -392,6 +417,24 @@ impl ObjectStore {
             cairn_protocol::to_hex(&md5_of_md5s.finalize()),
             chosen.len()
         );
+        // Parts that all carry one algorithm's checksum give the object
+        // S3's composite checksum of them.
+        let mut headers = record.headers.clone();
+        if let Some(Some((name, _))) = part_checksums.first()
+            && part_checksums
+                .iter()
+                .all(|c| c.is_some_and(|(other, _)| other == name))
+            && let Some(algorithm) = Algorithm::by_name(name)
+        {
+            let values: Vec<&str> = part_checksums
+                .iter()
+                .flatten()
+                .map(|(_, value)| value.as_str())
+                .collect();
+            if let Some(value) = composite(algorithm, &values)? {
+                headers = with_checksum(headers, algorithm, value, "COMPOSITE")?;
+            }
+        }
         let version = self.new_version();
         // The data key was wrapped for the upload; the object's copy is
         // bound to its final version like any object's.
@@ -426,7 +469,7 @@ impl ObjectStore {
         let committed = self
             .commit(
                 manifest,
-                record.headers,
+                headers,
                 upload_row(bucket, key, upload),
                 condition,
                 deadline,
@@ -435,7 +478,7 @@ impl ObjectStore {
         // The parts not chosen go to the collector with the part rows.
         let unchosen: Vec<UploadId> = stored
             .iter()
-            .filter(|(n, _)| !chosen.iter().any(|(c, _)| c == n))
+            .filter(|(n, _)| !chosen.iter().any(|c| c.number == *n))
             .map(|(_, part)| part.upload)
             .collect();
         self.forget_parts(bucket, key, upload, &stored, &unchosen)

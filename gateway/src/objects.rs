@@ -366,7 +366,7 @@ impl ObjectStore {
         let mut headers = object.headers;
         if let (Some(request), Some(hasher)) = (&object.checksum, streamed.checksum) {
             let value = request.verify(hasher)?;
-            headers = with_checksum(headers, request.algorithm, value)?;
+            headers = with_checksum(headers, request.algorithm, value, "FULL_OBJECT")?;
         }
         let etag = format!("\"{}\"", cairn_protocol::to_hex(&digest));
         let manifest = Manifest {
@@ -1048,17 +1048,19 @@ fn record(
     Ok(())
 }
 
-/// `headers` with the object's full-object checksum added.
+/// `headers` with the object's checksum added, of S3's `kind`
+/// (FULL_OBJECT or COMPOSITE).
 pub(crate) fn with_checksum(
     headers: StoredHeaders,
     algorithm: Algorithm,
     value: String,
+    kind: &str,
 ) -> GatewayResult<StoredHeaders> {
     let mut pairs: Vec<(String, String)> = headers
         .iter()
         .map(|(n, v)| (n.to_owned(), v.to_owned()))
         .collect();
     pairs.push((algorithm.header().to_owned(), value));
-    pairs.push(("x-amz-checksum-type".to_owned(), "FULL_OBJECT".to_owned()));
+    pairs.push(("x-amz-checksum-type".to_owned(), kind.to_owned()));
     StoredHeaders::new(pairs).map_err(|e| GatewayError::MetadataTooLarge(e.to_string()))
 }

@@ -16,7 +16,7 @@ use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 use crate::buckets::Buckets;
 use crate::checksum::{Algorithm, ChecksumRequest};
 use crate::error::GatewayError;
-use crate::multipart::{MAX_PART_NUMBER, check_part_number};
+use crate::multipart::{ChosenPart, MAX_PART_NUMBER, check_part_number};
 use crate::objects::{NewObject, ObjectStore, WriteCondition};
 
 /// User metadata (`x-amz-meta-*` names and values) per object, as in S3.
@@ -1198,21 +1198,41 @@ impl S3 for CairnS3 {
             .unwrap_or_default()
         {
             let number = check_part_number(part.part_number.unwrap_or(0))?;
+            let checksum = [
+                (Algorithm::Crc32, &part.checksum_crc32),
+                (Algorithm::Crc32c, &part.checksum_crc32c),
+                (Algorithm::Crc64Nvme, &part.checksum_crc64nvme),
+                (Algorithm::Sha1, &part.checksum_sha1),
+                (Algorithm::Sha256, &part.checksum_sha256),
+            ]
+            .into_iter()
+            .find_map(|(algorithm, value)| value.clone().map(|v| (algorithm, v)));
             let etag = part
                 .e_tag
                 .map(|e| e.value().to_owned())
                 .ok_or_else(|| GatewayError::InvalidPart(format!("part {number} has no ETag")))?;
-            chosen.push((number, etag));
+            chosen.push(ChosenPart {
+                number,
+                etag,
+                checksum,
+            });
         }
         let version = self
             .objects
             .complete_upload(&input.bucket, &input.key, &upload, &chosen, &condition)
             .await?;
         self.purge_older(&version).await?;
-        let VersionBody::Data { etag, .. } = &version.body else {
+        let VersionBody::Data { etag, headers, .. } = &version.body else {
             unreachable!("a completed upload writes data");
         };
+        let sums = stored_checksums(headers);
         Ok(S3Response::new(CompleteMultipartUploadOutput {
+            checksum_crc32: sums.checksum_crc32,
+            checksum_crc32c: sums.checksum_crc32c,
+            checksum_crc64nvme: sums.checksum_crc64nvme,
+            checksum_sha1: sums.checksum_sha1,
+            checksum_sha256: sums.checksum_sha256,
+            checksum_type: sums.checksum_type,
             bucket: Some(input.bucket.clone()),
             key: Some(input.key.clone()),
             e_tag: Some(strong_etag(etag)),
@@ -1276,12 +1296,24 @@ impl S3 for CairnS3 {
         let parts = page
             .parts
             .iter()
-            .map(|(number, part)| s3s::dto::Part {
-                part_number: Some(*number as i32),
-                e_tag: Some(strong_etag(&part.etag)),
-                size: Some(part.plaintext_len as i64),
-                last_modified: Some(timestamp_of(part.uploaded_unix_ms)),
-                ..Default::default()
+            .map(|(number, part)| {
+                let sum = |algorithm: Algorithm| {
+                    part.checksum
+                        .as_ref()
+                        .filter(|(name, _)| name == algorithm.name())
+                        .map(|(_, value)| value.clone())
+                };
+                s3s::dto::Part {
+                    part_number: Some(*number as i32),
+                    e_tag: Some(strong_etag(&part.etag)),
+                    size: Some(part.plaintext_len as i64),
+                    last_modified: Some(timestamp_of(part.uploaded_unix_ms)),
+                    checksum_crc32: sum(Algorithm::Crc32),
+                    checksum_crc32c: sum(Algorithm::Crc32c),
+                    checksum_crc64nvme: sum(Algorithm::Crc64Nvme),
+                    checksum_sha1: sum(Algorithm::Sha1),
+                    checksum_sha256: sum(Algorithm::Sha256),
+                }
             })
             .collect();
         Ok(S3Response::new(ListPartsOutput {

@@ -210,9 +210,16 @@ pub struct PartRecord {
     pub plaintext_len: u64,
     /// The part's S3 ETag, quotes included.
     pub etag: String,
+    /// The additional checksum the part was uploaded with, verified: the
+    /// algorithm's S3 name and the base64 value.
+    pub checksum: Option<(String, String)>,
     pub scheme: Scheme,
     pub segments: Vec<SegmentRef>,
 }
+
+/// Bytes of a checksum algorithm's name and of a base64 checksum value.
+pub const MAX_CHECKSUM_NAME_BYTES: usize = 16;
+pub const MAX_CHECKSUM_VALUE_BYTES: usize = 64;
 
 impl PartRecord {
     pub fn encode(&self) -> Vec<u8> {
@@ -223,6 +230,12 @@ impl PartRecord {
         out.put_u64(self.uploaded_unix_ms);
         out.put_u64(self.plaintext_len);
         out.put_bytes16(self.etag.as_bytes());
+        let (algorithm, value) = self
+            .checksum
+            .as_ref()
+            .map_or(("", ""), |(a, v)| (a.as_str(), v.as_str()));
+        out.put_bytes16(algorithm.as_bytes());
+        out.put_bytes16(value.as_bytes());
         out.put_u8(self.scheme.data() as u8);
         out.put_u8(self.scheme.parity() as u8);
         out.put_u32(self.segments.len() as u32);
@@ -242,6 +255,17 @@ impl PartRecord {
         let uploaded_unix_ms = r.u64("uploaded")?;
         let plaintext_len = r.u64("length")?;
         let etag = r.str16("etag", MAX_ETAG_BYTES)?.to_owned();
+        let algorithm = r.str16("checksum algorithm", MAX_CHECKSUM_NAME_BYTES)?;
+        let value = r.str16("checksum", MAX_CHECKSUM_VALUE_BYTES)?;
+        let checksum = match (algorithm.is_empty(), value.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some((algorithm.to_owned(), value.to_owned())),
+            _ => {
+                return Err(RecordError::Invalid(
+                    "a checksum needs both its algorithm and its value".into(),
+                ));
+            }
+        };
         let scheme = read_scheme(&mut r)?;
         let count = r.count("segments", usize::MAX, 4 + 32 * scheme.total())?;
         let mut segments = Vec::with_capacity(count);
@@ -261,6 +285,7 @@ impl PartRecord {
             uploaded_unix_ms,
             plaintext_len,
             etag,
+            checksum,
             scheme,
             segments,
         })
@@ -385,6 +410,7 @@ mod tests {
             uploaded_unix_ms: 12,
             plaintext_len: 5 << 20,
             etag: "\"00\"".into(),
+            checksum: Some(("CRC32".into(), "AAAAAA==".into())),
             scheme: Scheme::new(2, 1).unwrap(),
             segments: vec![SegmentRef {
                 ciphertext_len: 100,

@@ -191,6 +191,7 @@ fn gateway_records_and_labelled_keys() {
         uploaded_unix_ms: 1_764_000_000_004,
         plaintext_len: 10,
         etag: "\"9e107d9d372bb6826bd81d3542a419d6\"".into(),
+        checksum: Some(("CRC32C".into(), "yZRlqg==".into())),
         scheme: Scheme::new(2, 1).unwrap(),
         segments: vec![SegmentRef {
             ciphertext_len: 26,

@@ -762,7 +762,9 @@ async fn copies_keep_or_replace_metadata_and_copy_parts_by_range() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn additional_checksums_are_verified_kept_and_returned() {
-    use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode};
+    use aws_sdk_s3::types::{
+        ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart,
+    };
     use base64::Engine;
     use s3s::crypto::{Checksum, Crc32c, Sha256};
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
@@ -872,6 +874,84 @@ async fn additional_checksums_are_verified_kept_and_returned() {
         part.checksum_sha256(),
         Some(b64(Sha256::checksum(b"part one").as_ref()).as_str())
     );
+    // A second part, then the object: S3's composite checksum, the
+    // SHA-256 of the parts' binary SHA-256s, then -2.
+    let first = pseudo_random_bytes(31, 5 << 20);
+    let part_one = c
+        .upload_part()
+        .bucket("sums")
+        .key("parts")
+        .upload_id(&upload_id)
+        .part_number(1)
+        .checksum_algorithm(ChecksumAlgorithm::Sha256)
+        .body(ByteStream::from(first.clone()))
+        .send()
+        .await
+        .unwrap();
+    let part_two = c
+        .upload_part()
+        .bucket("sums")
+        .key("parts")
+        .upload_id(&upload_id)
+        .part_number(2)
+        .checksum_algorithm(ChecksumAlgorithm::Sha256)
+        .body(ByteStream::from_static(b"part two"))
+        .send()
+        .await
+        .unwrap();
+    let listed = c
+        .list_parts()
+        .bucket("sums")
+        .key("parts")
+        .upload_id(&upload_id)
+        .send()
+        .await
+        .unwrap();
+    let sums: Vec<Option<&str>> = listed.parts().iter().map(|p| p.checksum_sha256()).collect();
+    let one = b64(Sha256::checksum(&first).as_ref());
+    let two = b64(Sha256::checksum(b"part two").as_ref());
+    assert_eq!(sums, [Some(one.as_str()), Some(two.as_str())]);
+    let completed = |first_sum: String| {
+        let parts = vec![
+            CompletedPart::builder()
+                .part_number(1)
+                .e_tag(part_one.e_tag().unwrap())
+                .checksum_sha256(first_sum)
+                .build(),
+            CompletedPart::builder()
+                .part_number(2)
+                .e_tag(part_two.e_tag().unwrap())
+                .checksum_sha256(two.clone())
+                .build(),
+        ];
+        c.complete_multipart_upload()
+            .bucket("sums")
+            .key("parts")
+            .upload_id(&upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+    };
+    let wrong = completed(two.clone()).await.unwrap_err();
+    assert_eq!(code(&wrong.into_service_error()), "InvalidPart");
+    let done = completed(one.clone()).await.unwrap();
+    let mut both = Sha256::checksum(&first).as_ref().to_vec();
+    both.extend_from_slice(Sha256::checksum(b"part two").as_ref());
+    let expected = format!("{}-2", b64(Sha256::checksum(&both).as_ref()));
+    assert_eq!(done.checksum_sha256(), Some(expected.as_str()));
+    let head = c
+        .head_object()
+        .bucket("sums")
+        .key("parts")
+        .checksum_mode(ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.checksum_sha256(), Some(expected.as_str()));
+    assert_eq!(head.checksum_type().map(|t| t.as_str()), Some("COMPOSITE"));
     s.shutdown().await;
 }
 
