@@ -455,6 +455,36 @@ async fn push_map(cluster_key: Identity, map: PathBuf, peer: String) -> Result<(
     Ok(())
 }
 
+/// The S3 listener's TLS from `[s3]`: the operator's PEM files, or a
+/// self-signed certificate kept in the data directory, or none.
+fn s3_tls(
+    section: &cairn_gateway::node::config::S3Section,
+    data_dir: &Path,
+    listen: std::net::SocketAddr,
+) -> Result<Option<std::sync::Arc<cairn_gateway::tls::ServerConfig>>> {
+    let (cert, key) = match (&section.tls_cert_file, &section.tls_key_file) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        (None, None) if section.tls_self_signed => {
+            let mut names = vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                "::1".to_owned(),
+            ];
+            if !listen.ip().is_unspecified() {
+                names.push(listen.ip().to_string());
+            }
+            for domain in &section.domains {
+                names.push(domain.clone());
+                names.push(format!("*.{domain}"));
+            }
+            cairn_gateway::tls::self_signed(data_dir, &names)?
+        }
+        (None, None) => return Ok(None),
+        _ => bail!("[s3] needs both tls_cert_file and tls_key_file, or neither"),
+    };
+    Ok(Some(cairn_gateway::tls::server_config(&cert, &key)?))
+}
+
 async fn serve(
     config: PathBuf,
     data_dir: Option<PathBuf>,
@@ -473,6 +503,7 @@ async fn serve(
         settings.bootstrap = bootstrap;
     }
     let s3 = settings.s3.clone();
+    let data_dir = settings.data_dir.clone();
     let (node_config, identity) = settings.into_node_config()?;
     // The root key is checked before the node starts, so that a gateway
     // that cannot decrypt anything never comes up.
@@ -490,9 +521,10 @@ async fn serve(
     let collector = Collector::start(node.handle(), Collection::default());
     let gateway = match (s3, root) {
         (Some(section), Some(root)) => {
-            let listen = section.listen.parse().with_context(|| {
+            let listen: std::net::SocketAddr = section.listen.parse().with_context(|| {
                 format!("[s3] listen {:?} is not an address:port", section.listen)
             })?;
+            let tls = s3_tls(&section, &data_dir, listen)?;
             Some(
                 cairn_gateway::Gateway::start(
                     node.handle(),
@@ -502,6 +534,7 @@ async fn serve(
                         region: section.region,
                         domains: section.domains,
                         collection: Collection::default(),
+                        tls,
                     },
                 )
                 .await?,

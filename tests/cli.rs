@@ -377,9 +377,11 @@ fn cairn_dev_serves_s3_and_keeps_objects_and_credentials_across_a_restart() {
 fn a_served_node_with_an_s3_section_serves_keys_made_by_the_admin_commands() {
     use aws_sdk_s3::primitives::ByteStream;
 
-    // Three storage nodes and a gateway process, keys made by the admin
-    // commands through the gateway's QUIC address.
-    let cluster = ProcessCluster::start(&[1, 1, 1], 1, 1);
+    // Three storage nodes and a gateway process serving S3 over TLS with
+    // the self-signed certificate it made, keys made by the admin commands
+    // through the gateway's QUIC address.
+    let cluster = ProcessCluster::start_with_tls(&[1, 1, 1], 1, 1, true);
+    let certificate = std::fs::read(cluster.tls_certificate.as_ref().unwrap()).unwrap();
     let admin = |command: &[&str]| {
         let args: Vec<&str> = ["admin", "key"]
             .into_iter()
@@ -400,7 +402,7 @@ fn a_served_node_with_an_s3_section_serves_keys_made_by_the_admin_commands() {
         .enable_all()
         .build()
         .unwrap();
-    let client = s3_client(&cluster.endpoint, &id, &secret);
+    let client = s3_client_trusting(&cluster.endpoint, &id, &secret, Some(&certificate));
     runtime.block_on(async {
         client
             .create_bucket()

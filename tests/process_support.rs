@@ -170,6 +170,8 @@ pub struct ProcessCluster {
     pub gateway: Server,
     pub nodes: Vec<Server>,
     pub endpoint: String,
+    /// The gateway's self-signed certificate, when it speaks TLS.
+    pub tls_certificate: Option<std::path::PathBuf>,
     pub access_key: String,
     pub secret_key: String,
     /// What `cairn admin key` needs: the cluster key, a peer, the root key.
@@ -178,7 +180,14 @@ pub struct ProcessCluster {
 
 impl ProcessCluster {
     /// `nodes_per_site[s]` storage nodes in site `s`, scheme `k+m`.
+    #[allow(dead_code)] // Not every includer starts a plain-HTTP cluster.
     pub fn start(nodes_per_site: &[usize], k: u8, m: u8) -> Self {
+        Self::start_with_tls(nodes_per_site, k, m, false)
+    }
+
+    /// The same, with the gateway's S3 listener on TLS with a self-signed
+    /// certificate (`[s3] tls_self_signed`) when `tls` is set.
+    pub fn start_with_tls(nodes_per_site: &[usize], k: u8, m: u8, tls: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("cluster.key");
         let cluster = printed(
@@ -197,7 +206,7 @@ impl ProcessCluster {
             .port();
         let mut text = std::fs::read_to_string(&gateway_config).unwrap();
         text += &format!(
-            "[s3]\nlisten = \"127.0.0.1:{s3_port}\"\nroot_key_file = \"{}\"\n",
+            "[s3]\nlisten = \"127.0.0.1:{s3_port}\"\nroot_key_file = \"{}\"\ntls_self_signed = {tls}\n",
             root.display()
         );
         std::fs::write(&gateway_config, text).unwrap();
@@ -247,7 +256,12 @@ impl ProcessCluster {
             admin_args,
             access_key: printed(&created, "access key:"),
             secret_key: printed(&created, "secret key:"),
-            endpoint: format!("http://127.0.0.1:{s3_port}"),
+            endpoint: if tls {
+                format!("https://localhost:{s3_port}")
+            } else {
+                format!("http://127.0.0.1:{s3_port}")
+            },
+            tls_certificate: tls.then(|| dir.path().join("gateway").join("s3-tls-cert.pem")),
             dir,
             gateway,
             nodes,
@@ -276,17 +290,41 @@ pub fn rss_mib(pid: u32) -> (f64, f64) {
 }
 
 /// An aws-sdk-s3 client for a Cairn endpoint (path-style, us-east-1).
+#[allow(dead_code)] // Not every includer uses plain HTTP.
 pub fn s3_client(endpoint: &str, key: &str, secret: &str) -> aws_sdk_s3::Client {
+    s3_client_trusting(endpoint, key, secret, None)
+}
+
+/// The same, trusting only the PEM certificate `ca` for an https endpoint.
+pub fn s3_client_trusting(
+    endpoint: &str,
+    key: &str,
+    secret: &str,
+    ca: Option<&[u8]>,
+) -> aws_sdk_s3::Client {
     use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-    aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(endpoint)
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new(key, secret, None, None, "cairn"))
-            .force_path_style(true)
-            .build(),
-    )
+    use aws_smithy_http_client::tls::{self, TlsContext, TrustStore, rustls_provider::CryptoMode};
+    let mut config = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new(key, secret, None, None, "cairn"))
+        .force_path_style(true);
+    if let Some(ca) = ca {
+        let trust = TrustStore::empty().with_pem_certificate(ca);
+        config = config.http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
+                .tls_context(
+                    TlsContext::builder()
+                        .with_trust_store(trust)
+                        .build()
+                        .unwrap(),
+                )
+                .build_https(),
+        );
+    }
+    aws_sdk_s3::Client::from_conf(config.build())
 }
 
 /// Deterministic bytes that do not compress, from a seed (xorshift64).

@@ -196,6 +196,7 @@ impl DevCluster {
                 region: crate::s3::DEFAULT_REGION.into(),
                 domains: vec!["localhost".into()],
                 collection: Collection::default(),
+                tls: None,
             },
             listener,
         )?;

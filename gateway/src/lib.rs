@@ -14,6 +14,7 @@ pub mod multipart;
 pub mod objects;
 pub mod s3;
 pub mod server;
+pub mod tls;
 
 use std::net::SocketAddr;
 
@@ -41,6 +42,8 @@ pub struct GatewayConfig {
     pub domains: Vec<String>,
     /// Write deadlines, shared with the orphan collector.
     pub collection: Collection,
+    /// TLS on the listener (`None`: plain HTTP).
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// A running S3 gateway on one node.
@@ -85,8 +88,10 @@ impl Gateway {
         builder.set_auth(keys.clone());
         builder.set_host(CairnHost::new(config.domains));
         let service = builder.build();
-        let task = tokio::spawn(server::serve(listener, service, config.region));
-        tracing::info!(%address, "S3 gateway listening");
+        let tls = config.tls.map(tokio_rustls::TlsAcceptor::from);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let task = tokio::spawn(server::serve(listener, service, config.region, tls));
+        tracing::info!(%address, scheme, "S3 gateway listening");
         Ok(Self {
             address,
             keys,

@@ -160,7 +160,12 @@ pub fn check_request<B>(request: &http::Request<B>, region: &str) -> Option<Http
 }
 
 /// Serves `service` on `listener` until the task is aborted.
-pub async fn serve(listener: TcpListener, service: S3Service, region: String) {
+pub async fn serve(
+    listener: TcpListener,
+    service: S3Service,
+    region: String,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -174,6 +179,7 @@ pub async fn serve(listener: TcpListener, service: S3Service, region: String) {
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         let region = region.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let handler = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 let service = service.clone();
@@ -201,15 +207,37 @@ pub async fn serve(listener: TcpListener, service: S3Service, region: String) {
                 }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder
-                .serve_connection(TokioIo::new(stream), handler)
-                .await
-            {
+            let served = match tls {
+                Some(tls) => match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        builder
+                            .serve_connection(TokioIo::new(stream), handler)
+                            .await
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), handler)
+                        .await
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
 }
+
+/// How long a client has to finish its TLS handshake.
+const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The address a listener is bound to, for messages.
 pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {

@@ -80,6 +80,13 @@ pub struct S3Section {
     /// The KMS root key file (64 hex digits, mode 0600), unless
     /// CAIRN_ROOT_KEY is set.
     pub root_key_file: Option<PathBuf>,
+    /// TLS with the operator's PEM certificate chain and private key.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// TLS with a self-signed certificate made on first start and kept in
+    /// the data directory (when no files are given).
+    #[serde(default)]
+    pub tls_self_signed: bool,
 }
 
 fn default_region() -> String {
