@@ -625,35 +625,52 @@ async fn partitions_moved_by_a_new_map_under_load_lose_nothing() {
         })
         .collect();
 
-    // Writers on three nodes keep writing while the map changes.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Writers on three nodes keep writing while the map changes: each
+    // has 20 writes acknowledged before the change and 20 more after it,
+    // however slow the machine.
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
     let mut writers = Vec::new();
     for (w, index) in [0usize, 4, 7].into_iter().enumerate() {
-        let (meta, stop, buckets) = (
+        let (meta, stop, counts, buckets) = (
             cluster.node(index).metadata().clone(),
             stop.clone(),
+            counts.clone(),
             buckets.clone(),
         );
         writers.push(tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let bucket = &buckets[(n as usize + w) % buckets.len()];
                 let row = version_row(bucket, &format!("w{w}/{n:05}"), n, meta.timestamp());
                 if meta.write(vec![row.clone()]).await.is_ok() {
                     acknowledged.push(row);
+                    counts[w].fetch_add(1, Ordering::Relaxed);
                 }
                 n += 1;
             }
             acknowledged
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let each_reaches = |floor: [usize; 3]| {
+        let counts = counts.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while (0..3).any(|w| counts[w].load(Ordering::Relaxed) < floor[w] + 20) {
+                assert!(tokio::time::Instant::now() < deadline, "writers stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    each_reaches([0; 3]).await;
     let mut big = cluster.map();
     big.version = 2;
     cluster.install_map(big, scheme).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    each_reaches(std::array::from_fn(|w| counts[w].load(Ordering::Relaxed))).await;
+    stop.store(true, Ordering::Relaxed);
     let mut acknowledged = Vec::new();
     // Writer 2's rows are never read: read repair cannot fill them.
     let mut unread = Vec::new();
