@@ -722,6 +722,15 @@ impl ObjectStore {
             .filter(|n| Some(&n.site) == own_site)
             .map(|n| n.id)
             .collect();
+        // Asked once per read: deriving a peer id from a node id costs a
+        // curve-point decompression.
+        let reachable: HashSet<NodeId> = map
+            .map
+            .nodes
+            .iter()
+            .filter(|n| n.id == own || self.node.is_member(&n.id))
+            .map(|n| n.id)
+            .collect();
         let segment_bytes = layout.segment_bytes() as u64;
         let mut part_start = 0u64;
         for part in &manifest.parts {
@@ -746,9 +755,9 @@ impl ObjectStore {
                 .map(|index| {
                     let placer = placer.clone();
                     let segment = &part.segments[index];
-                    let same_site = &same_site;
+                    let (same_site, reachable) = (&same_site, &reachable);
                     async move {
-                        self.fetch_segment(&placer, same_site, part.upload, segment)
+                        self.fetch_segment(&placer, same_site, reachable, part.upload, segment)
                             .await
                             .map(|bytes| (index, bytes))
                     }
@@ -789,6 +798,7 @@ impl ObjectStore {
         &self,
         placer: &Placer,
         same_site: &HashSet<NodeId>,
+        reachable: &HashSet<NodeId>,
         upload: UploadId,
         segment: &SegmentRef,
     ) -> GatewayResult<Vec<u8>> {
@@ -803,7 +813,7 @@ impl ObjectStore {
         order.sort_by_key(|&i| {
             let node = placed.get(i);
             (
-                !node.is_some_and(|n| *n == own || self.node.is_member(n)),
+                !node.is_some_and(|n| reachable.contains(n)),
                 node != Some(&own),
                 !node.is_some_and(|n| same_site.contains(n)),
                 i >= scheme.data(),
