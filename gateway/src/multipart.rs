@@ -18,7 +18,7 @@ use cairn_protocol::meta::{
     Partition, Register, RowKey, RowValue, Table, part_sort_key, prefix_end, split_key_sort,
 };
 use cairn_protocol::pipeline::PutPipeline;
-use cairn_protocol::records::{PartRecord, ReleaseRecord, ReleaseTarget, UploadRecord};
+use cairn_protocol::records::{PartRecord, ReleaseTarget, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, StoredHeaders};
 use md5::Digest;
 
@@ -26,7 +26,7 @@ use crate::checksum::{Algorithm, ChecksumRequest, composite};
 use crate::error::{GatewayError, GatewayResult};
 use crate::kms::random_bytes;
 use crate::objects::{
-    MAX_PUT_BYTES, ObjectStore, StreamPut, WriteCondition, register, release_row, upload_row,
+    MAX_PUT_BYTES, ObjectStore, StreamPut, WriteCondition, register, release_entry, upload_row,
     with_checksum,
 };
 
@@ -37,23 +37,6 @@ pub const MAX_PART_NUMBER: u32 = 10_000;
 
 fn label(bucket: &str, upload: &UploadId) -> String {
     format!("upload/{bucket}/{upload}")
-}
-
-/// A release row for the fragments of `upload` (a part attempt).
-fn release(
-    bucket: &str,
-    key: &str,
-    upload: UploadId,
-    at: cairn_protocol::hlc::Timestamp,
-) -> (RowKey, RowValue) {
-    let record = ReleaseRecord {
-        since_unix_ms: now_unix_ms(),
-        target: ReleaseTarget::Upload(upload),
-    };
-    (
-        release_row(bucket, key, &record.target),
-        register(Some(record.encode()), at),
-    )
 }
 
 fn part_row(bucket: &str, upload: &UploadId, number: u32) -> RowKey {
@@ -280,7 +263,12 @@ impl ObjectStore {
             (upload_row(bucket, key, &attempt), register(None, at)),
         ];
         if let Some(replaced) = replaced.filter(|r| r.upload != attempt) {
-            rows.push(release(bucket, key, replaced.upload, at));
+            rows.push(release_entry(
+                bucket,
+                key,
+                ReleaseTarget::Upload(replaced.upload),
+                at,
+            ));
         }
         metadata.write(rows).await?;
         // An upload completed or aborted while this part was on its way
@@ -288,7 +276,12 @@ impl ObjectStore {
         if let Err(GatewayError::NoSuchUpload) = self.upload(bucket, key, upload).await {
             let at = metadata.timestamp();
             metadata
-                .write(vec![release(bucket, key, attempt, at)])
+                .write(vec![release_entry(
+                    bucket,
+                    key,
+                    ReleaseTarget::Upload(attempt),
+                    at,
+                )])
                 .await?;
             return Err(GatewayError::NoSuchUpload);
         }
@@ -526,7 +519,11 @@ impl ObjectStore {
         let rows: Vec<(RowKey, RowValue)> = stored
             .iter()
             .map(|(n, _)| (part_row(bucket, upload, *n), register(None, at)))
-            .chain(released.iter().map(|r| release(bucket, key, *r, at)))
+            .chain(
+                released
+                    .iter()
+                    .map(|r| release_entry(bucket, key, ReleaseTarget::Upload(*r), at)),
+            )
             .collect();
         for chunk in rows.chunks(1000) {
             metadata.write(chunk.to_vec()).await?;

@@ -220,11 +220,25 @@ pub(crate) fn upload_row(bucket: &str, key: &str, upload: &UploadId) -> RowKey {
     )
 }
 
-pub(crate) fn release_row(bucket: &str, key: &str, target: &ReleaseTarget) -> RowKey {
-    RowKey::new(
-        Partition::bucket(bucket),
-        Table::Releases,
-        target.sort_key(key),
+/// A release row for `target` under `key`, ripening from now (the
+/// collector's work list, spec/gateway.md "Collecting orphan fragments").
+pub(crate) fn release_entry(
+    bucket: &str,
+    key: &str,
+    target: ReleaseTarget,
+    at: cairn_protocol::hlc::Timestamp,
+) -> (RowKey, RowValue) {
+    let record = ReleaseRecord {
+        since_unix_ms: now_unix_ms(),
+        target,
+    };
+    (
+        RowKey::new(
+            Partition::bucket(bucket),
+            Table::Releases,
+            target.sort_key(key),
+        ),
+        register(Some(record.encode()), at),
     )
 }
 
@@ -611,18 +625,15 @@ impl ObjectStore {
     pub async fn purge(&self, versions: Vec<ObjectVersion>) -> GatewayResult<()> {
         let metadata = self.node.metadata();
         let at = metadata.timestamp();
-        let now = now_unix_ms();
         let mut rows: Vec<(RowKey, RowValue)> = Vec::with_capacity(versions.len() * 2);
         for mut version in versions {
             version.purged = Some(at);
             if let VersionBody::Data { manifest, .. } = &version.body {
-                let release = ReleaseRecord {
-                    since_unix_ms: now,
-                    target: ReleaseTarget::Manifest(*manifest),
-                };
-                rows.push((
-                    release_row(&version.bucket, &version.key, &release.target),
-                    register(Some(release.encode()), at),
+                rows.push(release_entry(
+                    &version.bucket,
+                    &version.key,
+                    ReleaseTarget::Manifest(*manifest),
+                    at,
                 ));
             }
             rows.push((

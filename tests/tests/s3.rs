@@ -1343,30 +1343,9 @@ async fn a_client_that_disconnects_in_the_middle_of_a_put_leaves_no_object() {
     let s = setup().await;
     s.client.create_bucket().bucket("cut").send().await.unwrap();
     // A presigned PUT lets a raw socket send part of a body and hang up.
-    let presigned = s
-        .client
-        .put_object()
-        .bucket("cut")
-        .key("half")
-        .presigned(
-            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300)).unwrap(),
-        )
-        .await
-        .unwrap();
-    let uri: http::Uri = presigned.uri().parse().unwrap();
+    let uri = presigned_put(&s.client, "cut", "half").await;
     let address = s.gateway.address();
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let head = format!(
-        "PUT {} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n",
-        uri.path_and_query().unwrap(),
-        10 << 20
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream
-        .write_all(&pseudo_random_bytes(1, 3 << 20))
-        .await
-        .unwrap();
-    drop(stream);
+    hang_up_mid_put(address, &uri, 10 << 20, &pseudo_random_bytes(1, 3 << 20)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let missing = s
         .client
@@ -1389,18 +1368,9 @@ async fn a_client_that_disconnects_in_the_middle_of_a_put_leaves_no_object() {
         .unwrap();
     assert!(listed.contents().is_empty());
     // A body that does not hash to the SHA-256 the request claims.
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let body = pseudo_random_bytes(3, 100_000);
-    let head = format!(
-        "PUT {} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\nx-amz-content-sha256: {}\r\nConnection: close\r\n\r\n",
-        uri.path_and_query().unwrap(),
-        body.len(),
-        "0".repeat(64)
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body).await.unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
+    let claimed = format!("x-amz-content-sha256: {}\r\n", "0".repeat(64));
+    let answer = raw_request(address, "PUT", &uri, &address.to_string(), &claimed, &body).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 400")
@@ -1417,17 +1387,8 @@ async fn a_client_that_disconnects_in_the_middle_of_a_put_leaves_no_object() {
             .is_err()
     );
     // The same presigned URL, used in full, stores the object.
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let body = pseudo_random_bytes(2, 1 << 20);
-    let head = format!(
-        "PUT {} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        uri.path_and_query().unwrap(),
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body).await.unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = raw_request(address, "PUT", &uri, &address.to_string(), "", &body).await;
     assert!(
         String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
         "{}",
@@ -1649,30 +1610,14 @@ async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
         .send()
         .await
         .unwrap();
-    let presigned = c
-        .put_object()
-        .bucket("orphans")
-        .key("cut")
-        .presigned(
-            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300)).unwrap(),
-        )
-        .await
-        .unwrap();
-    let uri: http::Uri = presigned.uri().parse().unwrap();
-    let address = s.gateway.address();
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let head = format!(
-        "PUT {} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n",
-        uri.path_and_query().unwrap(),
-        12 << 20
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream
-        .write_all(&pseudo_random_bytes(5, 9 << 20))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    drop(stream);
+    let uri = presigned_put(c, "orphans", "cut").await;
+    hang_up_mid_put(
+        s.gateway.address(),
+        &uri,
+        12 << 20,
+        &pseudo_random_bytes(5, 9 << 20),
+    )
+    .await;
     let (_, stored_garbage) = {
         let (live, _) = fragment_counts(&s.cluster);
         (live, live - committed)
@@ -1720,18 +1665,50 @@ async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
     s.shutdown().await;
 }
 
-/// Sends one HTTP/1.1 request with `host` as its Host header to the
-/// gateway and returns the whole answer.
+/// A presigned PutObject URI, for a raw socket to send a body to.
+async fn presigned_put(client: &Client, bucket: &str, key: &str) -> http::Uri {
+    let presigned = client
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .presigned(
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300)).unwrap(),
+        )
+        .await
+        .unwrap();
+    presigned.uri().parse().unwrap()
+}
+
+/// Announces `declared` bytes to a presigned PUT, sends `sent`, and hangs up.
+async fn hang_up_mid_put(
+    address: std::net::SocketAddr,
+    uri: &http::Uri,
+    declared: usize,
+    sent: &[u8],
+) {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {declared}\r\n\r\n",
+        uri.path_and_query().unwrap(),
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(sent).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// Sends one HTTP/1.1 request with `host` as its Host header (and any
+/// `extra_headers` lines) to the gateway and returns the whole answer.
 async fn raw_request(
     address: std::net::SocketAddr,
     method: &str,
     uri: &http::Uri,
     host: &str,
+    extra_headers: &str,
     body: &[u8],
 ) -> Vec<u8> {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let head = format!(
-        "{method} {} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
         uri.path_and_query().unwrap(),
         body.len()
     );
@@ -1781,6 +1758,7 @@ async fn virtual_hosted_style_requests_reach_their_bucket() {
         "PUT",
         &put_uri,
         &host,
+        "",
         b"by virtual host",
     )
     .await;
@@ -1803,6 +1781,7 @@ async fn virtual_hosted_style_requests_reach_their_bucket() {
         "GET",
         &get.uri().parse().unwrap(),
         &host,
+        "",
         b"",
     )
     .await;
@@ -1820,6 +1799,7 @@ async fn virtual_hosted_style_requests_reach_their_bucket() {
         "GET",
         &missing.uri().parse().unwrap(),
         &format!("absent-bucket.localhost:{port}"),
+        "",
         b"",
     )
     .await;
