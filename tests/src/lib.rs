@@ -13,6 +13,8 @@ use cairn_protocol::ids::{NodeId, SiteId};
 use cairn_protocol::membership::{Certificate, ClusterId, SignedMap};
 use cairn_protocol::placement::{ClusterMap, MapNode, NodeState, Tolerance};
 
+pub mod s3;
+
 pub use cairn_gateway as gateway;
 pub use cairn_node as node;
 pub use cairn_protocol as protocol;

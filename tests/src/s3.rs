@@ -1,0 +1,165 @@
+//! Helpers for the S3 end-to-end tests: a real cluster on 127.0.0.1
+//! (3 sites x 2 nodes, 4+2), the gateway on one node, the aws-sdk-s3
+//! client, and raw HTTP for what no SDK sends.
+
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::primitives::ByteStream;
+use cairn_gateway::collector::Collection;
+use cairn_gateway::kms::RootKey;
+use cairn_gateway::{Gateway, GatewayConfig};
+use cairn_protocol::erasure::Scheme;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{Cluster, random_secret};
+
+pub struct Setup {
+    pub cluster: Cluster,
+    pub gateway: Gateway,
+    pub client: Client,
+}
+
+impl Setup {
+    pub async fn shutdown(self) {
+        self.gateway.stop().await;
+        self.cluster.shutdown().await;
+    }
+}
+
+pub async fn setup() -> Setup {
+    setup_with(Collection::default()).await
+}
+
+pub async fn setup_with(collection: Collection) -> Setup {
+    let cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
+    cluster
+        .install_map(cluster.map(), Scheme::new(4, 2).unwrap())
+        .await
+        .unwrap();
+    let gateway = Gateway::start(
+        cluster.node(0).handle(),
+        RootKey::from_bytes(random_secret()),
+        GatewayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            region: "us-east-1".into(),
+            domains: vec!["localhost".into()],
+            collection,
+            tls: None,
+        },
+    )
+    .await
+    .unwrap();
+    let key = gateway.keys().create("test").await.unwrap();
+    let client = client_for(&gateway, &key.id, &key.secret);
+    Setup {
+        cluster,
+        gateway,
+        client,
+    }
+}
+
+pub fn client_for(gateway: &Gateway, id: &str, secret: &str) -> Client {
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(format!("http://{}", gateway.address()))
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new(id, secret, None, None, "test"))
+        .force_path_style(true)
+        .build();
+    Client::from_conf(config)
+}
+
+pub fn md5_hex(bytes: &[u8]) -> String {
+    use md5::Digest;
+    cairn_protocol::to_hex(&md5::Md5::digest(bytes))
+}
+
+pub fn code<E: aws_sdk_s3::error::ProvideErrorMetadata>(error: &E) -> String {
+    error.code().unwrap_or("(none)").to_owned()
+}
+
+pub async fn put_bytes(client: &Client, bucket: &str, key: impl Into<String>, body: &'static [u8]) {
+    client
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from_static(body))
+        .send()
+        .await
+        .unwrap();
+}
+
+pub async fn get_bytes(client: &Client, bucket: &str, key: &str) -> Vec<u8> {
+    let object = client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    object.body.collect().await.unwrap().into_bytes().to_vec()
+}
+
+/// Live and trashed fragments over every node of the cluster.
+pub fn fragment_counts(cluster: &Cluster) -> (u64, u64) {
+    (0..6).fold((0, 0), |(live, trash), i| {
+        let (l, t, _) = cluster.node(i).store().counts().unwrap();
+        (live + l, trash + t)
+    })
+}
+
+/// A presigned PutObject URI, for a raw socket to send a body to.
+pub async fn presigned_put(client: &Client, bucket: &str, key: &str) -> http::Uri {
+    let presigned = client
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .presigned(
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300)).unwrap(),
+        )
+        .await
+        .unwrap();
+    presigned.uri().parse().unwrap()
+}
+
+/// Announces `declared` bytes to a presigned PUT, sends `sent`, and hangs up.
+pub async fn hang_up_mid_put(
+    address: std::net::SocketAddr,
+    uri: &http::Uri,
+    declared: usize,
+    sent: &[u8],
+) {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {declared}\r\n\r\n",
+        uri.path_and_query().unwrap(),
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(sent).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// Sends one HTTP/1.1 request with `host` as its Host header (and any
+/// `extra_headers` lines) to the gateway and returns the whole answer.
+pub async fn raw_request(
+    address: std::net::SocketAddr,
+    method: &str,
+    uri: &http::Uri,
+    host: &str,
+    extra_headers: &str,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "{method} {} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
+        uri.path_and_query().unwrap(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    answer
+}

@@ -1,0 +1,516 @@
+//! How writes end: conditional writes, cut-off PUTs, and the collection of fragments no committed object uses.
+
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::ByteStream;
+use cairn_gateway::collector::{Collection, Collector};
+use cairn_gateway::kms::RootKey;
+use cairn_gateway::{Gateway, GatewayConfig};
+use cairn_protocol::erasure::Scheme;
+use cairn_tests::s3::*;
+use cairn_tests::{Cluster, pseudo_random_bytes, random_secret};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conditional_writes_from_three_gateways_have_exactly_one_winner() {
+    let cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
+    cluster
+        .install_map(cluster.map(), Scheme::new(4, 2).unwrap())
+        .await
+        .unwrap();
+    let root = random_secret();
+    let mut gateways = Vec::new();
+    for node in [0, 2, 4] {
+        gateways.push(
+            Gateway::start(
+                cluster.node(node).handle(),
+                RootKey::from_bytes(root),
+                GatewayConfig {
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    region: "us-east-1".into(),
+                    domains: Vec::new(),
+                    collection: Collection::default(),
+                    tls: None,
+                },
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let key = gateways[0].keys().create("test").await.unwrap();
+    let clients: Vec<Client> = gateways
+        .iter()
+        .map(|g| client_for(g, &key.id, &key.secret))
+        .collect();
+    clients[0]
+        .create_bucket()
+        .bucket("cond")
+        .send()
+        .await
+        .unwrap();
+
+    let attempts = (0..30).map(|n| {
+        let client = clients[n % 3].clone();
+        async move {
+            client
+                .put_object()
+                .bucket("cond")
+                .key("only-once")
+                .if_none_match("*")
+                .body(ByteStream::from(format!("writer {n}").into_bytes()))
+                .send()
+                .await
+                .map(|_| n)
+                .map_err(|e| code(&e.into_service_error()))
+        }
+    });
+    let outcomes = futures::future::join_all(attempts).await;
+    let winners: Vec<usize> = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().ok().copied())
+        .collect();
+    let refused = outcomes
+        .iter()
+        .filter(|o| matches!(o, Err(code) if code == "PreconditionFailed"))
+        .count();
+    assert_eq!(winners.len(), 1, "{outcomes:?}");
+    assert_eq!(refused, 29, "{outcomes:?}");
+    let winner = winners[0];
+    for client in &clients {
+        let body = get_bytes(client, "cond", "only-once").await;
+        assert_eq!(body, format!("writer {winner}").into_bytes());
+    }
+
+    // If-Match: the current ETag wins, another one is refused.
+    let etag = clients[1]
+        .head_object()
+        .bucket("cond")
+        .key("only-once")
+        .send()
+        .await
+        .unwrap()
+        .e_tag()
+        .unwrap()
+        .to_owned();
+    let stale = clients[2]
+        .put_object()
+        .bucket("cond")
+        .key("only-once")
+        .if_match("\"00000000000000000000000000000000\"")
+        .body(ByteStream::from_static(b"stale"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&stale.into_service_error()), "PreconditionFailed");
+    clients[2]
+        .put_object()
+        .bucket("cond")
+        .key("only-once")
+        .if_match(&etag)
+        .body(ByteStream::from_static(b"updated"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        get_bytes(&clients[0], "cond", "only-once").await,
+        b"updated"
+    );
+    let missing = clients[0]
+        .put_object()
+        .bucket("cond")
+        .key("absent")
+        .if_match(&etag)
+        .body(ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&missing.into_service_error()), "PreconditionFailed");
+
+    // A multipart completion is conditional too.
+    let upload_id = clients[1]
+        .create_multipart_upload()
+        .bucket("cond")
+        .key("only-once")
+        .send()
+        .await
+        .unwrap()
+        .upload_id()
+        .unwrap()
+        .to_owned();
+    let part = clients[1]
+        .upload_part()
+        .bucket("cond")
+        .key("only-once")
+        .upload_id(&upload_id)
+        .part_number(1)
+        .body(ByteStream::from_static(b"late"))
+        .send()
+        .await
+        .unwrap();
+    let late = clients[1]
+        .complete_multipart_upload()
+        .bucket("cond")
+        .key("only-once")
+        .upload_id(&upload_id)
+        .if_none_match("*")
+        .multipart_upload(
+            aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                .parts(
+                    aws_sdk_s3::types::CompletedPart::builder()
+                        .part_number(1)
+                        .e_tag(part.e_tag().unwrap())
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&late.into_service_error()), "PreconditionFailed");
+    assert_eq!(
+        get_bytes(&clients[2], "cond", "only-once").await,
+        b"updated"
+    );
+
+    // After a delete, a conditional create succeeds again.
+    clients[0]
+        .delete_object()
+        .bucket("cond")
+        .key("only-once")
+        .send()
+        .await
+        .unwrap();
+    clients[1]
+        .put_object()
+        .bucket("cond")
+        .key("only-once")
+        .if_none_match("*")
+        .body(ByteStream::from_static(b"again"))
+        .send()
+        .await
+        .unwrap();
+    for gateway in gateways {
+        gateway.stop().await;
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_disconnects_in_the_middle_of_a_put_leaves_no_object() {
+    let s = setup().await;
+    s.client.create_bucket().bucket("cut").send().await.unwrap();
+    // A presigned PUT lets a raw socket send part of a body and hang up.
+    let uri = presigned_put(&s.client, "cut", "half").await;
+    let address = s.gateway.address();
+    hang_up_mid_put(address, &uri, 10 << 20, &pseudo_random_bytes(1, 3 << 20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let missing = s
+        .client
+        .head_object()
+        .bucket("cut")
+        .key("half")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        missing.raw_response().map(|r| r.status().as_u16()),
+        Some(404)
+    );
+    let listed = s
+        .client
+        .list_objects_v2()
+        .bucket("cut")
+        .send()
+        .await
+        .unwrap();
+    assert!(listed.contents().is_empty());
+    // A body that does not hash to the SHA-256 the request claims.
+    let body = pseudo_random_bytes(3, 100_000);
+    let claimed = format!("x-amz-content-sha256: {}\r\n", "0".repeat(64));
+    let answer = raw_request(address, "PUT", &uri, &address.to_string(), &claimed, &body).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400")
+            && answer.contains("<Code>XAmzContentSHA256Mismatch</Code>"),
+        "{answer}"
+    );
+    assert!(
+        s.client
+            .head_object()
+            .bucket("cut")
+            .key("half")
+            .send()
+            .await
+            .is_err()
+    );
+    // The same presigned URL, used in full, stores the object.
+    let body = pseudo_random_bytes(2, 1 << 20);
+    let answer = raw_request(address, "PUT", &uri, &address.to_string(), "", &body).await;
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(get_bytes(&s.client, "cut", "half").await == body);
+    s.shutdown().await;
+}
+
+/// The collector's work left in a bucket: single-PUT upload records and
+/// release rows, as a quorum read sees them.
+async fn collector_work(cluster: &Cluster, bucket: &str) -> usize {
+    use cairn_protocol::meta::{Partition, Register, RowValue, Table};
+    use cairn_protocol::records::UploadRecord;
+    let metadata = cluster.node(0).metadata();
+    let mut work = 0;
+    for table in [Table::Uploads, Table::Releases] {
+        let page = metadata
+            .range(&Partition::bucket(bucket), table, &[], None, 1000)
+            .await
+            .unwrap();
+        for (_, value) in page.rows {
+            if let RowValue::Register(Register {
+                value: Some(bytes), ..
+            }) = value
+                && (table == Table::Releases || !UploadRecord::decode(&bytes).unwrap().multipart)
+            {
+                work += 1;
+            }
+        }
+    }
+    work
+}
+
+/// Gives a committed object the upload record its PUT would have left had
+/// it crashed between its commit and the record's deletion: the collector
+/// must see the object and keep its fragments.
+async fn forge_uncommitted_look(cluster: &Cluster, bucket: &str, key: &str) {
+    use cairn_protocol::manifest::SignedManifest;
+    use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, upload_sort_key};
+    use cairn_protocol::records::UploadRecord;
+    use cairn_protocol::version::{StoredHeaders, VersionBody};
+    let metadata = cluster.node(0).metadata();
+    let partition = Partition::bucket(bucket);
+    let (start, end) = (
+        [key.as_bytes(), &[0]].concat(),
+        [key.as_bytes(), &[1]].concat(),
+    );
+    let page = metadata
+        .range(&partition, Table::Versions, &start, Some(&end), 10)
+        .await
+        .unwrap();
+    let RowValue::Version(version) = &page.rows[0].1 else {
+        panic!("a version row");
+    };
+    let VersionBody::Data { manifest, .. } = &version.body else {
+        panic!("an object");
+    };
+    let manifest_row = RowKey::new(
+        partition.clone(),
+        Table::Manifests,
+        manifest.as_bytes().to_vec(),
+    );
+    let Some(RowValue::Immutable(bytes)) =
+        metadata.read(vec![manifest_row]).await.unwrap().remove(0)
+    else {
+        panic!("a manifest");
+    };
+    let upload = SignedManifest::decode(&bytes).unwrap().manifest.upload;
+    let record = UploadRecord {
+        upload,
+        started_unix_ms: 1,
+        multipart: false,
+        scheme: Scheme::new(4, 2).unwrap(),
+        bucket_key_id: String::new(),
+        wrapped_key: Vec::new(),
+        headers: StoredHeaders::default(),
+    };
+    let row = RowKey::new(
+        partition,
+        Table::Uploads,
+        upload_sort_key(key, upload.as_bytes()),
+    );
+    let value = RowValue::Register(Register {
+        at: metadata.timestamp(),
+        value: Some(record.encode()),
+    });
+    metadata.write(vec![(row, value)]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
+    // Short deadlines so that the collector acts within the test; every
+    // node runs one, as `cairn serve` does.
+    let collection = Collection {
+        write_deadline: Duration::from_secs(8),
+        clock_margin: Duration::from_secs(2),
+        every: Duration::from_millis(500),
+    };
+    let s = setup_with(collection).await;
+    let collectors: Vec<Collector> = (0..6)
+        .map(|i| Collector::start(s.cluster.node(i).handle(), collection))
+        .collect();
+    let c = &s.client;
+    c.create_bucket().bucket("orphans").send().await.unwrap();
+    let put = |key: &'static str, seed: u64| async move {
+        c.put_object()
+            .bucket("orphans")
+            .key(key)
+            .body(ByteStream::from(pseudo_random_bytes(seed, 1 << 20)))
+            .send()
+            .await
+            .unwrap();
+    };
+
+    // What stays: a plain object, the newest of two versions, and a
+    // completed multipart upload.
+    put("kept", 1).await;
+    put("over", 2).await;
+    // Uploads parts (number, seed, size) in order; returns the upload id
+    // and, per part number, the ETag of its last upload.
+    let upload = |key: &'static str, parts: &'static [(i32, u64, usize)]| async move {
+        let created = c
+            .create_multipart_upload()
+            .bucket("orphans")
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        let id = created.upload_id().unwrap().to_owned();
+        let mut etags = std::collections::BTreeMap::new();
+        for &(number, seed, size) in parts {
+            let part = c
+                .upload_part()
+                .bucket("orphans")
+                .key(key)
+                .upload_id(&id)
+                .part_number(number)
+                .body(ByteStream::from(pseudo_random_bytes(seed, size)))
+                .send()
+                .await
+                .unwrap();
+            etags.insert(number, part.e_tag().unwrap().to_owned());
+        }
+        (id, etags)
+    };
+    let complete = |key: &'static str, id: String, chosen: Vec<(i32, String)>| async move {
+        let parts = chosen
+            .into_iter()
+            .map(|(number, etag)| {
+                aws_sdk_s3::types::CompletedPart::builder()
+                    .part_number(number)
+                    .e_tag(etag)
+                    .build()
+            })
+            .collect();
+        c.complete_multipart_upload()
+            .bucket("orphans")
+            .key(key)
+            .upload_id(&id)
+            .multipart_upload(
+                aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    };
+    const TWO_PARTS: &[(i32, u64, usize)] = &[(1, 11, 5 << 20), (2, 12, 1 << 20)];
+    let (before_completed, _) = fragment_counts(&s.cluster);
+    let (id, etags) = upload("completed", TWO_PARTS).await;
+    complete("completed", id, etags.into_iter().collect()).await;
+    let two_parts = fragment_counts(&s.cluster).0 - before_completed;
+    forge_uncommitted_look(&s.cluster, "orphans", "kept").await;
+    let (before_deleted, _) = fragment_counts(&s.cluster);
+    put("deleted", 3).await;
+    let (committed, trash) = fragment_counts(&s.cluster);
+    assert_eq!(trash, 0);
+    let one_object = committed - before_deleted;
+    assert!(one_object > 0);
+
+    // What goes: an overwritten version, a deleted object, an aborted
+    // upload, and a PUT whose client hung up after 9 of 12 MiB.
+    put("over", 4).await;
+    c.delete_object()
+        .bucket("orphans")
+        .key("deleted")
+        .send()
+        .await
+        .unwrap();
+    let (id, _) = upload("aborted", TWO_PARTS).await;
+    // Part 1 sent twice, part 3 not chosen: only the second part 1 and
+    // part 2 stay.
+    let (id_redone, etags) = upload(
+        "redone",
+        &[
+            (1, 20, 5 << 20),
+            (1, 11, 5 << 20),
+            (2, 12, 1 << 20),
+            (3, 23, 1 << 20),
+        ],
+    )
+    .await;
+    let chosen = etags.into_iter().filter(|(n, _)| *n < 3).collect();
+    complete("redone", id_redone, chosen).await;
+    c.abort_multipart_upload()
+        .bucket("orphans")
+        .key("aborted")
+        .upload_id(&id)
+        .send()
+        .await
+        .unwrap();
+    let uri = presigned_put(c, "orphans", "cut").await;
+    hang_up_mid_put(
+        s.gateway.address(),
+        &uri,
+        12 << 20,
+        &pseudo_random_bytes(5, 9 << 20),
+    )
+    .await;
+    let (_, stored_garbage) = {
+        let (live, _) = fragment_counts(&s.cluster);
+        (live, live - committed)
+    };
+    assert!(
+        stored_garbage >= one_object,
+        "the overwrite, the aborted part and the cut PUT stored fragments"
+    );
+
+    // Every fragment that no version uses reaches the trash once the
+    // deadlines have passed; every committed one stays.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (live, trash) = fragment_counts(&s.cluster);
+        if live == committed - one_object + two_parts
+            && collector_work(&s.cluster, "orphans").await == 0
+        {
+            assert!(
+                trash >= one_object * 2,
+                "the old version and the deleted object: {trash}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "live {live} (want {}), trash {trash}, work {}",
+            committed - one_object + two_parts,
+            collector_work(&s.cluster, "orphans").await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(get_bytes(c, "orphans", "kept").await == pseudo_random_bytes(1, 1 << 20));
+    assert!(get_bytes(c, "orphans", "over").await == pseudo_random_bytes(4, 1 << 20));
+    let mut whole = pseudo_random_bytes(11, 5 << 20);
+    whole.extend(pseudo_random_bytes(12, 1 << 20));
+    assert!(get_bytes(c, "orphans", "completed").await == whole);
+    assert!(get_bytes(c, "orphans", "redone").await == whole);
+    // More passes change nothing.
+    tokio::time::sleep(collection.every * 4).await;
+    assert_eq!(
+        fragment_counts(&s.cluster).0,
+        committed - one_object + two_parts
+    );
+    drop(collectors);
+    s.shutdown().await;
+}
