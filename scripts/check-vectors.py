@@ -208,8 +208,10 @@ def check_wire():
 def check_versions():
     for raw in load("version.json").values():
         r = Reader(h(raw))
-        assert r.u8() == 1
+        # Format 2 carries the head sequence after `created`.
+        assert r.u8() == 2
         r.str16(63), r.str16(1024), r.take(16), r.take(40)
+        r.u64()
         if r.u8() == 1:
             r.take(32), r.u64(), r.str16(64)
             names = [(r.str16(8192), r.str16(8192))[0] for _ in range(r.u32())]
@@ -340,6 +342,11 @@ def check_meta():
     assert r.u8() == 1 and r.take(r.u32()) == h(tv["encoded"])
     r.done()
     assert h(v["responses"]["written"]) == b"\x81"
+    # ReadRegister: 0x12, RegisterKey; RegisterState: 0x93, as Promise.
+    r = Reader(h(v["requests"]["read_register"]))
+    assert r.u8() == 0x12 and r.str16(63) == "photos" and r.take(r.u16()) == b"cat.jpg"
+    r.done()
+    assert h(v["responses"]["register_state"]) == b"\x93" + h(v["responses"]["promise"])[1:]
 
 
 def check_placement_key():

@@ -393,7 +393,11 @@ async fn key_command(command: KeyCommand) -> Result<()> {
     let root = RootKey::from_env_or_file(access.root_key.as_deref())?;
     let (_scratch, node) = join_for_a_moment(&cluster_key, &access.peer).await?;
     let metadata = node.metadata().clone();
-    let keys = AccessKeys::new(Kms::new(root, metadata.clone()), metadata);
+    let keys = AccessKeys::new(
+        Kms::new(root, metadata.clone()),
+        metadata,
+        cairn_gateway::keys::DEFAULT_CACHE_FOR,
+    );
     let outcome = async {
         match &command {
             KeyCommand::Create { name, .. } => {
@@ -533,8 +537,8 @@ async fn serve(
                         listen,
                         region: section.region,
                         domains: section.domains,
-                        collection: Collection::default(),
                         tls,
+                        ..Default::default()
                     },
                 )
                 .await?,

@@ -193,10 +193,8 @@ impl DevCluster {
                 listen: listener
                     .local_addr()
                     .map_err(|e| internal("listener")(e.to_string()))?,
-                region: crate::s3::DEFAULT_REGION.into(),
                 domains: vec!["localhost".into()],
-                collection: Collection::default(),
-                tls: None,
+                ..GatewayConfig::default()
             },
             listener,
         )?;

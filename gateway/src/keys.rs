@@ -19,9 +19,9 @@ use s3s::auth::{S3Auth, SecretKey as S3SecretKey};
 use crate::error::{GatewayError, GatewayResult};
 use crate::kms::{Kms, random_bytes};
 
-/// How long a looked-up secret is trusted before it is read again, so that
-/// a deleted key stops working within this time on every gateway.
-const CACHE_FOR: Duration = Duration::from_secs(10);
+/// How long a looked-up secret is trusted before it is read again, by
+/// default: a deleted key stops working within this time on every gateway.
+pub const DEFAULT_CACHE_FOR: Duration = Duration::from_secs(10);
 
 /// An access key as `cairn admin key list` shows it (never the secret).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,13 +73,17 @@ pub struct AccessKeys {
     kms: Kms,
     metadata: Metadata,
     cache: Arc<Mutex<HashMap<String, CachedSecret>>>,
+    cache_for: Duration,
 }
 
 impl AccessKeys {
-    pub fn new(kms: Kms, metadata: Metadata) -> Self {
+    /// `cache_for`: how long a looked-up secret is trusted before it is
+    /// read again.
+    pub fn new(kms: Kms, metadata: Metadata, cache_for: Duration) -> Self {
         Self {
             kms,
             metadata,
+            cache_for,
             cache: Arc::default(),
         }
     }
@@ -202,7 +206,7 @@ impl AccessKeys {
     /// The secret of key `id`, or `None` when there is no such key.
     pub async fn secret(&self, id: &str) -> GatewayResult<Option<String>> {
         if let Some((at, secret)) = self.cache.lock().expect("key cache").get(id)
-            && at.elapsed() < CACHE_FOR
+            && at.elapsed() < self.cache_for
         {
             return Ok(secret.clone());
         }

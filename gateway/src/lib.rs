@@ -44,6 +44,28 @@ pub struct GatewayConfig {
     pub collection: Collection,
     /// TLS on the listener (`None`: plain HTTP).
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// How long a looked-up access key is trusted before it is read again:
+    /// a deleted key authenticates on this gateway for at most this long.
+    pub access_key_cache: std::time::Duration,
+    /// Added to the wall clock where this gateway reads it itself (for
+    /// version ids): tests set it to reproduce gateways whose clocks
+    /// disagree. Zero in service.
+    pub clock_skew_ms: i64,
+}
+
+impl Default for GatewayConfig {
+    /// Plain HTTP on a free port of 127.0.0.1, region us-east-1.
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            region: crate::s3::DEFAULT_REGION.into(),
+            domains: Vec::new(),
+            collection: Collection::default(),
+            tls: None,
+            access_key_cache: crate::keys::DEFAULT_CACHE_FOR,
+            clock_skew_ms: 0,
+        }
+    }
 }
 
 /// A running S3 gateway on one node.
@@ -78,10 +100,10 @@ impl Gateway {
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
         let metadata = node.metadata().clone();
         let kms = Kms::new(root, metadata.clone());
-        let keys = AccessKeys::new(kms.clone(), metadata.clone());
+        let keys = AccessKeys::new(kms.clone(), metadata.clone(), config.access_key_cache);
         let s3 = CairnS3 {
             buckets: Buckets::new(metadata, kms.clone()),
-            objects: ObjectStore::new(node, kms, config.collection),
+            objects: ObjectStore::new(node, kms, config.collection, config.clock_skew_ms),
             region: config.region.clone(),
         };
         let mut builder = S3ServiceBuilder::new(s3);

@@ -19,15 +19,15 @@ use cairn_protocol::meta::{
 };
 use cairn_protocol::pipeline::PutPipeline;
 use cairn_protocol::records::{PartRecord, ReleaseTarget, UploadRecord};
-use cairn_protocol::version::{ObjectVersion, StoredHeaders};
+use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
 use md5::Digest;
 
 use crate::checksum::{Algorithm, ChecksumRequest, composite};
 use crate::error::{GatewayError, GatewayResult};
 use crate::kms::random_bytes;
 use crate::objects::{
-    MAX_PUT_BYTES, ObjectStore, StreamPut, WriteCondition, register, release_entry, upload_row,
-    with_checksum,
+    MAX_PUT_BYTES, ObjectStore, StreamPut, WriteCondition, read_manifest, register, release_entry,
+    upload_row, with_checksum,
 };
 
 /// Every part but the last is at least this long, as in S3.
@@ -76,6 +76,21 @@ pub fn check_part_number(number: i32) -> GatewayResult<u32> {
         )));
     }
     Ok(number as u32)
+}
+
+/// S3's ETag of a multipart object made of parts with these ETags: the
+/// MD5 of their MD5s, a dash and their count (quoted); `None` when an
+/// ETag is not an MD5.
+fn multipart_etag(chosen: &[ChosenPart]) -> Option<String> {
+    let mut md5_of_md5s = md5::Md5::new();
+    for part in chosen {
+        md5_of_md5s.update(cairn_protocol::from_hex::<16>(part.etag.trim_matches('"'))?);
+    }
+    Some(format!(
+        "\"{}-{}\"",
+        cairn_protocol::to_hex(&md5_of_md5s.finalize()),
+        chosen.len()
+    ))
 }
 
 fn decode_register<T>(
@@ -338,6 +353,40 @@ impl ObjectStore {
         }
     }
 
+    /// The key's current object if a completion of `upload` with these
+    /// parts committed it: a completion retried after it succeeded (its
+    /// answer was lost) gets the same answer.
+    async fn completed_by(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload: &UploadId,
+        chosen: &[ChosenPart],
+    ) -> GatewayResult<Option<ObjectVersion>> {
+        let Some(current) = self.current(bucket, key).await? else {
+            return Ok(None);
+        };
+        let VersionBody::Data {
+            manifest: id, etag, ..
+        } = &current.body
+        else {
+            return Ok(None);
+        };
+        if multipart_etag(chosen).as_ref() != Some(etag) {
+            return Ok(None);
+        }
+        let Some(manifest) = read_manifest(self.node().metadata(), bucket, id).await? else {
+            return Ok(None);
+        };
+        let same = manifest.upload == *upload
+            && manifest
+                .parts
+                .iter()
+                .map(|p| p.number)
+                .eq(chosen.iter().map(|c| c.number));
+        Ok(same.then_some(current))
+    }
+
     /// Completes the upload with the parts the client chose, in order.
     pub async fn complete_upload(
         &self,
@@ -361,7 +410,15 @@ impl ObjectStore {
             return Err(GatewayError::InvalidPartOrder);
         }
         let deadline = self.write_deadline(now_unix_ms());
-        let record = self.upload(bucket, key, upload).await?;
+        let record = match self.upload(bucket, key, upload).await {
+            Err(GatewayError::NoSuchUpload) => {
+                return self
+                    .completed_by(bucket, key, upload, chosen)
+                    .await?
+                    .ok_or(GatewayError::NoSuchUpload);
+            }
+            other => other?,
+        };
         let stored = self
             .list_parts(bucket, upload, 0, MAX_PART_NUMBER as usize)
             .await?

@@ -68,6 +68,8 @@ pub enum WriteCondition {
     IfMatch(String),
     /// If-Match: * — only when the key has a current object.
     IfPresent,
+    /// A DELETE's preconditions.
+    Deleting(DeleteCondition),
 }
 
 /// The register that orders the writes of one key (spec/gateway.md,
@@ -148,24 +150,79 @@ pub(crate) async fn read_manifest(
     Ok(Some(signed.manifest))
 }
 
-/// The key's head: the version its last committed write set, whether or
-/// not that writer wrote the version row out. A linearizable read.
+/// The key's head (spec/gateway.md, "Heads"): the version its last
+/// decided write names, whether or not that writer wrote the version row
+/// out — a data version, or a purged delete marker once the key was
+/// deleted; `None` for a key never written. A linearizable read.
 pub(crate) async fn read_head(
     metadata: &Metadata,
     bucket: &str,
     key: &str,
 ) -> GatewayResult<Option<ObjectVersion>> {
-    let current = metadata
-        .compare_and_set(head_register(bucket, key), |current| {
-            Err::<Option<Vec<u8>>, _>(current.map(<[u8]>::to_vec))
-        })
-        .await?;
-    let (Ok(Some(bytes)) | Err(Some(bytes))) = current else {
-        return Ok(None);
-    };
-    ObjectVersion::decode(&bytes)
-        .map(Some)
+    let value = metadata.read_register(head_register(bucket, key)).await?;
+    value
+        .map(|bytes| ObjectVersion::decode(&bytes))
+        .transpose()
         .map_err(|e| GatewayError::Corrupt(format!("head of {key}: {e}")))
+}
+
+/// Whether `head` names an object a GET returns (not a delete marker).
+fn is_current_object(head: &ObjectVersion) -> bool {
+    matches!(head.body, VersionBody::Data { .. }) && head.purged.is_none()
+}
+
+/// What a write sets a key's head to.
+pub(crate) enum HeadWrite<'a> {
+    /// This data version; its sequence is decided with the head.
+    Put(&'a ObjectVersion),
+    /// A purged delete marker: the key has no current object.
+    Delete(&'a ObjectVersion),
+}
+
+/// The outcome of a decided head write.
+pub(crate) struct HeadSwap {
+    /// The head the write replaced.
+    pub(crate) replaced: Option<ObjectVersion>,
+    /// The head as decided, with its sequence.
+    pub(crate) head: ObjectVersion,
+}
+
+/// The preconditions of a DELETE (If-Match, x-amz-if-match-size,
+/// x-amz-if-match-last-modified-time): each given one must hold for the
+/// current object. A key with no current object is deleted successfully
+/// and nothing changes, as in S3.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteCondition {
+    /// If-Match: * — only if the key has a current object.
+    pub if_present: bool,
+    /// Unquoted ETag.
+    pub etag: Option<String>,
+    pub size_bytes: Option<u64>,
+    /// Last-Modified in whole seconds since the epoch.
+    pub last_modified_unix_s: Option<i64>,
+}
+
+impl DeleteCondition {
+    fn is_unconditional(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn holds_for(&self, head: &ObjectVersion) -> bool {
+        let VersionBody::Data {
+            etag, size_bytes, ..
+        } = &head.body
+        else {
+            return false;
+        };
+        let modified_s = (head.created.hlc.unix_ms() / 1000) as i64;
+        self.etag
+            .as_ref()
+            .is_none_or(|wanted| etag.trim_matches('"') == wanted)
+            && self.size_bytes.is_none_or(|wanted| *size_bytes == wanted)
+            && self
+                .last_modified_unix_s
+                .is_none_or(|wanted| modified_s == wanted)
+    }
 }
 
 /// What a PUT writes.
@@ -193,6 +250,8 @@ pub struct ObjectStore {
     node: NodeHandle,
     kms: Kms,
     versions: Arc<Mutex<VersionIdGenerator>>,
+    /// Added to the wall clock for version ids (GatewayConfig::clock_skew_ms).
+    clock_skew_ms: i64,
     collection: Collection,
 }
 
@@ -242,16 +301,43 @@ pub(crate) fn release_entry(
     )
 }
 
+/// The rows that permanently delete `versions`: their tombstones, and a
+/// release row for each manifest so that the collector frees its
+/// fragments.
+pub(crate) fn purge_rows(
+    versions: Vec<ObjectVersion>,
+    at: cairn_protocol::hlc::Timestamp,
+) -> Vec<(RowKey, RowValue)> {
+    let mut rows = Vec::with_capacity(versions.len() * 2);
+    for mut version in versions {
+        version.purged = Some(at);
+        if let VersionBody::Data { manifest, .. } = &version.body {
+            rows.push(release_entry(
+                &version.bucket,
+                &version.key,
+                ReleaseTarget::Manifest(*manifest),
+                at,
+            ));
+        }
+        rows.push((
+            versions_row(&version.bucket, &version.key, &version.version),
+            RowValue::Version(Box::new(version)),
+        ));
+    }
+    rows
+}
+
 pub(crate) fn register(value: Option<Vec<u8>>, at: cairn_protocol::hlc::Timestamp) -> RowValue {
     RowValue::Register(Register { at, value })
 }
 
 impl ObjectStore {
-    pub fn new(node: NodeHandle, kms: Kms, collection: Collection) -> Self {
+    pub fn new(node: NodeHandle, kms: Kms, collection: Collection, clock_skew_ms: i64) -> Self {
         Self {
             node,
             kms,
             versions: Arc::default(),
+            clock_skew_ms,
             collection,
         }
     }
@@ -281,10 +367,10 @@ impl ObjectStore {
     }
 
     pub(crate) fn new_version(&self) -> VersionId {
-        self.versions
-            .lock()
-            .expect("version generator")
-            .next(now_unix_ms(), random_bytes())
+        self.versions.lock().expect("version generator").next(
+            now_unix_ms().saturating_add_signed(self.clock_skew_ms),
+            random_bytes(),
+        )
     }
 
     /// The scheme an object of `length` bytes is stored with: the map's, or
@@ -411,9 +497,9 @@ impl ObjectStore {
     /// Commits an object whose fragments are durable: the signed manifest
     /// first (invisible alone), then the key's head register by
     /// compare-and-set (where the condition is decided, and which orders
-    /// every write of the key), then the version row with the end of the
-    /// upload. A head that a crashed writer set but never wrote out is
-    /// written out here too, so nothing decided is lost. Past
+    /// every write of the key: the version's sequence is decided there),
+    /// then the version row with the end of the upload and the retirement
+    /// of the versions it replaced (the bucket keeps no history). Past
     /// `deadline_unix_ms` the head refuses it: the collector may by then
     /// be releasing the upload's fragments.
     pub(crate) async fn commit(
@@ -435,6 +521,7 @@ impl ObjectStore {
             key: manifest.key.clone(),
             version: manifest.version,
             created: at,
+            seq: 0,
             body: VersionBody::Data {
                 manifest: signed.id,
                 size_bytes: manifest.plaintext_len(),
@@ -451,80 +538,170 @@ impl ObjectStore {
                 RowValue::Immutable(signed.encoded.clone()),
             )])
             .await?;
-        let previous = self
+        let swap = self
             .swap_head(
                 &manifest.bucket,
                 &manifest.key,
                 condition,
-                Some(&row),
+                HeadWrite::Put(&row),
                 Some(deadline_unix_ms),
             )
             .await?;
         let mut rows = vec![
             (
                 versions_row(&manifest.bucket, &manifest.key, &manifest.version),
-                RowValue::Version(Box::new(row.clone())),
+                RowValue::Version(Box::new(swap.head.clone())),
             ),
             (upload_key, register(None, at)),
         ];
-        if let Some(previous) = previous.filter(|p| p.version != row.version) {
-            rows.push((
-                versions_row(&previous.bucket, &previous.key, &previous.version),
-                RowValue::Version(Box::new(previous)),
-            ));
+        rows.extend(self.retirements(&swap).await?);
+        for chunk in rows.chunks(1000) {
+            metadata.write(chunk.to_vec()).await?;
         }
-        metadata.write(rows).await?;
-        Ok(row)
+        Ok(swap.head)
     }
 
-    /// Sets the head of `key` to `new` (`None`: no current object) if
-    /// `condition` holds for the current head; returns the head it
-    /// replaced. Linearizable: of two writers racing on one condition,
-    /// exactly one wins. The deadline is checked where the value is
-    /// decided, so no commit lands after it.
+    /// Deletes the current object of `key` if `condition` holds: the head
+    /// becomes a purged delete marker, and every version it replaced is
+    /// purged (their fragments go to the collector). A key with no current
+    /// object is a success that changes nothing when the delete is
+    /// conditional.
+    pub async fn delete(
+        &self,
+        bucket: &str,
+        key: &str,
+        condition: &DeleteCondition,
+    ) -> GatewayResult<()> {
+        let at = self.node.metadata().timestamp();
+        let marker = ObjectVersion {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            version: self.new_version(),
+            created: at,
+            seq: 0,
+            body: VersionBody::DeleteMarker,
+            retention: Retention::default(),
+            legal_hold: Lww { value: false, at },
+            purged: Some(at),
+        };
+        let write_condition = WriteCondition::Deleting(condition.clone());
+        let swap = match self
+            .swap_head(
+                bucket,
+                key,
+                &write_condition,
+                HeadWrite::Delete(&marker),
+                None,
+            )
+            .await
+        {
+            Err(GatewayError::NoSuchKey) => return Ok(()),
+            other => other?,
+        };
+        let rows = self.retirements(&swap).await?;
+        let metadata = self.node.metadata();
+        for chunk in rows.chunks(1000) {
+            metadata.write(chunk.to_vec()).await?;
+        }
+        Ok(())
+    }
+
+    /// The rows that purge every version a decided head write replaced:
+    /// the versions of the key with a lower sequence (the one the head
+    /// named before, and any a crashed writer left), never the new head.
+    /// Safe whatever else races: a head's sequence only grows, so a version
+    /// below this one's can never again be what the head names.
+    async fn retirements(&self, swap: &HeadSwap) -> GatewayResult<Vec<(RowKey, RowValue)>> {
+        let head = &swap.head;
+        let mut older: Vec<ObjectVersion> = self
+            .existing_versions(&head.bucket, &head.key, None)
+            .await?
+            .into_iter()
+            .filter(|v| v.seq < head.seq && v.version != head.version)
+            .collect();
+        // A head its writer never wrote out goes too.
+        if let Some(replaced) = &swap.replaced
+            && is_current_object(replaced)
+            && replaced.version != head.version
+            && !older.iter().any(|v| v.version == replaced.version)
+        {
+            older.push(replaced.clone());
+        }
+        let at = self.node.metadata().timestamp();
+        Ok(purge_rows(older, at))
+    }
+
+    /// Sets the head of `key` to what `write` says if `condition` holds
+    /// for the current head; the new head's sequence is one more than the
+    /// current one's. Linearizable: of two writers racing on one
+    /// condition, exactly one wins. The deadline is checked where the
+    /// value is decided, so no commit lands after it.
     pub(crate) async fn swap_head(
         &self,
         bucket: &str,
         key: &str,
         condition: &WriteCondition,
-        new: Option<&ObjectVersion>,
+        write: HeadWrite<'_>,
         deadline_unix_ms: Option<u64>,
-    ) -> GatewayResult<Option<ObjectVersion>> {
+    ) -> GatewayResult<HeadSwap> {
         enum Refusal {
             Condition,
+            NoCurrentObject,
             Deadline,
         }
-        let encoded = new.map(ObjectVersion::encode);
-        let replaced: Mutex<Option<ObjectVersion>> = Mutex::new(None);
-        let decided = self
+        let template = match write {
+            HeadWrite::Put(version) | HeadWrite::Delete(version) => version,
+        };
+        // What the last run of the change saw and proposed.
+        let decided: Mutex<Option<HeadSwap>> = Mutex::new(None);
+        let outcome = self
             .node
             .metadata()
             .compare_and_set(head_register(bucket, key), |current| {
                 let head = current.and_then(|bytes| ObjectVersion::decode(bytes).ok());
-                let holds = match (condition, &head) {
-                    (WriteCondition::Always, _) => true,
-                    (WriteCondition::IfAbsent, head) => head.is_none(),
-                    (WriteCondition::IfMatch(etag), Some(head)) => matches!(
-                        &head.body,
-                        VersionBody::Data { etag: ours, .. } if ours.trim_matches('"') == etag
-                    ),
-                    (WriteCondition::IfMatch(_), None) => false,
-                    (WriteCondition::IfPresent, head) => head.is_some(),
+                let current_object = head.as_ref().filter(|h| is_current_object(h));
+                let holds = match (condition, current_object) {
+                    (WriteCondition::Always, _) => Ok(()),
+                    (WriteCondition::IfAbsent, None) => Ok(()),
+                    (WriteCondition::IfAbsent, Some(_)) => Err(Refusal::Condition),
+                    (WriteCondition::IfMatch(etag), Some(object)) => match &object.body {
+                        VersionBody::Data { etag: ours, .. } if ours.trim_matches('"') == etag => {
+                            Ok(())
+                        }
+                        _ => Err(Refusal::Condition),
+                    },
+                    (WriteCondition::IfPresent, Some(_)) => Ok(()),
+                    (WriteCondition::IfMatch(_) | WriteCondition::IfPresent, None) => {
+                        Err(Refusal::NoCurrentObject)
+                    }
+                    (WriteCondition::Deleting(delete), object) => match object {
+                        Some(object) if delete.holds_for(object) => Ok(()),
+                        Some(_) => Err(Refusal::Condition),
+                        None if delete.is_unconditional() => Ok(()),
+                        None => Err(Refusal::NoCurrentObject),
+                    },
                 };
-                *replaced.lock().expect("head slot") = head;
                 if deadline_unix_ms.is_some_and(|deadline| now_unix_ms() > deadline) {
                     return Err(Refusal::Deadline);
                 }
-                if holds {
-                    Ok(encoded.clone())
-                } else {
-                    Err(Refusal::Condition)
-                }
+                holds?;
+                let mut new = template.clone();
+                new.seq = head.as_ref().map_or(0, |h| h.seq) + 1;
+                let encoded = new.encode();
+                *decided.lock().expect("head slot") = Some(HeadSwap {
+                    replaced: head,
+                    head: new,
+                });
+                Ok(Some(encoded))
             })
             .await?;
-        match decided {
-            Ok(_) => Ok(replaced.into_inner().expect("head slot")),
+        match outcome {
+            Ok(_) => Ok(decided
+                .into_inner()
+                .expect("head slot")
+                .expect("a decided write ran its change")),
             Err(Refusal::Condition) => Err(GatewayError::PreconditionFailed),
+            Err(Refusal::NoCurrentObject) => Err(GatewayError::NoSuchKey),
             Err(Refusal::Deadline) => Err(self.deadline_error()),
         }
     }
@@ -596,14 +773,12 @@ impl ObjectStore {
         })
     }
 
-    /// The version a GET without a version id reads: the newest existing
-    /// one, unless it is a delete marker.
+    /// The version a GET without a version id reads: the one the key's
+    /// head names, unless the key was deleted.
     pub async fn current(&self, bucket: &str, key: &str) -> GatewayResult<Option<ObjectVersion>> {
-        let newest = self.existing_versions(bucket, key, Some(1)).await?;
-        Ok(newest
-            .into_iter()
-            .next()
-            .filter(|v| matches!(v.body, VersionBody::Data { .. })))
+        Ok(read_head(self.node.metadata(), bucket, key)
+            .await?
+            .filter(is_current_object))
     }
 
     /// Every existing version of `key`, newest first.
@@ -618,33 +793,6 @@ impl ObjectStore {
         limit: Option<usize>,
     ) -> GatewayResult<Vec<ObjectVersion>> {
         existing_versions(self.node.metadata(), bucket, key, limit).await
-    }
-
-    /// Permanently deletes these versions (the bucket keeps no history);
-    /// their fragments are left to the collector.
-    pub async fn purge(&self, versions: Vec<ObjectVersion>) -> GatewayResult<()> {
-        let metadata = self.node.metadata();
-        let at = metadata.timestamp();
-        let mut rows: Vec<(RowKey, RowValue)> = Vec::with_capacity(versions.len() * 2);
-        for mut version in versions {
-            version.purged = Some(at);
-            if let VersionBody::Data { manifest, .. } = &version.body {
-                rows.push(release_entry(
-                    &version.bucket,
-                    &version.key,
-                    ReleaseTarget::Manifest(*manifest),
-                    at,
-                ));
-            }
-            rows.push((
-                versions_row(&version.bucket, &version.key, &version.version),
-                RowValue::Version(Box::new(version)),
-            ));
-        }
-        for chunk in rows.chunks(1000) {
-            metadata.write(chunk.to_vec()).await?;
-        }
-        Ok(())
     }
 
     /// Reads and checks the manifest of `version` and unwraps its data key.

@@ -17,7 +17,7 @@ use crate::buckets::Buckets;
 use crate::checksum::{Algorithm, ChecksumRequest};
 use crate::error::GatewayError;
 use crate::multipart::{ChosenPart, MAX_PART_NUMBER, check_part_number};
-use crate::objects::{NewObject, ObjectStore, WriteCondition};
+use crate::objects::{DeleteCondition, NewObject, ObjectStore, WriteCondition};
 
 /// User metadata (`x-amz-meta-*` names and values) per object, as in S3.
 pub const MAX_USER_METADATA_BYTES: usize = 2 << 10;
@@ -121,6 +121,31 @@ fn write_condition(
             "a write takes If-None-Match or If-Match, not both".into(),
         )),
     }
+}
+
+/// The preconditions of a DELETE (If-Match and its size and time
+/// companions, or their fields in a DeleteObjects entry).
+fn delete_condition(
+    if_match: Option<&ETagCondition>,
+    size: Option<i64>,
+    last_modified: Option<&Timestamp>,
+) -> Result<DeleteCondition, GatewayError> {
+    let size_bytes = size
+        .map(|size| {
+            u64::try_from(size)
+                .map_err(|_| GatewayError::InvalidArgument(format!("size {size} is negative")))
+        })
+        .transpose()?;
+    Ok(DeleteCondition {
+        if_present: matches!(if_match, Some(ETagCondition::Any)),
+        etag: match if_match {
+            Some(ETagCondition::ETag(etag)) => Some(etag.value().to_owned()),
+            _ => None,
+        },
+        size_bytes,
+        last_modified_unix_s: last_modified
+            .map(|t| time::OffsetDateTime::from(t.clone()).unix_timestamp()),
+    })
 }
 
 fn timestamp_of(unix_ms: u64) -> Timestamp {
@@ -572,37 +597,6 @@ impl CairnS3 {
             .list_objects(bucket, &request)
             .await?)
     }
-
-    /// The bucket keeps no history: versions of the key older than the one
-    /// just written go.
-    async fn purge_older(&self, written: &ObjectVersion) -> Result<(), GatewayError> {
-        let older: Vec<ObjectVersion> = self
-            .objects
-            .versions_of(&written.bucket, &written.key)
-            .await?
-            .into_iter()
-            .filter(|v| v.version < written.version)
-            .collect();
-        if older.is_empty() {
-            return Ok(());
-        }
-        self.objects.purge(older).await
-    }
-
-    async fn delete_key(&self, bucket: &str, key: &str) -> Result<(), GatewayError> {
-        let previous = self
-            .objects
-            .swap_head(bucket, key, &WriteCondition::Always, None, None)
-            .await?;
-        let mut versions = self.objects.versions_of(bucket, key).await?;
-        // A head its writer never wrote out goes too.
-        if let Some(previous) = previous
-            && !versions.iter().any(|v| v.version == previous.version)
-        {
-            versions.push(previous);
-        }
-        self.objects.purge(versions).await
-    }
 }
 
 #[async_trait::async_trait]
@@ -723,7 +717,6 @@ impl S3 for CairnS3 {
                 body,
             )
             .await?;
-        self.purge_older(&version).await?;
         let VersionBody::Data { etag, headers, .. } = &version.body else {
             unreachable!("a PUT writes data");
         };
@@ -842,7 +835,14 @@ impl S3 for CairnS3 {
         self.buckets.get(&input.bucket).await?;
         check_key(&input.key)?;
         // Deleting a key that does not exist succeeds, as in S3.
-        self.delete_key(&input.bucket, &input.key).await?;
+        let condition = delete_condition(
+            input.if_match.as_ref(),
+            input.if_match_size,
+            input.if_match_last_modified_time.as_ref(),
+        )?;
+        self.objects
+            .delete(&input.bucket, &input.key, &condition)
+            .await?;
         let mut response = S3Response::new(DeleteObjectOutput::default());
         response.status = Some(http::StatusCode::NO_CONTENT);
         Ok(response)
@@ -865,7 +865,22 @@ impl S3 for CairnS3 {
         let mut errors = Vec::new();
         for object in input.delete.objects {
             let outcome = match check_key(&object.key) {
-                Ok(()) => self.delete_key(&input.bucket, &object.key).await,
+                Ok(()) => match delete_condition(
+                    object
+                        .e_tag
+                        .as_ref()
+                        .map(|etag| ETagCondition::ETag(etag.clone()))
+                        .as_ref(),
+                    object.size,
+                    object.last_modified_time.as_ref(),
+                ) {
+                    Ok(condition) => {
+                        self.objects
+                            .delete(&input.bucket, &object.key, &condition)
+                            .await
+                    }
+                    Err(error) => Err(error),
+                },
                 Err(error) => Err(error),
             };
             match outcome {
@@ -1033,7 +1048,6 @@ impl S3 for CairnS3 {
                 body,
             )
             .await?;
-        self.purge_older(&version).await?;
         let VersionBody::Data { etag, .. } = &version.body else {
             unreachable!("a copy writes data");
         };
@@ -1221,7 +1235,6 @@ impl S3 for CairnS3 {
             .objects
             .complete_upload(&input.bucket, &input.key, &upload, &chosen, &condition)
             .await?;
-        self.purge_older(&version).await?;
         let VersionBody::Data { etag, headers, .. } = &version.body else {
             unreachable!("a completed upload writes data");
         };

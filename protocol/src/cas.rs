@@ -4,7 +4,7 @@
 //! are here; the node carries the messages and keeps acceptor state durable
 //! before it answers.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::ids::NodeId;
@@ -215,6 +215,94 @@ impl PhaseTally {
     }
 }
 
+/// Where a one-round register read stands (spec/metadata.md, "Reading a
+/// register"): each replica reports what it last accepted, without
+/// promising anything. When a majority of every quorum set reports the
+/// same ballot, that ballot's value was chosen, and no later value had been
+/// chosen when the read began (a later one would have been accepted by a
+/// majority, which meets this one), so returning it is linearizable.
+/// Replicas that disagree (a write in flight, or one that a replica
+/// missed) leave the read undecided: the caller then runs a full round.
+#[derive(Debug, Clone)]
+pub struct ReadTally {
+    sets: QuorumSets,
+    /// Replicas by the ballot they last accepted (`None`: nothing yet).
+    by_ballot: BTreeMap<Option<Ballot>, Agreeing>,
+    answered: BTreeSet<NodeId>,
+}
+
+/// The replicas that accepted one ballot, and its value.
+type Agreeing = (BTreeSet<NodeId>, Option<Vec<u8>>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// The register's chosen value: the raw accepted bytes (a
+    /// [`TaggedValue`]), `None` when nothing was ever chosen.
+    Chosen(Option<Vec<u8>>),
+    Pending,
+    /// No ballot can reach a majority of every set any more.
+    Undecided,
+}
+
+impl ReadTally {
+    pub fn new(sets: QuorumSets) -> Self {
+        Self {
+            sets,
+            by_ballot: BTreeMap::new(),
+            answered: BTreeSet::new(),
+        }
+    }
+
+    /// Records `node`'s answer; `None` (or any other answer) for a failure.
+    pub fn record(&mut self, node: NodeId, answer: Option<&Response>) -> ReadOutcome {
+        if !self.answered.insert(node) {
+            return self.outcome();
+        }
+        if let Some(Response::RegisterState { accepted }) = answer {
+            let (ballot, value) = match accepted {
+                None => (None, None),
+                Some(accepted) => (Some(accepted.ballot), accepted.value.clone()),
+            };
+            self.by_ballot
+                .entry(ballot)
+                .or_insert_with(|| (BTreeSet::new(), value))
+                .0
+                .insert(node);
+        }
+        self.outcome()
+    }
+
+    pub fn outcome(&self) -> ReadOutcome {
+        if let Some((_, (_, value))) = self
+            .by_ballot
+            .iter()
+            .find(|(_, (nodes, _))| self.sets.reached(nodes))
+        {
+            return ReadOutcome::Chosen(value.clone());
+        }
+        let unanswered: BTreeSet<NodeId> = self
+            .sets
+            .nodes()
+            .into_iter()
+            .filter(|n| !self.answered.contains(n))
+            .collect();
+        let empty = (BTreeSet::new(), None);
+        let can_still_agree =
+            self.by_ballot
+                .values()
+                .chain(std::iter::once(&empty))
+                .any(|(nodes, _)| {
+                    let possible: BTreeSet<NodeId> = nodes.union(&unanswered).copied().collect();
+                    self.sets.reached(&possible)
+                });
+        if can_still_agree {
+            ReadOutcome::Pending
+        } else {
+            ReadOutcome::Undecided
+        }
+    }
+}
+
 /// The next ballot for `node` above everything seen.
 pub fn next_ballot(node: NodeId, last_round: u64, seen: Option<Ballot>) -> Ballot {
     let round = last_round.max(seen.map_or(0, |b| b.round)) + 1;
@@ -308,6 +396,54 @@ mod tests {
                 assert!(TaggedValue::decode(&bytes[..len]).is_err());
             }
         }
+    }
+
+    fn state(round: u64, value: &[u8]) -> Response {
+        Response::RegisterState {
+            accepted: Some(AcceptedValue {
+                ballot: ballot(round, 1),
+                value: Some(value.to_vec()),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_read_is_decided_by_a_majority_that_accepted_the_same_ballot() {
+        let mut tally = ReadTally::new(three());
+        assert_eq!(
+            tally.record(NodeId([1; 32]), Some(&state(4, b"v"))),
+            ReadOutcome::Pending
+        );
+        assert_eq!(
+            tally.record(NodeId([2; 32]), Some(&state(5, b"w"))),
+            ReadOutcome::Pending
+        );
+        assert_eq!(
+            tally.record(NodeId([3; 32]), Some(&state(5, b"w"))),
+            ReadOutcome::Chosen(Some(b"w".to_vec()))
+        );
+        let mut empty = ReadTally::new(three());
+        let nothing = Response::RegisterState { accepted: None };
+        empty.record(NodeId([1; 32]), Some(&nothing));
+        assert_eq!(
+            empty.record(NodeId([3; 32]), Some(&nothing)),
+            ReadOutcome::Chosen(None)
+        );
+    }
+
+    #[test]
+    fn a_read_without_agreement_is_undecided() {
+        let mut tally = ReadTally::new(three());
+        tally.record(NodeId([1; 32]), Some(&state(4, b"v")));
+        tally.record(NodeId([2; 32]), Some(&state(5, b"w")));
+        assert_eq!(tally.record(NodeId([3; 32]), None), ReadOutcome::Undecided);
+        // A repeated answer counts once.
+        let mut tally = ReadTally::new(three());
+        tally.record(NodeId([1; 32]), Some(&state(4, b"v")));
+        assert_eq!(
+            tally.record(NodeId([1; 32]), Some(&state(4, b"v"))),
+            ReadOutcome::Pending
+        );
     }
 
     #[test]

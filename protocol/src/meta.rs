@@ -675,6 +675,7 @@ mod tests {
             key: "cat.jpg".into(),
             version: VersionId::new(7, [1; 10]),
             created: at(7, 1),
+            seq: 1,
             body: VersionBody::DeleteMarker,
             retention: Retention::default(),
             legal_hold: Lww {

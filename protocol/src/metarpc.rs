@@ -116,6 +116,9 @@ pub enum Request {
         ballot: Ballot,
         value: Option<Vec<u8>>,
     },
+    /// What the acceptor of a register last accepted; changes nothing
+    /// (a one-round read, spec/metadata.md "Reading a register").
+    ReadRegister { key: RegisterKey },
 }
 
 /// Why a request was refused.
@@ -181,6 +184,10 @@ pub enum Response {
         accepted: Option<AcceptedValue>,
     },
     Accepted,
+    /// The answer to ReadRegister.
+    RegisterState {
+        accepted: Option<AcceptedValue>,
+    },
     /// The acceptor has promised a higher ballot.
     Conflict {
         promised: Ballot,
@@ -202,6 +209,7 @@ mod code {
     pub const REGISTERS: u8 = 0x08;
     pub const PREPARE: u8 = 0x10;
     pub const ACCEPT: u8 = 0x11;
+    pub const READ_REGISTER: u8 = 0x12;
 
     pub const WRITTEN: u8 = 0x81;
     pub const ROWS: u8 = 0x82;
@@ -214,6 +222,7 @@ mod code {
     pub const PROMISE: u8 = 0x90;
     pub const ACCEPTED: u8 = 0x91;
     pub const CONFLICT: u8 = 0x92;
+    pub const REGISTER_STATE: u8 = 0x93;
     pub const ERROR: u8 = 0xff;
 }
 
@@ -235,6 +244,27 @@ fn read_optional_bytes(
     Ok(match r.bool(field)? {
         false => None,
         true => Some(r.bytes32(field, max)?.to_vec()),
+    })
+}
+
+fn put_accepted(out: &mut Vec<u8>, accepted: &Option<AcceptedValue>) {
+    match accepted {
+        None => out.put_u8(0),
+        Some(accepted) => {
+            out.put_u8(1);
+            accepted.ballot.put(out);
+            put_optional_bytes(out, &accepted.value);
+        }
+    }
+}
+
+fn read_accepted(r: &mut Reader<'_>) -> Result<Option<AcceptedValue>, DecodeError> {
+    Ok(match r.bool("accepted present")? {
+        false => None,
+        true => Some(AcceptedValue {
+            ballot: Ballot::read(r)?,
+            value: read_optional_bytes(r, "register value", MAX_REGISTER_BYTES)?,
+        }),
     })
 }
 
@@ -392,6 +422,10 @@ impl Request {
                 ballot.put(&mut out);
                 put_optional_bytes(&mut out, value);
             }
+            Request::ReadRegister { key } => {
+                out.put_u8(code::READ_REGISTER);
+                put_register_key(&mut out, key);
+            }
         }
         out
     }
@@ -481,6 +515,9 @@ impl Request {
                 ballot: Ballot::read(&mut r)?,
                 value: read_optional_bytes(&mut r, "register value", MAX_REGISTER_BYTES)?,
             },
+            code::READ_REGISTER => Request::ReadRegister {
+                key: read_register_key(&mut r)?,
+            },
             other => {
                 return Err(DecodeError::InvalidValue {
                     field: "request type",
@@ -559,14 +596,11 @@ impl Response {
             }
             Response::Promise { accepted } => {
                 out.put_u8(code::PROMISE);
-                match accepted {
-                    None => out.put_u8(0),
-                    Some(accepted) => {
-                        out.put_u8(1);
-                        accepted.ballot.put(&mut out);
-                        put_optional_bytes(&mut out, &accepted.value);
-                    }
-                }
+                put_accepted(&mut out, accepted);
+            }
+            Response::RegisterState { accepted } => {
+                out.put_u8(code::REGISTER_STATE);
+                put_accepted(&mut out, accepted);
             }
             Response::Filled { filled } => {
                 out.put_u8(code::FILLED_REPLY);
@@ -655,13 +689,10 @@ impl Response {
                 }
             }
             code::PROMISE => Response::Promise {
-                accepted: match r.bool("accepted present")? {
-                    false => None,
-                    true => Some(AcceptedValue {
-                        ballot: Ballot::read(&mut r)?,
-                        value: read_optional_bytes(&mut r, "register value", MAX_REGISTER_BYTES)?,
-                    }),
-                },
+                accepted: read_accepted(&mut r)?,
+            },
+            code::REGISTER_STATE => Response::RegisterState {
+                accepted: read_accepted(&mut r)?,
             },
             code::FILLED_REPLY => Response::Filled {
                 filled: r.bool("filled")?,
@@ -794,10 +825,11 @@ mod tests {
                 ballot,
             },
             Request::Accept {
-                key: register,
+                key: register.clone(),
                 ballot,
                 value: None,
             },
+            Request::ReadRegister { key: register },
         ];
         let responses = vec![
             Response::Written,
@@ -822,6 +854,13 @@ mod tests {
                 }),
             },
             Response::Promise { accepted: None },
+            Response::RegisterState {
+                accepted: Some(AcceptedValue {
+                    ballot,
+                    value: None,
+                }),
+            },
+            Response::RegisterState { accepted: None },
             Response::Accepted,
             Response::Filled { filled: true },
             Response::Registers {

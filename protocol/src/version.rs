@@ -15,7 +15,9 @@ use crate::hlc::{Timestamp, put_timestamp, read_timestamp};
 use crate::ids::{ManifestId, VersionId};
 use crate::manifest::{MAX_BUCKET_BYTES, MAX_ETAG_BYTES, MAX_KEY_BYTES};
 
-const FORMAT_VERSION: u8 = 1;
+/// Format 2 added the head sequence; format 1 entries read as sequence 0.
+const FORMAT_VERSION: u8 = 2;
+const FORMAT_WITHOUT_SEQ: u8 = 1;
 
 /// Bytes of all stored header names and values of one version together.
 pub const MAX_STORED_HEADER_BYTES: usize = 8 << 10;
@@ -143,6 +145,11 @@ pub struct ObjectVersion {
     pub version: VersionId,
     /// When the version was committed; immutable.
     pub created: Timestamp,
+    /// The version's place in its key's head order (spec/gateway.md,
+    /// "Heads"): one more than the head it replaced, decided by the head
+    /// register's compare-and-set. Of a key's versions, the one with the
+    /// highest sequence is the one its head names; immutable.
+    pub seq: u64,
     pub body: VersionBody,
     pub retention: Retention,
     pub legal_hold: Lww<bool>,
@@ -186,12 +193,14 @@ impl ObjectVersion {
         }
         // Content is write-once; if two replicas ever disagree, both pick the
         // same one so that they still converge.
-        let (created, body) = (self.created, &self.body).min((other.created, &other.body));
+        let (created, seq, body) =
+            (self.created, self.seq, &self.body).min((other.created, other.seq, &other.body));
         Ok(Self {
             bucket: self.bucket.clone(),
             key: self.key.clone(),
             version: self.version,
             created,
+            seq,
             body: body.clone(),
             retention: self.retention.join(other.retention),
             legal_hold: self.legal_hold.join(other.legal_hold),
@@ -206,6 +215,7 @@ impl ObjectVersion {
         out.put_bytes16(self.key.as_bytes());
         out.extend_from_slice(&self.version.0);
         put_timestamp(&mut out, &self.created);
+        out.put_u64(self.seq);
         match &self.body {
             VersionBody::DeleteMarker => out.put_u8(0),
             VersionBody::Data {
@@ -238,13 +248,17 @@ impl ObjectVersion {
     pub fn decode(bytes: &[u8]) -> Result<Self, VersionError> {
         let mut r = Reader::new(bytes);
         let format = r.u8("format")?;
-        if format != FORMAT_VERSION {
+        if format != FORMAT_VERSION && format != FORMAT_WITHOUT_SEQ {
             return Err(VersionError::UnsupportedFormat(format));
         }
         let bucket = r.str16("bucket", MAX_BUCKET_BYTES)?.to_owned();
         let key = r.str16("key", MAX_KEY_BYTES)?.to_owned();
         let version = VersionId(r.array("version")?);
         let created = read_timestamp(&mut r)?;
+        let seq = match format {
+            FORMAT_WITHOUT_SEQ => 0,
+            _ => r.u64("head sequence")?,
+        };
         let body = match r.u8("body kind")? {
             0 => VersionBody::DeleteMarker,
             1 => VersionBody::Data {
@@ -288,6 +302,7 @@ impl ObjectVersion {
             key,
             version,
             created,
+            seq,
             body,
             retention: Retention {
                 mode,
@@ -318,6 +333,7 @@ mod tests {
             key: "k".into(),
             version: VersionId::new(1, [0; 10]),
             created: at(1, 1),
+            seq: 3,
             body: VersionBody::Data {
                 manifest: ManifestId([5; 32]),
                 size_bytes: 10,
@@ -375,6 +391,18 @@ mod tests {
         let mut other = entry();
         other.key = "other".into();
         assert_eq!(entry().merge(&other), Err(VersionError::DifferentVersions));
+    }
+
+    #[test]
+    fn format_1_entries_read_with_sequence_0() {
+        let mut e = entry();
+        let mut bytes = e.encode();
+        // Format 1 is format 2 without the sequence after `created`.
+        let at = 1 + 2 + e.bucket.len() + 2 + e.key.len() + 16 + 40;
+        bytes.drain(at..at + 8);
+        bytes[0] = FORMAT_WITHOUT_SEQ;
+        e.seq = 0;
+        assert_eq!(ObjectVersion::decode(&bytes).unwrap(), e);
     }
 
     #[test]

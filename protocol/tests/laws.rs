@@ -52,6 +52,7 @@ fn replica_view() -> impl Strategy<Value = ObjectVersion> {
                 key: "k".into(),
                 version: VersionId::new(7, [1; 10]),
                 created,
+                seq: 1,
                 body,
                 retention: Retention {
                     mode,

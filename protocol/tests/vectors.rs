@@ -533,6 +533,7 @@ fn object_versions() {
         key: "2026/cat.jpg".into(),
         version: VersionId::new(1_764_000_000_000, [0xab; 10]),
         created: at(1_764_000_000_000, 1),
+        seq: 42,
         body: VersionBody::Data {
             manifest: ManifestId([0x0d; 32]),
             size_bytes: 65_547,
@@ -811,9 +812,13 @@ fn metadata_rows_rpc_and_replicas() {
                 }.encode()),
                 "write": to_hex(&write.encode()),
                 "accept": to_hex(&accept.encode()),
+                "read_register": to_hex(&Request::ReadRegister { key: register.clone() }.encode()),
             },
             "responses": {
                 "promise": to_hex(&promise.encode()),
+                "register_state": to_hex(&Response::RegisterState {
+                    accepted: Some(AcceptedValue { ballot, value: Some(tagged.encode()) }),
+                }.encode()),
                 "written": to_hex(&Response::Written.encode()),
             },
         }),
@@ -833,6 +838,19 @@ fn metadata_rows_rpc_and_replicas() {
     assert_eq!(
         Response::decode(&hex_bytes(&stored["responses"]["promise"])).unwrap(),
         promise
+    );
+    assert_eq!(
+        Request::decode(&hex_bytes(&stored["requests"]["read_register"])).unwrap(),
+        Request::ReadRegister { key: register }
+    );
+    assert_eq!(
+        Response::decode(&hex_bytes(&stored["responses"]["register_state"])).unwrap(),
+        Response::RegisterState {
+            accepted: Some(AcceptedValue {
+                ballot,
+                value: Some(tagged.encode())
+            })
+        }
     );
     assert_eq!(
         TaggedValue::decode(&hex_bytes(&stored["tagged_value"]["encoded"])).unwrap(),

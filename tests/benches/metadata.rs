@@ -34,6 +34,7 @@ fn row(bucket: &str, n: u64, at: Timestamp) -> (RowKey, RowValue) {
         key: key.clone(),
         version,
         created: at,
+        seq: 1,
         body: VersionBody::Data {
             manifest: ManifestId([(n % 251) as u8; 32]),
             size_bytes: n,

@@ -240,6 +240,34 @@ impl Cluster {
 }
 
 /// Deterministic bytes that do not compress, from a seed (xorshift64).
+/// xorshift64*: reproducible from the printed seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number below `n` (not 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// A seed for a randomized test: `CAIRN_SEED` if set, else a fresh one,
+/// printed with `test` so that a failure can be replayed.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = std::env::var("CAIRN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now_unix_ms() | 1);
+    eprintln!("{test}: CAIRN_SEED={seed}");
+    seed
+}
+
 pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)

@@ -42,11 +42,9 @@ pub async fn setup_with(collection: Collection) -> Setup {
         cluster.node(0).handle(),
         RootKey::from_bytes(random_secret()),
         GatewayConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            region: "us-east-1".into(),
             domains: vec!["localhost".into()],
             collection,
-            tls: None,
+            ..GatewayConfig::default()
         },
     )
     .await

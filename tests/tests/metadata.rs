@@ -11,7 +11,7 @@ use cairn_protocol::ids::{ManifestId, NodeId, VersionId};
 use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, version_sort_key};
 use cairn_protocol::metarpc::RegisterKey;
 use cairn_protocol::version::{Lww, ObjectVersion, Retention, VersionBody};
-use cairn_tests::Cluster;
+use cairn_tests::{Cluster, Rng};
 
 async fn cluster_with_map() -> Cluster {
     let cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
@@ -43,6 +43,7 @@ fn version_row(bucket: &str, key: &str, n: u64, at: Timestamp) -> (RowKey, RowVa
         key: key.into(),
         version,
         created: at,
+        seq: n,
         body: VersionBody::Data {
             manifest: ManifestId([n as u8; 32]),
             size_bytes: n,
@@ -509,30 +510,9 @@ async fn a_retained_version_survives_a_delete_sent_to_every_replica() {
     cluster.shutdown().await;
 }
 
-/// xorshift64*: reproducible from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_writes_reads_stops_and_restarts_lose_no_acknowledged_write() {
-    let seed = std::env::var("CAIRN_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| cairn_node::swarm::now_unix_ms() | 1);
-    // Printed so that a failure can be replayed with CAIRN_SEED.
-    eprintln!("random metadata test: CAIRN_SEED={seed}");
+    let seed = cairn_tests::test_seed("random metadata test");
     let mut rng = Rng(seed);
     let mut cluster = cluster_with_map().await;
     let buckets = ["alpha", "beta", "gamma"];

@@ -3,14 +3,10 @@
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
-use cairn_gateway::collector::{Collection, Collector};
-use cairn_gateway::kms::RootKey;
-use cairn_gateway::{Gateway, GatewayConfig};
-use cairn_protocol::erasure::Scheme;
+use cairn_tests::pseudo_random_bytes;
 use cairn_tests::s3::*;
-use cairn_tests::{Cluster, pseudo_random_bytes, random_secret};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn buckets_are_created_listed_and_deleted_with_s3_errors() {

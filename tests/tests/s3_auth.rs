@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
-use cairn_gateway::collector::{Collection, Collector};
 use cairn_gateway::kms::RootKey;
 use cairn_gateway::{Gateway, GatewayConfig};
 use cairn_protocol::erasure::Scheme;
@@ -79,11 +79,8 @@ async fn the_s3_listener_speaks_tls_with_a_kept_self_signed_certificate() {
         cluster.node(0).handle(),
         RootKey::from_bytes(random_secret()),
         GatewayConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            region: "us-east-1".into(),
-            domains: Vec::new(),
-            collection: Collection::default(),
             tls: Some(cairn_gateway::tls::server_config(&cert, &key).unwrap()),
+            ..GatewayConfig::default()
         },
     )
     .await

@@ -1,16 +1,11 @@
 //! Objects written through S3 survive the failures the map promises to survive.
 
-use std::time::Duration;
-
-use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
-use cairn_gateway::collector::{Collection, Collector};
 use cairn_gateway::kms::RootKey;
 use cairn_gateway::{Gateway, GatewayConfig};
 use cairn_protocol::erasure::Scheme;
 use cairn_tests::s3::*;
 use cairn_tests::{Cluster, pseudo_random_bytes, random_secret};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_object_stays_readable_with_a_whole_site_stopped() {
@@ -63,13 +58,7 @@ async fn with_5_plus_4_on_three_sites_every_object_survives_a_site_and_one_more_
     let gateway = Gateway::start(
         cluster.node(0).handle(),
         RootKey::from_bytes(random_secret()),
-        GatewayConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            region: "us-east-1".into(),
-            domains: Vec::new(),
-            collection: Collection::default(),
-            tls: None,
-        },
+        GatewayConfig::default(),
     )
     .await
     .unwrap();

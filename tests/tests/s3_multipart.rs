@@ -1,16 +1,8 @@
 //! Multipart uploads through the S3 API.
 
-use std::time::Duration;
-
-use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
-use cairn_gateway::collector::{Collection, Collector};
-use cairn_gateway::kms::RootKey;
-use cairn_gateway::{Gateway, GatewayConfig};
-use cairn_protocol::erasure::Scheme;
+use cairn_tests::pseudo_random_bytes;
 use cairn_tests::s3::*;
-use cairn_tests::{Cluster, pseudo_random_bytes, random_secret};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_100_mib_multipart_upload_completes_with_the_s3_etag_and_reads_back() {

@@ -8,9 +8,11 @@ use cairn_gateway::collector::{Collection, Collector};
 use cairn_gateway::kms::RootKey;
 use cairn_gateway::{Gateway, GatewayConfig};
 use cairn_protocol::erasure::Scheme;
+use cairn_protocol::meta::Partition;
+use cairn_protocol::metarpc::RegisterKey;
+use cairn_protocol::version::{ObjectVersion, VersionBody};
 use cairn_tests::s3::*;
-use cairn_tests::{Cluster, pseudo_random_bytes, random_secret};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use cairn_tests::{Cluster, Rng, pseudo_random_bytes, random_secret};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conditional_writes_from_three_gateways_have_exactly_one_winner() {
@@ -26,13 +28,7 @@ async fn conditional_writes_from_three_gateways_have_exactly_one_winner() {
             Gateway::start(
                 cluster.node(node).handle(),
                 RootKey::from_bytes(root),
-                GatewayConfig {
-                    listen: "127.0.0.1:0".parse().unwrap(),
-                    region: "us-east-1".into(),
-                    domains: Vec::new(),
-                    collection: Collection::default(),
-                    tls: None,
-                },
+                GatewayConfig::default(),
             )
             .await
             .unwrap(),
@@ -125,7 +121,8 @@ async fn conditional_writes_from_three_gateways_have_exactly_one_winner() {
         .send()
         .await
         .unwrap_err();
-    assert_eq!(code(&missing.into_service_error()), "PreconditionFailed");
+    // S3 answers a conditional write to a key without an object 404.
+    assert_eq!(code(&missing.into_service_error()), "NoSuchKey");
 
     // A multipart completion is conditional too.
     let upload_id = clients[1]
@@ -512,5 +509,348 @@ async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
         committed - one_object + two_parts
     );
     drop(collectors);
+    s.shutdown().await;
+}
+
+/// The key's head as the register holds it (spec/gateway.md, "Heads").
+async fn head_of(cluster: &Cluster, bucket: &str, key: &str) -> Option<ObjectVersion> {
+    let register = RegisterKey {
+        partition: Partition::bucket(bucket),
+        name: key.as_bytes().to_vec(),
+    };
+    let value = cluster
+        .node(1)
+        .metadata()
+        .read_register(register)
+        .await
+        .unwrap();
+    value.map(|bytes| ObjectVersion::decode(&bytes).unwrap())
+}
+
+/// Writes are ordered by each key's head register, whatever the gateways'
+/// clocks say: PUTs and DELETEs race from three gateways whose clocks
+/// disagree by half a minute either way, and afterwards every gateway's
+/// GET and the listing show exactly what each head names, which is an
+/// acknowledged PUT that reads back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_puts_and_deletes_from_skewed_gateways_follow_the_head() {
+    let seed = cairn_tests::test_seed("racing heads");
+    let cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
+    cluster
+        .install_map(cluster.map(), Scheme::new(4, 2).unwrap())
+        .await
+        .unwrap();
+    let root = random_secret();
+    let mut gateways = Vec::new();
+    for (node, skew_ms) in [(0, 0), (2, 30_000), (4, -30_000)] {
+        let config = GatewayConfig {
+            clock_skew_ms: skew_ms,
+            ..GatewayConfig::default()
+        };
+        gateways.push(
+            Gateway::start(
+                cluster.node(node).handle(),
+                RootKey::from_bytes(root),
+                config,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let access = gateways[0].keys().create("race").await.unwrap();
+    let clients: Vec<Client> = gateways
+        .iter()
+        .map(|g| client_for(g, &access.id, &access.secret))
+        .collect();
+    clients[0]
+        .create_bucket()
+        .bucket("race")
+        .send()
+        .await
+        .unwrap();
+    const KEYS: [&str; 3] = ["a", "b", "c"];
+    let writers: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(writer, client)| {
+            let client = client.clone();
+            let mut rng = Rng(seed.wrapping_add(writer as u64).wrapping_mul(0x9e37_79b9) | 1);
+            tokio::spawn(async move {
+                let mut acknowledged: Vec<(&str, String, Vec<u8>)> = Vec::new();
+                for _ in 0..16 {
+                    let key = KEYS[rng.below(KEYS.len())];
+                    if rng.below(4) == 0 {
+                        client
+                            .delete_object()
+                            .bucket("race")
+                            .key(key)
+                            .send()
+                            .await
+                            .unwrap();
+                        continue;
+                    }
+                    // Mostly small objects, sometimes 1-8 MiB ones.
+                    let size = if rng.below(6) == 0 {
+                        (1 << 20) + rng.below(7 << 20)
+                    } else {
+                        1 + rng.below(300 << 10)
+                    };
+                    let body = pseudo_random_bytes(rng.next_u64(), size);
+                    let put = client
+                        .put_object()
+                        .bucket("race")
+                        .key(key)
+                        .body(ByteStream::from(body.clone()))
+                        .send()
+                        .await
+                        .unwrap();
+                    acknowledged.push((key, put.e_tag().unwrap().to_owned(), body));
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.extend(writer.await.unwrap());
+    }
+    // And in plain sequence, from the fastest clock to the slowest: each
+    // later write carries an older version id.
+    for (order, writer) in [1, 0, 2].into_iter().enumerate() {
+        let body = pseudo_random_bytes(seed ^ order as u64, 1000 + order);
+        let put = clients[writer]
+            .put_object()
+            .bucket("race")
+            .key("d")
+            .body(ByteStream::from(body.clone()))
+            .send()
+            .await
+            .unwrap();
+        acknowledged.push(("d", put.e_tag().unwrap().to_owned(), body));
+    }
+    let mut listed_as_heads = Vec::new();
+    for key in KEYS.into_iter().chain(["d"]) {
+        let head = head_of(&cluster, "race", key).await;
+        let expected = match head.as_ref().map(|h| &h.body) {
+            Some(VersionBody::Data { etag, .. }) if head.as_ref().unwrap().purged.is_none() => {
+                let body = acknowledged
+                    .iter()
+                    .find(|(k, e, _)| *k == key && e == etag)
+                    .map(|(_, _, body)| body)
+                    .unwrap_or_else(|| {
+                        panic!("{key}: the head names no acknowledged PUT (seed {seed})")
+                    });
+                listed_as_heads.push((key.to_owned(), etag.clone()));
+                Some((etag.clone(), body))
+            }
+            _ => None,
+        };
+        for (index, client) in clients.iter().enumerate() {
+            let got = client.get_object().bucket("race").key(key).send().await;
+            match (&expected, got) {
+                (Some((etag, body)), Ok(object)) => {
+                    assert_eq!(
+                        object.e_tag(),
+                        Some(etag.as_str()),
+                        "{key} through gateway {index}: not the head's object (seed {seed})"
+                    );
+                    let read = object.body.collect().await.unwrap().into_bytes();
+                    assert!(read == body.as_slice(), "{key}: wrong bytes (seed {seed})");
+                }
+                (None, Err(error)) => assert_eq!(code(&error.into_service_error()), "NoSuchKey"),
+                (Some(_), Err(error)) => {
+                    panic!(
+                        "{key} through gateway {index}: {error:?}, but the head names an object (seed {seed})"
+                    )
+                }
+                (None, Ok(object)) => panic!(
+                    "{key} through gateway {index}: {:?} although its head says deleted (seed {seed})",
+                    object.e_tag()
+                ),
+            }
+        }
+    }
+    let listed = clients[1]
+        .list_objects_v2()
+        .bucket("race")
+        .send()
+        .await
+        .unwrap();
+    let listed: Vec<(String, String)> = listed
+        .contents()
+        .iter()
+        .map(|o| (o.key().unwrap().to_owned(), o.e_tag().unwrap().to_owned()))
+        .collect();
+    assert_eq!(
+        listed, listed_as_heads,
+        "the listing disagrees with the heads (seed {seed})"
+    );
+    for gateway in gateways {
+        gateway.stop().await;
+    }
+    cluster.shutdown().await;
+}
+
+/// DeleteObject and DeleteObjects with If-Match (and size or time)
+/// delete only the object they name, decided by the head's
+/// compare-and-set; a key with no object is a success that changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conditional_deletes_delete_only_the_object_they_name() {
+    let s = setup().await;
+    let c = &s.client;
+    c.create_bucket().bucket("cond").send().await.unwrap();
+    put_bytes(c, "cond", "kept", b"first").await;
+    let etag = c
+        .head_object()
+        .bucket("cond")
+        .key("kept")
+        .send()
+        .await
+        .unwrap()
+        .e_tag()
+        .unwrap()
+        .to_owned();
+    let wrong = c
+        .delete_object()
+        .bucket("cond")
+        .key("kept")
+        .if_match("\"0123456789abcdef0123456789abcdef\"")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&wrong.into_service_error()), "PreconditionFailed");
+    let wrong_size = c
+        .delete_object()
+        .bucket("cond")
+        .key("kept")
+        .if_match_size(4)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&wrong_size.into_service_error()), "PreconditionFailed");
+    assert_eq!(get_bytes(c, "cond", "kept").await, b"first");
+    c.delete_object()
+        .bucket("cond")
+        .key("kept")
+        .if_match(&etag)
+        .if_match_size(5)
+        .send()
+        .await
+        .unwrap();
+    let gone = c
+        .get_object()
+        .bucket("cond")
+        .key("kept")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&gone.into_service_error()), "NoSuchKey");
+    // Nothing there: a success that writes nothing.
+    c.delete_object()
+        .bucket("cond")
+        .key("kept")
+        .if_match(&etag)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        head_of(&s.cluster, "cond", "kept")
+            .await
+            .unwrap()
+            .purged
+            .is_some()
+    );
+    // Per object in DeleteObjects.
+    put_bytes(c, "cond", "x", b"x-body").await;
+    put_bytes(c, "cond", "y", b"y-body").await;
+    let x_etag = c
+        .head_object()
+        .bucket("cond")
+        .key("x")
+        .send()
+        .await
+        .unwrap()
+        .e_tag()
+        .unwrap()
+        .to_owned();
+    let entry = |key: &str, etag: &str| {
+        aws_sdk_s3::types::ObjectIdentifier::builder()
+            .key(key)
+            .e_tag(etag)
+            .build()
+            .unwrap()
+    };
+    let answer = c
+        .delete_objects()
+        .bucket("cond")
+        .delete(
+            aws_sdk_s3::types::Delete::builder()
+                .objects(entry("x", &x_etag))
+                .objects(entry("y", "\"0123456789abcdef0123456789abcdef\""))
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.deleted().len(), 1);
+    assert_eq!(answer.deleted()[0].key(), Some("x"));
+    assert_eq!(answer.errors().len(), 1);
+    assert_eq!(answer.errors()[0].key(), Some("y"));
+    assert_eq!(answer.errors()[0].code(), Some("PreconditionFailed"));
+    assert_eq!(get_bytes(c, "cond", "y").await, b"y-body");
+    s.shutdown().await;
+}
+
+/// A CompleteMultipartUpload retried after it succeeded (a client whose
+/// first answer was lost) gets the same success and ETag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_completion_answers_like_the_first() {
+    let s = setup().await;
+    let c = &s.client;
+    c.create_bucket().bucket("retry").send().await.unwrap();
+    let upload = c
+        .create_multipart_upload()
+        .bucket("retry")
+        .key("big")
+        .send()
+        .await
+        .unwrap();
+    let upload_id = upload.upload_id().unwrap();
+    let body = pseudo_random_bytes(12, 1 << 20);
+    let part = c
+        .upload_part()
+        .bucket("retry")
+        .key("big")
+        .upload_id(upload_id)
+        .part_number(1)
+        .body(ByteStream::from(body.clone()))
+        .send()
+        .await
+        .unwrap();
+    let parts = aws_sdk_s3::types::CompletedMultipartUpload::builder()
+        .parts(
+            aws_sdk_s3::types::CompletedPart::builder()
+                .part_number(1)
+                .e_tag(part.e_tag().unwrap())
+                .build(),
+        )
+        .build();
+    let complete = || {
+        c.complete_multipart_upload()
+            .bucket("retry")
+            .key("big")
+            .upload_id(upload_id)
+            .multipart_upload(parts.clone())
+            .send()
+    };
+    let first = complete().await.unwrap();
+    let again = complete().await.unwrap();
+    assert_eq!(first.e_tag(), again.e_tag());
+    assert_eq!(get_bytes(c, "retry", "big").await, body);
+    // Another upload of the key replaces it: the old id is then unknown.
+    put_bytes(c, "retry", "big", b"newer").await;
+    let late = complete().await.unwrap_err();
+    assert_eq!(code(&late.into_service_error()), "NoSuchUpload");
     s.shutdown().await;
 }

@@ -9,7 +9,7 @@ use cairn_protocol::meta::{
     Partition, RowValue, Table, prefix_end, version_of_sort_key, version_sort_key,
 };
 use cairn_protocol::metarpc::MAX_ITEMS;
-use cairn_protocol::version::ObjectVersion;
+use cairn_protocol::version::{ObjectVersion, VersionBody};
 
 use super::{MetaError, Metadata};
 use crate::swarm::now_unix_ms;
@@ -100,9 +100,9 @@ impl Metadata {
             common_prefixes: Vec::new(),
             resume: None,
         };
-        // The key whose current version was decided (ListObjects takes the
-        // first existing version of each key and skips the rest).
-        let mut decided_key: Option<String> = None;
+        // ListObjects decides a key once it has seen all its rows: the row
+        // with the highest head sequence is the one the key's head names.
+        let mut group: Option<KeyGroup> = None;
         loop {
             let rows = self
                 .range(
@@ -120,39 +120,39 @@ impl Metadata {
                 else {
                     continue;
                 };
-                if decided_key.as_deref() == Some(key) {
+                if all_versions {
+                    if version.exists(now)
+                        && let Some(step) = page.offer(request, sort, version, max_keys)
+                    {
+                        match step {
+                            Step::Full | Step::End => return Ok(page),
+                            Step::Jump(next) => {
+                                cursor = next;
+                                jumped = true;
+                                break;
+                            }
+                        }
+                    }
                     continue;
                 }
-                if let Some(common) =
-                    common_prefix(&request.prefix, request.delimiter.as_deref(), key)
-                {
-                    if page.entries.len() + page.common_prefixes.len() == max_keys {
-                        page.resume = Some(sort.clone());
-                        return Ok(page);
-                    }
-                    page.common_prefixes.push(common.to_owned());
-                    // Skip every key under the common prefix in one step.
-                    match prefix_end(common.as_bytes()) {
-                        Some(next) => cursor = next,
-                        None => return Ok(page),
-                    }
-                    jumped = true;
-                    break;
-                }
-                if !version.exists(now) {
-                    continue;
-                }
-                if !all_versions {
-                    decided_key = Some(key.to_owned());
-                    if version.body == cairn_protocol::version::VersionBody::DeleteMarker {
-                        continue;
+                match &mut group {
+                    Some(current) if current.key == key => current.consider(version),
+                    _ => {
+                        if let Some(done) = group.take()
+                            && let Some(step) = page.decide(request, done, now, max_keys)
+                        {
+                            match step {
+                                Step::Full | Step::End => return Ok(page),
+                                Step::Jump(next) => {
+                                    cursor = next;
+                                    jumped = true;
+                                    break;
+                                }
+                            }
+                        }
+                        group = Some(KeyGroup::new(key, sort, version));
                     }
                 }
-                if page.entries.len() + page.common_prefixes.len() == max_keys {
-                    page.resume = Some(sort.clone());
-                    return Ok(page);
-                }
-                page.entries.push((**version).clone());
             }
             if jumped {
                 continue;
@@ -162,7 +162,99 @@ impl Metadata {
                     cursor = last.clone();
                     cursor.push(0);
                 }
-                _ => return Ok(page),
+                _ => {
+                    if let Some(done) = group.take() {
+                        // A jump past the end of the listing ends it too.
+                        page.decide(request, done, now, max_keys);
+                    }
+                    return Ok(page);
+                }
+            }
+        }
+    }
+}
+
+/// The rows of one key seen so far by ListObjects.
+struct KeyGroup {
+    key: String,
+    /// Where the key's rows start: a page that ends before the key
+    /// resumes here.
+    first_sort: Vec<u8>,
+    /// The row with the highest head sequence, existing or not.
+    latest: ObjectVersion,
+}
+
+impl KeyGroup {
+    fn new(key: &str, sort: &[u8], version: &ObjectVersion) -> Self {
+        Self {
+            key: key.to_owned(),
+            first_sort: sort.to_vec(),
+            latest: version.clone(),
+        }
+    }
+
+    fn consider(&mut self, version: &ObjectVersion) {
+        if version.seq > self.latest.seq {
+            self.latest = version.clone();
+        }
+    }
+}
+
+/// What adding an entry did to a page.
+enum Step {
+    /// The page is full; it resumes where the entry that did not fit is.
+    Full,
+    /// A common prefix was added: continue the listing from here.
+    Jump(Vec<u8>),
+    /// A common prefix was added after which no key can sort.
+    End,
+}
+
+impl ListPage {
+    /// Adds the key of `group` if its latest row is an existing object.
+    fn decide(
+        &mut self,
+        request: &ListRequest,
+        group: KeyGroup,
+        now: u64,
+        max_keys: usize,
+    ) -> Option<Step> {
+        let latest = &group.latest;
+        if !latest.exists(now) || latest.body == VersionBody::DeleteMarker {
+            return None;
+        }
+        self.offer(request, &group.first_sort, latest, max_keys)
+    }
+
+    /// Adds `version` (found at `sort`) as an entry or as its common
+    /// prefix; `None` when the listing simply goes on.
+    fn offer(
+        &mut self,
+        request: &ListRequest,
+        sort: &[u8],
+        version: &ObjectVersion,
+        max_keys: usize,
+    ) -> Option<Step> {
+        let common = common_prefix(&request.prefix, request.delimiter.as_deref(), &version.key);
+        if self.common_prefixes.last().map(String::as_str) == common && common.is_some() {
+            return None;
+        }
+        if self.entries.len() + self.common_prefixes.len() == max_keys {
+            self.resume = Some(sort.to_vec());
+            return Some(Step::Full);
+        }
+        match common {
+            Some(common) => {
+                self.common_prefixes.push(common.to_owned());
+                // Skip every key under the common prefix in one step.
+                match prefix_end(common.as_bytes()) {
+                    Some(next) => Some(Step::Jump(next)),
+                    None => Some(Step::End),
+                }
+            }
+            None => {
+                self.entries.push(version.clone());
+                None
             }
         }
     }

@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cairn_protocol::cas::{PhaseTally, TaggedValue, Tally, next_ballot};
+use cairn_protocol::cas::{PhaseTally, ReadOutcome, ReadTally, TaggedValue, Tally, next_ballot};
 use cairn_protocol::hlc::{HlcClock, Timestamp};
 use cairn_protocol::ids::NodeId;
 use cairn_protocol::meta::{
@@ -504,6 +504,46 @@ impl Metadata {
             self.repair(node, stale);
         }
         Ok(Page { rows, more })
+    }
+
+    /// The current value of a register, linearizably (spec/metadata.md,
+    /// "Reading a register"): one round that changes nothing when a
+    /// majority of the replicas agree on what they last accepted, else a
+    /// compare-and-set round that writes the current value back.
+    pub async fn read_register(&self, key: RegisterKey) -> Result<Option<Vec<u8>>, MetaError> {
+        let sets = self.quorum_sets_of(&key.partition)?;
+        let nodes = sets.nodes();
+        let (answers_tx, mut answers_rx) = mpsc::channel(nodes.len());
+        for node in nodes {
+            let (this, key, answers_tx) = (self.clone(), key.clone(), answers_tx.clone());
+            self.spawn_tracked(async move {
+                let answer = this.call(node, Request::ReadRegister { key }).await.ok();
+                let _ = answers_tx.send((node, answer)).await;
+            });
+        }
+        drop(answers_tx);
+        let mut tally = ReadTally::new(sets);
+        while let Some((node, answer)) = answers_rx.recv().await {
+            match tally.record(node, answer.as_ref()) {
+                ReadOutcome::Pending => {}
+                ReadOutcome::Undecided => break,
+                ReadOutcome::Chosen(raw) => {
+                    let tagged = raw.as_deref().map(TaggedValue::decode).transpose();
+                    return match tagged {
+                        Ok(tagged) => Ok(tagged.and_then(|t| t.value)),
+                        Err(error) => Err(MetaError::Replica(ReplicaError::Corrupt(format!(
+                            "register value: {error}"
+                        )))),
+                    };
+                }
+            }
+        }
+        let current = self
+            .compare_and_set(key, |current| {
+                Err::<Option<Vec<u8>>, _>(current.map(<[u8]>::to_vec))
+            })
+            .await?;
+        Ok(current.unwrap_or_else(|current| current))
     }
 
     /// Linearizable compare-and-set of one register (spec/metadata.md,

@@ -18,7 +18,7 @@ use cairn_protocol::meta::{
     LEAVES, LeafSet, Partition, PartitionDigest, RowKey, RowValue, Table, leaf_of, row_digest,
     xor_into,
 };
-use cairn_protocol::metarpc::{Ballot, ErrorCode, RegisterKey, Response};
+use cairn_protocol::metarpc::{AcceptedValue, Ballot, ErrorCode, RegisterKey, Response};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -295,6 +295,19 @@ impl MetaReplica {
     pub async fn forget(&self, partition: Partition) -> Result<(), ReplicaError> {
         self.run(|reply| Job::Forget { partition, reply }).await?;
         Ok(())
+    }
+
+    /// What this replica's acceptor of `key` last accepted; reads only.
+    pub fn accepted(&self, key: &RegisterKey) -> Result<Option<AcceptedValue>, ReplicaError> {
+        let txn = self.db()?.begin_read().map_err(db_error)?;
+        let acceptors = txn.open_table(ACCEPTORS).map_err(db_error)?;
+        let address = (key.partition.as_str(), key.name.as_slice());
+        match acceptors.get(address).map_err(db_error)? {
+            None => Ok(None),
+            Some(raw) => AcceptorState::decode(raw.value())
+                .map(|state| state.accepted)
+                .map_err(|e| ReplicaError::Corrupt(e.to_string())),
+        }
     }
 
     pub fn is_filled(

@@ -180,6 +180,15 @@ async fn try_answer(
         Request::Accept { key, ballot, value } => {
             replica.accept(key, ballot, value, map_version).await?
         }
+        Request::ReadRegister { key } => {
+            let replica = replica.clone();
+            blocking(move || {
+                replica
+                    .accepted(&key)
+                    .map(|accepted| Response::RegisterState { accepted })
+            })
+            .await?
+        }
     })
 }
 
