@@ -538,6 +538,7 @@ async fn serve(
                         region: section.region,
                         domains: section.domains,
                         tls,
+                        access_key_cache: Duration::from_secs(section.access_key_cache_seconds),
                         ..Default::default()
                     },
                 )

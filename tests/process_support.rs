@@ -206,7 +206,7 @@ impl ProcessCluster {
             .port();
         let mut text = std::fs::read_to_string(&gateway_config).unwrap();
         text += &format!(
-            "[s3]\nlisten = \"127.0.0.1:{s3_port}\"\nroot_key_file = \"{}\"\ntls_self_signed = {tls}\n",
+            "[s3]\nlisten = \"127.0.0.1:{s3_port}\"\nroot_key_file = \"{}\"\ntls_self_signed = {tls}\naccess_key_cache_seconds = 0\n",
             root.display()
         );
         std::fs::write(&gateway_config, text).unwrap();

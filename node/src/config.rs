@@ -87,6 +87,14 @@ pub struct S3Section {
     /// the data directory (when no files are given).
     #[serde(default)]
     pub tls_self_signed: bool,
+    /// How long a gateway trusts a looked-up access key before reading it
+    /// again: a deleted key authenticates for at most this long.
+    #[serde(default = "default_access_key_cache_seconds")]
+    pub access_key_cache_seconds: u64,
+}
+
+fn default_access_key_cache_seconds() -> u64 {
+    10
 }
 
 fn default_region() -> String {
