@@ -74,6 +74,9 @@ def check_stream():
             nonce = struct.pack(">I", case["stream_id"]) + i.to_bytes(7, "big") + bytes([i == chunks - 1])
             out += aead.decrypt(nonce, piece, None)
         assert out == plain
+    part = load("stream.json")["part_stream_key"]
+    derived = derive("cairn 2026-12 part stream key v1", h(part["data_key"]) + h(part["attempt"]))
+    assert derived.hex() == part["part_stream_key"]
 
 
 def check_keywrap():
@@ -122,8 +125,16 @@ def check_gateway():
         assert r.u8() == kind
         r.take(id_len)
         r.done()
-    r = Reader(h(v["part_record"]))
+    r = Reader(h(v["degraded_record"]))
     assert r.u8() == 1
+    r.u64()
+    count = r.u8()
+    r.take(32 * count)
+    missing = r.take(r.u8())
+    assert list(missing) == sorted(set(missing)) and all(i < count for i in missing)
+    r.done()
+    r = Reader(h(v["part_record"]))
+    assert r.u8() == 2
     r.take(16), r.u64(), r.u64(), r.str16(64)
     algorithm, value = r.str16(16), r.str16(64)
     assert (algorithm == "") == (value == "")
@@ -157,7 +168,7 @@ def check_manifest():
     body, signature = encoded[:-64], encoded[-64:]
     assert blake3.blake3(body).hexdigest() == v["manifest_id"]
     r = Reader(body)
-    assert r.take(4) == b"CRNM" and r.u16() == 1
+    assert r.take(4) == b"CRNM" and r.u16() == 2
     writer = r.take(32)
     public = Ed25519PrivateKey.from_private_bytes(h(v["writer_secret_key"])).public_key().public_bytes_raw()
     assert writer == public

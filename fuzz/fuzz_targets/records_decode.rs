@@ -1,11 +1,12 @@
 //! The gateway's records (bucket, access key, KMS key, upload, part,
-//! release): no
+//! release, degraded segment): no
 //! panic; what decodes re-encodes to the same bytes. The first byte picks
 //! the decoder.
 #![no_main]
 
 use cairn_protocol::records::{
-    AccessKeyRecord, BucketRecord, KmsKeyRecord, PartRecord, ReleaseRecord, UploadRecord,
+    AccessKeyRecord, BucketRecord, DegradedRecord, KmsKeyRecord, PartRecord, ReleaseRecord,
+    UploadRecord,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -13,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {
         return;
     };
-    match which % 6 {
+    match which % 7 {
         0 => {
             if let Ok(record) = BucketRecord::decode(body) {
                 assert_eq!(record.encode(), body);
@@ -36,6 +37,11 @@ fuzz_target!(|data: &[u8]| {
         }
         4 => {
             if let Ok(record) = PartRecord::decode(body) {
+                assert_eq!(record.encode(), body);
+            }
+        }
+        5 => {
+            if let Ok(record) = DegradedRecord::decode(body) {
                 assert_eq!(record.encode(), body);
             }
         }

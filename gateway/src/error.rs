@@ -69,6 +69,10 @@ pub enum GatewayError {
     Metadata(#[from] MetaError),
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error("{0}")]
+    NotImplemented(String),
+    #[error("{0}")]
+    InvalidRequest(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

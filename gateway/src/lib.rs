@@ -12,6 +12,7 @@ pub mod keys;
 pub mod kms;
 pub mod multipart;
 pub mod objects;
+pub mod protections;
 pub mod s3;
 pub mod server;
 pub mod tls;

@@ -7,15 +7,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cairn_node::swarm::now_unix_ms;
-use cairn_protocol::encryption::SecretKey;
+use cairn_protocol::encryption::{SecretKey, part_stream_key};
 use cairn_protocol::erasure::SegmentLayout;
 use cairn_protocol::ids::UploadId;
-use cairn_protocol::keywrap::{
-    SALT_BYTES, WrapContext, unwrap_labelled_key, wrap_data_key, wrap_labelled_key,
-};
-use cairn_protocol::manifest::{KeyEnvelope, KeyKind, MAX_PARTS, Manifest, Part};
+use cairn_protocol::keywrap::{SALT_BYTES, unwrap_labelled_key, wrap_labelled_key};
+use cairn_protocol::manifest::{MAX_OBJECT_BYTES, MAX_PARTS, Manifest, Part, PartKeys};
 use cairn_protocol::meta::{
-    Partition, Register, RowKey, RowValue, Table, part_sort_key, prefix_end, split_key_sort,
+    Partition, Register, RowKey, RowValue, Table, part_number_of, part_number_start, part_sort_key,
+    prefix_end, split_key_sort,
 };
 use cairn_protocol::pipeline::PutPipeline;
 use cairn_protocol::records::{PartRecord, ReleaseTarget, UploadRecord};
@@ -26,8 +25,8 @@ use crate::checksum::{Algorithm, ChecksumRequest, composite};
 use crate::error::{GatewayError, GatewayResult};
 use crate::kms::random_bytes;
 use crate::objects::{
-    MAX_PUT_BYTES, ObjectStore, StreamPut, WriteCondition, read_manifest, register, release_entry,
-    upload_row, with_checksum,
+    DataKeys, MAX_PUT_BYTES, ObjectStore, PushTarget, StreamPut, WriteCondition, read_manifest,
+    register, release_entry, upload_row, with_checksum,
 };
 
 /// Every part but the last is at least this long, as in S3.
@@ -39,12 +38,76 @@ fn label(bucket: &str, upload: &UploadId) -> String {
     format!("upload/{bucket}/{upload}")
 }
 
-fn part_row(bucket: &str, upload: &UploadId, number: u32) -> RowKey {
+/// The row of one attempt at part `number`: attempts do not replace each
+/// other, so a completion can take the one whose ETag it names.
+fn part_row(bucket: &str, upload: &UploadId, number: u32, attempt: &UploadId) -> RowKey {
     RowKey::new(
         Partition::bucket(bucket),
         Table::Parts,
-        part_sort_key(upload.as_bytes(), number as u16),
+        part_sort_key(upload.as_bytes(), number as u16, attempt.as_bytes()),
     )
+}
+
+/// One stored attempt at a part, with its row's sort key.
+#[derive(Debug, Clone)]
+struct PartAttempt {
+    number: u32,
+    sort: Vec<u8>,
+    record: PartRecord,
+}
+
+/// Whether `a` is a later attempt than `b`: what ListParts shows of a part
+/// number with several.
+fn later(a: &PartRecord, b: &PartRecord) -> bool {
+    (a.uploaded_unix_ms, a.upload) > (b.uploaded_unix_ms, b.upload)
+}
+
+/// Pages through the part attempts of one upload, in sort key order.
+struct PartAttempts {
+    partition: Partition,
+    cursor: Option<Vec<u8>>,
+    end: Option<Vec<u8>>,
+}
+
+impl PartAttempts {
+    async fn next_page(&mut self, store: &ObjectStore) -> GatewayResult<Option<Vec<PartAttempt>>> {
+        let Some(cursor) = self.cursor.take() else {
+            return Ok(None);
+        };
+        let page = store
+            .node()
+            .metadata()
+            .range(
+                &self.partition,
+                Table::Parts,
+                &cursor,
+                self.end.as_deref(),
+                1000,
+            )
+            .await?;
+        let mut attempts = Vec::with_capacity(page.rows.len());
+        for (sort, value) in &page.rows {
+            let Some(number) = part_number_of(sort) else {
+                continue;
+            };
+            let Some(record) = decode_register(Some(value.clone()), PartRecord::decode)? else {
+                continue;
+            };
+            attempts.push(PartAttempt {
+                number: u32::from(number),
+                sort: sort.clone(),
+                record,
+            });
+        }
+        if page.more
+            && let Some((last, _)) = page.rows.last()
+        {
+            let mut next = last.clone();
+            next.push(0);
+            self.cursor = Some(next);
+        }
+        Ok(Some(attempts))
+    }
 }
 
 /// A part CompleteMultipartUpload names: its number, its ETag and the
@@ -227,13 +290,17 @@ impl ObjectStore {
         let stream = StreamPut {
             store: self,
             placer,
-            upload: attempt,
-            retain_until_unix_ms: 0,
+            target: PushTarget {
+                bucket,
+                key,
+                upload: attempt,
+                retain_until_unix_ms: 0,
+            },
             deadline_unix_ms: deadline,
         };
         let streamed = stream
             .run(
-                PutPipeline::new(&data_key, number, layout),
+                PutPipeline::new(&part_stream_key(&data_key, &attempt), number, layout),
                 length,
                 checksum.as_ref().map(ChecksumRequest::hasher),
                 body,
@@ -252,6 +319,7 @@ impl ObjectStore {
             return Err(self.deadline_error());
         }
         let part = PartRecord {
+            part_keys: PartKeys::PerAttempt,
             upload: attempt,
             uploaded_unix_ms: now_unix_ms(),
             plaintext_len: length,
@@ -262,30 +330,18 @@ impl ObjectStore {
             scheme: record.scheme,
             segments,
         };
-        let replaced = decode_register(
-            metadata
-                .read(vec![part_row(bucket, upload, number)])
-                .await?
-                .remove(0),
-            PartRecord::decode,
-        )?;
+        // Other attempts at this number stay: the completion takes the one
+        // whose ETag it names and releases the rest.
         let at = metadata.timestamp();
-        let mut rows = vec![
-            (
-                part_row(bucket, upload, number),
-                register(Some(part.encode()), at),
-            ),
-            (upload_row(bucket, key, &attempt), register(None, at)),
-        ];
-        if let Some(replaced) = replaced.filter(|r| r.upload != attempt) {
-            rows.push(release_entry(
-                bucket,
-                key,
-                ReleaseTarget::Upload(replaced.upload),
-                at,
-            ));
-        }
-        metadata.write(rows).await?;
+        metadata
+            .write(vec![
+                (
+                    part_row(bucket, upload, number, &attempt),
+                    register(Some(part.encode()), at),
+                ),
+                (upload_row(bucket, key, &attempt), register(None, at)),
+            ])
+            .await?;
         // An upload completed or aborted while this part was on its way
         // did not see it: the part releases itself.
         if let Err(GatewayError::NoSuchUpload) = self.upload(bucket, key, upload).await {
@@ -303,7 +359,8 @@ impl ObjectStore {
         Ok((etag, checksum_value.map(|(_, value)| value)))
     }
 
-    /// The upload's parts from `after` on, at most `max`.
+    /// The upload's parts from `after` on, at most `max`: for each part
+    /// number, its latest attempt.
     pub async fn list_parts(
         &self,
         bucket: &str,
@@ -311,45 +368,55 @@ impl ObjectStore {
         after: u32,
         max: usize,
     ) -> GatewayResult<PartsPage> {
-        let partition = Partition::bucket(bucket);
-        let start = part_sort_key(upload.as_bytes(), (after + 1).min(u16::MAX as u32) as u16);
-        let end = prefix_end(upload.as_bytes());
-        let mut parts = Vec::new();
-        let mut cursor = start;
+        let mut parts: Vec<(u32, PartRecord)> = Vec::new();
+        let mut attempts = self.part_attempts(bucket, upload, after);
         loop {
-            let page = self
-                .node()
-                .metadata()
-                .range(&partition, Table::Parts, &cursor, end.as_deref(), 1000)
-                .await?;
-            for (sort, value) in &page.rows {
-                let Some(record) = decode_register(Some(value.clone()), PartRecord::decode)? else {
-                    continue;
-                };
-                let [.., high, low] = sort.as_slice() else {
-                    continue;
-                };
-                let number = u16::from_be_bytes([*high, *low]) as u32;
-                if parts.len() == max {
-                    return Ok(PartsPage {
-                        parts,
-                        truncated: true,
-                    });
-                }
-                parts.push((number, record));
-            }
-            match page.rows.last() {
-                Some((last, _)) if page.more => {
-                    cursor = last.clone();
-                    cursor.push(0);
-                }
-                _ => {
-                    return Ok(PartsPage {
-                        parts,
-                        truncated: false,
-                    });
+            let Some(page) = attempts.next_page(self).await? else {
+                return Ok(PartsPage {
+                    parts,
+                    truncated: false,
+                });
+            };
+            for attempt in page {
+                let full = parts.len() == max;
+                match parts.last_mut() {
+                    Some((number, latest)) if *number == attempt.number => {
+                        if later(&attempt.record, latest) {
+                            *latest = attempt.record;
+                        }
+                    }
+                    _ if full => {
+                        return Ok(PartsPage {
+                            parts,
+                            truncated: true,
+                        });
+                    }
+                    _ => parts.push((attempt.number, attempt.record)),
                 }
             }
+        }
+    }
+
+    /// Every stored attempt at every part of `upload`, by part number.
+    async fn all_part_attempts(
+        &self,
+        bucket: &str,
+        upload: &UploadId,
+    ) -> GatewayResult<Vec<PartAttempt>> {
+        let mut all = Vec::new();
+        let mut attempts = self.part_attempts(bucket, upload, 0);
+        while let Some(page) = attempts.next_page(self).await? {
+            all.extend(page);
+        }
+        Ok(all)
+    }
+
+    fn part_attempts(&self, bucket: &str, upload: &UploadId, after: u32) -> PartAttempts {
+        let first = (after + 1).min(u32::from(u16::MAX)) as u16;
+        PartAttempts {
+            partition: Partition::bucket(bucket),
+            cursor: Some(part_number_start(upload.as_bytes(), first)),
+            end: prefix_end(upload.as_bytes()),
         }
     }
 
@@ -362,7 +429,7 @@ impl ObjectStore {
         key: &str,
         upload: &UploadId,
         chosen: &[ChosenPart],
-    ) -> GatewayResult<Option<ObjectVersion>> {
+    ) -> GatewayResult<Option<(ObjectVersion, Vec<UploadId>)>> {
         let Some(current) = self.current(bucket, key).await? else {
             return Ok(None);
         };
@@ -384,7 +451,8 @@ impl ObjectStore {
                 .iter()
                 .map(|p| p.number)
                 .eq(chosen.iter().map(|c| c.number));
-        Ok(same.then_some(current))
+        let kept = manifest.parts.iter().map(|p| p.upload).collect();
+        Ok(same.then_some((current, kept)))
     }
 
     /// Completes the upload with the parts the client chose, in order.
@@ -412,33 +480,57 @@ impl ObjectStore {
         let deadline = self.write_deadline(now_unix_ms());
         let record = match self.upload(bucket, key, upload).await {
             Err(GatewayError::NoSuchUpload) => {
-                return self
+                let (committed, kept) = self
                     .completed_by(bucket, key, upload, chosen)
                     .await?
-                    .ok_or(GatewayError::NoSuchUpload);
+                    .ok_or(GatewayError::NoSuchUpload)?;
+                // The first completion may have stopped before it forgot
+                // the part rows: finished here, as it would have.
+                self.forget_unchosen_parts(bucket, key, upload, &kept)
+                    .await?;
+                return Ok(committed);
             }
             other => other?,
         };
-        let stored = self
-            .list_parts(bucket, upload, 0, MAX_PART_NUMBER as usize)
-            .await?
-            .parts;
+        let stored = self.all_part_attempts(bucket, upload).await?;
         let mut parts = Vec::with_capacity(chosen.len());
+        let mut part_keys = Vec::with_capacity(chosen.len());
         let mut md5_of_md5s = md5::Md5::new();
         let mut part_checksums: Vec<Option<&(String, String)>> = Vec::with_capacity(chosen.len());
         for (index, choice) in chosen.iter().enumerate() {
             let (number, etag) = (&choice.number, &choice.etag);
-            let Some((_, part)) = stored.iter().find(|(n, _)| n == number) else {
-                return Err(GatewayError::InvalidPart(format!(
-                    "part {number} has not been uploaded"
-                )));
+            // Of the attempts at this number, the latest whose ETag the
+            // client names: attempts that raced finish in any order.
+            let attempts: Vec<&PartRecord> = stored
+                .iter()
+                .filter(|a| a.number == *number)
+                .map(|a| &a.record)
+                .collect();
+            let named = attempts
+                .iter()
+                .copied()
+                .filter(|part| part.etag.trim_matches('"') == etag.trim_matches('"'))
+                .reduce(|a, b| if later(b, a) { b } else { a });
+            let part = match (
+                named,
+                attempts
+                    .iter()
+                    .copied()
+                    .reduce(|a, b| if later(b, a) { b } else { a }),
+            ) {
+                (Some(part), _) => part,
+                (None, Some(latest)) => {
+                    return Err(GatewayError::InvalidPart(format!(
+                        "part {number} has ETag {}, not {etag}",
+                        latest.etag
+                    )));
+                }
+                (None, None) => {
+                    return Err(GatewayError::InvalidPart(format!(
+                        "part {number} has not been uploaded"
+                    )));
+                }
             };
-            if part.etag.trim_matches('"') != etag.trim_matches('"') {
-                return Err(GatewayError::InvalidPart(format!(
-                    "part {number} has ETag {}, not {etag}",
-                    part.etag
-                )));
-            }
             if index + 1 < chosen.len() && part.plaintext_len < MIN_PART_BYTES {
                 return Err(GatewayError::EntityTooSmall);
             }
@@ -455,11 +547,29 @@ impl ObjectStore {
             let digest = cairn_protocol::from_hex::<16>(part.etag.trim_matches('"'))
                 .ok_or_else(|| GatewayError::Corrupt(format!("part {number} ETag")))?;
             md5_of_md5s.update(digest);
+            part_keys.push(part.part_keys);
             parts.push(Part {
                 number: *number,
                 upload: part.upload,
                 plaintext_len: part.plaintext_len,
                 segments: part.segments.clone(),
+            });
+        }
+        // One manifest says how every part was sealed: parts uploaded
+        // before per-attempt keys (format-1 part records) complete only
+        // together.
+        let part_keys = match part_keys.as_slice() {
+            [first, rest @ ..] if rest.iter().all(|k| k == first) => *first,
+            _ => {
+                return Err(GatewayError::InvalidPart(
+                    "some parts were uploaded by an older version of Cairn, sealed another way: upload them again".into(),
+                ));
+            }
+        };
+        let total: u64 = parts.iter().map(|p: &Part| p.plaintext_len).sum();
+        if total > MAX_OBJECT_BYTES {
+            return Err(GatewayError::EntityTooLarge {
+                max: MAX_OBJECT_BYTES,
             });
         }
         let etag = format!(
@@ -488,19 +598,13 @@ impl ObjectStore {
         let version = self.new_version();
         // The data key was wrapped for the upload; the object's copy is
         // bound to its final version like any object's.
-        let data_key = self.upload_key(bucket, &record).await?;
-        let bucket_key = self.kms().key(&record.bucket_key_id).await?;
-        let wrapped = wrap_data_key(
-            &bucket_key,
-            &data_key,
-            &WrapContext {
-                bucket,
-                key,
-                version,
-            },
-            random_bytes::<SALT_BYTES>(),
-        );
+        let keys = DataKeys {
+            bucket_key_id: record.bucket_key_id.clone(),
+            bucket_key: self.kms().key(&record.bucket_key_id).await?,
+            data_key: self.upload_key(bucket, &record).await?,
+        };
         let manifest = Manifest {
+            part_keys,
             writer: self.node().node_id(),
             created_unix_ms: now_unix_ms(),
             bucket: bucket.to_owned(),
@@ -508,32 +612,42 @@ impl ObjectStore {
             version,
             upload: *upload,
             layout: SegmentLayout::with_defaults(record.scheme),
-            encryption: KeyEnvelope {
-                kind: KeyKind::SseS3,
-                key_id: record.bucket_key_id.clone(),
-                wrapped: wrapped.to_vec(),
-            },
+            encryption: keys.envelope(bucket, key, version),
             etag,
             parts,
         };
+        let kept: Vec<UploadId> = manifest.parts.iter().map(|p| p.upload).collect();
         let committed = self
             .commit(
                 manifest,
+                &keys,
                 headers,
                 upload_row(bucket, key, upload),
                 condition,
                 deadline,
             )
             .await?;
-        // The parts not chosen go to the collector with the part rows.
-        let unchosen: Vec<UploadId> = stored
-            .iter()
-            .filter(|(n, _)| !chosen.iter().any(|c| c.number == *n))
-            .map(|(_, part)| part.upload)
-            .collect();
-        self.forget_parts(bucket, key, upload, &stored, &unchosen)
+        self.forget_unchosen_parts(bucket, key, upload, &kept)
             .await?;
         Ok(committed)
+    }
+
+    /// Deletes the part rows of a completed upload; the part attempts the
+    /// object does not keep go to the collector with them.
+    async fn forget_unchosen_parts(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload: &UploadId,
+        kept: &[UploadId],
+    ) -> GatewayResult<()> {
+        let stored = self.all_part_attempts(bucket, upload).await?;
+        let unchosen: Vec<UploadId> = stored
+            .iter()
+            .map(|a| a.record.upload)
+            .filter(|attempt| !kept.contains(attempt))
+            .collect();
+        self.forget_parts(bucket, key, &stored, &unchosen).await
     }
 
     /// Aborts the upload; its fragments are left for the collector, which
@@ -552,13 +666,9 @@ impl ObjectStore {
                 register(None, metadata.timestamp()),
             )])
             .await?;
-        let stored = self
-            .list_parts(bucket, upload, 0, MAX_PART_NUMBER as usize)
-            .await?
-            .parts;
-        let every: Vec<UploadId> = stored.iter().map(|(_, part)| part.upload).collect();
-        self.forget_parts(bucket, key, upload, &stored, &every)
-            .await
+        let stored = self.all_part_attempts(bucket, upload).await?;
+        let every: Vec<UploadId> = stored.iter().map(|a| a.record.upload).collect();
+        self.forget_parts(bucket, key, &stored, &every).await
     }
 
     /// Deletes the part rows of a finished upload, with a release row for
@@ -567,15 +677,20 @@ impl ObjectStore {
         &self,
         bucket: &str,
         key: &str,
-        upload: &UploadId,
-        stored: &[(u32, PartRecord)],
+        stored: &[PartAttempt],
         released: &[UploadId],
     ) -> GatewayResult<()> {
         let metadata = self.node().metadata();
         let at = metadata.timestamp();
+        let partition = Partition::bucket(bucket);
         let rows: Vec<(RowKey, RowValue)> = stored
             .iter()
-            .map(|(n, _)| (part_row(bucket, upload, *n), register(None, at)))
+            .map(|a| {
+                (
+                    RowKey::new(partition.clone(), Table::Parts, a.sort.clone()),
+                    register(None, at),
+                )
+            })
             .chain(
                 released
                     .iter()

@@ -6,7 +6,7 @@
 //! touches, rebuilds, decrypts and streams. Memory is a few segments per
 //! request, whatever the object's size.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,21 +14,24 @@ use std::time::Duration;
 use bytes::Bytes;
 use cairn_node::meta::Metadata;
 use cairn_node::swarm::{NodeHandle, now_unix_ms};
-use cairn_protocol::encryption::{RangePlan, SecretKey};
+use cairn_protocol::encryption::{RangePlan, SecretKey, part_stream_key};
 use cairn_protocol::erasure::{EncodedSegment, Scheme, SegmentLayout, reconstruct};
 use cairn_protocol::ids::{
     FragmentId, ManifestId, NodeId, UploadId, VersionId, VersionIdGenerator,
 };
 use cairn_protocol::keywrap::{SALT_BYTES, WrapContext, unwrap_data_key, wrap_data_key};
-use cairn_protocol::manifest::{KeyEnvelope, KeyKind, Manifest, Part, SegmentRef, SignedManifest};
+use cairn_protocol::manifest::{
+    KeyEnvelope, KeyKind, Manifest, Part, PartKeys, SegmentRef, SignedManifest,
+};
 use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::{
-    Partition, Register, RowKey, RowValue, Table, upload_sort_key, version_sort_key,
+    Partition, Register, RowKey, RowValue, Table, degraded_sort_key, upload_sort_key,
+    version_sort_key,
 };
 use cairn_protocol::metarpc::RegisterKey;
 use cairn_protocol::pipeline::PutPipeline;
 use cairn_protocol::placement::{Placer, segment_placement_key};
-use cairn_protocol::records::{ReleaseRecord, ReleaseTarget, UploadRecord};
+use cairn_protocol::records::{DegradedRecord, ReleaseRecord, ReleaseTarget, UploadRecord};
 use cairn_protocol::version::{Lww, ObjectVersion, Retention, StoredHeaders, VersionBody};
 use cairn_protocol::wire::Hold;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -56,6 +59,9 @@ const SEGMENTS_AHEAD: usize = 2;
 const SPARE_AFTER: Duration = Duration::from_millis(1500);
 /// How long a read waits before asking the placed nodes that failed again.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// Spare nodes asked for a fragment its placed node does not give, before
+/// the DHT is.
+const MAX_SPARES_ASKED: usize = 3;
 
 /// The precondition of a write, decided by the key's head register.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -179,6 +185,107 @@ pub(crate) enum HeadWrite<'a> {
     Delete(&'a ObjectVersion),
 }
 
+/// The keys that seal an object: its data key, and the bucket key that
+/// wraps it for one version (a commit that needs a new version wraps it
+/// again).
+pub(crate) struct DataKeys {
+    pub(crate) bucket_key_id: String,
+    pub(crate) bucket_key: Arc<SecretKey>,
+    pub(crate) data_key: SecretKey,
+}
+
+impl DataKeys {
+    /// The data key wrapped for `version` of `key`, as the manifest keeps it.
+    pub(crate) fn envelope(&self, bucket: &str, key: &str, version: VersionId) -> KeyEnvelope {
+        let wrapped = wrap_data_key(
+            &self.bucket_key,
+            &self.data_key,
+            &WrapContext {
+                bucket,
+                key,
+                version,
+            },
+            random_bytes::<SALT_BYTES>(),
+        );
+        KeyEnvelope {
+            kind: KeyKind::SseS3,
+            key_id: self.bucket_key_id.clone(),
+            wrapped: wrapped.to_vec(),
+        }
+    }
+}
+
+/// Why a head write's change refuses the current head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeadRefusal {
+    Condition,
+    NoCurrentObject,
+    Deadline,
+    SequenceExhausted,
+    /// A PUT judged again after it proposed once: see [`judge_head`].
+    JudgedAgain,
+}
+
+/// The head a write proposes over `current`, or why it refuses.
+///
+/// A PUT that already proposed once in this compare-and-set, and is asked
+/// to judge again, refuses: its earlier proposal may have been chosen and
+/// then replaced by another writer, who purged it as a version below its
+/// own. Proposed again, the same version would hold two places in the
+/// key's history and the first one's purge would hide the second from
+/// listings. The caller commits the write again as a new version instead.
+/// A DELETE's marker is never a version row, so it is proposed again.
+pub(crate) fn judge_head(
+    condition: &WriteCondition,
+    write: &HeadWrite<'_>,
+    current: Option<&ObjectVersion>,
+    proposed_before: bool,
+    past_deadline: bool,
+) -> Result<ObjectVersion, HeadRefusal> {
+    let current_object = current.filter(|h| is_current_object(h));
+    let holds = match (condition, current_object) {
+        (WriteCondition::Always, _) => Ok(()),
+        (WriteCondition::IfAbsent, None) => Ok(()),
+        (WriteCondition::IfAbsent, Some(_)) => Err(HeadRefusal::Condition),
+        (WriteCondition::IfMatch(etag), Some(object)) => match &object.body {
+            VersionBody::Data { etag: ours, .. } if ours.trim_matches('"') == etag => Ok(()),
+            _ => Err(HeadRefusal::Condition),
+        },
+        (WriteCondition::IfPresent, Some(_)) => Ok(()),
+        (WriteCondition::IfMatch(_) | WriteCondition::IfPresent, None) => {
+            Err(HeadRefusal::NoCurrentObject)
+        }
+        (WriteCondition::Deleting(delete), object) => match object {
+            Some(object) if delete.version.is_some_and(|v| v != object.version) => {
+                Err(HeadRefusal::NoCurrentObject)
+            }
+            Some(object) if delete.holds_for(object) => Ok(()),
+            Some(_) => Err(HeadRefusal::Condition),
+            None if delete.is_unconditional() => Ok(()),
+            None => Err(HeadRefusal::NoCurrentObject),
+        },
+    };
+    if past_deadline {
+        return Err(HeadRefusal::Deadline);
+    }
+    holds?;
+    let template = match write {
+        HeadWrite::Put(version) => {
+            if proposed_before {
+                return Err(HeadRefusal::JudgedAgain);
+            }
+            version
+        }
+        HeadWrite::Delete(marker) => marker,
+    };
+    let mut new = (*template).clone();
+    new.seq = match current.map_or(Some(1), |h| h.seq.checked_add(1)) {
+        Some(seq) => seq,
+        None => return Err(HeadRefusal::SequenceExhausted),
+    };
+    Ok(new)
+}
+
 /// The outcome of a decided head write.
 pub(crate) struct HeadSwap {
     /// The head the write replaced.
@@ -200,6 +307,10 @@ pub struct DeleteCondition {
     pub size_bytes: Option<u64>,
     /// Last-Modified in whole seconds since the epoch.
     pub last_modified_unix_s: Option<i64>,
+    /// A DELETE of one version (`versionId`): only if it is the current
+    /// object; another version does not exist, and deleting it is a
+    /// success that changes nothing, as in S3.
+    pub version: Option<VersionId>,
 }
 
 impl DeleteCondition {
@@ -426,31 +537,27 @@ impl ObjectStore {
             )])
             .await?;
 
-        let bucket_key = self.kms.key(&object.bucket_key_id).await?;
-        let data_key = SecretKey::from_bytes(random_bytes());
-        let context = WrapContext {
-            bucket: &object.bucket,
-            key: &object.key,
-            version,
+        let keys = DataKeys {
+            bucket_key_id: object.bucket_key_id.clone(),
+            bucket_key: self.kms.key(&object.bucket_key_id).await?,
+            data_key: SecretKey::from_bytes(random_bytes()),
         };
-        let wrapped = wrap_data_key(
-            &bucket_key,
-            &data_key,
-            &context,
-            random_bytes::<SALT_BYTES>(),
-        );
 
         let deadline = self.write_deadline(started);
         let stream = StreamPut {
             store: self,
             placer,
-            upload,
-            retain_until_unix_ms: 0,
+            target: PushTarget {
+                bucket: &object.bucket,
+                key: &object.key,
+                upload,
+                retain_until_unix_ms: 0,
+            },
             deadline_unix_ms: deadline,
         };
         let streamed = stream
             .run(
-                PutPipeline::new(&data_key, 0, layout),
+                PutPipeline::new(&part_stream_key(&keys.data_key, &upload), 0, layout),
                 object.length,
                 object.checksum.as_ref().map(ChecksumRequest::hasher),
                 body,
@@ -470,6 +577,7 @@ impl ObjectStore {
         }
         let etag = format!("\"{}\"", cairn_protocol::to_hex(&digest));
         let manifest = Manifest {
+            part_keys: PartKeys::PerAttempt,
             writer: self.node.node_id(),
             created_unix_ms: now_unix_ms(),
             bucket: object.bucket.clone(),
@@ -477,11 +585,7 @@ impl ObjectStore {
             version,
             upload,
             layout,
-            encryption: KeyEnvelope {
-                kind: KeyKind::SseS3,
-                key_id: object.bucket_key_id.clone(),
-                wrapped: wrapped.to_vec(),
-            },
+            encryption: keys.envelope(&object.bucket, &object.key, version),
             etag: etag.clone(),
             parts: vec![Part {
                 number: 0,
@@ -490,8 +594,15 @@ impl ObjectStore {
                 segments,
             }],
         };
-        self.commit(manifest, headers, upload_key, &object.condition, deadline)
-            .await
+        self.commit(
+            manifest,
+            &keys,
+            headers,
+            upload_key,
+            &object.condition,
+            deadline,
+        )
+        .await
     }
 
     /// Commits an object whose fragments are durable: the signed manifest
@@ -504,68 +615,87 @@ impl ObjectStore {
     /// be releasing the upload's fragments.
     pub(crate) async fn commit(
         &self,
-        manifest: Manifest,
+        mut manifest: Manifest,
+        keys: &DataKeys,
         headers: StoredHeaders,
         upload_key: RowKey,
         condition: &WriteCondition,
         deadline_unix_ms: u64,
     ) -> GatewayResult<ObjectVersion> {
+        const IDENTITIES: usize = 8;
         let metadata = self.node.metadata();
-        let signed = manifest
-            .sign(self.node.identity().signing_key())
-            .map_err(|e| GatewayError::Internal(format!("manifest: {e}")))?;
-        let at = metadata.timestamp();
-        let manifest = &signed.manifest;
-        let row = ObjectVersion {
-            bucket: manifest.bucket.clone(),
-            key: manifest.key.clone(),
-            version: manifest.version,
-            created: at,
-            seq: 0,
-            body: VersionBody::Data {
-                manifest: signed.id,
-                size_bytes: manifest.plaintext_len(),
-                etag: manifest.etag.clone(),
-                headers,
-            },
-            retention: Retention::default(),
-            legal_hold: Lww { value: false, at },
-            purged: None,
-        };
-        metadata
-            .write(vec![(
-                manifest_row(&manifest.bucket, &signed.id),
-                RowValue::Immutable(signed.encoded.clone()),
-            )])
-            .await?;
-        let swap = self
-            .swap_head(
-                &manifest.bucket,
-                &manifest.key,
-                condition,
-                HeadWrite::Put(&row),
-                Some(deadline_unix_ms),
-            )
-            .await?;
-        let mut rows = vec![
-            (
-                versions_row(&manifest.bucket, &manifest.key, &manifest.version),
-                RowValue::Version(Box::new(swap.head.clone())),
-            ),
-            (upload_key, register(None, at)),
-        ];
-        rows.extend(self.retirements(&swap).await?);
-        for chunk in rows.chunks(1000) {
-            metadata.write(chunk.to_vec()).await?;
+        for _ in 0..IDENTITIES {
+            let signed = manifest
+                .clone()
+                .sign(self.node.identity().signing_key())
+                .map_err(|e| GatewayError::Internal(format!("manifest: {e}")))?;
+            let at = metadata.timestamp();
+            let row = ObjectVersion {
+                bucket: manifest.bucket.clone(),
+                key: manifest.key.clone(),
+                version: manifest.version,
+                created: at,
+                seq: 0,
+                body: VersionBody::Data {
+                    manifest: signed.id,
+                    size_bytes: manifest.plaintext_len(),
+                    etag: manifest.etag.clone(),
+                    headers: headers.clone(),
+                },
+                retention: Retention::default(),
+                legal_hold: Lww { value: false, at },
+                purged: None,
+            };
+            metadata
+                .write(vec![(
+                    manifest_row(&manifest.bucket, &signed.id),
+                    RowValue::Immutable(signed.encoded.clone()),
+                )])
+                .await?;
+            let Some(swap) = self
+                .swap_head(
+                    &manifest.bucket,
+                    &manifest.key,
+                    condition,
+                    HeadWrite::Put(&row),
+                    Some(deadline_unix_ms),
+                )
+                .await?
+            else {
+                // Judged again after proposing (judge_head): the same
+                // fragments are committed again as a new version, its data
+                // key wrapped for that version.
+                manifest.version = self.new_version();
+                manifest.created_unix_ms = now_unix_ms();
+                manifest.encryption =
+                    keys.envelope(&manifest.bucket, &manifest.key, manifest.version);
+                continue;
+            };
+            let mut rows = vec![
+                (
+                    versions_row(&manifest.bucket, &manifest.key, &manifest.version),
+                    RowValue::Version(Box::new(swap.head.clone())),
+                ),
+                (upload_key, register(None, at)),
+            ];
+            rows.extend(self.retirements(&swap).await?);
+            for chunk in rows.chunks(1000) {
+                metadata.write(chunk.to_vec()).await?;
+            }
+            return Ok(swap.head);
         }
-        Ok(swap.head)
+        Err(GatewayError::Unavailable(format!(
+            "the head of {}/{} changed under this write {IDENTITIES} times; nothing was committed",
+            manifest.bucket, manifest.key
+        )))
     }
 
     /// Deletes the current object of `key` if `condition` holds: the head
     /// becomes a purged delete marker, and every version it replaced is
     /// purged (their fragments go to the collector). A key with no current
     /// object is a success that changes nothing when the delete is
-    /// conditional.
+    /// conditional, except that versions a crashed writer left below the
+    /// head are purged then too.
     pub async fn delete(
         &self,
         bucket: &str,
@@ -595,8 +725,22 @@ impl ObjectStore {
             )
             .await
         {
-            Err(GatewayError::NoSuchKey) => return Ok(()),
-            other => other?,
+            Ok(None) => {
+                return Err(GatewayError::Internal(
+                    "a delete was judged as a new version".into(),
+                ));
+            }
+            Err(GatewayError::NoSuchKey) => {
+                match read_head(self.node.metadata(), bucket, key).await? {
+                    Some(head) => HeadSwap {
+                        replaced: None,
+                        head,
+                    },
+                    None => return Ok(()),
+                }
+            }
+            Ok(Some(swap)) => swap,
+            Err(error) => return Err(error),
         };
         let rows = self.retirements(&swap).await?;
         let metadata = self.node.metadata();
@@ -635,7 +779,9 @@ impl ObjectStore {
     /// for the current head; the new head's sequence is one more than the
     /// current one's. Linearizable: of two writers racing on one
     /// condition, exactly one wins. The deadline is checked where the
-    /// value is decided, so no commit lands after it.
+    /// value is decided, so no commit lands after it. `None`: a PUT was
+    /// judged again after proposing once, and must be committed again as
+    /// a new version ([`judge_head`]).
     pub(crate) async fn swap_head(
         &self,
         bucket: &str,
@@ -643,52 +789,26 @@ impl ObjectStore {
         condition: &WriteCondition,
         write: HeadWrite<'_>,
         deadline_unix_ms: Option<u64>,
-    ) -> GatewayResult<HeadSwap> {
-        enum Refusal {
-            Condition,
-            NoCurrentObject,
-            Deadline,
-        }
-        let template = match write {
-            HeadWrite::Put(version) | HeadWrite::Delete(version) => version,
-        };
-        // What the last run of the change saw and proposed.
-        let decided: Mutex<Option<HeadSwap>> = Mutex::new(None);
+    ) -> GatewayResult<Option<HeadSwap>> {
+        // What each run of the change saw and proposed: the one whose
+        // proposal was chosen is the answer (an earlier run's proposal can
+        // be chosen after a later run judged another current head).
+        let proposals: Mutex<Vec<HeadSwap>> = Mutex::new(Vec::new());
         let outcome = self
             .node
             .metadata()
             .compare_and_set(head_register(bucket, key), |current| {
                 let head = current.and_then(|bytes| ObjectVersion::decode(bytes).ok());
-                let current_object = head.as_ref().filter(|h| is_current_object(h));
-                let holds = match (condition, current_object) {
-                    (WriteCondition::Always, _) => Ok(()),
-                    (WriteCondition::IfAbsent, None) => Ok(()),
-                    (WriteCondition::IfAbsent, Some(_)) => Err(Refusal::Condition),
-                    (WriteCondition::IfMatch(etag), Some(object)) => match &object.body {
-                        VersionBody::Data { etag: ours, .. } if ours.trim_matches('"') == etag => {
-                            Ok(())
-                        }
-                        _ => Err(Refusal::Condition),
-                    },
-                    (WriteCondition::IfPresent, Some(_)) => Ok(()),
-                    (WriteCondition::IfMatch(_) | WriteCondition::IfPresent, None) => {
-                        Err(Refusal::NoCurrentObject)
-                    }
-                    (WriteCondition::Deleting(delete), object) => match object {
-                        Some(object) if delete.holds_for(object) => Ok(()),
-                        Some(_) => Err(Refusal::Condition),
-                        None if delete.is_unconditional() => Ok(()),
-                        None => Err(Refusal::NoCurrentObject),
-                    },
-                };
-                if deadline_unix_ms.is_some_and(|deadline| now_unix_ms() > deadline) {
-                    return Err(Refusal::Deadline);
-                }
-                holds?;
-                let mut new = template.clone();
-                new.seq = head.as_ref().map_or(0, |h| h.seq) + 1;
+                let mut proposals = proposals.lock().expect("head proposals");
+                let new = judge_head(
+                    condition,
+                    &write,
+                    head.as_ref(),
+                    !proposals.is_empty(),
+                    deadline_unix_ms.is_some_and(|deadline| now_unix_ms() > deadline),
+                )?;
                 let encoded = new.encode();
-                *decided.lock().expect("head slot") = Some(HeadSwap {
+                proposals.push(HeadSwap {
                     replaced: head,
                     head: new,
                 });
@@ -696,76 +816,141 @@ impl ObjectStore {
             })
             .await?;
         match outcome {
-            Ok(_) => Ok(decided
-                .into_inner()
-                .expect("head slot")
-                .expect("a decided write ran its change")),
-            Err(Refusal::Condition) => Err(GatewayError::PreconditionFailed),
-            Err(Refusal::NoCurrentObject) => Err(GatewayError::NoSuchKey),
-            Err(Refusal::Deadline) => Err(self.deadline_error()),
+            Ok(chosen) => {
+                let chosen = chosen.unwrap_or_default();
+                proposals
+                    .into_inner()
+                    .expect("head proposals")
+                    .into_iter()
+                    .rev()
+                    .find(|swap| swap.head.encode() == chosen)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        GatewayError::Internal(
+                            "the chosen head is none of this write's proposals".into(),
+                        )
+                    })
+            }
+            Err(HeadRefusal::JudgedAgain) => Ok(None),
+            Err(HeadRefusal::SequenceExhausted) => Err(GatewayError::Internal(format!(
+                "the head of {bucket}/{key} has the highest sequence there is"
+            ))),
+            Err(HeadRefusal::Condition) => Err(GatewayError::PreconditionFailed),
+            Err(HeadRefusal::NoCurrentObject) => Err(GatewayError::NoSuchKey),
+            Err(HeadRefusal::Deadline) => Err(self.deadline_error()),
         }
     }
 
-    /// Pushes one segment's fragments to the nodes placement picks for it;
-    /// a node that fails is replaced by the next of the ranking. Succeeds
-    /// once every fragment is durable, or at least `k + 1` of them on
-    /// distinct nodes when some nodes cannot be reached.
+    /// Pushes one segment's fragments to the nodes placement picks for it.
+    /// A node that fails is replaced by the next of the ranking whose site
+    /// still has room under the per-site cap, so that replacements keep
+    /// the placement's promise. The segment is kept only if the fragments
+    /// stored survive what the map promises (the loss of any one site plus
+    /// `extra_nodes` nodes); then, if some are missing, it is recorded for
+    /// repair before this returns. Otherwise the write fails, 503, and the
+    /// collector releases what was stored with the rest of the upload.
     async fn push_segment(
         &self,
         placer: &Placer,
-        upload: UploadId,
-        retain_until_unix_ms: u64,
+        target: &PushTarget<'_>,
         segment: Arc<EncodedSegment>,
     ) -> GatewayResult<SegmentRef> {
         let ids = segment.fragment_ids().to_vec();
         let key = segment_placement_key(&ids);
         let placed = placer.place(&key);
         let ranking = placer.rank(&key);
-        let mut spare = ranking.into_iter().filter(|n| !placed.contains(n));
+        // Spares in ranking order; one skipped now (its site full) may fit
+        // a later replacement, so only the one taken leaves the list.
+        let mut spares: Vec<NodeId> = ranking
+            .into_iter()
+            .filter(|n| !placed.contains(n))
+            .collect();
+        // Fragments per site that are stored or on their way.
+        let mut per_site: HashMap<usize, usize> = HashMap::new();
+        for node in &placed {
+            if let Some(site) = placer.site_of(node) {
+                *per_site.entry(site).or_default() += 1;
+            }
+        }
         let signing = self.node.identity().signing_key();
-        let put = |index: usize, target: NodeId| {
+        let put = |index: usize, to: NodeId| {
             let segment = segment.clone();
             let id = ids[index];
-            let hold = Hold::sign(signing, &id, upload, retain_until_unix_ms);
+            let hold = Hold::sign(signing, &id, target.upload, target.retain_until_unix_ms);
             async move {
                 let result = self
                     .node
-                    .put_fragment(&target, id, segment.fragment(index), hold)
+                    .put_fragment(&to, id, segment.fragment(index), hold)
                     .await;
-                (index, target, result)
+                (index, to, result)
             }
         };
         let mut pending: FuturesUnordered<_> =
             placed.iter().enumerate().map(|(i, n)| put(i, *n)).collect();
-        let mut stored = 0usize;
+        let mut holders: Vec<Option<NodeId>> = vec![None; ids.len()];
         let mut failures = Vec::new();
-        while let Some((index, target, result)) = pending.next().await {
+        while let Some((index, to, result)) = pending.next().await {
             match result {
-                Ok(()) => stored += 1,
+                Ok(()) => holders[index] = Some(to),
                 Err(error) => {
-                    tracing::debug!(%target, %error, index, "fragment push failed; trying the next node");
-                    failures.push(format!("{target}: {error}"));
-                    if let Some(next) = spare.next() {
+                    tracing::debug!(%to, %error, index, "fragment push failed; trying another node");
+                    failures.push(format!("{to}: {error}"));
+                    if let Some(site) = placer.site_of(&to) {
+                        *per_site.entry(site).or_default() -= 1;
+                    }
+                    let room = |node: &NodeId| {
+                        placer.site_of(node).is_some_and(|site| {
+                            per_site.get(&site).copied().unwrap_or(0) < placer.site_cap()
+                        })
+                    };
+                    if let Some(position) = spares.iter().position(room) {
+                        let next = spares.remove(position);
+                        if let Some(site) = placer.site_of(&next) {
+                            *per_site.entry(site).or_default() += 1;
+                        }
                         pending.push(put(index, next));
                     }
                 }
             }
         }
+        let stored: Vec<NodeId> = holders.iter().flatten().copied().collect();
         let scheme = placer.scheme();
-        let needed = (scheme.data() + 1).min(scheme.total());
-        if stored < needed {
+        if !placer.survives(&stored) {
             return Err(GatewayError::Unavailable(format!(
-                "{stored} of {} fragments of a segment stored, {needed} needed: {}",
+                "{} of {} fragments of a segment stored, which would not survive the loss of a site: {}",
+                stored.len(),
                 scheme.total(),
                 failures.join("; ")
             )));
         }
-        if stored < scheme.total() {
+        if stored.len() < scheme.total() {
+            let missing: Vec<u8> = holders
+                .iter()
+                .enumerate()
+                .filter(|(_, holder)| holder.is_none())
+                .map(|(index, _)| index as u8)
+                .collect();
             tracing::warn!(
-                stored,
+                stored = stored.len(),
                 total = scheme.total(),
-                "segment stored with reduced redundancy"
+                "segment stored with reduced redundancy; recorded for repair"
             );
+            let metadata = self.node.metadata();
+            let record = DegradedRecord {
+                since_unix_ms: now_unix_ms(),
+                fragments: ids.clone(),
+                missing,
+            };
+            metadata
+                .write(vec![(
+                    RowKey::new(
+                        Partition::bucket(target.bucket),
+                        Table::Degraded,
+                        degraded_sort_key(target.key, target.upload.as_bytes(), &key),
+                    ),
+                    register(Some(record.encode()), metadata.timestamp()),
+                )])
+                .await?;
         }
         Ok(SegmentRef {
             ciphertext_len: segment.segment_len() as u32,
@@ -779,11 +964,6 @@ impl ObjectStore {
         Ok(read_head(self.node.metadata(), bucket, key)
             .await?
             .filter(is_current_object))
-    }
-
-    /// Every existing version of `key`, newest first.
-    pub async fn versions_of(&self, bucket: &str, key: &str) -> GatewayResult<Vec<ObjectVersion>> {
-        self.existing_versions(bucket, key, None).await
     }
 
     async fn existing_versions(
@@ -906,7 +1086,8 @@ impl ObjectStore {
                 start - part_start..end - part_start,
             )
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
-            let mut decryptor = plan.decryptor(&object.data_key, part.number, layout.chunk_size);
+            let part_key = manifest.stream_key(&object.data_key, part);
+            let mut decryptor = plan.decryptor(&part_key, part.number, layout.chunk_size);
             let cipher = plan.ciphertext.clone();
             let first = (cipher.start / segment_bytes) as usize;
             let last = cipher.end.div_ceil(segment_bytes) as usize;
@@ -964,7 +1145,29 @@ impl ObjectStore {
         let scheme = placer.scheme();
         let segment_len = segment.ciphertext_len as usize;
         let fragment_len = scheme.fragment_len(segment_len) as u64;
-        let placed = placer.place(&segment_placement_key(&segment.fragments));
+        let placement_key = segment_placement_key(&segment.fragments);
+        let placed = placer.place(&placement_key);
+        // Where a fragment went when its placed node failed during the
+        // write: a spare node of the ranking, first in the site the failed
+        // node left room in (push_segment's rule). Tried before the DHT.
+        let spares: Vec<NodeId> = placer
+            .rank(&placement_key)
+            .into_iter()
+            .filter(|n| !placed.contains(n) && reachable.contains(n))
+            .collect();
+        let mut elsewhere: HashMap<usize, std::vec::IntoIter<NodeId>> = HashMap::new();
+        let mut next_elsewhere = |index: usize| -> Option<NodeId> {
+            elsewhere
+                .entry(index)
+                .or_insert_with(|| {
+                    let site = placer.site_of(&placed[index]);
+                    let mut candidates = spares.clone();
+                    candidates.sort_by_key(|n| placer.site_of(n) != site);
+                    candidates.truncate(MAX_SPARES_ASKED);
+                    candidates.into_iter()
+                })
+                .next()
+        };
         let own = self.node.node_id();
         let mut order: Vec<usize> = (0..scheme.total()).collect();
         // Nodes this one is connected to first: asking a stopped node costs
@@ -1022,6 +1225,9 @@ impl ObjectStore {
                     if let Some(index) = queue.next() {
                         running.push(fetch(index, placed[index]));
                     }
+                    if let Some(spare) = next_elsewhere(index) {
+                        running.push(fetch(index, spare));
+                    }
                 }
                 Ok(None) if !retried && !failed.is_empty() => {
                     // Placement is exhausted: a node that was busy or
@@ -1078,11 +1284,18 @@ pub(crate) struct StreamedBody {
 /// One PUT's streaming state: batches of plaintext go through MD5 and the
 /// encoder on a blocking thread; each finished segment is pushed while the
 /// next is being encoded, at most [`SEGMENTS_IN_FLIGHT`] at a time.
+/// Where a segment's fragments go and what their holds say.
+pub(crate) struct PushTarget<'a> {
+    pub(crate) bucket: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) upload: UploadId,
+    pub(crate) retain_until_unix_ms: u64,
+}
+
 pub(crate) struct StreamPut<'a> {
     pub(crate) store: &'a ObjectStore,
     pub(crate) placer: Arc<Placer>,
-    pub(crate) upload: UploadId,
-    pub(crate) retain_until_unix_ms: u64,
+    pub(crate) target: PushTarget<'a>,
     /// No segment is pushed after this: the collector may be releasing
     /// the upload.
     pub(crate) deadline_unix_ms: u64,
@@ -1107,7 +1320,18 @@ impl StreamPut<'_> {
         let mut segments: Vec<Option<SegmentRef>> = Vec::new();
         let mut finished = false;
         loop {
-            match body.next().await {
+            // Segments in flight make progress while the body is awaited:
+            // a FuturesUnordered only runs when it is polled.
+            let next = loop {
+                tokio::select! {
+                    biased;
+                    Some(done) = pushes.next(), if !pushes.is_empty() => {
+                        record(&mut segments, Some(done))?;
+                    }
+                    next = body.next() => break next,
+                }
+            };
+            match next {
                 Some(Ok(chunk)) => {
                     received += chunk.len() as u64;
                     if received > length {
@@ -1165,12 +1389,7 @@ impl StreamPut<'_> {
                 pushes.push(async move {
                     let pushed = self
                         .store
-                        .push_segment(
-                            &placer,
-                            self.upload,
-                            self.retain_until_unix_ms,
-                            Arc::new(segment),
-                        )
+                        .push_segment(&placer, &self.target, Arc::new(segment))
                         .await;
                     (index, pushed)
                 });
@@ -1232,4 +1451,159 @@ pub(crate) fn with_checksum(
     pairs.push((algorithm.header().to_owned(), value));
     pairs.push(("x-amz-checksum-type".to_owned(), kind.to_owned()));
     StoredHeaders::new(pairs).map_err(|e| GatewayError::MetadataTooLarge(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_protocol::hlc::{Hlc, Timestamp};
+    use cairn_protocol::ids::{ManifestId, NodeId};
+
+    use super::*;
+
+    fn version(n: u8, seq: u64, body: VersionBody) -> ObjectVersion {
+        let at = Timestamp {
+            hlc: Hlc::new(1_000 + u64::from(n), 0),
+            node: NodeId([1; 32]),
+        };
+        ObjectVersion {
+            bucket: "b".into(),
+            key: "k".into(),
+            version: VersionId::new(1_000 + u64::from(n), [n; 10]),
+            created: at,
+            seq,
+            body,
+            retention: Retention::default(),
+            legal_hold: Lww { value: false, at },
+            purged: None,
+        }
+    }
+
+    fn data(n: u8, seq: u64) -> ObjectVersion {
+        version(
+            n,
+            seq,
+            VersionBody::Data {
+                manifest: ManifestId([n; 32]),
+                size_bytes: 1,
+                etag: format!("\"e{n}\""),
+                headers: StoredHeaders::default(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_head_write_takes_the_next_sequence_when_its_condition_holds() {
+        let current = data(1, 7);
+        let mine = data(2, 0);
+        let put = HeadWrite::Put(&mine);
+        let head = judge_head(&WriteCondition::Always, &put, Some(&current), false, false);
+        assert_eq!(head.map(|h| (h.version, h.seq)), Ok((mine.version, 8)));
+        assert_eq!(
+            judge_head(&WriteCondition::Always, &put, None, false, false).map(|h| h.seq),
+            Ok(1)
+        );
+        let refusals = [
+            (
+                WriteCondition::IfAbsent,
+                Some(&current),
+                HeadRefusal::Condition,
+            ),
+            (
+                WriteCondition::IfMatch("other".into()),
+                Some(&current),
+                HeadRefusal::Condition,
+            ),
+            (
+                WriteCondition::IfMatch("e1".into()),
+                None,
+                HeadRefusal::NoCurrentObject,
+            ),
+            (
+                WriteCondition::IfPresent,
+                None,
+                HeadRefusal::NoCurrentObject,
+            ),
+        ];
+        for (condition, current, refusal) in refusals {
+            assert_eq!(
+                judge_head(&condition, &put, current, false, false),
+                Err(refusal),
+                "{condition:?}"
+            );
+        }
+        assert_eq!(
+            judge_head(
+                &WriteCondition::IfMatch("e1".into()),
+                &put,
+                Some(&current),
+                false,
+                false
+            )
+            .map(|h| h.seq),
+            Ok(8)
+        );
+        assert_eq!(
+            judge_head(&WriteCondition::Always, &put, Some(&current), false, true),
+            Err(HeadRefusal::Deadline)
+        );
+        assert_eq!(
+            judge_head(
+                &WriteCondition::Always,
+                &put,
+                Some(&data(1, u64::MAX)),
+                false,
+                false
+            ),
+            Err(HeadRefusal::SequenceExhausted)
+        );
+    }
+
+    /// An earlier proposal of this PUT may have been chosen, then replaced
+    /// and purged by another writer: proposing the same version again
+    /// would hide it from listings once acknowledged.
+    #[test]
+    fn a_put_judged_again_after_proposing_asks_for_a_new_version() {
+        let current = data(1, 7);
+        let mine = data(2, 0);
+        assert_eq!(
+            judge_head(
+                &WriteCondition::Always,
+                &HeadWrite::Put(&mine),
+                Some(&current),
+                true,
+                false
+            ),
+            Err(HeadRefusal::JudgedAgain)
+        );
+        // A delete marker is no version row: it is simply proposed again.
+        let marker = version(3, 0, VersionBody::DeleteMarker);
+        let deleting = WriteCondition::Deleting(DeleteCondition::default());
+        assert_eq!(
+            judge_head(
+                &deleting,
+                &HeadWrite::Delete(&marker),
+                Some(&current),
+                true,
+                false
+            )
+            .map(|h| h.seq),
+            Ok(8)
+        );
+        // A DELETE naming another version than the current one deletes
+        // nothing.
+        let named = WriteCondition::Deleting(DeleteCondition {
+            version: Some(data(9, 0).version),
+            ..DeleteCondition::default()
+        });
+        assert_eq!(
+            judge_head(
+                &named,
+                &HeadWrite::Delete(&marker),
+                Some(&current),
+                false,
+                false
+            ),
+            Err(HeadRefusal::NoCurrentObject)
+        );
+    }
 }

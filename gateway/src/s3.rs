@@ -18,6 +18,7 @@ use crate::checksum::{Algorithm, ChecksumRequest};
 use crate::error::GatewayError;
 use crate::multipart::{ChosenPart, MAX_PART_NUMBER, check_part_number};
 use crate::objects::{DeleteCondition, NewObject, ObjectStore, WriteCondition};
+use crate::protections::{Operation, WithCopySource, refuse_unoffered};
 
 /// User metadata (`x-amz-meta-*` names and values) per object, as in S3.
 pub const MAX_USER_METADATA_BYTES: usize = 2 << 10;
@@ -37,6 +38,8 @@ impl From<GatewayError> for S3Error {
             GatewayError::BucketNotEmpty(_) => C::BucketNotEmpty,
             GatewayError::InvalidBucketName(_) => C::InvalidBucketName,
             GatewayError::InvalidArgument(_) => C::InvalidArgument,
+            GatewayError::NotImplemented(_) => C::NotImplemented,
+            GatewayError::InvalidRequest(_) => C::InvalidRequest,
             GatewayError::KeyTooLong(_) => C::KeyTooLongError,
             GatewayError::MetadataTooLarge(_) => C::MetadataTooLarge,
             GatewayError::BadDigest | GatewayError::ChecksumMismatch { .. } => C::BadDigest,
@@ -126,6 +129,7 @@ fn write_condition(
 /// The preconditions of a DELETE (If-Match and its size and time
 /// companions, or their fields in a DeleteObjects entry).
 fn delete_condition(
+    version_id: Option<&str>,
     if_match: Option<&ETagCondition>,
     size: Option<i64>,
     last_modified: Option<&Timestamp>,
@@ -145,7 +149,19 @@ fn delete_condition(
         size_bytes,
         last_modified_unix_s: last_modified
             .map(|t| time::OffsetDateTime::from(t.clone()).unix_timestamp()),
+        version: version_id.map(parse_version_id).transpose()?.flatten(),
     })
+}
+
+/// A request's `versionId`: `None` for "null", the version every object of
+/// a bucket without versioning has (its current one).
+fn parse_version_id(text: &str) -> Result<Option<VersionId>, GatewayError> {
+    if text == "null" {
+        return Ok(None);
+    }
+    VersionId::parse(text)
+        .map(Some)
+        .map_err(|_| GatewayError::InvalidArgument(format!("invalid version id {text:?}")))
 }
 
 fn timestamp_of(unix_ms: u64) -> Timestamp {
@@ -516,6 +532,70 @@ fn check_copy_conditions(
     }
 }
 
+/// The request's headers with the protections its parsed input asks for
+/// added under their header names: s3s parses a POST Object's form fields
+/// into the same input a PUT's headers give.
+fn with_typed_protections(headers: &http::HeaderMap, input: &PutObjectInput) -> http::HeaderMap {
+    let mut asked = headers.clone();
+    let retain_until = input
+        .object_lock_retain_until_date
+        .as_ref()
+        .map(|_| "set".to_owned());
+    let fields = [
+        (
+            "x-amz-server-side-encryption",
+            input
+                .server_side_encryption
+                .as_ref()
+                .map(|v| v.as_str().to_owned()),
+        ),
+        (
+            "x-amz-server-side-encryption-aws-kms-key-id",
+            input.ssekms_key_id.clone(),
+        ),
+        (
+            "x-amz-server-side-encryption-context",
+            input.ssekms_encryption_context.clone(),
+        ),
+        (
+            "x-amz-server-side-encryption-customer-algorithm",
+            input.sse_customer_algorithm.clone(),
+        ),
+        (
+            "x-amz-server-side-encryption-customer-key",
+            input.sse_customer_key.clone(),
+        ),
+        (
+            "x-amz-server-side-encryption-customer-key-md5",
+            input.sse_customer_key_md5.clone(),
+        ),
+        (
+            "x-amz-object-lock-mode",
+            input
+                .object_lock_mode
+                .as_ref()
+                .map(|v| v.as_str().to_owned()),
+        ),
+        ("x-amz-object-lock-retain-until-date", retain_until),
+        (
+            "x-amz-object-lock-legal-hold",
+            input
+                .object_lock_legal_hold_status
+                .as_ref()
+                .map(|v| v.as_str().to_owned()),
+        ),
+    ];
+    for (name, value) in fields {
+        if let Some(value) = value
+            && !asked.contains_key(name)
+            && let Ok(value) = http::HeaderValue::from_str(&value)
+        {
+            asked.insert(name, value);
+        }
+    }
+    asked
+}
+
 impl CairnS3 {
     /// The source of a copy: its version, resolved like a GET.
     async fn copy_source(&self, source: &CopySource) -> S3Result<ObjectVersion> {
@@ -550,21 +630,16 @@ impl CairnS3 {
     ) -> S3Result<ObjectVersion> {
         self.buckets.get(bucket).await?;
         check_key(key)?;
-        if let Some(text) = version_id.filter(|v| *v != "null") {
-            let version =
-                VersionId::parse(text).map_err(|e| GatewayError::InvalidArgument(e.to_string()))?;
-            return self
-                .objects
-                .versions_of(bucket, key)
-                .await?
-                .into_iter()
-                .find(|v| v.version == version)
-                .ok_or_else(|| GatewayError::NoSuchVersion.into());
+        let wanted = version_id.map(parse_version_id).transpose()?.flatten();
+        let current = self.objects.current(bucket, key).await?;
+        // The bucket keeps no history: the current object is the only
+        // version there is (a row left below it is on its way out).
+        match (wanted, current) {
+            (None, Some(current)) => Ok(current),
+            (None, None) => Err(GatewayError::NoSuchKey.into()),
+            (Some(wanted), Some(current)) if current.version == wanted => Ok(current),
+            (Some(_), _) => Err(GatewayError::NoSuchVersion.into()),
         }
-        self.objects
-            .current(bucket, key)
-            .await?
-            .ok_or_else(|| GatewayError::NoSuchKey.into())
     }
 
     /// One page of ListObjects (V1 or V2); S3 answers max-keys 0 with an
@@ -631,6 +706,12 @@ impl S3 for CairnS3 {
         &self,
         req: S3Request<CreateBucketInput>,
     ) -> S3Result<S3Response<CreateBucketOutput>> {
+        refuse_unoffered(
+            Operation::CreateBucket,
+            WithCopySource::No,
+            &req.headers,
+            &req.uri,
+        )?;
         if let Some(constraint) = req
             .input
             .create_bucket_configuration
@@ -690,6 +771,9 @@ impl S3 for CairnS3 {
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
+        // A browser POST's form fields reach here parsed, not as headers.
+        let asked = with_typed_protections(&req.headers, &req.input);
+        refuse_unoffered(Operation::NewObject, WithCopySource::No, &asked, &req.uri)?;
         let checksum = ChecksumRequest::from_headers(&req.headers, req.trailing_headers.as_ref())?;
         let input = req.input;
         let bucket = self.buckets.get(&input.bucket).await?;
@@ -739,6 +823,7 @@ impl S3 for CairnS3 {
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
+        refuse_unoffered(Operation::Read, WithCopySource::No, &req.headers, &req.uri)?;
         let input = req.input;
         let version = self
             .resolve(&input.bucket, &input.key, input.version_id.as_deref())
@@ -810,6 +895,7 @@ impl S3 for CairnS3 {
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
+        refuse_unoffered(Operation::Read, WithCopySource::No, &req.headers, &req.uri)?;
         let input = req.input;
         let version = self
             .resolve(&input.bucket, &input.key, input.version_id.as_deref())
@@ -836,6 +922,7 @@ impl S3 for CairnS3 {
         check_key(&input.key)?;
         // Deleting a key that does not exist succeeds, as in S3.
         let condition = delete_condition(
+            input.version_id.as_deref(),
             input.if_match.as_ref(),
             input.if_match_size,
             input.if_match_last_modified_time.as_ref(),
@@ -843,7 +930,10 @@ impl S3 for CairnS3 {
         self.objects
             .delete(&input.bucket, &input.key, &condition)
             .await?;
-        let mut response = S3Response::new(DeleteObjectOutput::default());
+        let mut response = S3Response::new(DeleteObjectOutput {
+            version_id: input.version_id,
+            ..Default::default()
+        });
         response.status = Some(http::StatusCode::NO_CONTENT);
         Ok(response)
     }
@@ -866,6 +956,7 @@ impl S3 for CairnS3 {
         for object in input.delete.objects {
             let outcome = match check_key(&object.key) {
                 Ok(()) => match delete_condition(
+                    object.version_id.as_deref(),
                     object
                         .e_tag
                         .as_ref()
@@ -886,6 +977,7 @@ impl S3 for CairnS3 {
             match outcome {
                 Ok(()) if !quiet => deleted.push(DeletedObject {
                     key: Some(object.key),
+                    version_id: object.version_id,
                     ..Default::default()
                 }),
                 Ok(()) => {}
@@ -996,6 +1088,12 @@ impl S3 for CairnS3 {
         &self,
         req: S3Request<CopyObjectInput>,
     ) -> S3Result<S3Response<CopyObjectOutput>> {
+        refuse_unoffered(
+            Operation::NewObject,
+            WithCopySource::Yes,
+            &req.headers,
+            &req.uri,
+        )?;
         let input = req.input;
         let bucket = self.buckets.get(&input.bucket).await?;
         check_key(&input.key)?;
@@ -1068,6 +1166,12 @@ impl S3 for CairnS3 {
         &self,
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        refuse_unoffered(
+            Operation::NewObject,
+            WithCopySource::No,
+            &req.headers,
+            &req.uri,
+        )?;
         let input = req.input;
         let bucket = self.buckets.get(&input.bucket).await?;
         check_key(&input.key)?;
@@ -1091,6 +1195,7 @@ impl S3 for CairnS3 {
         &self,
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
+        refuse_unoffered(Operation::Part, WithCopySource::No, &req.headers, &req.uri)?;
         let checksum = ChecksumRequest::from_headers(&req.headers, req.trailing_headers.as_ref())?;
         let input = req.input;
         self.buckets.get(&input.bucket).await?;
@@ -1138,6 +1243,7 @@ impl S3 for CairnS3 {
         &self,
         req: S3Request<UploadPartCopyInput>,
     ) -> S3Result<S3Response<UploadPartCopyOutput>> {
+        refuse_unoffered(Operation::Part, WithCopySource::Yes, &req.headers, &req.uri)?;
         let input = req.input;
         self.buckets.get(&input.bucket).await?;
         check_key(&input.key)?;

@@ -226,13 +226,15 @@ impl PhaseTally {
 #[derive(Debug, Clone)]
 pub struct ReadTally {
     sets: QuorumSets,
-    /// Replicas by the ballot they last accepted (`None`: nothing yet).
-    by_ballot: BTreeMap<Option<Ballot>, Agreeing>,
+    /// Replicas by what they last accepted: the ballot and its value
+    /// (`None`: nothing yet). Keyed by both, so that a replica claiming
+    /// another value under the same ballot does not count as agreeing.
+    by_accepted: BTreeMap<Accepted, BTreeSet<NodeId>>,
     answered: BTreeSet<NodeId>,
 }
 
-/// The replicas that accepted one ballot, and its value.
-type Agreeing = (BTreeSet<NodeId>, Option<Vec<u8>>);
+/// What one replica's acceptor last accepted, as it answered.
+type Accepted = Option<(Ballot, Option<Vec<u8>>)>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadOutcome {
@@ -248,7 +250,7 @@ impl ReadTally {
     pub fn new(sets: QuorumSets) -> Self {
         Self {
             sets,
-            by_ballot: BTreeMap::new(),
+            by_accepted: BTreeMap::new(),
             answered: BTreeSet::new(),
         }
     }
@@ -259,26 +261,32 @@ impl ReadTally {
             return self.outcome();
         }
         if let Some(Response::RegisterState { accepted }) = answer {
-            let (ballot, value) = match accepted {
-                None => (None, None),
-                Some(accepted) => (Some(accepted.ballot), accepted.value.clone()),
-            };
-            self.by_ballot
-                .entry(ballot)
-                .or_insert_with(|| (BTreeSet::new(), value))
-                .0
-                .insert(node);
+            let accepted = accepted
+                .as_ref()
+                .map(|accepted| (accepted.ballot, accepted.value.clone()));
+            self.by_accepted.entry(accepted).or_default().insert(node);
         }
         self.outcome()
     }
 
     pub fn outcome(&self) -> ReadOutcome {
-        if let Some((_, (_, value))) = self
-            .by_ballot
+        if let Some((accepted, _)) = self
+            .by_accepted
             .iter()
-            .find(|(_, (nodes, _))| self.sets.reached(nodes))
+            .find(|(_, nodes)| self.sets.reached(nodes))
         {
-            return ReadOutcome::Chosen(value.clone());
+            return ReadOutcome::Chosen(accepted.as_ref().and_then(|(_, value)| value.clone()));
+        }
+        // Once a majority has answered without agreeing, waiting for the
+        // rest (perhaps down until a timeout) buys nothing a full round
+        // does not: the caller runs one.
+        let answered: BTreeSet<NodeId> = self
+            .by_accepted
+            .values()
+            .flat_map(|nodes| nodes.iter().copied())
+            .collect();
+        if self.sets.reached(&answered) {
+            return ReadOutcome::Undecided;
         }
         let unanswered: BTreeSet<NodeId> = self
             .sets
@@ -286,15 +294,15 @@ impl ReadTally {
             .into_iter()
             .filter(|n| !self.answered.contains(n))
             .collect();
-        let empty = (BTreeSet::new(), None);
-        let can_still_agree =
-            self.by_ballot
-                .values()
-                .chain(std::iter::once(&empty))
-                .any(|(nodes, _)| {
-                    let possible: BTreeSet<NodeId> = nodes.union(&unanswered).copied().collect();
-                    self.sets.reached(&possible)
-                });
+        let empty = BTreeSet::new();
+        let can_still_agree = self
+            .by_accepted
+            .values()
+            .chain(std::iter::once(&empty))
+            .any(|nodes| {
+                let possible: BTreeSet<NodeId> = nodes.union(&unanswered).copied().collect();
+                self.sets.reached(&possible)
+            });
         if can_still_agree {
             ReadOutcome::Pending
         } else {
@@ -410,10 +418,7 @@ mod tests {
     #[test]
     fn a_read_is_decided_by_a_majority_that_accepted_the_same_ballot() {
         let mut tally = ReadTally::new(three());
-        assert_eq!(
-            tally.record(NodeId([1; 32]), Some(&state(4, b"v"))),
-            ReadOutcome::Pending
-        );
+        assert_eq!(tally.record(NodeId([1; 32]), None), ReadOutcome::Pending);
         assert_eq!(
             tally.record(NodeId([2; 32]), Some(&state(5, b"w"))),
             ReadOutcome::Pending
@@ -433,10 +438,25 @@ mod tests {
 
     #[test]
     fn a_read_without_agreement_is_undecided() {
+        // A majority that answered without agreeing decides it: the third
+        // replica is not waited for.
         let mut tally = ReadTally::new(three());
         tally.record(NodeId([1; 32]), Some(&state(4, b"v")));
-        tally.record(NodeId([2; 32]), Some(&state(5, b"w")));
-        assert_eq!(tally.record(NodeId([3; 32]), None), ReadOutcome::Undecided);
+        assert_eq!(
+            tally.record(NodeId([2; 32]), Some(&state(5, b"w"))),
+            ReadOutcome::Undecided
+        );
+        // One ballot claimed with two values is no agreement.
+        let mut tally = ReadTally::new(three());
+        tally.record(NodeId([1; 32]), Some(&state(5, b"w")));
+        assert_eq!(
+            tally.record(NodeId([2; 32]), Some(&state(5, b"x"))),
+            ReadOutcome::Undecided
+        );
+        // Failures alone leave it undecided once no majority can agree.
+        let mut tally = ReadTally::new(three());
+        tally.record(NodeId([1; 32]), None);
+        assert_eq!(tally.record(NodeId([2; 32]), None), ReadOutcome::Undecided);
         // A repeated answer counts once.
         let mut tally = ReadTally::new(three());
         tally.record(NodeId([1; 32]), Some(&state(4, b"v")));

@@ -13,6 +13,8 @@ use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::aead::{Nonce, Tag};
 use thiserror::Error;
 
+use crate::ids::UploadId;
+
 /// Bytes of the GCM tag that follows every chunk.
 pub const TAG_BYTES: usize = 16;
 
@@ -27,6 +29,18 @@ impl SecretKey {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+}
+
+/// The key that seals one part attempt's stream (manifest format 2): the
+/// data key, derived with the attempt's own random upload id. Two attempts
+/// at one part number (a re-upload, an UploadPartCopy onto it, two racing
+/// clients) therefore never seal under one (key, nonce) pair, although
+/// they share the data key and the stream id (spec/encryption.md).
+pub fn part_stream_key(data_key: &SecretKey, attempt: &UploadId) -> SecretKey {
+    let mut hasher = blake3::Hasher::new_derive_key("cairn 2026-12 part stream key v1");
+    hasher.update(data_key.as_bytes());
+    hasher.update(attempt.as_bytes());
+    SecretKey::from_bytes(*hasher.finalize().as_bytes())
 }
 
 impl Drop for SecretKey {
@@ -81,8 +95,12 @@ impl ChunkSize {
         plaintext_len.div_ceil(u64::from(self.0)).max(1)
     }
 
-    pub fn ciphertext_len(self, plaintext_len: u64) -> u64 {
-        plaintext_len + TAG_BYTES as u64 * self.chunk_count(plaintext_len)
+    /// Ciphertext bytes of a stream of `plaintext_len` bytes; `None` when
+    /// that does not fit in 64 bits (a length from an untrusted source).
+    pub fn ciphertext_len(self, plaintext_len: u64) -> Option<u64> {
+        (TAG_BYTES as u64)
+            .checked_mul(self.chunk_count(plaintext_len))?
+            .checked_add(plaintext_len)
     }
 }
 
@@ -382,7 +400,10 @@ impl RangePlan {
         } else {
             (range.start / chunk, range.end.div_ceil(chunk))
         };
-        let cipher_end = (last_exclusive * sealed).min(chunk_size.ciphertext_len(plaintext_len));
+        let ciphertext_len = chunk_size
+            .ciphertext_len(plaintext_len)
+            .ok_or(StreamError::TooManyChunks)?;
+        let cipher_end = last_exclusive.saturating_mul(sealed).min(ciphertext_len);
         Ok(Self {
             ciphertext: first * sealed..cipher_end.max(first * sealed),
             first_chunk: first,
@@ -519,7 +540,7 @@ mod tests {
             let sealed = encrypt(&k, 0, &data);
             assert_eq!(
                 sealed.len() as u64,
-                small().ciphertext_len(len as u64),
+                small().ciphertext_len(len as u64).unwrap(),
                 "len {len}"
             );
             assert_eq!(decrypt(&k, 0, &sealed).unwrap(), data, "len {len}");

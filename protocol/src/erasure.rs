@@ -142,11 +142,12 @@ impl SegmentLayout {
 
     /// The ciphertext length of every segment of a stream of `plaintext_len`
     /// bytes, in order: all full but the last.
-    pub fn segment_lens(self, plaintext_len: u64) -> impl Iterator<Item = usize> {
-        let total = self.chunk_size.ciphertext_len(plaintext_len);
+    /// `None` when the stream's length does not fit in 64 bits.
+    pub fn segment_lens(self, plaintext_len: u64) -> Option<impl Iterator<Item = usize>> {
+        let total = self.chunk_size.ciphertext_len(plaintext_len)?;
         let full = self.segment_bytes() as u64;
         let count = total.div_ceil(full);
-        (0..count).map(move |i| (total - i * full).min(full) as usize)
+        Some((0..count).map(move |i| (total - i * full).min(full) as usize))
     }
 }
 
@@ -456,8 +457,11 @@ mod tests {
         )
         .unwrap();
         let plaintext_len = 16 * 4096 * 2 + 10;
-        let lens: Vec<usize> = layout.segment_lens(plaintext_len).collect();
+        let lens: Vec<usize> = layout.segment_lens(plaintext_len).unwrap().collect();
         assert_eq!(lens, vec![16 * 4112, 16 * 4112, 10 + 16]);
-        assert_eq!(layout.segment_lens(0).collect::<Vec<_>>(), vec![16]);
+        assert_eq!(
+            layout.segment_lens(0).unwrap().collect::<Vec<_>>(),
+            vec![16]
+        );
     }
 }

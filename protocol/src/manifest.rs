@@ -11,13 +11,13 @@ use ed25519_dalek::{Signature, Signer, SigningKey};
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::encryption::ChunkSize;
+use crate::encryption::{ChunkSize, SecretKey, part_stream_key};
 use crate::erasure::{Scheme, SegmentLayout};
 use crate::ids::{FragmentId, ManifestId, NodeId, UploadId, VersionId};
 
 const MAGIC: &[u8; 4] = b"CRNM";
-/// The only manifest format this code writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The manifest format this code writes; it reads this one and format 1.
+pub const FORMAT_VERSION: u16 = 2;
 pub const SIGNATURE_BYTES: usize = 64;
 
 pub const MAX_BUCKET_BYTES: usize = 63;
@@ -26,12 +26,17 @@ pub const MAX_KEY_ID_BYTES: usize = 2048;
 pub const MAX_WRAPPED_KEY_BYTES: usize = 4096;
 pub const MAX_ETAG_BYTES: usize = 64;
 pub const MAX_PARTS: usize = 10_000;
+/// The longest object (S3's limit, 5 TiB): a manifest claiming more is
+/// refused, which keeps every length computed from it within 64 bits.
+pub const MAX_OBJECT_BYTES: u64 = 5 << 40;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ManifestError {
     #[error("not a manifest (bad magic bytes)")]
     BadMagic,
-    #[error("manifest format {found} is not supported (this node reads format {FORMAT_VERSION})")]
+    #[error(
+        "manifest format {found} is not supported (this node reads formats 1 and {FORMAT_VERSION})"
+    )]
     UnsupportedFormat { found: u16 },
     #[error("malformed manifest: {0}")]
     Decode(#[from] DecodeError),
@@ -102,8 +107,30 @@ pub struct Part {
     pub segments: Vec<SegmentRef>,
 }
 
+/// Which key seals each part's stream; the manifest's format says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartKeys {
+    /// Format 1: every part under the data key itself. Two attempts at one
+    /// part number could seal under one (key, nonce): read, never written.
+    Shared,
+    /// Format 2: each part under the data key derived with the part's
+    /// upload id ([`part_stream_key`]), unique to the attempt.
+    PerAttempt,
+}
+
+impl PartKeys {
+    fn format(self) -> u16 {
+        match self {
+            Self::Shared => 1,
+            Self::PerAttempt => 2,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
+    /// The format: how parts' stream keys come from the data key.
+    pub part_keys: PartKeys,
     pub writer: NodeId,
     pub created_unix_ms: u64,
     pub bucket: String,
@@ -122,6 +149,14 @@ impl Manifest {
         self.parts.iter().map(|p| p.plaintext_len).sum()
     }
 
+    /// The key that sealed `part`'s stream (its stream id is its number).
+    pub fn stream_key(&self, data_key: &SecretKey, part: &Part) -> SecretKey {
+        match self.part_keys {
+            PartKeys::Shared => SecretKey::from_bytes(*data_key.as_bytes()),
+            PartKeys::PerAttempt => part_stream_key(data_key, &part.upload),
+        }
+    }
+
     /// The canonical body: what the id hashes and the writer signs.
     pub fn encode_body(&self) -> Result<Vec<u8>, ManifestError> {
         self.check()?;
@@ -135,7 +170,7 @@ impl Manifest {
             256 + self.key.len() + self.encryption.wrapped.len() + fragments * 32,
         );
         out.extend_from_slice(MAGIC);
-        out.put_u16(FORMAT_VERSION);
+        out.put_u16(self.part_keys.format());
         out.extend_from_slice(self.writer.as_bytes());
         out.put_u64(self.created_unix_ms);
         out.put_bytes16(self.bucket.as_bytes());
@@ -217,10 +252,20 @@ impl Manifest {
                 )));
             }
             previous = Some(part.number);
+            // Format 1 predates the bound: its objects are read whatever
+            // their size, with checked arithmetic.
             total = total
                 .checked_add(part.plaintext_len)
-                .ok_or_else(|| ManifestError::Inconsistent("object length overflows".into()))?;
-            let mut expected = self.layout.segment_lens(part.plaintext_len);
+                .filter(|total| self.part_keys == PartKeys::Shared || *total <= MAX_OBJECT_BYTES)
+                .ok_or_else(|| {
+                    ManifestError::Inconsistent(format!(
+                        "the object is longer than {MAX_OBJECT_BYTES} bytes"
+                    ))
+                })?;
+            let mut expected = self
+                .layout
+                .segment_lens(part.plaintext_len)
+                .ok_or_else(|| ManifestError::Inconsistent("part length overflows".into()))?;
             for (index, segment) in part.segments.iter().enumerate() {
                 if expected.next() != Some(segment.ciphertext_len as usize) {
                     return Err(ManifestError::Inconsistent(format!(
@@ -276,15 +321,21 @@ impl SignedManifest {
             .checked_sub(SIGNATURE_BYTES)
             .ok_or(DecodeError::Truncated { field: "signature" })?;
         let (body, signature) = bytes.split_at(body_len);
-        let manifest = decode_body(body)?;
-        let key = manifest
-            .writer
+        // The signature is checked before anything else of the body is
+        // read: only a member's own bytes reach the decoder's arithmetic.
+        let writer = {
+            let mut r = Reader::new(body);
+            r.take(4 + 2, "magic and format")?;
+            NodeId(r.array("writer")?)
+        };
+        let key = writer
             .verifying_key()
             .map_err(|_| ManifestError::BadSignature)?;
         let signature =
             Signature::from_slice(signature).map_err(|_| ManifestError::BadSignature)?;
         key.verify_strict(body, &signature)
             .map_err(|_| ManifestError::BadSignature)?;
+        let manifest = decode_body(body)?;
         Ok(Self {
             manifest,
             id: ManifestId::of(body),
@@ -298,10 +349,11 @@ fn decode_body(body: &[u8]) -> Result<Manifest, ManifestError> {
     if r.take(4, "magic")? != MAGIC {
         return Err(ManifestError::BadMagic);
     }
-    let format = r.u16("format")?;
-    if format != FORMAT_VERSION {
-        return Err(ManifestError::UnsupportedFormat { found: format });
-    }
+    let part_keys = match r.u16("format")? {
+        1 => PartKeys::Shared,
+        2 => PartKeys::PerAttempt,
+        found => return Err(ManifestError::UnsupportedFormat { found }),
+    };
     let writer = NodeId(r.array("writer")?);
     let created_unix_ms = r.u64("created")?;
     let bucket = r.str16("bucket", MAX_BUCKET_BYTES)?.to_owned();
@@ -348,6 +400,7 @@ fn decode_body(body: &[u8]) -> Result<Manifest, ManifestError> {
     }
     r.finish("manifest")?;
     let manifest = Manifest {
+        part_keys,
         writer,
         created_unix_ms,
         bucket,
@@ -368,7 +421,7 @@ fn decode_body(body: &[u8]) -> Result<Manifest, ManifestError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample(key: &SigningKey) -> Manifest {
@@ -377,6 +430,7 @@ mod tests {
         let plaintext_len = 16 * 4096 + 5;
         let segments = layout
             .segment_lens(plaintext_len)
+            .unwrap()
             .enumerate()
             .map(|(s, len)| SegmentRef {
                 ciphertext_len: len as u32,
@@ -386,6 +440,7 @@ mod tests {
             })
             .collect();
         Manifest {
+            part_keys: PartKeys::PerAttempt,
             writer: NodeId::from_verifying_key(&key.verifying_key()),
             created_unix_ms: 1_764_000_000_000,
             bucket: "photos".into(),
@@ -436,13 +491,18 @@ mod tests {
     fn an_unknown_format_is_a_typed_error() {
         let key = SigningKey::from_bytes(&[7; 32]);
         let mut bytes = sample(&key).sign(&key).unwrap().encoded;
-        bytes[5] = 2;
+        bytes[5] = 3;
+        let bytes = sign_raw(bytes[..bytes.len() - SIGNATURE_BYTES].to_vec(), &key);
         assert_eq!(
             SignedManifest::decode(&bytes),
-            Err(ManifestError::UnsupportedFormat { found: 2 })
+            Err(ManifestError::UnsupportedFormat { found: 3 })
         );
-        bytes[0] = b'X';
-        assert_eq!(SignedManifest::decode(&bytes), Err(ManifestError::BadMagic));
+        let mut body = bytes[..bytes.len() - SIGNATURE_BYTES].to_vec();
+        body[0] = b'X';
+        assert_eq!(
+            SignedManifest::decode(&sign_raw(body, &key)),
+            Err(ManifestError::BadMagic)
+        );
     }
 
     #[test]
@@ -457,6 +517,71 @@ mod tests {
         let mut m = sample(&key);
         m.parts.clear();
         assert!(matches!(m.sign(&key), Err(ManifestError::Inconsistent(_))));
+    }
+
+    /// Signs arbitrary body bytes as `key`'s node, writer field included.
+    pub(crate) fn sign_raw(mut body: Vec<u8>, key: &SigningKey) -> Vec<u8> {
+        use ed25519_dalek::Signer;
+        let writer = NodeId::from_verifying_key(&key.verifying_key());
+        body[6..38].copy_from_slice(&writer.0);
+        let signature = key.sign(&body);
+        body.extend_from_slice(&signature.to_bytes());
+        body
+    }
+
+    #[test]
+    fn lengths_that_overflow_are_refused_by_a_signed_manifest_not_a_panic() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let body = sample(&key).encode_body().unwrap();
+        let len = (16u64 * 4096 + 5).to_be_bytes();
+        let at = body
+            .windows(8)
+            .position(|w| w == len)
+            .expect("the part length");
+        for claimed in [u64::MAX, u64::MAX - 16, MAX_OBJECT_BYTES + 1] {
+            let mut body = body.clone();
+            body[at..at + 8].copy_from_slice(&claimed.to_be_bytes());
+            let decoded = SignedManifest::decode(&sign_raw(body, &key));
+            assert!(
+                matches!(decoded, Err(ManifestError::Inconsistent(_))),
+                "{claimed}: {decoded:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn format_1_reads_with_shared_part_keys_and_re_encodes_as_itself() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let mut old = sample(&key);
+        old.part_keys = PartKeys::Shared;
+        let signed = old.sign(&key).unwrap();
+        assert_eq!(&signed.encoded[4..6], &[0, 1]);
+        let decoded = SignedManifest::decode(&signed.encoded).unwrap();
+        assert_eq!(decoded.manifest.part_keys, PartKeys::Shared);
+        let data_key = SecretKey::from_bytes([9; 32]);
+        let part = &decoded.manifest.parts[0];
+        assert_eq!(
+            decoded.manifest.stream_key(&data_key, part).as_bytes(),
+            data_key.as_bytes()
+        );
+        let new = sample(&key);
+        assert_ne!(
+            new.stream_key(&data_key, part).as_bytes(),
+            data_key.as_bytes()
+        );
+    }
+
+    #[test]
+    fn an_unsigned_body_is_refused_before_it_is_read() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let mut bytes = sample(&key).sign(&key).unwrap().encoded;
+        // A bad magic under a bad signature is a bad signature: nothing
+        // after the writer was looked at.
+        bytes[0] = b'X';
+        assert_eq!(
+            SignedManifest::decode(&bytes),
+            Err(ManifestError::BadSignature)
+        );
     }
 
     #[test]

@@ -13,8 +13,8 @@ use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::hlc::{Timestamp, put_timestamp, read_timestamp};
-use crate::ids::{ManifestId, NodeId, VersionId};
-use crate::manifest::{MAX_BUCKET_BYTES, MAX_KEY_BYTES, SIGNATURE_BYTES};
+use crate::ids::{NodeId, VersionId};
+use crate::manifest::{MAX_BUCKET_BYTES, MAX_KEY_BYTES, SignedManifest};
 use crate::placement::ClusterMap;
 use crate::version::{ObjectVersion, VersionError};
 
@@ -83,7 +83,7 @@ pub enum Table {
     Versions = 2,
     /// Bucket partition; sort key: [`upload_sort_key`].
     Uploads = 3,
-    /// Bucket partition; sort key: [`part_sort_key`].
+    /// Bucket partition; sort key: [`part_sort_key`] (one row per attempt).
     Parts = 4,
     /// Bucket partition; sort key: the ManifestId.
     Manifests = 5,
@@ -94,10 +94,13 @@ pub enum Table {
     /// Bucket partition; sort key: object key ‖ 0 ‖ the release's target
     /// (the orphan collector's work list).
     Releases = 8,
+    /// Bucket partition; sort key: [`degraded_sort_key`] (segments stored
+    /// with fewer than `k + m` fragments: repair's work list).
+    Degraded = 9,
 }
 
 impl Table {
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 9] = [
         Table::Buckets,
         Table::Versions,
         Table::Uploads,
@@ -106,6 +109,7 @@ impl Table {
         Table::AccessKeys,
         Table::KmsKeys,
         Table::Releases,
+        Table::Degraded,
     ];
 
     pub fn code(self) -> u8 {
@@ -128,7 +132,12 @@ impl Table {
     pub fn in_bucket_partition(self) -> bool {
         matches!(
             self,
-            Table::Versions | Table::Uploads | Table::Parts | Table::Manifests | Table::Releases
+            Table::Versions
+                | Table::Uploads
+                | Table::Parts
+                | Table::Manifests
+                | Table::Releases
+                | Table::Degraded
         )
     }
 
@@ -139,6 +148,18 @@ impl Table {
             value: u64::from(code),
         })
     }
+}
+
+/// Sort key of a degraded segment: the object key, a zero byte, the upload
+/// id whose holds its fragments carry, then the segment's placement key
+/// (which names the segment: its fragment ids hashed).
+pub fn degraded_sort_key(key: &str, upload: &[u8; 16], segment: &[u8; 32]) -> Vec<u8> {
+    let mut sort = Vec::with_capacity(key.len() + 1 + 16 + 32);
+    sort.extend_from_slice(key.as_bytes());
+    sort.push(0);
+    sort.extend_from_slice(upload);
+    sort.extend_from_slice(segment);
+    sort
 }
 
 /// Sort key of an object version: the key, a zero byte, then the version id
@@ -181,10 +202,30 @@ pub fn upload_sort_key(key: &str, upload: &[u8; 16]) -> Vec<u8> {
 }
 
 /// Sort key of an uploaded part: the upload id then the part number.
-pub fn part_sort_key(upload: &[u8; 16], part_number: u16) -> Vec<u8> {
+pub fn part_sort_key(upload: &[u8; 16], part_number: u16, attempt: &[u8; 16]) -> Vec<u8> {
+    let mut sort = upload.to_vec();
+    sort.extend_from_slice(&part_number.to_be_bytes());
+    sort.extend_from_slice(attempt);
+    sort
+}
+
+/// The start of a part number's rows in [`part_sort_key`] order.
+pub fn part_number_start(upload: &[u8; 16], part_number: u16) -> Vec<u8> {
     let mut sort = upload.to_vec();
     sort.extend_from_slice(&part_number.to_be_bytes());
     sort
+}
+
+/// The part number in a part row's sort key: bytes 16 and 17, in rows of
+/// one attempt each and in the rows of one part number each that came
+/// before them.
+pub fn part_number_of(sort: &[u8]) -> Option<u16> {
+    match sort.get(16..18) {
+        Some(&[high, low]) if sort.len() == 18 || sort.len() == 34 => {
+            Some(u16::from_be_bytes([high, low]))
+        }
+        _ => None,
+    }
 }
 
 /// The smallest byte string above every string that starts with `prefix`,
@@ -267,6 +308,12 @@ pub enum MetaError {
     Version(#[from] VersionError),
     #[error("malformed metadata row: {0}")]
     Decode(#[from] DecodeError),
+    #[error("not a manifest its writer signed: {0}")]
+    BadManifest(String),
+    #[error(
+        "the row is stamped {ahead_ms} ms ahead of this replica's clock, beyond the {max_ms} ms tolerated: check NTP on the writing node"
+    )]
+    StampAhead { ahead_ms: u64, max_ms: u64 },
 }
 
 impl RowValue {
@@ -307,18 +354,53 @@ impl RowValue {
                 }
             }
             RowValue::Immutable(signed) => {
-                // A signed manifest: body then signature; its id names the body.
-                let body = signed
-                    .len()
-                    .checked_sub(SIGNATURE_BYTES)
-                    .map(|len| &signed[..len]);
-                if body.map(|body| ManifestId::of(body).as_bytes().to_vec())
-                    != Some(key.sort.clone())
-                {
+                // A signed manifest: its id names the body, and its writer
+                // signed it. Without the signature check a body with any
+                // signature would merge as the same row, and the smaller
+                // bytes win the merge: a forged one would replace the real
+                // one on every replica.
+                let manifest = SignedManifest::decode(signed)
+                    .map_err(|e| MetaError::BadManifest(e.to_string()))?;
+                if manifest.id.as_bytes().as_slice() != key.sort.as_slice() {
                     return Err(MetaError::KeyMismatch("manifest id"));
+                }
+                if manifest.manifest.bucket != key.partition.as_str() {
+                    return Err(MetaError::KeyMismatch("manifest bucket"));
                 }
             }
             RowValue::Register(_) => {}
+        }
+        Ok(())
+    }
+
+    /// The latest last-writer-wins stamp the value carries: what decides
+    /// merges against it.
+    pub fn latest_stamp(&self) -> Option<Timestamp> {
+        match self {
+            RowValue::Register(register) => Some(register.at),
+            RowValue::Version(version) => [
+                Some(version.created),
+                Some(version.legal_hold.at),
+                version.purged,
+            ]
+            .into_iter()
+            .flatten()
+            .max(),
+            RowValue::Immutable(_) => None,
+        }
+    }
+
+    /// Refuses a value stamped more than `max_ms` ahead of `now_unix_ms`:
+    /// last writer wins, so a row stamped far in the future would win
+    /// every later write of its row (an access key deleted would keep
+    /// authenticating until then).
+    pub fn check_stamp(&self, now_unix_ms: u64, max_ms: u64) -> Result<(), MetaError> {
+        let Some(stamp) = self.latest_stamp() else {
+            return Ok(());
+        };
+        let ahead_ms = stamp.hlc.unix_ms().saturating_sub(now_unix_ms);
+        if ahead_ms > max_ms {
+            return Err(MetaError::StampAhead { ahead_ms, max_ms });
         }
         Ok(())
     }
@@ -618,6 +700,7 @@ impl QuorumSets {
 mod tests {
     use super::*;
     use crate::hlc::Hlc;
+    use crate::ids::ManifestId;
     use crate::ids::SiteId;
     use crate::placement::{MapNode, NodeState};
     use crate::version::{Lww, Retention, VersionBody};
@@ -711,7 +794,7 @@ mod tests {
         );
         assert!(matches!(
             manifest.check_fits(&named),
-            Err(MetaError::KeyMismatch(_))
+            Err(MetaError::BadManifest(_))
         ));
         let mut in_versions = named.clone();
         in_versions.table = Table::Versions;
@@ -719,6 +802,58 @@ mod tests {
             manifest.check_fits(&in_versions),
             Err(MetaError::WrongKind { .. })
         ));
+    }
+
+    #[test]
+    fn a_manifest_row_holds_its_writers_signed_manifest_only() {
+        use crate::manifest::SIGNATURE_BYTES;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let signed = crate::manifest::tests::sample(&key).sign(&key).unwrap();
+        let row = RowKey::new(
+            Partition::bucket(&signed.manifest.bucket),
+            Table::Manifests,
+            signed.id.as_bytes().to_vec(),
+        );
+        let genuine = RowValue::Immutable(signed.encoded.clone());
+        assert_eq!(genuine.check_fits(&row), Ok(()));
+        // The same body (so the same id) with a signature nobody made: it
+        // would sort first and win every merge.
+        let mut forged = signed.encoded.clone();
+        let at = forged.len() - SIGNATURE_BYTES;
+        forged[at..].fill(0);
+        assert!(forged < signed.encoded);
+        assert!(matches!(
+            RowValue::Immutable(forged).check_fits(&row),
+            Err(MetaError::BadManifest(_))
+        ));
+        let mut elsewhere = row.clone();
+        elsewhere.partition = Partition::bucket("other");
+        assert_eq!(
+            genuine.check_fits(&elsewhere),
+            Err(MetaError::KeyMismatch("manifest bucket"))
+        );
+    }
+
+    #[test]
+    fn values_stamped_far_ahead_are_refused() {
+        let ahead = |ms: u64| {
+            RowValue::Register(Register {
+                at: at(ms, 1),
+                value: None,
+            })
+        };
+        assert_eq!(
+            ahead(1_000_000 + 60_000).check_stamp(1_000_000, 60_000),
+            Ok(())
+        );
+        assert_eq!(
+            ahead(1_000_000 + 60_001).check_stamp(1_000_000, 60_000),
+            Err(MetaError::StampAhead {
+                ahead_ms: 60_001,
+                max_ms: 60_000
+            })
+        );
+        assert_eq!(ahead(5).check_stamp(1_000_000, 60_000), Ok(()));
     }
 
     #[test]

@@ -135,6 +135,10 @@ pub enum ErrorCode {
     /// The sender's cluster map is older than one the replica has seen:
     /// fetch the newer map and try again.
     StaleMap = 5,
+    /// Well-formed, but this replica does not take it now for reasons of
+    /// its own state (a row stamped ahead of its clock, a writer it does
+    /// not know): a failure that counts against the majority, not a veto.
+    Declined = 6,
 }
 
 impl ErrorCode {
@@ -145,6 +149,7 @@ impl ErrorCode {
             Self::Busy,
             Self::Internal,
             Self::StaleMap,
+            Self::Declined,
         ]
         .into_iter()
         .find(|c| *c as u8 == code)

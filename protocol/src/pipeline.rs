@@ -172,7 +172,7 @@ mod tests {
             let lens: Vec<usize> = segments.iter().map(EncodedSegment::segment_len).collect();
             assert_eq!(
                 lens,
-                layout.segment_lens(len as u64).collect::<Vec<_>>(),
+                layout.segment_lens(len as u64).unwrap().collect::<Vec<_>>(),
                 "len {len}"
             );
 

@@ -79,6 +79,8 @@ pub enum PlacementError {
 pub struct Placer {
     scheme: Scheme,
     site_cap: usize,
+    /// Nodes lost beyond one whole site that a segment must survive.
+    extra_nodes: usize,
     /// Placed nodes: id, site index, weight (`None`: always chosen first).
     nodes: Vec<(NodeId, usize, Option<f64>)>,
     site_count: usize,
@@ -154,9 +156,41 @@ impl Placer {
         Ok(Self {
             scheme,
             site_cap,
+            extra_nodes: usize::from(tolerance.extra_nodes),
             nodes,
             site_count: sites.len(),
         })
+    }
+
+    /// The site index of a placed node.
+    pub fn site_of(&self, node: &NodeId) -> Option<usize> {
+        self.nodes
+            .iter()
+            .find(|(id, _, _)| id == node)
+            .map(|(_, site, _)| *site)
+    }
+
+    /// Whether a segment whose fragments are held by `holders` (one each)
+    /// stays readable after the loss of any one site plus `extra_nodes`
+    /// more nodes: what the map promises of every committed segment. The
+    /// worst case loses the site holding the most fragments, then one
+    /// fragment per extra node; a holder that is not a placed node of this
+    /// map counts for nothing.
+    pub fn survives(&self, holders: &[NodeId]) -> bool {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut per_site = vec![0usize; self.site_count];
+        for holder in holders {
+            if seen.insert(*holder)
+                && let Some(site) = self.site_of(holder)
+            {
+                per_site[site] += 1;
+            }
+        }
+        let held: usize = per_site.iter().sum();
+        let worst_site = per_site.iter().copied().max().unwrap_or(0);
+        held.saturating_sub(worst_site)
+            .saturating_sub(self.extra_nodes)
+            >= self.scheme.data()
     }
 
     pub fn scheme(&self) -> Scheme {
@@ -524,6 +558,70 @@ mod tests {
         for (got, want) in p.iter().zip([0.2, 0.4, 0.6, 0.8]) {
             assert!((got - want).abs() < 1e-6, "{p:?}");
         }
+    }
+
+    fn map_of(sites: &[usize]) -> ClusterMap {
+        let mut nodes = Vec::new();
+        for (site, &count) in sites.iter().enumerate() {
+            for i in 0..count {
+                nodes.push(MapNode {
+                    id: NodeId([(site * 16 + i) as u8; 32]),
+                    site: SiteId::new(&format!("site-{site}")).unwrap(),
+                    capacity_bytes: 1 << 40,
+                    state: NodeState::Up,
+                });
+            }
+        }
+        ClusterMap { version: 1, nodes }
+    }
+
+    fn node(site: usize, i: usize) -> NodeId {
+        NodeId([(site * 16 + i) as u8; 32])
+    }
+
+    #[test]
+    fn survival_counts_the_worst_site_and_the_extra_nodes() {
+        let four_two = Scheme::new(4, 2).unwrap();
+        let placer = Placer::new(&map_of(&[3, 3, 3]), four_two, Tolerance::default()).unwrap();
+        let all = [
+            node(0, 0),
+            node(0, 1),
+            node(1, 0),
+            node(1, 1),
+            node(2, 0),
+            node(2, 1),
+        ];
+        assert!(placer.survives(&all));
+        // One fragment missing: of 5, a site loss takes 2 and leaves 3,
+        // fewer than k = 4.
+        assert!(!placer.survives(&all[..5]));
+        // Three in one site (a replacement that ignored the cap): a site
+        // loss leaves 3 of 6.
+        let crowded = [
+            node(0, 0),
+            node(0, 1),
+            node(0, 2),
+            node(1, 0),
+            node(1, 1),
+            node(2, 0),
+        ];
+        assert!(!placer.survives(&crowded));
+        // Repeated holders and strangers count once and not at all.
+        let repeated = [all[0], all[0], all[1], all[2], all[3], all[4], all[5]];
+        assert!(placer.survives(&repeated));
+        let mut stranger = all;
+        stranger[5] = NodeId([0xee; 32]);
+        assert!(!placer.survives(&stranger));
+
+        let five_four = Scheme::new(5, 4).unwrap();
+        let tolerant =
+            Placer::new(&map_of(&[3, 3, 3]), five_four, Tolerance { extra_nodes: 1 }).unwrap();
+        let nine: Vec<NodeId> = (0..3)
+            .flat_map(|s| (0..3).map(move |i| node(s, i)))
+            .collect();
+        assert!(tolerant.survives(&nine));
+        // Eight of nine: a site of 3 and one more node leave 4 < 5.
+        assert!(!tolerant.survives(&nine[..8]));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::codec::{DecodeError, Reader, Writer};
 use crate::erasure::Scheme;
 use crate::ids::{FragmentId, ManifestId, UploadId};
 use crate::keywrap::WRAPPED_KEY_BYTES;
-use crate::manifest::{MAX_ETAG_BYTES, SegmentRef};
+use crate::manifest::{MAX_ETAG_BYTES, PartKeys, SegmentRef};
 use crate::version::{StoredHeaders, VersionError};
 
 const FORMAT_VERSION: u8 = 1;
@@ -200,10 +200,14 @@ fn read_scheme(r: &mut Reader<'_>) -> Result<Scheme, RecordError> {
 }
 
 /// One uploaded part of a multipart upload (Parts table, bucket partition;
-/// sort key: `part_sort_key(upload, number)`): its own encryption stream
+/// sort key: `part_sort_key(upload, number, attempt)`): its own encryption stream
 /// (stream id = part number) cut into segments like any object's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartRecord {
+    /// Which key sealed the part's stream; the record's format says it (1:
+    /// the upload's data key, written before per-attempt keys; 2: the part
+    /// stream key of this attempt).
+    pub part_keys: PartKeys,
     /// The upload id this part attempt's fragment holds name.
     pub upload: UploadId,
     pub uploaded_unix_ms: u64,
@@ -225,7 +229,10 @@ impl PartRecord {
     pub fn encode(&self) -> Vec<u8> {
         let per_segment = 4 + 32 * self.scheme.total();
         let mut out = Vec::with_capacity(64 + self.segments.len() * per_segment);
-        out.put_u8(FORMAT_VERSION);
+        out.put_u8(match self.part_keys {
+            PartKeys::Shared => 1,
+            PartKeys::PerAttempt => 2,
+        });
         out.extend_from_slice(self.upload.as_bytes());
         out.put_u64(self.uploaded_unix_ms);
         out.put_u64(self.plaintext_len);
@@ -250,7 +257,11 @@ impl PartRecord {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         let mut r = Reader::new(bytes);
-        read_format(&mut r)?;
+        let part_keys = match r.u8("format")? {
+            1 => PartKeys::Shared,
+            2 => PartKeys::PerAttempt,
+            other => return Err(RecordError::UnsupportedFormat(other)),
+        };
         let upload = UploadId(r.array("upload id")?);
         let uploaded_unix_ms = r.u64("uploaded")?;
         let plaintext_len = r.u64("length")?;
@@ -281,6 +292,7 @@ impl PartRecord {
         }
         r.finish("part record")?;
         Ok(Self {
+            part_keys,
             upload,
             uploaded_unix_ms,
             plaintext_len,
@@ -375,6 +387,62 @@ impl ReleaseRecord {
     }
 }
 
+/// A segment committed with fewer than `k + m` fragments stored, recorded
+/// when it was pushed so that repair finds it without a scan (Degraded
+/// table, bucket partition; sort key: [`crate::meta::degraded_sort_key`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DegradedRecord {
+    pub since_unix_ms: u64,
+    /// The segment's fragment ids, in fragment order.
+    pub fragments: Vec<FragmentId>,
+    /// Indices (into `fragments`) of those no node stored, ascending.
+    pub missing: Vec<u8>,
+}
+
+/// Fragments of one segment: `k + m` is at most 64 ([`Scheme`]).
+const MAX_SEGMENT_FRAGMENTS: usize = 64;
+
+impl DegradedRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(11 + 32 * self.fragments.len() + self.missing.len());
+        out.put_u8(FORMAT_VERSION);
+        out.put_u64(self.since_unix_ms);
+        out.put_u8(self.fragments.len() as u8);
+        for id in &self.fragments {
+            out.extend_from_slice(id.as_bytes());
+        }
+        out.put_u8(self.missing.len() as u8);
+        out.extend_from_slice(&self.missing);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        let mut r = Reader::new(bytes);
+        read_format(&mut r)?;
+        let since_unix_ms = r.u64("since")?;
+        let count = usize::from(r.u8("fragment count")?);
+        let mut fragments = Vec::with_capacity(count.min(MAX_SEGMENT_FRAGMENTS));
+        for _ in 0..count {
+            fragments.push(FragmentId(r.array("fragment id")?));
+        }
+        let missing_count = usize::from(r.u8("missing count")?);
+        let missing = r.take(missing_count, "missing fragments")?.to_vec();
+        if missing.windows(2).any(|w| w[0] >= w[1])
+            || missing.iter().any(|&i| usize::from(i) >= count)
+        {
+            return Err(RecordError::Invalid(
+                "missing fragment indices must ascend and name fragments of the segment".into(),
+            ));
+        }
+        r.finish("degraded record")?;
+        Ok(Self {
+            since_unix_ms,
+            fragments,
+            missing,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,6 +474,7 @@ mod tests {
                 .unwrap(),
         };
         let part = PartRecord {
+            part_keys: PartKeys::PerAttempt,
             upload: UploadId([8; 16]),
             uploaded_unix_ms: 12,
             plaintext_len: 5 << 20,
@@ -417,6 +486,29 @@ mod tests {
                 fragments: vec![FragmentId([5; 32]); 3],
             }],
         };
+        let degraded = DegradedRecord {
+            since_unix_ms: 13,
+            fragments: (0..6).map(|i| FragmentId([i; 32])).collect(),
+            missing: vec![1, 4],
+        };
+        let bytes = degraded.encode();
+        assert_eq!(DegradedRecord::decode(&bytes), Ok(degraded));
+        for cut in 0..bytes.len() {
+            assert!(DegradedRecord::decode(&bytes[..cut]).is_err());
+        }
+        let mut unordered = bytes.clone();
+        let at = unordered.len() - 2;
+        unordered.swap(at, at + 1);
+        assert!(matches!(
+            DegradedRecord::decode(&unordered),
+            Err(RecordError::Invalid(_))
+        ));
+        let mut beyond = bytes;
+        *beyond.last_mut().unwrap() = 6;
+        assert!(matches!(
+            DegradedRecord::decode(&beyond),
+            Err(RecordError::Invalid(_))
+        ));
         let encoded = [
             bucket.encode(),
             access.encode(),

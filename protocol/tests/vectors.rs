@@ -8,12 +8,16 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use cairn_protocol::dht::{StoredProvider, StoredRecord, upload_provider_key};
 use cairn_protocol::ed25519_dalek::SigningKey;
-use cairn_protocol::encryption::{ChunkSize, SecretKey, StreamDecryptor, StreamEncryptor};
+use cairn_protocol::encryption::{
+    ChunkSize, SecretKey, StreamDecryptor, StreamEncryptor, part_stream_key,
+};
 use cairn_protocol::erasure::{Scheme, SegmentEncoder, SegmentLayout, reconstruct};
 use cairn_protocol::hlc::{Hlc, Timestamp};
 use cairn_protocol::ids::{FragmentId, ManifestId, NodeId, SiteId, UploadId, VersionId};
 use cairn_protocol::keywrap::{WrapContext, unwrap_data_key, wrap_data_key};
-use cairn_protocol::manifest::{KeyEnvelope, KeyKind, Manifest, Part, SegmentRef, SignedManifest};
+use cairn_protocol::manifest::{
+    KeyEnvelope, KeyKind, Manifest, Part, PartKeys, SegmentRef, SignedManifest,
+};
 use cairn_protocol::membership::{Certificate, ClusterId, SignedMap};
 use cairn_protocol::placement::{
     ClusterMap, MapNode, NodeState, Placer, Tolerance, segment_placement_key,
@@ -114,7 +118,26 @@ fn stream_encryption() {
             })
         })
         .collect();
-    let stored = check("stream.json", json!({ "cases": cases }));
+    let (data_key, attempt) = (SecretKey::from_bytes([0x42; 32]), UploadId([0x31; 16]));
+    let part_key = json!({
+        "data_key": to_hex(data_key.as_bytes()),
+        "attempt": to_hex(attempt.as_bytes()),
+        "part_stream_key": to_hex(part_stream_key(&data_key, &attempt).as_bytes()),
+    });
+    let stored = check(
+        "stream.json",
+        json!({ "cases": cases, "part_stream_key": part_key }),
+    );
+    let part_key = &stored["part_stream_key"];
+    assert_eq!(
+        part_stream_key(
+            &SecretKey::from_bytes(hex_bytes(&part_key["data_key"]).try_into().unwrap()),
+            &UploadId(hex_bytes(&part_key["attempt"]).try_into().unwrap()),
+        )
+        .as_bytes()
+        .to_vec(),
+        hex_bytes(&part_key["part_stream_key"])
+    );
     for case in stored["cases"].as_array().unwrap() {
         let key: [u8; 32] = hex_bytes(&case["key"]).try_into().unwrap();
         let mut dec = StreamDecryptor::new(
@@ -156,8 +179,8 @@ fn key_wrapping() {
 fn gateway_records_and_labelled_keys() {
     use cairn_protocol::keywrap::{unwrap_labelled_key, wrap_labelled_key};
     use cairn_protocol::records::{
-        AccessKeyRecord, BucketRecord, KmsKeyRecord, PartRecord, ReleaseRecord, ReleaseTarget,
-        UploadRecord,
+        AccessKeyRecord, BucketRecord, DegradedRecord, KmsKeyRecord, PartRecord, ReleaseRecord,
+        ReleaseTarget, UploadRecord,
     };
     let root = SecretKey::from_bytes([0x44; 32]);
     let key = SecretKey::from_bytes([0x55; 32]);
@@ -187,6 +210,7 @@ fn gateway_records_and_labelled_keys() {
         headers: StoredHeaders::new(vec![("content-type".into(), "video/mp4".into())]).unwrap(),
     };
     let part = PartRecord {
+        part_keys: PartKeys::PerAttempt,
         upload: UploadId([0x79; 16]),
         uploaded_unix_ms: 1_764_000_000_004,
         plaintext_len: 10,
@@ -206,6 +230,11 @@ fn gateway_records_and_labelled_keys() {
         since_unix_ms: 1_764_000_000_006,
         target: ReleaseTarget::Manifest(ManifestId([0x78; 32])),
     };
+    let degraded = DegradedRecord {
+        since_unix_ms: 1_764_000_000_007,
+        fragments: (0..3u8).map(|i| FragmentId([0x90 + i; 32])).collect(),
+        missing: vec![2],
+    };
     let stored = check(
         "gateway.json",
         json!({
@@ -219,7 +248,12 @@ fn gateway_records_and_labelled_keys() {
             "upload_record": to_hex(&upload.encode()),
             "part_record": to_hex(&part.encode()),
             "release_records": [to_hex(&release_upload.encode()), to_hex(&release_manifest.encode())],
+            "degraded_record": to_hex(&degraded.encode()),
         }),
+    );
+    assert_eq!(
+        DegradedRecord::decode(&hex_bytes(&stored["degraded_record"])),
+        Ok(degraded)
     );
     for (stored, record) in stored["release_records"]
         .as_array()
@@ -295,6 +329,7 @@ fn vector_manifest(key: &SigningKey) -> Manifest {
         plaintext_len,
         segments: layout
             .segment_lens(plaintext_len)
+            .unwrap()
             .enumerate()
             .map(|(s, len)| SegmentRef {
                 ciphertext_len: len as u32,
@@ -305,6 +340,7 @@ fn vector_manifest(key: &SigningKey) -> Manifest {
             .collect(),
     };
     Manifest {
+        part_keys: PartKeys::PerAttempt,
         writer: NodeId::from_verifying_key(&key.verifying_key()),
         created_unix_ms: 1_764_000_000_000,
         bucket: "photos".into(),

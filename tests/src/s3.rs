@@ -122,13 +122,14 @@ pub async fn presigned_put(client: &Client, bucket: &str, key: &str) -> http::Ur
     presigned.uri().parse().unwrap()
 }
 
-/// Announces `declared` bytes to a presigned PUT, sends `sent`, and hangs up.
-pub async fn hang_up_mid_put(
+/// Starts a PUT of `declared` bytes on a raw socket and sends `sent` of
+/// them; the caller hangs up by dropping the stream.
+pub async fn start_put(
     address: std::net::SocketAddr,
     uri: &http::Uri,
     declared: usize,
     sent: &[u8],
-) {
+) -> tokio::net::TcpStream {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let head = format!(
         "PUT {} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {declared}\r\n\r\n",
@@ -136,7 +137,18 @@ pub async fn hang_up_mid_put(
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(sent).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream
+}
+
+/// A PUT of `declared` bytes that hangs up after sending `sent`.
+pub async fn hang_up_mid_put(
+    address: std::net::SocketAddr,
+    uri: &http::Uri,
+    declared: usize,
+    sent: &[u8],
+) {
+    let mut stream = start_put(address, uri, declared, sent).await;
+    stream.shutdown().await.unwrap();
 }
 
 /// Sends one HTTP/1.1 request with `host` as its Host header (and any
@@ -160,4 +172,55 @@ pub async fn raw_request(
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.unwrap();
     answer
+}
+
+/// Starts a multipart upload of `key`; its upload id.
+pub async fn create_upload(client: &Client, bucket: &str, key: &str) -> String {
+    client
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+        .upload_id()
+        .unwrap()
+        .to_owned()
+}
+
+/// Completes `upload` with the parts `(number, etag)`, in order.
+pub async fn complete_upload(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    upload: &str,
+    parts: &[(i32, &str)],
+) -> Result<
+    aws_sdk_s3::operation::complete_multipart_upload::CompleteMultipartUploadOutput,
+    aws_sdk_s3::error::SdkError<
+        aws_sdk_s3::operation::complete_multipart_upload::CompleteMultipartUploadError,
+    >,
+> {
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    let parts = parts
+        .iter()
+        .map(|(number, etag)| {
+            CompletedPart::builder()
+                .part_number(*number)
+                .e_tag(*etag)
+                .build()
+        })
+        .collect();
+    client
+        .complete_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
 }

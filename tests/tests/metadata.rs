@@ -318,6 +318,300 @@ async fn of_fifty_concurrent_conditional_creates_exactly_one_wins_with_a_replica
     cluster.shutdown().await;
 }
 
+/// A signed manifest of `writer` for one 10-byte object in `bucket`.
+fn signed_manifest(
+    writer: &cairn_protocol::ed25519_dalek::SigningKey,
+    bucket: &str,
+) -> cairn_protocol::manifest::SignedManifest {
+    use cairn_protocol::encryption::ChunkSize;
+    use cairn_protocol::erasure::SegmentLayout;
+    use cairn_protocol::ids::{FragmentId, UploadId};
+    use cairn_protocol::manifest::{KeyEnvelope, KeyKind, Manifest, Part, PartKeys, SegmentRef};
+    let layout = SegmentLayout::new(
+        Scheme::new(2, 1).unwrap(),
+        ChunkSize::new(4096).unwrap(),
+        16,
+    )
+    .unwrap();
+    Manifest {
+        part_keys: PartKeys::PerAttempt,
+        writer: NodeId::from_verifying_key(&writer.verifying_key()),
+        created_unix_ms: 1_764_000_000_000,
+        bucket: bucket.into(),
+        key: "k".into(),
+        version: VersionId::new(1_764_000_000_000, [1; 10]),
+        upload: UploadId([2; 16]),
+        layout,
+        encryption: KeyEnvelope {
+            kind: KeyKind::SseS3,
+            key_id: "bucket-key".into(),
+            wrapped: vec![5; 60],
+        },
+        etag: "\"0\"".into(),
+        parts: vec![Part {
+            number: 0,
+            upload: UploadId([2; 16]),
+            plaintext_len: 10,
+            segments: vec![SegmentRef {
+                ciphertext_len: 26,
+                fragments: (0..3).map(|f| FragmentId([f; 32])).collect(),
+            }],
+        }],
+    }
+    .sign(writer)
+    .unwrap()
+}
+
+/// Manifests merge by their bytes (the smaller wins), so a body with a
+/// signature nobody made would replace the real one on every replica and
+/// leave the object unreadable: replicas take only manifests their writer
+/// signed, and only from writers in the map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_or_foreign_manifests_are_refused_and_the_real_one_stays() {
+    let cluster = cluster_with_map().await;
+    let metadata = cluster.node(0).metadata();
+    let member = cluster.node(3).identity().signing_key().clone();
+    let genuine = signed_manifest(&member, "photos");
+    let row = RowKey::new(
+        Partition::bucket("photos"),
+        Table::Manifests,
+        genuine.id.as_bytes().to_vec(),
+    );
+    let mut forged = genuine.encoded.clone();
+    let signature_at = forged.len() - 64;
+    forged[signature_at..].fill(0);
+    assert!(forged < genuine.encoded, "the forgery would win a merge");
+    let refused = metadata
+        .write(vec![(row.clone(), RowValue::Immutable(forged.clone()))])
+        .await;
+    assert!(refused.is_err(), "a forged manifest was accepted");
+    metadata
+        .write(vec![(
+            row.clone(),
+            RowValue::Immutable(genuine.encoded.clone()),
+        )])
+        .await
+        .unwrap();
+    // A hostile coordinator skips its own checks and sends the forgery to
+    // each replica: each refuses it and keeps the real one.
+    let replicas = metadata.replicas_of(&row.partition).unwrap();
+    for replica in &replicas {
+        use cairn_protocol::metarpc::{Call, ErrorCode, Request, Response};
+        let node = cluster.node(cluster.index_of(replica));
+        let answer = cairn_node::meta::rpc::answer(
+            node.metadata(),
+            Call {
+                map_version: 1,
+                request: Request::Write {
+                    rows: vec![(row.clone(), RowValue::Immutable(forged.clone()))],
+                },
+            },
+        )
+        .await;
+        assert!(
+            matches!(
+                answer,
+                Response::Error {
+                    code: ErrorCode::Refused,
+                    ..
+                }
+            ),
+            "replica {replica} answered {answer:?}"
+        );
+    }
+    // The write reached a majority (the rest catch up in the background):
+    // no replica holds the forgery, and a quorum read gives the real one.
+    for replica in &replicas {
+        let node = cluster.node(cluster.index_of(replica));
+        let held = local_value(node.metadata(), &row).await;
+        assert!(
+            held.is_none() || held == Some(RowValue::Immutable(genuine.encoded.clone())),
+            "replica {replica} holds {held:?}"
+        );
+    }
+    assert_eq!(
+        metadata.read(vec![row.clone()]).await.unwrap(),
+        vec![Some(RowValue::Immutable(genuine.encoded.clone()))]
+    );
+    // A replica whose store holds the forgery anyway (bit rot, a hostile
+    // node): its answer takes no part in a read, even as the coordinator.
+    let poisoned = cluster.node(cluster.index_of(&replicas[0]));
+    poisoned
+        .metadata()
+        .replica()
+        .merge(
+            vec![(row.clone(), RowValue::Immutable(forged.clone()))],
+            UNFENCED,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        local_value(poisoned.metadata(), &row).await,
+        Some(RowValue::Immutable(forged.clone())),
+        "the forgery wins a merge of the bytes alone"
+    );
+    assert_eq!(
+        poisoned.metadata().read(vec![row.clone()]).await.unwrap(),
+        vec![Some(RowValue::Immutable(genuine.encoded.clone()))]
+    );
+    // A well-signed manifest of a node that is not in the map.
+    let outsider = cairn_protocol::ed25519_dalek::SigningKey::from_bytes(&[0x0f; 32]);
+    let foreign = signed_manifest(&outsider, "photos");
+    let foreign_row = RowKey::new(
+        Partition::bucket("photos"),
+        Table::Manifests,
+        foreign.id.as_bytes().to_vec(),
+    );
+    let refused = metadata
+        .write(vec![(
+            foreign_row.clone(),
+            RowValue::Immutable(foreign.encoded),
+        )])
+        .await;
+    assert!(refused.is_err(), "an outsider's manifest was accepted");
+    assert_eq!(metadata.read(vec![foreign_row]).await.unwrap(), vec![None]);
+    cluster.shutdown().await;
+}
+
+/// A replica that has seen a newer map refuses register reads from a
+/// coordinator with an older one, as it refuses Prepare and Accept: the
+/// coordinator may be reading replicas that no longer hold the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_register_read_under_an_old_map_is_refused_past_the_fence() {
+    use cairn_node::meta::rpc::answer;
+    use cairn_protocol::metarpc::{Call, ErrorCode, Request, Response};
+    let cluster = cluster_with_map().await;
+    let metadata = cluster.node(2).metadata();
+    let key = RegisterKey {
+        partition: Partition::bucket("fenced"),
+        name: b"k".to_vec(),
+    };
+    let read = |map_version: u64| Call {
+        map_version,
+        request: Request::ReadRegister { key: key.clone() },
+    };
+    assert!(matches!(
+        answer(metadata, read(1)).await,
+        Response::RegisterState { .. }
+    ));
+    // A request under map 5 raises this replica's fence to 5.
+    let raised = answer(
+        metadata,
+        Call {
+            map_version: 5,
+            request: Request::Write { rows: Vec::new() },
+        },
+    )
+    .await;
+    assert_eq!(raised, Response::Written);
+    let refused = answer(metadata, read(1)).await;
+    assert!(
+        matches!(
+            refused,
+            Response::Error {
+                code: ErrorCode::StaleMap,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    cluster.shutdown().await;
+}
+
+/// Last writer wins, so a row stamped a day ahead would win every later
+/// write of its row for a day (an access key deleted would keep
+/// authenticating): replicas refuse it, and the next honest write wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_stamped_far_in_the_future_is_refused_and_later_writes_win() {
+    use cairn_protocol::hlc::Hlc;
+    let cluster = cluster_with_map().await;
+    let metadata = cluster.node(0).metadata();
+    let now = metadata.timestamp();
+    let day_ahead = Timestamp {
+        hlc: Hlc::new(now.hlc.unix_ms() + 86_400_000, 0),
+        node: now.node,
+    };
+    let refused = metadata
+        .write(vec![bucket_row("keys", day_ahead, b"from the future")])
+        .await;
+    assert!(refused.is_err(), "a row stamped a day ahead was accepted");
+    metadata
+        .write(vec![bucket_row("keys", metadata.timestamp(), b"now")])
+        .await
+        .unwrap();
+    let (key, _) = bucket_row("keys", now, b"");
+    match metadata.read(vec![key]).await.unwrap().remove(0) {
+        Some(RowValue::Register(register)) => {
+            assert_eq!(register.value.as_deref(), Some(&b"now"[..]));
+        }
+        other => panic!("{other:?}"),
+    }
+    cluster.shutdown().await;
+}
+
+/// Dueling proposers retry, and an attempt's accept can land on some
+/// replicas and be chosen after a later attempt judged another value: each
+/// caller must be answered with the value that was chosen for it, never a
+/// proposal of its that lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_of_many_racing_appends_is_answered_with_the_value_chosen_for_it() {
+    let cluster = cluster_with_map().await;
+    let key = RegisterKey {
+        partition: Partition::bucket("log"),
+        name: b"appends".to_vec(),
+    };
+    const WRITERS: usize = 60;
+    let mut attempts = Vec::new();
+    for writer in 0..WRITERS {
+        let (meta, key) = (
+            cluster
+                .node(writer % cluster.members.len())
+                .metadata()
+                .clone(),
+            key.clone(),
+        );
+        attempts.push(tokio::spawn(async move {
+            let entry = format!("[{writer}]");
+            let answer = meta
+                .compare_and_set(key, |current| {
+                    let mut log = current.map(<[u8]>::to_vec).unwrap_or_default();
+                    log.extend_from_slice(entry.as_bytes());
+                    Ok::<_, ()>(Some(log))
+                })
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("an append chooses a value");
+            (entry, String::from_utf8(answer).unwrap())
+        }));
+    }
+    let mut answers = Vec::new();
+    for attempt in attempts {
+        answers.push(attempt.await.unwrap());
+    }
+    let last = cluster
+        .node(0)
+        .metadata()
+        .read_register(key)
+        .await
+        .unwrap()
+        .expect("the log");
+    let last = String::from_utf8(last).unwrap();
+    for (entry, answer) in &answers {
+        // Every chosen value extends the one before it, so a value that was
+        // chosen is a prefix of the last; the caller's entry ends it.
+        assert!(
+            last.starts_with(answer.as_str()),
+            "{entry} was answered {answer:?}, which was never chosen (last: {last:?})"
+        );
+        assert!(
+            answer.ends_with(entry.as_str()),
+            "{entry} answered {answer:?}"
+        );
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_missed_a_thousand_writes_converges_by_anti_entropy_alone() {
     let mut cluster = cluster_with_map().await;

@@ -251,3 +251,137 @@ async fn multipart_mistakes_get_their_s3_errors_and_change_nothing() {
     assert_eq!(code(&gone.into_service_error()), "NoSuchUpload");
     s.shutdown().await;
 }
+
+/// Every stored attempt at part `number`.
+async fn part_attempts(
+    s: &Setup,
+    bucket: &str,
+    upload: &str,
+    number: u16,
+) -> Vec<cairn_protocol::records::PartRecord> {
+    use cairn_protocol::meta::{Partition, RowValue, Table, part_number_start, prefix_end};
+    let upload = cairn_protocol::ids::UploadId::parse(upload).unwrap();
+    let start = part_number_start(upload.as_bytes(), number);
+    let end = prefix_end(&start);
+    let page = s
+        .cluster
+        .node(0)
+        .metadata()
+        .range(
+            &Partition::bucket(bucket),
+            Table::Parts,
+            &start,
+            end.as_deref(),
+            100,
+        )
+        .await
+        .unwrap();
+    page.rows
+        .into_iter()
+        .filter_map(|(_, value)| match value {
+            RowValue::Register(register) => register.value,
+            _ => None,
+        })
+        .map(|bytes| cairn_protocol::records::PartRecord::decode(&bytes).unwrap())
+        .collect()
+}
+
+/// The first bytes of a segment's data fragment 0, from whichever node
+/// stores it: the start of the segment's ciphertext.
+fn ciphertext_start(s: &Setup, part: &cairn_protocol::records::PartRecord, len: u64) -> Vec<u8> {
+    let id = part.segments[0].fragments[0];
+    (0..6)
+        .find_map(|i| s.cluster.node(i).store().read(&id, 0, len).ok())
+        .expect("a node stores the fragment")
+}
+
+/// A multipart upload has one data key, and part 1 uploaded twice is two
+/// streams with one stream id: each attempt must seal under its own key,
+/// or the two ciphertexts XOR to the two plaintexts XORed (AES-GCM is a
+/// counter mode) and the authentication key is exposed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_attempts_at_one_part_never_share_a_key_and_nonce() {
+    let s = setup().await;
+    let c = &s.client;
+    c.create_bucket().bucket("nonce").send().await.unwrap();
+    let upload = create_upload(c, "nonce", "k").await;
+    let first = pseudo_random_bytes(1, 64 * 1024);
+    let second = pseudo_random_bytes(2, 64 * 1024);
+    let mut ciphertexts = Vec::new();
+    let mut etag = String::new();
+    for body in [&first, &second] {
+        etag = c
+            .upload_part()
+            .bucket("nonce")
+            .key("k")
+            .upload_id(&upload)
+            .part_number(1)
+            .body(ByteStream::from(body.clone()))
+            .send()
+            .await
+            .unwrap()
+            .e_tag()
+            .unwrap()
+            .to_owned();
+        let part = part_attempts(&s, "nonce", &upload, 1)
+            .await
+            .into_iter()
+            .find(|part| !ciphertexts.iter().any(|(seen, _)| *seen == part.upload))
+            .expect("the new attempt");
+        ciphertexts.push((part.upload, ciphertext_start(&s, &part, 64)));
+    }
+    assert_ne!(
+        ciphertexts[0].0, ciphertexts[1].0,
+        "one attempt id for two attempts"
+    );
+    let xor = |a: &[u8], b: &[u8]| -> Vec<u8> { a.iter().zip(b).map(|(x, y)| x ^ y).collect() };
+    assert_ne!(
+        xor(&ciphertexts[0].1, &ciphertexts[1].1),
+        xor(&first[..64], &second[..64]),
+        "the two attempts were sealed under one key and nonce"
+    );
+    complete_upload(c, "nonce", "k", &upload, &[(1, &etag)])
+        .await
+        .unwrap();
+    assert_eq!(get_bytes(c, "nonce", "k").await, second);
+    s.shutdown().await;
+}
+
+/// Two attempts at one part number, in flight together: the completion
+/// takes the one whose ETag it names, whichever finished first, and the
+/// other is released with the upload's leftovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_attempts_at_one_part_complete_with_the_one_named() {
+    let s = setup().await;
+    let c = &s.client;
+    c.create_bucket().bucket("racing").send().await.unwrap();
+    let bodies = [
+        pseudo_random_bytes(21, 3 << 20),
+        pseudo_random_bytes(22, 2 << 20),
+    ];
+    for named in 0..2 {
+        let key = format!("k{named}");
+        let upload = create_upload(c, "racing", &key).await;
+        let attempt = |body: Vec<u8>| {
+            c.upload_part()
+                .bucket("racing")
+                .key(&key)
+                .upload_id(&upload)
+                .part_number(1)
+                .body(ByteStream::from(body))
+                .send()
+        };
+        let (a, b) = tokio::join!(attempt(bodies[0].clone()), attempt(bodies[1].clone()));
+        let etags = [
+            a.unwrap().e_tag().unwrap().to_owned(),
+            b.unwrap().e_tag().unwrap().to_owned(),
+        ];
+        assert_eq!(part_attempts(&s, "racing", &upload, 1).await.len(), 2);
+        let completed = complete_upload(c, "racing", &key, &upload, &[(1, &etags[named])]).await;
+        assert!(completed.is_ok(), "naming attempt {named}: {completed:?}");
+        assert!(get_bytes(c, "racing", &key).await == bodies[named]);
+        // Both attempts' rows are gone; the unchosen one is released.
+        assert!(part_attempts(&s, "racing", &upload, 1).await.is_empty());
+    }
+    s.shutdown().await;
+}

@@ -195,13 +195,58 @@ async fn conditional_writes_from_three_gateways_have_exactly_one_winner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_disconnects_in_the_middle_of_a_put_leaves_no_object() {
-    let s = setup().await;
+    let collection = Collection {
+        write_deadline: Duration::from_secs(8),
+        clock_margin: Duration::from_secs(2),
+        every: Duration::from_millis(500),
+    };
+    let s = setup_with(collection).await;
+    let collectors: Vec<Collector> = (0..6)
+        .map(|i| Collector::start(s.cluster.node(i).handle(), collection))
+        .collect();
     s.client.create_bucket().bucket("cut").send().await.unwrap();
-    // A presigned PUT lets a raw socket send part of a body and hang up.
+    // A presigned PUT lets a raw socket send part of a body and hang up:
+    // 6 of 10 MiB, once a whole 4 MiB segment has reached storage.
     let uri = presigned_put(&s.client, "cut", "half").await;
     let address = s.gateway.address();
-    hang_up_mid_put(address, &uri, 10 << 20, &pseudo_random_bytes(1, 3 << 20)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stream = start_put(address, &uri, 10 << 20, &pseudo_random_bytes(1, 6 << 20)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while fragment_counts(&s.cluster).0 == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no segment stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(stream);
+    // What the server did with it: the fragments it stored end in the
+    // trash, and nothing of the PUT is left to collect.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (live, trash) = fragment_counts(&s.cluster);
+        let work = collector_work(&s.cluster, "cut").await;
+        if live == 0 && trash > 0 && work == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "live fragments {live}, trashed {trash}, collector work {work}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(collectors);
+    assert_eq!(head_of(&s.cluster, "cut", "half").await, None);
+    let rows = s
+        .cluster
+        .node(0)
+        .metadata()
+        .range(
+            &Partition::bucket("cut"),
+            cairn_protocol::meta::Table::Versions,
+            &[],
+            None,
+            10,
+        )
+        .await
+        .unwrap();
+    assert!(rows.rows.is_empty(), "version rows: {:?}", rows.rows);
     let missing = s
         .client
         .head_object()

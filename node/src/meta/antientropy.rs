@@ -11,7 +11,8 @@ use cairn_protocol::meta::{Partition, RowKey, Table, replica_set};
 use cairn_protocol::metarpc::{MAX_ITEMS, Request, Response};
 
 use super::replica::{ReplicaError, UNFENCED};
-use super::{MetaError, Metadata};
+use super::{MAX_CLOCK_DRIFT_MS, MetaError, Metadata};
+use crate::swarm::now_unix_ms;
 
 /// Rows asked for in one read while pulling.
 const PULL_BATCH: usize = 256;
@@ -144,7 +145,15 @@ impl Metadata {
                 let ours = self.local_digest(partition).await?;
                 if ours.root() != *root {
                     stats.differing += 1;
-                    stats.pulled += self.pull_partition(peer, partition, &ours).await?;
+                    // A partition with rows not taken now does not hold up
+                    // the others; a peer that fails does.
+                    match self.pull_partition(peer, partition, &ours).await {
+                        Ok(pulled) => stats.pulled += pulled,
+                        Err(error @ MetaError::Refused { .. }) => {
+                            tracing::info!(%peer, %error, partition = partition.as_str(), "anti-entropy: partition not settled this pass");
+                        }
+                        Err(error) => return Err(error),
+                    }
                 }
             }
             if !more {
@@ -176,6 +185,9 @@ impl Metadata {
             return Ok(0);
         }
         let mut pulled = 0;
+        // Rows not taken now: the pull is not complete (a fill must not
+        // count it, or the rows are gone once the old replicas forget).
+        let mut skipped = 0;
         let mut cursor: Option<(Table, Vec<u8>)> = None;
         loop {
             let request = Request::LeafRows {
@@ -216,11 +228,17 @@ impl Metadata {
                 };
                 let mut rows = Vec::with_capacity(chunk.len());
                 for (key, value) in chunk.iter().zip(values).filter_map(|(k, v)| Some((k, v?))) {
-                    // A peer's row is checked like any write before it is merged.
-                    match value.check_fits(key) {
+                    // A peer's row is checked like any write before it is
+                    // merged; one stamped ahead is taken once the clock
+                    // has caught up with it, in a later pass.
+                    match value
+                        .check_fits(key)
+                        .and_then(|()| value.check_stamp(now_unix_ms(), MAX_CLOCK_DRIFT_MS))
+                    {
                         Ok(()) => rows.push((key.clone(), value)),
                         Err(error) => {
-                            tracing::warn!(%peer, %error, "anti-entropy: peer sent a row that does not fit its key");
+                            skipped += 1;
+                            tracing::warn!(%peer, %error, "anti-entropy: peer sent a row this replica does not take");
                         }
                     }
                 }
@@ -228,6 +246,14 @@ impl Metadata {
                 self.inner.replica.merge(rows, UNFENCED).await?;
             }
             if !more {
+                if skipped > 0 {
+                    return Err(MetaError::Refused {
+                        node: peer,
+                        message: format!(
+                            "{skipped} rows were not taken (stamped ahead of this node's clock, or not fitting their keys); {pulled} were"
+                        ),
+                    });
+                }
                 return Ok(pulled);
             }
             cursor = keys.last().cloned();

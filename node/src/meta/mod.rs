@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use cairn_protocol::cas::{PhaseTally, ReadOutcome, ReadTally, TaggedValue, Tally, next_ballot};
 use cairn_protocol::hlc::{HlcClock, Timestamp};
 use cairn_protocol::ids::NodeId;
+use cairn_protocol::manifest::SignedManifest;
 use cairn_protocol::meta::{
     Partition, QuorumSets, RowKey, RowValue, Table, quorum, replica_set, replica_set_id,
 };
@@ -39,7 +40,7 @@ use rpc::merge_answers;
 pub const META_PROTOCOL: StreamProtocol = StreamProtocol::new(metarpc::PROTOCOL_NAME);
 
 /// How far ahead of ours a peer's clock may be before its writes are refused.
-const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
+pub(crate) const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
 /// How long one replica may take to answer one request.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -151,6 +152,37 @@ impl Metadata {
             hlc,
             node: self.inner.own,
         }
+    }
+
+    /// Whether this replica takes from a coordinator a value that fits its
+    /// key (checked first): it is stamped no further ahead of this node's
+    /// clock than the drift tolerated, and a manifest's writer is a member:
+    /// a node of the cluster's map, this node, or a peer connected with a
+    /// verified certificate (a node that only serves S3 holds a certificate
+    /// but no place in the map). Both depend on this replica's own state,
+    /// so a refusal here is a failure, not a veto. Anti-entropy checks the
+    /// stamp only: a manifest outlives its writer's membership.
+    pub(crate) fn check_incoming(&self, value: &RowValue) -> Result<(), String> {
+        value
+            .check_stamp(now_unix_ms(), MAX_CLOCK_DRIFT_MS)
+            .map_err(|e| e.to_string())?;
+        if let RowValue::Immutable(signed) = value {
+            let writer = SignedManifest::decode(signed)
+                .map_err(|e| e.to_string())?
+                .manifest
+                .writer;
+            let in_map = self
+                .inner
+                .maps
+                .current()
+                .is_some_and(|map| map.map.nodes.iter().any(|n| n.id == writer));
+            if !(in_map || writer == self.inner.own || self.is_connected(&writer)) {
+                return Err(format!(
+                    "the manifest's writer {writer} is neither a node of the cluster map nor a connected member"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Moves the clock past a timestamp read from a replica, so that a write
@@ -393,7 +425,9 @@ impl Metadata {
         Ok(())
     }
 
-    /// The merged values of `keys` (all of one partition) from a majority.
+    /// The merged values of `keys` (all of one partition) from a majority;
+    /// a replica's value that does not fit its key (a manifest whose
+    /// signature fails) takes no part in the merge.
     pub async fn read(&self, keys: Vec<RowKey>) -> Result<Vec<Option<RowValue>>, MetaError> {
         let Some(partition) = single_partition(keys.iter())? else {
             return Ok(Vec::new());
@@ -402,10 +436,10 @@ impl Metadata {
             .quorum_call(&partition, Request::Read { keys: keys.clone() }, false)
             .await?;
         let mut merged: Vec<Option<RowValue>> = vec![None; keys.len()];
-        for (_, response) in &answers {
+        for (node, response) in &answers {
             if let Response::Rows(values) = response {
-                for (slot, value) in merged.iter_mut().zip(values) {
-                    if let Some(value) = value {
+                for ((slot, value), key) in merged.iter_mut().zip(values).zip(&keys) {
+                    if let Some(value) = value.as_ref().filter(|v| fits(*node, key, v)) {
                         *slot = Some(match slot.take() {
                             None => value.clone(),
                             Some(current) => merge_answers(current, value),
@@ -469,8 +503,12 @@ impl Metadata {
             .min();
         let within = |sort: &Vec<u8>| bound.as_ref().is_none_or(|b| sort <= b);
         let mut merged: std::collections::BTreeMap<Vec<u8>, RowValue> = Default::default();
-        for (_, rows, _) in &pages {
+        for (node, rows, _) in &pages {
             for (sort, value) in rows.iter().filter(|(sort, _)| within(sort)) {
+                let key = RowKey::new(partition.clone(), table, sort.clone());
+                if !fits(*node, &key, value) {
+                    continue;
+                }
                 let next = match merged.remove(sort) {
                     None => value.clone(),
                     Some(current) => merge_answers(current, value),
@@ -551,7 +589,9 @@ impl Metadata {
     /// returns the new one, or refuses with a reason that is handed back.
     /// A refusal still writes the current value back under this ballot, so
     /// that what the refusal was based on is chosen, not just seen.
-    /// `change` may run more than once, on each attempt's current value.
+    /// `change` may run more than once, on each attempt's current value;
+    /// the answer is the value actually chosen, which is one of those runs'
+    /// results, not necessarily the last.
     pub async fn compare_and_set<R>(
         &self,
         key: RegisterKey,
@@ -565,8 +605,6 @@ impl Metadata {
             id[8..].copy_from_slice(&random_u64().to_be_bytes());
             id
         };
-        // The value this call proposed, once it has proposed one.
-        let mut proposed: Option<Option<Vec<u8>>> = None;
         let mut round = 0;
         let mut seen = None;
         let mut last_failure = String::new();
@@ -599,25 +637,25 @@ impl Metadata {
                     ))));
                 }
             };
-            // Our own earlier accept may have landed: then the current value
-            // is ours, and it is finished rather than judged again.
-            let (decided, value) = match (&current, &proposed) {
-                (Some(current), Some(ours)) if current.operation == operation => {
-                    (Ok(ours.clone()), current_raw)
+            // One of our own earlier accepts may have landed: then the
+            // current value is ours, and it is finished rather than judged
+            // again. It is the value that attempt proposed, which need not
+            // be the last one `change` returned (each attempt judged the
+            // value it saw), so the answer is the value itself.
+            let (decided, value) = match &current {
+                Some(current) if current.operation == operation => {
+                    (Ok(current.value.clone()), current_raw)
                 }
                 _ => {
                     let decided = change(current.as_ref().and_then(|c| c.value.as_deref()));
                     let value = match &decided {
-                        Ok(new) => {
-                            proposed = Some(new.clone());
-                            Some(
-                                TaggedValue {
-                                    operation,
-                                    value: new.clone(),
-                                }
-                                .encode(),
-                            )
-                        }
+                        Ok(new) => Some(
+                            TaggedValue {
+                                operation,
+                                value: new.clone(),
+                            }
+                            .encode(),
+                        ),
                         Err(_) => current_raw,
                     };
                     (decided, value)
@@ -852,6 +890,19 @@ fn random_u64() -> u64 {
     std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish()
+}
+
+/// Whether a replica's answer for `key` may take part in a merge: a
+/// value that does not fit its key would otherwise win it (the smaller
+/// bytes of a forged manifest do).
+fn fits(node: NodeId, key: &RowKey, value: &RowValue) -> bool {
+    match value.check_fits(key) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%node, %error, "a replica answered with a row that does not fit its key; left out");
+            false
+        }
+    }
 }
 
 fn single_partition<'a>(

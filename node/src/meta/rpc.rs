@@ -98,6 +98,9 @@ async fn try_answer(
                 if let Err(error) = value.check_fits(key) {
                     return Ok(Response::error(ErrorCode::Refused, error.to_string()));
                 }
+                if let Err(declined) = metadata.check_incoming(value) {
+                    return Ok(Response::error(ErrorCode::Declined, declined));
+                }
             }
             replica.merge(rows, map_version).await?
         }
@@ -181,6 +184,17 @@ async fn try_answer(
             replica.accept(key, ballot, value, map_version).await?
         }
         Request::ReadRegister { key } => {
+            // A coordinator with an older map may be asking replicas that
+            // no longer hold the partition: refused like a change.
+            let fence = replica.fence();
+            if map_version < fence {
+                return Ok(Response::error(
+                    ErrorCode::StaleMap,
+                    format!(
+                        "your cluster map (version {map_version}) is older than version {fence}, which this replica has seen"
+                    ),
+                ));
+            }
             let replica = replica.clone();
             blocking(move || {
                 replica
