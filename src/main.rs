@@ -6,13 +6,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use cairn_gateway::collector::{Collection, Collector};
-use cairn_gateway::node::config::MapConfig;
-use cairn_gateway::node::config::ServeConfig;
-use cairn_gateway::node::identity::Identity;
-use cairn_gateway::node::protocol::ids::{NodeId, SiteId};
-use cairn_gateway::node::protocol::membership::{Certificate, ClusterId, SignedMap};
-use cairn_gateway::node::swarm::Node;
-use cairn_gateway::node::swarm::{DEFAULT_ANTI_ENTROPY_EVERY, NodeConfig, StreamLimits};
+use cairn_node::config::MapConfig;
+use cairn_node::config::ServeConfig;
+use cairn_node::identity::Identity;
+use cairn_node::swarm::Node;
+use cairn_node::swarm::{DEFAULT_ANTI_ENTROPY_EVERY, NodeConfig, StreamLimits};
+use cairn_protocol::ids::{NodeId, SiteId};
+use cairn_protocol::membership::{Certificate, ClusterId, SignedMap};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -324,7 +324,7 @@ fn admin(command: Admin) -> Result<()> {
 /// directory, under a certificate the cluster key signs for it.
 async fn temporary_member(
     cluster_key: &Identity,
-    bootstrap: Vec<cairn_gateway::node::swarm::Multiaddr>,
+    bootstrap: Vec<cairn_node::swarm::Multiaddr>,
 ) -> Result<(tempfile::TempDir, Node)> {
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
     let identity = Identity::generate();
@@ -462,7 +462,7 @@ async fn push_map(cluster_key: Identity, map: PathBuf, peer: String) -> Result<(
 /// The S3 listener's TLS from `[s3]`: the operator's PEM files, or a
 /// self-signed certificate kept in the data directory, or none.
 fn s3_tls(
-    section: &cairn_gateway::node::config::S3Section,
+    section: &cairn_gateway::config::S3Section,
     data_dir: &Path,
     listen: std::net::SocketAddr,
 ) -> Result<Option<std::sync::Arc<cairn_gateway::tls::ServerConfig>>> {
@@ -495,7 +495,14 @@ async fn serve(
     listen: Option<String>,
     bootstrap: Vec<String>,
 ) -> Result<()> {
-    let mut settings = ServeConfig::from_file(&config)?;
+    // `[s3]` is the gateway's; the rest of the file is the node's.
+    let mut file = cairn_node::config::read_toml(&config)?;
+    let s3: Option<cairn_gateway::config::S3Section> = file
+        .remove("s3")
+        .map(|section| section.try_into())
+        .transpose()
+        .with_context(|| format!("{}: [s3]", config.display()))?;
+    let mut settings = ServeConfig::from_table(&config, file)?;
     settings.apply_env(|name| std::env::var(name).ok())?;
     if let Some(dir) = data_dir {
         settings.data_dir = dir;
@@ -506,7 +513,6 @@ async fn serve(
     if !bootstrap.is_empty() {
         settings.bootstrap = bootstrap;
     }
-    let s3 = settings.s3.clone();
     let data_dir = settings.data_dir.clone();
     let (node_config, identity) = settings.into_node_config()?;
     // The root key is checked before the node starts, so that a gateway
@@ -621,8 +627,8 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {
-            let protocol = cairn_gateway::node::protocol::wire::PROTOCOL_NAME;
-            let manifest = cairn_gateway::node::protocol::manifest::FORMAT_VERSION;
+            let protocol = cairn_protocol::wire::PROTOCOL_NAME;
+            let manifest = cairn_protocol::manifest::FORMAT_VERSION;
             println!("cairn {}", env!("CARGO_PKG_VERSION"));
             println!("piece exchange: {protocol}; manifest format: {manifest}");
             Ok(())

@@ -140,10 +140,10 @@ fn enrolled_nodes_run_as_processes_survive_kill_dash_nine_and_refuse_an_open_key
 /// Enrols a node for `site`: its identity in `dir/name`, its certificate in
 #[test]
 fn metadata_replicas_killed_with_sigkill_lose_no_acknowledged_write_and_no_decision() {
-    use cairn_gateway::node::config::ServeConfig;
-    use cairn_gateway::node::protocol::meta::{Partition, Register, RowKey, RowValue, Table};
-    use cairn_gateway::node::protocol::metarpc::RegisterKey;
-    use cairn_gateway::node::swarm::Node;
+    use cairn_node::config::ServeConfig;
+    use cairn_node::swarm::Node;
+    use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table};
+    use cairn_protocol::metarpc::RegisterKey;
 
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");
@@ -198,7 +198,7 @@ fn metadata_replicas_killed_with_sigkill_lose_no_acknowledged_write_and_no_decis
     let partition = Partition::bucket("killed");
     // Every replica connected before the test begins.
     for id in &ids {
-        let id = cairn_gateway::node::protocol::ids::NodeId::from_hex(id).unwrap();
+        let id = cairn_protocol::ids::NodeId::from_hex(id).unwrap();
         assert!(runtime.block_on(node.wait_for_member(&id, Duration::from_secs(30))));
     }
 

@@ -6,6 +6,7 @@ pub mod buckets;
 pub mod checksum;
 pub mod chunked;
 pub mod collector;
+pub mod config;
 pub mod dev;
 pub mod error;
 pub mod keys;
@@ -22,8 +23,6 @@ use std::net::SocketAddr;
 use cairn_node::swarm::NodeHandle;
 use s3s::service::S3ServiceBuilder;
 use tokio::net::TcpListener;
-
-pub use cairn_node as node;
 
 use crate::buckets::Buckets;
 use crate::collector::Collection;

@@ -5,7 +5,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine;
-use cairn_node::meta::listing::{ListPage, ListRequest, ListStart, MAX_KEYS};
+use cairn_node::meta::listing::{ListPage, ListRequest, ListStart};
 use cairn_protocol::ids::{UploadId, VersionId};
 use cairn_protocol::manifest::MAX_KEY_BYTES;
 use cairn_protocol::meta::prefix_end;
@@ -424,6 +424,9 @@ fn decode_token(token: &str) -> Result<Vec<u8>, GatewayError> {
             GatewayError::InvalidArgument("The continuation token provided is incorrect".into())
         })
 }
+
+/// Keys in one S3 listing page at most.
+pub const MAX_KEYS: usize = 1000;
 
 fn max_keys(requested: Option<i32>) -> Result<usize, GatewayError> {
     match requested {

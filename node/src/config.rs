@@ -61,44 +61,6 @@ pub struct ServeConfig {
     pub max_streams_per_peer: usize,
     #[serde(default = "default_bytes_in_flight")]
     pub max_bytes_in_flight: u64,
-    /// Serve S3 from this node (the gateway reads it; the node ignores it).
-    #[serde(default)]
-    pub s3: Option<S3Section>,
-}
-
-/// `[s3]`: this node is also an S3 gateway.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct S3Section {
-    /// A TCP socket address, e.g. "0.0.0.0:9000".
-    pub listen: String,
-    #[serde(default = "default_region")]
-    pub region: String,
-    /// Domains for virtual-hosted-style requests (`bucket.domain`).
-    #[serde(default)]
-    pub domains: Vec<String>,
-    /// The KMS root key file (64 hex digits, mode 0600), unless
-    /// CAIRN_ROOT_KEY is set.
-    pub root_key_file: Option<PathBuf>,
-    /// TLS with the operator's PEM certificate chain and private key.
-    pub tls_cert_file: Option<PathBuf>,
-    pub tls_key_file: Option<PathBuf>,
-    /// TLS with a self-signed certificate made on first start and kept in
-    /// the data directory (when no files are given).
-    #[serde(default)]
-    pub tls_self_signed: bool,
-    /// How long a gateway trusts a looked-up access key before reading it
-    /// again: a deleted key authenticates for at most this long.
-    #[serde(default = "default_access_key_cache_seconds")]
-    pub access_key_cache_seconds: u64,
-}
-
-fn default_access_key_cache_seconds() -> u64 {
-    10
-}
-
-fn default_region() -> String {
-    "us-east-1".into()
 }
 
 fn default_listen() -> String {
@@ -117,16 +79,36 @@ fn default_bytes_in_flight() -> u64 {
     StreamLimits::default().bytes_in_flight
 }
 
-impl ServeConfig {
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+/// A TOML file's top-level table: the node's settings, and the sections
+/// other parts of a process read (the binary takes `[s3]` out for the
+/// gateway before the rest becomes a [`ServeConfig`]).
+pub fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    text.parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
         })
+}
+
+impl ServeConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_table(path, read_toml(path)?)
+    }
+
+    /// The node's settings from a file's table once other parts took
+    /// their sections out; any key left that the node does not know is
+    /// an error that names it.
+    pub fn from_table(path: &Path, table: toml::Table) -> Result<Self, ConfigError> {
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })
     }
 
     /// Applies `CAIRN_DATA_DIR`, `CAIRN_LISTEN`, `CAIRN_BOOTSTRAP`

@@ -14,8 +14,9 @@ use cairn_protocol::version::{ObjectVersion, VersionBody};
 use super::{MetaError, Metadata};
 use crate::swarm::now_unix_ms;
 
-/// Entries in one listing page at most (S3's own cap).
-pub const MAX_KEYS: usize = 1000;
+/// Entries in one listing page at most: what one metadata page carries
+/// (S3's own cap of 1000 is the gateway's to apply).
+pub const MAX_PAGE_ENTRIES: usize = MAX_ITEMS;
 
 /// Where a listing starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +36,8 @@ pub struct ListRequest {
     pub prefix: String,
     pub delimiter: Option<String>,
     pub start: ListStart,
-    /// 1 to [`MAX_KEYS`] (0 is answered with an empty, truncated page by S3;
-    /// the gateway decides that case).
+    /// 1 to [`MAX_PAGE_ENTRIES`] (0 is answered with an empty, truncated
+    /// page by S3; the gateway decides that case).
     pub max_keys: usize,
 }
 
@@ -78,7 +79,7 @@ impl Metadata {
         all_versions: bool,
     ) -> Result<ListPage, MetaError> {
         let partition = Partition::bucket(bucket);
-        let max_keys = request.max_keys.clamp(1, MAX_KEYS);
+        let max_keys = request.max_keys.clamp(1, MAX_PAGE_ENTRIES);
         let prefix = request.prefix.as_bytes();
         let end = prefix_end(prefix);
         let mut cursor = match &request.start {

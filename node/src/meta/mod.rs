@@ -41,6 +41,10 @@ pub const META_PROTOCOL: StreamProtocol = StreamProtocol::new(metarpc::PROTOCOL_
 
 /// How far ahead of ours a peer's clock may be before its writes are refused.
 pub(crate) const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
+/// Metadata calls open at once from this node to one peer: half the
+/// default per-peer stream limit of a node (`StreamLimits`), which drops
+/// streams past it unanswered.
+const MAX_CALLS_PER_PEER: usize = 16;
 /// How long one replica may take to answer one request.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -109,6 +113,9 @@ struct Inner {
     replica: MetaReplica,
     clock: Mutex<HlcClock>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Calls open to each peer: a replica drops streams past its per-peer
+    /// limit unanswered, so callers wait here for a slot instead.
+    calls_per_peer: Mutex<HashMap<NodeId, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Metadata {
@@ -131,6 +138,7 @@ impl Metadata {
                 replica,
                 clock: Mutex::new(HlcClock::new(MAX_CLOCK_DRIFT_MS)),
                 background: Mutex::new(Vec::new()),
+                calls_per_peer: Mutex::default(),
             }),
         }
     }
@@ -844,6 +852,18 @@ impl Metadata {
                 return Ok(rpc::answer(self, call).await);
             }
             let peer = peer_id_of(&node).map_err(|e| e.to_string())?;
+            let slots = self
+                .inner
+                .calls_per_peer
+                .lock()
+                .expect("call slots")
+                .entry(node)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_PER_PEER)))
+                .clone();
+            let _slot = slots
+                .acquire_owned()
+                .await
+                .map_err(|_| "metadata calls closed".to_owned())?;
             const ATTEMPTS: u32 = 4;
             let mut attempt = 0;
             loop {

@@ -1,0 +1,42 @@
+//! `[s3]` in a node's configuration file: this node is also an S3 gateway.
+//! The binary takes the section out of the file before the node reads the
+//! rest (the node knows nothing of S3).
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// `[s3]`: this node is also an S3 gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    /// A TCP socket address, e.g. "0.0.0.0:9000".
+    pub listen: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Domains for virtual-hosted-style requests (`bucket.domain`).
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// The KMS root key file (64 hex digits, mode 0600), unless
+    /// CAIRN_ROOT_KEY is set.
+    pub root_key_file: Option<PathBuf>,
+    /// TLS with the operator's PEM certificate chain and private key.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// TLS with a self-signed certificate made on first start and kept in
+    /// the data directory (when no files are given).
+    #[serde(default)]
+    pub tls_self_signed: bool,
+    /// How long a gateway trusts a looked-up access key before reading it
+    /// again: a deleted key authenticates for at most this long.
+    #[serde(default = "default_access_key_cache_seconds")]
+    pub access_key_cache_seconds: u64,
+}
+
+fn default_access_key_cache_seconds() -> u64 {
+    10
+}
+
+fn default_region() -> String {
+    crate::s3::DEFAULT_REGION.into()
+}
