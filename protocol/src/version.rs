@@ -208,14 +208,23 @@ impl ObjectVersion {
         })
     }
 
+    /// The canonical encoding: format 2 with its sequence, or format 1
+    /// when the sequence is 0 (an entry that no head decided), so that one
+    /// entry has one byte string.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(200 + self.key.len());
-        out.put_u8(FORMAT_VERSION);
+        out.put_u8(if self.seq == 0 {
+            FORMAT_WITHOUT_SEQ
+        } else {
+            FORMAT_VERSION
+        });
         out.put_bytes16(self.bucket.as_bytes());
         out.put_bytes16(self.key.as_bytes());
         out.extend_from_slice(&self.version.0);
         put_timestamp(&mut out, &self.created);
-        out.put_u64(self.seq);
+        if self.seq != 0 {
+            out.put_u64(self.seq);
+        }
         match &self.body {
             VersionBody::DeleteMarker => out.put_u8(0),
             VersionBody::Data {
@@ -257,7 +266,17 @@ impl ObjectVersion {
         let created = read_timestamp(&mut r)?;
         let seq = match format {
             FORMAT_WITHOUT_SEQ => 0,
-            _ => r.u64("head sequence")?,
+            _ => match r.u64("head sequence")? {
+                // Sequence 0 is written in format 1 only (canonical).
+                0 => {
+                    return Err(DecodeError::InvalidValue {
+                        field: "head sequence",
+                        value: 0,
+                    }
+                    .into());
+                }
+                seq => seq,
+            },
         };
         let body = match r.u8("body kind")? {
             0 => VersionBody::DeleteMarker,
@@ -403,6 +422,14 @@ mod tests {
         bytes[0] = FORMAT_WITHOUT_SEQ;
         e.seq = 0;
         assert_eq!(ObjectVersion::decode(&bytes).unwrap(), e);
+        // One entry, one byte string: sequence 0 is written as format 1,
+        // and format 2 with sequence 0 is refused.
+        assert_eq!(e.encode(), bytes);
+        let mut zero = entry();
+        zero.seq = 1;
+        let mut bytes = zero.encode();
+        bytes[at..at + 8].copy_from_slice(&0u64.to_be_bytes());
+        assert!(ObjectVersion::decode(&bytes).is_err());
     }
 
     #[test]
