@@ -434,8 +434,8 @@ impl Metadata {
     }
 
     /// The merged values of `keys` (all of one partition) from a majority;
-    /// a replica's value that does not fit its key (a manifest whose
-    /// signature fails) takes no part in the merge.
+    /// where the answers disagree, a value that does not fit its key (a
+    /// manifest whose signature fails) takes no part in the merge.
     pub async fn read(&self, keys: Vec<RowKey>) -> Result<Vec<Option<RowValue>>, MetaError> {
         let Some(partition) = single_partition(keys.iter())? else {
             return Ok(Vec::new());
@@ -443,19 +443,31 @@ impl Metadata {
         let answers = self
             .quorum_call(&partition, Request::Read { keys: keys.clone() }, false)
             .await?;
-        let mut merged: Vec<Option<RowValue>> = vec![None; keys.len()];
-        for (node, response) in &answers {
-            if let Response::Rows(values) = response {
-                for ((slot, value), key) in merged.iter_mut().zip(values).zip(&keys) {
-                    if let Some(value) = value.as_ref().filter(|v| fits(*node, key, v)) {
-                        *slot = Some(match slot.take() {
-                            None => value.clone(),
-                            Some(current) => merge_answers(current, value),
-                        });
-                    }
-                }
-            }
-        }
+        let merged: Vec<Option<RowValue>> = keys
+            .iter()
+            .enumerate()
+            .map(|(index, key)| {
+                let given: Vec<(NodeId, &RowValue)> = answers
+                    .iter()
+                    .filter_map(|(node, response)| match response {
+                        Response::Rows(values) => values
+                            .get(index)
+                            .and_then(Option::as_ref)
+                            .map(|v| (*node, v)),
+                        _ => None,
+                    })
+                    .collect();
+                // Answers that agree merge as they are (the reader checks a
+                // manifest once anyway); only a disagreement is worth a
+                // signature check per answer.
+                let agree = given.windows(2).all(|pair| pair[0].1 == pair[1].1);
+                given
+                    .into_iter()
+                    .filter(|(node, value)| agree || fits(*node, key, value))
+                    .map(|(_, value)| value.clone())
+                    .reduce(|current, value| merge_answers(current, &value))
+            })
+            .collect();
         merged.iter().flatten().for_each(|v| self.observe(v));
         for (node, response) in answers {
             let Response::Rows(values) = response else {
@@ -860,10 +872,6 @@ impl Metadata {
                 .entry(node)
                 .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_PER_PEER)))
                 .clone();
-            let _slot = slots
-                .acquire_owned()
-                .await
-                .map_err(|_| "metadata calls closed".to_owned())?;
             const ATTEMPTS: u32 = 4;
             let mut attempt = 0;
             loop {
@@ -871,6 +879,12 @@ impl Metadata {
                     if !self.inner.members.wait_for(&peer, MEMBERSHIP_WAIT).await {
                         return Err("not connected as a verified member".to_owned());
                     }
+                    // Taken once the peer is there, so that calls waiting
+                    // for a peer that is down hold no slot.
+                    let _slot = slots
+                        .acquire()
+                        .await
+                        .map_err(|_| "metadata calls closed".to_owned())?;
                     let stream = self
                         .inner
                         .control
