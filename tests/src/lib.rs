@@ -165,6 +165,25 @@ impl Cluster {
         self.install_signed(signed).await
     }
 
+    /// Signs this cluster's map with `scheme`, `tolerance` and `replicas`
+    /// metadata replicas per partition, and installs it.
+    pub async fn install_map_with(
+        &self,
+        scheme: Scheme,
+        tolerance: Tolerance,
+        replicas: u8,
+    ) -> Result<SignedMap, NodeError> {
+        let signed = SignedMap::sign_with_replicas(
+            &self.cluster_key,
+            self.map(),
+            scheme,
+            tolerance,
+            replicas,
+        )
+        .map_err(|e| NodeError::Swarm(e.to_string()))?;
+        self.install_signed(signed).await
+    }
+
     /// Installs a signed map on every running node.
     pub async fn install_signed(&self, signed: SignedMap) -> Result<SignedMap, NodeError> {
         let version = signed.map.version;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
-use cairn_gateway::collector::Collection;
+use cairn_gateway::collector::{Collection, Collector};
 use cairn_gateway::kms::RootKey;
 use cairn_gateway::{Gateway, GatewayConfig};
 use cairn_protocol::erasure::Scheme;
@@ -26,6 +26,20 @@ impl Setup {
         self.gateway.stop().await;
         self.cluster.shutdown().await;
     }
+}
+
+/// Deadlines short enough for a collector to act within a test.
+pub const QUICK_COLLECTION: Collection = Collection {
+    write_deadline: Duration::from_secs(8),
+    clock_margin: Duration::from_secs(2),
+    every: Duration::from_millis(500),
+};
+
+/// A collector on every node of the cluster, as `cairn serve` runs them.
+pub fn start_collectors(cluster: &Cluster, collection: Collection) -> Vec<Collector> {
+    (0..cluster.members.len())
+        .map(|i| Collector::start(cluster.node(i).handle(), collection))
+        .collect()
 }
 
 pub async fn setup() -> Setup {

@@ -1191,19 +1191,13 @@ async fn a_moved_partition_settles_on_its_new_replicas_and_outlives_its_old_ones
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_map_sets_the_replica_count_and_five_replicas_outlive_two_failures() {
-    use cairn_protocol::membership::SignedMap;
     use cairn_protocol::placement::Tolerance;
 
     let mut cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
-    let signed = SignedMap::sign_with_replicas(
-        &cluster.cluster_key,
-        cluster.map(),
-        Scheme::new(4, 2).unwrap(),
-        Tolerance::default(),
-        5,
-    )
-    .unwrap();
-    cluster.install_signed(signed).await.unwrap();
+    cluster
+        .install_map_with(Scheme::new(4, 2).unwrap(), Tolerance::default(), 5)
+        .await
+        .unwrap();
     let partition = Partition::bucket("wide");
     let replicas = cluster.node(0).metadata().replicas_of(&partition).unwrap();
     assert_eq!(replicas.len(), 5);

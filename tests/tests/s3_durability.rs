@@ -42,19 +42,13 @@ async fn every_object_stays_readable_with_a_whole_site_stopped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_5_plus_4_on_three_sites_every_object_survives_a_site_and_one_more_node() {
-    use cairn_protocol::membership::SignedMap;
     use cairn_protocol::placement::Tolerance;
     let mut cluster = Cluster::start(&[3, 3, 3]).await.unwrap();
     // Nine metadata replicas: a majority survives four nodes lost.
-    let map = SignedMap::sign_with_replicas(
-        &cluster.cluster_key,
-        cluster.map(),
-        Scheme::new(5, 4).unwrap(),
-        Tolerance { extra_nodes: 1 },
-        9,
-    )
-    .unwrap();
-    cluster.install_signed(map).await.unwrap();
+    cluster
+        .install_map_with(Scheme::new(5, 4).unwrap(), Tolerance { extra_nodes: 1 }, 9)
+        .await
+        .unwrap();
     let gateway = Gateway::start(
         cluster.node(0).handle(),
         RootKey::from_bytes(random_secret()),
@@ -231,19 +225,13 @@ async fn every_object_survives_each_site(
 /// a node down in each of two sites, every write still finds room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_nodes_down_writes_on_3_sites_of_3_still_survive_any_site() {
-    use cairn_protocol::membership::SignedMap;
     use cairn_protocol::placement::Tolerance;
     let mut cluster = Cluster::start(&[3, 3, 3]).await.unwrap();
     // Nine metadata replicas: a majority outlives two nodes, or a site.
-    let map = SignedMap::sign_with_replicas(
-        &cluster.cluster_key,
-        cluster.map(),
-        Scheme::new(4, 2).unwrap(),
-        Tolerance::default(),
-        9,
-    )
-    .unwrap();
-    cluster.install_signed(map).await.unwrap();
+    cluster
+        .install_map_with(Scheme::new(4, 2).unwrap(), Tolerance::default(), 9)
+        .await
+        .unwrap();
     let root = random_secret();
     let sizes = [
         1 << 20,

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
-use cairn_gateway::collector::{Collection, Collector};
 use cairn_gateway::kms::RootKey;
 use cairn_gateway::{Gateway, GatewayConfig};
 use cairn_protocol::erasure::Scheme;
@@ -195,15 +194,9 @@ async fn conditional_writes_from_three_gateways_have_exactly_one_winner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_disconnects_in_the_middle_of_a_put_leaves_no_object() {
-    let collection = Collection {
-        write_deadline: Duration::from_secs(8),
-        clock_margin: Duration::from_secs(2),
-        every: Duration::from_millis(500),
-    };
+    let collection = QUICK_COLLECTION;
     let s = setup_with(collection).await;
-    let collectors: Vec<Collector> = (0..6)
-        .map(|i| Collector::start(s.cluster.node(i).handle(), collection))
-        .collect();
+    let collectors = start_collectors(&s.cluster, collection);
     s.client.create_bucket().bucket("cut").send().await.unwrap();
     // A presigned PUT lets a raw socket send part of a body and hang up:
     // 6 of 10 MiB, once a whole 4 MiB segment has reached storage.
@@ -381,17 +374,10 @@ async fn forge_uncommitted_look(cluster: &Cluster, bucket: &str, key: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn orphan_fragments_go_to_the_trash_and_committed_ones_stay() {
-    // Short deadlines so that the collector acts within the test; every
-    // node runs one, as `cairn serve` does.
-    let collection = Collection {
-        write_deadline: Duration::from_secs(8),
-        clock_margin: Duration::from_secs(2),
-        every: Duration::from_millis(500),
-    };
+    // Short deadlines so that the collector acts within the test.
+    let collection = QUICK_COLLECTION;
     let s = setup_with(collection).await;
-    let collectors: Vec<Collector> = (0..6)
-        .map(|i| Collector::start(s.cluster.node(i).handle(), collection))
-        .collect();
+    let collectors = start_collectors(&s.cluster, collection);
     let c = &s.client;
     c.create_bucket().bucket("orphans").send().await.unwrap();
     let put = |key: &'static str, seed: u64| async move {
