@@ -1508,3 +1508,178 @@ impl S3 for CairnS3 {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use cairn_protocol::hlc::{Hlc, Timestamp as Stamp};
+    use cairn_protocol::ids::{ManifestId, NodeId};
+    use cairn_protocol::version::{Lww, Retention};
+
+    use super::*;
+
+    fn strong(value: &str) -> ETagCondition {
+        ETagCondition::ETag(ETag::Strong(value.into()))
+    }
+
+    fn refused(outcome: Result<impl std::fmt::Debug, GatewayError>) -> String {
+        match outcome {
+            Ok(value) => format!("ok {value:?}"),
+            Err(error) => S3Error::from(error).code().as_str().to_owned(),
+        }
+    }
+
+    #[test]
+    fn keys_are_1_to_1024_bytes_without_nul() {
+        assert!(check_key("a/b.txt").is_ok());
+        assert!(check_key(&"k".repeat(MAX_KEY_BYTES)).is_ok());
+        assert_eq!(refused(check_key("")), "KeyTooLongError");
+        assert_eq!(
+            refused(check_key(&"k".repeat(MAX_KEY_BYTES + 1))),
+            "KeyTooLongError"
+        );
+        assert_eq!(refused(check_key("a\0b")), "InvalidArgument");
+    }
+
+    #[test]
+    fn write_conditions_take_one_header_and_only_star_for_if_none_match() {
+        assert_eq!(write_condition(None, None).unwrap(), WriteCondition::Always);
+        assert_eq!(
+            write_condition(Some(&ETagCondition::Any), None).unwrap(),
+            WriteCondition::IfAbsent
+        );
+        assert_eq!(
+            write_condition(None, Some(&ETagCondition::Any)).unwrap(),
+            WriteCondition::IfPresent
+        );
+        assert_eq!(
+            write_condition(None, Some(&strong("abc"))).unwrap(),
+            WriteCondition::IfMatch("abc".into())
+        );
+        assert_eq!(
+            refused(write_condition(Some(&strong("abc")), None)),
+            "InvalidArgument"
+        );
+        assert_eq!(
+            refused(write_condition(
+                Some(&ETagCondition::Any),
+                Some(&ETagCondition::Any)
+            )),
+            "InvalidArgument"
+        );
+    }
+
+    #[test]
+    fn delete_conditions_and_version_ids() {
+        let version = VersionId::new(1_764_000_000_000, [7; 10]);
+        let condition = delete_condition(
+            Some(&version.to_text()),
+            Some(&strong("e1")),
+            Some(12),
+            None,
+        )
+        .unwrap();
+        assert_eq!(condition.etag.as_deref(), Some("e1"));
+        assert_eq!(condition.size_bytes, Some(12));
+        assert_eq!(condition.version, Some(version));
+        assert!(!condition.if_present);
+        let star = delete_condition(Some("null"), Some(&ETagCondition::Any), None, None).unwrap();
+        assert!(star.if_present && star.version.is_none());
+        assert_eq!(
+            refused(delete_condition(None, None, Some(-1), None)),
+            "InvalidArgument"
+        );
+        assert_eq!(
+            refused(parse_version_id("not-a-version")),
+            "InvalidArgument"
+        );
+        // One spelling per version: upper-case hex is not it.
+        assert_eq!(
+            refused(parse_version_id(&version.to_text().to_uppercase())),
+            "InvalidArgument"
+        );
+        assert_eq!(parse_version_id("null").unwrap(), None);
+    }
+
+    #[test]
+    fn content_md5_is_16_bytes_of_base64() {
+        assert_eq!(
+            parse_content_md5(Some(&"AAAAAAAAAAAAAAAAAAAAAA==".to_owned())).unwrap(),
+            Some([0; 16])
+        );
+        assert_eq!(parse_content_md5(None).unwrap(), None);
+        assert_eq!(
+            refused(parse_content_md5(Some(&"!!".to_owned()))),
+            "InvalidDigest"
+        );
+        assert_eq!(
+            refused(parse_content_md5(Some(&"AAAA".to_owned()))),
+            "InvalidDigest"
+        );
+    }
+
+    #[test]
+    fn read_conditions_follow_rfc_9110_order() {
+        let at = Stamp {
+            hlc: Hlc::new(1_000_000, 0),
+            node: NodeId([1; 32]),
+        };
+        let version = ObjectVersion {
+            bucket: "b".into(),
+            key: "k".into(),
+            version: VersionId::new(1_000_000, [1; 10]),
+            created: at,
+            seq: 1,
+            body: VersionBody::Data {
+                manifest: ManifestId([1; 32]),
+                size_bytes: 1,
+                etag: "\"e1\"".into(),
+                headers: StoredHeaders::default(),
+            },
+            retention: Retention::default(),
+            legal_hold: Lww { value: false, at },
+            purged: None,
+        };
+        let secs = |s: u64| Timestamp::from(UNIX_EPOCH + Duration::from_secs(s));
+        let check = |m: Option<&ETagCondition>,
+                     n: Option<&ETagCondition>,
+                     modified: Option<&Timestamp>,
+                     unmodified: Option<&Timestamp>| {
+            refused(check_read_conditions(&version, m, n, modified, unmodified))
+        };
+        assert_eq!(check(Some(&strong("e1")), None, None, None), "ok ()");
+        assert_eq!(
+            check(Some(&strong("e2")), None, None, None),
+            "PreconditionFailed"
+        );
+        // If-Match that holds outweighs If-Unmodified-Since that does not.
+        assert_eq!(
+            check(Some(&strong("e1")), None, None, Some(&secs(10))),
+            "ok ()"
+        );
+        assert_eq!(
+            check(None, None, None, Some(&secs(10))),
+            "PreconditionFailed"
+        );
+        assert_eq!(check(None, Some(&strong("e1")), None, None), "NotModified");
+        assert_eq!(
+            check(None, Some(&ETagCondition::Any), None, None),
+            "NotModified"
+        );
+        assert_eq!(check(None, None, Some(&secs(1_000)), None), "NotModified");
+        assert_eq!(check(None, None, Some(&secs(999)), None), "ok ()");
+    }
+
+    #[test]
+    fn listing_tokens_round_trip_and_bad_ones_are_refused() {
+        let resume = b"photos/2026\0\x01".to_vec();
+        assert_eq!(decode_token(&encode_token(&resume)).unwrap(), resume);
+        assert_eq!(refused(decode_token("not base64!")), "InvalidArgument");
+        let long = encode_token(&vec![b'k'; MAX_KEY_BYTES + 18]);
+        assert_eq!(refused(decode_token(&long)), "InvalidArgument");
+        assert_eq!(url_encode("a b/ü~"), "a%20b/%C3%BC~");
+        assert_eq!(max_keys(None).unwrap(), MAX_KEYS);
+        assert_eq!(max_keys(Some(5000)).unwrap(), MAX_KEYS);
+        assert_eq!(max_keys(Some(0)).unwrap(), 0);
+        assert_eq!(refused(max_keys(Some(-1))), "InvalidArgument");
+    }
+}
