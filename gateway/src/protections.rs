@@ -158,12 +158,8 @@ impl Asked<'_> {
         if let Some(value) = self.headers.get(name) {
             return Some(String::from_utf8_lossy(value.as_bytes()).trim().to_owned());
         }
-        self.uri.query()?.split('&').find_map(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            percent_decoded(key)
-                .eq_ignore_ascii_case(name)
-                .then(|| percent_decoded(value).trim().to_owned())
-        })
+        crate::server::query_param(self.uri.query()?, name)
+            .map(|value| percent_decoded(value).trim().to_owned())
     }
 
     fn first_of<'n>(&self, names: &[&'n str]) -> Option<&'n str> {

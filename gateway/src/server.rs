@@ -66,7 +66,8 @@ fn refuse(status: u16, code: &str, message: &str) -> HttpResponse {
     response
 }
 
-fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+/// A query parameter's raw value, its name compared case-insensitively.
+pub(crate) fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query
         .split('&')
         .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))

@@ -72,6 +72,18 @@ pub async fn setup_with(collection: Collection) -> Setup {
     }
 }
 
+/// A gateway on node `index` with the KMS root key `root` and the default
+/// settings.
+pub async fn gateway_on(cluster: &Cluster, index: usize, root: [u8; 32]) -> Gateway {
+    Gateway::start(
+        cluster.node(index).handle(),
+        RootKey::from_bytes(root),
+        GatewayConfig::default(),
+    )
+    .await
+    .unwrap()
+}
+
 pub fn client_for(gateway: &Gateway, id: &str, secret: &str) -> Client {
     let config = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())

@@ -1,8 +1,6 @@
 //! Objects written through S3 survive the failures the map promises to survive.
 
 use aws_sdk_s3::primitives::ByteStream;
-use cairn_gateway::kms::RootKey;
-use cairn_gateway::{Gateway, GatewayConfig};
 use cairn_protocol::erasure::Scheme;
 use cairn_tests::s3::*;
 use cairn_tests::{Cluster, pseudo_random_bytes, random_secret};
@@ -49,13 +47,7 @@ async fn with_5_plus_4_on_three_sites_every_object_survives_a_site_and_one_more_
         .install_map_with(Scheme::new(5, 4).unwrap(), Tolerance { extra_nodes: 1 }, 9)
         .await
         .unwrap();
-    let gateway = Gateway::start(
-        cluster.node(0).handle(),
-        RootKey::from_bytes(random_secret()),
-        GatewayConfig::default(),
-    )
-    .await
-    .unwrap();
+    let gateway = gateway_on(&cluster, 0, random_secret()).await;
     let key = gateway.keys().create("test").await.unwrap();
     let client = client_for(&gateway, &key.id, &key.secret);
     client
@@ -108,13 +100,7 @@ async fn put_with_nodes_down(
     stopped: &[usize],
     sizes: &[usize],
 ) -> (Vec<(String, Vec<u8>)>, usize) {
-    let gateway = Gateway::start(
-        cluster.node(0).handle(),
-        RootKey::from_bytes(root),
-        GatewayConfig::default(),
-    )
-    .await
-    .unwrap();
+    let gateway = gateway_on(cluster, 0, root).await;
     let key = gateway.keys().create("test").await.unwrap();
     let client = client_for(&gateway, &key.id, &key.secret);
     client.create_bucket().bucket("sites").send().await.unwrap();
@@ -178,13 +164,7 @@ async fn every_object_survives_each_site(
     objects: &[(String, Vec<u8>)],
 ) {
     let key_id_and_secret = {
-        let gateway = Gateway::start(
-            cluster.node(0).handle(),
-            RootKey::from_bytes(root),
-            GatewayConfig::default(),
-        )
-        .await
-        .unwrap();
+        let gateway = gateway_on(cluster, 0, root).await;
         let key = gateway.keys().create("reader").await.unwrap();
         gateway.stop().await;
         (key.id, key.secret)
@@ -194,13 +174,7 @@ async fn every_object_survives_each_site(
             cluster.stop(node).await;
         }
         let reader = sites[(site + 1) % sites.len()][0];
-        let gateway = Gateway::start(
-            cluster.node(reader).handle(),
-            RootKey::from_bytes(root),
-            GatewayConfig::default(),
-        )
-        .await
-        .unwrap();
+        let gateway = gateway_on(cluster, reader, root).await;
         let client = client_for(&gateway, &key_id_and_secret.0, &key_id_and_secret.1);
         for (name, body) in objects {
             let back = client
