@@ -1,5 +1,5 @@
 //! What can go wrong behind the S3 front door, each with the S3 error code
-//! a client expects (the mapping lives in `s3.rs`).
+//! a client expects (the mapping lives in `s3/errors.rs`).
 
 use cairn_node::meta::MetaError;
 use cairn_node::swarm::NodeError;

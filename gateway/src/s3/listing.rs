@@ -1,0 +1,234 @@
+//! ListObjects and ListObjectsV2: pages of the metadata's listing, their
+//! continuation tokens and markers, and `encoding-type=url`.
+
+use base64::Engine;
+use cairn_node::meta::listing::{ListPage, ListRequest, ListStart};
+use cairn_protocol::manifest::MAX_KEY_BYTES;
+use cairn_protocol::meta::prefix_end;
+use cairn_protocol::version::VersionBody;
+use s3s::dto::*;
+use s3s::{S3Request, S3Response, S3Result};
+
+use super::headers::{last_modified, strong_etag};
+use super::{CairnS3, MAX_KEYS};
+use crate::error::GatewayError;
+
+/// Percent-encodes a key for `encoding-type=url` (everything but
+/// unreserved characters and `/`).
+fn url_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~/".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn encode_token(resume: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(resume)
+}
+
+fn decode_token(token: &str) -> Result<Vec<u8>, GatewayError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .filter(|bytes| bytes.len() <= MAX_KEY_BYTES + 17)
+        .ok_or_else(|| {
+            GatewayError::InvalidArgument("The continuation token provided is incorrect".into())
+        })
+}
+
+fn max_keys(requested: Option<i32>) -> Result<usize, GatewayError> {
+    match requested {
+        None => Ok(MAX_KEYS),
+        Some(n) if n < 0 => Err(GatewayError::InvalidArgument(
+            "max-keys must not be negative".into(),
+        )),
+        Some(n) => Ok((n as usize).min(MAX_KEYS)),
+    }
+}
+
+fn listed_objects(page: &ListPage, url: bool) -> (Vec<Object>, Vec<CommonPrefix>) {
+    let encode = |key: &str| if url { url_encode(key) } else { key.to_owned() };
+    let objects = page
+        .entries
+        .iter()
+        .filter_map(|version| {
+            let VersionBody::Data {
+                size_bytes, etag, ..
+            } = &version.body
+            else {
+                return None;
+            };
+            Some(Object {
+                key: Some(encode(&version.key)),
+                size: Some(*size_bytes as i64),
+                e_tag: Some(strong_etag(etag)),
+                last_modified: Some(last_modified(version)),
+                storage_class: Some(ObjectStorageClass::from_static(
+                    ObjectStorageClass::STANDARD,
+                )),
+                ..Default::default()
+            })
+        })
+        .collect();
+    let prefixes = page
+        .common_prefixes
+        .iter()
+        .map(|p| CommonPrefix {
+            prefix: Some(encode(p)),
+        })
+        .collect();
+    (objects, prefixes)
+}
+
+fn wants_url(encoding: Option<&EncodingType>) -> Result<bool, GatewayError> {
+    match encoding.map(|e| e.as_str()) {
+        None => Ok(false),
+        Some("url") => Ok(true),
+        Some(other) => Err(GatewayError::InvalidArgument(format!(
+            "encoding-type {other:?} is not supported; use url"
+        ))),
+    }
+}
+
+impl CairnS3 {
+    /// One page of ListObjects (V1 or V2); S3 answers max-keys 0 with an
+    /// empty page.
+    async fn list_page(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        delimiter: Option<String>,
+        start: ListStart,
+        max_keys: usize,
+    ) -> Result<ListPage, GatewayError> {
+        if max_keys == 0 {
+            return Ok(ListPage {
+                entries: Vec::new(),
+                common_prefixes: Vec::new(),
+                resume: None,
+            });
+        }
+        let request = ListRequest {
+            prefix: prefix.to_owned(),
+            delimiter,
+            start,
+            max_keys,
+        };
+        Ok(self
+            .objects
+            .node()
+            .metadata()
+            .list_objects(bucket, &request)
+            .await?)
+    }
+
+    pub(super) async fn list_objects_v2_op(
+        &self,
+        req: S3Request<ListObjectsV2Input>,
+    ) -> S3Result<S3Response<ListObjectsV2Output>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        let url = wants_url(input.encoding_type.as_ref())?;
+        let max = max_keys(input.max_keys)?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let start = match (&input.continuation_token, &input.start_after) {
+            (Some(token), _) => ListStart::Resume(decode_token(token)?),
+            (None, Some(after)) if !after.is_empty() => ListStart::AfterKey(after.clone()),
+            _ => ListStart::Beginning,
+        };
+        let page = self
+            .list_page(&input.bucket, &prefix, input.delimiter.clone(), start, max)
+            .await?;
+        let (contents, common_prefixes) = listed_objects(&page, url);
+        let encode = |text: String| if url { url_encode(&text) } else { text };
+        Ok(S3Response::new(ListObjectsV2Output {
+            name: Some(input.bucket),
+            prefix: Some(encode(prefix)),
+            delimiter: input.delimiter.map(encode),
+            max_keys: Some(max as i32),
+            key_count: Some((contents.len() + common_prefixes.len()) as i32),
+            is_truncated: Some(page.resume.is_some()),
+            continuation_token: input.continuation_token,
+            next_continuation_token: page.resume.as_deref().map(encode_token),
+            start_after: input.start_after.map(encode),
+            encoding_type: input.encoding_type,
+            contents: Some(contents),
+            common_prefixes: Some(common_prefixes),
+            ..Default::default()
+        }))
+    }
+
+    pub(super) async fn list_objects_op(
+        &self,
+        req: S3Request<ListObjectsInput>,
+    ) -> S3Result<S3Response<ListObjectsOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        let url = wants_url(input.encoding_type.as_ref())?;
+        let max = max_keys(input.max_keys)?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
+        let start = match &input.marker {
+            Some(marker) if !marker.is_empty() => match &delimiter {
+                // A marker that is a common prefix skips everything under it.
+                Some(d) if marker.ends_with(d.as_str()) && marker.starts_with(&prefix) => {
+                    match prefix_end(marker.as_bytes()) {
+                        Some(end) => ListStart::Resume(end),
+                        None => ListStart::AfterKey(marker.clone()),
+                    }
+                }
+                _ => ListStart::AfterKey(marker.clone()),
+            },
+            _ => ListStart::Beginning,
+        };
+        let page = self
+            .list_page(&input.bucket, &prefix, delimiter, start, max)
+            .await?;
+        // V1 has no token: the next marker is the last key or prefix listed.
+        let next_marker = page.resume.as_ref().and_then(|_| {
+            let last_key = page.entries.last().map(|v| v.key.clone());
+            let last_prefix = page.common_prefixes.last().cloned();
+            last_key.max(last_prefix)
+        });
+        let (contents, common_prefixes) = listed_objects(&page, url);
+        let encode = |text: String| if url { url_encode(&text) } else { text };
+        Ok(S3Response::new(ListObjectsOutput {
+            name: Some(input.bucket),
+            prefix: Some(encode(prefix)),
+            marker: input.marker.map(encode),
+            delimiter: input.delimiter.map(encode),
+            max_keys: Some(max as i32),
+            is_truncated: Some(page.resume.is_some()),
+            next_marker: next_marker.map(encode),
+            encoding_type: input.encoding_type,
+            contents: Some(contents),
+            common_prefixes: Some(common_prefixes),
+            ..Default::default()
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::s3::errors::refused;
+
+    #[test]
+    fn listing_tokens_round_trip_and_bad_ones_are_refused() {
+        let resume = b"photos/2026\0\x01".to_vec();
+        assert_eq!(decode_token(&encode_token(&resume)).unwrap(), resume);
+        assert_eq!(refused(decode_token("not base64!")), "InvalidArgument");
+        let long = encode_token(&vec![b'k'; MAX_KEY_BYTES + 18]);
+        assert_eq!(refused(decode_token(&long)), "InvalidArgument");
+        assert_eq!(url_encode("a b/ü~"), "a%20b/%C3%BC~");
+        assert_eq!(max_keys(None).unwrap(), MAX_KEYS);
+        assert_eq!(max_keys(Some(5000)).unwrap(), MAX_KEYS);
+        assert_eq!(max_keys(Some(0)).unwrap(), 0);
+        assert_eq!(refused(max_keys(Some(-1))), "InvalidArgument");
+    }
+}

@@ -1,0 +1,389 @@
+//! The object operations: PUT (and POST), GET, HEAD, DELETE, DeleteObjects
+//! and CopyObject, and how a request's key and version resolve to a stored
+//! version and its bytes.
+
+use cairn_protocol::version::{ObjectVersion, VersionBody};
+use s3s::dto::*;
+use s3s::{S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
+
+use super::CairnS3;
+use super::conditions::{
+    check_copy_conditions, check_read_conditions, delete_condition, write_condition,
+};
+use super::headers::{
+    body_length, check_key, checksums_wanted, from_head, head_output, header_fields, last_modified,
+    parse_content_md5, parse_version_id, stored_checksums, stored_headers, strong_etag,
+    with_typed_protections,
+};
+use crate::checksum::ChecksumRequest;
+use crate::error::GatewayError;
+use crate::objects::{NewObject, WriteCondition};
+use crate::protections::{Operation, WithCopySource, refuse_unoffered};
+
+type ByteReceiver = tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>;
+
+fn receiver_stream(
+    receiver: ByteReceiver,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static {
+    Box::pin(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
+    ))
+}
+
+impl CairnS3 {
+    /// The source of a copy: its version, resolved like a GET.
+    pub(super) async fn copy_source(&self, source: &CopySource) -> S3Result<ObjectVersion> {
+        let CopySource::Bucket {
+            bucket,
+            key,
+            version_id,
+        } = source
+        else {
+            return Err(S3Error::with_message(
+                S3ErrorCode::InvalidArgument,
+                "copy sources are bucket/key",
+            ));
+        };
+        self.resolve(bucket, key, version_id.as_deref()).await
+    }
+
+    pub(super) fn source_stream(
+        &self,
+        open: crate::objects::OpenObject,
+        range: std::ops::Range<u64>,
+    ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static
+    {
+        receiver_stream(self.objects.read(open, range))
+    }
+
+    async fn resolve(
+        &self,
+        bucket: &str,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> S3Result<ObjectVersion> {
+        self.buckets.get(bucket).await?;
+        check_key(key)?;
+        let wanted = version_id.map(parse_version_id).transpose()?.flatten();
+        let current = self.objects.current(bucket, key).await?;
+        // The bucket keeps no history: the current object is the only
+        // version there is (a row left below it is on its way out).
+        match (wanted, current) {
+            (None, Some(current)) => Ok(current),
+            (None, None) => Err(GatewayError::NoSuchKey.into()),
+            (Some(wanted), Some(current)) if current.version == wanted => Ok(current),
+            (Some(_), _) => Err(GatewayError::NoSuchVersion.into()),
+        }
+    }
+
+    pub(super) async fn put_object_op(
+        &self,
+        req: S3Request<PutObjectInput>,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
+        // A browser POST's form fields reach here parsed, not as headers.
+        let asked = with_typed_protections(&req.headers, &req.input);
+        refuse_unoffered(Operation::NewObject, WithCopySource::No, &asked, &req.uri)?;
+        let checksum = ChecksumRequest::from_headers(&req.headers, req.trailing_headers.as_ref())?;
+        let input = req.input;
+        let bucket = self.buckets.get(&input.bucket).await?;
+        check_key(&input.key)?;
+        let headers = stored_headers(header_fields!(input))?;
+        let content_md5 = parse_content_md5(input.content_md5.as_ref())?;
+        let condition = write_condition(input.if_none_match.as_ref(), input.if_match.as_ref())?;
+        let body = input.body.ok_or_else(|| {
+            S3Error::with_message(S3ErrorCode::MissingContentLength, "a PUT needs a body")
+        })?;
+        let length = body_length(input.content_length, &body)?;
+        let version = self
+            .objects
+            .put(
+                NewObject {
+                    bucket: input.bucket.clone(),
+                    bucket_key_id: bucket.bucket_key_id,
+                    key: input.key.clone(),
+                    headers,
+                    length,
+                    content_md5,
+                    checksum,
+                    condition,
+                },
+                body,
+            )
+            .await?;
+        let VersionBody::Data { etag, headers, .. } = &version.body else {
+            unreachable!("a PUT writes data");
+        };
+        let sums = stored_checksums(headers);
+        Ok(S3Response::new(PutObjectOutput {
+            e_tag: Some(strong_etag(etag)),
+            checksum_crc32: sums.checksum_crc32,
+            checksum_crc32c: sums.checksum_crc32c,
+            checksum_crc64nvme: sums.checksum_crc64nvme,
+            checksum_sha1: sums.checksum_sha1,
+            checksum_sha256: sums.checksum_sha256,
+            server_side_encryption: Some(ServerSideEncryption::from_static(
+                ServerSideEncryption::AES256,
+            )),
+            ..Default::default()
+        }))
+    }
+
+    pub(super) async fn get_object_op(
+        &self,
+        req: S3Request<GetObjectInput>,
+    ) -> S3Result<S3Response<GetObjectOutput>> {
+        refuse_unoffered(Operation::Read, WithCopySource::No, &req.headers, &req.uri)?;
+        let input = req.input;
+        let version = self
+            .resolve(&input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        check_read_conditions(
+            &version,
+            input.if_match.as_ref(),
+            input.if_none_match.as_ref(),
+            input.if_modified_since.as_ref(),
+            input.if_unmodified_since.as_ref(),
+        )?;
+        let VersionBody::Data { size_bytes, .. } = &version.body else {
+            return Err(GatewayError::NoSuchKey.into());
+        };
+        let size = *size_bytes;
+        let (range, content_range) = match &input.range {
+            None => (0..size, None),
+            Some(range) => {
+                let r = range
+                    .check(size)
+                    .map_err(|_| GatewayError::InvalidRange { size })?;
+                let text = format!("bytes {}-{}/{size}", r.start, r.end - 1);
+                (r, Some(text))
+            }
+        };
+        let open = self.objects.open(&version).await?;
+        let stream = self.source_stream(open, range.clone());
+        // A checksum covers the whole object: a range is sent without it.
+        let head = head_output(
+            &version,
+            checksums_wanted(input.checksum_mode.as_ref()) && input.range.is_none(),
+        );
+        let mut output = from_head!(
+            head,
+            GetObjectOutput {
+                body: Some(StreamingBlob::wrap(stream)),
+                content_length: Some((range.end - range.start) as i64),
+                content_range,
+                ..Default::default()
+            }
+        );
+        // The response-* query parameters override what was stored.
+        if let Some(v) = input.response_content_type {
+            output.content_type = Some(v);
+        }
+        if let Some(v) = input.response_cache_control {
+            output.cache_control = Some(v);
+        }
+        if let Some(v) = input.response_content_disposition {
+            output.content_disposition = Some(v);
+        }
+        if let Some(v) = input.response_content_encoding {
+            output.content_encoding = Some(v);
+        }
+        if let Some(v) = input.response_content_language {
+            output.content_language = Some(v);
+        }
+        if let Some(v) = input.response_expires {
+            output.expires = Some(v);
+        }
+        let mut response = S3Response::new(output);
+        if input.range.is_some() {
+            response.status = Some(http::StatusCode::PARTIAL_CONTENT);
+        }
+        Ok(response)
+    }
+
+    pub(super) async fn head_object_op(
+        &self,
+        req: S3Request<HeadObjectInput>,
+    ) -> S3Result<S3Response<HeadObjectOutput>> {
+        refuse_unoffered(Operation::Read, WithCopySource::No, &req.headers, &req.uri)?;
+        let input = req.input;
+        let version = self
+            .resolve(&input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        check_read_conditions(
+            &version,
+            input.if_match.as_ref(),
+            input.if_none_match.as_ref(),
+            input.if_modified_since.as_ref(),
+            input.if_unmodified_since.as_ref(),
+        )?;
+        Ok(S3Response::new(head_output(
+            &version,
+            checksums_wanted(input.checksum_mode.as_ref()),
+        )))
+    }
+
+    pub(super) async fn delete_object_op(
+        &self,
+        req: S3Request<DeleteObjectInput>,
+    ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        check_key(&input.key)?;
+        // Deleting a key that does not exist succeeds, as in S3.
+        let condition = delete_condition(
+            input.version_id.as_deref(),
+            input.if_match.as_ref(),
+            input.if_match_size,
+            input.if_match_last_modified_time.as_ref(),
+        )?;
+        self.objects
+            .delete(&input.bucket, &input.key, &condition)
+            .await?;
+        let mut response = S3Response::new(DeleteObjectOutput {
+            version_id: input.version_id,
+            ..Default::default()
+        });
+        response.status = Some(http::StatusCode::NO_CONTENT);
+        Ok(response)
+    }
+
+    pub(super) async fn delete_objects_op(
+        &self,
+        req: S3Request<DeleteObjectsInput>,
+    ) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        let input = req.input;
+        self.buckets.get(&input.bucket).await?;
+        if input.delete.objects.len() > 1000 {
+            return Err(S3Error::with_message(
+                S3ErrorCode::MalformedXML,
+                "a DeleteObjects request names at most 1000 keys",
+            ));
+        }
+        let quiet = input.delete.quiet.unwrap_or(false);
+        let mut deleted = Vec::new();
+        let mut errors = Vec::new();
+        for object in input.delete.objects {
+            let outcome = match check_key(&object.key) {
+                Ok(()) => match delete_condition(
+                    object.version_id.as_deref(),
+                    object
+                        .e_tag
+                        .as_ref()
+                        .map(|etag| ETagCondition::ETag(etag.clone()))
+                        .as_ref(),
+                    object.size,
+                    object.last_modified_time.as_ref(),
+                ) {
+                    Ok(condition) => {
+                        self.objects
+                            .delete(&input.bucket, &object.key, &condition)
+                            .await
+                    }
+                    Err(error) => Err(error),
+                },
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(()) if !quiet => deleted.push(DeletedObject {
+                    key: Some(object.key),
+                    version_id: object.version_id,
+                    ..Default::default()
+                }),
+                Ok(()) => {}
+                Err(error) => {
+                    let s3: S3Error = error.into();
+                    errors.push(Error {
+                        code: Some(s3.code().as_str().to_owned()),
+                        key: Some(object.key),
+                        message: s3.message().map(str::to_owned),
+                        version_id: object.version_id,
+                    });
+                }
+            }
+        }
+        Ok(S3Response::new(DeleteObjectsOutput {
+            deleted: Some(deleted),
+            errors: (!errors.is_empty()).then_some(errors),
+            ..Default::default()
+        }))
+    }
+
+    pub(super) async fn copy_object_op(
+        &self,
+        req: S3Request<CopyObjectInput>,
+    ) -> S3Result<S3Response<CopyObjectOutput>> {
+        refuse_unoffered(
+            Operation::NewObject,
+            WithCopySource::Yes,
+            &req.headers,
+            &req.uri,
+        )?;
+        let input = req.input;
+        let bucket = self.buckets.get(&input.bucket).await?;
+        check_key(&input.key)?;
+        let source = self.copy_source(&input.copy_source).await?;
+        check_copy_conditions(
+            &source,
+            input.copy_source_if_match.as_ref(),
+            input.copy_source_if_none_match.as_ref(),
+            input.copy_source_if_modified_since.as_ref(),
+            input.copy_source_if_unmodified_since.as_ref(),
+        )?;
+        let VersionBody::Data {
+            size_bytes,
+            headers: source_headers,
+            ..
+        } = &source.body
+        else {
+            return Err(GatewayError::NoSuchKey.into());
+        };
+        let replace = input
+            .metadata_directive
+            .as_ref()
+            .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
+        if !replace && source.bucket == input.bucket && source.key == input.key {
+            return Err(S3Error::with_message(
+                S3ErrorCode::InvalidRequest,
+                "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata, storage class, website redirect location or encryption attributes.",
+            ));
+        }
+        let headers = if replace {
+            stored_headers(header_fields!(input))?
+        } else {
+            source_headers.clone()
+        };
+        let open = self.objects.open(&source).await?;
+        let body = self.source_stream(open, 0..*size_bytes);
+        let version = self
+            .objects
+            .put(
+                NewObject {
+                    bucket: input.bucket.clone(),
+                    bucket_key_id: bucket.bucket_key_id,
+                    key: input.key.clone(),
+                    headers,
+                    length: *size_bytes,
+                    content_md5: None,
+                    checksum: None,
+                    condition: WriteCondition::Always,
+                },
+                body,
+            )
+            .await?;
+        let VersionBody::Data { etag, .. } = &version.body else {
+            unreachable!("a copy writes data");
+        };
+        Ok(S3Response::new(CopyObjectOutput {
+            copy_object_result: Some(CopyObjectResult {
+                e_tag: Some(strong_etag(etag)),
+                last_modified: Some(last_modified(&version)),
+                ..Default::default()
+            }),
+            server_side_encryption: Some(ServerSideEncryption::from_static(
+                ServerSideEncryption::AES256,
+            )),
+            ..Default::default()
+        }))
+    }
+}
