@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use cairn_gateway::collector::{Collection, Collector};
+use cairn_model::collector::{Collection, Collector};
 use cairn_node::config::MapConfig;
 use cairn_node::config::ServeConfig;
 use cairn_node::identity::Identity;
@@ -294,7 +294,7 @@ fn admin(command: Admin) -> Result<()> {
             );
         }
         Admin::RootKey { out } => {
-            cairn_gateway::kms::RootKey::create(&out)?;
+            cairn_model::kms::RootKey::create(&out)?;
             println!(
                 "KMS root key written to {} (mode 0600); give it to every gateway node, and keep a copy offline: without it no object can be read",
                 out.display()
@@ -382,8 +382,8 @@ async fn join_for_a_moment(
 }
 
 async fn key_command(command: KeyCommand) -> Result<()> {
-    use cairn_gateway::keys::AccessKeys;
-    use cairn_gateway::kms::{Kms, RootKey};
+    use cairn_model::access_keys::AccessKeys;
+    use cairn_model::kms::{Kms, RootKey};
     let access = match &command {
         KeyCommand::Create { access, .. }
         | KeyCommand::List { access }
@@ -396,7 +396,7 @@ async fn key_command(command: KeyCommand) -> Result<()> {
     let keys = AccessKeys::new(
         Kms::new(root, metadata.clone()),
         metadata,
-        cairn_gateway::keys::DEFAULT_CACHE_FOR,
+        cairn_model::access_keys::DEFAULT_CACHE_FOR,
     );
     let outcome = async {
         match &command {
@@ -518,7 +518,7 @@ async fn serve(
     // The root key is checked before the node starts, so that a gateway
     // that cannot decrypt anything never comes up.
     let root = match &s3 {
-        Some(section) => Some(cairn_gateway::kms::RootKey::from_env_or_file(
+        Some(section) => Some(cairn_model::kms::RootKey::from_env_or_file(
             section.root_key_file.as_deref(),
         )?),
         None => None,

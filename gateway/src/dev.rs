@@ -16,9 +16,10 @@ use cairn_protocol::membership::{Certificate, ClusterId, SignedMap};
 use cairn_protocol::placement::{ClusterMap, MapNode, NodeState, Tolerance};
 use tokio::net::TcpListener;
 
-use crate::collector::{Collection, Collector};
+use cairn_model::collector::{Collection, Collector};
+use cairn_model::kms::{RootKey, random_bytes};
+
 use crate::error::{GatewayError, GatewayResult};
-use crate::kms::{RootKey, random_bytes};
 use crate::{Gateway, GatewayConfig};
 
 /// The access key id `cairn dev` always uses (its secret is random, kept

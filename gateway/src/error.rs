@@ -1,6 +1,7 @@
 //! What can go wrong behind the S3 front door, each with the S3 error code
 //! a client expects (the mapping lives in `s3/errors.rs`).
 
+use cairn_model::ModelError;
 use cairn_node::meta::MetaError;
 use cairn_node::swarm::NodeError;
 use thiserror::Error;
@@ -78,3 +79,23 @@ pub enum GatewayError {
 }
 
 pub type GatewayResult<T> = Result<T, GatewayError>;
+
+impl From<ModelError> for GatewayError {
+    fn from(error: ModelError) -> Self {
+        match error {
+            ModelError::NoSuchBucket(name) => Self::NoSuchBucket(name),
+            ModelError::BucketAlreadyOwnedByYou(name) => Self::BucketAlreadyOwnedByYou(name),
+            ModelError::BucketNotEmpty(name) => Self::BucketNotEmpty(name),
+            ModelError::InvalidBucketName(why) => Self::InvalidBucketName(why),
+            ModelError::InvalidArgument(why) => Self::InvalidArgument(why),
+            ModelError::NoSuchKey => Self::NoSuchKey,
+            ModelError::PreconditionFailed => Self::PreconditionFailed,
+            ModelError::WriteDeadline { minutes } => Self::WriteDeadline { minutes },
+            ModelError::Unavailable(why) => Self::Unavailable(why),
+            ModelError::NoMap => Self::NoMap,
+            ModelError::Corrupt(why) => Self::Corrupt(why),
+            ModelError::Internal(why) => Self::Internal(why),
+            ModelError::Metadata(error) => Self::Metadata(error),
+        }
+    }
+}

@@ -2,15 +2,12 @@
 //! the replicated metadata of `cairn-node`, and never talks to storage
 //! nodes except through it.
 
-pub mod buckets;
+pub mod auth;
 pub mod checksum;
 pub mod chunked;
-pub mod collector;
 pub mod config;
 pub mod dev;
 pub mod error;
-pub mod keys;
-pub mod kms;
 pub mod multipart;
 pub mod objects;
 pub mod protections;
@@ -20,15 +17,17 @@ pub mod tls;
 
 use std::net::SocketAddr;
 
+use cairn_model::access_keys::AccessKeys;
+use cairn_model::buckets::Buckets;
+use cairn_model::collector::Collection;
+use cairn_model::heads::ObjectIndex;
+use cairn_model::kms::{Kms, RootKey};
 use cairn_node::swarm::NodeHandle;
 use s3s::service::S3ServiceBuilder;
 use tokio::net::TcpListener;
 
-use crate::buckets::Buckets;
-use crate::collector::Collection;
+use crate::auth::KeyLookup;
 use crate::error::{GatewayError, GatewayResult};
-use crate::keys::AccessKeys;
-use crate::kms::{Kms, RootKey};
 use crate::objects::ObjectStore;
 use crate::s3::CairnS3;
 use crate::server::CairnHost;
@@ -62,7 +61,7 @@ impl Default for GatewayConfig {
             domains: Vec::new(),
             collection: Collection::default(),
             tls: None,
-            access_key_cache: crate::keys::DEFAULT_CACHE_FOR,
+            access_key_cache: cairn_model::access_keys::DEFAULT_CACHE_FOR,
             clock_skew_ms: 0,
         }
     }
@@ -101,13 +100,18 @@ impl Gateway {
         let metadata = node.metadata().clone();
         let kms = Kms::new(root, metadata.clone());
         let keys = AccessKeys::new(kms.clone(), metadata.clone(), config.access_key_cache);
+        let index = ObjectIndex::new(
+            node.clone(),
+            config.collection.write_deadline,
+            config.clock_skew_ms,
+        );
         let s3 = CairnS3 {
             buckets: Buckets::new(metadata, kms.clone()),
-            objects: ObjectStore::new(node, kms, config.collection, config.clock_skew_ms),
+            objects: ObjectStore::new(node, kms, index),
             region: config.region.clone(),
         };
         let mut builder = S3ServiceBuilder::new(s3);
-        builder.set_auth(keys.clone());
+        builder.set_auth(KeyLookup(keys.clone()));
         builder.set_host(CairnHost::new(config.domains));
         let service = builder.build();
         let tls = config.tls.map(tokio_rustls::TlsAcceptor::from);

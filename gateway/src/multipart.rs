@@ -13,8 +13,8 @@ use cairn_protocol::ids::UploadId;
 use cairn_protocol::keywrap::{SALT_BYTES, unwrap_labelled_key, wrap_labelled_key};
 use cairn_protocol::manifest::{MAX_OBJECT_BYTES, MAX_PARTS, Manifest, Part, PartKeys};
 use cairn_protocol::meta::{
-    Partition, Register, RowKey, RowValue, Table, part_number_of, part_number_start, part_sort_key,
-    prefix_end, split_key_sort,
+    Partition, Register, RowKey, RowValue, Table, part_number_of, part_number_start, prefix_end,
+    split_key_sort,
 };
 use cairn_protocol::pipeline::PutPipeline;
 use cairn_protocol::records::{PartRecord, ReleaseTarget, UploadRecord};
@@ -23,11 +23,10 @@ use md5::Digest;
 
 use crate::checksum::{Algorithm, ChecksumRequest, composite};
 use crate::error::{GatewayError, GatewayResult};
-use crate::kms::random_bytes;
-use crate::objects::{
-    DataKeys, MAX_PUT_BYTES, ObjectStore, PushTarget, StreamPut, WriteCondition, read_manifest,
-    register, release_entry, upload_row, with_checksum,
-};
+use crate::objects::{MAX_PUT_BYTES, ObjectStore, PushTarget, StreamPut, with_checksum};
+use cairn_model::heads::{WriteCondition, read_manifest};
+use cairn_model::kms::{DataKeys, random_bytes};
+use cairn_model::rows::{part_row, register, release_entry, upload_row};
 
 /// Every part but the last is at least this long, as in S3.
 pub const MIN_PART_BYTES: u64 = 5 << 20;
@@ -36,16 +35,6 @@ pub const MAX_PART_NUMBER: u32 = 10_000;
 
 fn label(bucket: &str, upload: &UploadId) -> String {
     format!("upload/{bucket}/{upload}")
-}
-
-/// The row of one attempt at part `number`: attempts do not replace each
-/// other, so a completion can take the one whose ETag it names.
-fn part_row(bucket: &str, upload: &UploadId, number: u32, attempt: &UploadId) -> RowKey {
-    RowKey::new(
-        Partition::bucket(bucket),
-        Table::Parts,
-        part_sort_key(upload.as_bytes(), number as u16, attempt.as_bytes()),
-    )
 }
 
 /// One stored attempt at a part, with its row's sort key.
@@ -265,7 +254,7 @@ impl ObjectStore {
         let placer = Arc::new(Self::placer(&map, record.scheme)?);
         let layout = SegmentLayout::with_defaults(record.scheme);
         let started = now_unix_ms();
-        let deadline = self.write_deadline(started);
+        let deadline = self.index().write_deadline(started);
         // Each attempt at a part gets its own upload id for its fragments'
         // holds, recorded before the first fragment like a single PUT's,
         // so that a part cut off, replaced or not chosen can be released
@@ -316,7 +305,7 @@ impl ObjectStore {
         };
         let etag = format!("\"{}\"", cairn_protocol::to_hex(&digest));
         if now_unix_ms() > deadline {
-            return Err(self.deadline_error());
+            return Err(self.index().deadline_error().into());
         }
         let part = PartRecord {
             part_keys: PartKeys::PerAttempt,
@@ -430,7 +419,7 @@ impl ObjectStore {
         upload: &UploadId,
         chosen: &[ChosenPart],
     ) -> GatewayResult<Option<(ObjectVersion, Vec<UploadId>)>> {
-        let Some(current) = self.current(bucket, key).await? else {
+        let Some(current) = self.index().current(bucket, key).await? else {
             return Ok(None);
         };
         let VersionBody::Data {
@@ -477,7 +466,7 @@ impl ObjectStore {
         if chosen.windows(2).any(|w| w[0].number >= w[1].number) {
             return Err(GatewayError::InvalidPartOrder);
         }
-        let deadline = self.write_deadline(now_unix_ms());
+        let deadline = self.index().write_deadline(now_unix_ms());
         let record = match self.upload(bucket, key, upload).await {
             Err(GatewayError::NoSuchUpload) => {
                 let (committed, kept) = self
@@ -595,7 +584,7 @@ impl ObjectStore {
                 headers = with_checksum(headers, algorithm, value, "COMPOSITE")?;
             }
         }
-        let version = self.new_version();
+        let version = self.index().new_version();
         // The data key was wrapped for the upload; the object's copy is
         // bound to its final version like any object's.
         let keys = DataKeys {
@@ -618,6 +607,7 @@ impl ObjectStore {
         };
         let kept: Vec<UploadId> = manifest.parts.iter().map(|p| p.upload).collect();
         let committed = self
+            .index()
             .commit(
                 manifest,
                 &keys,

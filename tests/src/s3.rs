@@ -7,9 +7,9 @@ use std::time::Duration;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
-use cairn_gateway::collector::{Collection, Collector};
-use cairn_gateway::kms::RootKey;
 use cairn_gateway::{Gateway, GatewayConfig};
+use cairn_model::collector::{Collection, Collector};
+use cairn_model::kms::RootKey;
 use cairn_protocol::erasure::Scheme;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -668,7 +668,7 @@ async fn a_replica_that_missed_a_thousand_writes_converges_by_anti_entropy_alone
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listings_roll_up_prefixes_hide_deleted_keys_and_page_in_order() {
-    use cairn_node::meta::listing::{ListRequest, ListStart};
+    use cairn_model::listing::{ListRequest, ListStart};
     use cairn_protocol::version::RetentionMode;
 
     let cluster = cluster_with_map().await;
@@ -710,10 +710,13 @@ async fn listings_roll_up_prefixes_hide_deleted_keys_and_page_in_order() {
         start,
         max_keys,
     };
-    let all = meta
-        .list_objects("docs", &request(None, ListStart::Beginning, 1000))
-        .await
-        .unwrap();
+    let all = cairn_model::listing::list_objects(
+        &meta,
+        "docs",
+        &request(None, ListStart::Beginning, 1000),
+    )
+    .await
+    .unwrap();
     // c's newest version is a delete marker; e was purged; f was purged
     // under a compliance lock, which the purge cannot pass.
     assert_eq!(keys(&all.entries), ["a", "b/1", "b/2", "d", "f"]);
@@ -723,39 +726,45 @@ async fn listings_roll_up_prefixes_hide_deleted_keys_and_page_in_order() {
     );
     assert_eq!(all.resume, None);
 
-    let first = meta
-        .list_objects("docs", &request(Some("/"), ListStart::Beginning, 2))
-        .await
-        .unwrap();
+    let first = cairn_model::listing::list_objects(
+        &meta,
+        "docs",
+        &request(Some("/"), ListStart::Beginning, 2),
+    )
+    .await
+    .unwrap();
     assert_eq!(keys(&first.entries), ["a"]);
     assert_eq!(first.common_prefixes, ["b/"]);
-    let second = meta
-        .list_objects(
-            "docs",
-            &request(
-                Some("/"),
-                ListStart::Resume(first.resume.clone().unwrap()),
-                2,
-            ),
-        )
-        .await
-        .unwrap();
+    let second = cairn_model::listing::list_objects(
+        &meta,
+        "docs",
+        &request(
+            Some("/"),
+            ListStart::Resume(first.resume.clone().unwrap()),
+            2,
+        ),
+    )
+    .await
+    .unwrap();
     assert_eq!(keys(&second.entries), ["d", "f"]);
     assert!(second.common_prefixes.is_empty());
 
-    let after = meta
-        .list_objects(
-            "docs",
-            &request(None, ListStart::AfterKey("b/1".into()), 1000),
-        )
-        .await
-        .unwrap();
+    let after = cairn_model::listing::list_objects(
+        &meta,
+        "docs",
+        &request(None, ListStart::AfterKey("b/1".into()), 1000),
+    )
+    .await
+    .unwrap();
     assert_eq!(keys(&after.entries), ["b/2", "d", "f"]);
 
-    let versions = meta
-        .list_versions("docs", &request(None, ListStart::Beginning, 1000))
-        .await
-        .unwrap();
+    let versions = cairn_model::listing::list_versions(
+        &meta,
+        "docs",
+        &request(None, ListStart::Beginning, 1000),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         keys(&versions.entries),
         ["a", "b/1", "b/2", "c", "c", "d", "d", "f"]
@@ -1015,7 +1024,7 @@ async fn partitions_moved_by_a_new_map_under_load_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_delete_racing_a_new_lock_is_decided_one_way_only() {
-    use cairn_node::meta::locks::LockError;
+    use cairn_model::locks::LockError;
     use cairn_protocol::guard::{GuardChange, GuardRefusal};
 
     let cluster = cluster_with_map().await;
@@ -1042,11 +1051,11 @@ async fn a_permanent_delete_racing_a_new_lock_is_decided_one_way_only() {
         let (deleted, locked) = tokio::join!(
             async {
                 head_start(3).await;
-                deleter.change_version_lock(&key, GuardChange::Purge).await
+                cairn_model::locks::change_version_lock(&deleter, &key, GuardChange::Purge).await
             },
             async {
                 head_start(1).await;
-                locker.change_version_lock(&key, hold).await
+                cairn_model::locks::change_version_lock(&locker, &key, hold).await
             },
         );
         let Some(RowValue::Version(after)) =

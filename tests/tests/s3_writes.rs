@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
-use cairn_gateway::kms::RootKey;
 use cairn_gateway::{Gateway, GatewayConfig};
+use cairn_model::kms::RootKey;
 use cairn_protocol::erasure::Scheme;
 use cairn_protocol::meta::Partition;
 use cairn_protocol::metarpc::RegisterKey;

@@ -6,6 +6,7 @@ use s3s::{S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 
 use super::headers::timestamp_of;
 use super::{CairnS3, DEFAULT_REGION};
+use crate::error::GatewayError;
 use crate::protections::{Operation, WithCopySource, refuse_unoffered};
 
 fn owner_of<T>(req: &S3Request<T>) -> String {
@@ -24,7 +25,8 @@ impl CairnS3 {
         let buckets = self
             .buckets
             .list()
-            .await?
+            .await
+            .map_err(GatewayError::from)?
             .into_iter()
             .map(|(name, record)| Bucket {
                 name: Some(name),
@@ -69,7 +71,10 @@ impl CairnS3 {
             ));
         }
         let owner = owner_of(&req);
-        self.buckets.create(&req.input.bucket, &owner).await?;
+        self.buckets
+            .create(&req.input.bucket, &owner)
+            .await
+            .map_err(GatewayError::from)?;
         Ok(S3Response::new(CreateBucketOutput {
             location: Some(format!("/{}", req.input.bucket)),
         }))
@@ -79,7 +84,7 @@ impl CairnS3 {
         &self,
         req: S3Request<HeadBucketInput>,
     ) -> S3Result<S3Response<HeadBucketOutput>> {
-        self.buckets.get(&req.input.bucket).await?;
+        self.bucket(&req.input.bucket).await?;
         Ok(S3Response::new(HeadBucketOutput {
             bucket_region: Some(self.region.clone()),
             ..Default::default()
@@ -90,7 +95,10 @@ impl CairnS3 {
         &self,
         req: S3Request<DeleteBucketInput>,
     ) -> S3Result<S3Response<DeleteBucketOutput>> {
-        self.buckets.delete(&req.input.bucket).await?;
+        self.buckets
+            .delete(&req.input.bucket)
+            .await
+            .map_err(GatewayError::from)?;
         Ok(S3Response::new(DeleteBucketOutput {}))
     }
 
@@ -98,7 +106,7 @@ impl CairnS3 {
         &self,
         req: S3Request<GetBucketLocationInput>,
     ) -> S3Result<S3Response<GetBucketLocationOutput>> {
-        self.buckets.get(&req.input.bucket).await?;
+        self.bucket(&req.input.bucket).await?;
         // us-east-1 is spelt as no constraint, as S3 does.
         let constraint = (self.region != DEFAULT_REGION)
             .then(|| BucketLocationConstraint::from(self.region.clone()));

@@ -6,7 +6,7 @@ use s3s::dto::*;
 
 use super::headers::{parse_version_id, strong_etag};
 use crate::error::GatewayError;
-use crate::objects::{DeleteCondition, WriteCondition};
+use cairn_model::heads::{DeleteCondition, WriteCondition};
 
 /// The precondition of a write from If-None-Match and If-Match.
 pub(super) fn write_condition(

@@ -2,7 +2,7 @@
 //! continuation tokens and markers, and `encoding-type=url`.
 
 use base64::Engine;
-use cairn_node::meta::listing::{ListPage, ListRequest, ListStart};
+use cairn_model::listing::{ListPage, ListRequest, ListStart, list_objects};
 use cairn_protocol::manifest::MAX_KEY_BYTES;
 use cairn_protocol::meta::prefix_end;
 use cairn_protocol::version::VersionBody;
@@ -119,12 +119,7 @@ impl CairnS3 {
             start,
             max_keys,
         };
-        Ok(self
-            .objects
-            .node()
-            .metadata()
-            .list_objects(bucket, &request)
-            .await?)
+        Ok(list_objects(self.objects.index().metadata(), bucket, &request).await?)
     }
 
     pub(super) async fn list_objects_v2_op(
@@ -132,7 +127,7 @@ impl CairnS3 {
         req: S3Request<ListObjectsV2Input>,
     ) -> S3Result<S3Response<ListObjectsV2Output>> {
         let input = req.input;
-        self.buckets.get(&input.bucket).await?;
+        self.bucket(&input.bucket).await?;
         let url = wants_url(input.encoding_type.as_ref())?;
         let max = max_keys(input.max_keys)?;
         let prefix = input.prefix.clone().unwrap_or_default();
@@ -168,7 +163,7 @@ impl CairnS3 {
         req: S3Request<ListObjectsInput>,
     ) -> S3Result<S3Response<ListObjectsOutput>> {
         let input = req.input;
-        self.buckets.get(&input.bucket).await?;
+        self.bucket(&input.bucket).await?;
         let url = wants_url(input.encoding_type.as_ref())?;
         let max = max_keys(input.max_keys)?;
         let prefix = input.prefix.clone().unwrap_or_default();

@@ -13,10 +13,12 @@ mod listing;
 mod multipart;
 mod objects;
 
+use cairn_model::buckets::Buckets;
+use cairn_protocol::records::BucketRecord;
 use s3s::dto::*;
 use s3s::{S3, S3Request, S3Response, S3Result};
 
-use crate::buckets::Buckets;
+use crate::error::GatewayResult;
 use crate::objects::ObjectStore;
 
 /// User metadata (`x-amz-meta-*` names and values) per object, as in S3.
@@ -32,6 +34,13 @@ pub struct CairnS3 {
     pub(crate) buckets: Buckets,
     pub(crate) objects: ObjectStore,
     pub(crate) region: String,
+}
+
+impl CairnS3 {
+    /// The bucket's record, or `NoSuchBucket`.
+    async fn bucket(&self, name: &str) -> GatewayResult<BucketRecord> {
+        Ok(self.buckets.get(name).await?)
+    }
 }
 
 #[async_trait::async_trait]

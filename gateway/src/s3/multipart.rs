@@ -33,7 +33,7 @@ impl CairnS3 {
             &req.uri,
         )?;
         let input = req.input;
-        let bucket = self.buckets.get(&input.bucket).await?;
+        let bucket = self.bucket(&input.bucket).await?;
         check_key(&input.key)?;
         let headers = stored_headers(header_fields!(input))?;
         let upload = self
@@ -58,7 +58,7 @@ impl CairnS3 {
         refuse_unoffered(Operation::Part, WithCopySource::No, &req.headers, &req.uri)?;
         let checksum = ChecksumRequest::from_headers(&req.headers, req.trailing_headers.as_ref())?;
         let input = req.input;
-        self.buckets.get(&input.bucket).await?;
+        self.bucket(&input.bucket).await?;
         check_key(&input.key)?;
         let number = check_part_number(input.part_number)?;
         let upload = parse_upload_id(&input.upload_id)?;
@@ -105,7 +105,7 @@ impl CairnS3 {
     ) -> S3Result<S3Response<UploadPartCopyOutput>> {
         refuse_unoffered(Operation::Part, WithCopySource::Yes, &req.headers, &req.uri)?;
         let input = req.input;
-        self.buckets.get(&input.bucket).await?;
+        self.bucket(&input.bucket).await?;
         check_key(&input.key)?;
         let number = check_part_number(input.part_number)?;
         let upload = parse_upload_id(&input.upload_id)?;
@@ -167,7 +167,7 @@ impl CairnS3 {
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let input = req.input;
-        self.buckets.get(&input.bucket).await?;
+        self.bucket(&input.bucket).await?;
         check_key(&input.key)?;
         let upload = parse_upload_id(&input.upload_id)?;
         let condition = write_condition(input.if_none_match.as_ref(), input.if_match.as_ref())?;
@@ -228,7 +228,7 @@ impl CairnS3 {
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
         let input = req.input;
-        self.buckets.get(&input.bucket).await?;
+        self.bucket(&input.bucket).await?;
         let upload = parse_upload_id(&input.upload_id)?;
         self.objects
             .abort_upload(&input.bucket, &input.key, &upload)
@@ -243,7 +243,7 @@ impl CairnS3 {
         req: S3Request<ListPartsInput>,
     ) -> S3Result<S3Response<ListPartsOutput>> {
         let input = req.input;
-        self.buckets.get(&input.bucket).await?;
+        self.bucket(&input.bucket).await?;
         let upload = parse_upload_id(&input.upload_id)?;
         self.objects
             .upload(&input.bucket, &input.key, &upload)
@@ -313,7 +313,7 @@ impl CairnS3 {
         req: S3Request<ListMultipartUploadsInput>,
     ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
         let input = req.input;
-        self.buckets.get(&input.bucket).await?;
+        self.bucket(&input.bucket).await?;
         let max = match input.max_uploads {
             Some(n) if n < 0 => {
                 return Err(GatewayError::InvalidArgument(

@@ -17,8 +17,9 @@ use super::headers::{
 };
 use crate::checksum::ChecksumRequest;
 use crate::error::GatewayError;
-use crate::objects::{NewObject, WriteCondition};
+use crate::objects::NewObject;
 use crate::protections::{Operation, WithCopySource, refuse_unoffered};
+use cairn_model::heads::WriteCondition;
 
 type ByteReceiver = tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>;
 
@@ -63,10 +64,15 @@ impl CairnS3 {
         key: &str,
         version_id: Option<&str>,
     ) -> S3Result<ObjectVersion> {
-        self.buckets.get(bucket).await?;
+        self.bucket(bucket).await?;
         check_key(key)?;
         let wanted = version_id.map(parse_version_id).transpose()?.flatten();
-        let current = self.objects.current(bucket, key).await?;
+        let current = self
+            .objects
+            .index()
+            .current(bucket, key)
+            .await
+            .map_err(GatewayError::from)?;
         // The bucket keeps no history: the current object is the only
         // version there is (a row left below it is on its way out).
         match (wanted, current) {
@@ -86,7 +92,7 @@ impl CairnS3 {
         refuse_unoffered(Operation::NewObject, WithCopySource::No, &asked, &req.uri)?;
         let checksum = ChecksumRequest::from_headers(&req.headers, req.trailing_headers.as_ref())?;
         let input = req.input;
-        let bucket = self.buckets.get(&input.bucket).await?;
+        let bucket = self.bucket(&input.bucket).await?;
         check_key(&input.key)?;
         let headers = stored_headers(header_fields!(input))?;
         let content_md5 = parse_content_md5(input.content_md5.as_ref())?;
@@ -228,7 +234,7 @@ impl CairnS3 {
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
         let input = req.input;
-        self.buckets.get(&input.bucket).await?;
+        self.bucket(&input.bucket).await?;
         check_key(&input.key)?;
         // Deleting a key that does not exist succeeds, as in S3.
         let condition = delete_condition(
@@ -238,8 +244,10 @@ impl CairnS3 {
             input.if_match_last_modified_time.as_ref(),
         )?;
         self.objects
+            .index()
             .delete(&input.bucket, &input.key, &condition)
-            .await?;
+            .await
+            .map_err(GatewayError::from)?;
         let mut response = S3Response::new(DeleteObjectOutput {
             version_id: input.version_id,
             ..Default::default()
@@ -253,7 +261,7 @@ impl CairnS3 {
         req: S3Request<DeleteObjectsInput>,
     ) -> S3Result<S3Response<DeleteObjectsOutput>> {
         let input = req.input;
-        self.buckets.get(&input.bucket).await?;
+        self.bucket(&input.bucket).await?;
         if input.delete.objects.len() > 1000 {
             return Err(S3Error::with_message(
                 S3ErrorCode::MalformedXML,
@@ -275,11 +283,12 @@ impl CairnS3 {
                     object.size,
                     object.last_modified_time.as_ref(),
                 ) {
-                    Ok(condition) => {
-                        self.objects
-                            .delete(&input.bucket, &object.key, &condition)
-                            .await
-                    }
+                    Ok(condition) => self
+                        .objects
+                        .index()
+                        .delete(&input.bucket, &object.key, &condition)
+                        .await
+                        .map_err(GatewayError::from),
                     Err(error) => Err(error),
                 },
                 Err(error) => Err(error),
@@ -320,7 +329,7 @@ impl CairnS3 {
             &req.uri,
         )?;
         let input = req.input;
-        let bucket = self.buckets.get(&input.bucket).await?;
+        let bucket = self.bucket(&input.bucket).await?;
         check_key(&input.key)?;
         let source = self.copy_source(&input.copy_source).await?;
         check_copy_conditions(

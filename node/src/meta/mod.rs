@@ -10,8 +10,6 @@
 //! acknowledged before it began.
 
 pub mod antientropy;
-pub mod listing;
-pub mod locks;
 pub mod replica;
 pub mod rpc;
 

@@ -5,18 +5,20 @@
 //! secrets are kept in the metadata tables, wrapped with a label that binds
 //! each to its name.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cairn_node::meta::Metadata;
 use cairn_node::swarm::now_unix_ms;
 use cairn_protocol::encryption::SecretKey;
+use cairn_protocol::ids::VersionId;
 use cairn_protocol::keywrap::{SALT_BYTES, unwrap_labelled_key, wrap_labelled_key};
-use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table};
+use cairn_protocol::keywrap::{WrapContext, wrap_data_key};
+use cairn_protocol::manifest::{KeyEnvelope, KeyKind};
 use cairn_protocol::records::KmsKeyRecord;
 
-use crate::error::{GatewayError, GatewayResult};
+use crate::error::{ModelError, ModelResult};
+use crate::registers::{Caching, RegisterTable};
 
 /// The environment variable that may carry the root key (64 hex digits).
 pub const ROOT_KEY_ENV: &str = "CAIRN_ROOT_KEY";
@@ -37,26 +39,26 @@ impl RootKey {
     }
 
     /// Parses 64 hex digits (surrounding whitespace ignored).
-    pub fn from_hex(text: &str) -> GatewayResult<Self> {
+    pub fn from_hex(text: &str) -> ModelResult<Self> {
         cairn_protocol::from_hex::<32>(text.trim())
             .map(Self::from_bytes)
             .ok_or_else(|| {
-                GatewayError::InvalidArgument("a root key is 64 hexadecimal digits".into())
+                ModelError::InvalidArgument("a root key is 64 hexadecimal digits".into())
             })
     }
 
     /// Reads a key file written by [`RootKey::create`]; refuses one that
     /// others can read.
-    pub fn load(path: &Path) -> GatewayResult<Self> {
+    pub fn load(path: &Path) -> ModelResult<Self> {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(path)
-                .map_err(|e| GatewayError::Internal(format!("root key {}: {e}", path.display())))?
+                .map_err(|e| ModelError::Internal(format!("root key {}: {e}", path.display())))?
                 .permissions()
                 .mode();
             if mode & 0o077 != 0 {
-                return Err(GatewayError::InvalidArgument(format!(
+                return Err(ModelError::InvalidArgument(format!(
                     "root key {} is readable by others (mode {:o}); chmod 600 it",
                     path.display(),
                     mode & 0o777
@@ -64,14 +66,14 @@ impl RootKey {
             }
         }
         let text = std::fs::read_to_string(path)
-            .map_err(|e| GatewayError::Internal(format!("root key {}: {e}", path.display())))?;
+            .map_err(|e| ModelError::Internal(format!("root key {}: {e}", path.display())))?;
         Self::from_hex(&text)
     }
 
     /// Writes a fresh root key to `path` (mode 0600) and returns it.
-    pub fn create(path: &Path) -> GatewayResult<Self> {
+    pub fn create(path: &Path) -> ModelResult<Self> {
         let bytes = random_bytes::<32>();
-        let io = |e: std::io::Error| GatewayError::Internal(format!("{}: {e}", path.display()));
+        let io = |e: std::io::Error| ModelError::Internal(format!("{}: {e}", path.display()));
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
@@ -88,19 +90,19 @@ impl RootKey {
     }
 
     /// The root key from `CAIRN_ROOT_KEY`, else from `path`.
-    pub fn from_env_or_file(path: Option<&Path>) -> GatewayResult<Self> {
+    pub fn from_env_or_file(path: Option<&Path>) -> ModelResult<Self> {
         if let Ok(text) = std::env::var(ROOT_KEY_ENV) {
             return Self::from_hex(&text);
         }
         match path {
             Some(path) => Self::load(path),
-            None => Err(GatewayError::InvalidArgument(format!(
+            None => Err(ModelError::InvalidArgument(format!(
                 "the gateway needs the KMS root key: set {ROOT_KEY_ENV} or `root_key_file` under [s3]"
             ))),
         }
     }
 
-    pub(crate) fn secret(&self) -> &SecretKey {
+    pub fn secret(&self) -> &SecretKey {
         &self.0
     }
 }
@@ -109,26 +111,20 @@ impl RootKey {
 #[derive(Clone)]
 pub struct Kms {
     root: Arc<RootKey>,
-    metadata: Metadata,
-    /// Unwrapped keys by id: a key never changes once created.
-    cache: Arc<Mutex<HashMap<String, Arc<SecretKey>>>>,
+    /// A key never changes once created, so its record is cached for good.
+    table: RegisterTable<KmsKeyRecord>,
 }
 
 impl Kms {
     pub fn new(root: RootKey, metadata: Metadata) -> Self {
         Self {
             root: Arc::new(root),
-            metadata,
-            cache: Arc::default(),
+            table: RegisterTable::new(metadata, Caching::WriteOnce),
         }
     }
 
     pub fn root(&self) -> &RootKey {
         &self.root
-    }
-
-    fn row(id: &str) -> RowKey {
-        RowKey::new(Partition::cluster(), Table::KmsKeys, id.as_bytes().to_vec())
     }
 
     fn label(id: &str) -> String {
@@ -137,7 +133,7 @@ impl Kms {
 
     /// Creates key `id` with fresh random bytes. Ids are chosen unique by
     /// the caller (they carry random bits), so a plain write is enough.
-    pub async fn create_key(&self, id: &str) -> GatewayResult<Arc<SecretKey>> {
+    pub async fn create_key(&self, id: &str) -> ModelResult<Arc<SecretKey>> {
         let key = SecretKey::from_bytes(random_bytes::<32>());
         let wrapped = wrap_labelled_key(
             self.root.secret(),
@@ -149,47 +145,53 @@ impl Kms {
             created_unix_ms: now_unix_ms(),
             wrapped_key: wrapped.to_vec(),
         };
-        self.metadata
-            .write(vec![(
-                Self::row(id),
-                RowValue::Register(Register {
-                    at: self.metadata.timestamp(),
-                    value: Some(record.encode()),
-                }),
-            )])
-            .await?;
-        Ok(self.remember(id, key))
-    }
-
-    fn remember(&self, id: &str, key: SecretKey) -> Arc<SecretKey> {
-        let key = Arc::new(key);
-        self.cache
-            .lock()
-            .expect("kms cache")
-            .insert(id.to_owned(), key.clone());
-        key
+        self.table.put(id, &record).await?;
+        Ok(Arc::new(key))
     }
 
     /// Key `id`, unwrapped.
-    pub async fn key(&self, id: &str) -> GatewayResult<Arc<SecretKey>> {
-        if let Some(key) = self.cache.lock().expect("kms cache").get(id) {
-            return Ok(key.clone());
-        }
-        let value = self.metadata.read(vec![Self::row(id)]).await?.remove(0);
-        let Some(RowValue::Register(Register {
-            value: Some(bytes), ..
-        })) = value
-        else {
-            return Err(GatewayError::Corrupt(format!("KMS key {id:?} is missing")));
-        };
-        let record = KmsKeyRecord::decode(&bytes)
-            .map_err(|e| GatewayError::Corrupt(format!("KMS key {id:?}: {e}")))?;
+    pub async fn key(&self, id: &str) -> ModelResult<Arc<SecretKey>> {
+        let record = self
+            .table
+            .get(id)
+            .await?
+            .ok_or_else(|| ModelError::Corrupt(format!("KMS key {id:?} is missing")))?;
         let key = unwrap_labelled_key(self.root.secret(), &record.wrapped_key, &Self::label(id))
             .map_err(|e| {
-                GatewayError::Corrupt(format!(
+                ModelError::Corrupt(format!(
                     "KMS key {id:?} does not unwrap under this gateway's root key: {e}"
                 ))
             })?;
-        Ok(self.remember(id, key))
+        Ok(Arc::new(key))
+    }
+}
+
+/// The keys that seal an object: its data key, and the bucket key that
+/// wraps it for one version (a commit that needs a new version wraps it
+/// again).
+pub struct DataKeys {
+    pub bucket_key_id: String,
+    pub bucket_key: Arc<SecretKey>,
+    pub data_key: SecretKey,
+}
+
+impl DataKeys {
+    /// The data key wrapped for `version` of `key`, as the manifest keeps it.
+    pub fn envelope(&self, bucket: &str, key: &str, version: VersionId) -> KeyEnvelope {
+        let wrapped = wrap_data_key(
+            &self.bucket_key,
+            &self.data_key,
+            &WrapContext {
+                bucket,
+                key,
+                version,
+            },
+            random_bytes::<SALT_BYTES>(),
+        );
+        KeyEnvelope {
+            kind: KeyKind::SseS3,
+            key_id: self.bucket_key_id.clone(),
+            wrapped: wrapped.to_vec(),
+        }
     }
 }

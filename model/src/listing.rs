@@ -11,8 +11,8 @@ use cairn_protocol::meta::{
 use cairn_protocol::metarpc::MAX_ITEMS;
 use cairn_protocol::version::{ObjectVersion, VersionBody};
 
-use super::{MetaError, Metadata};
-use crate::swarm::now_unix_ms;
+use cairn_node::meta::{MetaError, Metadata};
+use cairn_node::swarm::now_unix_ms;
 
 /// Entries in one listing page at most: what one metadata page carries
 /// (S3's own cap of 1000 is the gateway's to apply).
@@ -51,79 +51,94 @@ pub struct ListPage {
     pub resume: Option<Vec<u8>>,
 }
 
-impl Metadata {
-    /// The current version of every key (ListObjects): keys whose newest
-    /// existing version is a delete marker are left out.
-    pub async fn list_objects(
-        &self,
-        bucket: &str,
-        request: &ListRequest,
-    ) -> Result<ListPage, MetaError> {
-        self.list(bucket, request, false).await
-    }
+/// The current version of every key (ListObjects): keys whose newest
+/// existing version is a delete marker are left out.
+pub async fn list_objects(
+    metadata: &Metadata,
+    bucket: &str,
+    request: &ListRequest,
+) -> Result<ListPage, MetaError> {
+    list(metadata, bucket, request, false).await
+}
 
-    /// Every existing version, newest first within a key, delete markers
-    /// included (ListObjectVersions).
-    pub async fn list_versions(
-        &self,
-        bucket: &str,
-        request: &ListRequest,
-    ) -> Result<ListPage, MetaError> {
-        self.list(bucket, request, true).await
-    }
+/// Every existing version, newest first within a key, delete markers
+/// included (ListObjectVersions).
+pub async fn list_versions(
+    metadata: &Metadata,
+    bucket: &str,
+    request: &ListRequest,
+) -> Result<ListPage, MetaError> {
+    list(metadata, bucket, request, true).await
+}
 
-    async fn list(
-        &self,
-        bucket: &str,
-        request: &ListRequest,
-        all_versions: bool,
-    ) -> Result<ListPage, MetaError> {
-        let partition = Partition::bucket(bucket);
-        let max_keys = request.max_keys.clamp(1, MAX_PAGE_ENTRIES);
-        let prefix = request.prefix.as_bytes();
-        let end = prefix_end(prefix);
-        let mut cursor = match &request.start {
-            ListStart::Beginning => prefix.to_vec(),
-            ListStart::AfterKey(key) => after_key(key),
-            ListStart::AfterVersion(key, version) => {
-                let mut sort = version_sort_key(key, version);
-                sort.push(0);
-                sort
-            }
-            ListStart::Resume(point) => point.clone(),
-        };
-        if cursor.as_slice() < prefix {
-            cursor = prefix.to_vec();
+async fn list(
+    metadata: &Metadata,
+    bucket: &str,
+    request: &ListRequest,
+    all_versions: bool,
+) -> Result<ListPage, MetaError> {
+    let partition = Partition::bucket(bucket);
+    let max_keys = request.max_keys.clamp(1, MAX_PAGE_ENTRIES);
+    let prefix = request.prefix.as_bytes();
+    let end = prefix_end(prefix);
+    let mut cursor = match &request.start {
+        ListStart::Beginning => prefix.to_vec(),
+        ListStart::AfterKey(key) => after_key(key),
+        ListStart::AfterVersion(key, version) => {
+            let mut sort = version_sort_key(key, version);
+            sort.push(0);
+            sort
         }
-        let now = now_unix_ms();
-        let mut page = ListPage {
-            entries: Vec::new(),
-            common_prefixes: Vec::new(),
-            resume: None,
-        };
-        // ListObjects decides a key once it has seen all its rows: the row
-        // with the highest head sequence is the one the key's head names.
-        let mut group: Option<KeyGroup> = None;
-        loop {
-            let rows = self
-                .range(
-                    &partition,
-                    Table::Versions,
-                    &cursor,
-                    end.as_deref(),
-                    MAX_ITEMS.min(4 * max_keys),
-                )
-                .await?;
-            let mut jumped = false;
-            for (sort, value) in &rows.rows {
-                let (Some((key, _)), RowValue::Version(version)) =
-                    (version_of_sort_key(sort), value)
-                else {
-                    continue;
-                };
-                if all_versions {
-                    if version.exists(now)
-                        && let Some(step) = page.offer(request, sort, version, max_keys)
+        ListStart::Resume(point) => point.clone(),
+    };
+    if cursor.as_slice() < prefix {
+        cursor = prefix.to_vec();
+    }
+    let now = now_unix_ms();
+    let mut page = ListPage {
+        entries: Vec::new(),
+        common_prefixes: Vec::new(),
+        resume: None,
+    };
+    // ListObjects decides a key once it has seen all its rows: the row
+    // with the highest head sequence is the one the key's head names.
+    let mut group: Option<KeyGroup> = None;
+    loop {
+        let rows = metadata
+            .range(
+                &partition,
+                Table::Versions,
+                &cursor,
+                end.as_deref(),
+                MAX_ITEMS.min(4 * max_keys),
+            )
+            .await?;
+        let mut jumped = false;
+        for (sort, value) in &rows.rows {
+            let (Some((key, _)), RowValue::Version(version)) = (version_of_sort_key(sort), value)
+            else {
+                continue;
+            };
+            if all_versions {
+                if version.exists(now)
+                    && let Some(step) = page.offer(request, sort, version, max_keys)
+                {
+                    match step {
+                        Step::Full | Step::End => return Ok(page),
+                        Step::Jump(next) => {
+                            cursor = next;
+                            jumped = true;
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            match &mut group {
+                Some(current) if current.key == key => current.consider(version),
+                _ => {
+                    if let Some(done) = group.take()
+                        && let Some(step) = page.decide(request, done, now, max_keys)
                     {
                         match step {
                             Step::Full | Step::End => return Ok(page),
@@ -134,42 +149,24 @@ impl Metadata {
                             }
                         }
                     }
-                    continue;
-                }
-                match &mut group {
-                    Some(current) if current.key == key => current.consider(version),
-                    _ => {
-                        if let Some(done) = group.take()
-                            && let Some(step) = page.decide(request, done, now, max_keys)
-                        {
-                            match step {
-                                Step::Full | Step::End => return Ok(page),
-                                Step::Jump(next) => {
-                                    cursor = next;
-                                    jumped = true;
-                                    break;
-                                }
-                            }
-                        }
-                        group = Some(KeyGroup::new(key, sort, version));
-                    }
+                    group = Some(KeyGroup::new(key, sort, version));
                 }
             }
-            if jumped {
-                continue;
+        }
+        if jumped {
+            continue;
+        }
+        match rows.rows.last() {
+            Some((last, _)) if rows.more => {
+                cursor = last.clone();
+                cursor.push(0);
             }
-            match rows.rows.last() {
-                Some((last, _)) if rows.more => {
-                    cursor = last.clone();
-                    cursor.push(0);
+            _ => {
+                if let Some(done) = group.take() {
+                    // A jump past the end of the listing ends it too.
+                    page.decide(request, done, now, max_keys);
                 }
-                _ => {
-                    if let Some(done) = group.take() {
-                        // A jump past the end of the listing ends it too.
-                        page.decide(request, done, now, max_keys);
-                    }
-                    return Ok(page);
-                }
+                return Ok(page);
             }
         }
     }

@@ -17,10 +17,9 @@ use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, split_k
 use cairn_protocol::records::{ReleaseRecord, ReleaseTarget, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, VersionBody};
 
-use crate::error::{GatewayError, GatewayResult};
-use crate::objects::{
-    existing_versions, read_head, read_manifest, register, upload_row, versions_row,
-};
+use crate::error::{ModelError, ModelResult};
+use crate::heads::{existing_versions, read_head, read_manifest};
+use crate::rows::{register, upload_row, versions_row};
 
 /// The times the collector and every writer agree on. All nodes of a
 /// cluster must use the same.
@@ -96,7 +95,7 @@ impl Drop for Collector {
 }
 
 /// One pass over the bucket partitions this node replicates.
-pub async fn collect_once(node: &NodeHandle, collection: &Collection) -> GatewayResult<Collected> {
+pub async fn collect_once(node: &NodeHandle, collection: &Collection) -> ModelResult<Collected> {
     let mut collected = Collected::default();
     let own = node.node_id();
     let mut after: Option<Partition> = None;
@@ -105,7 +104,7 @@ pub async fn collect_once(node: &NodeHandle, collection: &Collection) -> Gateway
             .metadata()
             .replica()
             .partitions(after.as_ref(), 64)
-            .map_err(|e| GatewayError::Internal(format!("replica: {e}")))?;
+            .map_err(|e| ModelError::Internal(format!("replica: {e}")))?;
         for (partition, _) in &partitions {
             // A partition that moved away is the new replicas' to collect.
             if partition.is_cluster() || !node.metadata().replicas_of(partition)?.contains(&own) {
@@ -135,7 +134,7 @@ async fn collect_bucket(
     collection: &Collection,
     partition: &Partition,
     collected: &mut Collected,
-) -> GatewayResult<()> {
+) -> ModelResult<()> {
     let bucket = partition.as_str();
     let ripe_before = now_unix_ms().saturating_sub(collection.grace_ms());
     let mut candidates = Vec::new();
@@ -182,7 +181,7 @@ fn local_registers(
     node: &NodeHandle,
     partition: &Partition,
     table: Table,
-) -> GatewayResult<Vec<(Vec<u8>, Vec<u8>)>> {
+) -> ModelResult<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut registers = Vec::new();
     let mut start = Vec::new();
     loop {
@@ -190,7 +189,7 @@ fn local_registers(
             .metadata()
             .replica()
             .range(partition, table, &start, None, 1000)
-            .map_err(|e| GatewayError::Internal(format!("replica: {e}")))?;
+            .map_err(|e| ModelError::Internal(format!("replica: {e}")))?;
         for (sort, value) in &page.rows {
             if let RowValue::Register(Register {
                 value: Some(bytes), ..
@@ -214,7 +213,7 @@ async fn collect(
     bucket: &str,
     candidate: Candidate,
     collected: &mut Collected,
-) -> GatewayResult<()> {
+) -> ModelResult<()> {
     let metadata = node.metadata();
     let uploads = match candidate.target {
         ReleaseTarget::Upload(upload) => vec![upload],
@@ -233,7 +232,7 @@ async fn collect(
         },
     };
     let Some(map) = node.cluster_map() else {
-        return Err(GatewayError::NoMap);
+        return Err(ModelError::NoMap);
     };
     let mut confirmed = true;
     for upload in uploads {
@@ -277,12 +276,7 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Whether a version of `key` that exists, or the key's head, was written
 /// by `upload` (as the object's upload or one of its parts'). A head whose writer never wrote its version row out is
 /// written out here: it is committed, and a GET should see it.
-async fn in_use(
-    node: &NodeHandle,
-    bucket: &str,
-    key: &str,
-    upload: UploadId,
-) -> GatewayResult<bool> {
+async fn in_use(node: &NodeHandle, bucket: &str, key: &str, upload: UploadId) -> ModelResult<bool> {
     let metadata = node.metadata();
     let versions = existing_versions(metadata, bucket, key, None).await?;
     let head = read_head(metadata, bucket, key).await?;
@@ -319,7 +313,7 @@ async fn written_by(
     node: &NodeHandle,
     version: &ObjectVersion,
     upload: UploadId,
-) -> GatewayResult<bool> {
+) -> ModelResult<bool> {
     let VersionBody::Data { manifest, .. } = &version.body else {
         return Ok(false);
     };
@@ -329,7 +323,7 @@ async fn written_by(
 }
 
 /// Ends the work a row stood for.
-async fn forget(node: &NodeHandle, row: RowKey) -> GatewayResult<()> {
+async fn forget(node: &NodeHandle, row: RowKey) -> ModelResult<()> {
     let metadata = node.metadata();
     metadata
         .write(vec![(row, register(None, metadata.timestamp()))])

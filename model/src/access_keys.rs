@@ -1,0 +1,150 @@
+//! S3 access keys, kept in the replicated metadata (AccessKeys table) with
+//! their secrets wrapped under the KMS root key.
+
+use std::time::Duration;
+
+use base64::Engine;
+use cairn_node::meta::Metadata;
+use cairn_node::swarm::now_unix_ms;
+use cairn_protocol::encryption::SecretKey;
+use cairn_protocol::keywrap::{SALT_BYTES, unwrap_labelled_key, wrap_labelled_key};
+use cairn_protocol::records::{AccessKeyRecord, MAX_KEY_NAME_BYTES};
+
+use crate::error::{ModelError, ModelResult};
+use crate::kms::{Kms, random_bytes};
+use crate::registers::{Caching, RegisterTable};
+
+/// How long a looked-up secret is trusted before it is read again, by
+/// default: a deleted key stops working within this time on every gateway.
+pub const DEFAULT_CACHE_FOR: Duration = Duration::from_secs(10);
+
+/// An access key as `cairn admin key list` shows it (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessKeyInfo {
+    pub id: String,
+    pub name: String,
+    pub created_unix_ms: u64,
+}
+
+/// A new key: the only time its secret is shown.
+#[derive(Debug, Clone)]
+pub struct NewAccessKey {
+    pub id: String,
+    pub secret: String,
+}
+
+fn label(id: &str) -> String {
+    format!("access-key/{id}")
+}
+
+fn secret_of(seed: &SecretKey) -> String {
+    base64::engine::general_purpose::STANDARD.encode(&seed.as_bytes()[..30])
+}
+
+/// An access key id: "CK" then 18 characters of RFC 4648 base32 (the
+/// shape of AWS's ids, so that every client accepts it).
+fn new_key_id() -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let random = random_bytes::<18>();
+    let mut id = String::from("CK");
+    id.extend(random.iter().map(|b| ALPHABET[(b & 31) as usize] as char));
+    id
+}
+
+/// The access keys of the cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct AccessKeys {
+    kms: Kms,
+    table: RegisterTable<AccessKeyRecord>,
+}
+
+impl AccessKeys {
+    /// `cache_for`: how long a looked-up key is trusted before it is read
+    /// again (a deleted key authenticates here for at most this long).
+    pub fn new(kms: Kms, metadata: Metadata, cache_for: Duration) -> Self {
+        Self {
+            kms,
+            table: RegisterTable::new(metadata, Caching::For(cache_for)),
+        }
+    }
+
+    /// Creates a key with a fresh secret.
+    pub async fn create(&self, name: &str) -> ModelResult<NewAccessKey> {
+        self.create_with_id(&new_key_id(), name, SecretKey::from_bytes(random_bytes()))
+            .await
+    }
+
+    /// Creates a key with the given id and secret seed (`cairn dev` keeps
+    /// its key across restarts this way).
+    pub async fn create_with_id(
+        &self,
+        id: &str,
+        name: &str,
+        seed: SecretKey,
+    ) -> ModelResult<NewAccessKey> {
+        if name.len() > MAX_KEY_NAME_BYTES {
+            return Err(ModelError::InvalidArgument(format!(
+                "a key name has at most {MAX_KEY_NAME_BYTES} bytes"
+            )));
+        }
+        if !(16..=128).contains(&id.len()) || !id.bytes().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(ModelError::InvalidArgument(
+                "an access key id is 16 to 128 letters and digits".into(),
+            ));
+        }
+        let wrapped = wrap_labelled_key(
+            self.kms.root().secret(),
+            &seed,
+            &label(id),
+            random_bytes::<SALT_BYTES>(),
+        );
+        let record = AccessKeyRecord {
+            created_unix_ms: now_unix_ms(),
+            name: name.to_owned(),
+            wrapped_secret: wrapped.to_vec(),
+        };
+        self.table.put(id, &record).await?;
+        Ok(NewAccessKey {
+            id: id.to_owned(),
+            secret: secret_of(&seed),
+        })
+    }
+
+    /// Deletes a key; false when there was none.
+    pub async fn delete(&self, id: &str) -> ModelResult<bool> {
+        let existed = self.table.get_fresh(id).await?.is_some();
+        if existed {
+            self.table.delete(id).await?;
+        }
+        Ok(existed)
+    }
+
+    pub async fn list(&self) -> ModelResult<Vec<AccessKeyInfo>> {
+        Ok(self
+            .table
+            .list()
+            .await?
+            .into_iter()
+            .map(|(id, record)| AccessKeyInfo {
+                id,
+                name: record.name,
+                created_unix_ms: record.created_unix_ms,
+            })
+            .collect())
+    }
+
+    /// The secret of key `id`, or `None` when there is no such key.
+    pub async fn secret(&self, id: &str) -> ModelResult<Option<String>> {
+        let Some(record) = self.table.get(id).await? else {
+            return Ok(None);
+        };
+        let seed =
+            unwrap_labelled_key(self.kms.root().secret(), &record.wrapped_secret, &label(id))
+                .map_err(|e| {
+                    ModelError::Corrupt(format!(
+                        "access key {id} does not unwrap under this gateway's root key: {e}"
+                    ))
+                })?;
+        Ok(Some(secret_of(&seed)))
+    }
+}

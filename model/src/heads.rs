@@ -1,0 +1,717 @@
+//! The head register of each key (spec/gateway.md, "Heads") and the
+//! policy of what a write or a delete does to a key's versions: the head
+//! is decided by compare-and-set, so of two writers racing on one
+//! condition exactly one wins; the versions below a new head are purged
+//! (a bucket keeps no history yet).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_node::meta::Metadata;
+use cairn_node::swarm::{NodeHandle, now_unix_ms};
+use cairn_protocol::ids::{ManifestId, VersionId, VersionIdGenerator};
+use cairn_protocol::manifest::{Manifest, SignedManifest};
+use cairn_protocol::meta::{Partition, RowKey, RowValue, Table};
+use cairn_protocol::metarpc::RegisterKey;
+use cairn_protocol::version::{Lww, ObjectVersion, Retention, StoredHeaders, VersionBody};
+
+use crate::error::{ModelError, ModelResult};
+use crate::kms::{DataKeys, random_bytes};
+use crate::rows::{manifest_row, purge_rows, register, versions_row};
+
+/// The precondition of a write, decided by the key's head register.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum WriteCondition {
+    #[default]
+    Always,
+    /// If-None-Match: * — only when the key has no current object.
+    IfAbsent,
+    /// If-Match — only when the current object has this ETag (unquoted).
+    IfMatch(String),
+    /// If-Match: * — only when the key has a current object.
+    IfPresent,
+    /// A DELETE's preconditions.
+    Deleting(DeleteCondition),
+}
+
+/// The register that orders the writes of one key (spec/gateway.md,
+/// "Heads"): its name is the object key, which never holds a zero byte,
+/// so it never meets a lock guard's register (key, zero, version).
+pub(crate) fn head_register(bucket: &str, key: &str) -> RegisterKey {
+    RegisterKey {
+        partition: Partition::bucket(bucket),
+        name: key.as_bytes().to_vec(),
+    }
+}
+
+/// The existing versions of `key`, newest first, `limit` at most.
+pub async fn existing_versions(
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+    limit: Option<usize>,
+) -> ModelResult<Vec<ObjectVersion>> {
+    let partition = Partition::bucket(bucket);
+    let mut start = key.as_bytes().to_vec();
+    start.push(0);
+    let mut end = key.as_bytes().to_vec();
+    end.push(1);
+    let now = now_unix_ms();
+    let mut versions = Vec::new();
+    loop {
+        let page = metadata
+            .range(
+                &partition,
+                Table::Versions,
+                &start,
+                Some(&end),
+                limit.map_or(1000, |l| l.max(64)),
+            )
+            .await?;
+        for (_, value) in &page.rows {
+            if let RowValue::Version(version) = value
+                && version.exists(now)
+            {
+                versions.push((**version).clone());
+                if limit.is_some_and(|l| versions.len() >= l) {
+                    return Ok(versions);
+                }
+            }
+        }
+        match page.rows.last() {
+            Some((last, _)) if page.more => {
+                start = last.clone();
+                start.push(0);
+            }
+            _ => return Ok(versions),
+        }
+    }
+}
+
+/// The signed manifest `id` of `bucket`, checked against its id; `None`
+/// when no replica has it.
+pub async fn read_manifest(
+    metadata: &Metadata,
+    bucket: &str,
+    id: &ManifestId,
+) -> ModelResult<Option<Manifest>> {
+    let value = metadata
+        .read(vec![manifest_row(bucket, id)])
+        .await?
+        .remove(0);
+    let Some(RowValue::Immutable(bytes)) = value else {
+        return Ok(None);
+    };
+    let signed = SignedManifest::decode(&bytes)
+        .map_err(|e| ModelError::Corrupt(format!("manifest {id}: {e}")))?;
+    if signed.id != *id {
+        return Err(ModelError::Corrupt(format!("manifest {id} has another id")));
+    }
+    Ok(Some(signed.manifest))
+}
+
+/// The key's head (spec/gateway.md, "Heads"): the version its last
+/// decided write names, whether or not that writer wrote the version row
+/// out — a data version, or a purged delete marker once the key was
+/// deleted; `None` for a key never written. A linearizable read.
+pub async fn read_head(
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+) -> ModelResult<Option<ObjectVersion>> {
+    let value = metadata.read_register(head_register(bucket, key)).await?;
+    value
+        .map(|bytes| ObjectVersion::decode(&bytes))
+        .transpose()
+        .map_err(|e| ModelError::Corrupt(format!("head of {key}: {e}")))
+}
+
+/// Whether `head` names an object a GET returns (not a delete marker).
+pub fn is_current_object(head: &ObjectVersion) -> bool {
+    matches!(head.body, VersionBody::Data { .. }) && head.purged.is_none()
+}
+
+/// What a write sets a key's head to.
+pub enum HeadWrite<'a> {
+    /// This data version; its sequence is decided with the head.
+    Put(&'a ObjectVersion),
+    /// A purged delete marker: the key has no current object.
+    Delete(&'a ObjectVersion),
+}
+
+/// Why a head write's change refuses the current head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadRefusal {
+    Condition,
+    NoCurrentObject,
+    Deadline,
+    SequenceExhausted,
+    /// A PUT judged again after it proposed once: see [`judge_head`].
+    JudgedAgain,
+}
+
+/// The head a write proposes over `current`, or why it refuses.
+///
+/// A PUT that already proposed once in this compare-and-set, and is asked
+/// to judge again, refuses: its earlier proposal may have been chosen and
+/// then replaced by another writer, who purged it as a version below its
+/// own. Proposed again, the same version would hold two places in the
+/// key's history and the first one's purge would hide the second from
+/// listings. The caller commits the write again as a new version instead.
+/// A DELETE's marker is never a version row, so it is proposed again.
+pub fn judge_head(
+    condition: &WriteCondition,
+    write: &HeadWrite<'_>,
+    current: Option<&ObjectVersion>,
+    proposed_before: bool,
+    past_deadline: bool,
+) -> Result<ObjectVersion, HeadRefusal> {
+    let current_object = current.filter(|h| is_current_object(h));
+    let holds = match (condition, current_object) {
+        (WriteCondition::Always, _) => Ok(()),
+        (WriteCondition::IfAbsent, None) => Ok(()),
+        (WriteCondition::IfAbsent, Some(_)) => Err(HeadRefusal::Condition),
+        (WriteCondition::IfMatch(etag), Some(object)) => match &object.body {
+            VersionBody::Data { etag: ours, .. } if ours.trim_matches('"') == etag => Ok(()),
+            _ => Err(HeadRefusal::Condition),
+        },
+        (WriteCondition::IfPresent, Some(_)) => Ok(()),
+        (WriteCondition::IfMatch(_) | WriteCondition::IfPresent, None) => {
+            Err(HeadRefusal::NoCurrentObject)
+        }
+        (WriteCondition::Deleting(delete), object) => match object {
+            Some(object) if delete.version.is_some_and(|v| v != object.version) => {
+                Err(HeadRefusal::NoCurrentObject)
+            }
+            Some(object) if delete.holds_for(object) => Ok(()),
+            Some(_) => Err(HeadRefusal::Condition),
+            None if delete.is_unconditional() => Ok(()),
+            None => Err(HeadRefusal::NoCurrentObject),
+        },
+    };
+    if past_deadline {
+        return Err(HeadRefusal::Deadline);
+    }
+    holds?;
+    let template = match write {
+        HeadWrite::Put(version) => {
+            if proposed_before {
+                return Err(HeadRefusal::JudgedAgain);
+            }
+            version
+        }
+        HeadWrite::Delete(marker) => marker,
+    };
+    let mut new = (*template).clone();
+    new.seq = match current.map_or(Some(1), |h| h.seq.checked_add(1)) {
+        Some(seq) => seq,
+        None => return Err(HeadRefusal::SequenceExhausted),
+    };
+    Ok(new)
+}
+
+/// The outcome of a decided head write.
+pub struct HeadSwap {
+    /// The head the write replaced.
+    pub replaced: Option<ObjectVersion>,
+    /// The head as decided, with its sequence.
+    pub head: ObjectVersion,
+}
+
+/// The preconditions of a DELETE (If-Match, x-amz-if-match-size,
+/// x-amz-if-match-last-modified-time): each given one must hold for the
+/// current object. A key with no current object is deleted successfully
+/// and nothing changes, as in S3.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteCondition {
+    /// If-Match: * — only if the key has a current object.
+    pub if_present: bool,
+    /// Unquoted ETag.
+    pub etag: Option<String>,
+    pub size_bytes: Option<u64>,
+    /// Last-Modified in whole seconds since the epoch.
+    pub last_modified_unix_s: Option<i64>,
+    /// A DELETE of one version (`versionId`): only if it is the current
+    /// object; another version does not exist, and deleting it is a
+    /// success that changes nothing, as in S3.
+    pub version: Option<VersionId>,
+}
+
+impl DeleteCondition {
+    fn is_unconditional(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn holds_for(&self, head: &ObjectVersion) -> bool {
+        let VersionBody::Data {
+            etag, size_bytes, ..
+        } = &head.body
+        else {
+            return false;
+        };
+        let modified_s = (head.created.hlc.unix_ms() / 1000) as i64;
+        self.etag
+            .as_ref()
+            .is_none_or(|wanted| etag.trim_matches('"') == wanted)
+            && self.size_bytes.is_none_or(|wanted| *size_bytes == wanted)
+            && self
+                .last_modified_unix_s
+                .is_none_or(|wanted| modified_s == wanted)
+    }
+}
+
+/// The object index of one gateway: heads, versions and manifests, and
+/// the version ids it hands out. Cheap to clone.
+#[derive(Clone)]
+pub struct ObjectIndex {
+    node: NodeHandle,
+    versions: Arc<Mutex<VersionIdGenerator>>,
+    /// Added to the wall clock for version ids (tests reproduce gateways
+    /// whose clocks disagree with it).
+    clock_skew_ms: i64,
+    /// How long a write may take from its start to its commit.
+    write_deadline: Duration,
+}
+
+impl ObjectIndex {
+    pub fn new(node: NodeHandle, write_deadline: Duration, clock_skew_ms: i64) -> Self {
+        Self {
+            node,
+            versions: Arc::default(),
+            clock_skew_ms,
+            write_deadline,
+        }
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        self.node.metadata()
+    }
+
+    /// When a write starting at `started_unix_ms` must have committed
+    /// (spec/gateway.md, "Collecting orphan fragments").
+    pub fn write_deadline(&self, started_unix_ms: u64) -> u64 {
+        started_unix_ms.saturating_add(self.write_deadline.as_millis() as u64)
+    }
+
+    pub fn deadline_error(&self) -> ModelError {
+        ModelError::WriteDeadline {
+            minutes: self.write_deadline.as_secs() / 60,
+        }
+    }
+
+    /// A fresh version id, later than any this gateway handed out.
+    pub fn new_version(&self) -> VersionId {
+        self.versions.lock().expect("version generator").next(
+            now_unix_ms().saturating_add_signed(self.clock_skew_ms),
+            random_bytes(),
+        )
+    }
+
+    /// The version a GET without a version id reads: the one the key's
+    /// head names, unless the key was deleted.
+    pub async fn current(&self, bucket: &str, key: &str) -> ModelResult<Option<ObjectVersion>> {
+        Ok(read_head(self.node.metadata(), bucket, key)
+            .await?
+            .filter(is_current_object))
+    }
+
+    pub async fn existing_versions(
+        &self,
+        bucket: &str,
+        key: &str,
+        limit: Option<usize>,
+    ) -> ModelResult<Vec<ObjectVersion>> {
+        existing_versions(self.node.metadata(), bucket, key, limit).await
+    }
+
+    /// Commits an object whose fragments are durable: the signed manifest
+    /// first (invisible alone), then the key's head register by
+    /// compare-and-set (where the condition is decided, and which orders
+    /// every write of the key: the version's sequence is decided there),
+    /// then the version row with the end of the upload and the retirement
+    /// of the versions it replaced (the bucket keeps no history). Past
+    /// `deadline_unix_ms` the head refuses it: the collector may by then
+    /// be releasing the upload's fragments.
+    pub async fn commit(
+        &self,
+        mut manifest: Manifest,
+        keys: &DataKeys,
+        headers: StoredHeaders,
+        upload_key: RowKey,
+        condition: &WriteCondition,
+        deadline_unix_ms: u64,
+    ) -> ModelResult<ObjectVersion> {
+        const IDENTITIES: usize = 8;
+        let metadata = self.node.metadata();
+        for _ in 0..IDENTITIES {
+            let signed = manifest
+                .clone()
+                .sign(self.node.identity().signing_key())
+                .map_err(|e| ModelError::Internal(format!("manifest: {e}")))?;
+            let at = metadata.timestamp();
+            let row = ObjectVersion {
+                bucket: manifest.bucket.clone(),
+                key: manifest.key.clone(),
+                version: manifest.version,
+                created: at,
+                seq: 0,
+                body: VersionBody::Data {
+                    manifest: signed.id,
+                    size_bytes: manifest.plaintext_len(),
+                    etag: manifest.etag.clone(),
+                    headers: headers.clone(),
+                },
+                retention: Retention::default(),
+                legal_hold: Lww { value: false, at },
+                purged: None,
+            };
+            metadata
+                .write(vec![(
+                    manifest_row(&manifest.bucket, &signed.id),
+                    RowValue::Immutable(signed.encoded.clone()),
+                )])
+                .await?;
+            let Some(swap) = self
+                .swap_head(
+                    &manifest.bucket,
+                    &manifest.key,
+                    condition,
+                    HeadWrite::Put(&row),
+                    Some(deadline_unix_ms),
+                )
+                .await?
+            else {
+                // Judged again after proposing (judge_head): the same
+                // fragments are committed again as a new version, its data
+                // key wrapped for that version.
+                manifest.version = self.new_version();
+                manifest.created_unix_ms = now_unix_ms();
+                manifest.encryption =
+                    keys.envelope(&manifest.bucket, &manifest.key, manifest.version);
+                continue;
+            };
+            let mut rows = vec![
+                (
+                    versions_row(&manifest.bucket, &manifest.key, &manifest.version),
+                    RowValue::Version(Box::new(swap.head.clone())),
+                ),
+                (upload_key, register(None, at)),
+            ];
+            rows.extend(self.retirements(&swap).await?);
+            for chunk in rows.chunks(1000) {
+                metadata.write(chunk.to_vec()).await?;
+            }
+            return Ok(swap.head);
+        }
+        Err(ModelError::Unavailable(format!(
+            "the head of {}/{} changed under this write {IDENTITIES} times; nothing was committed",
+            manifest.bucket, manifest.key
+        )))
+    }
+
+    /// Deletes the current object of `key` if `condition` holds: the head
+    /// becomes a purged delete marker, and every version it replaced is
+    /// purged (their fragments go to the collector). A key with no current
+    /// object is a success that changes nothing when the delete is
+    /// conditional, except that versions a crashed writer left below the
+    /// head are purged then too.
+    pub async fn delete(
+        &self,
+        bucket: &str,
+        key: &str,
+        condition: &DeleteCondition,
+    ) -> ModelResult<()> {
+        let at = self.node.metadata().timestamp();
+        let marker = ObjectVersion {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            version: self.new_version(),
+            created: at,
+            seq: 0,
+            body: VersionBody::DeleteMarker,
+            retention: Retention::default(),
+            legal_hold: Lww { value: false, at },
+            purged: Some(at),
+        };
+        let write_condition = WriteCondition::Deleting(condition.clone());
+        let swap = match self
+            .swap_head(
+                bucket,
+                key,
+                &write_condition,
+                HeadWrite::Delete(&marker),
+                None,
+            )
+            .await
+        {
+            Ok(None) => {
+                return Err(ModelError::Internal(
+                    "a delete was judged as a new version".into(),
+                ));
+            }
+            Err(ModelError::NoSuchKey) => {
+                match read_head(self.node.metadata(), bucket, key).await? {
+                    Some(head) => HeadSwap {
+                        replaced: None,
+                        head,
+                    },
+                    None => return Ok(()),
+                }
+            }
+            Ok(Some(swap)) => swap,
+            Err(error) => return Err(error),
+        };
+        let rows = self.retirements(&swap).await?;
+        let metadata = self.node.metadata();
+        for chunk in rows.chunks(1000) {
+            metadata.write(chunk.to_vec()).await?;
+        }
+        Ok(())
+    }
+
+    /// The rows that purge every version a decided head write replaced:
+    /// the versions of the key with a lower sequence (the one the head
+    /// named before, and any a crashed writer left), never the new head.
+    /// Safe whatever else races: a head's sequence only grows, so a version
+    /// below this one's can never again be what the head names.
+    async fn retirements(&self, swap: &HeadSwap) -> ModelResult<Vec<(RowKey, RowValue)>> {
+        let head = &swap.head;
+        let mut older: Vec<ObjectVersion> = self
+            .existing_versions(&head.bucket, &head.key, None)
+            .await?
+            .into_iter()
+            .filter(|v| v.seq < head.seq && v.version != head.version)
+            .collect();
+        // A head its writer never wrote out goes too.
+        if let Some(replaced) = &swap.replaced
+            && is_current_object(replaced)
+            && replaced.version != head.version
+            && !older.iter().any(|v| v.version == replaced.version)
+        {
+            older.push(replaced.clone());
+        }
+        let at = self.node.metadata().timestamp();
+        Ok(purge_rows(older, at))
+    }
+
+    /// Sets the head of `key` to what `write` says if `condition` holds
+    /// for the current head; the new head's sequence is one more than the
+    /// current one's. Linearizable: of two writers racing on one
+    /// condition, exactly one wins. The deadline is checked where the
+    /// value is decided, so no commit lands after it. `None`: a PUT was
+    /// judged again after proposing once, and must be committed again as
+    /// a new version ([`judge_head`]).
+    pub async fn swap_head(
+        &self,
+        bucket: &str,
+        key: &str,
+        condition: &WriteCondition,
+        write: HeadWrite<'_>,
+        deadline_unix_ms: Option<u64>,
+    ) -> ModelResult<Option<HeadSwap>> {
+        // What each run of the change saw and proposed: the one whose
+        // proposal was chosen is the answer (an earlier run's proposal can
+        // be chosen after a later run judged another current head).
+        let proposals: Mutex<Vec<HeadSwap>> = Mutex::new(Vec::new());
+        let outcome = self
+            .node
+            .metadata()
+            .compare_and_set(head_register(bucket, key), |current| {
+                let head = current.and_then(|bytes| ObjectVersion::decode(bytes).ok());
+                let mut proposals = proposals.lock().expect("head proposals");
+                let new = judge_head(
+                    condition,
+                    &write,
+                    head.as_ref(),
+                    !proposals.is_empty(),
+                    deadline_unix_ms.is_some_and(|deadline| now_unix_ms() > deadline),
+                )?;
+                let encoded = new.encode();
+                proposals.push(HeadSwap {
+                    replaced: head,
+                    head: new,
+                });
+                Ok(Some(encoded))
+            })
+            .await?;
+        match outcome {
+            Ok(chosen) => {
+                let chosen = chosen.unwrap_or_default();
+                proposals
+                    .into_inner()
+                    .expect("head proposals")
+                    .into_iter()
+                    .rev()
+                    .find(|swap| swap.head.encode() == chosen)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        ModelError::Internal(
+                            "the chosen head is none of this write's proposals".into(),
+                        )
+                    })
+            }
+            Err(HeadRefusal::JudgedAgain) => Ok(None),
+            Err(HeadRefusal::SequenceExhausted) => Err(ModelError::Internal(format!(
+                "the head of {bucket}/{key} has the highest sequence there is"
+            ))),
+            Err(HeadRefusal::Condition) => Err(ModelError::PreconditionFailed),
+            Err(HeadRefusal::NoCurrentObject) => Err(ModelError::NoSuchKey),
+            Err(HeadRefusal::Deadline) => Err(self.deadline_error()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_protocol::hlc::{Hlc, Timestamp};
+    use cairn_protocol::ids::{ManifestId, NodeId};
+
+    use super::*;
+
+    fn version(n: u8, seq: u64, body: VersionBody) -> ObjectVersion {
+        let at = Timestamp {
+            hlc: Hlc::new(1_000 + u64::from(n), 0),
+            node: NodeId([1; 32]),
+        };
+        ObjectVersion {
+            bucket: "b".into(),
+            key: "k".into(),
+            version: VersionId::new(1_000 + u64::from(n), [n; 10]),
+            created: at,
+            seq,
+            body,
+            retention: Retention::default(),
+            legal_hold: Lww { value: false, at },
+            purged: None,
+        }
+    }
+
+    fn data(n: u8, seq: u64) -> ObjectVersion {
+        version(
+            n,
+            seq,
+            VersionBody::Data {
+                manifest: ManifestId([n; 32]),
+                size_bytes: 1,
+                etag: format!("\"e{n}\""),
+                headers: StoredHeaders::default(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_head_write_takes_the_next_sequence_when_its_condition_holds() {
+        let current = data(1, 7);
+        let mine = data(2, 0);
+        let put = HeadWrite::Put(&mine);
+        let head = judge_head(&WriteCondition::Always, &put, Some(&current), false, false);
+        assert_eq!(head.map(|h| (h.version, h.seq)), Ok((mine.version, 8)));
+        assert_eq!(
+            judge_head(&WriteCondition::Always, &put, None, false, false).map(|h| h.seq),
+            Ok(1)
+        );
+        let refusals = [
+            (
+                WriteCondition::IfAbsent,
+                Some(&current),
+                HeadRefusal::Condition,
+            ),
+            (
+                WriteCondition::IfMatch("other".into()),
+                Some(&current),
+                HeadRefusal::Condition,
+            ),
+            (
+                WriteCondition::IfMatch("e1".into()),
+                None,
+                HeadRefusal::NoCurrentObject,
+            ),
+            (
+                WriteCondition::IfPresent,
+                None,
+                HeadRefusal::NoCurrentObject,
+            ),
+        ];
+        for (condition, current, refusal) in refusals {
+            assert_eq!(
+                judge_head(&condition, &put, current, false, false),
+                Err(refusal),
+                "{condition:?}"
+            );
+        }
+        assert_eq!(
+            judge_head(
+                &WriteCondition::IfMatch("e1".into()),
+                &put,
+                Some(&current),
+                false,
+                false
+            )
+            .map(|h| h.seq),
+            Ok(8)
+        );
+        assert_eq!(
+            judge_head(&WriteCondition::Always, &put, Some(&current), false, true),
+            Err(HeadRefusal::Deadline)
+        );
+        assert_eq!(
+            judge_head(
+                &WriteCondition::Always,
+                &put,
+                Some(&data(1, u64::MAX)),
+                false,
+                false
+            ),
+            Err(HeadRefusal::SequenceExhausted)
+        );
+    }
+
+    /// An earlier proposal of this PUT may have been chosen, then replaced
+    /// and purged by another writer: proposing the same version again
+    /// would hide it from listings once acknowledged.
+    #[test]
+    fn a_put_judged_again_after_proposing_asks_for_a_new_version() {
+        let current = data(1, 7);
+        let mine = data(2, 0);
+        assert_eq!(
+            judge_head(
+                &WriteCondition::Always,
+                &HeadWrite::Put(&mine),
+                Some(&current),
+                true,
+                false
+            ),
+            Err(HeadRefusal::JudgedAgain)
+        );
+        // A delete marker is no version row: it is simply proposed again.
+        let marker = version(3, 0, VersionBody::DeleteMarker);
+        let deleting = WriteCondition::Deleting(DeleteCondition::default());
+        assert_eq!(
+            judge_head(
+                &deleting,
+                &HeadWrite::Delete(&marker),
+                Some(&current),
+                true,
+                false
+            )
+            .map(|h| h.seq),
+            Ok(8)
+        );
+        // A DELETE naming another version than the current one deletes
+        // nothing.
+        let named = WriteCondition::Deleting(DeleteCondition {
+            version: Some(data(9, 0).version),
+            ..DeleteCondition::default()
+        });
+        assert_eq!(
+            judge_head(
+                &named,
+                &HeadWrite::Delete(&marker),
+                Some(&current),
+                false,
+                false
+            ),
+            Err(HeadRefusal::NoCurrentObject)
+        );
+    }
+}

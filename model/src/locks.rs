@@ -1,0 +1,86 @@
+//! Locks and permanent deletes of one object version, decided by the
+//! version's compare-and-set register (spec/metadata.md, "Locks and
+//! permanent deletes"): a delete and a new lock that race are put in one
+//! order, and whichever comes second is refused. The decision is then
+//! written to the version's row, where the CRDT merge keeps it.
+
+use cairn_protocol::guard::{GuardChange, GuardRefusal, VersionGuard};
+use cairn_protocol::meta::{RowKey, RowValue, Table};
+use cairn_protocol::metarpc::RegisterKey;
+use thiserror::Error;
+
+use cairn_node::meta::{MetaError, Metadata};
+use cairn_node::swarm::now_unix_ms;
+
+#[derive(Debug, Error)]
+pub enum LockError {
+    #[error("no such version")]
+    NoSuchVersion,
+    #[error(transparent)]
+    Refused(#[from] GuardRefusal),
+    #[error("the version's lock register is unreadable: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+/// Applies `change` to the version at `key` (a row of the versions
+/// table) if its lock state allows, and returns the new state.
+pub async fn change_version_lock(
+    metadata: &Metadata,
+    key: &RowKey,
+    change: GuardChange,
+) -> Result<VersionGuard, LockError> {
+    if key.table != Table::Versions {
+        return Err(LockError::NoSuchVersion);
+    }
+    let Some(RowValue::Version(row)) = metadata.read(vec![key.clone()]).await?.remove(0) else {
+        return Err(LockError::NoSuchVersion);
+    };
+    let register = RegisterKey {
+        partition: key.partition.clone(),
+        // Version sort keys hold a zero byte, which object keys (the
+        // names of conditional-write registers) never do.
+        name: key.sort.clone(),
+    };
+    let now = now_unix_ms();
+    let decided = metadata
+        .compare_and_set(register, |current| {
+            let guard = match current {
+                None => VersionGuard::of(&row),
+                Some(bytes) => VersionGuard::decode(bytes)
+                    .map_err(|e| LockError::Corrupt(e.to_string()))?
+                    .join(&row),
+            };
+            Ok(Some(guard.apply(change, now)?.encode()))
+        })
+        .await?;
+    let mut written = (*row).clone();
+    let guard = match decided {
+        Ok(Some(bytes)) => {
+            VersionGuard::decode(&bytes).map_err(|e| LockError::Corrupt(e.to_string()))?
+        }
+        Ok(None) => return Err(LockError::Corrupt("empty guard".into())),
+        Err(LockError::Refused(GuardRefusal::Purged)) => {
+            // A purge was decided but perhaps never reached the row (its
+            // coordinator stopped): finish it before answering.
+            if written.purged.is_none() {
+                written.purged = Some(metadata.timestamp());
+                metadata
+                    .write(vec![(key.clone(), RowValue::Version(Box::new(written)))])
+                    .await?;
+            }
+            return Err(GuardRefusal::Purged.into());
+        }
+        Err(refusal) => return Err(refusal),
+    };
+    written.retention = guard.retention;
+    written.legal_hold = guard.legal_hold;
+    if guard.purged && written.purged.is_none() {
+        written.purged = Some(metadata.timestamp());
+    }
+    metadata
+        .write(vec![(key.clone(), RowValue::Version(Box::new(written)))])
+        .await?;
+    Ok(guard)
+}
