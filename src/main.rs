@@ -2,10 +2,11 @@
 //! over to the node and gateway crates; nothing else lives here.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cairn_model::collector::{Collection, Collector};
+use cairn_node::clock::now_unix_ms;
 use cairn_node::config::MapConfig;
 use cairn_node::config::ServeConfig;
 use cairn_node::identity::Identity;
@@ -198,12 +199,6 @@ enum NodeCommand {
         #[arg(long)]
         out: PathBuf,
     },
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn load_cluster_key(path: &Path) -> Result<Identity> {

@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_node::clock::now_unix_ms;
 use cairn_node::identity::Identity;
-use cairn_node::swarm::{DEFAULT_ANTI_ENTROPY_EVERY, Node, NodeConfig, StreamLimits, now_unix_ms};
+use cairn_node::swarm::{DEFAULT_ANTI_ENTROPY_EVERY, Node, NodeConfig, StreamLimits};
 use cairn_protocol::encryption::SecretKey;
 use cairn_protocol::erasure::Scheme;
 use cairn_protocol::ids::SiteId;
@@ -17,7 +18,8 @@ use cairn_protocol::placement::{ClusterMap, MapNode, NodeState, Tolerance};
 use tokio::net::TcpListener;
 
 use cairn_model::collector::{Collection, Collector};
-use cairn_model::kms::{RootKey, random_bytes};
+use cairn_model::kms::RootKey;
+use cairn_node::clock::random_bytes;
 
 use crate::error::{GatewayError, GatewayResult};
 use crate::{Gateway, GatewayConfig};

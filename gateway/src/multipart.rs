@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cairn_node::swarm::now_unix_ms;
+use cairn_node::clock::now_unix_ms;
 use cairn_protocol::encryption::{SecretKey, part_stream_key};
 use cairn_protocol::erasure::SegmentLayout;
 use cairn_protocol::ids::UploadId;
@@ -25,8 +25,9 @@ use crate::checksum::{Algorithm, ChecksumRequest, composite};
 use crate::error::{GatewayError, GatewayResult};
 use crate::objects::{MAX_PUT_BYTES, ObjectStore, PushTarget, StreamPut, with_checksum};
 use cairn_model::heads::{WriteCondition, read_manifest};
-use cairn_model::kms::{DataKeys, random_bytes};
+use cairn_model::kms::DataKeys;
 use cairn_model::rows::{part_row, register, release_entry, upload_row};
+use cairn_node::clock::random_bytes;
 
 /// Every part but the last is at least this long, as in S3.
 pub const MIN_PART_BYTES: u64 = 5 << 20;

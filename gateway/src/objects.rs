@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cairn_model::heads::{ObjectIndex, WriteCondition, read_manifest};
-use cairn_model::kms::{DataKeys, Kms, random_bytes};
+use cairn_model::kms::{DataKeys, Kms};
 use cairn_model::rows::{degraded_row, register, upload_row};
-use cairn_node::swarm::{NodeHandle, now_unix_ms};
+use cairn_node::clock::now_unix_ms;
+use cairn_node::clock::random_bytes;
+use cairn_node::swarm::NodeHandle;
 use cairn_protocol::encryption::{RangePlan, SecretKey, part_stream_key};
 use cairn_protocol::erasure::{EncodedSegment, Scheme, SegmentLayout, reconstruct};
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId};

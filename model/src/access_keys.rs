@@ -4,15 +4,16 @@
 use std::time::Duration;
 
 use base64::Engine;
+use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::Metadata;
-use cairn_node::swarm::now_unix_ms;
 use cairn_protocol::encryption::SecretKey;
 use cairn_protocol::keywrap::{SALT_BYTES, unwrap_labelled_key, wrap_labelled_key};
 use cairn_protocol::records::{AccessKeyRecord, MAX_KEY_NAME_BYTES};
 
 use crate::error::{ModelError, ModelResult};
-use crate::kms::{Kms, random_bytes};
+use crate::kms::Kms;
 use crate::registers::{Caching, RegisterTable};
+use cairn_node::clock::random_bytes;
 
 /// How long a looked-up secret is trusted before it is read again, by
 /// default: a deleted key stops working within this time on every gateway.

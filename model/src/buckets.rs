@@ -4,14 +4,15 @@
 
 use std::time::Duration;
 
+use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::Metadata;
-use cairn_node::swarm::now_unix_ms;
 use cairn_protocol::records::BucketRecord;
 
 use crate::error::{ModelError, ModelResult};
-use crate::kms::{Kms, random_bytes};
+use crate::kms::Kms;
 use crate::listing::{ListRequest, ListStart, list_objects};
 use crate::registers::{Caching, RegisterTable};
+use cairn_node::clock::random_bytes;
 
 /// How long a bucket record read is trusted on this gateway.
 const CACHE_FOR: Duration = Duration::from_secs(2);

@@ -11,7 +11,8 @@
 
 use std::time::Duration;
 
-use cairn_node::swarm::{NodeHandle, now_unix_ms};
+use cairn_node::clock::now_unix_ms;
+use cairn_node::swarm::NodeHandle;
 use cairn_protocol::ids::UploadId;
 use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, split_key_sort};
 use cairn_protocol::records::{ReleaseRecord, ReleaseTarget, UploadRecord};

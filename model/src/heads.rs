@@ -7,8 +7,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::Metadata;
-use cairn_node::swarm::{NodeHandle, now_unix_ms};
+use cairn_node::swarm::NodeHandle;
 use cairn_protocol::ids::{ManifestId, VersionId, VersionIdGenerator};
 use cairn_protocol::manifest::{Manifest, SignedManifest};
 use cairn_protocol::meta::{Partition, RowKey, RowValue, Table};
@@ -16,8 +17,9 @@ use cairn_protocol::metarpc::RegisterKey;
 use cairn_protocol::version::{Lww, ObjectVersion, Retention, StoredHeaders, VersionBody};
 
 use crate::error::{ModelError, ModelResult};
-use crate::kms::{DataKeys, random_bytes};
+use crate::kms::DataKeys;
 use crate::rows::{manifest_row, purge_rows, register, versions_row};
+use cairn_node::clock::random_bytes;
 
 /// The precondition of a write, decided by the key's head register.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -8,8 +8,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use cairn_node::clock::now_unix_ms;
+use cairn_node::clock::random_bytes;
 use cairn_node::meta::Metadata;
-use cairn_node::swarm::now_unix_ms;
 use cairn_protocol::encryption::SecretKey;
 use cairn_protocol::ids::VersionId;
 use cairn_protocol::keywrap::{SALT_BYTES, unwrap_labelled_key, wrap_labelled_key};
@@ -22,13 +23,6 @@ use crate::registers::{Caching, RegisterTable};
 
 /// The environment variable that may carry the root key (64 hex digits).
 pub const ROOT_KEY_ENV: &str = "CAIRN_ROOT_KEY";
-
-/// Fresh random bytes from the operating system.
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut bytes = [0u8; N];
-    getrandom::fill(&mut bytes).expect("the operating system's random source works");
-    bytes
-}
 
 /// The root key of the internal KMS.
 pub struct RootKey(SecretKey);

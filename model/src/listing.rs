@@ -11,8 +11,8 @@ use cairn_protocol::meta::{
 use cairn_protocol::metarpc::MAX_ITEMS;
 use cairn_protocol::version::{ObjectVersion, VersionBody};
 
+use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::{MetaError, Metadata};
-use cairn_node::swarm::now_unix_ms;
 
 /// Entries in one listing page at most: what one metadata page carries
 /// (S3's own cap of 1000 is the gateway's to apply).

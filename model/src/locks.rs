@@ -9,8 +9,8 @@ use cairn_protocol::meta::{RowKey, RowValue, Table};
 use cairn_protocol::metarpc::RegisterKey;
 use thiserror::Error;
 
+use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::{MetaError, Metadata};
-use cairn_node::swarm::now_unix_ms;
 
 #[derive(Debug, Error)]
 pub enum LockError {

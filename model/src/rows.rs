@@ -1,7 +1,7 @@
 //! Where each record of the S3 schema lives: the row keys of the bucket
 //! partitions' tables, and the rows that writes, deletes and purges leave.
 
-use cairn_node::swarm::now_unix_ms;
+use cairn_node::clock::now_unix_ms;
 use cairn_protocol::hlc::Timestamp;
 use cairn_protocol::ids::{ManifestId, UploadId, VersionId};
 use cairn_protocol::meta::{

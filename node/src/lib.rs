@@ -3,10 +3,12 @@
 //! runs the background workers. It drives the sans-IO logic of
 //! `cairn-protocol`; it never depends on the gateway.
 
+pub mod clock;
 pub mod config;
 pub mod dht;
 pub mod identity;
 pub mod mapsync;
+pub mod members;
 pub mod meta;
 pub mod pieces;
 pub mod store;

@@ -7,8 +7,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId};
 use cairn_protocol::membership::{Certificate, ClusterId, MembershipError, SignedMap};
@@ -19,12 +19,14 @@ use libp2p::kad::store::RecordStore;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{PeerId, StreamProtocol, allow_block_list, identify, kad, ping};
 use thiserror::Error;
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::clock::now_unix_ms;
 use crate::dht::{DhtStoreLimits, RedbRecordStore};
 use crate::identity::{Identity, IdentityError, node_id_of, peer_id_of};
 use crate::mapsync::{self, MAP_PROTOCOL, MapError, MapKeeper};
+use crate::members::{MEMBERSHIP_WAIT, Members};
 use crate::meta::replica::MetaReplica;
 use crate::meta::{META_PROTOCOL, Metadata, rpc as meta_rpc};
 use crate::pieces::{self, PieceError};
@@ -34,8 +36,6 @@ pub const HELLO_PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/hello/1")
 pub const PIECES_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::PROTOCOL_NAME);
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/kad/1.0.0");
 const MAX_CERTIFICATE_BYTES: usize = 1024;
-/// How long a stream from a connected peer may wait for its handshake.
-pub(crate) const MEMBERSHIP_WAIT: Duration = Duration::from_secs(5);
 /// How long a connected peer may go without passing the handshake before
 /// it is disconnected: the dialer's retries fit in it.
 const UNVERIFIED_GRACE: Duration = Duration::from_secs(15);
@@ -44,12 +44,6 @@ const DHT_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 fn upload_provider_key(upload: &UploadId) -> kad::RecordKey {
     kad::RecordKey::new(&cairn_protocol::dht::upload_provider_key(upload))
-}
-
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, Error)]
@@ -178,58 +172,6 @@ struct Behaviour {
     ping: ping::Behaviour,
     kad: kad::Behaviour<RedbRecordStore>,
     streams: libp2p_stream::Behaviour,
-}
-
-/// Peers that have passed the membership handshake.
-#[derive(Default)]
-pub(crate) struct Members {
-    verified: RwLock<HashMap<PeerId, Certificate>>,
-    changed: Notify,
-}
-
-impl Members {
-    fn insert(&self, peer: PeerId, certificate: Certificate) {
-        tracing::info!(%peer, node = %certificate.node, site = %certificate.site, "member verified");
-        self.verified
-            .write()
-            .expect("members lock")
-            .insert(peer, certificate);
-        self.changed.notify_waiters();
-    }
-
-    fn remove(&self, peer: &PeerId) {
-        self.verified.write().expect("members lock").remove(peer);
-    }
-
-    fn peers(&self) -> Vec<PeerId> {
-        self.verified
-            .read()
-            .expect("members lock")
-            .keys()
-            .copied()
-            .collect()
-    }
-
-    pub(crate) fn contains(&self, peer: &PeerId) -> bool {
-        self.verified
-            .read()
-            .expect("members lock")
-            .contains_key(peer)
-    }
-
-    /// Waits until `peer` is verified, up to `timeout`.
-    pub(crate) async fn wait_for(&self, peer: &PeerId, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let changed = self.changed.notified();
-            if self.contains(peer) {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return self.contains(peer);
-            }
-        }
-    }
 }
 
 enum Command {

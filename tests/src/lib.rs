@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cairn_node::clock::now_unix_ms;
 use cairn_node::identity::Identity;
-use cairn_node::swarm::{Node, NodeConfig, NodeError, StreamLimits, now_unix_ms};
+use cairn_node::swarm::{Node, NodeConfig, NodeError, StreamLimits};
 use cairn_protocol::ed25519_dalek::SigningKey;
 use cairn_protocol::erasure::Scheme;
 use cairn_protocol::ids::{NodeId, SiteId};

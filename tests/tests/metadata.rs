@@ -809,7 +809,7 @@ async fn a_retained_version_survives_a_delete_sent_to_every_replica() {
         panic!("the version is gone");
     };
     assert_eq!(after.retention, locked.retention, "retention was shortened");
-    assert!(after.exists(cairn_node::swarm::now_unix_ms()));
+    assert!(after.exists(cairn_node::clock::now_unix_ms()));
     cluster.shutdown().await;
 }
 
@@ -1063,7 +1063,7 @@ async fn a_permanent_delete_racing_a_new_lock_is_decided_one_way_only() {
         else {
             panic!("trial {trial}: the row is gone");
         };
-        let now = cairn_node::swarm::now_unix_ms();
+        let now = cairn_node::clock::now_unix_ms();
         match (deleted, locked) {
             (Ok(_), Err(LockError::Refused(GuardRefusal::Purged))) => {
                 deletes_won += 1;

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use cairn_node::clock::now_unix_ms;
 use cairn_node::identity::Identity;
 use cairn_node::pieces::PieceError;
-use cairn_node::swarm::{Node, NodeConfig, NodeError, now_unix_ms};
+use cairn_node::swarm::{Node, NodeConfig, NodeError};
 use cairn_protocol::ed25519_dalek::SigningKey;
 use cairn_protocol::erasure::{Scheme, SegmentEncoder, reconstruct};
 use cairn_protocol::ids::{FragmentId, NodeId, SiteId, UploadId};

@@ -152,7 +152,7 @@ impl CairnS3 {
         Ok(S3Response::new(UploadPartCopyOutput {
             copy_part_result: Some(CopyPartResult {
                 e_tag: Some(strong_etag(&etag)),
-                last_modified: Some(timestamp_of(cairn_node::swarm::now_unix_ms())),
+                last_modified: Some(timestamp_of(cairn_node::clock::now_unix_ms())),
                 ..Default::default()
             }),
             server_side_encryption: Some(ServerSideEncryption::from_static(

@@ -12,7 +12,7 @@ use cairn_protocol::metarpc::{MAX_ITEMS, Request, Response};
 
 use super::replica::{ReplicaError, UNFENCED};
 use super::{MAX_CLOCK_DRIFT_MS, MetaError, Metadata};
-use crate::swarm::now_unix_ms;
+use crate::clock::now_unix_ms;
 
 /// Rows asked for in one read while pulling.
 const PULL_BATCH: usize = 256;

@@ -29,9 +29,10 @@ use libp2p::StreamProtocol;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
+use crate::clock::now_unix_ms;
 use crate::identity::peer_id_of;
 use crate::mapsync::MapKeeper;
-use crate::swarm::{MEMBERSHIP_WAIT, Members, now_unix_ms};
+use crate::members::{MEMBERSHIP_WAIT, Members};
 use replica::{MetaReplica, ReplicaError};
 use rpc::merge_answers;
 
