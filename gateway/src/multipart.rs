@@ -3,27 +3,23 @@
 //! one data key, stored like an object's body; completing the upload writes
 //! one manifest listing the chosen parts, so no byte moves at completion.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use cairn_node::clock::now_unix_ms;
-use cairn_protocol::encryption::{SecretKey, part_stream_key};
-use cairn_protocol::erasure::SegmentLayout;
+use cairn_protocol::encryption::SecretKey;
 use cairn_protocol::ids::UploadId;
 use cairn_protocol::keywrap::{SALT_BYTES, unwrap_labelled_key, wrap_labelled_key};
-use cairn_protocol::manifest::{MAX_OBJECT_BYTES, MAX_PARTS, Manifest, Part, PartKeys};
+use cairn_protocol::manifest::{MAX_OBJECT_BYTES, MAX_PARTS, Part, PartKeys};
 use cairn_protocol::meta::{
     Partition, Register, RowKey, RowValue, Table, part_number_of, part_number_start, prefix_end,
     split_key_sort,
 };
-use cairn_protocol::pipeline::PutPipeline;
 use cairn_protocol::records::{PartRecord, ReleaseTarget, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
 use md5::Digest;
 
 use crate::checksum::{Algorithm, ChecksumRequest, composite};
 use crate::error::{GatewayError, GatewayResult};
-use crate::objects::{MAX_PUT_BYTES, ObjectStore, PushTarget, StreamPut, with_checksum};
+use crate::objects::{BodyWrite, ObjectCommit, ObjectStore, with_checksum};
 use cairn_model::heads::{WriteCondition, read_manifest};
 use cairn_model::kms::DataKeys;
 use cairn_model::rows::{part_row, register, release_entry, upload_row};
@@ -160,6 +156,145 @@ fn decode_register<T>(
     }
 }
 
+/// The checks of a completion's part list that need no stored state:
+/// at least one part, at most [`MAX_PARTS`], in ascending order.
+fn check_part_list(chosen: &[ChosenPart]) -> GatewayResult<()> {
+    if chosen.is_empty() {
+        return Err(GatewayError::InvalidArgument(
+            "You must specify at least one part".into(),
+        ));
+    }
+    if chosen.len() > MAX_PARTS {
+        return Err(GatewayError::InvalidArgument(format!(
+            "at most {MAX_PARTS} parts"
+        )));
+    }
+    if chosen.windows(2).any(|w| w[0].number >= w[1].number) {
+        return Err(GatewayError::InvalidPartOrder);
+    }
+    Ok(())
+}
+
+/// An object assembled from the parts a completion names.
+#[derive(Debug)]
+struct Assembled {
+    parts: Vec<Part>,
+    part_keys: PartKeys,
+    /// S3's multipart ETag: the MD5 of the parts' MD5s, a dash, the count.
+    etag: String,
+    /// S3's COMPOSITE checksum, when every part carries one algorithm's.
+    checksum: Option<(Algorithm, String)>,
+}
+
+/// S3's rules for completing an upload from its stored part attempts: each
+/// named part must exist with the ETag (and checksum) named; of several
+/// attempts so named the latest is taken (attempts that raced finish in
+/// any order); every part but the last holds at least [`MIN_PART_BYTES`];
+/// the whole is at most [`MAX_OBJECT_BYTES`]; and parts sealed by an older
+/// Cairn complete only together.
+fn assemble_parts(stored: &[PartAttempt], chosen: &[ChosenPart]) -> GatewayResult<Assembled> {
+    let mut parts = Vec::with_capacity(chosen.len());
+    let mut part_keys = Vec::with_capacity(chosen.len());
+    let mut part_checksums: Vec<Option<&(String, String)>> = Vec::with_capacity(chosen.len());
+    for (index, choice) in chosen.iter().enumerate() {
+        let (number, etag) = (&choice.number, &choice.etag);
+        // Of the attempts at this number, the latest whose ETag the
+        // client names: attempts that raced finish in any order.
+        let attempts: Vec<&PartRecord> = stored
+            .iter()
+            .filter(|a| a.number == *number)
+            .map(|a| &a.record)
+            .collect();
+        let named = attempts
+            .iter()
+            .copied()
+            .filter(|part| part.etag.trim_matches('"') == etag.trim_matches('"'))
+            .reduce(|a, b| if later(b, a) { b } else { a });
+        let part = match (
+            named,
+            attempts
+                .iter()
+                .copied()
+                .reduce(|a, b| if later(b, a) { b } else { a }),
+        ) {
+            (Some(part), _) => part,
+            (None, Some(latest)) => {
+                return Err(GatewayError::InvalidPart(format!(
+                    "part {number} has ETag {}, not {etag}",
+                    latest.etag
+                )));
+            }
+            (None, None) => {
+                return Err(GatewayError::InvalidPart(format!(
+                    "part {number} has not been uploaded"
+                )));
+            }
+        };
+        if index + 1 < chosen.len() && part.plaintext_len < MIN_PART_BYTES {
+            return Err(GatewayError::EntityTooSmall);
+        }
+        if let Some((algorithm, value)) = &choice.checksum
+            && part.checksum.as_ref()
+                != Some(&(algorithm.name().to_owned(), value.trim().to_owned()))
+        {
+            return Err(GatewayError::InvalidPart(format!(
+                "part {number} was not uploaded with the {} checksum {value}",
+                algorithm.name()
+            )));
+        }
+        part_checksums.push(part.checksum.as_ref());
+        part_keys.push(part.part_keys);
+        parts.push(Part {
+            number: *number,
+            upload: part.upload,
+            plaintext_len: part.plaintext_len,
+            segments: part.segments.clone(),
+        });
+    }
+    // One manifest says how every part was sealed: parts uploaded
+    // before per-attempt keys (format-1 part records) complete only
+    // together.
+    let part_keys = match part_keys.as_slice() {
+        [first, rest @ ..] if rest.iter().all(|k| k == first) => *first,
+        _ => {
+            return Err(GatewayError::InvalidPart(
+                "some parts were uploaded by an older version of Cairn, sealed another way: upload them again".into(),
+            ));
+        }
+    };
+    let total: u64 = parts.iter().map(|p: &Part| p.plaintext_len).sum();
+    if total > MAX_OBJECT_BYTES {
+        return Err(GatewayError::EntityTooLarge {
+            max: MAX_OBJECT_BYTES,
+        });
+    }
+    // The ETags named are the stored ones, so each is an MD5 in hex.
+    let etag = multipart_etag(chosen)
+        .ok_or_else(|| GatewayError::InvalidPart("a part's ETag is not an MD5".into()))?;
+    // Parts that all carry one algorithm's checksum give the object
+    // S3's composite checksum of them.
+    let mut checksum = None;
+    if let Some(Some((name, _))) = part_checksums.first()
+        && part_checksums
+            .iter()
+            .all(|c| c.is_some_and(|(other, _)| other == name))
+        && let Some(algorithm) = Algorithm::by_name(name)
+    {
+        let values: Vec<&str> = part_checksums
+            .iter()
+            .flatten()
+            .map(|(_, value)| value.as_str())
+            .collect();
+        checksum = composite(algorithm, &values)?.map(|value| (algorithm, value));
+    }
+    Ok(Assembled {
+        parts,
+        part_keys,
+        etag,
+        checksum,
+    })
+}
+
 impl ObjectStore {
     /// Starts a multipart upload: its scheme, data key and headers are
     /// fixed now.
@@ -246,68 +381,29 @@ impl ObjectStore {
         S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        if length > MAX_PUT_BYTES {
-            return Err(GatewayError::EntityTooLarge { max: MAX_PUT_BYTES });
-        }
         let record = self.upload(bucket, key, upload).await?;
         let data_key = self.upload_key(bucket, &record).await?;
-        let map = self.map()?;
-        let placer = Arc::new(Self::placer(&map, record.scheme)?);
-        let layout = SegmentLayout::with_defaults(record.scheme);
-        let started = now_unix_ms();
-        let deadline = self.index().write_deadline(started);
-        // Each attempt at a part gets its own upload id for its fragments'
-        // holds, recorded before the first fragment like a single PUT's,
-        // so that a part cut off, replaced or not chosen can be released
+        // Each attempt at a part is stored under its own upload id, so
+        // that a part cut off, replaced or not chosen can be released
         // alone (spec/gateway.md, "Collecting orphan fragments").
-        let attempt = UploadId(random_bytes());
-        let intent = UploadRecord {
-            upload: attempt,
-            started_unix_ms: started,
-            multipart: false,
-            scheme: record.scheme,
-            bucket_key_id: record.bucket_key_id.clone(),
-            wrapped_key: Vec::new(),
-            headers: StoredHeaders::default(),
-        };
-        let metadata = self.node().metadata();
-        metadata
-            .write(vec![(
-                upload_row(bucket, key, &attempt),
-                register(Some(intent.encode()), metadata.timestamp()),
-            )])
-            .await?;
-        let stream = StreamPut {
-            store: self,
-            placer,
-            target: PushTarget {
-                bucket,
-                key,
-                upload: attempt,
-                retain_until_unix_ms: 0,
-            },
-            deadline_unix_ms: deadline,
-        };
-        let streamed = stream
-            .run(
-                PutPipeline::new(&part_stream_key(&data_key, &attempt), number, layout),
-                length,
-                checksum.as_ref().map(ChecksumRequest::hasher),
+        let stored = self
+            .store_body(
+                BodyWrite {
+                    bucket,
+                    key,
+                    bucket_key_id: &record.bucket_key_id,
+                    scheme: record.scheme,
+                    data_key: &data_key,
+                    stream_id: number,
+                    length,
+                    content_md5,
+                    checksum: checksum.as_ref(),
+                },
                 body,
             )
             .await?;
-        let (segments, digest) = (streamed.segments, streamed.md5);
-        if content_md5.is_some_and(|expected| expected != digest) {
-            return Err(GatewayError::BadDigest);
-        }
-        let checksum_value = match (&checksum, streamed.checksum) {
-            (Some(request), Some(hasher)) => Some((request.algorithm, request.verify(hasher)?)),
-            _ => None,
-        };
-        let etag = format!("\"{}\"", cairn_protocol::to_hex(&digest));
-        if now_unix_ms() > deadline {
-            return Err(self.index().deadline_error().into());
-        }
+        let (attempt, etag, checksum_value) = (stored.upload, stored.etag, stored.checksum);
+        let metadata = self.node().metadata();
         let part = PartRecord {
             part_keys: PartKeys::PerAttempt,
             upload: attempt,
@@ -318,7 +414,7 @@ impl ObjectStore {
                 .as_ref()
                 .map(|(algorithm, value)| (algorithm.name().to_owned(), value.clone())),
             scheme: record.scheme,
-            segments,
+            segments: stored.segments,
         };
         // Other attempts at this number stay: the completion takes the one
         // whose ETag it names and releases the rest.
@@ -329,7 +425,7 @@ impl ObjectStore {
                     part_row(bucket, upload, number, &attempt),
                     register(Some(part.encode()), at),
                 ),
-                (upload_row(bucket, key, &attempt), register(None, at)),
+                (stored.intent, register(None, at)),
             ])
             .await?;
         // An upload completed or aborted while this part was on its way
@@ -454,19 +550,7 @@ impl ObjectStore {
         chosen: &[ChosenPart],
         condition: &WriteCondition,
     ) -> GatewayResult<ObjectVersion> {
-        if chosen.is_empty() {
-            return Err(GatewayError::InvalidArgument(
-                "You must specify at least one part".into(),
-            ));
-        }
-        if chosen.len() > MAX_PARTS {
-            return Err(GatewayError::InvalidArgument(format!(
-                "at most {MAX_PARTS} parts"
-            )));
-        }
-        if chosen.windows(2).any(|w| w[0].number >= w[1].number) {
-            return Err(GatewayError::InvalidPartOrder);
-        }
+        check_part_list(chosen)?;
         let deadline = self.index().write_deadline(now_unix_ms());
         let record = match self.upload(bucket, key, upload).await {
             Err(GatewayError::NoSuchUpload) => {
@@ -483,109 +567,16 @@ impl ObjectStore {
             other => other?,
         };
         let stored = self.all_part_attempts(bucket, upload).await?;
-        let mut parts = Vec::with_capacity(chosen.len());
-        let mut part_keys = Vec::with_capacity(chosen.len());
-        let mut md5_of_md5s = md5::Md5::new();
-        let mut part_checksums: Vec<Option<&(String, String)>> = Vec::with_capacity(chosen.len());
-        for (index, choice) in chosen.iter().enumerate() {
-            let (number, etag) = (&choice.number, &choice.etag);
-            // Of the attempts at this number, the latest whose ETag the
-            // client names: attempts that raced finish in any order.
-            let attempts: Vec<&PartRecord> = stored
-                .iter()
-                .filter(|a| a.number == *number)
-                .map(|a| &a.record)
-                .collect();
-            let named = attempts
-                .iter()
-                .copied()
-                .filter(|part| part.etag.trim_matches('"') == etag.trim_matches('"'))
-                .reduce(|a, b| if later(b, a) { b } else { a });
-            let part = match (
-                named,
-                attempts
-                    .iter()
-                    .copied()
-                    .reduce(|a, b| if later(b, a) { b } else { a }),
-            ) {
-                (Some(part), _) => part,
-                (None, Some(latest)) => {
-                    return Err(GatewayError::InvalidPart(format!(
-                        "part {number} has ETag {}, not {etag}",
-                        latest.etag
-                    )));
-                }
-                (None, None) => {
-                    return Err(GatewayError::InvalidPart(format!(
-                        "part {number} has not been uploaded"
-                    )));
-                }
-            };
-            if index + 1 < chosen.len() && part.plaintext_len < MIN_PART_BYTES {
-                return Err(GatewayError::EntityTooSmall);
-            }
-            if let Some((algorithm, value)) = &choice.checksum
-                && part.checksum.as_ref()
-                    != Some(&(algorithm.name().to_owned(), value.trim().to_owned()))
-            {
-                return Err(GatewayError::InvalidPart(format!(
-                    "part {number} was not uploaded with the {} checksum {value}",
-                    algorithm.name()
-                )));
-            }
-            part_checksums.push(part.checksum.as_ref());
-            let digest = cairn_protocol::from_hex::<16>(part.etag.trim_matches('"'))
-                .ok_or_else(|| GatewayError::Corrupt(format!("part {number} ETag")))?;
-            md5_of_md5s.update(digest);
-            part_keys.push(part.part_keys);
-            parts.push(Part {
-                number: *number,
-                upload: part.upload,
-                plaintext_len: part.plaintext_len,
-                segments: part.segments.clone(),
-            });
-        }
-        // One manifest says how every part was sealed: parts uploaded
-        // before per-attempt keys (format-1 part records) complete only
-        // together.
-        let part_keys = match part_keys.as_slice() {
-            [first, rest @ ..] if rest.iter().all(|k| k == first) => *first,
-            _ => {
-                return Err(GatewayError::InvalidPart(
-                    "some parts were uploaded by an older version of Cairn, sealed another way: upload them again".into(),
-                ));
-            }
-        };
-        let total: u64 = parts.iter().map(|p: &Part| p.plaintext_len).sum();
-        if total > MAX_OBJECT_BYTES {
-            return Err(GatewayError::EntityTooLarge {
-                max: MAX_OBJECT_BYTES,
-            });
-        }
-        let etag = format!(
-            "\"{}-{}\"",
-            cairn_protocol::to_hex(&md5_of_md5s.finalize()),
-            chosen.len()
-        );
-        // Parts that all carry one algorithm's checksum give the object
-        // S3's composite checksum of them.
+        let Assembled {
+            parts,
+            part_keys,
+            etag,
+            checksum,
+        } = assemble_parts(&stored, chosen)?;
         let mut headers = record.headers.clone();
-        if let Some(Some((name, _))) = part_checksums.first()
-            && part_checksums
-                .iter()
-                .all(|c| c.is_some_and(|(other, _)| other == name))
-            && let Some(algorithm) = Algorithm::by_name(name)
-        {
-            let values: Vec<&str> = part_checksums
-                .iter()
-                .flatten()
-                .map(|(_, value)| value.as_str())
-                .collect();
-            if let Some(value) = composite(algorithm, &values)? {
-                headers = with_checksum(headers, algorithm, value, "COMPOSITE")?;
-            }
+        if let Some((algorithm, value)) = checksum {
+            headers = with_checksum(headers, algorithm, value, "COMPOSITE")?;
         }
-        let version = self.index().new_version();
         // The data key was wrapped for the upload; the object's copy is
         // bound to its final version like any object's.
         let keys = DataKeys {
@@ -593,30 +584,22 @@ impl ObjectStore {
             bucket_key: self.kms().key(&record.bucket_key_id).await?,
             data_key: self.upload_key(bucket, &record).await?,
         };
-        let manifest = Manifest {
-            part_keys,
-            writer: self.node().node_id(),
-            created_unix_ms: now_unix_ms(),
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            version,
-            upload: *upload,
-            layout: SegmentLayout::with_defaults(record.scheme),
-            encryption: keys.envelope(bucket, key, version),
-            etag,
-            parts,
-        };
-        let kept: Vec<UploadId> = manifest.parts.iter().map(|p| p.upload).collect();
+        let kept: Vec<UploadId> = parts.iter().map(|p| p.upload).collect();
         let committed = self
-            .index()
-            .commit(
-                manifest,
-                &keys,
+            .commit_object(ObjectCommit {
+                bucket,
+                key,
+                upload: *upload,
+                scheme: record.scheme,
+                keys: &keys,
+                etag,
+                parts,
+                part_keys,
                 headers,
-                upload_row(bucket, key, upload),
+                intent: upload_row(bucket, key, upload),
                 condition,
-                deadline,
-            )
+                deadline_unix_ms: deadline,
+            })
             .await?;
         self.forget_unchosen_parts(bucket, key, upload, &kept)
             .await?;
@@ -758,5 +741,160 @@ impl ObjectStore {
                 _ => return Ok((uploads, false)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_protocol::erasure::Scheme;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn attempt(number: u32, etag: &str, at: u64, len: u64) -> PartAttempt {
+        PartAttempt {
+            number,
+            sort: Vec::new(),
+            record: PartRecord {
+                part_keys: PartKeys::PerAttempt,
+                upload: UploadId([at as u8; 16]),
+                uploaded_unix_ms: at,
+                plaintext_len: len,
+                etag: format!("\"{etag}\""),
+                checksum: None,
+                scheme: Scheme::new(4, 2).unwrap(),
+                segments: Vec::new(),
+            },
+        }
+    }
+
+    fn choose(number: u32, etag: &str) -> ChosenPart {
+        ChosenPart {
+            number,
+            etag: etag.to_owned(),
+            checksum: None,
+        }
+    }
+
+    const MD5_A: &str = "0cc175b9c0f1b6a831c399e269772661";
+    const MD5_B: &str = "92eb5ffee6ae2fec3ad71c777531578f";
+
+    #[test]
+    fn a_part_list_has_1_to_10000_parts_in_ascending_order() {
+        assert!(check_part_list(&[choose(1, MD5_A), choose(3, MD5_B)]).is_ok());
+        assert!(matches!(
+            check_part_list(&[]),
+            Err(GatewayError::InvalidArgument(_))
+        ));
+        for unordered in [
+            vec![choose(2, MD5_A), choose(1, MD5_B)],
+            vec![choose(1, MD5_A), choose(1, MD5_A)],
+        ] {
+            assert!(matches!(
+                check_part_list(&unordered),
+                Err(GatewayError::InvalidPartOrder)
+            ));
+        }
+        let too_many: Vec<ChosenPart> = (1..=MAX_PARTS as u32 + 1)
+            .map(|n| choose(n, MD5_A))
+            .collect();
+        assert!(matches!(
+            check_part_list(&too_many),
+            Err(GatewayError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn the_latest_attempt_with_the_named_etag_is_taken() {
+        let stored = [
+            attempt(1, MD5_A, 1, 5 * MIB),
+            attempt(1, MD5_B, 2, 5 * MIB),
+            attempt(1, MD5_A, 3, 5 * MIB),
+            attempt(2, MD5_B, 4, 1),
+        ];
+        let assembled = assemble_parts(&stored, &[choose(1, MD5_A), choose(2, MD5_B)]).unwrap();
+        assert_eq!(assembled.parts[0].upload, UploadId([3; 16]));
+        assert_eq!(assembled.parts[1].upload, UploadId([4; 16]));
+        assert_eq!(
+            assembled.etag, "\"96e024ba2074fe77e8e965ba43a704be-2\"",
+            "the MD5 of the parts' MD5s, a dash and the count"
+        );
+        let named_b = assemble_parts(&stored, &[choose(1, MD5_B)]).unwrap();
+        assert_eq!(named_b.parts[0].upload, UploadId([2; 16]));
+    }
+
+    #[test]
+    fn a_part_not_uploaded_or_with_another_etag_is_invalid() {
+        let stored = [attempt(1, MD5_A, 1, 5 * MIB)];
+        for chosen in [
+            vec![choose(1, MD5_B)],
+            vec![choose(1, MD5_A), choose(2, MD5_B)],
+        ] {
+            assert!(matches!(
+                assemble_parts(&stored, &chosen),
+                Err(GatewayError::InvalidPart(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn every_part_but_the_last_holds_5_mib() {
+        let stored = [attempt(1, MD5_A, 1, 5 * MIB - 1), attempt(2, MD5_B, 2, 1)];
+        assert!(matches!(
+            assemble_parts(&stored, &[choose(1, MD5_A), choose(2, MD5_B)]),
+            Err(GatewayError::EntityTooSmall)
+        ));
+        assert!(assemble_parts(&stored, &[choose(1, MD5_A)]).is_ok());
+    }
+
+    #[test]
+    fn an_object_of_more_than_5_tib_is_too_large() {
+        let stored = [
+            attempt(1, MD5_A, 1, MAX_OBJECT_BYTES / 2 + 1),
+            attempt(2, MD5_B, 2, MAX_OBJECT_BYTES / 2),
+        ];
+        assert!(matches!(
+            assemble_parts(&stored, &[choose(1, MD5_A), choose(2, MD5_B)]),
+            Err(GatewayError::EntityTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn parts_sealed_two_ways_do_not_complete_together() {
+        let mut old = attempt(1, MD5_A, 1, 5 * MIB);
+        old.record.part_keys = PartKeys::Shared;
+        let stored = [old, attempt(2, MD5_B, 2, 1)];
+        assert!(matches!(
+            assemble_parts(&stored, &[choose(1, MD5_A), choose(2, MD5_B)]),
+            Err(GatewayError::InvalidPart(_))
+        ));
+    }
+
+    #[test]
+    fn named_checksums_must_match_and_one_algorithm_gives_a_composite() {
+        // CRC32 of "one" and of "two", and the CRC32 of the two together.
+        let mut one = attempt(1, MD5_A, 1, 5 * MIB);
+        one.record.checksum = Some(("CRC32".into(), "emyG8Q==".into()));
+        let mut two = attempt(2, MD5_B, 2, 1);
+        two.record.checksum = Some(("CRC32".into(), "EcqKZg==".into()));
+        let stored = [one, two.clone()];
+        let both = [choose(1, MD5_A), choose(2, MD5_B)];
+        assert_eq!(
+            assemble_parts(&stored, &both).unwrap().checksum,
+            Some((Algorithm::Crc32, "uDltSA==-2".to_owned()))
+        );
+        let mut wrong = both.clone();
+        wrong[1].checksum = Some((Algorithm::Crc32, "emyG8Q==".into()));
+        assert!(matches!(
+            assemble_parts(&stored, &wrong),
+            Err(GatewayError::InvalidPart(_))
+        ));
+        let mut right = both.clone();
+        right[1].checksum = Some((Algorithm::Crc32, "EcqKZg==".into()));
+        assert!(assemble_parts(&stored, &right).is_ok());
+        // A part without a checksum: the object gets none.
+        let mixed = [attempt(1, MD5_A, 1, 5 * MIB), two];
+        assert_eq!(assemble_parts(&mixed, &both).unwrap().checksum, None);
     }
 }

@@ -24,6 +24,7 @@ use cairn_protocol::ids::{FragmentId, NodeId, UploadId};
 use cairn_protocol::keywrap::{WrapContext, unwrap_data_key};
 use cairn_protocol::manifest::{KeyKind, Manifest, Part, PartKeys, SegmentRef};
 use cairn_protocol::membership::SignedMap;
+use cairn_protocol::meta::RowKey;
 use cairn_protocol::pipeline::PutPipeline;
 use cairn_protocol::placement::{Placer, segment_placement_key};
 use cairn_protocol::records::{DegradedRecord, UploadRecord};
@@ -67,6 +68,57 @@ pub struct NewObject {
     pub content_md5: Option<[u8; 16]>,
     pub checksum: Option<ChecksumRequest>,
     pub condition: WriteCondition,
+}
+
+/// A body to store: where it goes, how it is sealed and what it must match.
+pub(crate) struct BodyWrite<'a> {
+    pub(crate) bucket: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) bucket_key_id: &'a str,
+    pub(crate) scheme: Scheme,
+    /// The key each attempt's stream key derives from: the object's data
+    /// key, or the multipart upload's.
+    pub(crate) data_key: &'a SecretKey,
+    /// 0 for an object's body, the part number for a part.
+    pub(crate) stream_id: u32,
+    /// As announced (Content-Length or the decoded length).
+    pub(crate) length: u64,
+    pub(crate) content_md5: Option<[u8; 16]>,
+    pub(crate) checksum: Option<&'a ChecksumRequest>,
+}
+
+/// A body stored durably under its own upload id, its digests checked.
+pub(crate) struct StoredBody {
+    pub(crate) upload: UploadId,
+    /// The intent row, cleared by whatever commits the body.
+    pub(crate) intent: RowKey,
+    pub(crate) segments: Vec<SegmentRef>,
+    /// The body's MD5, quoted, as S3 ETags are.
+    pub(crate) etag: String,
+    /// The checksum the client asked for, verified.
+    pub(crate) checksum: Option<(Algorithm, String)>,
+    /// When the write must have committed.
+    pub(crate) deadline_unix_ms: u64,
+}
+
+/// An object to commit: its parts, how they were sealed, its headers and
+/// the condition its head write must meet.
+pub(crate) struct ObjectCommit<'a> {
+    pub(crate) bucket: &'a str,
+    pub(crate) key: &'a str,
+    /// The upload the object's manifest names (a PUT's attempt, or the
+    /// multipart upload).
+    pub(crate) upload: UploadId,
+    pub(crate) scheme: Scheme,
+    pub(crate) keys: &'a DataKeys,
+    pub(crate) etag: String,
+    pub(crate) parts: Vec<Part>,
+    pub(crate) part_keys: PartKeys,
+    pub(crate) headers: StoredHeaders,
+    /// The intent row the commit clears.
+    pub(crate) intent: RowKey,
+    pub(crate) condition: &'a WriteCondition,
+    pub(crate) deadline_unix_ms: u64,
 }
 
 /// An object opened for reading: its manifest and data key.
@@ -127,103 +179,175 @@ impl ObjectStore {
         S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        if object.length > MAX_PUT_BYTES {
-            return Err(GatewayError::EntityTooLarge { max: MAX_PUT_BYTES });
-        }
         let map = self.map()?;
         let scheme = Self::scheme_for(&map, object.length)?;
-        let placer = Arc::new(Self::placer(&map, scheme)?);
-        let layout = SegmentLayout::with_defaults(scheme);
-        let metadata = self.node.metadata();
-        let version = self.index.new_version();
-        let upload = UploadId(random_bytes());
-        let started = now_unix_ms();
-
-        // The upload is recorded before any fragment exists, so that the
-        // fragments of a PUT that never commits can be found and collected.
-        let record = UploadRecord {
-            upload,
-            started_unix_ms: started,
-            multipart: false,
-            scheme,
-            bucket_key_id: object.bucket_key_id.clone(),
-            wrapped_key: Vec::new(),
-            headers: StoredHeaders::default(),
-        };
-        let upload_key = upload_row(&object.bucket, &object.key, &upload);
-        metadata
-            .write(vec![(
-                upload_key.clone(),
-                register(Some(record.encode()), metadata.timestamp()),
-            )])
-            .await?;
-
         let keys = DataKeys {
             bucket_key_id: object.bucket_key_id.clone(),
             bucket_key: self.kms.key(&object.bucket_key_id).await?,
             data_key: SecretKey::from_bytes(random_bytes()),
         };
+        let stored = self
+            .store_body(
+                BodyWrite {
+                    bucket: &object.bucket,
+                    key: &object.key,
+                    bucket_key_id: &object.bucket_key_id,
+                    scheme,
+                    data_key: &keys.data_key,
+                    stream_id: 0,
+                    length: object.length,
+                    content_md5: object.content_md5,
+                    checksum: object.checksum.as_ref(),
+                },
+                body,
+            )
+            .await?;
+        let mut headers = object.headers;
+        if let Some((algorithm, value)) = &stored.checksum {
+            headers = with_checksum(headers, *algorithm, value.clone(), "FULL_OBJECT")?;
+        }
+        self.commit_object(ObjectCommit {
+            bucket: &object.bucket,
+            key: &object.key,
+            upload: stored.upload,
+            scheme,
+            keys: &keys,
+            etag: stored.etag,
+            parts: vec![Part {
+                number: 0,
+                upload: stored.upload,
+                plaintext_len: object.length,
+                segments: stored.segments,
+            }],
+            part_keys: PartKeys::PerAttempt,
+            headers,
+            intent: stored.intent,
+            condition: &object.condition,
+            deadline_unix_ms: stored.deadline_unix_ms,
+        })
+        .await
+    }
 
+    /// The write path every body takes, an object's or a part's: its
+    /// intent recorded under a fresh upload id before any fragment exists
+    /// (so that fragments of a write that never commits can be found and
+    /// collected), then streamed through MD5, the checksum asked for,
+    /// encryption under that attempt's own stream key and erasure coding,
+    /// each segment pushed where placement says; then the digests are
+    /// checked. What it returns is durable but invisible until committed.
+    pub(crate) async fn store_body<S, E>(
+        &self,
+        write: BodyWrite<'_>,
+        body: S,
+    ) -> GatewayResult<StoredBody>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        if write.length > MAX_PUT_BYTES {
+            return Err(GatewayError::EntityTooLarge { max: MAX_PUT_BYTES });
+        }
+        let map = self.map()?;
+        let placer = Arc::new(Self::placer(&map, write.scheme)?);
+        let layout = SegmentLayout::with_defaults(write.scheme);
+        let metadata = self.node.metadata();
+        let upload = UploadId(random_bytes());
+        let started = now_unix_ms();
+        let intent = UploadRecord {
+            upload,
+            started_unix_ms: started,
+            multipart: false,
+            scheme: write.scheme,
+            bucket_key_id: write.bucket_key_id.to_owned(),
+            wrapped_key: Vec::new(),
+            headers: StoredHeaders::default(),
+        };
+        let intent_row = upload_row(write.bucket, write.key, &upload);
+        metadata
+            .write(vec![(
+                intent_row.clone(),
+                register(Some(intent.encode()), metadata.timestamp()),
+            )])
+            .await?;
         let deadline = self.index.write_deadline(started);
         let stream = StreamPut {
             store: self,
             placer,
             target: PushTarget {
-                bucket: &object.bucket,
-                key: &object.key,
+                bucket: write.bucket,
+                key: write.key,
                 upload,
                 retain_until_unix_ms: 0,
             },
             deadline_unix_ms: deadline,
         };
+        // No two attempts share a stream key: each derives its own from
+        // its upload id (spec/encryption.md, "Nonces").
         let streamed = stream
             .run(
-                PutPipeline::new(&part_stream_key(&keys.data_key, &upload), 0, layout),
-                object.length,
-                object.checksum.as_ref().map(ChecksumRequest::hasher),
+                PutPipeline::new(
+                    &part_stream_key(write.data_key, &upload),
+                    write.stream_id,
+                    layout,
+                ),
+                write.length,
+                write.checksum.map(ChecksumRequest::hasher),
                 body,
             )
             .await?;
-        let (segments, digest) = (streamed.segments, streamed.md5);
-        if object
+        if write
             .content_md5
-            .is_some_and(|expected| expected != digest)
+            .is_some_and(|expected| expected != streamed.md5)
         {
             return Err(GatewayError::BadDigest);
         }
-        let mut headers = object.headers;
-        if let (Some(request), Some(hasher)) = (&object.checksum, streamed.checksum) {
-            let value = request.verify(hasher)?;
-            headers = with_checksum(headers, request.algorithm, value, "FULL_OBJECT")?;
+        let checksum = match (write.checksum, streamed.checksum) {
+            (Some(request), Some(hasher)) => Some((request.algorithm, request.verify(hasher)?)),
+            _ => None,
+        };
+        if now_unix_ms() > deadline {
+            return Err(self.index.deadline_error().into());
         }
-        let etag = format!("\"{}\"", cairn_protocol::to_hex(&digest));
+        Ok(StoredBody {
+            upload,
+            intent: intent_row,
+            segments: streamed.segments,
+            etag: format!("\"{}\"", cairn_protocol::to_hex(&streamed.md5)),
+            checksum,
+            deadline_unix_ms: deadline,
+        })
+    }
+
+    /// Signs the manifest of an object made of `parts` and commits it
+    /// (ObjectIndex::commit): the last step of a PUT, a copy and a
+    /// multipart completion alike.
+    pub(crate) async fn commit_object(
+        &self,
+        object: ObjectCommit<'_>,
+    ) -> GatewayResult<ObjectVersion> {
+        let version = self.index.new_version();
         let manifest = Manifest {
-            part_keys: PartKeys::PerAttempt,
+            part_keys: object.part_keys,
             writer: self.node.node_id(),
             created_unix_ms: now_unix_ms(),
-            bucket: object.bucket.clone(),
-            key: object.key.clone(),
+            bucket: object.bucket.to_owned(),
+            key: object.key.to_owned(),
             version,
-            upload,
-            layout,
-            encryption: keys.envelope(&object.bucket, &object.key, version),
-            etag: etag.clone(),
-            parts: vec![Part {
-                number: 0,
-                upload,
-                plaintext_len: object.length,
-                segments,
-            }],
+            upload: object.upload,
+            layout: SegmentLayout::with_defaults(object.scheme),
+            encryption: object.keys.envelope(object.bucket, object.key, version),
+            etag: object.etag,
+            parts: object.parts,
         };
         Ok(self
             .index
             .commit(
                 manifest,
-                &keys,
-                headers,
-                upload_key,
-                &object.condition,
-                deadline,
+                object.keys,
+                object.headers,
+                object.intent,
+                object.condition,
+                object.deadline_unix_ms,
             )
             .await?)
     }
