@@ -89,6 +89,7 @@ impl From<ModelError> for GatewayError {
             ModelError::InvalidBucketName(why) => Self::InvalidBucketName(why),
             ModelError::InvalidArgument(why) => Self::InvalidArgument(why),
             ModelError::NoSuchKey => Self::NoSuchKey,
+            ModelError::NoSuchUpload => Self::NoSuchUpload,
             ModelError::PreconditionFailed => Self::PreconditionFailed,
             ModelError::WriteDeadline { minutes } => Self::WriteDeadline { minutes },
             ModelError::Unavailable(why) => Self::Unavailable(why),

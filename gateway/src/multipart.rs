@@ -4,26 +4,23 @@
 //! one manifest listing the chosen parts, so no byte moves at completion.
 
 use bytes::Bytes;
-use cairn_node::clock::now_unix_ms;
+use cairn_model::ModelError;
+use cairn_model::heads::{WriteCondition, read_manifest};
+use cairn_model::kms::DataKeys;
+use cairn_model::rows::upload_row;
+use cairn_model::uploads::{PartAttempt, later};
+use cairn_node::clock::{now_unix_ms, random_bytes};
 use cairn_protocol::encryption::SecretKey;
 use cairn_protocol::ids::UploadId;
 use cairn_protocol::keywrap::{SALT_BYTES, unwrap_labelled_key, wrap_labelled_key};
 use cairn_protocol::manifest::{MAX_OBJECT_BYTES, MAX_PARTS, Part, PartKeys};
-use cairn_protocol::meta::{
-    Partition, Register, RowKey, RowValue, Table, part_number_of, part_number_start, prefix_end,
-    split_key_sort,
-};
-use cairn_protocol::records::{PartRecord, ReleaseTarget, UploadRecord};
+use cairn_protocol::records::{PartRecord, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
 use md5::Digest;
 
 use crate::checksum::{Algorithm, ChecksumRequest, composite};
 use crate::error::{GatewayError, GatewayResult};
 use crate::objects::{BodyWrite, ObjectCommit, ObjectStore, with_checksum};
-use cairn_model::heads::{WriteCondition, read_manifest};
-use cairn_model::kms::DataKeys;
-use cairn_model::rows::{part_row, register, release_entry, upload_row};
-use cairn_node::clock::random_bytes;
 
 /// Every part but the last is at least this long, as in S3.
 pub const MIN_PART_BYTES: u64 = 5 << 20;
@@ -34,68 +31,6 @@ fn label(bucket: &str, upload: &UploadId) -> String {
     format!("upload/{bucket}/{upload}")
 }
 
-/// One stored attempt at a part, with its row's sort key.
-#[derive(Debug, Clone)]
-struct PartAttempt {
-    number: u32,
-    sort: Vec<u8>,
-    record: PartRecord,
-}
-
-/// Whether `a` is a later attempt than `b`: what ListParts shows of a part
-/// number with several.
-fn later(a: &PartRecord, b: &PartRecord) -> bool {
-    (a.uploaded_unix_ms, a.upload) > (b.uploaded_unix_ms, b.upload)
-}
-
-/// Pages through the part attempts of one upload, in sort key order.
-struct PartAttempts {
-    partition: Partition,
-    cursor: Option<Vec<u8>>,
-    end: Option<Vec<u8>>,
-}
-
-impl PartAttempts {
-    async fn next_page(&mut self, store: &ObjectStore) -> GatewayResult<Option<Vec<PartAttempt>>> {
-        let Some(cursor) = self.cursor.take() else {
-            return Ok(None);
-        };
-        let page = store
-            .node()
-            .metadata()
-            .range(
-                &self.partition,
-                Table::Parts,
-                &cursor,
-                self.end.as_deref(),
-                1000,
-            )
-            .await?;
-        let mut attempts = Vec::with_capacity(page.rows.len());
-        for (sort, value) in &page.rows {
-            let Some(number) = part_number_of(sort) else {
-                continue;
-            };
-            let Some(record) = decode_register(Some(value.clone()), PartRecord::decode)? else {
-                continue;
-            };
-            attempts.push(PartAttempt {
-                number: u32::from(number),
-                sort: sort.clone(),
-                record,
-            });
-        }
-        if page.more
-            && let Some((last, _)) = page.rows.last()
-        {
-            let mut next = last.clone();
-            next.push(0);
-            self.cursor = Some(next);
-        }
-        Ok(Some(attempts))
-    }
-}
-
 /// A part CompleteMultipartUpload names: its number, its ETag and the
 /// checksum the client holds for it, if any.
 #[derive(Debug, Clone)]
@@ -103,19 +38,6 @@ pub struct ChosenPart {
     pub number: u32,
     pub etag: String,
     pub checksum: Option<(Algorithm, String)>,
-}
-
-/// An upload in progress, as ListMultipartUploads shows it.
-#[derive(Debug, Clone)]
-pub struct UploadInfo {
-    pub key: String,
-    pub record: UploadRecord,
-}
-
-/// A page of ListParts.
-pub struct PartsPage {
-    pub parts: Vec<(u32, PartRecord)>,
-    pub truncated: bool,
 }
 
 pub fn check_part_number(number: i32) -> GatewayResult<u32> {
@@ -140,20 +62,6 @@ fn multipart_etag(chosen: &[ChosenPart]) -> Option<String> {
         cairn_protocol::to_hex(&md5_of_md5s.finalize()),
         chosen.len()
     ))
-}
-
-fn decode_register<T>(
-    value: Option<RowValue>,
-    decode: impl Fn(&[u8]) -> Result<T, cairn_protocol::records::RecordError>,
-) -> GatewayResult<Option<T>> {
-    match value {
-        Some(RowValue::Register(Register {
-            value: Some(bytes), ..
-        })) => decode(&bytes)
-            .map(Some)
-            .map_err(|e| GatewayError::Corrupt(e.to_string())),
-        _ => Ok(None),
-    }
 }
 
 /// The checks of a completion's part list that need no stored state:
@@ -324,33 +232,8 @@ impl ObjectStore {
             wrapped_key: wrapped.to_vec(),
             headers,
         };
-        let metadata = self.node().metadata();
-        metadata
-            .write(vec![(
-                upload_row(bucket, key, &upload),
-                register(Some(record.encode()), metadata.timestamp()),
-            )])
-            .await?;
+        self.uploads().create(bucket, key, &record).await?;
         Ok(upload)
-    }
-
-    /// The upload's record, or `NoSuchUpload`.
-    pub async fn upload(
-        &self,
-        bucket: &str,
-        key: &str,
-        upload: &UploadId,
-    ) -> GatewayResult<UploadRecord> {
-        let value = self
-            .node()
-            .metadata()
-            .read(vec![upload_row(bucket, key, upload)])
-            .await?
-            .remove(0);
-        match decode_register(value, UploadRecord::decode)? {
-            Some(record) if record.multipart => Ok(record),
-            _ => Err(GatewayError::NoSuchUpload),
-        }
     }
 
     async fn upload_key(&self, bucket: &str, record: &UploadRecord) -> GatewayResult<SecretKey> {
@@ -381,7 +264,7 @@ impl ObjectStore {
         S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let record = self.upload(bucket, key, upload).await?;
+        let record = self.uploads().get(bucket, key, upload).await?;
         let data_key = self.upload_key(bucket, &record).await?;
         // Each attempt at a part is stored under its own upload id, so
         // that a part cut off, replaced or not chosen can be released
@@ -402,11 +285,10 @@ impl ObjectStore {
                 body,
             )
             .await?;
-        let (attempt, etag, checksum_value) = (stored.upload, stored.etag, stored.checksum);
-        let metadata = self.node().metadata();
+        let (etag, checksum_value) = (stored.etag, stored.checksum);
         let part = PartRecord {
             part_keys: PartKeys::PerAttempt,
-            upload: attempt,
+            upload: stored.upload,
             uploaded_unix_ms: now_unix_ms(),
             plaintext_len: length,
             etag: etag.clone(),
@@ -416,94 +298,10 @@ impl ObjectStore {
             scheme: record.scheme,
             segments: stored.segments,
         };
-        // Other attempts at this number stay: the completion takes the one
-        // whose ETag it names and releases the rest.
-        let at = metadata.timestamp();
-        metadata
-            .write(vec![
-                (
-                    part_row(bucket, upload, number, &attempt),
-                    register(Some(part.encode()), at),
-                ),
-                (stored.intent, register(None, at)),
-            ])
+        self.uploads()
+            .record_part(bucket, key, upload, number, &part, stored.intent)
             .await?;
-        // An upload completed or aborted while this part was on its way
-        // did not see it: the part releases itself.
-        if let Err(GatewayError::NoSuchUpload) = self.upload(bucket, key, upload).await {
-            let at = metadata.timestamp();
-            metadata
-                .write(vec![release_entry(
-                    bucket,
-                    key,
-                    ReleaseTarget::Upload(attempt),
-                    at,
-                )])
-                .await?;
-            return Err(GatewayError::NoSuchUpload);
-        }
         Ok((etag, checksum_value.map(|(_, value)| value)))
-    }
-
-    /// The upload's parts from `after` on, at most `max`: for each part
-    /// number, its latest attempt.
-    pub async fn list_parts(
-        &self,
-        bucket: &str,
-        upload: &UploadId,
-        after: u32,
-        max: usize,
-    ) -> GatewayResult<PartsPage> {
-        let mut parts: Vec<(u32, PartRecord)> = Vec::new();
-        let mut attempts = self.part_attempts(bucket, upload, after);
-        loop {
-            let Some(page) = attempts.next_page(self).await? else {
-                return Ok(PartsPage {
-                    parts,
-                    truncated: false,
-                });
-            };
-            for attempt in page {
-                let full = parts.len() == max;
-                match parts.last_mut() {
-                    Some((number, latest)) if *number == attempt.number => {
-                        if later(&attempt.record, latest) {
-                            *latest = attempt.record;
-                        }
-                    }
-                    _ if full => {
-                        return Ok(PartsPage {
-                            parts,
-                            truncated: true,
-                        });
-                    }
-                    _ => parts.push((attempt.number, attempt.record)),
-                }
-            }
-        }
-    }
-
-    /// Every stored attempt at every part of `upload`, by part number.
-    async fn all_part_attempts(
-        &self,
-        bucket: &str,
-        upload: &UploadId,
-    ) -> GatewayResult<Vec<PartAttempt>> {
-        let mut all = Vec::new();
-        let mut attempts = self.part_attempts(bucket, upload, 0);
-        while let Some(page) = attempts.next_page(self).await? {
-            all.extend(page);
-        }
-        Ok(all)
-    }
-
-    fn part_attempts(&self, bucket: &str, upload: &UploadId, after: u32) -> PartAttempts {
-        let first = (after + 1).min(u32::from(u16::MAX)) as u16;
-        PartAttempts {
-            partition: Partition::bucket(bucket),
-            cursor: Some(part_number_start(upload.as_bytes(), first)),
-            end: prefix_end(upload.as_bytes()),
-        }
     }
 
     /// The key's current object if a completion of `upload` with these
@@ -552,21 +350,22 @@ impl ObjectStore {
     ) -> GatewayResult<ObjectVersion> {
         check_part_list(chosen)?;
         let deadline = self.index().write_deadline(now_unix_ms());
-        let record = match self.upload(bucket, key, upload).await {
-            Err(GatewayError::NoSuchUpload) => {
+        let record = match self.uploads().get(bucket, key, upload).await {
+            Err(ModelError::NoSuchUpload) => {
                 let (committed, kept) = self
                     .completed_by(bucket, key, upload, chosen)
                     .await?
                     .ok_or(GatewayError::NoSuchUpload)?;
                 // The first completion may have stopped before it forgot
                 // the part rows: finished here, as it would have.
-                self.forget_unchosen_parts(bucket, key, upload, &kept)
+                self.uploads()
+                    .forget_unchosen_parts(bucket, key, upload, &kept)
                     .await?;
                 return Ok(committed);
             }
             other => other?,
         };
-        let stored = self.all_part_attempts(bucket, upload).await?;
+        let stored = self.uploads().all_part_attempts(bucket, upload).await?;
         let Assembled {
             parts,
             part_keys,
@@ -601,146 +400,10 @@ impl ObjectStore {
                 deadline_unix_ms: deadline,
             })
             .await?;
-        self.forget_unchosen_parts(bucket, key, upload, &kept)
+        self.uploads()
+            .forget_unchosen_parts(bucket, key, upload, &kept)
             .await?;
         Ok(committed)
-    }
-
-    /// Deletes the part rows of a completed upload; the part attempts the
-    /// object does not keep go to the collector with them.
-    async fn forget_unchosen_parts(
-        &self,
-        bucket: &str,
-        key: &str,
-        upload: &UploadId,
-        kept: &[UploadId],
-    ) -> GatewayResult<()> {
-        let stored = self.all_part_attempts(bucket, upload).await?;
-        let unchosen: Vec<UploadId> = stored
-            .iter()
-            .map(|a| a.record.upload)
-            .filter(|attempt| !kept.contains(attempt))
-            .collect();
-        self.forget_parts(bucket, key, &stored, &unchosen).await
-    }
-
-    /// Aborts the upload; its fragments are left for the collector, which
-    /// releases them once no part in flight can still be stored.
-    pub async fn abort_upload(
-        &self,
-        bucket: &str,
-        key: &str,
-        upload: &UploadId,
-    ) -> GatewayResult<()> {
-        self.upload(bucket, key, upload).await?;
-        let metadata = self.node().metadata();
-        metadata
-            .write(vec![(
-                upload_row(bucket, key, upload),
-                register(None, metadata.timestamp()),
-            )])
-            .await?;
-        let stored = self.all_part_attempts(bucket, upload).await?;
-        let every: Vec<UploadId> = stored.iter().map(|a| a.record.upload).collect();
-        self.forget_parts(bucket, key, &stored, &every).await
-    }
-
-    /// Deletes the part rows of a finished upload, with a release row for
-    /// each of `released` in the same writes.
-    async fn forget_parts(
-        &self,
-        bucket: &str,
-        key: &str,
-        stored: &[PartAttempt],
-        released: &[UploadId],
-    ) -> GatewayResult<()> {
-        let metadata = self.node().metadata();
-        let at = metadata.timestamp();
-        let partition = Partition::bucket(bucket);
-        let rows: Vec<(RowKey, RowValue)> = stored
-            .iter()
-            .map(|a| {
-                (
-                    RowKey::new(partition.clone(), Table::Parts, a.sort.clone()),
-                    register(None, at),
-                )
-            })
-            .chain(
-                released
-                    .iter()
-                    .map(|r| release_entry(bucket, key, ReleaseTarget::Upload(*r), at)),
-            )
-            .collect();
-        for chunk in rows.chunks(1000) {
-            metadata.write(chunk.to_vec()).await?;
-        }
-        Ok(())
-    }
-
-    /// Multipart uploads in progress, by key then upload id, from the
-    /// markers on; at most `max`, and whether more remain.
-    pub async fn list_uploads(
-        &self,
-        bucket: &str,
-        prefix: &str,
-        key_marker: Option<&str>,
-        upload_marker: Option<&UploadId>,
-        max: usize,
-    ) -> GatewayResult<(Vec<UploadInfo>, bool)> {
-        let partition = Partition::bucket(bucket);
-        let mut cursor = match (key_marker, upload_marker) {
-            (Some(key), Some(upload)) => {
-                let mut sort = key.as_bytes().to_vec();
-                sort.push(0);
-                sort.extend_from_slice(upload.as_bytes());
-                sort.push(0);
-                sort
-            }
-            (Some(key), None) => {
-                let mut sort = key.as_bytes().to_vec();
-                sort.push(1);
-                sort
-            }
-            _ => prefix.as_bytes().to_vec(),
-        };
-        if cursor.as_slice() < prefix.as_bytes() {
-            cursor = prefix.as_bytes().to_vec();
-        }
-        let end = prefix_end(prefix.as_bytes());
-        let mut uploads = Vec::new();
-        loop {
-            let page = self
-                .node()
-                .metadata()
-                .range(&partition, Table::Uploads, &cursor, end.as_deref(), 1000)
-                .await?;
-            for (sort, value) in &page.rows {
-                let Some(record) = decode_register(Some(value.clone()), UploadRecord::decode)?
-                else {
-                    continue;
-                };
-                let Some((key, _)) = split_key_sort(sort) else {
-                    continue;
-                };
-                if !record.multipart {
-                    continue;
-                }
-                if uploads.len() == max {
-                    return Ok((uploads, true));
-                }
-                uploads.push(UploadInfo {
-                    key: key.to_owned(),
-                    record,
-                });
-            }
-            match page.rows.last() {
-                Some((last, _)) if page.more => {
-                    cursor = last.clone();
-                    cursor.push(0);
-                }
-                _ => return Ok((uploads, false)),
-            }
-        }
     }
 }
 

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use cairn_model::heads::{ObjectIndex, WriteCondition, read_manifest};
 use cairn_model::kms::{DataKeys, Kms};
 use cairn_model::rows::{degraded_row, register, upload_row};
+use cairn_model::uploads::Uploads;
 use cairn_node::clock::now_unix_ms;
 use cairn_node::clock::random_bytes;
 use cairn_node::swarm::NodeHandle;
@@ -143,6 +144,11 @@ impl ObjectStore {
     /// The heads, versions and manifests the data path commits to.
     pub fn index(&self) -> &ObjectIndex {
         &self.index
+    }
+
+    /// The multipart uploads' records.
+    pub fn uploads(&self) -> Uploads<'_> {
+        self.index.uploads()
     }
 
     pub(crate) fn kms(&self) -> &Kms {

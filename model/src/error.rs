@@ -18,6 +18,8 @@ pub enum ModelError {
     InvalidArgument(String),
     #[error("the key does not exist")]
     NoSuchKey,
+    #[error("the upload does not exist; it may have been completed or aborted")]
+    NoSuchUpload,
     #[error("at least one of the preconditions you specified did not hold")]
     PreconditionFailed,
     #[error("the write ran past its deadline of {minutes} minutes; nothing was committed")]

@@ -19,6 +19,7 @@ use cairn_protocol::version::{Lww, ObjectVersion, Retention, StoredHeaders, Vers
 use crate::error::{ModelError, ModelResult};
 use crate::kms::DataKeys;
 use crate::rows::{manifest_row, purge_rows, register, versions_row};
+use crate::uploads::Uploads;
 use cairn_node::clock::random_bytes;
 
 /// The precondition of a write, decided by the key's head register.
@@ -287,6 +288,11 @@ impl ObjectIndex {
 
     pub fn metadata(&self) -> &Metadata {
         self.node.metadata()
+    }
+
+    /// The multipart uploads.
+    pub fn uploads(&self) -> Uploads<'_> {
+        Uploads::new(self.node.metadata())
     }
 
     /// When a write starting at `started_unix_ms` must have committed

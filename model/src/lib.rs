@@ -15,5 +15,6 @@ pub mod listing;
 pub mod locks;
 pub mod registers;
 pub mod rows;
+pub mod uploads;
 
 pub use error::{ModelError, ModelResult};

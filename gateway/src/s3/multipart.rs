@@ -231,8 +231,10 @@ impl CairnS3 {
         self.bucket(&input.bucket).await?;
         let upload = parse_upload_id(&input.upload_id)?;
         self.objects
-            .abort_upload(&input.bucket, &input.key, &upload)
-            .await?;
+            .uploads()
+            .abort(&input.bucket, &input.key, &upload)
+            .await
+            .map_err(GatewayError::from)?;
         let mut response = S3Response::new(AbortMultipartUploadOutput::default());
         response.status = Some(http::StatusCode::NO_CONTENT);
         Ok(response)
@@ -246,8 +248,10 @@ impl CairnS3 {
         self.bucket(&input.bucket).await?;
         let upload = parse_upload_id(&input.upload_id)?;
         self.objects
-            .upload(&input.bucket, &input.key, &upload)
-            .await?;
+            .uploads()
+            .get(&input.bucket, &input.key, &upload)
+            .await
+            .map_err(GatewayError::from)?;
         let max = match input.max_parts {
             Some(n) if n < 0 => {
                 return Err(
@@ -269,8 +273,10 @@ impl CairnS3 {
         };
         let page = self
             .objects
+            .uploads()
             .list_parts(&input.bucket, &upload, after.min(MAX_PART_NUMBER), max)
-            .await?;
+            .await
+            .map_err(GatewayError::from)?;
         let next = page.parts.last().map(|(n, _)| *n as i32);
         let parts = page
             .parts
@@ -331,6 +337,7 @@ impl CairnS3 {
         let prefix = input.prefix.clone().unwrap_or_default();
         let (uploads, truncated) = self
             .objects
+            .uploads()
             .list_uploads(
                 &input.bucket,
                 &prefix,
@@ -338,7 +345,8 @@ impl CairnS3 {
                 upload_marker.as_ref(),
                 max,
             )
-            .await?;
+            .await
+            .map_err(GatewayError::from)?;
         let last = uploads
             .last()
             .map(|u| (u.key.clone(), u.record.upload.to_text()));
