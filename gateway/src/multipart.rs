@@ -20,7 +20,7 @@ use md5::Digest;
 
 use crate::checksum::{Algorithm, ChecksumRequest, composite};
 use crate::error::{GatewayError, GatewayResult};
-use crate::objects::{BodyWrite, ObjectCommit, ObjectStore, with_checksum};
+use crate::objects::{BodyWrite, ObjectCommit, ObjectStore, check_body_length, with_checksum};
 
 /// Every part but the last is at least this long, as in S3.
 pub const MIN_PART_BYTES: u64 = 5 << 20;
@@ -178,7 +178,7 @@ fn assemble_parts(stored: &[PartAttempt], chosen: &[ChosenPart]) -> GatewayResul
     }
     // The ETags named are the stored ones, so each is an MD5 in hex.
     let etag = multipart_etag(chosen)
-        .ok_or_else(|| GatewayError::InvalidPart("a part's ETag is not an MD5".into()))?;
+        .ok_or_else(|| GatewayError::Corrupt("a stored part's ETag is not an MD5".into()))?;
     // Parts that all carry one algorithm's checksum give the object
     // S3's composite checksum of them.
     let mut checksum = None;
@@ -264,6 +264,7 @@ impl ObjectStore {
         S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
+        check_body_length(length)?;
         let record = self.uploads().get(bucket, key, upload).await?;
         let data_key = self.upload_key(bucket, &record).await?;
         // Each attempt at a part is stored under its own upload id, so

@@ -185,6 +185,7 @@ impl ObjectStore {
         S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
+        check_body_length(object.length)?;
         let map = self.map()?;
         let scheme = Self::scheme_for(&map, object.length)?;
         let keys = DataKeys {
@@ -250,9 +251,7 @@ impl ObjectStore {
         S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        if write.length > MAX_PUT_BYTES {
-            return Err(GatewayError::EntityTooLarge { max: MAX_PUT_BYTES });
-        }
+        check_body_length(write.length)?;
         let map = self.map()?;
         let placer = Arc::new(Self::placer(&map, write.scheme)?);
         let layout = SegmentLayout::with_defaults(write.scheme);
@@ -909,6 +908,15 @@ impl StreamPut<'_> {
             }
         }
     }
+}
+
+/// A PUT's or a part's body is at most 5 GiB: checked before anything is
+/// read or written.
+pub(crate) fn check_body_length(length: u64) -> GatewayResult<()> {
+    if length > MAX_PUT_BYTES {
+        return Err(GatewayError::EntityTooLarge { max: MAX_PUT_BYTES });
+    }
+    Ok(())
 }
 
 /// What a failed body means. s3s checks a signed payload's SHA-256 as the

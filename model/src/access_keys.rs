@@ -42,6 +42,12 @@ fn secret_of(seed: &SecretKey) -> String {
     base64::engine::general_purpose::STANDARD.encode(&seed.as_bytes()[..30])
 }
 
+/// Whether `id` has the shape of an access key id: 16 to 128 letters and
+/// digits.
+fn is_key_id(id: &str) -> bool {
+    (16..=128).contains(&id.len()) && id.bytes().all(|c| c.is_ascii_alphanumeric())
+}
+
 /// An access key id: "CK" then 18 characters of RFC 4648 base32 (the
 /// shape of AWS's ids, so that every client accepts it).
 fn new_key_id() -> String {
@@ -88,7 +94,7 @@ impl AccessKeys {
                 "a key name has at most {MAX_KEY_NAME_BYTES} bytes"
             )));
         }
-        if !(16..=128).contains(&id.len()) || !id.bytes().all(|c| c.is_ascii_alphanumeric()) {
+        if !is_key_id(id) {
             return Err(ModelError::InvalidArgument(
                 "an access key id is 16 to 128 letters and digits".into(),
             ));
@@ -136,12 +142,18 @@ impl AccessKeys {
 
     /// The secret of key `id`, or `None` when there is no such key.
     pub async fn secret(&self, id: &str) -> ModelResult<Option<String>> {
+        // Any client names ids: one no key can have is answered unread.
+        if !is_key_id(id) {
+            return Ok(None);
+        }
         let Some(record) = self.table.get(id).await? else {
             return Ok(None);
         };
         let seed =
             unwrap_labelled_key(self.kms.root().secret(), &record.wrapped_secret, &label(id))
                 .map_err(|e| {
+                    // Read again next time: the row may be repaired.
+                    self.table.forget(id);
                     ModelError::Corrupt(format!(
                         "access key {id} does not unwrap under this gateway's root key: {e}"
                     ))

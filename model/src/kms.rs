@@ -152,6 +152,8 @@ impl Kms {
             .ok_or_else(|| ModelError::Corrupt(format!("KMS key {id:?} is missing")))?;
         let key = unwrap_labelled_key(self.root.secret(), &record.wrapped_key, &Self::label(id))
             .map_err(|e| {
+                // Read again next time: the row may be repaired.
+                self.table.forget(id);
                 ModelError::Corrupt(format!(
                     "KMS key {id:?} does not unwrap under this gateway's root key: {e}"
                 ))

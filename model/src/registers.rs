@@ -3,7 +3,6 @@
 //! name, read through a small per-gateway cache.
 
 use std::collections::HashMap;
-use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,24 +71,82 @@ pub enum Caching {
     WriteOnce,
 }
 
+impl Caching {
+    /// Whether what a read found at `at` may still be answered.
+    fn trusts<R>(self, at: Instant, record: &Option<R>) -> bool {
+        match self {
+            Caching::For(trusted) => at.elapsed() < trusted,
+            Caching::WriteOnce => record.is_some(),
+        }
+    }
+}
+
 /// A record or its absence, and when it was read.
 type Cached<R> = (Instant, Option<R>);
+
+/// What one gateway remembers of a register table: at most [`MAX_CACHED`]
+/// names. When full, expired entries go first, then absences (names that
+/// clients choose), then everything.
+struct RegisterCache<R> {
+    caching: Caching,
+    entries: HashMap<String, Cached<R>>,
+    /// Counts writes made through this gateway: a read that began before
+    /// one is not remembered, since it may have read what was replaced.
+    generation: u64,
+}
+
+impl<R: Clone> RegisterCache<R> {
+    fn new(caching: Caching) -> Self {
+        Self {
+            caching,
+            entries: HashMap::new(),
+            generation: 0,
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<Option<R>> {
+        let (at, record) = self.entries.get(name)?;
+        self.caching.trusts(*at, record).then(|| record.clone())
+    }
+
+    /// Remembers what a read that began at `generation` found.
+    fn remember(&mut self, name: &str, record: Option<R>, generation: u64) {
+        if generation != self.generation || !self.caching.trusts(Instant::now(), &record) {
+            return;
+        }
+        if self.entries.len() >= MAX_CACHED && !self.entries.contains_key(name) {
+            let caching = self.caching;
+            self.entries
+                .retain(|_, (at, record)| caching.trusts(*at, record));
+            if self.entries.len() >= MAX_CACHED {
+                self.entries.retain(|_, (_, record)| record.is_some());
+            }
+            if self.entries.len() >= MAX_CACHED {
+                self.entries.clear();
+            }
+        }
+        self.entries
+            .insert(name.to_owned(), (Instant::now(), record));
+    }
+
+    /// Forgets `name`, and every read in flight.
+    fn forget(&mut self, name: &str) {
+        self.generation += 1;
+        self.entries.remove(name);
+    }
+}
 
 /// One register table, typed by its record. Cheap to clone.
 pub struct RegisterTable<R> {
     metadata: Metadata,
-    caching: Caching,
-    cache: Arc<Mutex<HashMap<String, Cached<R>>>>,
-    record: PhantomData<fn() -> R>,
+    cache: Arc<Mutex<RegisterCache<R>>>,
 }
 
 impl<R> Clone for RegisterTable<R> {
     fn clone(&self) -> Self {
         Self {
             metadata: self.metadata.clone(),
-            caching: self.caching,
             cache: self.cache.clone(),
-            record: PhantomData,
         }
     }
 }
@@ -98,9 +155,7 @@ impl<R: RegisterRecord> RegisterTable<R> {
     pub fn new(metadata: Metadata, caching: Caching) -> Self {
         Self {
             metadata,
-            caching,
-            cache: Arc::default(),
-            record: PhantomData,
+            cache: Arc::new(Mutex::new(RegisterCache::new(caching))),
         }
     }
 
@@ -123,39 +178,19 @@ impl<R: RegisterRecord> RegisterTable<R> {
         }
     }
 
-    fn cached(&self, name: &str) -> Option<Option<R>> {
-        let cache = self.cache.lock().expect("register cache");
-        let (at, record) = cache.get(name)?;
-        match self.caching {
-            Caching::For(trusted) if at.elapsed() < trusted => Some(record.clone()),
-            Caching::WriteOnce if record.is_some() => Some(record.clone()),
-            _ => None,
-        }
+    fn cache(&self) -> std::sync::MutexGuard<'_, RegisterCache<R>> {
+        self.cache.lock().expect("register cache")
     }
 
-    fn remember(&self, name: &str, record: Option<R>) {
-        if self.caching == Caching::WriteOnce && record.is_none() {
-            return;
-        }
-        let mut cache = self.cache.lock().expect("register cache");
-        if cache.len() >= MAX_CACHED && !cache.contains_key(name) {
-            if let Caching::For(trusted) = self.caching {
-                cache.retain(|_, (at, _)| at.elapsed() < trusted);
-            }
-            if cache.len() >= MAX_CACHED {
-                cache.clear();
-            }
-        }
-        cache.insert(name.to_owned(), (Instant::now(), record));
-    }
-
-    fn forget(&self, name: &str) {
-        self.cache.lock().expect("register cache").remove(name);
+    /// Drops what is remembered of `name`: its record turned out unusable
+    /// (a key that does not unwrap), so the next use reads it again.
+    pub fn forget(&self, name: &str) {
+        self.cache().forget(name);
     }
 
     /// The record named `name`, from the cache while it is trusted.
     pub async fn get(&self, name: &str) -> ModelResult<Option<R>> {
-        if let Some(record) = self.cached(name) {
+        if let Some(record) = self.cache().get(name) {
             return Ok(record);
         }
         self.get_fresh(name).await
@@ -163,9 +198,10 @@ impl<R: RegisterRecord> RegisterTable<R> {
 
     /// The record named `name` as a majority of replicas hold it now.
     pub async fn get_fresh(&self, name: &str) -> ModelResult<Option<R>> {
+        let generation = self.cache().generation;
         let value = self.metadata.read(vec![Self::row(name)]).await?.remove(0);
         let record = Self::decode(name, value.as_ref())?;
-        self.remember(name, record.clone());
+        self.cache().remember(name, record.clone(), generation);
         Ok(record)
     }
 
@@ -215,5 +251,54 @@ impl<R: RegisterRecord> RegisterTable<R> {
                 _ => return Ok(records),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A_WHILE: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn absences_are_kept_only_when_reads_expire() {
+        let mut expiring = RegisterCache::new(Caching::For(A_WHILE));
+        expiring.remember("gone", None::<u8>, 0);
+        assert_eq!(expiring.get("gone"), Some(None));
+        let mut write_once = RegisterCache::new(Caching::WriteOnce);
+        write_once.remember("gone", None::<u8>, 0);
+        write_once.remember("here", Some(1), 0);
+        assert_eq!(write_once.get("gone"), None);
+        assert_eq!(write_once.get("here"), Some(Some(1)));
+        let mut expired = RegisterCache::new(Caching::For(Duration::ZERO));
+        expired.remember("here", Some(1u8), 0);
+        assert_eq!(expired.get("here"), None);
+    }
+
+    #[test]
+    fn a_read_that_began_before_a_write_is_not_remembered() {
+        let mut cache = RegisterCache::new(Caching::For(A_WHILE));
+        let began = cache.generation;
+        cache.forget("key");
+        cache.remember("key", Some(1u8), began);
+        assert_eq!(cache.get("key"), None);
+        cache.remember("key", Some(2), cache.generation);
+        assert_eq!(cache.get("key"), Some(Some(2)));
+    }
+
+    #[test]
+    fn names_clients_choose_cannot_push_out_records() {
+        let mut cache = RegisterCache::new(Caching::For(A_WHILE));
+        cache.remember("real", Some(7u8), 0);
+        for n in 0..3 * MAX_CACHED {
+            cache.remember(&format!("random-{n}"), None, 0);
+            assert!(cache.entries.len() <= MAX_CACHED);
+        }
+        assert_eq!(cache.get("real"), Some(Some(7)));
+        // Past the bound with records alone, the cache starts over.
+        for n in 0..MAX_CACHED {
+            cache.remember(&format!("record-{n}"), Some(0), 0);
+        }
+        assert!(cache.entries.len() <= MAX_CACHED);
     }
 }
