@@ -81,18 +81,22 @@ impl Caching {
     }
 }
 
-/// A record or its absence, and when it was read.
+/// A record or its absence, and when the read that found it began.
 type Cached<R> = (Instant, Option<R>);
 
 /// What one gateway remembers of a register table: at most [`MAX_CACHED`]
 /// names. When full, expired entries go first, then absences (names that
-/// clients choose), then everything.
+/// clients choose), then everything. An entry's age counts from when its
+/// read began, so a slow read is trusted no longer than a fast one.
 struct RegisterCache<R> {
     caching: Caching,
     entries: HashMap<String, Cached<R>>,
-    /// Counts writes made through this gateway: a read that began before
-    /// one is not remembered, since it may have read what was replaced.
-    generation: u64,
+    /// When each name was last written (or found unusable) through this
+    /// gateway: a read of it that began before then is not remembered.
+    written: HashMap<String, Instant>,
+    /// Reads that began before this are not remembered at all: set when
+    /// `written` was full and started over.
+    written_all: Option<Instant>,
 }
 
 impl<R: Clone> RegisterCache<R> {
@@ -100,24 +104,32 @@ impl<R: Clone> RegisterCache<R> {
         Self {
             caching,
             entries: HashMap::new(),
-            generation: 0,
+            written: HashMap::new(),
+            written_all: None,
         }
     }
 
     fn get(&self, name: &str) -> Option<Option<R>> {
-        let (at, record) = self.entries.get(name)?;
-        self.caching.trusts(*at, record).then(|| record.clone())
+        let (began, record) = self.entries.get(name)?;
+        self.caching.trusts(*began, record).then(|| record.clone())
     }
 
-    /// Remembers what a read that began at `generation` found.
-    fn remember(&mut self, name: &str, record: Option<R>, generation: u64) {
-        if generation != self.generation || !self.caching.trusts(Instant::now(), &record) {
+    /// Remembers what a read of `name` that began at `began` found, unless
+    /// the name was written since or a later read is already remembered.
+    fn remember(&mut self, name: &str, record: Option<R>, began: Instant) {
+        let stale = self.written_all.is_some_and(|at| began <= at)
+            || self.written.get(name).is_some_and(|at| began <= *at)
+            || self
+                .entries
+                .get(name)
+                .is_some_and(|(other, _)| *other > began);
+        if stale || !self.caching.trusts(began, &record) {
             return;
         }
         if self.entries.len() >= MAX_CACHED && !self.entries.contains_key(name) {
             let caching = self.caching;
             self.entries
-                .retain(|_, (at, record)| caching.trusts(*at, record));
+                .retain(|_, (began, record)| caching.trusts(*began, record));
             if self.entries.len() >= MAX_CACHED {
                 self.entries.retain(|_, (_, record)| record.is_some());
             }
@@ -125,14 +137,18 @@ impl<R: Clone> RegisterCache<R> {
                 self.entries.clear();
             }
         }
-        self.entries
-            .insert(name.to_owned(), (Instant::now(), record));
+        self.entries.insert(name.to_owned(), (began, record));
     }
 
-    /// Forgets `name`, and every read in flight.
+    /// Forgets `name`, and what reads of it in flight will find.
     fn forget(&mut self, name: &str) {
-        self.generation += 1;
+        let now = Instant::now();
         self.entries.remove(name);
+        if self.written.len() >= MAX_CACHED && !self.written.contains_key(name) {
+            self.written.clear();
+            self.written_all = Some(now);
+        }
+        self.written.insert(name.to_owned(), now);
     }
 }
 
@@ -198,10 +214,10 @@ impl<R: RegisterRecord> RegisterTable<R> {
 
     /// The record named `name` as a majority of replicas hold it now.
     pub async fn get_fresh(&self, name: &str) -> ModelResult<Option<R>> {
-        let generation = self.cache().generation;
+        let began = Instant::now();
         let value = self.metadata.read(vec![Self::row(name)]).await?.remove(0);
         let record = Self::decode(name, value.as_ref())?;
-        self.cache().remember(name, record.clone(), generation);
+        self.cache().remember(name, record.clone(), began);
         Ok(record)
     }
 
@@ -218,13 +234,16 @@ impl<R: RegisterRecord> RegisterTable<R> {
     async fn write(&self, name: &str, value: Option<Vec<u8>>) -> ModelResult<()> {
         self.forget(name);
         let at = self.metadata.timestamp();
-        self.metadata
+        let written = self
+            .metadata
             .write(vec![(
                 Self::row(name),
                 RowValue::Register(Register { at, value }),
             )])
-            .await?;
+            .await;
+        // Also after a failure: the write may still reach a majority.
         self.forget(name);
+        written?;
         Ok(())
     }
 
@@ -262,43 +281,75 @@ mod tests {
 
     #[test]
     fn absences_are_kept_only_when_reads_expire() {
+        let now = Instant::now();
         let mut expiring = RegisterCache::new(Caching::For(A_WHILE));
-        expiring.remember("gone", None::<u8>, 0);
+        expiring.remember("gone", None::<u8>, now);
         assert_eq!(expiring.get("gone"), Some(None));
         let mut write_once = RegisterCache::new(Caching::WriteOnce);
-        write_once.remember("gone", None::<u8>, 0);
-        write_once.remember("here", Some(1), 0);
+        write_once.remember("gone", None::<u8>, now);
+        write_once.remember("here", Some(1), now);
         assert_eq!(write_once.get("gone"), None);
         assert_eq!(write_once.get("here"), Some(Some(1)));
         let mut expired = RegisterCache::new(Caching::For(Duration::ZERO));
-        expired.remember("here", Some(1u8), 0);
+        expired.remember("here", Some(1u8), now);
         assert_eq!(expired.get("here"), None);
     }
 
     #[test]
-    fn a_read_that_began_before_a_write_is_not_remembered() {
+    fn a_read_that_began_before_a_write_of_its_name_is_not_remembered() {
         let mut cache = RegisterCache::new(Caching::For(A_WHILE));
-        let began = cache.generation;
+        let began = Instant::now();
         cache.forget("key");
         cache.remember("key", Some(1u8), began);
-        assert_eq!(cache.get("key"), None);
-        cache.remember("key", Some(2), cache.generation);
+        assert_eq!(cache.get("key"), None, "began before the write");
+        cache.remember("other", Some(3), began);
+        assert_eq!(
+            cache.get("other"),
+            Some(Some(3)),
+            "another name is not held up"
+        );
+        let later = Instant::now() + Duration::from_millis(1);
+        cache.remember("key", Some(2), later);
+        assert_eq!(cache.get("key"), Some(Some(2)));
+        // A slow read that began earlier does not replace a later one.
+        cache.remember("key", None, later - Duration::from_millis(1));
         assert_eq!(cache.get("key"), Some(Some(2)));
     }
 
     #[test]
+    fn an_entry_ages_from_when_its_read_began() {
+        let mut cache = RegisterCache::new(Caching::For(Duration::from_secs(10)));
+        let long_ago = Instant::now() - Duration::from_secs(11);
+        cache.remember("slow", Some(1u8), long_ago);
+        assert_eq!(cache.get("slow"), None);
+    }
+
+    #[test]
     fn names_clients_choose_cannot_push_out_records() {
+        let now = Instant::now();
         let mut cache = RegisterCache::new(Caching::For(A_WHILE));
-        cache.remember("real", Some(7u8), 0);
+        cache.remember("real", Some(7u8), now);
         for n in 0..3 * MAX_CACHED {
-            cache.remember(&format!("random-{n}"), None, 0);
+            cache.remember(&format!("random-{n}"), None, now);
             assert!(cache.entries.len() <= MAX_CACHED);
         }
         assert_eq!(cache.get("real"), Some(Some(7)));
         // Past the bound with records alone, the cache starts over.
         for n in 0..MAX_CACHED {
-            cache.remember(&format!("record-{n}"), Some(0), 0);
+            cache.remember(&format!("record-{n}"), Some(0), now);
         }
         assert!(cache.entries.len() <= MAX_CACHED);
+    }
+
+    #[test]
+    fn writes_to_many_names_still_hold_back_older_reads() {
+        let mut cache = RegisterCache::new(Caching::For(A_WHILE));
+        let began = Instant::now();
+        for n in 0..2 * MAX_CACHED {
+            cache.forget(&format!("name-{n}"));
+        }
+        assert!(cache.written.len() <= MAX_CACHED);
+        cache.remember("name-0", Some(1u8), began);
+        assert_eq!(cache.get("name-0"), None);
     }
 }

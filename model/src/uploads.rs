@@ -147,19 +147,24 @@ impl<'a> Uploads<'a> {
                 (intent, register(None, at)),
             ])
             .await?;
-        if let Err(ModelError::NoSuchUpload) = self.get(bucket, key, upload).await {
-            let at = self.metadata.timestamp();
-            self.metadata
-                .write(vec![release_entry(
-                    bucket,
-                    key,
-                    ReleaseTarget::Upload(part.upload),
-                    at,
-                )])
-                .await?;
-            return Err(ModelError::NoSuchUpload);
+        match self.get(bucket, key, upload).await {
+            Ok(_) => Ok(()),
+            Err(ModelError::NoSuchUpload) => {
+                let at = self.metadata.timestamp();
+                self.metadata
+                    .write(vec![release_entry(
+                        bucket,
+                        key,
+                        ReleaseTarget::Upload(part.upload),
+                        at,
+                    )])
+                    .await?;
+                Err(ModelError::NoSuchUpload)
+            }
+            // Not knowing is an error too: the client asks again rather
+            // than count on a part of an upload that may be gone.
+            Err(other) => Err(other),
         }
-        Ok(())
     }
 
     /// The upload's record, or `NoSuchUpload`.
@@ -263,6 +268,8 @@ impl<'a> Uploads<'a> {
     /// releases them once no part in flight can still be stored.
     pub async fn abort(&self, bucket: &str, key: &str, upload: &UploadId) -> ModelResult<()> {
         self.get(bucket, key, upload).await?;
+        // The record goes first: a part recorded after this finds no
+        // upload and releases itself.
         let metadata = self.metadata;
         metadata
             .write(vec![(
@@ -275,8 +282,9 @@ impl<'a> Uploads<'a> {
         self.forget_parts(bucket, key, &stored, &every).await
     }
 
-    /// Deletes the part rows of a finished upload, with a release row for
-    /// each of `released` in the same writes.
+    /// Deletes the part rows of a finished upload, after writing a release
+    /// row for each of `released`: cut off between two writes, it has
+    /// deleted no part row whose attempt it was to release and did not.
     async fn forget_parts(
         &self,
         bucket: &str,
@@ -287,19 +295,15 @@ impl<'a> Uploads<'a> {
         let metadata = self.metadata;
         let at = metadata.timestamp();
         let partition = Partition::bucket(bucket);
-        let rows: Vec<(RowKey, RowValue)> = stored
+        let rows: Vec<(RowKey, RowValue)> = released
             .iter()
-            .map(|a| {
+            .map(|r| release_entry(bucket, key, ReleaseTarget::Upload(*r), at))
+            .chain(stored.iter().map(|a| {
                 (
                     RowKey::new(partition.clone(), Table::Parts, a.sort.clone()),
                     register(None, at),
                 )
-            })
-            .chain(
-                released
-                    .iter()
-                    .map(|r| release_entry(bucket, key, ReleaseTarget::Upload(*r), at)),
-            )
+            }))
             .collect();
         for chunk in rows.chunks(1000) {
             metadata.write(chunk.to_vec()).await?;

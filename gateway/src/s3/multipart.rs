@@ -15,6 +15,7 @@ use super::headers::{
 use crate::checksum::{Algorithm, ChecksumRequest};
 use crate::error::GatewayError;
 use crate::multipart::{ChosenPart, MAX_PART_NUMBER, check_part_number};
+use crate::objects::check_body_length;
 use crate::protections::{Operation, WithCopySource, refuse_unoffered};
 
 fn parse_upload_id(text: &str) -> Result<UploadId, GatewayError> {
@@ -134,6 +135,13 @@ impl CairnS3 {
                     .map_err(|_| GatewayError::InvalidRange { size })?
             }
         };
+        // Refusals that need no source byte come before any is read.
+        check_body_length(range.end - range.start)?;
+        self.objects
+            .uploads()
+            .get(&input.bucket, &input.key, &upload)
+            .await
+            .map_err(GatewayError::from)?;
         let open = self.objects.open(&source).await?;
         let body = self.source_stream(open, range.clone());
         let (etag, _) = self
