@@ -494,11 +494,18 @@ async fn a_register_read_under_an_old_map_is_refused_past_the_fence() {
         answer(metadata, read(1)).await,
         Response::RegisterState { .. }
     ));
-    // A request under map 5 raises this replica's fence to 5.
+    // A newer map, once this node has verified it, raises the fence with
+    // the first request that names it.
+    let mut newer = cluster.map();
+    newer.version = 2;
+    cluster
+        .install_map(newer, Scheme::new(4, 2).unwrap())
+        .await
+        .unwrap();
     let raised = answer(
         metadata,
         Call {
-            map_version: 5,
+            map_version: 2,
             request: Request::Write { rows: Vec::new() },
         },
     )
@@ -514,6 +521,89 @@ async fn a_register_read_under_an_old_map_is_refused_past_the_fence() {
             }
         ),
         "{refused:?}"
+    );
+    cluster.shutdown().await;
+}
+
+/// A member cannot raise a replica's fence past every real map (which
+/// would stop all writes there for good) nor skip it with the unfenced
+/// sentinel: the fence moves only to maps the replica has verified, and a
+/// coordinator with a really stale map is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_poison_a_fence_or_skip_it() {
+    use cairn_node::meta::rpc::answer;
+    use cairn_protocol::metarpc::{Call, ErrorCode, Request, Response};
+    let cluster = cluster_with_map().await;
+    let replica = cluster.node(2).metadata();
+    let write = |map_version: u64, name: &str| Call {
+        map_version,
+        request: Request::Write {
+            rows: vec![bucket_row(name, replica.timestamp(), b"x")],
+        },
+    };
+    let poisoned = answer(replica, write(u64::MAX - 1, "poison")).await;
+    assert!(
+        matches!(
+            poisoned,
+            Response::Error {
+                code: ErrorCode::Declined,
+                ..
+            }
+        ),
+        "{poisoned:?}"
+    );
+    assert!(
+        replica.replica().fence() <= 1,
+        "the fence moved past every verified map"
+    );
+    let skipped = answer(replica, write(u64::MAX, "skip")).await;
+    assert!(
+        matches!(
+            skipped,
+            Response::Error {
+                code: ErrorCode::Malformed,
+                ..
+            }
+        ),
+        "{skipped:?}"
+    );
+    // Writes go on, through this replica as coordinator and as replica.
+    for coordinator in [0, 2] {
+        let metadata = cluster.node(coordinator).metadata();
+        let name = format!("after-{coordinator}");
+        metadata
+            .write(vec![bucket_row(&name, metadata.timestamp(), b"ok")])
+            .await
+            .unwrap();
+    }
+    let (key, _) = bucket_row("skip", replica.timestamp(), b"");
+    assert_eq!(
+        local_value(replica, &key).await,
+        None,
+        "the unfenced write was stored"
+    );
+    // A coordinator whose map is older than one the replica verified and
+    // saw in a request is refused.
+    let mut newer = cluster.map();
+    newer.version = 2;
+    cluster
+        .install_map(newer, Scheme::new(4, 2).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        answer(replica, write(2, "current")).await,
+        Response::Written
+    );
+    let stale = answer(replica, write(1, "stale")).await;
+    assert!(
+        matches!(
+            stale,
+            Response::Error {
+                code: ErrorCode::StaleMap,
+                ..
+            }
+        ),
+        "{stale:?}"
     );
     cluster.shutdown().await;
 }

@@ -46,6 +46,9 @@ pub(crate) const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
 const MAX_CALLS_PER_PEER: usize = 16;
 /// How long one replica may take to answer one request.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a replica waits for a map a request names and it has not
+/// verified yet (maps are pushed to every node as they are signed).
+const NEWER_MAP_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Error)]
 pub enum MetaError {
@@ -190,6 +193,24 @@ impl Metadata {
             }
         }
         Ok(())
+    }
+
+    /// Whether this node holds a verified map of at least `version`,
+    /// waiting up to [`NEWER_MAP_WAIT`] for it; else why not. A refusal is
+    /// a failure, not a veto: this replica may simply be behind.
+    pub(crate) async fn verified_map(&self, version: u64) -> Result<(), String> {
+        let maps = &self.inner.maps;
+        if version == 0
+            || maps.version().is_some_and(|held| held >= version)
+            || maps.wait_for_version(version, NEWER_MAP_WAIT).await
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "this replica has not verified cluster map version {version} (it holds {})",
+            maps.version()
+                .map_or_else(|| "none".to_owned(), |v| format!("version {v}"))
+        ))
     }
 
     /// Moves the clock past a timestamp read from a replica, so that a write

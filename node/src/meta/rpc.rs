@@ -9,7 +9,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use thiserror::Error;
 
 use super::Metadata;
-use super::replica::ReplicaError;
+use super::replica::{ReplicaError, UNFENCED};
 
 #[derive(Debug, Error)]
 pub enum RpcError {
@@ -68,9 +68,21 @@ pub async fn serve(mut stream: libp2p::Stream, metadata: &Metadata) -> Result<()
 
 /// Answers a request from the local replica: the same path serves peers
 /// and this node's own coordinator. The caller's map version first raises
-/// the replica's fence, so that a node that has seen a newer map, even only
-/// in a request, refuses changes from coordinators with an older one.
+/// the replica's fence, so that a replica refuses changes from coordinators
+/// with an older map; but only to a version of a signed map this node has
+/// verified (it waits a little for a newer one to arrive), so that no
+/// request can raise it past every real map and stop all writes. The
+/// unfenced sentinel is never taken from a request.
 pub async fn answer(metadata: &Metadata, call: Call) -> Response {
+    if call.map_version == UNFENCED {
+        return Response::error(
+            ErrorCode::Malformed,
+            format!("map version {UNFENCED} names no map"),
+        );
+    }
+    if let Err(declined) = metadata.verified_map(call.map_version).await {
+        return Response::error(ErrorCode::Declined, declined);
+    }
     let replica = metadata.replica();
     if let Err(error) = replica.raise_fence(call.map_version).await {
         tracing::error!(%error, "metadata replica could not raise its fence");
