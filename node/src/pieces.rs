@@ -108,11 +108,29 @@ fn reject(code: RejectCode, message: impl Into<String>) -> Message {
     }
 }
 
+/// What this node lets a writer ask in a hold, whoever stores through it
+/// (a peer, or this node's own gateway): a signed hold, and no retention
+/// until Object Lock gives a bucket's retention to check it against — a
+/// member could otherwise pin fragments forever.
+pub(crate) fn admit_hold(id: &FragmentId, hold: &Hold) -> Result<(), StoreError> {
+    if !hold.verify(id) {
+        return Err(StoreError::BadHold(*id));
+    }
+    if hold.retain_until_unix_ms != 0 {
+        return Err(StoreError::RetentionRefused {
+            id: *id,
+            retain_until_unix_ms: hold.retain_until_unix_ms,
+        });
+    }
+    Ok(())
+}
+
 fn reject_for(error: &StoreError) -> Message {
     let code = match error {
         StoreError::HashMismatch { .. } => RejectCode::HashMismatch,
         StoreError::TooLarge { .. } => RejectCode::TooLarge,
         StoreError::BadHold(_) => RejectCode::BadHold,
+        StoreError::RetentionRefused { .. } => RejectCode::RetentionRefused,
         StoreError::DiskFull { .. } => RejectCode::DiskFull,
         StoreError::NotFound(_) | StoreError::NotInTrash(_) => RejectCode::NotFound,
         StoreError::Corrupt(_) => RejectCode::Corrupt,
@@ -284,8 +302,8 @@ impl Server {
             };
             return send(write, &reject_for(&refusal)).await;
         }
-        if !hold.verify(&id) {
-            return send(write, &reject_for(&StoreError::BadHold(id))).await;
+        if let Err(refusal) = admit_hold(&id, &hold) {
+            return send(write, &reject_for(&refusal)).await;
         }
         // Room in the node-wide budget first, then a buffer of the declared
         // size, which the check above bounds by the fragment limit.

@@ -67,6 +67,13 @@ pub enum StoreError {
     TooLarge { len: u64, max: u64 },
     #[error("the hold of fragment {0} is not signed by its writer")]
     BadHold(FragmentId),
+    #[error(
+        "fragment {id} asks to be held until {retain_until_unix_ms} (Unix ms); this node allows no retention yet"
+    )]
+    RetentionRefused {
+        id: FragmentId,
+        retain_until_unix_ms: u64,
+    },
     #[error("no room for a {len}-byte fragment: {used} of {capacity} bytes used")]
     DiskFull { len: u64, used: u64, capacity: u64 },
     #[error("fragment {0} is not stored here")]

@@ -695,6 +695,7 @@ impl NodeHandle {
         hold: Hold,
     ) -> Result<(), NodeError> {
         if *node == self.node_id() {
+            pieces::admit_hold(&id, &hold)?;
             let fragment = VerifiedFragment::new(id, bytes.to_vec())?;
             let upload = hold.upload;
             self.store.put(fragment, hold, now_unix_ms()).await?;

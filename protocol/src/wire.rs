@@ -102,6 +102,8 @@ pub enum RejectCode {
     Cancelled,
     BadHold,
     Internal,
+    /// The hold's retain-until is beyond what the node allows.
+    RetentionRefused,
     /// A code this version does not know; kept, not refused.
     Unknown(u16),
 }
@@ -121,6 +123,7 @@ impl RejectCode {
             Self::Cancelled => 10,
             Self::BadHold => 11,
             Self::Internal => 12,
+            Self::RetentionRefused => 13,
             Self::Unknown(code) => code,
         }
     }
@@ -139,6 +142,7 @@ impl RejectCode {
             10 => Self::Cancelled,
             11 => Self::BadHold,
             12 => Self::Internal,
+            13 => Self::RetentionRefused,
             other => Self::Unknown(other),
         }
     }
@@ -564,6 +568,17 @@ impl FrameDecoder {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reject_codes_round_trip_and_unknown_ones_are_kept() {
+        for number in 1..=13u16 {
+            let code = RejectCode::from_u16(number);
+            assert!(!matches!(code, RejectCode::Unknown(_)), "{number}");
+            assert_eq!(code.to_u16(), number);
+        }
+        assert_eq!(RejectCode::from_u16(14), RejectCode::Unknown(14));
+        assert_eq!(RejectCode::RetentionRefused.to_u16(), 13);
+    }
+
     use super::*;
 
     #[test]

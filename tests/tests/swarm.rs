@@ -301,6 +301,44 @@ async fn an_outsider_can_neither_store_nor_fetch() {
     cluster.shutdown().await;
 }
 
+/// A member cannot pin fragments on other nodes (or its own) for ever: a
+/// hold that asks for a retain-until is refused with its own reason code,
+/// until Object Lock gives a bucket's retention to check it against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_with_a_retention_is_refused_and_nothing_is_stored() {
+    let cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
+    let (member, holder) = (cluster.node(0), cluster.node(1));
+    for (n, target) in [holder.node_id(), member.node_id()].into_iter().enumerate() {
+        let bytes = segment(40_000, 20 + n as u64);
+        let id = FragmentId::of(&bytes);
+        let hold = Hold::sign(
+            member.identity().signing_key(),
+            &id,
+            UploadId([7; 16]),
+            u64::MAX,
+        );
+        match member.put_fragment(&target, id, &bytes, hold).await {
+            Err(NodeError::Piece(PieceError::Rejected {
+                code: RejectCode::RetentionRefused,
+                ..
+            })) if target != member.node_id() => {}
+            Err(NodeError::Store(cairn_node::store::StoreError::RetentionRefused { .. }))
+                if target == member.node_id() => {}
+            other => panic!("a pinned hold to {target} was answered {other:?}"),
+        }
+        let stored_on = if target == member.node_id() {
+            member
+        } else {
+            holder
+        };
+        assert!(
+            stored_on.store().entry(&id).unwrap().is_none(),
+            "the pinned fragment was stored"
+        );
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fragment_corrupted_on_disk_is_refused_as_corrupt() {
     let cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
