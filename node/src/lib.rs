@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod dht;
 pub mod identity;
+mod inbound;
 pub mod mapsync;
 pub mod members;
 pub mod meta;

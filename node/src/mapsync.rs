@@ -182,8 +182,16 @@ impl MapKeeper {
                     "a {len}-byte map is above the {MAX_MAP_BYTES}-byte limit"
                 )));
             }
-            let mut bytes = vec![0u8; len];
-            stream.read_exact(&mut bytes).await?;
+            // Grows as bytes arrive: a declared length alone allocates
+            // nothing.
+            let mut bytes = Vec::new();
+            (&mut *stream)
+                .take(len as u64)
+                .read_to_end(&mut bytes)
+                .await?;
+            if bytes.len() != len {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
             Ok(bytes)
         };
         let bytes = match tokio::time::timeout(Duration::from_secs(30), read).await {

@@ -384,6 +384,10 @@ async fn open_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// How long a put whose body the holder stopped reading waits for the
+/// holder's reason.
+const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Puts a fragment on the peer at the other end of `stream`; returns once
 /// the peer has acknowledged it durable.
 pub async fn put<S: AsyncRead + AsyncWrite + Unpin>(
@@ -398,9 +402,21 @@ pub async fn put<S: AsyncRead + AsyncWrite + Unpin>(
         hold,
     };
     let (mut reader, mut write) = open_exchange(stream, &request).await?;
-    send_data(&mut write, bytes).await?;
-    write.flush().await?;
-    let answer = reader.expect().await?;
+    // A holder may refuse from the request alone (a bad hold, a length
+    // above its limit) and stop reading: its answer then says why, better
+    // than the write's error.
+    let sent = async {
+        send_data(&mut write, bytes).await?;
+        write.flush().await.map_err(PieceError::from)
+    }
+    .await;
+    let answer = match sent {
+        Ok(()) => reader.expect().await?,
+        Err(error) => match tokio::time::timeout(REFUSAL_WAIT, reader.expect()).await {
+            Ok(Ok(refusal @ Message::Reject { .. })) => refusal,
+            _ => return Err(error),
+        },
+    };
     let _ = write.close().await;
     match answer {
         Message::Ack { id: acked } if acked == id => Ok(()),

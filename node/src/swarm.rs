@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use crate::clock::now_unix_ms;
 use crate::dht::{DhtStoreLimits, RedbRecordStore};
 use crate::identity::{Identity, IdentityError, node_id_of, peer_id_of};
+use crate::inbound::Admission;
 use crate::mapsync::{self, MAP_PROTOCOL, MapError, MapKeeper};
 use crate::members::{MEMBERSHIP_WAIT, Members};
 use crate::meta::replica::MetaReplica;
@@ -39,6 +40,8 @@ const MAX_CERTIFICATE_BYTES: usize = 1024;
 /// How long a connected peer may go without passing the handshake before
 /// it is disconnected: the dialer's retries fit in it.
 const UNVERIFIED_GRACE: Duration = Duration::from_secs(15);
+/// Cluster map pushes taken at once (each up to 8 MiB).
+const MAP_STREAMS: usize = 4;
 /// How often the DHT store's writes are made durable.
 const DHT_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
@@ -116,46 +119,7 @@ impl Default for StreamLimits {
     }
 }
 
-/// Counts the exchanges each peer has open.
-#[derive(Default)]
-struct PeerSlots {
-    open: std::sync::Mutex<HashMap<PeerId, usize>>,
-}
-
-/// One exchange's place in [`PeerSlots`], given back when dropped.
-struct PeerSlot {
-    slots: Arc<PeerSlots>,
-    peer: PeerId,
-}
-
-impl PeerSlots {
-    fn try_take(self: &Arc<Self>, peer: PeerId, limit: usize) -> Option<PeerSlot> {
-        let mut open = self.open.lock().expect("peer slots lock");
-        let count = open.entry(peer).or_default();
-        if *count >= limit {
-            return None;
-        }
-        *count += 1;
-        Some(PeerSlot {
-            slots: self.clone(),
-            peer,
-        })
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut open = self.slots.open.lock().expect("peer slots lock");
-        if let Some(count) = open.get_mut(&self.peer) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.peer);
-            }
-        }
-    }
-}
-
-async fn answer_busy(stream: libp2p::Stream, why: &str) {
+async fn answer_busy(stream: libp2p::Stream, why: &'static str) {
     let (_, mut write) = stream.split();
     let busy = wire::Message::Reject {
         code: wire::RejectCode::Busy,
@@ -317,15 +281,15 @@ impl Node {
             .clone()
             .accept(HELLO_PROTOCOL)
             .map_err(|e| NodeError::Swarm(e.to_string()))?;
-        let mut pieces_in = control
+        let pieces_in = control
             .clone()
             .accept(PIECES_PROTOCOL)
             .map_err(|e| NodeError::Swarm(e.to_string()))?;
-        let mut maps_in = control
+        let maps_in = control
             .clone()
             .accept(MAP_PROTOCOL)
             .map_err(|e| NodeError::Swarm(e.to_string()))?;
-        let mut meta_in = control
+        let meta_in = control
             .clone()
             .accept(META_PROTOCOL)
             .map_err(|e| NodeError::Swarm(e.to_string()))?;
@@ -363,58 +327,64 @@ impl Node {
             }));
         }
 
+        // Whoever opens a stream of a protocol but is no member is blocked.
+        let block: Arc<dyn Fn(PeerId) + Send + Sync> = {
+            let commands = commands.clone();
+            Arc::new(move |peer| {
+                let _ = commands.try_send(Command::Block(peer));
+            })
+        };
+
         // Metadata requests from members, answered from the local replica.
+        // Past the limits a stream is dropped unanswered: the caller counts
+        // it as a failed replica.
         {
-            let (members, commands, limits) = (members.clone(), commands.clone(), config.limits);
             let metadata = metadata.clone();
-            let permits = Arc::new(Semaphore::new(limits.inbound_streams));
-            let peer_slots = Arc::new(PeerSlots::default());
-            tasks.push(tokio::spawn(async move {
-                while let Some((peer, stream)) = meta_in.next().await {
-                    let (members, commands, metadata) =
-                        (members.clone(), commands.clone(), metadata.clone());
-                    let (permits, peer_slots) = (permits.clone(), peer_slots.clone());
-                    tokio::spawn(async move {
-                        if !members.wait_for(&peer, MEMBERSHIP_WAIT).await {
-                            tracing::warn!(%peer, "metadata stream from a peer that is not a verified member: reset");
-                            let _ = commands.send(Command::Block(peer)).await;
-                            return;
-                        }
-                        // Past the limits the stream is dropped unanswered;
-                        // the caller counts it as a failed replica.
-                        let Ok(_permit) = permits.try_acquire() else {
-                            tracing::debug!(%peer, "too many metadata requests in flight: dropped");
-                            return;
-                        };
-                        let Some(_slot) = peer_slots.try_take(peer, limits.streams_per_peer) else {
-                            tracing::debug!(%peer, "too many metadata requests from this peer: dropped");
-                            return;
-                        };
+            let admission = Admission {
+                protocol: "meta",
+                members: members.clone(),
+                block: block.clone(),
+                total: config.limits.inbound_streams,
+                per_peer: config.limits.streams_per_peer,
+            };
+            tasks.push(admission.run(
+                meta_in,
+                move |peer, stream| {
+                    let metadata = metadata.clone();
+                    async move {
                         if let Err(error) = meta_rpc::serve(stream, &metadata).await {
                             tracing::info!(%peer, %error, "metadata request ended with an error");
                         }
-                    });
-                }
-            }));
+                    }
+                },
+                |_, _| async {},
+            ));
         }
 
-        // Cluster maps pushed by members: keep the newest, pass it on.
+        // Cluster maps pushed by members: keep the newest, pass it on. A
+        // map is up to 8 MiB: few are taken at once.
         {
-            let (members, maps, control) = (members.clone(), maps.clone(), control.clone());
-            tasks.push(tokio::spawn(async move {
-                while let Some((peer, mut stream)) = maps_in.next().await {
-                    let (members, maps, control) = (members.clone(), maps.clone(), control.clone());
-                    tokio::spawn(async move {
-                        if !members.wait_for(&peer, MEMBERSHIP_WAIT).await {
-                            tracing::warn!(%peer, "cluster map from a peer that is not a member: ignored");
-                            return;
-                        }
+            let (members_, maps, control) = (members.clone(), maps.clone(), control.clone());
+            let admission = Admission {
+                protocol: "map",
+                members: members.clone(),
+                block: block.clone(),
+                total: MAP_STREAMS,
+                per_peer: 1,
+            };
+            tasks.push(admission.run(
+                maps_in,
+                move |peer, mut stream| {
+                    let (members, maps, control) =
+                        (members_.clone(), maps.clone(), control.clone());
+                    async move {
                         if let Some(map) = maps.receive(&peer, &mut stream).await {
                             spread_map(&control, &members, &map, Some(peer));
                         }
-                    });
-                }
-            }));
+                    }
+                },
+                |_, _| async {},
+            ));
         }
 
         // The listening half of the handshake: verify theirs, then send ours.
@@ -452,10 +422,8 @@ impl Node {
             }));
         }
 
-        // Piece exchange: accept in a tight loop, serve behind a semaphore.
+        // Piece exchange, within the node's stream limits.
         {
-            let members = members.clone();
-            let commands = commands.clone();
             let limits = config.limits;
             let server = pieces::Server {
                 store: store.clone(),
@@ -466,33 +434,25 @@ impl Node {
                 )),
                 stored: Some(stored.clone()),
             };
-            let permits = Arc::new(Semaphore::new(limits.inbound_streams));
-            let peer_slots = Arc::new(PeerSlots::default());
-            tasks.push(tokio::spawn(async move {
-                while let Some((peer, stream)) = pieces_in.next().await {
-                    let (members, commands, server, permits) =
-                        (members.clone(), commands.clone(), server.clone(), permits.clone());
-                    let peer_slots = peer_slots.clone();
-                    tokio::spawn(async move {
-                        if !members.wait_for(&peer, MEMBERSHIP_WAIT).await {
-                            tracing::warn!(%peer, "piece stream from a peer that is not a verified member: reset");
-                            let _ = commands.send(Command::Block(peer)).await;
-                            return;
-                        }
-                        let Ok(_permit) = permits.try_acquire() else {
-                            tracing::debug!(%peer, "too many piece exchanges in flight: busy");
-                            return answer_busy(stream, "too many exchanges in flight").await;
-                        };
-                        let Some(_slot) = peer_slots.try_take(peer, limits.streams_per_peer) else {
-                            tracing::debug!(%peer, "too many piece exchanges from this peer: busy");
-                            return answer_busy(stream, "too many exchanges open from your node").await;
-                        };
+            let admission = Admission {
+                protocol: "pieces",
+                members: members.clone(),
+                block: block.clone(),
+                total: limits.inbound_streams,
+                per_peer: limits.streams_per_peer,
+            };
+            tasks.push(admission.run(
+                pieces_in,
+                move |peer, stream| {
+                    let server = server.clone();
+                    async move {
                         if let Err(error) = server.serve(stream).await {
                             tracing::info!(%peer, %error, "piece exchange ended with an error");
                         }
-                    });
-                }
-            }));
+                    }
+                },
+                answer_busy,
+            ));
         }
 
         // The swarm's event loop.
@@ -849,10 +809,20 @@ impl NodeHandle {
     /// handshake: the exchanges above use it, and so do tests of peers that
     /// misbehave.
     pub async fn open_raw_piece_stream(&self, node: &NodeId) -> Result<libp2p::Stream, NodeError> {
+        self.open_raw_stream(node, PIECES_PROTOCOL).await
+    }
+
+    /// Opens a stream of any of the node's protocols, for tests of peers
+    /// that misbehave.
+    pub async fn open_raw_stream(
+        &self,
+        node: &NodeId,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p::Stream, NodeError> {
         let peer = peer_id_of(node)?;
         self.control
             .clone()
-            .open_stream(peer, PIECES_PROTOCOL)
+            .open_stream(peer, protocol)
             .await
             .map_err(|e| NodeError::Stream {
                 node: *node,

@@ -463,6 +463,66 @@ async fn malformed_frames_and_oversize_declarations_are_refused_while_others_are
     cluster.shutdown().await;
 }
 
+/// A map push may declare up to 8 MiB: a member that opens many and sends
+/// nothing gets one taken at a time, the rest dropped unanswered, and the
+/// node still takes a real map from another member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_pushes_that_stall_are_bounded_per_peer() {
+    let cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
+    cluster
+        .install_map(cluster.map(), Scheme::new(1, 2).unwrap())
+        .await
+        .unwrap();
+    let (attacker, victim, other) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let mut stream = attacker
+            .open_raw_stream(&victim.node_id(), cairn_node::mapsync::MAP_PROTOCOL)
+            .await
+            .unwrap();
+        // A stream the victim dropped already fails here: fine.
+        let _ = stream.write_all(&(8u32 << 20).to_be_bytes()).await;
+        let _ = stream.flush().await;
+        stalled.push(stream);
+    }
+    // All but one end without the victim's answer (the version it holds,
+    // which a stream it read would get once its wait is over).
+    let mut ended = 0;
+    let mut reads: futures::stream::FuturesUnordered<_> = stalled
+        .iter_mut()
+        .map(|stream| async move {
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+            answer
+        })
+        .collect();
+    while ended < 7 {
+        let answer = futures::StreamExt::next(&mut reads).await.unwrap();
+        assert!(answer.is_empty(), "a stalled push past the limit was read");
+        ended += 1;
+    }
+    drop(reads);
+    // A newer map from another member is still taken.
+    let mut newer = cluster.map();
+    newer.version = 2;
+    let signed = cairn_protocol::membership::SignedMap::sign(
+        &cluster.cluster_key,
+        newer,
+        Scheme::new(1, 2).unwrap(),
+        Tolerance::default(),
+    )
+    .unwrap();
+    other.install_map(&signed).unwrap();
+    assert!(
+        victim
+            .wait_for_map_version(2, Duration::from_secs(30))
+            .await,
+        "the victim did not take the newer map"
+    );
+    drop(stalled);
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_past_its_stream_limit_gets_busy_while_others_are_served() {
     let mut cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
