@@ -61,6 +61,15 @@ pub struct ServeConfig {
     pub max_streams_per_peer: usize,
     #[serde(default = "default_bytes_in_flight")]
     pub max_bytes_in_flight: u64,
+    /// Connections accepted and still in their QUIC handshake.
+    #[serde(default = "default_pending_connections")]
+    pub max_pending_connections: u32,
+    /// Connections established from other peers, all together.
+    #[serde(default = "default_incoming_connections")]
+    pub max_incoming_connections: u32,
+    /// Connections established with any one peer.
+    #[serde(default = "default_connections_per_peer")]
+    pub max_connections_per_peer: u32,
 }
 
 fn default_listen() -> String {
@@ -77,6 +86,18 @@ fn default_streams_per_peer() -> usize {
 
 fn default_bytes_in_flight() -> u64 {
     StreamLimits::default().bytes_in_flight
+}
+
+fn default_pending_connections() -> u32 {
+    StreamLimits::default().pending_connections
+}
+
+fn default_incoming_connections() -> u32 {
+    StreamLimits::default().incoming_connections
+}
+
+fn default_connections_per_peer() -> u32 {
+    StreamLimits::default().connections_per_peer
 }
 
 /// A TOML file's top-level table: the node's settings, and the sections
@@ -181,6 +202,9 @@ impl ServeConfig {
                 inbound_streams: self.max_inbound_streams,
                 streams_per_peer: self.max_streams_per_peer,
                 bytes_in_flight: self.max_bytes_in_flight,
+                pending_connections: self.max_pending_connections,
+                incoming_connections: self.max_incoming_connections,
+                connections_per_peer: self.max_connections_per_peer,
             },
             anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
         };

@@ -17,11 +17,12 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 pub use libp2p::Multiaddr;
 use libp2p::kad::store::RecordStore;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{PeerId, StreamProtocol, allow_block_list, identify, kad, ping};
+use libp2p::{PeerId, StreamProtocol, allow_block_list, connection_limits, identify, kad, ping};
 use thiserror::Error;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::blocklist::BlockList;
 use crate::clock::now_unix_ms;
 use crate::dht::{DhtStoreLimits, RedbRecordStore};
 use crate::identity::{Identity, IdentityError, node_id_of, peer_id_of};
@@ -107,6 +108,12 @@ pub struct StreamLimits {
     /// Bytes of incoming puts held in memory at once (at least one
     /// fragment's worth); a put waits up to 30 s for room, then gets `busy`.
     pub bytes_in_flight: u64,
+    /// Connections accepted and not yet established (QUIC handshakes).
+    pub pending_connections: u32,
+    /// Connections established from other peers, all together.
+    pub incoming_connections: u32,
+    /// Connections established with any one peer, both ways.
+    pub connections_per_peer: u32,
 }
 
 impl Default for StreamLimits {
@@ -115,6 +122,9 @@ impl Default for StreamLimits {
             inbound_streams: 256,
             streams_per_peer: 32,
             bytes_in_flight: 512 << 20,
+            pending_connections: 64,
+            incoming_connections: 1024,
+            connections_per_peer: 4,
         }
     }
 }
@@ -132,6 +142,7 @@ async fn answer_busy(stream: libp2p::Stream, why: &'static str) {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<RedbRecordStore>,
@@ -231,6 +242,7 @@ impl Node {
                 path: dht_path,
                 reason: e.to_string(),
             })?;
+        let limits = config.limits;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity.keypair().clone())
             .with_tokio()
             .with_quic()
@@ -245,6 +257,12 @@ impl Node {
                 kad.set_mode(Some(kad::Mode::Server));
                 Behaviour {
                     blocked: allow_block_list::Behaviour::default(),
+                    limits: connection_limits::Behaviour::new(
+                        connection_limits::ConnectionLimits::default()
+                            .with_max_pending_incoming(Some(limits.pending_connections))
+                            .with_max_established_incoming(Some(limits.incoming_connections))
+                            .with_max_established_per_peer(Some(limits.connections_per_peer)),
+                    ),
                     identify: identify::Behaviour::new(identify::Config::new(
                         "/cairn/id/1".into(),
                         key.public(),
@@ -954,6 +972,7 @@ async fn run_swarm(
     // What identify told us of each connected peer, for when it is verified.
     let mut identified: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
     let mut flush = tokio::time::interval(DHT_FLUSH_EVERY);
+    let mut blocked = BlockList::default();
     loop {
         tokio::select! {
             command = commands.recv() => match command {
@@ -974,6 +993,9 @@ async fn run_swarm(
                 }
                 Some(Command::Block(peer)) => {
                     members.remove(&peer);
+                    for evicted in blocked.block(peer, std::time::Instant::now()) {
+                        swarm.behaviour_mut().blocked.unblock_peer(evicted);
+                    }
                     swarm.behaviour_mut().blocked.block_peer(peer);
                     swarm.behaviour_mut().kad.remove_peer(&peer);
                 }
@@ -1001,6 +1023,10 @@ async fn run_swarm(
             _ = flush.tick() => {
                 if let Err(error) = swarm.behaviour_mut().kad.store_mut().flush() {
                     tracing::error!(%error, "DHT store: flush failed");
+                }
+                for peer in blocked.expire(std::time::Instant::now()) {
+                    tracing::info!(%peer, "block expired");
+                    swarm.behaviour_mut().blocked.unblock_peer(peer);
                 }
             }
             event = swarm.select_next_some() => match event {
