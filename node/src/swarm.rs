@@ -28,7 +28,7 @@ use crate::dht::{DhtStoreLimits, RedbRecordStore};
 use crate::identity::{Identity, IdentityError, node_id_of, peer_id_of};
 use crate::inbound::Admission;
 use crate::mapsync::{self, MAP_PROTOCOL, MapError, MapKeeper};
-use crate::members::{MEMBERSHIP_WAIT, Members};
+use crate::members::{MEMBERSHIP_WAIT, Members, refusal};
 use crate::meta::replica::MetaReplica;
 use crate::meta::{META_PROTOCOL, Metadata, rpc as meta_rpc};
 use crate::pieces::{self, PieceError};
@@ -41,6 +41,8 @@ const MAX_CERTIFICATE_BYTES: usize = 1024;
 /// How long a connected peer may go without passing the handshake before
 /// it is disconnected: the dialer's retries fit in it.
 const UNVERIFIED_GRACE: Duration = Duration::from_secs(15);
+/// How often members' certificates are checked again, new maps aside.
+const MEMBERS_CHECK_EVERY: Duration = Duration::from_secs(30);
 /// Cluster map pushes taken at once (each up to 8 MiB).
 const MAP_STREAMS: usize = 4;
 /// How often the DHT store's writes are made durable.
@@ -419,7 +421,8 @@ impl Node {
                     let (members, commands, own) = (members.clone(), commands.clone(), own.clone());
                     let (maps, control) = (maps.clone(), control.clone());
                     tokio::spawn(async move {
-                        match read_certificate(&mut stream, &cluster, &peer).await {
+                        let read = read_certificate(&mut stream, &cluster, &peer).await;
+                        match read.and_then(|c| admissible(c, &cluster, &maps)) {
                             Ok(certificate) => {
                                 members.insert(peer, certificate);
                                 let _ = commands.send(Command::Verified(peer)).await;
@@ -655,6 +658,14 @@ impl NodeHandle {
         peer_id_of(node).is_ok_and(|peer| self.members.contains(&peer))
     }
 
+    /// Waits until `node` is no member of this node's, up to `timeout`.
+    pub async fn wait_for_non_member(&self, node: &NodeId, timeout: Duration) -> bool {
+        match peer_id_of(node) {
+            Ok(peer) => self.members.wait_for_absence(&peer, timeout).await,
+            Err(_) => true,
+        }
+    }
+
     async fn open(&self, node: &NodeId) -> Result<libp2p::Stream, NodeError> {
         let peer = peer_id_of(node)?;
         if !self.members.wait_for(&peer, MEMBERSHIP_WAIT).await {
@@ -874,6 +885,24 @@ impl std::fmt::Display for HandshakeError {
     }
 }
 
+/// A verified certificate, unless the newest map marks its node `out`.
+fn admissible(
+    certificate: Certificate,
+    cluster: &ClusterId,
+    maps: &MapKeeper,
+) -> Result<Certificate, HandshakeError> {
+    let map = maps.current();
+    match refusal(
+        &certificate,
+        cluster,
+        map.as_ref().map(|m| &m.map),
+        now_unix_ms(),
+    ) {
+        Some(reason) => Err(HandshakeError::Refused(reason)),
+        None => Ok(certificate),
+    }
+}
+
 async fn read_certificate(
     stream: &mut libp2p::Stream,
     cluster: &ClusterId,
@@ -973,6 +1002,8 @@ async fn run_swarm(
     let mut identified: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
     let mut flush = tokio::time::interval(DHT_FLUSH_EVERY);
     let mut blocked = BlockList::default();
+    // The map version members were last checked against, and when.
+    let mut checked: (Option<u64>, std::time::Instant) = (None, std::time::Instant::now());
     loop {
         tokio::select! {
             command = commands.recv() => match command {
@@ -1024,9 +1055,31 @@ async fn run_swarm(
                 if let Err(error) = swarm.behaviour_mut().kad.store_mut().flush() {
                     tracing::error!(%error, "DHT store: flush failed");
                 }
-                for peer in blocked.expire(std::time::Instant::now()) {
+                let now = std::time::Instant::now();
+                for peer in blocked.expire(now) {
                     tracing::info!(%peer, "block expired");
                     swarm.behaviour_mut().blocked.unblock_peer(peer);
+                }
+                // Members are checked again on every new map and now and
+                // then: a node marked out, or whose certificate expired,
+                // is disconnected and refused.
+                let version = dialing.maps.version();
+                if version != checked.0 || now.duration_since(checked.1) >= MEMBERS_CHECK_EVERY {
+                    checked = (version, now);
+                    let map = dialing.maps.current();
+                    for (peer, certificate) in members.certificates() {
+                        let Some(reason) = refusal(&certificate, &dialing.cluster, map.as_ref().map(|m| &m.map), now_unix_ms()) else {
+                            continue;
+                        };
+                        tracing::warn!(%peer, %reason, "member no longer admitted: disconnected and blocked");
+                        members.remove(&peer);
+                        for evicted in blocked.block(peer, now) {
+                            swarm.behaviour_mut().blocked.unblock_peer(evicted);
+                        }
+                        swarm.behaviour_mut().blocked.block_peer(peer);
+                        swarm.behaviour_mut().kad.remove_peer(&peer);
+                        let _ = swarm.disconnect_peer_id(peer);
+                    }
                 }
             }
             event = swarm.select_next_some() => match event {
@@ -1080,7 +1133,8 @@ async fn hello_and_admit(dialing: Dialing, peer: PeerId) {
         cluster,
         own_certificate,
     } = dialing;
-    match hello_as_dialer(control.clone(), peer, cluster, own_certificate).await {
+    let hello = hello_as_dialer(control.clone(), peer, cluster, own_certificate).await;
+    match hello.and_then(|c| admissible(c, &cluster, &maps)) {
         Ok(certificate) => {
             members.insert(peer, certificate);
             let _ = commands.send(Command::Verified(peer)).await;

@@ -523,6 +523,45 @@ async fn map_pushes_that_stall_are_bounded_per_peer() {
     cluster.shutdown().await;
 }
 
+/// Revocation by map: a node the newest map marks out is disconnected by
+/// the others, and its next attempts are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_marked_out_is_disconnected_and_refused() {
+    let cluster = Cluster::start(&[1, 1, 1, 1]).await.unwrap();
+    let scheme = Scheme::new(1, 2).unwrap();
+    cluster.install_map(cluster.map(), scheme).await.unwrap();
+    let (member, revoked) = (cluster.node(0), cluster.node(3));
+    let put = |seed: u64| {
+        let bytes = segment(30_000, seed);
+        let id = FragmentId::of(&bytes);
+        let hold = Hold::sign(revoked.identity().signing_key(), &id, UploadId([3; 16]), 0);
+        async move {
+            revoked
+                .put_fragment(&member.node_id(), id, &bytes, hold)
+                .await
+        }
+    };
+    put(30).await.unwrap();
+    let mut map = cluster.map();
+    map.version = 2;
+    let out = map
+        .nodes
+        .iter_mut()
+        .find(|n| n.id == revoked.node_id())
+        .unwrap();
+    out.state = cairn_protocol::placement::NodeState::Out;
+    cluster.install_map(map, scheme).await.unwrap();
+    assert!(
+        member
+            .wait_for_non_member(&revoked.node_id(), Duration::from_secs(60))
+            .await,
+        "the revoked node is still a member"
+    );
+    assert!(put(31).await.is_err(), "the revoked node could still store");
+    assert!(!member.is_member(&revoked.node_id()));
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_past_its_stream_limit_gets_busy_while_others_are_served() {
     let mut cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
