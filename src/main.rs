@@ -540,6 +540,10 @@ async fn serve(
                         domains: section.domains,
                         tls,
                         access_key_cache: Duration::from_secs(section.access_key_cache_seconds),
+                        max_connections: section.max_connections,
+                        header_read_timeout: Duration::from_secs(
+                            section.header_read_timeout_seconds.max(1),
+                        ),
                         ..Default::default()
                     },
                 )

@@ -31,6 +31,21 @@ pub struct S3Section {
     /// again: a deleted key authenticates for at most this long.
     #[serde(default = "default_access_key_cache_seconds")]
     pub access_key_cache_seconds: u64,
+    /// Client connections served at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers (or to
+    /// start its next request on a kept-alive connection).
+    #[serde(default = "default_header_read_timeout_seconds")]
+    pub header_read_timeout_seconds: u64,
+}
+
+fn default_max_connections() -> usize {
+    crate::DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_header_read_timeout_seconds() -> u64 {
+    crate::DEFAULT_HEADER_READ_TIMEOUT.as_secs()
 }
 
 fn default_access_key_cache_seconds() -> u64 {

@@ -32,6 +32,11 @@ use crate::objects::ObjectStore;
 use crate::s3::CairnS3;
 use crate::server::CairnHost;
 
+/// Client connections a gateway serves at once, unless configured.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// How long a client has to send a request's headers, unless configured.
+pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How a gateway is set up.
 pub struct GatewayConfig {
     pub listen: SocketAddr,
@@ -50,6 +55,13 @@ pub struct GatewayConfig {
     /// version ids): tests set it to reproduce gateways whose clocks
     /// disagree. Zero in service.
     pub clock_skew_ms: i64,
+    /// Client connections open at once; past this, new ones wait in the
+    /// listen backlog.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, or to
+    /// start its next request on a kept-alive connection, before the
+    /// connection is closed.
+    pub header_read_timeout: std::time::Duration,
 }
 
 impl Default for GatewayConfig {
@@ -63,6 +75,8 @@ impl Default for GatewayConfig {
             tls: None,
             access_key_cache: cairn_model::access_keys::DEFAULT_CACHE_FOR,
             clock_skew_ms: 0,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
         }
     }
 }
@@ -116,7 +130,11 @@ impl Gateway {
         let service = builder.build();
         let tls = config.tls.map(tokio_rustls::TlsAcceptor::from);
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let task = tokio::spawn(server::serve(listener, service, config.region, tls));
+        let limits = server::Limits {
+            max_connections: config.max_connections.max(1),
+            header_read_timeout: config.header_read_timeout,
+        };
+        let task = tokio::spawn(server::serve(listener, service, config.region, tls, limits));
         tracing::info!(%address, scheme, "S3 gateway listening");
         Ok(Self {
             address,

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use s3s::host::{S3Host, VirtualHost};
 use s3s::service::S3Service;
 use s3s::{Body, HttpResponse, S3Result};
@@ -161,13 +161,27 @@ pub fn check_request<B>(request: &http::Request<B>, region: &str) -> Option<Http
 }
 
 /// Serves `service` on `listener` until the task is aborted.
+/// What one client connection may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: std::time::Duration,
+}
+
 pub async fn serve(
     listener: TcpListener,
     service: S3Service,
     region: String,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
 ) {
+    let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
+        // A connection is accepted only with room for it: past the cap,
+        // clients wait in the listen backlog.
+        let Ok(room) = connections.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
@@ -182,6 +196,7 @@ pub async fn serve(
         let region = region.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _room = room;
             let handler = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 let service = service.clone();
                 let refused = check_request(&request, &region);
@@ -207,7 +222,29 @@ pub async fn serve(
                     response
                 }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A client that trickles its headers (or idles between
+            // requests) is cut off; HTTP/2 clients are pinged.
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(limits.header_read_timeout))
+                .keep_alive_timeout(limits.header_read_timeout);
+            // hyper's header timeout starts once it knows the protocol,
+            // which takes a first byte: a client that sends none is cut
+            // off here.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => {
+                    tracing::debug!(%peer, "no request bytes in time: closed");
+                    return;
+                }
+            }
             let served = match tls {
                 Some(tls) => match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(stream)).await {
                     Ok(Ok(stream)) => {

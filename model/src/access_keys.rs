@@ -1,7 +1,9 @@
 //! S3 access keys, kept in the replicated metadata (AccessKeys table) with
 //! their secrets wrapped under the KMS root key.
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use cairn_node::clock::now_unix_ms;
@@ -58,11 +60,24 @@ fn new_key_id() -> String {
     id
 }
 
+/// How long a listing of every key id answers for ids not in it: keys
+/// created through another gateway work here within this time.
+const KNOWN_IDS_FOR: Duration = Duration::from_secs(1);
+
+/// Every key id as last listed, and when.
+type KnownIds = Option<(Instant, Arc<HashSet<String>>)>;
+
 /// The access keys of the cluster. Cheap to clone.
 #[derive(Clone)]
 pub struct AccessKeys {
     kms: Kms,
     table: RegisterTable<AccessKeyRecord>,
+    /// Unknown ids, which any client can send before its signature is
+    /// checked, are answered from this listing: they cost one listing per
+    /// [`KNOWN_IDS_FOR`] at most, not one read each. The lock makes
+    /// concurrent misses share one listing.
+    known: Arc<tokio::sync::Mutex<KnownIds>>,
+    known_for: Duration,
 }
 
 impl AccessKeys {
@@ -72,7 +87,36 @@ impl AccessKeys {
         Self {
             kms,
             table: RegisterTable::new(metadata, Caching::For(cache_for)),
+            known: Arc::default(),
+            known_for: KNOWN_IDS_FOR.min(cache_for),
         }
+    }
+
+    /// Quorum reads the key lookups have made so far.
+    pub fn metadata_reads(&self) -> u64 {
+        self.table.reads()
+    }
+
+    /// Whether key `id` may exist: it is in a listing of every id made
+    /// less than `known_for` ago (made now if there is none).
+    async fn may_exist(&self, id: &str) -> ModelResult<bool> {
+        let mut known = self.known.lock().await;
+        if let Some((at, ids)) = &*known
+            && at.elapsed() < self.known_for
+        {
+            return Ok(ids.contains(id));
+        }
+        let at = Instant::now();
+        let ids: HashSet<String> = self
+            .table
+            .list()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let exists = ids.contains(id);
+        *known = Some((at, Arc::new(ids)));
+        Ok(exists)
     }
 
     /// Creates a key with a fresh secret.
@@ -111,6 +155,8 @@ impl AccessKeys {
             wrapped_secret: wrapped.to_vec(),
         };
         self.table.put(id, &record).await?;
+        // Listed again at the next lookup, with the new key in it.
+        *self.known.lock().await = None;
         Ok(NewAccessKey {
             id: id.to_owned(),
             secret: secret_of(&seed),
@@ -146,7 +192,12 @@ impl AccessKeys {
         if !is_key_id(id) {
             return Ok(None);
         }
-        let Some(record) = self.table.get(id).await? else {
+        let record = match self.table.cached(id) {
+            Some(record) => record,
+            None if !self.may_exist(id).await? => return Ok(None),
+            None => self.table.get_fresh(id).await?,
+        };
+        let Some(record) = record else {
             return Ok(None);
         };
         let seed =

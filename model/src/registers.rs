@@ -3,6 +3,7 @@
 //! name, read through a small per-gateway cache.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -156,6 +157,8 @@ impl<R: Clone> RegisterCache<R> {
 pub struct RegisterTable<R> {
     metadata: Metadata,
     cache: Arc<Mutex<RegisterCache<R>>>,
+    /// Quorum reads made (single records and listing pages).
+    reads: Arc<AtomicU64>,
 }
 
 impl<R> Clone for RegisterTable<R> {
@@ -163,6 +166,7 @@ impl<R> Clone for RegisterTable<R> {
         Self {
             metadata: self.metadata.clone(),
             cache: self.cache.clone(),
+            reads: self.reads.clone(),
         }
     }
 }
@@ -172,7 +176,18 @@ impl<R: RegisterRecord> RegisterTable<R> {
         Self {
             metadata,
             cache: Arc::new(Mutex::new(RegisterCache::new(caching))),
+            reads: Arc::default(),
         }
+    }
+
+    /// Quorum reads this table has made so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// What the cache answers for `name` without a read, if anything.
+    pub fn cached(&self, name: &str) -> Option<Option<R>> {
+        self.cache().get(name)
     }
 
     pub fn metadata(&self) -> &Metadata {
@@ -215,6 +230,7 @@ impl<R: RegisterRecord> RegisterTable<R> {
     /// The record named `name` as a majority of replicas hold it now.
     pub async fn get_fresh(&self, name: &str) -> ModelResult<Option<R>> {
         let began = Instant::now();
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let value = self.metadata.read(vec![Self::row(name)]).await?.remove(0);
         let record = Self::decode(name, value.as_ref())?;
         self.cache().remember(name, record.clone(), began);
@@ -252,6 +268,7 @@ impl<R: RegisterRecord> RegisterTable<R> {
         let mut records = Vec::new();
         let mut start = Vec::new();
         loop {
+            self.reads.fetch_add(1, Ordering::Relaxed);
             let page = self
                 .metadata
                 .range(&Partition::cluster(), R::TABLE, &start, None, LIST_PAGE)

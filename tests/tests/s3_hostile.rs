@@ -1,0 +1,157 @@
+//! Clients that try to wear the gateway down: connections that never send
+//! a whole request, and requests signed with access key ids that do not
+//! exist (s3s looks the id up before it checks any signature).
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use cairn_gateway::{Gateway, GatewayConfig};
+use cairn_model::kms::RootKey;
+use cairn_protocol::erasure::Scheme;
+use cairn_tests::s3::*;
+use cairn_tests::{Cluster, random_secret};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn gateway_with(cluster: &Cluster, config: GatewayConfig) -> Gateway {
+    Gateway::start(
+        cluster.node(0).handle(),
+        RootKey::from_bytes(random_secret()),
+        config,
+    )
+    .await
+    .unwrap()
+}
+
+async fn cluster() -> Cluster {
+    let cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
+    cluster
+        .install_map(cluster.map(), Scheme::new(1, 2).unwrap())
+        .await
+        .unwrap();
+    cluster
+}
+
+/// Slow-loris: hundreds of connections that send part of a request's
+/// headers, or nothing, and wait. The gateway closes each once its
+/// header-read time is over, serves at most its connection cap at once,
+/// and a normal client is served all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_that_never_finish_a_request_are_cut_off_and_others_are_served() {
+    let cluster = cluster().await;
+    let gateway = gateway_with(
+        &cluster,
+        GatewayConfig {
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(1),
+            ..GatewayConfig::default()
+        },
+    )
+    .await;
+    let address = gateway.address();
+    let mut slow = Vec::new();
+    for n in 0..300 {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        if n % 2 == 0 {
+            stream
+                .write_all(
+                    format!("PUT /slow/k HTTP/1.1\r\nHost: {address}\r\nX-Slow: ").as_bytes(),
+                )
+                .await
+                .unwrap();
+        }
+        slow.push(stream);
+    }
+    let key = gateway.keys().create("normal").await.unwrap();
+    let client = client_for(&gateway, &key.id, &key.secret);
+    client.create_bucket().bucket("slow").send().await.unwrap();
+    client
+        .put_object()
+        .bucket("slow")
+        .key("k")
+        .body(ByteStream::from_static(b"served"))
+        .send()
+        .await
+        .unwrap();
+    let read = client
+        .get_object()
+        .bucket("slow")
+        .key("k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        &read.body.collect().await.unwrap().into_bytes()[..],
+        b"served"
+    );
+    // Every slow connection is closed by the gateway (EOF or reset), none
+    // is answered with a request's response.
+    let closed: FuturesUnordered<_> = slow
+        .iter_mut()
+        .map(|stream| async move {
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+            answer
+        })
+        .collect();
+    let answers = tokio::time::timeout(Duration::from_secs(300), closed.collect::<Vec<_>>())
+        .await
+        .expect("slow connections were kept open");
+    for answer in answers {
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty()
+                || text.starts_with("HTTP/1.1 408")
+                || text.starts_with("HTTP/1.1 400"),
+            "{text}"
+        );
+    }
+    gateway.stop().await;
+    cluster.shutdown().await;
+}
+
+/// Requests signed with random access key ids of the right shape: each is
+/// refused, and together they cost a few listings of the key ids, not one
+/// quorum read each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_access_key_ids_are_answered_without_a_read_each() {
+    let cluster = cluster().await;
+    let gateway = gateway_with(&cluster, GatewayConfig::default()).await;
+    let before = gateway.keys().metadata_reads();
+    let started = Instant::now();
+    const REQUESTS: usize = 2000;
+    let mut requests = FuturesUnordered::new();
+    let mut refused = 0;
+    for n in 0..REQUESTS {
+        let id = format!("CKRANDOM{n:012}");
+        let client = client_for(&gateway, &id, "not-a-secret");
+        requests.push(async move { client.list_buckets().send().await });
+        if requests.len() >= 32
+            && let Some(answer) = requests.next().await
+        {
+            let error = answer.unwrap_err().into_service_error();
+            assert_eq!(code(&error), "InvalidAccessKeyId");
+            refused += 1;
+        }
+    }
+    while let Some(answer) = requests.next().await {
+        let error = answer.unwrap_err().into_service_error();
+        assert_eq!(code(&error), "InvalidAccessKeyId");
+        refused += 1;
+    }
+    assert_eq!(refused, REQUESTS);
+    // One listing (a page or two) per second at most, whatever the rate.
+    let reads = gateway.keys().metadata_reads() - before;
+    let allowed = 2 * (started.elapsed().as_secs() + 2);
+    assert!(
+        reads <= allowed,
+        "{reads} metadata reads for {REQUESTS} unknown ids in {:?}",
+        started.elapsed()
+    );
+    // A key made now works at once on this gateway.
+    let key = gateway.keys().create("real").await.unwrap();
+    let client = client_for(&gateway, &key.id, &key.secret);
+    client.list_buckets().send().await.unwrap();
+    gateway.stop().await;
+    cluster.shutdown().await;
+}
