@@ -211,7 +211,9 @@ def check_wire():
             Ed25519PublicKey.from_public_bytes(writer).verify(sig, b"cairn hold v1" + fragment + upload + until)
             assert len(p) == 160
         if frame["message"] == "release":
-            assert len(raw) == 5 + 16
+            r = Reader(raw[5 + 16:])
+            assert r.str16(63) == "photos" and r.str16(1024) == "2026/cat.jpg"
+            r.done()
         if frame["message"] == "released":
             assert len(raw) == 5 + 16
 

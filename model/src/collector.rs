@@ -9,15 +9,20 @@
 //! rows) and decides with quorum reads, so that replicas running it at
 //! once only repeat idempotent steps.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use cairn_node::clock::now_unix_ms;
+use cairn_node::meta::Metadata;
+use cairn_node::release::ReleaseCheck;
 use cairn_node::swarm::NodeHandle;
 use cairn_protocol::ids::UploadId;
 use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, split_key_sort};
 use cairn_protocol::records::{ReleaseRecord, ReleaseTarget, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, VersionBody};
 
+use crate::buckets::check_bucket_name;
 use crate::error::{ModelError, ModelResult};
 use crate::heads::{existing_versions, read_head, read_manifest};
 use crate::rows::{register, upload_row, versions_row};
@@ -72,7 +77,10 @@ pub struct Collector {
 }
 
 impl Collector {
+    /// Starts the collector of `node`, and installs on the node the rule
+    /// every release it is asked for must pass, with the same times.
     pub fn start(node: NodeHandle, collection: Collection) -> Self {
+        node.install_release_rules(std::sync::Arc::new(ReleaseRule::new(collection)));
         let task = tokio::spawn(async move {
             let mut every = tokio::time::interval(collection.every);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -237,13 +245,16 @@ async fn collect(
     };
     let mut confirmed = true;
     for upload in uploads {
-        if in_use(node, bucket, &candidate.key, upload).await? {
+        if in_use(metadata, bucket, &candidate.key, upload).await? {
             collected.kept += 1;
             continue;
         }
+        let key = candidate.key.as_str();
         let releases = map.map.nodes.iter().map(|member| async move {
-            let asked =
-                tokio::time::timeout(RELEASE_TIMEOUT, node.release_upload(&member.id, upload));
+            let asked = tokio::time::timeout(
+                RELEASE_TIMEOUT,
+                node.release_upload(&member.id, upload, bucket, key),
+            );
             match asked.await {
                 Ok(Ok(_)) => true,
                 Ok(Err(error)) => {
@@ -277,12 +288,16 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Whether a version of `key` that exists, or the key's head, was written
 /// by `upload` (as the object's upload or one of its parts'). A head whose writer never wrote its version row out is
 /// written out here: it is committed, and a GET should see it.
-async fn in_use(node: &NodeHandle, bucket: &str, key: &str, upload: UploadId) -> ModelResult<bool> {
-    let metadata = node.metadata();
+async fn in_use(
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+    upload: UploadId,
+) -> ModelResult<bool> {
     let versions = existing_versions(metadata, bucket, key, None).await?;
     let head = read_head(metadata, bucket, key).await?;
     for version in &versions {
-        if written_by(node, version, upload).await? {
+        if written_by(metadata, version, upload).await? {
             return Ok(true);
         }
     }
@@ -290,7 +305,7 @@ async fn in_use(node: &NodeHandle, bucket: &str, key: &str, upload: UploadId) ->
         return Ok(false);
     };
     if versions.iter().any(|v| v.version == head.version)
-        || !written_by(node, &head, upload).await?
+        || !written_by(metadata, &head, upload).await?
     {
         return Ok(false);
     }
@@ -311,14 +326,14 @@ async fn in_use(node: &NodeHandle, bucket: &str, key: &str, upload: UploadId) ->
 }
 
 async fn written_by(
-    node: &NodeHandle,
+    metadata: &Metadata,
     version: &ObjectVersion,
     upload: UploadId,
 ) -> ModelResult<bool> {
     let VersionBody::Data { manifest, .. } = &version.body else {
         return Ok(false);
     };
-    Ok(read_manifest(node.metadata(), &version.bucket, manifest)
+    Ok(read_manifest(metadata, &version.bucket, manifest)
         .await?
         .is_some_and(|m| m.upload == upload || m.parts.iter().any(|p| p.upload == upload)))
 }
@@ -330,4 +345,136 @@ async fn forget(node: &NodeHandle, row: RowKey) -> ModelResult<()> {
         .write(vec![(row, register(None, metadata.timestamp()))])
         .await?;
     Ok(())
+}
+
+/// The collector's rule, as every node checks it before it trashes an
+/// upload's fragments on anyone's request (its own collector's included):
+/// a ripe reason in the replicated metadata of the key — a release row of
+/// the upload, or of a manifest that names it, or the intent record of a
+/// single write that never committed, older than the grace period — and
+/// no version or head of the key that uses the upload.
+pub struct ReleaseRule {
+    collection: Collection,
+}
+
+impl ReleaseRule {
+    pub fn new(collection: Collection) -> Self {
+        Self { collection }
+    }
+
+    async fn why_not(
+        &self,
+        metadata: &Metadata,
+        bucket: &str,
+        key: &str,
+        upload: UploadId,
+    ) -> ModelResult<Option<String>> {
+        if check_bucket_name(bucket).is_err() || key.is_empty() || key.contains('\0') {
+            return Ok(Some(format!("{bucket:?}/{key:?} names no object")));
+        }
+        let ripe_before = now_unix_ms().saturating_sub(self.collection.grace_ms());
+        if !self
+            .ripe(metadata, bucket, key, upload, ripe_before)
+            .await?
+        {
+            return Ok(Some(format!(
+                "no release of upload {upload} under {bucket}/{key} is older than the grace period"
+            )));
+        }
+        if in_use(metadata, bucket, key, upload).await? {
+            return Ok(Some(format!(
+                "a version of {bucket}/{key} uses upload {upload}"
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Whether the metadata holds a reason to release `upload`, ripe
+    /// before `ripe_before`.
+    async fn ripe(
+        &self,
+        metadata: &Metadata,
+        bucket: &str,
+        key: &str,
+        upload: UploadId,
+        ripe_before: u64,
+    ) -> ModelResult<bool> {
+        let partition = Partition::bucket(bucket);
+        let intent = metadata
+            .read(vec![upload_row(bucket, key, &upload)])
+            .await?
+            .remove(0);
+        if let Some(RowValue::Register(Register {
+            value: Some(bytes), ..
+        })) = intent
+            && let Ok(record) = UploadRecord::decode(&bytes)
+            && !record.multipart
+            && record.started_unix_ms < ripe_before
+        {
+            return Ok(true);
+        }
+        // The release rows under the key: of the upload itself, or of a
+        // manifest (a purged version) that names it.
+        let mut start = key.as_bytes().to_vec();
+        start.push(0);
+        let mut end = key.as_bytes().to_vec();
+        end.push(1);
+        loop {
+            let page = metadata
+                .range(&partition, Table::Releases, &start, Some(&end), 256)
+                .await?;
+            for (_, value) in &page.rows {
+                let RowValue::Register(Register {
+                    value: Some(bytes), ..
+                }) = value
+                else {
+                    continue;
+                };
+                let Ok(record) = ReleaseRecord::decode(bytes) else {
+                    continue;
+                };
+                if record.since_unix_ms >= ripe_before {
+                    continue;
+                }
+                let names = match record.target {
+                    ReleaseTarget::Upload(released) => released == upload,
+                    ReleaseTarget::Manifest(id) => read_manifest(metadata, bucket, &id)
+                        .await?
+                        .is_some_and(|m| {
+                            m.key == key
+                                && (m.upload == upload
+                                    || m.parts.iter().any(|p| p.upload == upload))
+                        }),
+                };
+                if names {
+                    return Ok(true);
+                }
+            }
+            match page.rows.last() {
+                Some((last, _)) if page.more => {
+                    start = last.clone();
+                    start.push(0);
+                }
+                _ => return Ok(false),
+            }
+        }
+    }
+}
+
+impl ReleaseCheck for ReleaseRule {
+    fn check<'a>(
+        &'a self,
+        metadata: &'a Metadata,
+        bucket: &'a str,
+        key: &'a str,
+        upload: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            match self.why_not(metadata, bucket, key, upload).await {
+                Ok(None) => Ok(()),
+                Ok(Some(why)) => Err(why),
+                Err(error) => Err(format!("the metadata could not be checked: {error}")),
+            }
+        })
+    }
 }

@@ -13,6 +13,7 @@ pub mod mapsync;
 pub mod members;
 pub mod meta;
 pub mod pieces;
+pub mod release;
 pub mod store;
 pub mod swarm;
 

@@ -15,6 +15,8 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use thiserror::Error;
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::meta::Metadata;
+use crate::release::{ReleaseRules, may_release};
 use crate::store::{FragmentStore, PutOutcome, Released, StoreError, VerifiedFragment};
 
 /// Bytes read from the stream at a time.
@@ -150,6 +152,9 @@ pub struct Server {
     /// Told the upload of each fragment stored, for the node to announce
     /// itself as one of the upload's providers.
     pub stored: Option<mpsc::Sender<UploadId>>,
+    /// What a release is checked against.
+    pub(crate) metadata: Metadata,
+    pub(crate) release_rules: ReleaseRules,
 }
 
 /// How long a put waits for room in the bytes-in-flight budget.
@@ -262,7 +267,21 @@ impl Server {
                     Err(error) => send(write, &reject_for(&error)).await,
                 }
             }
-            Message::Release { upload } => {
+            Message::Release {
+                upload,
+                bucket,
+                key,
+            } => {
+                if let Err(why) =
+                    may_release(&self.release_rules, &self.metadata, &bucket, &key, upload).await
+                {
+                    tracing::warn!(%upload, bucket, key, %why, "refused a release");
+                    return send(
+                        write,
+                        &reject(RejectCode::Unauthorized, format!("release refused: {why}")),
+                    )
+                    .await;
+                }
                 let store = self.store.clone();
                 let now = (self.now_unix_ms)();
                 let released = tokio::task::spawn_blocking(move || store.release(&upload, now))
@@ -491,8 +510,15 @@ pub async fn have<S: AsyncRead + AsyncWrite + Unpin>(
 pub async fn release<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     upload: UploadId,
+    bucket: &str,
+    key: &str,
 ) -> Result<Released, PieceError> {
-    let (mut reader, mut write) = open_exchange(stream, &Message::Release { upload }).await?;
+    let request = Message::Release {
+        upload,
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+    };
+    let (mut reader, mut write) = open_exchange(stream, &request).await?;
     write.close().await?;
     match reader.expect().await? {
         Message::Released { trashed, held } => Ok(Released { trashed, held }),

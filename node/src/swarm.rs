@@ -32,6 +32,7 @@ use crate::members::{MEMBERSHIP_WAIT, Members, refusal};
 use crate::meta::replica::MetaReplica;
 use crate::meta::{META_PROTOCOL, Metadata, rpc as meta_rpc};
 use crate::pieces::{self, PieceError};
+use crate::release::{ReleaseCheck, ReleaseRules, may_release};
 use crate::store::{FragmentStore, StoreConfig, StoreError, VerifiedFragment};
 
 pub const HELLO_PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/hello/1");
@@ -189,6 +190,8 @@ pub struct NodeHandle {
     commands: mpsc::Sender<Command>,
     /// Uploads of fragments stored here, for the event loop to announce.
     stored: mpsc::Sender<UploadId>,
+    /// What a release is checked against (installed after start).
+    release_rules: ReleaseRules,
 }
 
 /// Sends the map we hold to a peer that just became a member.
@@ -318,6 +321,7 @@ impl Node {
             path: meta_path,
             reason: e.to_string(),
         })?;
+        let release_rules = ReleaseRules::default();
         let metadata = Metadata::new(
             identity.node_id(),
             control.clone(),
@@ -454,6 +458,8 @@ impl Node {
                     limits.bytes_in_flight.max(max_fragment_bytes) as usize,
                 )),
                 stored: Some(stored.clone()),
+                metadata: metadata.clone(),
+                release_rules: release_rules.clone(),
             };
             let admission = Admission {
                 protocol: "pieces",
@@ -501,6 +507,7 @@ impl Node {
                 maps,
                 commands,
                 stored,
+                release_rules,
             },
             listen_addrs,
             tasks,
@@ -654,6 +661,13 @@ impl NodeHandle {
         self.maps.wait_for_version(version, timeout).await
     }
 
+    /// Installs the rules a release is checked against (the model's, by
+    /// whoever starts the node's collector), in place of any before;
+    /// until then this node refuses every release.
+    pub fn install_release_rules(&self, rules: Arc<dyn ReleaseCheck>) {
+        *self.release_rules.write().expect("release rules lock") = Some(rules);
+    }
+
     pub fn is_member(&self, node: &NodeId) -> bool {
         peer_id_of(node).is_ok_and(|peer| self.members.contains(&peer))
     }
@@ -755,8 +769,18 @@ impl NodeHandle {
         &self,
         node: &NodeId,
         upload: UploadId,
+        bucket: &str,
+        key: &str,
     ) -> Result<crate::store::Released, NodeError> {
         if *node == self.node_id() {
+            if let Err(why) =
+                may_release(&self.release_rules, &self.metadata, bucket, key, upload).await
+            {
+                return Err(NodeError::Piece(PieceError::Rejected {
+                    code: wire::RejectCode::Unauthorized,
+                    message: format!("release refused: {why}"),
+                }));
+            }
             let store = self.store.clone();
             let released =
                 tokio::task::spawn_blocking(move || store.release(&upload, now_unix_ms()))
@@ -764,7 +788,7 @@ impl NodeHandle {
                     .map_err(|e| NodeError::Swarm(e.to_string()))?;
             return Ok(released?);
         }
-        self.with_retries(node, |stream| pieces::release(stream, upload))
+        self.with_retries(node, |stream| pieces::release(stream, upload, bucket, key))
             .await
     }
 

@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::ids::{FragmentId, NodeId, UploadId};
+use crate::manifest::{MAX_BUCKET_BYTES, MAX_KEY_BYTES};
 
 /// The protocol name on libp2p streams.
 pub const PROTOCOL_NAME: &str = "/cairn/pieces/1";
@@ -216,8 +217,12 @@ pub enum Message {
     Cancel,
     /// Asks the holder to move every fragment whose hold names `upload` to
     /// its trash: the upload never committed or its versions are purged.
+    /// `bucket` and `key` say where the replicated metadata shows why, for
+    /// the holder to check before it trashes anything.
     Release {
         upload: UploadId,
+        bucket: String,
+        key: String,
     },
     /// Answers a release: fragments moved to the trash, and those kept
     /// because their hold's retain-until is still ahead.
@@ -373,9 +378,17 @@ impl Message {
                 put_ids(out, ids);
             }
             Message::Cancel => out.put_u8(tag::CANCEL),
-            Message::Release { upload } => {
+            Message::Release {
+                upload,
+                bucket,
+                key,
+            } => {
+                check_len("release bucket", bucket.len(), MAX_BUCKET_BYTES)?;
+                check_len("release key", key.len(), MAX_KEY_BYTES)?;
                 out.put_u8(tag::RELEASE);
                 out.extend_from_slice(upload.as_bytes());
+                out.put_bytes16(bucket.as_bytes());
+                out.put_bytes16(key.as_bytes());
             }
             Message::Released { trashed, held } => {
                 out.put_u8(tag::RELEASED);
@@ -463,6 +476,8 @@ impl Message {
             tag::CANCEL => Message::Cancel,
             tag::RELEASE => Message::Release {
                 upload: UploadId(r.array("upload id")?),
+                bucket: r.str16("release bucket", MAX_BUCKET_BYTES)?.to_owned(),
+                key: r.str16("release key", MAX_KEY_BYTES)?.to_owned(),
             },
             tag::RELEASED => Message::Released {
                 trashed: r.u64("trashed")?,
@@ -619,6 +634,8 @@ mod tests {
             Message::Cancel,
             Message::Release {
                 upload: UploadId([7; 16]),
+                bucket: "photos".into(),
+                key: "2026/cat.jpg".into(),
             },
             Message::Released {
                 trashed: 3,

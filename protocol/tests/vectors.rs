@@ -525,6 +525,8 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
             "release",
             Message::Release {
                 upload: UploadId([0x4d; 16]),
+                bucket: "photos".into(),
+                key: "2026/cat.jpg".into(),
             },
         ),
         (

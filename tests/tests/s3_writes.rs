@@ -558,6 +558,70 @@ async fn head_of(cluster: &Cluster, bucket: &str, key: &str) -> Option<ObjectVer
     value.map(|bytes| ObjectVersion::decode(&bytes).unwrap())
 }
 
+/// A member cannot have a live object's fragments trashed on its word:
+/// each node checks the collector's rule in the replicated metadata
+/// before it releases anything, and refuses, whatever bucket and key the
+/// request names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_release_of_a_live_objects_upload_is_refused_and_the_object_stays() {
+    use cairn_node::pieces::PieceError;
+    use cairn_node::swarm::NodeError;
+    use cairn_protocol::wire::RejectCode;
+    let s = setup_with(QUICK_COLLECTION).await;
+    // The collectors install the release rule on every node.
+    let _collectors = start_collectors(&s.cluster, QUICK_COLLECTION);
+    s.client
+        .create_bucket()
+        .bucket("live")
+        .send()
+        .await
+        .unwrap();
+    let body = pseudo_random_bytes(41, 1 << 20);
+    s.client
+        .put_object()
+        .bucket("live")
+        .key("k")
+        .body(ByteStream::from(body.clone()))
+        .send()
+        .await
+        .unwrap();
+    let head = head_of(&s.cluster, "live", "k").await.unwrap();
+    let VersionBody::Data { manifest, .. } = head.body else {
+        panic!("{head:?}");
+    };
+    let manifest =
+        cairn_model::heads::read_manifest(s.cluster.node(0).metadata(), "live", &manifest)
+            .await
+            .unwrap()
+            .unwrap();
+    let before = fragment_counts(&s.cluster);
+    let member = s.cluster.node(1);
+    for target in 0..6 {
+        let target = s.cluster.node(target).node_id();
+        for (bucket, key) in [("live", "k"), ("live", "another"), ("elsewhere", "k")] {
+            match member
+                .release_upload(&target, manifest.upload, bucket, key)
+                .await
+            {
+                Err(NodeError::Piece(PieceError::Rejected {
+                    code: RejectCode::Unauthorized,
+                    ..
+                })) => {}
+                other => {
+                    panic!("a release of a live upload as {bucket}/{key} on {target}: {other:?}")
+                }
+            }
+        }
+    }
+    assert_eq!(
+        fragment_counts(&s.cluster),
+        before,
+        "fragments were trashed"
+    );
+    assert_eq!(get_bytes(&s.client, "live", "k").await, body);
+    s.shutdown().await;
+}
+
 /// Writes are ordered by each key's head register, whatever the gateways'
 /// clocks say: PUTs and DELETEs race from three gateways whose clocks
 /// disagree by half a minute either way, and afterwards every gateway's
