@@ -710,8 +710,16 @@ impl ObjectStore {
                     {
                         got.push((index, bytes));
                     } else if FragmentId::of(&bytes) != segment.fragments[index] {
+                        // A lying or broken peer: the next candidate is
+                        // asked, as for a peer that failed.
                         errors.push(format!("{node} sent a corrupt fragment"));
                         failed.push(index);
+                        if let Some(index) = queue.next() {
+                            running.push(fetch(index, placed[index]));
+                        }
+                        if let Some(spare) = next_elsewhere(index) {
+                            running.push(fetch(index, spare));
+                        }
                     }
                 }
                 Ok(Some((index, node, Err(error)))) => {

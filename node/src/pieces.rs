@@ -36,6 +36,8 @@ pub enum PieceError {
     Unexpected(String),
     #[error("fragment bytes from the peer do not hash to {0}")]
     HashMismatch(FragmentId),
+    #[error("the peer sent nothing for {0:?}")]
+    TimedOut(Duration),
 }
 
 /// Reads whole messages from a stream through the sans-IO decoder.
@@ -43,14 +45,24 @@ pub struct MessageReader<R> {
     io: R,
     decoder: FrameDecoder,
     buffer: Vec<u8>,
+    /// How long the peer may send nothing before the exchange is given up.
+    silence: Duration,
 }
 
+/// How long a serving node waits for the next bytes of an exchange: a
+/// peer that stalls mid-put gives its budget back after this.
+pub const SERVER_SILENCE: Duration = Duration::from_secs(10);
+/// How long a calling node waits for the next bytes of an answer (a put's
+/// ack waits for the holder's fsync).
+pub const CLIENT_SILENCE: Duration = Duration::from_secs(30);
+
 impl<R: AsyncRead + Unpin> MessageReader<R> {
-    pub fn new(io: R) -> Self {
+    pub fn new(io: R, silence: Duration) -> Self {
         Self {
             io,
             decoder: FrameDecoder::default(),
             buffer: vec![0; READ_BYTES],
+            silence,
         }
     }
 
@@ -60,7 +72,9 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
             if let Some(message) = self.decoder.next_message()? {
                 return Ok(Some(message));
             }
-            let read = self.io.read(&mut self.buffer).await?;
+            let read = tokio::time::timeout(self.silence, self.io.read(&mut self.buffer))
+                .await
+                .map_err(|_| PieceError::TimedOut(self.silence))??;
             if read == 0 {
                 return if self.decoder.buffered() == 0 {
                     Ok(None)
@@ -157,6 +171,16 @@ pub struct Server {
     pub(crate) release_rules: ReleaseRules,
 }
 
+/// Runs a store call on a blocking thread: store reads touch the disk and
+/// redb, which must not hold up the async workers.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, PieceError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| PieceError::Io(std::io::Error::other(e.to_string())))
+}
+
 /// How long a put waits for room in the bytes-in-flight budget.
 const BUDGET_WAIT: Duration = Duration::from_secs(30);
 
@@ -168,7 +192,7 @@ impl Server {
         stream: S,
     ) -> Result<(), PieceError> {
         let (read, mut write) = stream.split();
-        let mut reader = MessageReader::new(read);
+        let mut reader = MessageReader::new(read, SERVER_SILENCE);
         let result = self.exchange(&mut reader, &mut write).await;
         if let Err(PieceError::Wire(error)) = &result {
             let _ = send(
@@ -212,12 +236,29 @@ impl Server {
             }
             Message::GetFragment { id, offset, length } => {
                 let store = self.store.clone();
-                let read = tokio::task::spawn_blocking(move || store.read(&id, offset, length))
-                    .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let total_len = match blocking(move || store.entry(&id)).await? {
+                    Ok(Some(entry)) => entry.len,
+                    Ok(None) => return send(write, &reject_for(&StoreError::NotFound(id))).await,
+                    Err(error) => return send(write, &reject_for(&error)).await,
+                };
+                // The bytes read are held until sent: they come out of the
+                // node's budget, as a put's do.
+                let wanted = total_len
+                    .saturating_sub(offset)
+                    .min(length)
+                    .clamp(1, u64::from(u32::MAX));
+                let budget = self.put_budget.clone().acquire_many_owned(wanted as u32);
+                let Ok(Ok(_budget)) = tokio::time::timeout(BUDGET_WAIT, budget).await else {
+                    return send(
+                        write,
+                        &reject(RejectCode::Busy, "too many bytes in flight; retry"),
+                    )
+                    .await;
+                };
+                let store = self.store.clone();
+                let read = blocking(move || store.read(&id, offset, length)).await?;
                 match read {
                     Ok(bytes) => {
-                        let total_len = self.store.entry(&id).ok().flatten().map_or(0, |e| e.len);
                         let header = Message::FragmentHeader {
                             id,
                             total_len,
@@ -231,34 +272,44 @@ impl Server {
                 }
             }
             Message::HaveQuery { ids } => {
-                let mut bitmap = vec![0u8; ids.len().div_ceil(8)];
-                for (i, id) in ids.iter().enumerate() {
-                    let live = matches!(self.store.entry(id), Ok(Some(e)) if e.state == crate::store::FragmentState::Live);
-                    if live {
-                        bitmap[i / 8] |= 0x80 >> (i % 8);
-                    }
-                }
                 let count = ids.len() as u32;
+                let store = self.store.clone();
+                let bitmap = blocking(move || {
+                    let mut bitmap = vec![0u8; ids.len().div_ceil(8)];
+                    for (i, id) in ids.iter().enumerate() {
+                        let live = matches!(store.entry(id), Ok(Some(e)) if e.state == crate::store::FragmentState::Live);
+                        if live {
+                            bitmap[i / 8] |= 0x80 >> (i % 8);
+                        }
+                    }
+                    bitmap
+                })
+                .await?;
                 send(write, &Message::HaveReply { count, bitmap }).await
             }
-            Message::InventoryQuery { start, end } => match self.store.digest(&start, &end) {
-                Ok((count, digest)) => {
-                    send(
-                        write,
-                        &Message::InventoryDigest {
-                            start,
-                            end,
-                            count,
-                            digest,
-                        },
-                    )
-                    .await
+            Message::InventoryQuery { start, end } => {
+                let store = self.store.clone();
+                let digest = blocking(move || store.digest(&start, &end)).await?;
+                match digest {
+                    Ok((count, digest)) => {
+                        send(
+                            write,
+                            &Message::InventoryDigest {
+                                start,
+                                end,
+                                count,
+                                digest,
+                            },
+                        )
+                        .await
+                    }
+                    Err(error) => send(write, &reject_for(&error)).await,
                 }
-                Err(error) => send(write, &reject_for(&error)).await,
-            },
+            }
             Message::InventoryList { start, end, limit } => {
                 let limit = (limit as usize).min(wire::MAX_HAVE_IDS);
-                match self.store.list(&start, &end, limit + 1) {
+                let store = self.store.clone();
+                match blocking(move || store.list(&start, &end, limit + 1)).await? {
                     Ok(mut ids) => {
                         let more = ids.len() > limit;
                         ids.truncate(limit);
@@ -284,9 +335,7 @@ impl Server {
                 }
                 let store = self.store.clone();
                 let now = (self.now_unix_ms)();
-                let released = tokio::task::spawn_blocking(move || store.release(&upload, now))
-                    .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let released = blocking(move || store.release(&upload, now)).await?;
                 match released {
                     Ok(Released { trashed, held }) => {
                         if trashed > 0 {
@@ -395,7 +444,7 @@ async fn open_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let (read, mut write) = stream.split();
     send(&mut write, &hello()).await?;
     send(&mut write, request).await?;
-    let mut reader = MessageReader::new(read);
+    let mut reader = MessageReader::new(read, CLIENT_SILENCE);
     match reader.expect().await? {
         Message::Hello { .. } => Ok((reader, write)),
         Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),

@@ -579,12 +579,24 @@ impl FragmentStore {
         start: &FragmentId,
         end: &FragmentId,
     ) -> Result<(u64, [u8; 32]), StoreError> {
-        let ids = self.list(start, end, usize::MAX)?;
+        // Hashed as the range is walked: a digest of any range holds one
+        // id in memory, not all of them.
+        let txn = self.shared.db.begin_read().map_err(index_error)?;
+        let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
         let mut hasher = FragmentHasher::new();
-        for id in &ids {
-            hasher.update(id.as_bytes());
+        let mut count = 0u64;
+        for row in table
+            .range::<&[u8; 32]>(start.as_bytes()..=end.as_bytes())
+            .map_err(index_error)?
+        {
+            let (key, value) = row.map_err(index_error)?;
+            let id = FragmentId(*key.value());
+            if FragmentEntry::decode(id, value.value())?.state == FragmentState::Live {
+                hasher.update(id.as_bytes());
+                count += 1;
+            }
         }
-        Ok((ids.len() as u64, hasher.finalize().0))
+        Ok((count, hasher.finalize().0))
     }
 
     fn set_state<T>(

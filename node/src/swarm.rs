@@ -42,6 +42,9 @@ const MAX_CERTIFICATE_BYTES: usize = 1024;
 /// How long a connected peer may go without passing the handshake before
 /// it is disconnected: the dialer's retries fit in it.
 const UNVERIFIED_GRACE: Duration = Duration::from_secs(15);
+/// How long one piece exchange may take in all (a fragment is at most a
+/// few MiB; the peer is given up on past this).
+const EXCHANGE_DEADLINE: Duration = Duration::from_secs(120);
 /// How often members' certificates are checked again, new maps aside.
 const MEMBERS_CHECK_EVERY: Duration = Duration::from_secs(30);
 /// Cluster map pushes taken at once (each up to 8 MiB).
@@ -844,7 +847,13 @@ impl NodeHandle {
         let mut attempt = 0;
         loop {
             let stream = self.open(node).await?;
-            match exchange(stream).await {
+            // A peer that stops reading what it is sent (QUIC flow control
+            // then blocks the writer) is given up on as one that stops
+            // answering is.
+            let exchanged = tokio::time::timeout(EXCHANGE_DEADLINE, exchange(stream))
+                .await
+                .unwrap_or(Err(PieceError::TimedOut(EXCHANGE_DEADLINE)));
+            match exchanged {
                 Err(PieceError::Io(error)) if attempt + 1 < ATTEMPTS => {
                     tracing::debug!(%node, %error, attempt, "piece stream lost; retrying");
                 }

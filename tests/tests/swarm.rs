@@ -562,6 +562,71 @@ async fn a_node_marked_out_is_disconnected_and_refused() {
     cluster.shutdown().await;
 }
 
+/// A peer that stalls in the middle of a put gives the holder's byte
+/// budget back once its silence runs out: a put from another member, which
+/// needs the same budget, is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_that_stalls_midway_does_not_hold_up_other_puts() {
+    let mut cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
+    // The budget is then one fragment of the largest size.
+    cluster.limits.bytes_in_flight = 0;
+    cluster.restart(1).await.unwrap();
+    let (attacker, victim, writer) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    assert!(
+        attacker
+            .wait_for_member(&victim.node_id(), Duration::from_secs(30))
+            .await
+    );
+    const LARGEST: usize = 64 << 20;
+    let bytes = segment(LARGEST, 50);
+    let id = FragmentId::of(&bytes);
+    let hold = Hold::sign(attacker.identity().signing_key(), &id, UploadId([5; 16]), 0);
+    let mut frames = Vec::new();
+    wire::Message::Hello {
+        version: 1,
+        capabilities: 0,
+        max_frame_bytes: 1 << 20,
+    }
+    .encode(&mut frames)
+    .unwrap();
+    wire::Message::PutFragment {
+        id,
+        length: LARGEST as u64,
+        hold,
+    }
+    .encode(&mut frames)
+    .unwrap();
+    let mut stream = attacker
+        .open_raw_piece_stream(&victim.node_id())
+        .await
+        .unwrap();
+    stream.write_all(&frames).await.unwrap();
+    // All but the last byte: once written, the victim has read most of
+    // them, so it holds the whole budget for this put.
+    for piece in bytes[..LARGEST - 1].chunks(wire::MAX_DATA_BYTES) {
+        let mut header = Vec::new();
+        wire::encode_data_header(piece.len(), &mut header).unwrap();
+        stream.write_all(&header).await.unwrap();
+        stream.write_all(piece).await.unwrap();
+    }
+    stream.flush().await.unwrap();
+    let other = segment(100_000, 51);
+    let other_id = FragmentId::of(&other);
+    let other_hold = Hold::sign(
+        writer.identity().signing_key(),
+        &other_id,
+        UploadId([6; 16]),
+        0,
+    );
+    writer
+        .put_fragment(&victim.node_id(), other_id, &other, other_hold)
+        .await
+        .unwrap();
+    assert!(victim.store().entry(&other_id).unwrap().is_some());
+    drop(stream);
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_past_its_stream_limit_gets_busy_while_others_are_served() {
     let mut cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
