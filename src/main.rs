@@ -544,6 +544,7 @@ async fn serve(
                         header_read_timeout: Duration::from_secs(
                             section.header_read_timeout_seconds.max(1),
                         ),
+                        idle_timeout: Duration::from_secs(section.idle_timeout_seconds.max(1)),
                         ..Default::default()
                     },
                 )

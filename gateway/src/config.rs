@@ -38,6 +38,13 @@ pub struct S3Section {
     /// start its next request on a kept-alive connection).
     #[serde(default = "default_header_read_timeout_seconds")]
     pub header_read_timeout_seconds: u64,
+    /// How long a connection may go with no byte moving either way.
+    #[serde(default = "default_idle_timeout_seconds")]
+    pub idle_timeout_seconds: u64,
+}
+
+fn default_idle_timeout_seconds() -> u64 {
+    crate::DEFAULT_IDLE_TIMEOUT.as_secs()
 }
 
 fn default_max_connections() -> usize {

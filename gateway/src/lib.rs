@@ -34,6 +34,8 @@ use crate::server::CairnHost;
 
 /// Client connections a gateway serves at once, unless configured.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// How long a connection may idle, unless configured.
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 /// How long a client has to send a request's headers, unless configured.
 pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -62,6 +64,10 @@ pub struct GatewayConfig {
     /// start its next request on a kept-alive connection, before the
     /// connection is closed.
     pub header_read_timeout: std::time::Duration,
+    /// How long a connection may go with no byte moving either way (a
+    /// slow answer being prepared counts too: it must be above the
+    /// longest request the gateway works on silently).
+    pub idle_timeout: std::time::Duration,
 }
 
 impl Default for GatewayConfig {
@@ -77,6 +83,7 @@ impl Default for GatewayConfig {
             clock_skew_ms: 0,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -133,6 +140,7 @@ impl Gateway {
         let limits = server::Limits {
             max_connections: config.max_connections.max(1),
             header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout.max(config.header_read_timeout),
         };
         let task = tokio::spawn(server::serve(listener, service, config.region, tls, limits));
         tracing::info!(%address, scheme, "S3 gateway listening");

@@ -166,6 +166,96 @@ pub fn check_request<B>(request: &http::Request<B>, region: &str) -> Option<Http
 pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: std::time::Duration,
+    pub idle_timeout: std::time::Duration,
+}
+
+/// When bytes last moved on a connection, either way.
+#[derive(Clone)]
+struct Activity {
+    start: std::time::Instant,
+    /// Milliseconds after `start`.
+    last: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Returns once no byte has moved for `idle`.
+    async fn idle_for(&self, idle: std::time::Duration) {
+        loop {
+            let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
+            let since = self
+                .start
+                .elapsed()
+                .saturating_sub(std::time::Duration::from_millis(last));
+            if since >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - since).await;
+        }
+    }
+}
+
+/// A client's socket that notes its activity.
+struct Watched {
+    inner: tokio::net::TcpStream,
+    activity: Activity,
+}
+
+impl Watched {
+    fn new(inner: tokio::net::TcpStream) -> Self {
+        let activity = Activity {
+            start: std::time::Instant::now(),
+            last: std::sync::Arc::default(),
+        };
+        Self { inner, activity }
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bytes: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, bytes);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 pub async fn serve(
@@ -245,30 +335,38 @@ pub async fn serve(
                     return;
                 }
             }
-            let served = match tls {
-                Some(tls) => match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        builder
-                            .serve_connection(TokioIo::new(stream), handler)
-                            .await
+            // Whatever the protocol, a connection on which no byte moves
+            // either way for the idle time is closed (a client that stops
+            // mid-preface, after its TLS handshake, or stops reading).
+            let stream = Watched::new(stream);
+            let activity = stream.activity.clone();
+            let serving = async move {
+                match tls {
+                    Some(tls) => {
+                        match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => builder
+                                .serve_connection(TokioIo::new(stream), handler)
+                                .await
+                                .map_err(|e| e.to_string()),
+                            Ok(Err(error)) => Err(format!("TLS handshake failed: {error}")),
+                            Err(_) => Err("TLS handshake timed out".into()),
+                        }
                     }
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                },
-                None => {
-                    builder
+                    None => builder
                         .serve_connection(TokioIo::new(stream), handler)
                         .await
+                        .map_err(|e| e.to_string()),
                 }
             };
-            if let Err(error) = served {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+            tokio::select! {
+                served = serving => {
+                    if let Err(error) = served {
+                        tracing::debug!(%peer, %error, "connection ended with an error");
+                    }
+                }
+                () = activity.idle_for(limits.idle_timeout) => {
+                    tracing::debug!(%peer, "connection idle: closed");
+                }
             }
         });
     }

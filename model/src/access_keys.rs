@@ -64,8 +64,13 @@ fn new_key_id() -> String {
 /// created through another gateway work here within this time.
 const KNOWN_IDS_FOR: Duration = Duration::from_secs(1);
 
-/// Every key id as last listed, and when.
-type KnownIds = Option<(Instant, Arc<HashSet<String>>)>;
+/// Every key id as last listed, and when; or when the last listing failed
+/// (lookups then read the id itself until the next try).
+enum KnownIds {
+    Unlisted,
+    Listed(Instant, Arc<HashSet<String>>),
+    Failed(Instant),
+}
 
 /// The access keys of the cluster. Cheap to clone.
 #[derive(Clone)]
@@ -77,7 +82,6 @@ pub struct AccessKeys {
     /// [`KNOWN_IDS_FOR`] at most, not one read each. The lock makes
     /// concurrent misses share one listing.
     known: Arc<tokio::sync::Mutex<KnownIds>>,
-    known_for: Duration,
 }
 
 impl AccessKeys {
@@ -87,8 +91,7 @@ impl AccessKeys {
         Self {
             kms,
             table: RegisterTable::new(metadata, Caching::For(cache_for)),
-            known: Arc::default(),
-            known_for: KNOWN_IDS_FOR.min(cache_for),
+            known: Arc::new(tokio::sync::Mutex::new(KnownIds::Unlisted)),
         }
     }
 
@@ -98,25 +101,29 @@ impl AccessKeys {
     }
 
     /// Whether key `id` may exist: it is in a listing of every id made
-    /// less than `known_for` ago (made now if there is none).
-    async fn may_exist(&self, id: &str) -> ModelResult<bool> {
+    /// less than [`KNOWN_IDS_FOR`] ago (made now if there is none). When
+    /// listing fails, every id may exist for a while: lookups read it.
+    async fn may_exist(&self, id: &str) -> bool {
         let mut known = self.known.lock().await;
-        if let Some((at, ids)) = &*known
-            && at.elapsed() < self.known_for
-        {
-            return Ok(ids.contains(id));
+        match &*known {
+            KnownIds::Listed(at, ids) if at.elapsed() < KNOWN_IDS_FOR => return ids.contains(id),
+            KnownIds::Failed(at) if at.elapsed() < KNOWN_IDS_FOR => return true,
+            _ => {}
         }
         let at = Instant::now();
-        let ids: HashSet<String> = self
-            .table
-            .list()
-            .await?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        let exists = ids.contains(id);
-        *known = Some((at, Arc::new(ids)));
-        Ok(exists)
+        match self.table.names().await {
+            Ok(names) => {
+                let ids: HashSet<String> = names.into_iter().collect();
+                let exists = ids.contains(id);
+                *known = KnownIds::Listed(at, Arc::new(ids));
+                exists
+            }
+            Err(error) => {
+                tracing::warn!(%error, "access key ids could not be listed; looking ids up one by one");
+                *known = KnownIds::Failed(at);
+                true
+            }
+        }
     }
 
     /// Creates a key with a fresh secret.
@@ -156,7 +163,7 @@ impl AccessKeys {
         };
         self.table.put(id, &record).await?;
         // Listed again at the next lookup, with the new key in it.
-        *self.known.lock().await = None;
+        *self.known.lock().await = KnownIds::Unlisted;
         Ok(NewAccessKey {
             id: id.to_owned(),
             secret: secret_of(&seed),
@@ -194,7 +201,7 @@ impl AccessKeys {
         }
         let record = match self.table.cached(id) {
             Some(record) => record,
-            None if !self.may_exist(id).await? => return Ok(None),
+            None if !self.may_exist(id).await => return Ok(None),
             None => self.table.get_fresh(id).await?,
         };
         let Some(record) = record else {

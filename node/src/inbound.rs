@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::{PeerId, Stream};
@@ -26,7 +27,14 @@ pub(crate) struct Admission {
     pub(crate) total: usize,
     /// Streams served at once for any one peer.
     pub(crate) per_peer: usize,
+    /// How long one stream may be served in all: a peer that trickles its
+    /// request, or stops reading the answer, gives its place back then.
+    pub(crate) deadline: Duration,
 }
+
+/// How long a busy answer may take to send: a peer that does not read it
+/// holds nothing longer.
+const BUSY_DEADLINE: Duration = Duration::from_secs(5);
 
 impl Admission {
     /// Serves `incoming` with `serve`, admitted streams only; a stream past
@@ -58,15 +66,26 @@ impl Admission {
                         (admission.block)(peer);
                         return;
                     }
-                    let Ok(_permit) = permits.try_acquire() else {
-                        tracing::debug!(%peer, protocol, "too many streams in flight: busy");
-                        return busy(stream, "too many exchanges in flight").await;
-                    };
+                    // The peer's own limit first: a peer past it takes no
+                    // place from the others, even while it is told so.
                     let Some(_slot) = slots.try_take(peer, admission.per_peer) else {
                         tracing::debug!(%peer, protocol, "too many streams from this peer: busy");
-                        return busy(stream, "too many exchanges open from your node").await;
+                        let told = busy(stream, "too many exchanges open from your node");
+                        let _ = tokio::time::timeout(BUSY_DEADLINE, told).await;
+                        return;
                     };
-                    serve(peer, stream).await;
+                    let Ok(_permit) = permits.try_acquire() else {
+                        tracing::debug!(%peer, protocol, "too many streams in flight: busy");
+                        let told = busy(stream, "too many exchanges in flight");
+                        let _ = tokio::time::timeout(BUSY_DEADLINE, told).await;
+                        return;
+                    };
+                    if tokio::time::timeout(admission.deadline, serve(peer, stream))
+                        .await
+                        .is_err()
+                    {
+                        tracing::info!(%peer, protocol, "stream served past its deadline: dropped");
+                    }
                 });
             }
         })

@@ -181,8 +181,9 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| PieceError::Io(std::io::Error::other(e.to_string())))
 }
 
-/// How long a put waits for room in the bytes-in-flight budget.
-const BUDGET_WAIT: Duration = Duration::from_secs(30);
+/// How long an exchange waits for room in the bytes-in-flight budget:
+/// less than a caller waits for an answer, so that it hears `busy`.
+const BUDGET_WAIT: Duration = Duration::from_secs(20);
 
 impl Server {
     /// Serves one exchange on `stream`. A protocol violation is answered

@@ -42,6 +42,12 @@ const MAX_CERTIFICATE_BYTES: usize = 1024;
 /// How long a connected peer may go without passing the handshake before
 /// it is disconnected: the dialer's retries fit in it.
 const UNVERIFIED_GRACE: Duration = Duration::from_secs(15);
+/// How long a node serves one stream of each protocol in all (a piece
+/// exchange carries a few MiB; a metadata request is one frame each way;
+/// a map push up to 8 MiB).
+const PIECE_STREAM_DEADLINE: Duration = Duration::from_secs(120);
+const META_STREAM_DEADLINE: Duration = Duration::from_secs(60);
+const MAP_STREAM_DEADLINE: Duration = Duration::from_secs(60);
 /// How long one piece exchange may take in all (a fragment is at most a
 /// few MiB; the peer is given up on past this).
 const EXCHANGE_DEADLINE: Duration = Duration::from_secs(120);
@@ -373,6 +379,7 @@ impl Node {
                 block: block.clone(),
                 total: config.limits.inbound_streams,
                 per_peer: config.limits.streams_per_peer,
+                deadline: META_STREAM_DEADLINE,
             };
             tasks.push(admission.run(
                 meta_in,
@@ -398,6 +405,7 @@ impl Node {
                 block: block.clone(),
                 total: MAP_STREAMS,
                 per_peer: 1,
+                deadline: MAP_STREAM_DEADLINE,
             };
             tasks.push(admission.run(
                 maps_in,
@@ -470,6 +478,7 @@ impl Node {
                 block: block.clone(),
                 total: limits.inbound_streams,
                 per_peer: limits.streams_per_peer,
+                deadline: PIECE_STREAM_DEADLINE,
             };
             tasks.push(admission.run(
                 pieces_in,
