@@ -364,7 +364,12 @@ impl Node {
         let block: Arc<dyn Fn(PeerId) + Send + Sync> = {
             let commands = commands.clone();
             Arc::new(move |peer| {
-                let _ = commands.try_send(Command::Block(peer));
+                // Waits for room in the event loop's queue rather than
+                // skip the block when it is full.
+                let commands = commands.clone();
+                tokio::spawn(async move {
+                    let _ = commands.send(Command::Block(peer)).await;
+                });
             })
         };
 
