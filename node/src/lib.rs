@@ -12,6 +12,7 @@ mod inbound;
 pub mod mapsync;
 pub mod members;
 pub mod meta;
+mod outbound;
 pub mod pieces;
 pub mod release;
 pub mod store;

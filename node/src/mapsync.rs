@@ -13,6 +13,8 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::Notify;
 
+use crate::outbound::{self, Retries};
+
 pub const MAP_PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/map/1");
 /// A map of 65 536 nodes is about 7 MiB.
 const MAX_MAP_BYTES: usize = 8 << 20;
@@ -261,17 +263,16 @@ pub async fn push_with_retries(
     peer: PeerId,
     map: &SignedMap,
 ) -> std::io::Result<u64> {
-    const ATTEMPTS: u32 = 5;
-    let mut attempt = 0;
-    loop {
-        match push(control.clone(), peer, map).await {
-            Ok(held) => return Ok(held),
-            Err(error) if attempt + 1 < ATTEMPTS => {
-                tracing::debug!(%peer, %error, attempt, "cluster map push failed; retrying");
-            }
-            Err(error) => return Err(error),
-        }
-        attempt += 1;
-        tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
-    }
+    let retries = Retries {
+        attempts: 5,
+        first_pause: Duration::from_secs(1),
+        deadline: Duration::from_secs(60),
+    };
+    outbound::call(
+        retries,
+        |_| push(control.clone(), peer, map),
+        |_| true,
+        || std::io::Error::other("the map push took over 60 s"),
+    )
+    .await
 }

@@ -31,6 +31,7 @@ use crate::mapsync::{self, MAP_PROTOCOL, MapError, MapKeeper};
 use crate::members::{MEMBERSHIP_WAIT, Members, refusal};
 use crate::meta::replica::MetaReplica;
 use crate::meta::{META_PROTOCOL, Metadata, rpc as meta_rpc};
+use crate::outbound::{self, Retries};
 use crate::pieces::{self, PieceError};
 use crate::release::{ReleaseCheck, ReleaseRules, may_release};
 use crate::store::{FragmentStore, StoreConfig, StoreError, VerifiedFragment};
@@ -48,6 +49,8 @@ const UNVERIFIED_GRACE: Duration = Duration::from_secs(15);
 const PIECE_STREAM_DEADLINE: Duration = Duration::from_secs(120);
 const META_STREAM_DEADLINE: Duration = Duration::from_secs(60);
 const MAP_STREAM_DEADLINE: Duration = Duration::from_secs(60);
+/// How long one attempt at the membership handshake may take.
+const HELLO_DEADLINE: Duration = Duration::from_secs(15);
 /// How long one piece exchange may take in all (a fragment is at most a
 /// few MiB; the peer is given up on past this).
 const EXCHANGE_DEADLINE: Duration = Duration::from_secs(120);
@@ -857,28 +860,29 @@ impl NodeHandle {
         F: Fn(libp2p::Stream) -> Fut,
         Fut: std::future::Future<Output = Result<T, PieceError>>,
     {
-        const ATTEMPTS: u32 = 6;
-        let mut attempt = 0;
-        loop {
-            let stream = self.open(node).await?;
-            // A peer that stops reading what it is sent (QUIC flow control
-            // then blocks the writer) is given up on as one that stops
-            // answering is.
-            let exchanged = tokio::time::timeout(EXCHANGE_DEADLINE, exchange(stream))
-                .await
-                .unwrap_or(Err(PieceError::TimedOut(EXCHANGE_DEADLINE)));
-            match exchanged {
-                Err(PieceError::Io(error)) if attempt + 1 < ATTEMPTS => {
-                    tracing::debug!(%node, %error, attempt, "piece stream lost; retrying");
-                }
-                Err(PieceError::Closed) if attempt + 1 < ATTEMPTS => {
-                    tracing::debug!(%node, attempt, "piece stream closed early; retrying");
-                }
-                done => return Ok(done?),
-            }
-            attempt += 1;
-            tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
-        }
+        // A peer that stops reading what it is sent (QUIC flow control
+        // then blocks the writer) is given up on as one that stops
+        // answering is.
+        let retries = Retries {
+            attempts: 6,
+            first_pause: Duration::from_millis(10),
+            deadline: EXCHANGE_DEADLINE,
+        };
+        outbound::call(
+            retries,
+            |_| async {
+                let stream = self.open(node).await?;
+                Ok(exchange(stream).await?)
+            },
+            |error| {
+                matches!(
+                    error,
+                    NodeError::Piece(PieceError::Io(_) | PieceError::Closed)
+                )
+            },
+            || NodeError::Piece(PieceError::TimedOut(EXCHANGE_DEADLINE)),
+        )
+        .await
     }
 
     /// Opens a piece-exchange stream without waiting for the membership
@@ -983,35 +987,35 @@ async fn read_certificate(
 
 /// The dialing half of the handshake: send ours, verify theirs.
 async fn hello_as_dialer(
-    mut control: libp2p_stream::Control,
+    control: libp2p_stream::Control,
     peer: PeerId,
     cluster: ClusterId,
     own: Vec<u8>,
 ) -> Result<Certificate, HandshakeError> {
-    let mut last = HandshakeError::Transport("not attempted".into());
-    for attempt in 0..4u32 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-        }
-        let exchange = async {
-            let mut stream = control
-                .open_stream(peer, HELLO_PROTOCOL)
-                .await
-                .map_err(|e| HandshakeError::Transport(e.to_string()))?;
-            write_certificate(&mut stream, &own)
-                .await
-                .map_err(|e| HandshakeError::Transport(e.to_string()))?;
-            read_certificate(&mut stream, &cluster, &peer).await
-        };
-        match exchange.await {
-            Err(HandshakeError::Transport(reason)) => {
-                tracing::debug!(%peer, %reason, "membership handshake interrupted; retrying");
-                last = HandshakeError::Transport(reason);
+    let retries = Retries {
+        attempts: 4,
+        first_pause: Duration::from_millis(400),
+        deadline: HELLO_DEADLINE,
+    };
+    outbound::call(
+        retries,
+        |_| {
+            let (mut control, own) = (control.clone(), own.clone());
+            async move {
+                let mut stream = control
+                    .open_stream(peer, HELLO_PROTOCOL)
+                    .await
+                    .map_err(|e| HandshakeError::Transport(e.to_string()))?;
+                write_certificate(&mut stream, &own)
+                    .await
+                    .map_err(|e| HandshakeError::Transport(e.to_string()))?;
+                read_certificate(&mut stream, &cluster, &peer).await
             }
-            done => return done,
-        }
-    }
-    Err(last)
+        },
+        |error| matches!(error, HandshakeError::Transport(_)),
+        || HandshakeError::Transport("no answer in time".into()),
+    )
+    .await
 }
 
 /// What the event loop needs to run the dialing half of the handshake.
