@@ -28,38 +28,25 @@ pub trait RegisterRecord: Sized + Clone + Send + Sync + 'static {
     fn decode(bytes: &[u8]) -> Result<Self, RecordError>;
 }
 
-impl RegisterRecord for BucketRecord {
-    const TABLE: Table = Table::Buckets;
-    const NOUN: &'static str = "bucket";
-    fn encode(&self) -> Vec<u8> {
-        BucketRecord::encode(self)
-    }
-    fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
-        BucketRecord::decode(bytes)
-    }
+/// A record type of the protocol crate kept in `$table`.
+macro_rules! register_record {
+    ($record:ty, $table:expr, $noun:literal) => {
+        impl RegisterRecord for $record {
+            const TABLE: Table = $table;
+            const NOUN: &'static str = $noun;
+            fn encode(&self) -> Vec<u8> {
+                <$record>::encode(self)
+            }
+            fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+                <$record>::decode(bytes)
+            }
+        }
+    };
 }
 
-impl RegisterRecord for AccessKeyRecord {
-    const TABLE: Table = Table::AccessKeys;
-    const NOUN: &'static str = "access key";
-    fn encode(&self) -> Vec<u8> {
-        AccessKeyRecord::encode(self)
-    }
-    fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
-        AccessKeyRecord::decode(bytes)
-    }
-}
-
-impl RegisterRecord for KmsKeyRecord {
-    const TABLE: Table = Table::KmsKeys;
-    const NOUN: &'static str = "KMS key";
-    fn encode(&self) -> Vec<u8> {
-        KmsKeyRecord::encode(self)
-    }
-    fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
-        KmsKeyRecord::decode(bytes)
-    }
-}
+register_record!(BucketRecord, Table::Buckets, "bucket");
+register_record!(AccessKeyRecord, Table::AccessKeys, "access key");
+register_record!(KmsKeyRecord, Table::KmsKeys, "KMS key");
 
 /// How long a read is trusted on this gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

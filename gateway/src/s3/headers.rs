@@ -11,7 +11,7 @@ use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
 use s3s::dto::*;
 use s3s::{S3Error, S3ErrorCode, S3Result};
 
-use super::MAX_USER_METADATA_BYTES;
+use super::{MAX_KEYS, MAX_USER_METADATA_BYTES};
 use crate::checksum::Algorithm;
 use crate::error::GatewayError;
 
@@ -171,9 +171,7 @@ pub(super) fn head_output(version: &ObjectVersion, checksums: bool) -> HeadObjec
         website_redirect_location: header("x-amz-website-redirect-location"),
         expires: header("expires")
             .and_then(|e| Timestamp::parse(TimestampFormat::HttpDate, &e).ok()),
-        server_side_encryption: Some(ServerSideEncryption::from_static(
-            ServerSideEncryption::AES256,
-        )),
+        server_side_encryption: sse_s3(),
         checksum_crc32: sums.checksum_crc32,
         checksum_crc32c: sums.checksum_crc32c,
         checksum_crc64nvme: sums.checksum_crc64nvme,
@@ -321,6 +319,27 @@ pub(super) fn with_typed_protections(
         }
     }
     asked
+}
+
+/// The size of a listing page a client asks for (max-keys, max-parts,
+/// max-uploads): S3's cap of 1000 when it asks for none or more, and
+/// InvalidArgument when it asks for a negative number.
+pub(super) fn page_size(requested: Option<i32>, name: &str) -> Result<usize, GatewayError> {
+    match requested {
+        None => Ok(MAX_KEYS),
+        Some(n) if n < 0 => Err(GatewayError::InvalidArgument(format!(
+            "{name} must not be negative"
+        ))),
+        Some(n) => Ok((n as usize).min(MAX_KEYS)),
+    }
+}
+
+/// What every answer that names an object's encryption says: SSE-S3,
+/// the one mode Cairn gives.
+pub(super) fn sse_s3() -> Option<ServerSideEncryption> {
+    Some(ServerSideEncryption::from_static(
+        ServerSideEncryption::AES256,
+    ))
 }
 
 #[cfg(test)]

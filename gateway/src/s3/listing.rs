@@ -9,8 +9,8 @@ use cairn_protocol::version::VersionBody;
 use s3s::dto::*;
 use s3s::{S3Request, S3Response, S3Result};
 
-use super::headers::{last_modified, strong_etag};
-use super::{CairnS3, MAX_KEYS};
+use super::CairnS3;
+use super::headers::{last_modified, page_size, strong_etag};
 use crate::error::GatewayError;
 
 /// Percent-encodes a key for `encoding-type=url` (everything but
@@ -42,13 +42,7 @@ fn decode_token(token: &str) -> Result<Vec<u8>, GatewayError> {
 }
 
 fn max_keys(requested: Option<i32>) -> Result<usize, GatewayError> {
-    match requested {
-        None => Ok(MAX_KEYS),
-        Some(n) if n < 0 => Err(GatewayError::InvalidArgument(
-            "max-keys must not be negative".into(),
-        )),
-        Some(n) => Ok((n as usize).min(MAX_KEYS)),
-    }
+    page_size(requested, "max-keys")
 }
 
 fn listed_objects(page: &ListPage, url: bool) -> (Vec<Object>, Vec<CommonPrefix>) {
@@ -211,6 +205,7 @@ impl CairnS3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::s3::MAX_KEYS;
     use crate::s3::errors::refused;
 
     #[test]

@@ -9,8 +9,8 @@ use s3s::{S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 use super::CairnS3;
 use super::conditions::{check_copy_conditions, write_condition};
 use super::headers::{
-    body_length, check_key, header_fields, parse_content_md5, stored_checksums, stored_headers,
-    strong_etag, timestamp_of,
+    body_length, check_key, header_fields, page_size, parse_content_md5, sse_s3, stored_checksums,
+    stored_headers, strong_etag, timestamp_of,
 };
 use crate::checksum::{Algorithm, ChecksumRequest};
 use crate::error::GatewayError;
@@ -45,9 +45,7 @@ impl CairnS3 {
             bucket: Some(input.bucket),
             key: Some(input.key),
             upload_id: Some(upload.to_text()),
-            server_side_encryption: Some(ServerSideEncryption::from_static(
-                ServerSideEncryption::AES256,
-            )),
+            server_side_encryption: sse_s3(),
             ..Default::default()
         }))
     }
@@ -93,9 +91,7 @@ impl CairnS3 {
         }
         Ok(S3Response::new(UploadPartOutput {
             e_tag: Some(strong_etag(&etag)),
-            server_side_encryption: Some(ServerSideEncryption::from_static(
-                ServerSideEncryption::AES256,
-            )),
+            server_side_encryption: sse_s3(),
             ..output
         }))
     }
@@ -163,9 +159,7 @@ impl CairnS3 {
                 last_modified: Some(timestamp_of(cairn_node::clock::now_unix_ms())),
                 ..Default::default()
             }),
-            server_side_encryption: Some(ServerSideEncryption::from_static(
-                ServerSideEncryption::AES256,
-            )),
+            server_side_encryption: sse_s3(),
             ..Default::default()
         }))
     }
@@ -224,9 +218,7 @@ impl CairnS3 {
             key: Some(input.key.clone()),
             e_tag: Some(strong_etag(etag)),
             location: Some(format!("/{}/{}", input.bucket, input.key)),
-            server_side_encryption: Some(ServerSideEncryption::from_static(
-                ServerSideEncryption::AES256,
-            )),
+            server_side_encryption: sse_s3(),
             ..Default::default()
         }))
     }
@@ -260,15 +252,7 @@ impl CairnS3 {
             .get(&input.bucket, &input.key, &upload)
             .await
             .map_err(GatewayError::from)?;
-        let max = match input.max_parts {
-            Some(n) if n < 0 => {
-                return Err(
-                    GatewayError::InvalidArgument("max-parts must not be negative".into()).into(),
-                );
-            }
-            Some(n) => (n as usize).min(1000),
-            None => 1000,
-        };
+        let max = page_size(input.max_parts, "max-parts")?;
         let after = match input.part_number_marker {
             None => 0,
             Some(n) if n < 0 => {
@@ -328,16 +312,7 @@ impl CairnS3 {
     ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
         let input = req.input;
         self.bucket(&input.bucket).await?;
-        let max = match input.max_uploads {
-            Some(n) if n < 0 => {
-                return Err(GatewayError::InvalidArgument(
-                    "max-uploads must not be negative".into(),
-                )
-                .into());
-            }
-            Some(n) => (n as usize).min(1000),
-            None => 1000,
-        };
+        let max = page_size(input.max_uploads, "max-uploads")?;
         let upload_marker = match input.upload_id_marker.as_deref() {
             None | Some("") => None,
             Some(text) => Some(parse_upload_id(text)?),

@@ -12,7 +12,7 @@ use super::conditions::{
 };
 use super::headers::{
     body_length, check_key, checksums_wanted, from_head, head_output, header_fields, last_modified,
-    parse_content_md5, parse_version_id, stored_checksums, stored_headers, strong_etag,
+    parse_content_md5, parse_version_id, sse_s3, stored_checksums, stored_headers, strong_etag,
     with_typed_protections,
 };
 use crate::checksum::ChecksumRequest;
@@ -128,9 +128,7 @@ impl CairnS3 {
             checksum_crc64nvme: sums.checksum_crc64nvme,
             checksum_sha1: sums.checksum_sha1,
             checksum_sha256: sums.checksum_sha256,
-            server_side_encryption: Some(ServerSideEncryption::from_static(
-                ServerSideEncryption::AES256,
-            )),
+            server_side_encryption: sse_s3(),
             ..Default::default()
         }))
     }
@@ -389,9 +387,7 @@ impl CairnS3 {
                 last_modified: Some(last_modified(&version)),
                 ..Default::default()
             }),
-            server_side_encryption: Some(ServerSideEncryption::from_static(
-                ServerSideEncryption::AES256,
-            )),
+            server_side_encryption: sse_s3(),
             ..Default::default()
         }))
     }
