@@ -4,9 +4,13 @@
 //! `cairn-protocol`; it never depends on the gateway.
 
 mod blocklist;
+mod client;
 pub mod clock;
 pub mod config;
 pub mod dht;
+mod event_loop;
+mod gate;
+mod hello;
 pub mod identity;
 mod inbound;
 pub mod mapsync;
@@ -17,5 +21,6 @@ pub mod pieces;
 pub mod release;
 pub mod store;
 pub mod swarm;
+mod workers;
 
 pub use cairn_protocol as protocol;

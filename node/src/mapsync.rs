@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use crate::outbound::{self, Retries};
 
-pub const MAP_PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/map/1");
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/map/1");
 /// A map of 65 536 nodes is about 7 MiB.
 const MAX_MAP_BYTES: usize = 8 << 20;
 
@@ -239,7 +239,7 @@ pub async fn push(
     map: &SignedMap,
 ) -> std::io::Result<u64> {
     let mut stream = control
-        .open_stream(peer, MAP_PROTOCOL)
+        .open_stream(peer, PROTOCOL)
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let bytes = map.encode();
@@ -275,4 +275,33 @@ pub async fn push_with_retries(
         || std::io::Error::other("the map push took over 60 s"),
     )
     .await
+}
+
+/// Sends the map this node holds to a peer that just became a member.
+pub(crate) fn share(control: &libp2p_stream::Control, maps: &MapKeeper, peer: PeerId) {
+    if let Some(map) = maps.current() {
+        let control = control.clone();
+        tokio::spawn(async move {
+            if let Err(error) = push_with_retries(control, peer, &map).await {
+                tracing::debug!(%peer, %error, "could not send the cluster map");
+            }
+        });
+    }
+}
+
+/// Passes a newly adopted map on to every member but `except`.
+pub(crate) fn spread(
+    control: &libp2p_stream::Control,
+    members: &crate::members::Members,
+    map: &SignedMap,
+    except: Option<PeerId>,
+) {
+    for peer in members.peers().into_iter().filter(|p| Some(*p) != except) {
+        let (control, map) = (control.clone(), map.clone());
+        tokio::spawn(async move {
+            if let Err(error) = push_with_retries(control, peer, &map).await {
+                tracing::debug!(%peer, %error, "could not pass the cluster map on");
+            }
+        });
+    }
 }

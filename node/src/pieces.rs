@@ -13,11 +13,15 @@ use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use thiserror::Error;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::meta::Metadata;
 use crate::release::{ReleaseRules, may_release};
-use crate::store::{FragmentStore, PutOutcome, Released, StoreError, VerifiedFragment};
+use crate::store::{
+    FragmentState, FragmentStore, PutOutcome, Released, StoreError, VerifiedFragment,
+};
+
+pub const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new(wire::PROTOCOL_NAME);
 
 /// Bytes read from the stream at a time.
 const READ_BYTES: usize = 256 << 10;
@@ -236,30 +240,8 @@ impl Server {
                 self.receive_put(reader, write, id, length, hold).await
             }
             Message::GetFragment { id, offset, length } => {
-                let store = self.store.clone();
-                let total_len = match blocking(move || store.entry(&id)).await? {
-                    Ok(Some(entry)) => entry.len,
-                    Ok(None) => return send(write, &reject_for(&StoreError::NotFound(id))).await,
-                    Err(error) => return send(write, &reject_for(&error)).await,
-                };
-                // The bytes read are held until sent: they come out of the
-                // node's budget, as a put's do.
-                let wanted = total_len
-                    .saturating_sub(offset)
-                    .min(length)
-                    .clamp(1, u64::from(u32::MAX));
-                let budget = self.put_budget.clone().acquire_many_owned(wanted as u32);
-                let Ok(Ok(_budget)) = tokio::time::timeout(BUDGET_WAIT, budget).await else {
-                    return send(
-                        write,
-                        &reject(RejectCode::Busy, "too many bytes in flight; retry"),
-                    )
-                    .await;
-                };
-                let store = self.store.clone();
-                let read = blocking(move || store.read(&id, offset, length)).await?;
-                match read {
-                    Ok(bytes) => {
+                match self.read(id, offset, length).await? {
+                    Ok((total_len, bytes, _budget)) => {
                         let header = Message::FragmentHeader {
                             id,
                             total_len,
@@ -269,23 +251,16 @@ impl Server {
                         send(write, &header).await?;
                         send_data(write, &bytes).await
                     }
-                    Err(error) => send(write, &reject_for(&error)).await,
+                    Err(refusal) => send(write, &refusal).await,
                 }
             }
             Message::HaveQuery { ids } => {
                 let count = ids.len() as u32;
-                let store = self.store.clone();
-                let bitmap = blocking(move || {
-                    let mut bitmap = vec![0u8; ids.len().div_ceil(8)];
-                    for (i, id) in ids.iter().enumerate() {
-                        let live = matches!(store.entry(id), Ok(Some(e)) if e.state == crate::store::FragmentState::Live);
-                        if live {
-                            bitmap[i / 8] |= 0x80 >> (i % 8);
-                        }
-                    }
-                    bitmap
-                })
-                .await?;
+                let live = self.live(ids).await?;
+                let mut bitmap = vec![0u8; live.len().div_ceil(8)];
+                for (i, _) in live.iter().enumerate().filter(|(_, live)| **live) {
+                    bitmap[i / 8] |= 0x80 >> (i % 8);
+                }
                 send(write, &Message::HaveReply { count, bitmap }).await
             }
             Message::InventoryQuery { start, end } => {
@@ -323,30 +298,12 @@ impl Server {
                 upload,
                 bucket,
                 key,
-            } => {
-                if let Err(why) =
-                    may_release(&self.release_rules, &self.metadata, &bucket, &key, upload).await
-                {
-                    tracing::warn!(%upload, bucket, key, %why, "refused a release");
-                    return send(
-                        write,
-                        &reject(RejectCode::Unauthorized, format!("release refused: {why}")),
-                    )
-                    .await;
+            } => match self.release(upload, &bucket, &key).await? {
+                Ok(Released { trashed, held }) => {
+                    send(write, &Message::Released { trashed, held }).await
                 }
-                let store = self.store.clone();
-                let now = (self.now_unix_ms)();
-                let released = blocking(move || store.release(&upload, now)).await?;
-                match released {
-                    Ok(Released { trashed, held }) => {
-                        if trashed > 0 {
-                            tracing::info!(%upload, trashed, held, "released an upload's fragments to the trash");
-                        }
-                        send(write, &Message::Released { trashed, held }).await
-                    }
-                    Err(error) => send(write, &reject_for(&error)).await,
-                }
-            }
+                Err(refusal) => send(write, &refusal).await,
+            },
             Message::Cancel => Ok(()),
             other => Err(unexpected(&other)),
         }
@@ -364,14 +321,7 @@ impl Server {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        if length > self.max_fragment_bytes {
-            let refusal = StoreError::TooLarge {
-                len: length,
-                max: self.max_fragment_bytes,
-            };
-            return send(write, &reject_for(&refusal)).await;
-        }
-        if let Err(refusal) = admit_hold(&id, &hold) {
+        if let Err(refusal) = self.admit_put(&id, length, &hold) {
             return send(write, &reject_for(&refusal)).await;
         }
         // Room in the node-wide budget first, then a buffer of the declared
@@ -406,22 +356,193 @@ impl Server {
                 other => return Err(unexpected(&other)),
             }
         }
-        let upload = hold.upload;
         let outcome = match VerifiedFragment::from_hasher(id, bytes, &hasher) {
-            Ok(fragment) => self.store.put(fragment, hold, (self.now_unix_ms)()).await,
+            Ok(fragment) => self.keep(fragment, hold).await,
             Err(error) => Err(error),
         };
         match outcome {
-            Ok(PutOutcome::Stored | PutOutcome::AlreadyStored) => {
-                send(write, &Message::Ack { id }).await?;
-                if let Some(stored) = &self.stored {
-                    let _ = stored.send(upload).await;
-                }
-                Ok(())
-            }
+            Ok(()) => send(write, &Message::Ack { id }).await,
             Err(error) => send(write, &reject_for(&error)).await,
         }
     }
+
+    /// Whether a put of `length` bytes under `hold` may be taken at all:
+    /// asked before any of its bytes are read.
+    fn admit_put(&self, id: &FragmentId, length: u64, hold: &Hold) -> Result<(), StoreError> {
+        if length > self.max_fragment_bytes {
+            return Err(StoreError::TooLarge {
+                len: length,
+                max: self.max_fragment_bytes,
+            });
+        }
+        admit_hold(id, hold)
+    }
+
+    /// Stores a verified fragment durably and has its upload announced.
+    async fn keep(&self, fragment: VerifiedFragment, hold: Hold) -> Result<(), StoreError> {
+        let upload = hold.upload;
+        match self.store.put(fragment, hold, (self.now_unix_ms)()).await? {
+            PutOutcome::Stored | PutOutcome::AlreadyStored => {}
+        }
+        if let Some(stored) = &self.stored {
+            let _ = stored.send(upload).await;
+        }
+        Ok(())
+    }
+
+    /// Reads bytes of a fragment for an answer, within the node's byte
+    /// budget (the bytes are held until sent); the budget's permit comes
+    /// back with them. A refusal is the answer to send instead.
+    async fn read(
+        &self,
+        id: FragmentId,
+        offset: u64,
+        length: u64,
+    ) -> Result<Result<(u64, Vec<u8>, OwnedSemaphorePermit), Message>, PieceError> {
+        let store = self.store.clone();
+        let total_len = match blocking(move || store.entry(&id)).await? {
+            Ok(Some(entry)) => entry.len,
+            Ok(None) => return Ok(Err(reject_for(&StoreError::NotFound(id)))),
+            Err(error) => return Ok(Err(reject_for(&error))),
+        };
+        let wanted = total_len
+            .saturating_sub(offset)
+            .min(length)
+            .clamp(1, u64::from(u32::MAX));
+        let budget = self.put_budget.clone().acquire_many_owned(wanted as u32);
+        let Ok(Ok(budget)) = tokio::time::timeout(BUDGET_WAIT, budget).await else {
+            return Ok(Err(reject(
+                RejectCode::Busy,
+                "too many bytes in flight; retry",
+            )));
+        };
+        let store = self.store.clone();
+        Ok(blocking(move || store.read(&id, offset, length))
+            .await?
+            .map(|bytes| (total_len, bytes, budget))
+            .map_err(|error| reject_for(&error)))
+    }
+
+    /// Which of `ids` this node holds live, in `ids` order.
+    async fn live(&self, ids: Vec<FragmentId>) -> Result<Vec<bool>, PieceError> {
+        let store = self.store.clone();
+        blocking(move || {
+            ids.iter()
+                .map(|id| matches!(store.entry(id), Ok(Some(e)) if e.state == FragmentState::Live))
+                .collect()
+        })
+        .await
+    }
+
+    /// Moves an upload's fragments to the trash if the replicated metadata
+    /// says the upload is released and nothing committed uses it.
+    async fn release(
+        &self,
+        upload: UploadId,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Result<Released, Message>, PieceError> {
+        if let Err(why) =
+            may_release(&self.release_rules, &self.metadata, bucket, key, upload).await
+        {
+            tracing::warn!(%upload, bucket, key, %why, "refused a release");
+            return Ok(Err(reject(
+                RejectCode::Unauthorized,
+                format!("release refused: {why}"),
+            )));
+        }
+        let store = self.store.clone();
+        let now = (self.now_unix_ms)();
+        let released = blocking(move || store.release(&upload, now)).await?;
+        if let Ok(Released { trashed, held }) = &released
+            && *trashed > 0
+        {
+            tracing::info!(%upload, trashed, held, "released an upload's fragments to the trash");
+        }
+        Ok(released.map_err(|error| reject_for(&error)))
+    }
+}
+
+/// This node's own store as one more peer: the gateway's exchanges with it
+/// take the same checks and limits as a peer's, without a stream.
+impl Server {
+    pub(crate) async fn put_local(
+        &self,
+        id: FragmentId,
+        bytes: &[u8],
+        hold: Hold,
+    ) -> Result<(), PieceError> {
+        self.admit_put(&id, bytes.len() as u64, &hold)
+            .map_err(|e| refused(&reject_for(&e)))?;
+        let fragment =
+            VerifiedFragment::new(id, bytes.to_vec()).map_err(|e| refused(&reject_for(&e)))?;
+        self.keep(fragment, hold)
+            .await
+            .map_err(|e| refused(&reject_for(&e)))
+    }
+
+    pub(crate) async fn get_local(
+        &self,
+        id: FragmentId,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, PieceError> {
+        let (total_len, bytes, _budget) = self
+            .read(id, offset, length)
+            .await?
+            .map_err(|r| refused(&r))?;
+        checked_read(id, offset, total_len, bytes)
+    }
+
+    pub(crate) async fn have_local(&self, ids: Vec<FragmentId>) -> Result<Vec<bool>, PieceError> {
+        self.live(ids).await
+    }
+
+    pub(crate) async fn release_local(
+        &self,
+        upload: UploadId,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Released, PieceError> {
+        self.release(upload, bucket, key)
+            .await?
+            .map_err(|r| refused(&r))
+    }
+}
+
+/// The error a caller sees for a reject message.
+fn refused(answer: &Message) -> PieceError {
+    match answer {
+        Message::Reject { code, message } => PieceError::Rejected {
+            code: *code,
+            message: message.clone(),
+        },
+        other => unexpected(other),
+    }
+}
+
+/// A whole fragment read is checked against its id, wherever it came from.
+fn checked_read(
+    id: FragmentId,
+    offset: u64,
+    total_len: u64,
+    bytes: Vec<u8>,
+) -> Result<Vec<u8>, PieceError> {
+    if offset == 0 && bytes.len() as u64 == total_len && FragmentId::of(&bytes) != id {
+        return Err(PieceError::HashMismatch(id));
+    }
+    Ok(bytes)
+}
+
+/// The answer to a stream past the node's limits.
+pub(crate) async fn answer_busy(stream: libp2p::Stream, why: &'static str) {
+    let (_, mut write) = stream.split();
+    let busy = Message::Reject {
+        code: RejectCode::Busy,
+        message: format!("{why}; retry"),
+    };
+    let _ = send(&mut write, &busy).await;
+    let _ = write.close().await;
 }
 
 fn unexpected(message: &Message) -> PieceError {
@@ -529,10 +650,7 @@ pub async fn get<S: AsyncRead + AsyncWrite + Unpin>(
             other => return Err(unexpected(&other)),
         }
     }
-    if offset == 0 && declared == total_len && FragmentId::of(&bytes) != id {
-        return Err(PieceError::HashMismatch(id));
-    }
-    Ok(bytes)
+    checked_read(id, offset, total_len, bytes)
 }
 
 /// Asks which of `ids` the peer holds live; the answer is in `ids` order.
