@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -565,6 +565,11 @@ impl ObjectStore {
             .filter(|n| n.id == own || self.node.is_member(&n.id))
             .map(|n| n.id)
             .collect();
+        let peers = ReadPeers {
+            same_site,
+            reachable,
+            slow: Mutex::new(HashSet::new()),
+        };
         let segment_bytes = layout.segment_bytes() as u64;
         let mut part_start = 0u64;
         for part in &manifest.parts {
@@ -590,9 +595,9 @@ impl ObjectStore {
                 .map(|index| {
                     let placer = placer.clone();
                     let segment = &part.segments[index];
-                    let (same_site, reachable) = (&same_site, &reachable);
+                    let peers = &peers;
                     async move {
-                        self.fetch_segment(&placer, same_site, reachable, part.upload, segment)
+                        self.fetch_segment(&placer, peers, part.upload, segment)
                             .await
                             .map(|bytes| (index, bytes))
                     }
@@ -632,11 +637,16 @@ impl ObjectStore {
     async fn fetch_segment(
         &self,
         placer: &Placer,
-        same_site: &HashSet<NodeId>,
-        reachable: &HashSet<NodeId>,
+        peers: &ReadPeers,
         upload: UploadId,
         segment: &SegmentRef,
     ) -> GatewayResult<Vec<u8>> {
+        let ReadPeers {
+            same_site,
+            reachable,
+            slow,
+        } = peers;
+        let was_slow = slow.lock().expect("slow peers lock").clone();
         let scheme = placer.scheme();
         let segment_len = segment.ciphertext_len as usize;
         let fragment_len = scheme.fragment_len(segment_len) as u64;
@@ -671,6 +681,7 @@ impl ObjectStore {
             let node = placed.get(i);
             (
                 !node.is_some_and(|n| reachable.contains(n)),
+                node.is_some_and(|n| was_slow.contains(n)),
                 node != Some(&own),
                 !node.is_some_and(|n| same_site.contains(n)),
                 i >= scheme.data(),
@@ -678,10 +689,16 @@ impl ObjectStore {
             )
         });
         let mut queue = order.into_iter();
+        // Nodes asked and not answered yet: those still silent when a
+        // spare is asked are asked last for the rest of the read.
+        let waiting: Mutex<HashSet<NodeId>> = Mutex::new(HashSet::new());
         let fetch = |index: usize, node: NodeId| {
             let id = segment.fragments[index];
+            waiting.lock().expect("waiting lock").insert(node);
+            let waiting = &waiting;
             async move {
                 let result = self.node.get_fragment(&node, id, 0, fragment_len).await;
+                waiting.lock().expect("waiting lock").remove(&node);
                 (index, node, result)
             }
         };
@@ -700,6 +717,9 @@ impl ObjectStore {
             match next {
                 Err(_) => {
                     // Endgame: a slow peer gets company.
+                    slow.lock()
+                        .expect("slow peers lock")
+                        .extend(waiting.lock().expect("waiting lock").iter().copied());
                     if let Some(index) = queue.next() {
                         running.push(fetch(index, placed[index]));
                     }
@@ -775,6 +795,14 @@ impl ObjectStore {
         .map_err(|e| GatewayError::Internal(e.to_string()))?
         .map_err(|e| GatewayError::Corrupt(format!("segment: {e}")))
     }
+}
+
+/// What one read knows of the nodes it asks: its own site's, those it is
+/// connected to, and those that were slow to answer in an earlier segment.
+struct ReadPeers {
+    same_site: HashSet<NodeId>,
+    reachable: HashSet<NodeId>,
+    slow: Mutex<HashSet<NodeId>>,
 }
 
 /// What streaming a body produced.

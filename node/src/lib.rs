@@ -3,6 +3,7 @@
 //! runs the background workers. It drives the sans-IO logic of
 //! `cairn-protocol`; it never depends on the gateway.
 
+mod batching;
 mod blocklist;
 mod client;
 pub mod clock;

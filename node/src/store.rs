@@ -665,21 +665,14 @@ impl Writer {
         Ok(file)
     }
 
-    fn run(mut self, mut requests: mpsc::Receiver<PutRequest>) {
-        while let Some(first) = requests.blocking_recv() {
-            let mut bytes = first.fragment.len();
-            let mut batch = vec![first];
-            while bytes < self.shared.config.batch_bytes {
-                match requests.try_recv() {
-                    Ok(next) => {
-                        bytes += next.fragment.len();
-                        batch.push(next);
-                    }
-                    Err(_) => break,
-                }
-            }
-            self.commit_batch(batch);
-        }
+    fn run(mut self, requests: mpsc::Receiver<PutRequest>) {
+        let max_bytes = self.shared.config.batch_bytes;
+        crate::batching::run(
+            requests,
+            max_bytes,
+            |request| request.fragment.len(),
+            |batch| self.commit_batch(batch),
+        );
     }
 
     fn used_bytes(&self) -> u64 {

@@ -556,17 +556,13 @@ fn decode_row(raw: &[u8]) -> Result<RowValue, ReplicaError> {
     RowValue::decode(raw).map_err(|e| ReplicaError::Corrupt(e.to_string()))
 }
 
-fn run_writer(db: &Database, fence: &AtomicU64, mut jobs: mpsc::Receiver<Job>) {
-    while let Some(first) = jobs.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        commit_batch(db, fence, batch);
-    }
+fn run_writer(db: &Database, fence: &AtomicU64, jobs: mpsc::Receiver<Job>) {
+    crate::batching::run(
+        jobs,
+        MAX_BATCH as u64,
+        |_| 1,
+        |batch| commit_batch(db, fence, batch),
+    );
 }
 
 /// Applies a batch in one durable transaction, then answers every job.
