@@ -91,6 +91,48 @@ impl Server {
     }
 }
 
+/// A test that panics leaves no process running behind it.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A process stopped with SIGSTOP: it keeps its sockets and its QUIC
+/// connections but answers nothing. Dropping this resumes it (SIGCONT),
+/// also when a test panics, so no stopped process is left behind.
+pub struct Frozen {
+    pid: u32,
+}
+
+impl Frozen {
+    pub fn stop(server: &Server) -> Self {
+        let pid = server.child.id();
+        signal(pid, "-STOP");
+        Self { pid }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // No assertion: a panic while unwinding would abort the test run.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.pid.to_string()])
+            .status();
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([name, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {name} {pid}: {status}");
+}
+
 pub fn write_config(dir: &Path, name: &str, cluster: &str, port: u16) -> std::path::PathBuf {
     let path = dir.join(format!("{name}.toml"));
     let text = format!(
@@ -169,6 +211,8 @@ pub struct ProcessCluster {
     pub dir: tempfile::TempDir,
     pub gateway: Server,
     pub nodes: Vec<Server>,
+    /// Each storage node's data directory, in the order of `nodes`.
+    pub data_dirs: Vec<std::path::PathBuf>,
     pub endpoint: String,
     /// The gateway's self-signed certificate, when it speaks TLS.
     pub tls_certificate: Option<std::path::PathBuf>,
@@ -216,6 +260,7 @@ impl ProcessCluster {
 
         let mut map = format!("version = 1\ndata_fragments = {k}\nparity_fragments = {m}\n");
         let mut nodes = Vec::new();
+        let mut data_dirs = Vec::new();
         for (site, &count) in nodes_per_site.iter().enumerate() {
             for n in 0..count {
                 let name = format!("s{site}n{n}");
@@ -224,6 +269,7 @@ impl ProcessCluster {
                 let server = Server::start(&config, &[("CAIRN_BOOTSTRAP", first.clone())]);
                 server.wait_for(&["member verified", &gateway_id]);
                 nodes.push(server);
+                data_dirs.push(dir.path().join(&name));
                 map += &format!(
                     "[[node]]\nid = \"{id}\"\nsite = \"site-{site}\"\ncapacity_bytes = 1099511627776\n"
                 );
@@ -265,6 +311,7 @@ impl ProcessCluster {
             dir,
             gateway,
             nodes,
+            data_dirs,
         }
     }
 
