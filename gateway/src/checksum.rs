@@ -3,68 +3,18 @@
 //! or only named so that the gateway computes and keeps one. s3s checks
 //! none of them, so the gateway computes the one named while the body
 //! streams and refuses the upload, before anything commits, when it
-//! differs.
+//! differs. What a client's text means (names, values, the composite
+//! form) is `cairn_protocol::checksum`.
 
 use http::HeaderMap;
 use s3s::TrailingHeaders;
 use s3s::checksum::ChecksumHasher;
 use s3s::crypto::{Checksum as _, Crc32, Crc32c, Crc64Nvme, Sha1, Sha256};
 
+pub use cairn_protocol::checksum::Algorithm;
+use cairn_protocol::checksum::Digest;
+
 use crate::error::{GatewayError, GatewayResult};
-
-/// An algorithm and the header that carries its value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
-    Crc32,
-    Crc32c,
-    Crc64Nvme,
-    Sha1,
-    Sha256,
-}
-
-impl Algorithm {
-    pub const ALL: [Algorithm; 5] = [
-        Algorithm::Crc32,
-        Algorithm::Crc32c,
-        Algorithm::Crc64Nvme,
-        Algorithm::Sha1,
-        Algorithm::Sha256,
-    ];
-
-    /// The name S3 uses in `x-amz-checksum-algorithm`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Algorithm::Crc32 => "CRC32",
-            Algorithm::Crc32c => "CRC32C",
-            Algorithm::Crc64Nvme => "CRC64NVME",
-            Algorithm::Sha1 => "SHA1",
-            Algorithm::Sha256 => "SHA256",
-        }
-    }
-
-    /// The header (and trailer) that carries the value.
-    pub fn header(self) -> &'static str {
-        match self {
-            Algorithm::Crc32 => "x-amz-checksum-crc32",
-            Algorithm::Crc32c => "x-amz-checksum-crc32c",
-            Algorithm::Crc64Nvme => "x-amz-checksum-crc64nvme",
-            Algorithm::Sha1 => "x-amz-checksum-sha1",
-            Algorithm::Sha256 => "x-amz-checksum-sha256",
-        }
-    }
-
-    pub fn by_name(name: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|a| a.name().eq_ignore_ascii_case(name.trim()))
-    }
-
-    fn by_header(header: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|a| a.header().eq_ignore_ascii_case(header.trim()))
-    }
-}
 
 /// Where the client's value comes from.
 #[derive(Debug, Clone)]
@@ -179,7 +129,7 @@ impl ChecksumRequest {
             Expected::Computed => None,
         };
         if let Some(expected) = expected
-            && expected != computed
+            && !sent_matches(self.algorithm, &expected, &computed)
         {
             return Err(GatewayError::ChecksumMismatch {
                 algorithm: self.algorithm.name(),
@@ -189,13 +139,25 @@ impl ChecksumRequest {
     }
 }
 
+/// Whether `sent`, a client's text for an `algorithm` checksum, is the
+/// value `kept` (canonical base64, as computed here): only the canonical
+/// text of a digest of the algorithm's length can be.
+pub fn sent_matches(algorithm: Algorithm, sent: &str, kept: &str) -> bool {
+    match Digest::parse(algorithm, sent) {
+        Ok(digest) => digest.to_string() == kept,
+        Err(error) => {
+            tracing::debug!(%error, "checksum value refused");
+            false
+        }
+    }
+}
+
 /// The checksum of a multipart object from its parts' (S3's COMPOSITE
 /// type): the algorithm over the parts' binary checksums in order, in
 /// base64, then `-N`. `None` for CRC64NVME, which S3 keeps only as a
 /// full-object value.
 pub fn composite(algorithm: Algorithm, parts: &[&str]) -> GatewayResult<Option<String>> {
-    use base64::Engine as _;
-    if algorithm == Algorithm::Crc64Nvme {
+    if !algorithm.has_composite() {
         return Ok(None);
     }
     let mut hasher = ChecksumRequest {
@@ -204,10 +166,9 @@ pub fn composite(algorithm: Algorithm, parts: &[&str]) -> GatewayResult<Option<S
     }
     .hasher();
     for part in parts {
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(part)
+        let digest = Digest::parse(algorithm, part)
             .map_err(|_| GatewayError::Corrupt(format!("stored part checksum {part:?}")))?;
-        hasher.update(&raw);
+        hasher.update(digest.as_bytes());
     }
     let sums = hasher.finalize();
     let value = match algorithm {
@@ -272,5 +233,39 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(request.verify(request.hasher()).is_err());
+    }
+
+    #[test]
+    fn only_the_canonical_text_of_the_value_kept_matches() {
+        assert!(sent_matches(Algorithm::Crc32, "NhCmhg==", "NhCmhg=="));
+        assert!(sent_matches(Algorithm::Crc32, " NhCmhg==\t", "NhCmhg=="));
+        for sent in ["NhCmhg", "NhCmhh==", "nhcmhg==", "NhCmhg==-1", ""] {
+            assert!(
+                !sent_matches(Algorithm::Crc32, sent, "NhCmhg=="),
+                "{sent:?}"
+            );
+        }
+        // Same length, another algorithm's name: the value still decides.
+        assert!(sent_matches(Algorithm::Crc32c, "NhCmhg==", "NhCmhg=="));
+        assert!(!sent_matches(Algorithm::Crc64Nvme, "NhCmhg==", "NhCmhg=="));
+    }
+
+    #[test]
+    fn a_composite_reads_back_as_one() {
+        use cairn_protocol::checksum::CompositeChecksum;
+        let value = composite(Algorithm::Crc32, &["emyG8Q==", "EcqKZg=="])
+            .unwrap()
+            .unwrap();
+        let parsed = CompositeChecksum::parse(Algorithm::Crc32, &value).unwrap();
+        assert_eq!(parsed.parts(), 2);
+        assert_eq!(parsed.to_string(), value);
+        assert_eq!(
+            composite(Algorithm::Crc64Nvme, &["AAAAAAAAAAA="]).unwrap(),
+            None
+        );
+        assert!(matches!(
+            composite(Algorithm::Sha1, &["emyG8Q=="]),
+            Err(GatewayError::Corrupt(_))
+        ));
     }
 }

@@ -18,7 +18,7 @@ use cairn_protocol::records::{PartRecord, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
 use md5::Digest;
 
-use crate::checksum::{Algorithm, ChecksumRequest, composite};
+use crate::checksum::{Algorithm, ChecksumRequest, composite, sent_matches};
 use crate::error::{GatewayError, GatewayResult};
 use crate::objects::{BodyWrite, ObjectCommit, ObjectStore, check_body_length, with_checksum};
 
@@ -142,8 +142,9 @@ fn assemble_parts(stored: &[PartAttempt], chosen: &[ChosenPart]) -> GatewayResul
             return Err(GatewayError::EntityTooSmall);
         }
         if let Some((algorithm, value)) = &choice.checksum
-            && part.checksum.as_ref()
-                != Some(&(algorithm.name().to_owned(), value.trim().to_owned()))
+            && !part.checksum.as_ref().is_some_and(|(name, kept)| {
+                name == algorithm.name() && sent_matches(*algorithm, value, kept)
+            })
         {
             return Err(GatewayError::InvalidPart(format!(
                 "part {number} was not uploaded with the {} checksum {value}",

@@ -6,6 +6,7 @@
 //! clock or draws randomness. The formats are normative in `spec/`.
 
 pub mod cas;
+pub mod checksum;
 pub mod chunked;
 pub mod codec;
 pub mod dht;
