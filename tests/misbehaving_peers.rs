@@ -77,16 +77,16 @@ async fn get(client: &aws_sdk_s3::Client, bucket: &str) -> Vec<u8> {
 
 /// A frozen node keeps its QUIC connections until the transport's idle
 /// timeout (10 s) but answers no stream. The gateway asks another node
-/// after 1.5 s rather than wait for it, so no pause in the body comes near
-/// the 5 s after which this client gives up; a gateway that waited for the
-/// frozen node, or for the transport to drop it, fails there. The whole
-/// GET is bounded too: six segments, each at most a spare request late.
+/// after 1.5 s rather than wait for it (and asks it last for the rest of
+/// the read), so no pause in the body comes near the 8 s after which this
+/// client gives up; a gateway that waited for the frozen node, or for the
+/// transport to drop it (10 s), fails there. The whole GET is bounded too.
 #[test]
 fn a_get_with_a_frozen_storage_node_gets_its_bytes_from_the_other_fragments_in_bounded_time() {
     let cluster = ProcessCluster::start(&[1, 1, 1], 2, 1);
     let client = s3_client(&cluster.endpoint, &cluster.access_key, &cluster.secret_key);
     let stalled_stream = StalledStreamProtectionConfig::enabled()
-        .grace_period(Duration::from_secs(5))
+        .grace_period(Duration::from_secs(8))
         .build();
     let client = aws_sdk_s3::Client::from_conf(
         client
@@ -106,7 +106,7 @@ fn a_get_with_a_frozen_storage_node_gets_its_bytes_from_the_other_fragments_in_b
     let elapsed = started.elapsed();
     assert!(back == body, "the object read back differs");
     assert!(
-        elapsed < Duration::from_secs(30),
+        elapsed < Duration::from_secs(60),
         "the GET took {elapsed:?}"
     );
     drop(frozen);

@@ -44,6 +44,10 @@ impl BlockList {
     }
 
     /// The peers whose block is over at `now`, to unblock.
+    pub(crate) fn contains(&self, peer: &PeerId) -> bool {
+        self.since.contains_key(peer)
+    }
+
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<PeerId> {
         let mut expired = Vec::new();
         while let Some(&(at, peer)) = self.order.front() {
@@ -57,11 +61,6 @@ impl BlockList {
             }
         }
         expired
-    }
-
-    #[cfg(test)]
-    fn contains(&self, peer: &PeerId) -> bool {
-        self.since.contains_key(peer)
     }
 
     /// Drops stale order entries (peers blocked again) once they dominate.

@@ -197,6 +197,12 @@ pub(crate) async fn run(
                     swarm.behaviour_mut().block(&mut blocked, peer);
                 }
                 Some(Command::Verified(peer)) => {
+                    // A handshake that ended after its connection closed, or
+                    // after the peer was blocked, admits nobody.
+                    if !swarm.is_connected(&peer) || blocked.contains(&peer) {
+                        members.remove(&peer);
+                        continue;
+                    }
                     swarm.behaviour_mut().open.admit(peer);
                     for address in identified.get(&peer).into_iter().flatten() {
                         swarm.behaviour_mut().kad().add_address(&peer, address.clone());
@@ -279,7 +285,7 @@ pub(crate) async fn run(
                     }
                     identified.insert(peer_id, info.listen_addrs);
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Open(OpenProtocolsEvent::Kad(event))) => on_kad_event(&mut swarm, &mut pending, &members, event),
+                SwarmEvent::Behaviour(BehaviourEvent::Open(OpenProtocolsEvent::Kad(event))) => on_kad_event(&mut swarm, local, &mut pending, &members, event),
                 _ => {}
             },
         }
@@ -319,6 +325,7 @@ fn provide(
 
 fn on_kad_event(
     swarm: &mut libp2p::Swarm<Behaviour>,
+    local: PeerId,
     pending: &mut PendingQueries,
     members: &Members,
     event: kad::Event,
@@ -345,7 +352,13 @@ fn on_kad_event(
             };
             let failure = match result {
                 Ok(GetProvidersOk::FoundProviders { providers, .. }) => {
-                    found.extend(providers);
+                    // Only members are believed: a member's answer could
+                    // name any peer.
+                    found.extend(
+                        providers
+                            .into_iter()
+                            .filter(|p| *p == local || members.contains(p)),
+                    );
                     None
                 }
                 Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => None,

@@ -31,8 +31,11 @@ where
 {
     let mut pause = retries.first_pause;
     let mut number = 0;
+    // One deadline for the whole call: a peer that fails each attempt just
+    // before its end must not multiply the wait.
+    let deadline = tokio::time::Instant::now() + retries.deadline;
     loop {
-        let outcome = tokio::time::timeout(retries.deadline, attempt(number))
+        let outcome = tokio::time::timeout_at(deadline, attempt(number))
             .await
             .unwrap_or_else(|_| Err(timed_out()));
         match outcome {
@@ -42,6 +45,9 @@ where
             done => return done,
         }
         number += 1;
+        if tokio::time::Instant::now() + pause >= deadline {
+            return Err(timed_out());
+        }
         tokio::time::sleep(pause).await;
         pause = pause.saturating_mul(2);
     }
@@ -107,5 +113,32 @@ mod tests {
         )
         .await;
         assert_eq!(outcome, Err("late".to_owned()));
+    }
+
+    /// A peer that fails each attempt just before its end: the deadline
+    /// holds for the whole call, not once per attempt.
+    #[tokio::test]
+    async fn the_deadline_covers_every_attempt_together() {
+        let retries = Retries {
+            attempts: 5,
+            first_pause: Duration::from_millis(1),
+            deadline: Duration::from_millis(200),
+        };
+        let mut tries = 0;
+        let outcome: Result<(), String> = call(
+            retries,
+            |_| {
+                tries += 1;
+                async {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    Err("lost".to_owned())
+                }
+            },
+            |e| e == "lost",
+            || "late".to_owned(),
+        )
+        .await;
+        assert_eq!(outcome, Err("late".to_owned()));
+        assert!(tries <= 2, "{tries} attempts");
     }
 }
