@@ -207,9 +207,13 @@ def check_wire():
         assert struct.unpack(">I", raw[:4])[0] == len(raw) - 4 and raw[4] == i + 1
         if frame["message"] == "put_fragment":
             p = raw[5:]
-            fragment, upload, until, writer, sig = p[:32], p[40:56], p[56:64], p[64:96], p[96:160]
-            Ed25519PublicKey.from_public_bytes(writer).verify(sig, b"cairn hold v1" + fragment + upload + until)
-            assert len(p) == 160
+            fragment, upload, obj, until = p[:32], p[40:56], p[56:88], p[88:96]
+            writer, sig = p[96:128], p[128:192]
+            # The object key digest binds the hold to photos/2026/cat.jpg.
+            named = struct.pack(">H", len(b"photos")) + b"photos" + b"2026/cat.jpg"
+            assert obj == blake3.blake3(named, derive_key_context="cairn object key digest v1").digest()
+            Ed25519PublicKey.from_public_bytes(writer).verify(sig, b"cairn hold v2" + fragment + upload + obj + until)
+            assert len(p) == 192
         if frame["message"] == "release":
             r = Reader(raw[5 + 16:])
             assert r.str16(63) == "photos" and r.str16(1024) == "2026/cat.jpg"

@@ -30,7 +30,7 @@ use cairn_protocol::pipeline::PutPipeline;
 use cairn_protocol::placement::{Placer, segment_placement_key};
 use cairn_protocol::records::{DegradedRecord, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
-use cairn_protocol::wire::Hold;
+use cairn_protocol::wire::{Hold, ObjectKeyDigest};
 use futures::stream::{FuturesUnordered, StreamExt};
 use md5::Digest;
 use s3s::checksum::ChecksumHasher;
@@ -392,7 +392,13 @@ impl ObjectStore {
         let put = |index: usize, to: NodeId| {
             let segment = segment.clone();
             let id = ids[index];
-            let hold = Hold::sign(signing, &id, target.upload, target.retain_until_unix_ms);
+            let hold = Hold::sign(
+                signing,
+                &id,
+                target.upload,
+                ObjectKeyDigest::of(target.bucket, target.key),
+                target.retain_until_unix_ms,
+            );
             async move {
                 let result = self
                     .node

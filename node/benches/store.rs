@@ -62,7 +62,13 @@ fn ingest(c: &mut Criterion) {
                     .into_iter()
                     .map(|bytes| {
                         let id = FragmentId::of(&bytes);
-                        let hold = Hold::sign(&key, &id, UploadId([1; 16]), 0);
+                        let hold = Hold::sign(
+                            &key,
+                            &id,
+                            UploadId([1; 16]),
+                            cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
+                            0,
+                        );
                         (VerifiedFragment::new(id, bytes).unwrap(), hold)
                     })
                     .collect();

@@ -1,4 +1,4 @@
-//! The piece-exchange protocol `/cairn/pieces/1` (spec/wire.md) over one
+//! The piece-exchange protocol `/cairn/pieces/2` (spec/wire.md) over one
 //! stream: the serving side answers from the fragment store; the client
 //! side puts and gets fragments.
 //!
@@ -7,7 +7,9 @@
 //! the store's fragment limit for a declared put.
 
 use cairn_protocol::ids::{FragmentHasher, FragmentId, UploadId};
-use cairn_protocol::wire::{self, FrameDecoder, Hold, Message, RejectCode, WireError};
+use cairn_protocol::wire::{
+    self, FrameDecoder, Hold, Message, ObjectKeyDigest, RejectCode, WireError,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -453,7 +455,8 @@ impl Server {
         }
         let store = self.store.clone();
         let now = (self.now_unix_ms)();
-        let released = blocking(move || store.release(&upload, now)).await?;
+        let object = ObjectKeyDigest::of(bucket, key);
+        let released = blocking(move || store.release(&upload, &object, now)).await?;
         if let Ok(Released { trashed, held }) = &released
             && *trashed > 0
         {

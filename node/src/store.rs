@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::thread;
 
 use cairn_protocol::ids::{FragmentHasher, FragmentId, NodeId, UploadId};
-use cairn_protocol::wire::Hold;
+use cairn_protocol::wire::{Hold, ObjectKeyDigest};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -25,7 +25,10 @@ const VOLUMES: TableDefinition<u32, u64> = TableDefinition::new("volumes");
 const BY_UPLOAD: TableDefinition<&[u8; 48], ()> = TableDefinition::new("by_upload");
 const RECORD_MAGIC: &[u8; 4] = b"CRNF";
 const RECORD_HEADER_BYTES: u64 = 4 + 1 + 32 + 8;
-const FORMAT: u8 = 2;
+/// The format byte of a record in a volume.
+const RECORD_FORMAT: u8 = 2;
+/// The format byte of an index entry.
+const ENTRY_FORMAT: u8 = 3;
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -187,12 +190,15 @@ pub struct FragmentEntry {
     pub hold: Hold,
 }
 
-const ENTRY_BYTES: usize = 158;
+const ENTRY_BYTES: usize = 190;
+/// Entries of format 2 had no object key digest; read as bound to no
+/// object, their fragments are never released (spec/store.md).
+const ENTRY_BYTES_FORMAT_2: usize = 158;
 
 impl FragmentEntry {
     fn encode(&self) -> [u8; ENTRY_BYTES] {
         let mut out = [0u8; ENTRY_BYTES];
-        out[0] = FORMAT;
+        out[0] = ENTRY_FORMAT;
         out[1] = match self.state {
             FragmentState::Live => 0,
             FragmentState::Trash => 1,
@@ -207,14 +213,19 @@ impl FragmentEntry {
         out[54..62].copy_from_slice(&self.hold.retain_until_unix_ms.to_be_bytes());
         out[62..94].copy_from_slice(self.hold.writer.as_bytes());
         out[94..158].copy_from_slice(&self.hold.signature);
+        out[158..190].copy_from_slice(self.hold.object.as_bytes());
         out
     }
 
     fn decode(id: FragmentId, raw: &[u8]) -> Result<Self, StoreError> {
         let bad = || StoreError::BadIndexEntry(id);
-        if raw.len() != ENTRY_BYTES || raw[0] != FORMAT {
-            return Err(bad());
-        }
+        let object = match (raw.first(), raw.len()) {
+            (Some(&ENTRY_FORMAT), ENTRY_BYTES) => {
+                ObjectKeyDigest(raw[158..190].try_into().expect("32 bytes"))
+            }
+            (Some(2), ENTRY_BYTES_FORMAT_2) => ObjectKeyDigest([0; 32]),
+            _ => return Err(bad()),
+        };
         let u64_at = |at: usize| u64::from_be_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
         let state = match raw[1] {
             0 => FragmentState::Live,
@@ -231,6 +242,7 @@ impl FragmentEntry {
             trashed_at_unix_ms: u64_at(30),
             hold: Hold {
                 upload: UploadId(raw[38..54].try_into().expect("16 bytes")),
+                object,
                 retain_until_unix_ms: u64_at(54),
                 writer: NodeId(raw[62..94].try_into().expect("32 bytes")),
                 signature: raw[94..158].try_into().expect("64 bytes"),
@@ -408,7 +420,7 @@ impl FragmentStore {
                 .read_exact_at(&mut bytes, entry.offset + RECORD_HEADER_BYTES)
                 .is_ok()
             && header[..4] == RECORD_MAGIC[..]
-            && header[4] == FORMAT
+            && header[4] == RECORD_FORMAT
             && header[5..37] == id.0[..]
             && header[37..45] == entry.len.to_be_bytes()
             && FragmentId::of(&bytes) == *id;
@@ -453,10 +465,16 @@ impl FragmentStore {
         })?
     }
 
-    /// Moves every live fragment whose hold names `upload` to the trash,
-    /// except those still held (spec/store.md, "Releasing an upload").
+    /// Moves every live fragment whose hold names `upload` and `object` to
+    /// the trash, except those still held (spec/store.md, "Releasing an
+    /// upload").
     /// Blocking: call it from a blocking thread.
-    pub fn release(&self, upload: &UploadId, now_unix_ms: u64) -> Result<Released, StoreError> {
+    pub fn release(
+        &self,
+        upload: &UploadId,
+        object: &ObjectKeyDigest,
+        now_unix_ms: u64,
+    ) -> Result<Released, StoreError> {
         let mut txn = self.shared.db.begin_write().map_err(index_error)?;
         txn.set_durability(Durability::Immediate)
             .map_err(index_error)?;
@@ -480,7 +498,12 @@ impl FragmentStore {
                 };
                 let mut entry = FragmentEntry::decode(id, raw.value())?;
                 drop(raw);
-                if entry.state != FragmentState::Live || entry.hold.upload != *upload {
+                // Only the fragments written for the object the release
+                // was checked for: an upload id alone proves nothing.
+                if entry.state != FragmentState::Live
+                    || entry.hold.upload != *upload
+                    || entry.hold.object != *object
+                {
                     continue;
                 }
                 if entry.hold.retain_until_unix_ms > now_unix_ms {
@@ -818,7 +841,7 @@ impl Writer {
         let offset = self.committed[number];
         let mut header = [0u8; RECORD_HEADER_BYTES as usize];
         header[..4].copy_from_slice(RECORD_MAGIC);
-        header[4] = FORMAT;
+        header[4] = RECORD_FORMAT;
         header[5..37].copy_from_slice(fragment.id.as_bytes());
         header[37..45].copy_from_slice(&fragment.len().to_be_bytes());
         file.write_all_at(&header, offset)?;

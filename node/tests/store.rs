@@ -32,7 +32,13 @@ fn writer_key() -> SigningKey {
 }
 
 fn hold(id: &FragmentId, retain_until: u64) -> Hold {
-    Hold::sign(&writer_key(), id, UploadId([0x4d; 16]), retain_until)
+    Hold::sign(
+        &writer_key(),
+        id,
+        UploadId([0x4d; 16]),
+        cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
+        retain_until,
+    )
 }
 
 fn config(dir: &std::path::Path) -> StoreConfig {
@@ -258,24 +264,39 @@ async fn held_fragments_stay_and_the_trash_restores_then_purges() {
 
 #[tokio::test]
 async fn releasing_an_upload_trashes_only_its_unheld_fragments_and_survives_a_reopen() {
+    use cairn_protocol::wire::ObjectKeyDigest;
     let dir = tempfile::tempdir().unwrap();
     let released = UploadId([0x4d; 16]);
+    let object = ObjectKeyDigest::of("bucket", "key");
     let other = UploadId([0x4e; 16]);
-    let (kept, unheld, held) = {
+    let (kept, elsewhere, unheld, held) = {
         let store = FragmentStore::open(config(dir.path())).unwrap();
         let bytes = fragment_bytes(20, 700);
         let kept = FragmentId::of(&bytes);
         let fragment = VerifiedFragment::new(kept, bytes).unwrap();
-        let other_hold = Hold::sign(&writer_key(), &kept, other, 0);
+        let other_hold = Hold::sign(&writer_key(), &kept, other, object, 0);
         store.put(fragment, other_hold, NOW).await.unwrap();
+        // The released upload's id, written for another object: a release
+        // checked for this object never trashes it.
+        let bytes = fragment_bytes(23, 600);
+        let elsewhere = FragmentId::of(&bytes);
+        let fragment = VerifiedFragment::new(elsewhere, bytes).unwrap();
+        let elsewhere_hold = Hold::sign(
+            &writer_key(),
+            &elsewhere,
+            released,
+            ObjectKeyDigest::of("bucket", "another key"),
+            0,
+        );
+        store.put(fragment, elsewhere_hold, NOW).await.unwrap();
         let (unheld, outcome) = put(&store, fragment_bytes(21, 800), 0).await;
         outcome.unwrap();
         let (held, outcome) = put(&store, fragment_bytes(22, 900), NOW + 60_000).await;
         outcome.unwrap();
-        (kept, unheld, held)
+        (kept, elsewhere, unheld, held)
     };
     let store = FragmentStore::open(config(dir.path())).unwrap();
-    let outcome = store.release(&released, NOW).unwrap();
+    let outcome = store.release(&released, &object, NOW).unwrap();
     assert_eq!((outcome.trashed, outcome.held), (1, 1));
     let state = |id: &FragmentId| store.entry(id).unwrap().unwrap().state;
     assert_eq!(state(&unheld), FragmentState::Trash);
@@ -285,19 +306,24 @@ async fn releasing_an_upload_trashes_only_its_unheld_fragments_and_survives_a_re
         FragmentState::Live,
         "another upload's fragment"
     );
-    assert_eq!(store.counts().unwrap(), (2, 1, 0));
+    assert_eq!(
+        state(&elsewhere),
+        FragmentState::Live,
+        "the upload's fragment written for another object"
+    );
+    assert_eq!(store.counts().unwrap(), (3, 1, 0));
     // Releasing again changes nothing; the trash still restores.
-    let again = store.release(&released, NOW).unwrap();
+    let again = store.release(&released, &object, NOW).unwrap();
     assert_eq!((again.trashed, again.held), (0, 1));
     store.restore(&unheld).unwrap();
     assert_eq!(store.read(&unheld, 0, 10).unwrap(), fragment_bytes(21, 10));
     // Once its hold ends, the held fragment goes too; purged ones leave the index.
-    let later = store.release(&released, NOW + 60_000).unwrap();
+    let later = store.release(&released, &object, NOW + 60_000).unwrap();
     assert_eq!((later.trashed, later.held), (2, 0));
     assert_eq!(store.purge_trash(NOW + 61_000).unwrap(), 2);
-    assert_eq!(store.counts().unwrap(), (1, 0, 0));
+    assert_eq!(store.counts().unwrap(), (2, 0, 0));
     assert_eq!(
-        store.release(&released, NOW + 61_000).unwrap(),
+        store.release(&released, &object, NOW + 61_000).unwrap(),
         Default::default()
     );
 }

@@ -14,7 +14,9 @@ use crate::ids::{FragmentId, NodeId, UploadId};
 use crate::manifest::{MAX_BUCKET_BYTES, MAX_KEY_BYTES};
 
 /// The protocol name on libp2p streams.
-pub const PROTOCOL_NAME: &str = "/cairn/pieces/1";
+/// Version 2: a hold names the object its fragment was written for, and a
+/// release names the object it is checked for.
+pub const PROTOCOL_NAME: &str = "/cairn/pieces/2";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest data payload in one frame.
 pub const MAX_DATA_BYTES: usize = 1 << 20;
@@ -31,28 +33,53 @@ pub mod capability {
     pub const INVENTORY: u64 = 1 << 1;
 }
 
-/// The writer's signed statement that a fragment belongs to an upload and
-/// must be kept until a date; the storing node enforces it.
+/// The object (bucket and key) a fragment was written for, as a digest:
+/// a hold names it, so that a release trashes only the fragments of the
+/// object its rule was checked for, whatever upload id it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ObjectKeyDigest(pub [u8; 32]);
+
+impl ObjectKeyDigest {
+    /// BLAKE3 in derive-key mode over the bucket's length (u16), the bucket
+    /// and the key: no two (bucket, key) pairs share their bytes.
+    pub fn of(bucket: &str, key: &str) -> Self {
+        let mut hasher = blake3::Hasher::new_derive_key("cairn object key digest v1");
+        hasher.update(&(bucket.len() as u16).to_be_bytes());
+        hasher.update(bucket.as_bytes());
+        hasher.update(key.as_bytes());
+        Self(*hasher.finalize().as_bytes())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+/// The writer's signed statement that a fragment belongs to an upload of
+/// an object and must be kept until a date; the storing node enforces it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hold {
     pub upload: UploadId,
+    pub object: ObjectKeyDigest,
     pub retain_until_unix_ms: u64,
     pub writer: NodeId,
     pub signature: [u8; 64],
 }
 
-const HOLD_CONTEXT: &[u8] = b"cairn hold v1";
+const HOLD_CONTEXT: &[u8] = b"cairn hold v2";
 
 impl Hold {
     fn signed_bytes(
         fragment: &FragmentId,
         upload: &UploadId,
+        object: &ObjectKeyDigest,
         retain_until_unix_ms: u64,
     ) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(HOLD_CONTEXT.len() + 56);
+        let mut bytes = Vec::with_capacity(HOLD_CONTEXT.len() + 88);
         bytes.extend_from_slice(HOLD_CONTEXT);
         bytes.extend_from_slice(fragment.as_bytes());
         bytes.extend_from_slice(upload.as_bytes());
+        bytes.extend_from_slice(object.as_bytes());
         bytes.put_u64(retain_until_unix_ms);
         bytes
     }
@@ -61,13 +88,20 @@ impl Hold {
         key: &SigningKey,
         fragment: &FragmentId,
         upload: UploadId,
+        object: ObjectKeyDigest,
         retain_until_unix_ms: u64,
     ) -> Self {
         let signature = key
-            .sign(&Self::signed_bytes(fragment, &upload, retain_until_unix_ms))
+            .sign(&Self::signed_bytes(
+                fragment,
+                &upload,
+                &object,
+                retain_until_unix_ms,
+            ))
             .to_bytes();
         Self {
             upload,
+            object,
             retain_until_unix_ms,
             writer: NodeId::from_verifying_key(&key.verifying_key()),
             signature,
@@ -81,7 +115,12 @@ impl Hold {
         };
         let signature = Signature::from_bytes(&self.signature);
         key.verify_strict(
-            &Self::signed_bytes(fragment, &self.upload, self.retain_until_unix_ms),
+            &Self::signed_bytes(
+                fragment,
+                &self.upload,
+                &self.object,
+                self.retain_until_unix_ms,
+            ),
             &signature,
         )
         .is_ok()
@@ -290,6 +329,7 @@ impl Message {
                 out.extend_from_slice(id.as_bytes());
                 out.put_u64(*length);
                 out.extend_from_slice(hold.upload.as_bytes());
+                out.extend_from_slice(hold.object.as_bytes());
                 out.put_u64(hold.retain_until_unix_ms);
                 out.extend_from_slice(hold.writer.as_bytes());
                 out.extend_from_slice(&hold.signature);
@@ -417,6 +457,7 @@ impl Message {
                 length: r.u64("length")?,
                 hold: Hold {
                     upload: UploadId(r.array("upload id")?),
+                    object: ObjectKeyDigest(r.array("object key digest")?),
                     retain_until_unix_ms: r.u64("retain until")?,
                     writer: NodeId(r.array("writer")?),
                     signature: r.array("signature")?,
@@ -622,7 +663,13 @@ mod tests {
             Message::PutFragment {
                 id,
                 length: 8,
-                hold: Hold::sign(&key, &id, UploadId([1; 16]), 42),
+                hold: Hold::sign(
+                    &key,
+                    &id,
+                    UploadId([1; 16]),
+                    ObjectKeyDigest::of("bucket", "key"),
+                    42,
+                ),
             },
             Message::Data(Bytes::from_static(b"fragment")),
             Message::Ack { id },
@@ -664,7 +711,13 @@ mod tests {
     fn holds_verify_only_for_their_fragment() {
         let key = SigningKey::from_bytes(&[3; 32]);
         let id = FragmentId::of(b"a");
-        let hold = Hold::sign(&key, &id, UploadId([1; 16]), 1000);
+        let hold = Hold::sign(
+            &key,
+            &id,
+            UploadId([1; 16]),
+            ObjectKeyDigest::of("bucket", "key"),
+            1000,
+        );
         assert!(hold.verify(&id));
         assert!(!hold.verify(&FragmentId::of(b"b")));
         let mut longer = hold.clone();

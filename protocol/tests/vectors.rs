@@ -447,7 +447,13 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
             Message::PutFragment {
                 id,
                 length: 8,
-                hold: Hold::sign(&key, &id, UploadId([0x0d; 16]), 1_900_000_000_000),
+                hold: Hold::sign(
+                    &key,
+                    &id,
+                    UploadId([0x0d; 16]),
+                    cairn_protocol::wire::ObjectKeyDigest::of("photos", "2026/cat.jpg"),
+                    1_900_000_000_000,
+                ),
             },
         ),
         ("data", Message::Data(Bytes::from_static(b"fragment"))),

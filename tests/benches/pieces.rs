@@ -53,7 +53,13 @@ fn pieces(c: &mut Criterion) {
                     stream::iter(data.iter())
                         .map(|bytes| {
                             let id = FragmentId::of(bytes);
-                            let hold = Hold::sign(&key, &id, UploadId([1; 16]), 0);
+                            let hold = Hold::sign(
+                                &key,
+                                &id,
+                                UploadId([1; 16]),
+                                cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
+                                0,
+                            );
                             async move {
                                 writer.put_fragment(&target, id, bytes, hold).await.unwrap();
                                 id

@@ -618,6 +618,49 @@ async fn a_release_of_a_live_objects_upload_is_refused_and_the_object_stays() {
         before,
         "fragments were trashed"
     );
+    // Metadata is writable by any member: it forges a ripe intent record
+    // of the upload under a key nobody uses, where the release rule finds
+    // the upload released and unused. The fragments' holds name the key
+    // they were written for, so nothing of the live object is trashed.
+    let forged = cairn_protocol::records::UploadRecord {
+        upload: manifest.upload,
+        started_unix_ms: 0,
+        multipart: false,
+        scheme: manifest.layout.scheme,
+        bucket_key_id: String::new(),
+        wrapped_key: Vec::new(),
+        headers: Default::default(),
+    };
+    let metadata = member.metadata();
+    metadata
+        .write(vec![(
+            cairn_model::rows::upload_row("zzz", "x", &manifest.upload),
+            cairn_model::rows::register(Some(forged.encode()), metadata.timestamp()),
+        )])
+        .await
+        .unwrap();
+    for target in 0..6 {
+        let target = s.cluster.node(target).node_id();
+        match member
+            .release_upload(&target, manifest.upload, "zzz", "x")
+            .await
+        {
+            Ok(released) => assert_eq!(
+                released.trashed, 0,
+                "a release under a forged key trashed a live object's fragments on {target}"
+            ),
+            Err(NodeError::Piece(PieceError::Rejected {
+                code: RejectCode::Unauthorized,
+                ..
+            })) => {}
+            Err(other) => panic!("a release under a forged key on {target}: {other}"),
+        }
+    }
+    assert_eq!(
+        fragment_counts(&s.cluster),
+        before,
+        "fragments were trashed"
+    );
     assert_eq!(get_bytes(&s.client, "live", "k").await, body);
     s.shutdown().await;
 }

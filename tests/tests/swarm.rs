@@ -43,6 +43,7 @@ async fn put_segment(
             node.identity().signing_key(),
             &ids[index],
             UploadId([9; 16]),
+            cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
             0,
         );
         node.put_fragment(target, ids[index], encoded.fragment(index), hold)
@@ -161,7 +162,13 @@ async fn a_fragment_off_its_placement_is_found_through_the_uploads_providers_acr
     // Stored on node 4 wherever placement would put it, as a repair or a
     // move would; the holder announces the upload by itself.
     let holder = cluster.node(4).node_id();
-    let hold = Hold::sign(cluster.node(0).identity().signing_key(), &id, upload, 0);
+    let hold = Hold::sign(
+        cluster.node(0).identity().signing_key(),
+        &id,
+        upload,
+        cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
+        0,
+    );
     cluster
         .node(0)
         .put_fragment(&holder, id, &bytes, hold.clone())
@@ -361,7 +368,13 @@ async fn an_outsider_can_neither_store_nor_fetch() {
     );
     let bytes = segment(1000, 7);
     let id = FragmentId::of(&bytes);
-    let hold = Hold::sign(intruder.identity().signing_key(), &id, UploadId([1; 16]), 0);
+    let hold = Hold::sign(
+        intruder.identity().signing_key(),
+        &id,
+        UploadId([1; 16]),
+        cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
+        0,
+    );
     assert!(
         intruder
             .put_fragment(&target, id, &bytes, hold)
@@ -425,6 +438,7 @@ async fn a_hold_with_a_retention_is_refused_and_nothing_is_stored() {
             member.identity().signing_key(),
             &id,
             UploadId([7; 16]),
+            cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
             u64::MAX,
         );
         match member.put_fragment(&target, id, &bytes, hold).await {
@@ -458,6 +472,7 @@ async fn a_fragment_corrupted_on_disk_is_refused_as_corrupt() {
         cluster.node(0).identity().signing_key(),
         &id,
         UploadId([1; 16]),
+        cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
         0,
     );
     cluster
@@ -498,6 +513,7 @@ async fn malformed_frames_and_oversize_declarations_are_refused_while_others_are
         bystander.identity().signing_key(),
         &id,
         UploadId([1; 16]),
+        cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
         0,
     );
     bystander
@@ -643,7 +659,13 @@ async fn a_node_marked_out_is_disconnected_and_refused() {
     let put = |seed: u64| {
         let bytes = segment(30_000, seed);
         let id = FragmentId::of(&bytes);
-        let hold = Hold::sign(revoked.identity().signing_key(), &id, UploadId([3; 16]), 0);
+        let hold = Hold::sign(
+            revoked.identity().signing_key(),
+            &id,
+            UploadId([3; 16]),
+            cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
+            0,
+        );
         async move {
             revoked
                 .put_fragment(&member.node_id(), id, &bytes, hold)
@@ -689,7 +711,13 @@ async fn a_put_that_stalls_midway_does_not_hold_up_other_puts() {
     const LARGEST: usize = 64 << 20;
     let bytes = segment(LARGEST, 50);
     let id = FragmentId::of(&bytes);
-    let hold = Hold::sign(attacker.identity().signing_key(), &id, UploadId([5; 16]), 0);
+    let hold = Hold::sign(
+        attacker.identity().signing_key(),
+        &id,
+        UploadId([5; 16]),
+        cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
+        0,
+    );
     let mut frames = Vec::new();
     wire::Message::Hello {
         version: 1,
@@ -725,6 +753,7 @@ async fn a_put_that_stalls_midway_does_not_hold_up_other_puts() {
         writer.identity().signing_key(),
         &other_id,
         UploadId([6; 16]),
+        cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
         0,
     );
     writer
@@ -744,7 +773,13 @@ async fn a_peer_past_its_stream_limit_gets_busy_while_others_are_served() {
     let (greedy, victim, other) = (cluster.node(0), cluster.node(1), cluster.node(2));
     let bytes = segment(10_000, 5);
     let id = FragmentId::of(&bytes);
-    let hold = Hold::sign(other.identity().signing_key(), &id, UploadId([1; 16]), 0);
+    let hold = Hold::sign(
+        other.identity().signing_key(),
+        &id,
+        UploadId([1; 16]),
+        cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
+        0,
+    );
     other
         .put_fragment(&victim.node_id(), id, &bytes, hold)
         .await
