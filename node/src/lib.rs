@@ -5,6 +5,7 @@
 
 mod batching;
 mod blocklist;
+mod budget;
 mod client;
 pub mod clock;
 pub mod config;

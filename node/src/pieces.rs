@@ -14,8 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::PeerId;
 use thiserror::Error;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
+
+use crate::budget::{ByteBudget, Taken};
 
 use crate::meta::Metadata;
 use crate::release::{ReleaseRules, may_release};
@@ -167,8 +170,8 @@ pub struct Server {
     pub store: FragmentStore,
     pub max_fragment_bytes: u64,
     pub now_unix_ms: fn() -> u64,
-    /// Bytes of incoming puts held in memory at once, one permit a byte.
-    pub put_budget: Arc<Semaphore>,
+    /// Bytes of puts and gets held in memory at once, in all and per peer.
+    pub(crate) budget: Arc<ByteBudget>,
     /// Told the upload of each fragment stored, for the node to announce
     /// itself as one of the upload's providers.
     pub stored: Option<mpsc::Sender<UploadId>>,
@@ -196,11 +199,12 @@ impl Server {
     /// with a reject and returned as an error, for the caller to log.
     pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
+        peer: PeerId,
         stream: S,
     ) -> Result<(), PieceError> {
         let (read, mut write) = stream.split();
         let mut reader = MessageReader::new(read, SERVER_SILENCE);
-        let result = self.exchange(&mut reader, &mut write).await;
+        let result = self.exchange(peer, &mut reader, &mut write).await;
         if let Err(PieceError::Wire(error)) = &result {
             let _ = send(
                 &mut write,
@@ -214,6 +218,7 @@ impl Server {
 
     async fn exchange<R, W>(
         &self,
+        peer: PeerId,
         reader: &mut MessageReader<R>,
         write: &mut W,
     ) -> Result<(), PieceError>
@@ -239,10 +244,11 @@ impl Server {
         send(write, &hello()).await?;
         match reader.expect().await? {
             Message::PutFragment { id, length, hold } => {
-                self.receive_put(reader, write, id, length, hold).await
+                self.receive_put(peer, reader, write, id, length, hold)
+                    .await
             }
             Message::GetFragment { id, offset, length } => {
-                match self.read(id, offset, length).await? {
+                match self.read(Some(peer), id, offset, length).await? {
                     Ok((total_len, bytes, _budget)) => {
                         let header = Message::FragmentHeader {
                             id,
@@ -313,6 +319,7 @@ impl Server {
 
     async fn receive_put<R, W>(
         &self,
+        peer: PeerId,
         reader: &mut MessageReader<R>,
         write: &mut W,
         id: FragmentId,
@@ -328,8 +335,11 @@ impl Server {
         }
         // Room in the node-wide budget first, then a buffer of the declared
         // size, which the check above bounds by the fragment limit.
-        let budget = self.put_budget.clone().acquire_many_owned(length as u32);
-        let Ok(Ok(_budget)) = tokio::time::timeout(BUDGET_WAIT, budget).await else {
+        let Some(_budget) = self
+            .budget
+            .take(Some(peer), length as u32, BUDGET_WAIT)
+            .await
+        else {
             return send(
                 write,
                 &reject(RejectCode::Busy, "too many bytes in flight; retry"),
@@ -397,10 +407,11 @@ impl Server {
     /// back with them. A refusal is the answer to send instead.
     async fn read(
         &self,
+        peer: Option<PeerId>,
         id: FragmentId,
         offset: u64,
         length: u64,
-    ) -> Result<Result<(u64, Vec<u8>, OwnedSemaphorePermit), Message>, PieceError> {
+    ) -> Result<Result<(u64, Vec<u8>, Taken), Message>, PieceError> {
         let store = self.store.clone();
         let total_len = match blocking(move || store.entry(&id)).await? {
             Ok(Some(entry)) => entry.len,
@@ -411,8 +422,7 @@ impl Server {
             .saturating_sub(offset)
             .min(length)
             .clamp(1, u64::from(u32::MAX));
-        let budget = self.put_budget.clone().acquire_many_owned(wanted as u32);
-        let Ok(Ok(budget)) = tokio::time::timeout(BUDGET_WAIT, budget).await else {
+        let Some(budget) = self.budget.take(peer, wanted as u32, BUDGET_WAIT).await else {
             return Ok(Err(reject(
                 RejectCode::Busy,
                 "too many bytes in flight; retry",
@@ -494,7 +504,7 @@ impl Server {
         // that does not match); a peer's answer is hashed again by `get`
         // because it crossed the network.
         let (_, bytes, _budget) = self
-            .read(id, offset, length)
+            .read(None, id, offset, length)
             .await?
             .map_err(|r| refused(&r))?;
         Ok(bytes)

@@ -20,9 +20,10 @@ use futures::StreamExt;
 pub use libp2p::Multiaddr;
 use libp2p::{PeerId, StreamProtocol};
 use thiserror::Error;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::budget::ByteBudget;
 use crate::clock::now_unix_ms;
 use crate::dht::{DhtStoreLimits, RedbRecordStore};
 use crate::event_loop::{self, Command, UNVERIFIED_GRACE};
@@ -44,6 +45,9 @@ use crate::workers;
 const PIECE_STREAM_DEADLINE: Duration = Duration::from_secs(120);
 const META_STREAM_DEADLINE: Duration = Duration::from_secs(60);
 const MAP_STREAM_DEADLINE: Duration = Duration::from_secs(60);
+/// One peer may hold this fraction of the node's byte budget (at least one
+/// fragment's worth).
+const PEER_SHARE_OF_BUDGET: u64 = 4;
 /// Cluster map pushes taken at once (each up to 8 MiB).
 const MAP_STREAMS: usize = 4;
 /// How long a fragment stays in the trash before it is purged.
@@ -207,8 +211,10 @@ impl Node {
             store: store.clone(),
             max_fragment_bytes,
             now_unix_ms,
-            put_budget: Arc::new(Semaphore::new(
-                limits.bytes_in_flight.max(max_fragment_bytes) as usize,
+            budget: Arc::new(ByteBudget::new(
+                limits.bytes_in_flight,
+                limits.bytes_in_flight / PEER_SHARE_OF_BUDGET,
+                max_fragment_bytes,
             )),
             stored: Some(stored),
             metadata: metadata.clone(),
@@ -292,7 +298,7 @@ impl Node {
                 move |peer, stream| {
                     let server = server.clone();
                     async move {
-                        if let Err(error) = server.serve(stream).await {
+                        if let Err(error) = server.serve(peer, stream).await {
                             tracing::info!(%peer, %error, "piece exchange ended with an error");
                         }
                     }

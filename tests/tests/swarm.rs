@@ -765,6 +765,106 @@ async fn a_put_that_stalls_midway_does_not_hold_up_other_puts() {
     cluster.shutdown().await;
 }
 
+/// A member that keeps its puts alive by trickling a byte now and then
+/// holds at most its share of a node's byte budget (a quarter): another
+/// member's put is served at once. Before, four such puts held the whole
+/// budget for as long as the trickle lasted, and every other put got busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_trickling_puts_holds_only_its_share_of_the_budget() {
+    let mut cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
+    const LARGEST: usize = 64 << 20;
+    cluster.limits.bytes_in_flight = 4 * LARGEST as u64;
+    cluster.restart(1).await.unwrap();
+    let (attacker, victim, writer) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    assert!(
+        attacker
+            .wait_for_member(&victim.node_id(), Duration::from_secs(30))
+            .await
+    );
+    let (held, mut first_held) = tokio::sync::mpsc::channel::<()>(4);
+    let mut trickles = Vec::new();
+    for n in 0..4u64 {
+        let bytes = segment(LARGEST, 60 + n);
+        let id = FragmentId::of(&bytes);
+        let hold = Hold::sign(
+            attacker.identity().signing_key(),
+            &id,
+            UploadId([8; 16]),
+            cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
+            0,
+        );
+        let mut frames = Vec::new();
+        wire::Message::Hello {
+            version: 1,
+            capabilities: 0,
+            max_frame_bytes: 1 << 20,
+        }
+        .encode(&mut frames)
+        .unwrap();
+        wire::Message::PutFragment {
+            id,
+            length: LARGEST as u64,
+            hold,
+        }
+        .encode(&mut frames)
+        .unwrap();
+        let mut stream = attacker
+            .open_raw_piece_stream(&victim.node_id())
+            .await
+            .unwrap();
+        // The victim's hello answers once it serves the stream, and its
+        // next step is to take budget for the put already sent: the puts
+        // reach the budget in this order, before the other member's.
+        stream.write_all(&frames).await.unwrap();
+        let mut length = [0u8; 4];
+        stream.read_exact(&mut length).await.unwrap();
+        let mut hello = vec![0u8; u32::from_be_bytes(length) as usize];
+        stream.read_exact(&mut hello).await.unwrap();
+        let held = held.clone();
+        trickles.push(tokio::spawn(async move {
+            // Half the body: more than QUIC buffers, so once written the
+            // victim has taken budget for this put and is reading it.
+            for piece in bytes[..LARGEST / 2].chunks(wire::MAX_DATA_BYTES) {
+                let mut header = Vec::new();
+                wire::encode_data_header(piece.len(), &mut header).unwrap();
+                stream.write_all(&header).await?;
+                stream.write_all(piece).await?;
+            }
+            stream.flush().await?;
+            let _ = held.send(()).await;
+            // Then a byte now and then, within the victim's silence limit.
+            for byte in &bytes[LARGEST / 2..] {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let mut header = Vec::new();
+                wire::encode_data_header(1, &mut header).unwrap();
+                stream.write_all(&header).await?;
+                stream.write_all(std::slice::from_ref(byte)).await?;
+                stream.flush().await?;
+            }
+            std::io::Result::Ok(())
+        }));
+    }
+    first_held.recv().await.unwrap();
+    let other = segment(100_000, 61);
+    let other_id = FragmentId::of(&other);
+    let other_hold = Hold::sign(
+        writer.identity().signing_key(),
+        &other_id,
+        UploadId([9; 16]),
+        cairn_protocol::wire::ObjectKeyDigest::of("bucket", "key"),
+        0,
+    );
+    writer
+        .put_fragment(&victim.node_id(), other_id, &other, other_hold)
+        .await
+        .expect("another member's put, while the trickling puts hold on");
+    assert!(victim.store().entry(&other_id).unwrap().is_some());
+    for trickle in trickles {
+        trickle.abort();
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_past_its_stream_limit_gets_busy_while_others_are_served() {
     let mut cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
