@@ -169,33 +169,102 @@ pub struct Limits {
     pub idle_timeout: std::time::Duration,
 }
 
-/// When bytes last moved on a connection, either way.
+/// What moved on a connection and when: bytes either way, and requests.
+/// Bytes alone do not prove use: HTTP/2 pings (the server's, or a
+/// client's) move bytes on a connection that serves nothing.
 #[derive(Clone)]
 struct Activity {
     start: std::time::Instant,
-    /// Milliseconds after `start`.
-    last: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Milliseconds after `start` when a byte last moved.
+    last_byte: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Milliseconds after `start` when a request last began or ended.
+    last_request: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Requests begun and not ended (their response bodies included).
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A request in flight on a connection, until dropped with its response.
+struct RequestInFlight(Activity);
+
+impl Drop for RequestInFlight {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.last_request.store(self.0.now(), Ordering::Relaxed);
+    }
 }
 
 impl Activity {
-    fn touch(&self) {
-        let now = self.start.elapsed().as_millis() as u64;
-        self.last.store(now, std::sync::atomic::Ordering::Relaxed);
+    fn new() -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            last_byte: std::sync::Arc::default(),
+            last_request: std::sync::Arc::default(),
+            in_flight: std::sync::Arc::default(),
+        }
     }
 
-    /// Returns once no byte has moved for `idle`.
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self) {
+        self.last_byte
+            .store(self.now(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn request(&self) -> RequestInFlight {
+        use std::sync::atomic::Ordering;
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.last_request.store(self.now(), Ordering::Relaxed);
+        RequestInFlight(self.clone())
+    }
+
+    /// Returns once no byte has moved for `idle`, or no request has been
+    /// in flight for `idle`.
     async fn idle_for(&self, idle: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        let idle_ms = idle.as_millis() as u64;
         loop {
-            let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
-            let since = self
-                .start
-                .elapsed()
-                .saturating_sub(std::time::Duration::from_millis(last));
-            if since >= idle {
+            let now = self.now();
+            let bytes_quiet = now.saturating_sub(self.last_byte.load(Ordering::Relaxed));
+            let requests_quiet = if self.in_flight.load(Ordering::Acquire) == 0 {
+                now.saturating_sub(self.last_request.load(Ordering::Relaxed))
+            } else {
+                0
+            };
+            let quiet = bytes_quiet.max(requests_quiet);
+            if quiet >= idle_ms {
                 return;
             }
-            tokio::time::sleep(idle - since).await;
+            tokio::time::sleep(std::time::Duration::from_millis(idle_ms - quiet)).await;
         }
+    }
+}
+
+/// A response body that keeps its request in flight until it is sent.
+struct TrackedBody {
+    body: Body,
+    _request: RequestInFlight,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = <Body as http_body::Body>::Data;
+    type Error = <Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -206,11 +275,7 @@ struct Watched {
 }
 
 impl Watched {
-    fn new(inner: tokio::net::TcpStream) -> Self {
-        let activity = Activity {
-            start: std::time::Instant::now(),
-            last: std::sync::Arc::default(),
-        };
+    fn new(inner: tokio::net::TcpStream, activity: Activity) -> Self {
         Self { inner, activity }
     }
 }
@@ -287,7 +352,10 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _room = room;
+            let activity = Activity::new();
+            let requests = activity.clone();
             let handler = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                let in_flight = requests.request();
                 let service = service.clone();
                 let refused = check_request(&request, &region);
                 // Only the method and path are ever logged: headers carry
@@ -309,7 +377,12 @@ pub async fn serve(
                         Err(_) => tracing::warn!(%method, %path, "S3 request failed"),
                         Ok(_) => {}
                     }
-                    response
+                    response.map(|response| {
+                        response.map(|body| TrackedBody {
+                            body,
+                            _request: in_flight,
+                        })
+                    })
                 }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -337,9 +410,10 @@ pub async fn serve(
             }
             // Whatever the protocol, a connection on which no byte moves
             // either way for the idle time is closed (a client that stops
-            // mid-preface, after its TLS handshake, or stops reading).
-            let stream = Watched::new(stream);
-            let activity = stream.activity.clone();
+            // mid-preface, after its TLS handshake, or stops reading), and
+            // so is one that serves no request for the idle time (an
+            // HTTP/2 connection kept up by pings alone).
+            let stream = Watched::new(stream, activity.clone());
             let serving = async move {
                 match tls {
                     Some(tls) => {

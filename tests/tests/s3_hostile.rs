@@ -32,6 +32,85 @@ async fn cluster() -> Cluster {
     cluster
 }
 
+/// An HTTP/2 connection that serves no request is closed once its idle
+/// time is over, though bytes keep moving on it: the client pings every
+/// half second and acknowledges the gateway's pings. (Before, any byte
+/// counted as use, so pings alone held a connection slot for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_kept_up_by_pings_alone_is_closed() {
+    let cluster = cluster().await;
+    let idle = Duration::from_secs(2);
+    let gateway = gateway_with(
+        &cluster,
+        GatewayConfig {
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: idle,
+            ..GatewayConfig::default()
+        },
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.address())
+        .await
+        .unwrap();
+    // The client preface and an empty SETTINGS frame (RFC 9113, 3.4).
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let opened = Instant::now();
+    // Until the gateway closes the connection: answer each of its pings,
+    // and ping it every half second.
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut received: Vec<u8> = Vec::new();
+        let mut buffer = vec![0u8; 4096];
+        let mut every = tokio::time::interval(Duration::from_millis(500));
+        let mut sent = 0u64;
+        loop {
+            tokio::select! {
+                read = stream.read(&mut buffer) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => received.extend_from_slice(&buffer[..n]),
+                },
+                _ = every.tick() => {
+                    let mut ping = vec![0, 0, 8, 6, 0, 0, 0, 0, 0];
+                    ping.extend_from_slice(&sent.to_be_bytes());
+                    sent += 1;
+                    if stream.write_all(&ping).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            // Frames: length (24 bits), type, flags, stream id, payload.
+            while received.len() >= 9 {
+                let length = usize::from(received[0]) << 16
+                    | usize::from(received[1]) << 8
+                    | usize::from(received[2]);
+                if received.len() < 9 + length {
+                    break;
+                }
+                let (kind, flags) = (received[3], received[4]);
+                if kind == 6 && flags & 1 == 0 {
+                    let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                    ack.extend_from_slice(&received[9..17]);
+                    if stream.write_all(&ack).await.is_err() {
+                        return;
+                    }
+                }
+                received.drain(..9 + length);
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a connection that served no request for {:?} was still open",
+        opened.elapsed()
+    );
+    assert!(opened.elapsed() >= idle, "closed before its idle time");
+    gateway.stop().await;
+    cluster.shutdown().await;
+}
+
 /// Slow-loris: hundreds of connections that send part of a request's
 /// headers, one byte, or nothing, and wait. The gateway closes each once its
 /// header-read time is over, serves at most its connection cap at once,
