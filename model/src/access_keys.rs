@@ -110,8 +110,11 @@ impl AccessKeys {
             KnownIds::Failed(at) if at.elapsed() < KNOWN_IDS_FOR => return true,
             _ => {}
         }
+        let listed = self.table.names().await;
+        // A listing ages from when it ended: one that takes longer than
+        // its lifetime must still answer the misses queued behind it.
         let at = Instant::now();
-        match self.table.names().await {
+        match listed {
             Ok(names) => {
                 let ids: HashSet<String> = names.into_iter().collect();
                 let exists = ids.contains(id);

@@ -26,6 +26,7 @@ use crate::buckets::check_bucket_name;
 use crate::error::{ModelError, ModelResult};
 use crate::heads::{existing_versions, read_head, read_manifest};
 use crate::rows::{register, upload_row, versions_row};
+use crate::uploads::Uploads;
 
 /// The times the collector and every writer agree on. All nodes of a
 /// cluster must use the same.
@@ -256,7 +257,9 @@ async fn collect(
                 node.release_upload(&member.id, upload, bucket, key),
             );
             match asked.await {
-                Ok(Ok(_)) => true,
+                // Fragments kept (a retention, or stored too recently for
+                // the node to trust the release) are asked again later.
+                Ok(Ok(released)) => released.held == 0,
                 Ok(Err(error)) => {
                     tracing::debug!(node = %member.id, %upload, %error, "release not confirmed");
                     false
@@ -338,6 +341,53 @@ async fn written_by(
         .is_some_and(|m| m.upload == upload || m.parts.iter().any(|p| p.upload == upload)))
 }
 
+/// The open multipart upload of `key` that has `upload` among its part
+/// attempts, if any: its completion may still choose that part.
+async fn open_upload_with_part(
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+    upload: UploadId,
+) -> ModelResult<Option<UploadId>> {
+    let partition = Partition::bucket(bucket);
+    let mut start = key.as_bytes().to_vec();
+    start.push(0);
+    let mut end = key.as_bytes().to_vec();
+    end.push(1);
+    loop {
+        let page = metadata
+            .range(&partition, Table::Uploads, &start, Some(&end), 256)
+            .await?;
+        for (_, value) in &page.rows {
+            let RowValue::Register(Register {
+                value: Some(bytes), ..
+            }) = value
+            else {
+                continue;
+            };
+            let Ok(record) = UploadRecord::decode(bytes) else {
+                continue;
+            };
+            if !record.multipart {
+                continue;
+            }
+            let attempts = Uploads::new(metadata)
+                .all_part_attempts(bucket, &record.upload)
+                .await?;
+            if attempts.iter().any(|a| a.record.upload == upload) {
+                return Ok(Some(record.upload));
+            }
+        }
+        match page.rows.last() {
+            Some((last, _)) if page.more => {
+                start = last.clone();
+                start.push(0);
+            }
+            _ => return Ok(None),
+        }
+    }
+}
+
 /// Ends the work a row stood for.
 async fn forget(node: &NodeHandle, row: RowKey) -> ModelResult<()> {
     let metadata = node.metadata();
@@ -384,6 +434,11 @@ impl ReleaseRule {
         if in_use(metadata, bucket, key, upload).await? {
             return Ok(Some(format!(
                 "a version of {bucket}/{key} uses upload {upload}"
+            )));
+        }
+        if let Some(open) = open_upload_with_part(metadata, bucket, key, upload).await? {
+            return Ok(Some(format!(
+                "upload {upload} is a part of multipart upload {open} of {bucket}/{key}, which is still open"
             )));
         }
         Ok(None)
@@ -476,5 +531,9 @@ impl ReleaseCheck for ReleaseRule {
                 Err(error) => Err(format!("the metadata could not be checked: {error}")),
             }
         })
+    }
+
+    fn settle_ms(&self) -> u64 {
+        self.collection.grace_ms()
     }
 }

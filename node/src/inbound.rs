@@ -1,6 +1,6 @@
 //! The one inbound path of the node's stream protocols (pieces, map,
 //! meta): a stream is served only for a verified member (a stream from any
-//! other peer is dropped and the peer blocked), and only within the
+//! other peer is dropped unanswered), and only within the
 //! protocol's limits — streams served at once from all peers, and from one
 //! peer. Past a limit the protocol's own busy answer is sent.
 
@@ -21,8 +21,6 @@ pub(crate) struct Admission {
     /// The protocol, for logs.
     pub(crate) protocol: &'static str,
     pub(crate) members: Arc<Members>,
-    /// Called with a peer that opened a stream without being a member.
-    pub(crate) block: Arc<dyn Fn(PeerId) + Send + Sync>,
     /// Streams served at once, from all peers together.
     pub(crate) total: usize,
     /// Streams served at once for any one peer.
@@ -61,19 +59,27 @@ impl Admission {
                 let (serve, busy) = (serve.clone(), busy.clone());
                 tokio::spawn(async move {
                     let protocol = admission.protocol;
-                    if !admission.members.wait_for(&peer, MEMBERSHIP_WAIT).await {
-                        tracing::warn!(%peer, protocol, "stream from a peer that is not a verified member: dropped, peer blocked");
-                        (admission.block)(peer);
-                        return;
-                    }
-                    // The peer's own limit first: a peer past it takes no
-                    // place from the others, even while it is told so.
+                    // The peer's own limit first, before any wait: a peer
+                    // past it takes no place from the others, and streams
+                    // from one that is no member wait no more than it.
                     let Some(_slot) = slots.try_take(peer, admission.per_peer) else {
                         tracing::debug!(%peer, protocol, "too many streams from this peer: busy");
-                        let told = busy(stream, "too many exchanges open from your node");
-                        let _ = tokio::time::timeout(BUSY_DEADLINE, told).await;
+                        if admission.members.contains(&peer) {
+                            let told = busy(stream, "too many exchanges open from your node");
+                            let _ = tokio::time::timeout(BUSY_DEADLINE, told).await;
+                        }
                         return;
                     };
+                    // A member's stream can arrive before its handshake is
+                    // done on this side. One from a peer that is still no
+                    // member after the wait is dropped unanswered; the peer
+                    // is not blocked for it (only a refused certificate
+                    // blocks: a member whose handshake is slow must not be
+                    // shut out), and is disconnected if it never passes.
+                    if !admission.members.wait_for(&peer, MEMBERSHIP_WAIT).await {
+                        tracing::warn!(%peer, protocol, "stream from a peer that is not a verified member: dropped");
+                        return;
+                    }
                     let Ok(_permit) = permits.try_acquire() else {
                         tracing::debug!(%peer, protocol, "too many streams in flight: busy");
                         let told = busy(stream, "too many exchanges in flight");

@@ -454,19 +454,23 @@ impl Server {
         bucket: &str,
         key: &str,
     ) -> Result<Result<Released, Message>, PieceError> {
-        if let Err(why) =
-            may_release(&self.release_rules, &self.metadata, bucket, key, upload).await
-        {
-            tracing::warn!(%upload, bucket, key, %why, "refused a release");
-            return Ok(Err(reject(
-                RejectCode::Unauthorized,
-                format!("release refused: {why}"),
-            )));
-        }
+        let settle_ms =
+            match may_release(&self.release_rules, &self.metadata, bucket, key, upload).await {
+                Ok(settle_ms) => settle_ms,
+                Err(why) => {
+                    tracing::warn!(%upload, bucket, key, %why, "refused a release");
+                    return Ok(Err(reject(
+                        RejectCode::Unauthorized,
+                        format!("release refused: {why}"),
+                    )));
+                }
+            };
         let store = self.store.clone();
         let now = (self.now_unix_ms)();
         let object = ObjectKeyDigest::of(bucket, key);
-        let released = blocking(move || store.release(&upload, &object, now)).await?;
+        let stored_before = now.saturating_sub(settle_ms);
+        let released =
+            blocking(move || store.release(&upload, &object, stored_before, now)).await?;
         if let Ok(Released { trashed, held }) = &released
             && *trashed > 0
         {

@@ -23,12 +23,19 @@ pub trait ReleaseCheck: Send + Sync {
         key: &'a str,
         upload: UploadId,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+    /// How long after a fragment is stored here a release may trash it:
+    /// the longest a write may take to commit, plus a margin. Measured by
+    /// this node's own clock, which no peer can set, it keeps the
+    /// fragments of a write still on its way whatever the metadata says.
+    fn settle_ms(&self) -> u64;
 }
 
 /// The rules a node holds, once installed.
 pub(crate) type ReleaseRules = Arc<RwLock<Option<Arc<dyn ReleaseCheck>>>>;
 
-/// Whether the installed rules let `upload` go; a node without rules lets
+/// Whether the installed rules let `upload` go, and then how long its
+/// fragments must have been stored here to go; a node without rules lets
 /// nothing go.
 pub(crate) async fn may_release(
     rules: &ReleaseRules,
@@ -36,10 +43,13 @@ pub(crate) async fn may_release(
     bucket: &str,
     key: &str,
     upload: UploadId,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let installed = rules.read().expect("release rules lock").clone();
     match installed {
-        Some(rules) => rules.check(metadata, bucket, key, upload).await,
+        Some(rules) => {
+            rules.check(metadata, bucket, key, upload).await?;
+            Ok(rules.settle_ms())
+        }
         None => Err("this node has no metadata rules to check a release against".into()),
     }
 }

@@ -466,13 +466,15 @@ impl FragmentStore {
     }
 
     /// Moves every live fragment whose hold names `upload` and `object` to
-    /// the trash, except those still held (spec/store.md, "Releasing an
-    /// upload").
+    /// the trash, except those still held: by their retention, or because
+    /// they were stored at or after `stored_before` (spec/store.md,
+    /// "Releasing an upload").
     /// Blocking: call it from a blocking thread.
     pub fn release(
         &self,
         upload: &UploadId,
         object: &ObjectKeyDigest,
+        stored_before: u64,
         now_unix_ms: u64,
     ) -> Result<Released, StoreError> {
         let mut txn = self.shared.db.begin_write().map_err(index_error)?;
@@ -506,7 +508,9 @@ impl FragmentStore {
                 {
                     continue;
                 }
-                if entry.hold.retain_until_unix_ms > now_unix_ms {
+                if entry.hold.retain_until_unix_ms > now_unix_ms
+                    || entry.stored_at_unix_ms >= stored_before
+                {
                     released.held += 1;
                     continue;
                 }

@@ -222,22 +222,9 @@ impl Node {
         };
         let mut tasks = vec![workers::purge_trash(store)];
 
-        // Whoever opens a stream of a protocol but is no member is blocked.
-        let block: Arc<dyn Fn(PeerId) + Send + Sync> = {
-            let commands = commands.clone();
-            Arc::new(move |peer| {
-                // Waits for room in the event loop's queue rather than
-                // skip the block when it is full.
-                let commands = commands.clone();
-                tokio::spawn(async move {
-                    let _ = commands.send(Command::Block(peer)).await;
-                });
-            })
-        };
         let admission = |protocol, total, per_peer, deadline| Admission {
             protocol,
             members: members.clone(),
-            block: block.clone(),
             total,
             per_peer,
             deadline,

@@ -296,7 +296,10 @@ async fn releasing_an_upload_trashes_only_its_unheld_fragments_and_survives_a_re
         (kept, elsewhere, unheld, held)
     };
     let store = FragmentStore::open(config(dir.path())).unwrap();
-    let outcome = store.release(&released, &object, NOW).unwrap();
+    // Fragments stored at or after the bound are kept, as held.
+    let recent = store.release(&released, &object, NOW, NOW).unwrap();
+    assert_eq!((recent.trashed, recent.held), (0, 2));
+    let outcome = store.release(&released, &object, NOW + 1, NOW).unwrap();
     assert_eq!((outcome.trashed, outcome.held), (1, 1));
     let state = |id: &FragmentId| store.entry(id).unwrap().unwrap().state;
     assert_eq!(state(&unheld), FragmentState::Trash);
@@ -313,17 +316,21 @@ async fn releasing_an_upload_trashes_only_its_unheld_fragments_and_survives_a_re
     );
     assert_eq!(store.counts().unwrap(), (3, 1, 0));
     // Releasing again changes nothing; the trash still restores.
-    let again = store.release(&released, &object, NOW).unwrap();
+    let again = store.release(&released, &object, NOW + 1, NOW).unwrap();
     assert_eq!((again.trashed, again.held), (0, 1));
     store.restore(&unheld).unwrap();
     assert_eq!(store.read(&unheld, 0, 10).unwrap(), fragment_bytes(21, 10));
     // Once its hold ends, the held fragment goes too; purged ones leave the index.
-    let later = store.release(&released, &object, NOW + 60_000).unwrap();
+    let later = store
+        .release(&released, &object, NOW + 60_000 + 1, NOW + 60_000)
+        .unwrap();
     assert_eq!((later.trashed, later.held), (2, 0));
     assert_eq!(store.purge_trash(NOW + 61_000).unwrap(), 2);
     assert_eq!(store.counts().unwrap(), (2, 0, 0));
     assert_eq!(
-        store.release(&released, &object, NOW + 61_000).unwrap(),
+        store
+            .release(&released, &object, NOW + 61_000 + 1, NOW + 61_000)
+            .unwrap(),
         Default::default()
     );
 }

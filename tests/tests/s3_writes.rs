@@ -665,6 +665,164 @@ async fn a_release_of_a_live_objects_upload_is_refused_and_the_object_stays() {
     s.shutdown().await;
 }
 
+/// The release rule checked on the metadata alone cannot protect what has
+/// not committed yet, since any member can write metadata: a member forges
+/// a ripe release row for a part of an open multipart upload, and a ripe
+/// intent record for a single write still on its way. Neither loses a
+/// byte: a node keeps a part that an open upload of the key names, and
+/// any fragment stored more recently than the rule's grace (its own clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_cannot_have_an_open_uploads_parts_or_a_write_in_flight_trashed() {
+    use cairn_model::collector::{Collection, ReleaseRule};
+    use cairn_node::pieces::PieceError;
+    use cairn_node::swarm::NodeError;
+    use cairn_protocol::ids::{FragmentId, UploadId};
+    use cairn_protocol::records::{ReleaseRecord, ReleaseTarget, UploadRecord};
+    use cairn_protocol::wire::{Hold, ObjectKeyDigest, RejectCode};
+    use std::sync::Arc;
+
+    let s = setup().await;
+    let install = |collection: Collection| {
+        for n in 0..6 {
+            s.cluster
+                .node(n)
+                .install_release_rules(Arc::new(ReleaseRule::new(collection)));
+        }
+    };
+    let refused_or_nothing =
+        |answer: Result<cairn_node::store::Released, NodeError>, what: &str| match answer {
+            Ok(released) => assert_eq!(released.trashed, 0, "{what}: trashed"),
+            Err(NodeError::Piece(PieceError::Rejected {
+                code: RejectCode::Unauthorized,
+                ..
+            })) => {}
+            Err(other) => panic!("{what}: {other}"),
+        };
+    let member = s.cluster.node(1);
+    let metadata = member.metadata();
+    s.client
+        .create_bucket()
+        .bucket("open")
+        .send()
+        .await
+        .unwrap();
+
+    // A part of an open multipart upload, recorded and waiting for the
+    // completion; the rule's grace is zero, so only the open upload
+    // protects it.
+    let upload = create_upload(&s.client, "open", "big").await;
+    let body = pseudo_random_bytes(43, 1 << 20);
+    let part = s
+        .client
+        .upload_part()
+        .bucket("open")
+        .key("big")
+        .upload_id(&upload)
+        .part_number(1)
+        .body(ByteStream::from(body.clone()))
+        .send()
+        .await
+        .unwrap();
+    let attempts = cairn_model::uploads::Uploads::new(metadata)
+        .all_part_attempts("open", &UploadId::parse(&upload).unwrap())
+        .await
+        .unwrap();
+    let attempt = attempts[0].record.upload;
+    install(Collection {
+        write_deadline: Duration::ZERO,
+        clock_margin: Duration::ZERO,
+        every: Duration::from_secs(3600),
+    });
+    let forged = ReleaseRecord {
+        since_unix_ms: 0,
+        target: ReleaseTarget::Upload(attempt),
+    };
+    metadata
+        .write(vec![(
+            cairn_protocol::meta::RowKey::new(
+                Partition::bucket("open"),
+                cairn_protocol::meta::Table::Releases,
+                forged.target.sort_key("big"),
+            ),
+            cairn_model::rows::register(Some(forged.encode()), metadata.timestamp()),
+        )])
+        .await
+        .unwrap();
+    let before = fragment_counts(&s.cluster);
+    for n in 0..6 {
+        let target = s.cluster.node(n).node_id();
+        refused_or_nothing(
+            member.release_upload(&target, attempt, "open", "big").await,
+            "a part of an open upload",
+        );
+    }
+    assert_eq!(
+        fragment_counts(&s.cluster),
+        before,
+        "part fragments trashed"
+    );
+    complete_upload(
+        &s.client,
+        "open",
+        "big",
+        &upload,
+        &[(1, part.e_tag().unwrap())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(get_bytes(&s.client, "open", "big").await, body);
+
+    // A single write's fragment, just stored, whose intent record a
+    // member makes look long abandoned.
+    install(Collection {
+        write_deadline: Duration::from_secs(600),
+        clock_margin: Duration::from_secs(60),
+        every: Duration::from_secs(3600),
+    });
+    let pending = UploadId([0x77; 16]);
+    let bytes = pseudo_random_bytes(44, 50_000);
+    let id = FragmentId::of(&bytes);
+    let holder = s.cluster.node(2);
+    let hold = Hold::sign(
+        member.identity().signing_key(),
+        &id,
+        pending,
+        ObjectKeyDigest::of("open", "pending"),
+        0,
+    );
+    member
+        .put_fragment(&holder.node_id(), id, &bytes, hold)
+        .await
+        .unwrap();
+    let intent = UploadRecord {
+        upload: pending,
+        started_unix_ms: 0,
+        multipart: false,
+        scheme: Scheme::new(1, 2).unwrap(),
+        bucket_key_id: String::new(),
+        wrapped_key: Vec::new(),
+        headers: Default::default(),
+    };
+    metadata
+        .write(vec![(
+            cairn_model::rows::upload_row("open", "pending", &pending),
+            cairn_model::rows::register(Some(intent.encode()), metadata.timestamp()),
+        )])
+        .await
+        .unwrap();
+    refused_or_nothing(
+        member
+            .release_upload(&holder.node_id(), pending, "open", "pending")
+            .await,
+        "a fragment stored within the grace",
+    );
+    assert_eq!(
+        holder.store().entry(&id).unwrap().map(|e| e.state),
+        Some(cairn_node::store::FragmentState::Live)
+    );
+    s.shutdown().await;
+}
+
 /// Writes are ordered by each key's head register, whatever the gateways'
 /// clocks say: PUTs and DELETEs race from three gateways whose clocks
 /// disagree by half a minute either way, and afterwards every gateway's
