@@ -169,71 +169,41 @@ pub struct Limits {
     pub idle_timeout: std::time::Duration,
 }
 
-/// What moved on a connection and when: bytes either way, and requests.
-/// Bytes alone do not prove use: HTTP/2 pings (the server's, or a
-/// client's) move bytes on a connection that serves nothing.
+/// When a connection last made progress: a request began or ended, or a
+/// frame of a request's or a response's body went through. Bytes alone
+/// prove nothing: HTTP/2 pings (the gateway's, or a client's) move bytes on
+/// a connection that serves nothing, and a response stuck behind a client's
+/// closed flow-control window moves none.
 #[derive(Clone)]
 struct Activity {
     start: std::time::Instant,
-    /// Milliseconds after `start` when a byte last moved.
-    last_byte: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Milliseconds after `start` when a request last began or ended.
-    last_request: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Requests begun and not ended (their response bodies included).
-    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// A request in flight on a connection, until dropped with its response.
-struct RequestInFlight(Activity);
-
-impl Drop for RequestInFlight {
-    fn drop(&mut self) {
-        use std::sync::atomic::Ordering;
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.last_request.store(self.0.now(), Ordering::Relaxed);
-    }
+    /// Milliseconds after `start`.
+    last_progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Activity {
     fn new() -> Self {
         Self {
             start: std::time::Instant::now(),
-            last_byte: std::sync::Arc::default(),
-            last_request: std::sync::Arc::default(),
-            in_flight: std::sync::Arc::default(),
+            last_progress: std::sync::Arc::default(),
         }
     }
 
-    fn now(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+    fn progress(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_progress
+            .store(now, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn touch(&self) {
-        self.last_byte
-            .store(self.now(), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn request(&self) -> RequestInFlight {
-        use std::sync::atomic::Ordering;
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.last_request.store(self.now(), Ordering::Relaxed);
-        RequestInFlight(self.clone())
-    }
-
-    /// Returns once no byte has moved for `idle`, or no request has been
-    /// in flight for `idle`.
+    /// Returns once the connection has made no progress for `idle`.
     async fn idle_for(&self, idle: std::time::Duration) {
-        use std::sync::atomic::Ordering;
         let idle_ms = idle.as_millis() as u64;
         loop {
-            let now = self.now();
-            let bytes_quiet = now.saturating_sub(self.last_byte.load(Ordering::Relaxed));
-            let requests_quiet = if self.in_flight.load(Ordering::Acquire) == 0 {
-                now.saturating_sub(self.last_request.load(Ordering::Relaxed))
-            } else {
-                0
-            };
-            let quiet = bytes_quiet.max(requests_quiet);
+            let now = self.start.elapsed().as_millis() as u64;
+            let last = self
+                .last_progress
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let quiet = now.saturating_sub(last);
             if quiet >= idle_ms {
                 return;
             }
@@ -242,21 +212,38 @@ impl Activity {
     }
 }
 
-/// A response body that keeps its request in flight until it is sent.
-struct TrackedBody {
-    body: Body,
-    _request: RequestInFlight,
+/// A request's end, as progress, when its response is dropped.
+struct RequestEnd(Activity);
+
+impl Drop for RequestEnd {
+    fn drop(&mut self) {
+        self.0.progress();
+    }
 }
 
-impl http_body::Body for TrackedBody {
-    type Data = <Body as http_body::Body>::Data;
-    type Error = <Body as http_body::Body>::Error;
+/// A body (a request's, or a response's) whose frames count as progress.
+struct ProgressBody<B> {
+    body: B,
+    activity: Activity,
+    _end: Option<RequestEnd>,
+}
+
+impl<B> http_body::Body for ProgressBody<B>
+where
+    B: http_body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(_))) = &polled {
+            self.activity.progress();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -265,61 +252,6 @@ impl http_body::Body for TrackedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
-    }
-}
-
-/// A client's socket that notes its activity.
-struct Watched {
-    inner: tokio::net::TcpStream,
-    activity: Activity,
-}
-
-impl Watched {
-    fn new(inner: tokio::net::TcpStream, activity: Activity) -> Self {
-        Self { inner, activity }
-    }
-}
-
-impl tokio::io::AsyncRead for Watched {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl tokio::io::AsyncWrite for Watched {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bytes: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, bytes);
-        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -355,7 +287,8 @@ pub async fn serve(
             let activity = Activity::new();
             let requests = activity.clone();
             let handler = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                let in_flight = requests.request();
+                requests.progress();
+                let activity = requests.clone();
                 let service = service.clone();
                 let refused = check_request(&request, &region);
                 // Only the method and path are ever logged: headers carry
@@ -365,10 +298,21 @@ pub async fn serve(
                     let response = match refused {
                         Some(response) => Ok(response),
                         None if crate::chunked::is_aws_chunked(request.headers()) => {
-                            let request = request.map(crate::chunked::ChunkGuard::new);
+                            let request = request.map(|body| ProgressBody {
+                                body: crate::chunked::ChunkGuard::new(body),
+                                activity: activity.clone(),
+                                _end: None,
+                            });
                             tower::Service::call(&mut service.clone(), request).await
                         }
-                        None => hyper::service::Service::call(&service, request).await,
+                        None => {
+                            let request = request.map(|body| ProgressBody {
+                                body,
+                                activity: activity.clone(),
+                                _end: None,
+                            });
+                            tower::Service::call(&mut service.clone(), request).await
+                        }
                     };
                     match &response {
                         Ok(r) if r.status().is_server_error() => {
@@ -378,9 +322,10 @@ pub async fn serve(
                         Ok(_) => {}
                     }
                     response.map(|response| {
-                        response.map(|body| TrackedBody {
+                        response.map(|body| ProgressBody {
                             body,
-                            _request: in_flight,
+                            activity: activity.clone(),
+                            _end: Some(RequestEnd(activity)),
                         })
                     })
                 }
@@ -408,12 +353,10 @@ pub async fn serve(
                     return;
                 }
             }
-            // Whatever the protocol, a connection on which no byte moves
-            // either way for the idle time is closed (a client that stops
-            // mid-preface, after its TLS handshake, or stops reading), and
-            // so is one that serves no request for the idle time (an
-            // HTTP/2 connection kept up by pings alone).
-            let stream = Watched::new(stream, activity.clone());
+            // Whatever the protocol, a connection that makes no progress
+            // for the idle time is closed: a client that stops mid-preface
+            // or after its TLS handshake, stops sending a body or reading
+            // an answer, or keeps an HTTP/2 connection up with pings alone.
             let serving = async move {
                 match tls {
                     Some(tls) => {

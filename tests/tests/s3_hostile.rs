@@ -32,34 +32,16 @@ async fn cluster() -> Cluster {
     cluster
 }
 
-/// An HTTP/2 connection that serves no request is closed once its idle
-/// time is over, though bytes keep moving on it: the client pings every
-/// half second and acknowledges the gateway's pings. (Before, any byte
-/// counted as use, so pings alone held a connection slot for ever.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_connection_kept_up_by_pings_alone_is_closed() {
-    let cluster = cluster().await;
-    let idle = Duration::from_secs(2);
-    let gateway = gateway_with(
-        &cluster,
-        GatewayConfig {
-            header_read_timeout: Duration::from_secs(1),
-            idle_timeout: idle,
-            ..GatewayConfig::default()
-        },
-    )
-    .await;
-    let mut stream = tokio::net::TcpStream::connect(gateway.address())
-        .await
-        .unwrap();
-    // The client preface and an empty SETTINGS frame (RFC 9113, 3.4).
-    stream
-        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .unwrap();
+/// Holds an HTTP/2 connection open the way a client that wants to keep its
+/// slot would: it sends `opening` after the preface, answers each of the
+/// gateway's pings and pings it every half second. Returns how long the
+/// gateway kept the connection, or `None` if it still had it after 60 s.
+async fn hold_http2(address: std::net::SocketAddr, opening: &[u8]) -> Option<Duration> {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(opening);
+    stream.write_all(&hello).await.unwrap();
     let opened = Instant::now();
-    // Until the gateway closes the connection: answer each of its pings,
-    // and ping it every half second.
     let closed = tokio::time::timeout(Duration::from_secs(60), async {
         let mut received: Vec<u8> = Vec::new();
         let mut buffer = vec![0u8; 4096];
@@ -101,12 +83,50 @@ async fn an_http2_connection_kept_up_by_pings_alone_is_closed() {
         }
     })
     .await;
-    assert!(
-        closed.is_ok(),
-        "a connection that served no request for {:?} was still open",
-        opened.elapsed()
-    );
-    assert!(opened.elapsed() >= idle, "closed before its idle time");
+    closed.ok().map(|()| opened.elapsed())
+}
+
+/// HTTP/2 connections that make no progress are closed once their idle
+/// time is over, though bytes keep moving on them (pings both ways): one
+/// that never sends a request, and one whose request's answer cannot be
+/// sent because the client opened no flow-control window for it. (Before,
+/// any byte counted as use, so pings alone held a connection slot for
+/// ever; then a request in flight did.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_that_make_no_progress_are_closed() {
+    let cluster = cluster().await;
+    let idle = Duration::from_secs(2);
+    let gateway = gateway_with(
+        &cluster,
+        GatewayConfig {
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: idle,
+            ..GatewayConfig::default()
+        },
+    )
+    .await;
+    // An empty SETTINGS frame (RFC 9113, 3.4).
+    let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0, then HEADERS (END_STREAM,
+    // END_HEADERS) on stream 1 for GET / with an authority (HPACK: indexed
+    // :method GET, :scheme http, :path /, then a literal :authority).
+    let mut closed_window = vec![0u8, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0];
+    let block = [&[0x82u8, 0x86, 0x84, 0x41, 9][..], b"localhost"].concat();
+    closed_window.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
+    closed_window.extend_from_slice(&block);
+    for (what, opening) in [
+        ("no request", &settings[..]),
+        ("an answer it cannot send", &closed_window[..]),
+    ] {
+        let held = hold_http2(gateway.address(), opening).await;
+        let Some(held) = held else {
+            panic!("a connection with {what} was still open after 60 s");
+        };
+        assert!(
+            held >= idle,
+            "a connection with {what} closed after {held:?}"
+        );
+    }
     gateway.stop().await;
     cluster.shutdown().await;
 }

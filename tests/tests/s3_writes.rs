@@ -689,15 +689,15 @@ async fn a_member_cannot_have_an_open_uploads_parts_or_a_write_in_flight_trashed
                 .install_release_rules(Arc::new(ReleaseRule::new(collection)));
         }
     };
-    let refused_or_nothing =
-        |answer: Result<cairn_node::store::Released, NodeError>, what: &str| match answer {
-            Ok(released) => assert_eq!(released.trashed, 0, "{what}: trashed"),
-            Err(NodeError::Piece(PieceError::Rejected {
-                code: RejectCode::Unauthorized,
-                ..
-            })) => {}
-            Err(other) => panic!("{what}: {other}"),
-        };
+    let refused_or_nothing = |answer: Result<cairn_node::store::Released, NodeError>,
+                              what: &str| match answer {
+        Ok(released) => assert_eq!(released.trashed, 0, "{what}: trashed"),
+        Err(NodeError::Piece(PieceError::Rejected {
+            code: RejectCode::Unauthorized,
+            ..
+        })) => {}
+        Err(other) => panic!("{what}: {other}"),
+    };
     let member = s.cluster.node(1);
     let metadata = member.metadata();
     s.client
