@@ -305,6 +305,10 @@ pub async fn serve(
                             });
                             tower::Service::call(&mut service.clone(), request).await
                         }
+                        // No body to watch (a GET, a HEAD): s3s's own path.
+                        None if http_body::Body::is_end_stream(request.body()) => {
+                            hyper::service::Service::call(&service, request).await
+                        }
                         None => {
                             let request = request.map(|body| ProgressBody {
                                 body,

@@ -31,6 +31,11 @@ impl ByteBudget {
     /// A budget of `node_bytes` in all, of which one peer may hold
     /// `per_peer_bytes` (both at least `at_least`, one exchange's worth).
     pub(crate) fn new(node_bytes: u64, per_peer_bytes: u64, at_least: u64) -> Self {
+        // Exchanges take their bytes as a u32 count of permits.
+        assert!(
+            at_least <= u64::from(u32::MAX),
+            "an exchange of {at_least} bytes cannot be budgeted"
+        );
         let bytes = |n: u64| n.max(at_least).min(Semaphore::MAX_PERMITS as u64) as usize;
         Self {
             node: Arc::new(Semaphore::new(bytes(node_bytes))),
@@ -68,8 +73,9 @@ impl ByteBudget {
     fn share(&self, peer: PeerId) -> Arc<Semaphore> {
         let mut peers = self.peers.lock().expect("budget lock");
         if peers.len() >= REMEMBERED_PEERS {
-            let full = self.per_peer;
-            peers.retain(|_, share| share.available_permits() < full);
+            // A share nobody holds a clone of is unused and full: forgetting
+            // it loses nothing. One just handed out is kept.
+            peers.retain(|_, share| Arc::strong_count(share) > 1);
         }
         peers
             .entry(peer)

@@ -164,8 +164,14 @@ pub(crate) async fn run(
     mut commands: mpsc::Receiver<Command>,
     mut stored: mpsc::Receiver<UploadId>,
     handshake: Handshake,
+    unverified_cap: usize,
 ) {
     let members = handshake.members.clone();
+    // Peers connected to this node and not (yet) members, oldest first: at
+    // most `unverified_cap`, so that outsiders holding connections open
+    // until their grace runs out cannot fill the connection limit that
+    // members need; past the cap the oldest is disconnected.
+    let mut unverified: std::collections::VecDeque<PeerId> = std::collections::VecDeque::new();
     let local = *swarm.local_peer_id();
     let mut pending = PendingQueries::default();
     // What identify told us of each connected peer, for when it is verified.
@@ -203,6 +209,7 @@ pub(crate) async fn run(
                         members.remove(&peer);
                         continue;
                     }
+                    unverified.retain(|p| *p != peer);
                     swarm.behaviour_mut().open.admit(peer);
                     for address in identified.get(&peer).into_iter().flatten() {
                         swarm.behaviour_mut().kad().add_address(&peer, address.clone());
@@ -270,11 +277,23 @@ pub(crate) async fn run(
                     }
                     if endpoint.is_dialer() {
                         tokio::spawn(handshake.clone().call_and_admit(peer_id));
+                    } else if !members.contains(&peer_id) && !unverified.contains(&peer_id) {
+                        unverified.push_back(peer_id);
+                        while unverified.len() > unverified_cap {
+                            let Some(oldest) = unverified.pop_front() else {
+                                break;
+                            };
+                            if !members.contains(&oldest) {
+                                tracing::info!(peer = %oldest, "too many peers waiting for the handshake: the oldest disconnected");
+                                let _ = swarm.disconnect_peer_id(oldest);
+                            }
+                        }
                     }
                 }
                 SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                     members.remove(&peer_id);
                     identified.remove(&peer_id);
+                    unverified.retain(|p| *p != peer_id);
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Open(OpenProtocolsEvent::Identify(identify::Event::Received { peer_id, info, .. }))) => {
                     // Only members enter the routing table.

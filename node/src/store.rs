@@ -761,7 +761,13 @@ impl Writer {
                         continue;
                     }
                     Some(mut entry) if entry.state != FragmentState::Quarantined => {
-                        if request.hold.retain_until_unix_ms > entry.hold.retain_until_unix_ms {
+                        // A hold only ever extends, and only for the
+                        // upload and object it names: a later put cannot
+                        // move a fragment to an upload or key it can release.
+                        if request.hold.upload == entry.hold.upload
+                            && request.hold.object == entry.hold.object
+                            && request.hold.retain_until_unix_ms > entry.hold.retain_until_unix_ms
+                        {
                             by_upload
                                 .remove(&upload_key(&entry.hold.upload, &id))
                                 .map_err(index_error)?;

@@ -48,6 +48,9 @@ const MAP_STREAM_DEADLINE: Duration = Duration::from_secs(60);
 /// One peer may hold this fraction of the node's byte budget (at least one
 /// fragment's worth).
 const PEER_SHARE_OF_BUDGET: u64 = 4;
+/// Peers waiting for the handshake may hold this fraction of the incoming
+/// connections (at least 8); past it the oldest is disconnected.
+const UNVERIFIED_SHARE_OF_INCOMING: usize = 8;
 /// Cluster map pushes taken at once (each up to 8 MiB).
 const MAP_STREAMS: usize = 4;
 /// How long a fragment stays in the trash before it is purged.
@@ -311,7 +314,11 @@ impl Node {
             }
         }));
         tasks.push(tokio::spawn(event_loop::run(
-            swarm, command_rx, stored_rx, handshake,
+            swarm,
+            command_rx,
+            stored_rx,
+            handshake,
+            (limits.incoming_connections as usize / UNVERIFIED_SHARE_OF_INCOMING).max(8),
         )));
 
         let node = Self {

@@ -335,6 +335,47 @@ async fn releasing_an_upload_trashes_only_its_unheld_fragments_and_survives_a_re
     );
 }
 
+/// Putting a fragment again extends its hold only for the same upload and
+/// object: another writer cannot move it to an upload or key it could then
+/// release.
+#[tokio::test]
+async fn a_second_put_never_moves_a_fragment_to_another_upload_or_object() {
+    use cairn_protocol::wire::ObjectKeyDigest;
+    let dir = tempfile::tempdir().unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    let bytes = fragment_bytes(30, 500);
+    let id = FragmentId::of(&bytes);
+    let first = Hold::sign(
+        &writer_key(),
+        &id,
+        UploadId([1; 16]),
+        ObjectKeyDigest::of("bucket", "key"),
+        0,
+    );
+    let fragment = VerifiedFragment::new(id, bytes.clone()).unwrap();
+    store.put(fragment, first.clone(), NOW).await.unwrap();
+    let moved = Hold::sign(
+        &writer_key(),
+        &id,
+        UploadId([2; 16]),
+        ObjectKeyDigest::of("bucket", "other"),
+        NOW + 1,
+    );
+    let fragment = VerifiedFragment::new(id, bytes.clone()).unwrap();
+    store.put(fragment, moved, NOW).await.unwrap();
+    assert_eq!(store.entry(&id).unwrap().unwrap().hold, first);
+    let extended = Hold::sign(
+        &writer_key(),
+        &id,
+        UploadId([1; 16]),
+        ObjectKeyDigest::of("bucket", "key"),
+        NOW + 1,
+    );
+    let fragment = VerifiedFragment::new(id, bytes).unwrap();
+    store.put(fragment, extended.clone(), NOW).await.unwrap();
+    assert_eq!(store.entry(&id).unwrap().unwrap().hold, extended);
+}
+
 #[tokio::test]
 async fn inventory_lists_and_digests_live_fragments_in_order() {
     let dir = tempfile::tempdir().unwrap();

@@ -352,6 +352,69 @@ async fn an_outsider_learns_no_peers_providers_or_addresses() {
     cluster.shutdown().await;
 }
 
+/// Outsiders that connect and never pass the handshake cannot fill the
+/// connections a node takes in: past an eighth of its incoming limit the
+/// oldest is disconnected, and a new member still connects. (Before,
+/// twenty outsiders held all sixteen places until their grace ran out, and
+/// the member's connection was refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outsiders_waiting_for_the_handshake_cannot_fill_the_connection_limit() {
+    use futures::StreamExt;
+    use libp2p::swarm::SwarmEvent;
+
+    let mut cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
+    cluster.limits.incoming_connections = 16;
+    cluster.restart(1).await.unwrap();
+    let victim = cluster.node(1).listen_addrs()[0].clone();
+    let (settled, mut settling) = tokio::sync::mpsc::channel::<()>(32);
+    let mut outsiders = Vec::new();
+    for _ in 0..20 {
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_quic()
+            .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        swarm.dial(victim.clone()).unwrap();
+        let settled = settled.clone();
+        outsiders.push(tokio::spawn(async move {
+            // Connected (or refused): then held open as long as allowed.
+            let mut told = false;
+            loop {
+                let event = swarm.select_next_some().await;
+                if !told
+                    && matches!(
+                        event,
+                        SwarmEvent::ConnectionEstablished { .. }
+                            | SwarmEvent::OutgoingConnectionError { .. }
+                    )
+                {
+                    told = true;
+                    let _ = settled.send(()).await;
+                }
+            }
+        }));
+    }
+    for _ in 0..20 {
+        settling.recv().await.unwrap();
+    }
+    // A member that was never connected to the victim dials it now.
+    let dir = tempfile::tempdir().unwrap();
+    let newcomer = outsider(&cluster.cluster_key, dir.path(), vec![victim]).await;
+    assert!(
+        newcomer
+            .wait_for_member(&cluster.node(1).node_id(), Duration::from_secs(10))
+            .await,
+        "a member could not connect past the outsiders"
+    );
+    for outsider in outsiders {
+        outsider.abort();
+    }
+    newcomer.shutdown().await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outsider_can_neither_store_nor_fetch() {
     let cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
