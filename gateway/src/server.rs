@@ -169,16 +169,21 @@ pub struct Limits {
     pub idle_timeout: std::time::Duration,
 }
 
-/// When a connection last made progress: a request began or ended, or a
-/// frame of a request's or a response's body went through. Bytes alone
-/// prove nothing: HTTP/2 pings (the gateway's, or a client's) move bytes on
-/// a connection that serves nothing, and a response stuck behind a client's
-/// closed flow-control window moves none.
+/// When a connection last made progress, and whether a request handler is
+/// running on it. Progress is a request that succeeded ending, or a frame
+/// of a request's body or of a successful response's body going through.
+/// Bytes alone prove nothing: HTTP/2 pings (the gateway's, or a client's)
+/// move bytes on a connection that serves nothing, a response stuck behind
+/// a client's closed flow-control window moves none, and refused requests
+/// (anyone can send them) are no use of the connection.
 #[derive(Clone)]
 struct Activity {
     start: std::time::Instant,
     /// Milliseconds after `start`.
     last_progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Handlers working on a request (a copy, say): the connection is busy
+    /// while one runs, whatever moves on it.
+    handling: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Activity {
@@ -186,6 +191,7 @@ impl Activity {
         Self {
             start: std::time::Instant::now(),
             last_progress: std::sync::Arc::default(),
+            handling: std::sync::Arc::default(),
         }
     }
 
@@ -195,15 +201,23 @@ impl Activity {
             .store(now, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Returns once the connection has made no progress for `idle`.
+    fn handling(&self) -> Handling {
+        self.handling
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Handling(self.clone())
+    }
+
+    /// Returns once the connection has made no progress for `idle` with
+    /// no handler running.
     async fn idle_for(&self, idle: std::time::Duration) {
+        use std::sync::atomic::Ordering;
         let idle_ms = idle.as_millis() as u64;
         loop {
             let now = self.start.elapsed().as_millis() as u64;
-            let last = self
-                .last_progress
-                .load(std::sync::atomic::Ordering::Relaxed);
-            let quiet = now.saturating_sub(last);
+            if self.handling.load(Ordering::Acquire) > 0 {
+                self.last_progress.store(now, Ordering::Relaxed);
+            }
+            let quiet = now.saturating_sub(self.last_progress.load(Ordering::Relaxed));
             if quiet >= idle_ms {
                 return;
             }
@@ -212,7 +226,19 @@ impl Activity {
     }
 }
 
-/// A request's end, as progress, when its response is dropped.
+/// A handler at work, until dropped with the response it returns.
+struct Handling(Activity);
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        // Not progress by itself: only a successful answer is (RequestEnd).
+        self.0
+            .handling
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A successful request's end, as progress, when its response is dropped.
 struct RequestEnd(Activity);
 
 impl Drop for RequestEnd {
@@ -224,7 +250,8 @@ impl Drop for RequestEnd {
 /// A body (a request's, or a response's) whose frames count as progress.
 struct ProgressBody<B> {
     body: B,
-    activity: Activity,
+    /// `None` for the body of a refused request's answer.
+    activity: Option<Activity>,
     _end: Option<RequestEnd>,
 }
 
@@ -240,8 +267,8 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(_))) = &polled {
-            self.activity.progress();
+        if let (std::task::Poll::Ready(Some(Ok(_))), Some(activity)) = (&polled, &self.activity) {
+            activity.progress();
         }
         polled
     }
@@ -287,7 +314,7 @@ pub async fn serve(
             let activity = Activity::new();
             let requests = activity.clone();
             let handler = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                requests.progress();
+                let handling = requests.handling();
                 let activity = requests.clone();
                 let service = service.clone();
                 let refused = check_request(&request, &region);
@@ -300,7 +327,7 @@ pub async fn serve(
                         None if crate::chunked::is_aws_chunked(request.headers()) => {
                             let request = request.map(|body| ProgressBody {
                                 body: crate::chunked::ChunkGuard::new(body),
-                                activity: activity.clone(),
+                                activity: Some(activity.clone()),
                                 _end: None,
                             });
                             tower::Service::call(&mut service.clone(), request).await
@@ -312,7 +339,7 @@ pub async fn serve(
                         None => {
                             let request = request.map(|body| ProgressBody {
                                 body,
-                                activity: activity.clone(),
+                                activity: Some(activity.clone()),
                                 _end: None,
                             });
                             tower::Service::call(&mut service.clone(), request).await
@@ -325,11 +352,13 @@ pub async fn serve(
                         Err(_) => tracing::warn!(%method, %path, "S3 request failed"),
                         Ok(_) => {}
                     }
+                    drop(handling);
                     response.map(|response| {
+                        let succeeded = response.status().as_u16() < 400;
                         response.map(|body| ProgressBody {
                             body,
-                            activity: activity.clone(),
-                            _end: Some(RequestEnd(activity)),
+                            activity: succeeded.then(|| activity.clone()),
+                            _end: succeeded.then(|| RequestEnd(activity)),
                         })
                     })
                 }
@@ -358,9 +387,10 @@ pub async fn serve(
                 }
             }
             // Whatever the protocol, a connection that makes no progress
-            // for the idle time is closed: a client that stops mid-preface
-            // or after its TLS handshake, stops sending a body or reading
-            // an answer, or keeps an HTTP/2 connection up with pings alone.
+            // for the idle time, with no handler at work, is closed: a
+            // client that stops mid-preface or after its TLS handshake,
+            // stops sending a body or reading an answer, keeps an HTTP/2
+            // connection up with pings alone, or with refused requests.
             let serving = async move {
                 match tls {
                     Some(tls) => {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use cairn_protocol::ids::UploadId;
 use futures::StreamExt;
 use libp2p::kad::store::RecordStore;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, allow_block_list, connection_limits, identify, kad, ping,
 };
@@ -30,6 +30,9 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/kad/1.0.0")
 /// How long a connected peer may go without passing the handshake before
 /// it is disconnected: the dialer's retries fit in it.
 pub(crate) const UNVERIFIED_GRACE: Duration = Duration::from_secs(15);
+/// Time enough for a member's handshake on a connection it opened: a
+/// connection waiting longer may make room for a newer one.
+const HANDSHAKE_TIME: Duration = Duration::from_secs(2);
 /// How often members' certificates are checked again, new maps aside.
 const MEMBERS_CHECK_EVERY: Duration = Duration::from_secs(30);
 /// How often the DHT store's writes are made durable.
@@ -167,11 +170,10 @@ pub(crate) async fn run(
     unverified_cap: usize,
 ) {
     let members = handshake.members.clone();
-    // Peers connected to this node and not (yet) members, oldest first: at
-    // most `unverified_cap`, so that outsiders holding connections open
-    // until their grace runs out cannot fill the connection limit that
-    // members need; past the cap the oldest is disconnected.
-    let mut unverified: std::collections::VecDeque<PeerId> = std::collections::VecDeque::new();
+    // Connections taken in from peers that are not (yet) members, oldest
+    // first (see shed_unverified).
+    let mut unverified: std::collections::VecDeque<(PeerId, ConnectionId, std::time::Instant)> =
+        std::collections::VecDeque::new();
     let local = *swarm.local_peer_id();
     let mut pending = PendingQueries::default();
     // What identify told us of each connected peer, for when it is verified.
@@ -209,7 +211,7 @@ pub(crate) async fn run(
                         members.remove(&peer);
                         continue;
                     }
-                    unverified.retain(|p| *p != peer);
+                    unverified.retain(|(p, _, _)| *p != peer);
                     swarm.behaviour_mut().open.admit(peer);
                     for address in identified.get(&peer).into_iter().flatten() {
                         swarm.behaviour_mut().kad().add_address(&peer, address.clone());
@@ -235,6 +237,7 @@ pub(crate) async fn run(
                 if let Err(error) = swarm.behaviour_mut().kad().store_mut().flush() {
                     tracing::error!(%error, "DHT store: flush failed");
                 }
+                shed_unverified(&mut swarm, &mut unverified, unverified_cap, &members);
                 let now = std::time::Instant::now();
                 for peer in blocked.expire(now) {
                     tracing::info!(%peer, "block expired");
@@ -277,23 +280,17 @@ pub(crate) async fn run(
                     }
                     if endpoint.is_dialer() {
                         tokio::spawn(handshake.clone().call_and_admit(peer_id));
-                    } else if !members.contains(&peer_id) && !unverified.contains(&peer_id) {
-                        unverified.push_back(peer_id);
-                        while unverified.len() > unverified_cap {
-                            let Some(oldest) = unverified.pop_front() else {
-                                break;
-                            };
-                            if !members.contains(&oldest) {
-                                tracing::info!(peer = %oldest, "too many peers waiting for the handshake: the oldest disconnected");
-                                let _ = swarm.disconnect_peer_id(oldest);
-                            }
-                        }
+                    } else if !members.contains(&peer_id) {
+                        unverified.push_back((peer_id, connection_id, std::time::Instant::now()));
+                        shed_unverified(&mut swarm, &mut unverified, unverified_cap, &members);
                     }
                 }
-                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                    members.remove(&peer_id);
-                    identified.remove(&peer_id);
-                    unverified.retain(|p| *p != peer_id);
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
+                    unverified.retain(|(_, c, _)| *c != connection_id);
+                    if num_established == 0 {
+                        members.remove(&peer_id);
+                        identified.remove(&peer_id);
+                    }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Open(OpenProtocolsEvent::Identify(identify::Event::Received { peer_id, info, .. }))) => {
                     // Only members enter the routing table.
@@ -307,6 +304,34 @@ pub(crate) async fn run(
                 SwarmEvent::Behaviour(BehaviourEvent::Open(OpenProtocolsEvent::Kad(event))) => on_kad_event(&mut swarm, local, &mut pending, &members, event),
                 _ => {}
             },
+        }
+    }
+}
+
+/// Keeps the connections taken in from peers that are not (yet) members
+/// to `cap`, so that outsiders holding connections open until their grace
+/// runs out cannot fill the connection limit members need: past the cap,
+/// the oldest are closed, but only once they have had time for a
+/// handshake, so that a member mid-handshake is never pushed out by a
+/// burst (the cap is exceeded for that long at most).
+fn shed_unverified(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    unverified: &mut std::collections::VecDeque<(PeerId, ConnectionId, std::time::Instant)>,
+    cap: usize,
+    members: &Members,
+) {
+    let now = std::time::Instant::now();
+    while unverified.len() > cap
+        && unverified
+            .front()
+            .is_some_and(|(_, _, at)| now.duration_since(*at) >= HANDSHAKE_TIME)
+    {
+        let Some((peer, connection, _)) = unverified.pop_front() else {
+            break;
+        };
+        if !members.contains(&peer) {
+            tracing::info!(%peer, "too many connections waiting for the handshake: the oldest closed");
+            swarm.close_connection(connection);
         }
     }
 }

@@ -508,6 +508,14 @@ impl FragmentStore {
                 {
                     continue;
                 }
+                if entry.stored_at_unix_ms > now_unix_ms {
+                    // Stored while this node's clock ran ahead: counted
+                    // from now, or it would be held until that date.
+                    entry.stored_at_unix_ms = now_unix_ms;
+                    table
+                        .insert(id.as_bytes(), &entry.encode()[..])
+                        .map_err(index_error)?;
+                }
                 if entry.hold.retain_until_unix_ms > now_unix_ms
                     || entry.stored_at_unix_ms >= stored_before
                 {

@@ -376,6 +376,32 @@ async fn a_second_put_never_moves_a_fragment_to_another_upload_or_object() {
     assert_eq!(store.entry(&id).unwrap().unwrap().hold, extended);
 }
 
+/// A fragment stored while the node's clock ran ahead is held by a release
+/// only until the grace has passed from when the clock came back, not
+/// until the future date it was stored at.
+#[tokio::test]
+async fn a_fragment_stored_in_the_future_is_released_once_the_clock_is_back() {
+    use cairn_protocol::wire::ObjectKeyDigest;
+    let dir = tempfile::tempdir().unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    let upload = UploadId([0x4d; 16]);
+    let object = ObjectKeyDigest::of("bucket", "key");
+    let (id, outcome) = put(&store, fragment_bytes(31, 400), 0).await;
+    outcome.unwrap();
+    assert_eq!(store.entry(&id).unwrap().unwrap().stored_at_unix_ms, NOW);
+    // The clock stepped back a year: the fragment was stored "later".
+    let year = 365 * 24 * 3600 * 1000;
+    let back = NOW - year;
+    let grace = 60_000;
+    let held = store.release(&upload, &object, back - grace, back).unwrap();
+    assert_eq!((held.trashed, held.held), (0, 1));
+    let later = back + grace + 1;
+    let released = store
+        .release(&upload, &object, later - grace, later)
+        .unwrap();
+    assert_eq!((released.trashed, released.held), (1, 0));
+}
+
 #[tokio::test]
 async fn inventory_lists_and_digests_live_fragments_in_order() {
     let dir = tempfile::tempdir().unwrap();

@@ -34,9 +34,14 @@ async fn cluster() -> Cluster {
 
 /// Holds an HTTP/2 connection open the way a client that wants to keep its
 /// slot would: it sends `opening` after the preface, answers each of the
-/// gateway's pings and pings it every half second. Returns how long the
-/// gateway kept the connection, or `None` if it still had it after 60 s.
-async fn hold_http2(address: std::net::SocketAddr, opening: &[u8]) -> Option<Duration> {
+/// gateway's pings, and every half second pings it and sends what
+/// `repeat` gives for that tick. Returns how long the gateway kept the
+/// connection, or `None` if it still had it after 60 s.
+async fn hold_http2(
+    address: std::net::SocketAddr,
+    opening: &[u8],
+    repeat: impl Fn(u64) -> Vec<u8>,
+) -> Option<Duration> {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     hello.extend_from_slice(opening);
@@ -56,6 +61,7 @@ async fn hold_http2(address: std::net::SocketAddr, opening: &[u8]) -> Option<Dur
                 _ = every.tick() => {
                     let mut ping = vec![0, 0, 8, 6, 0, 0, 0, 0, 0];
                     ping.extend_from_slice(&sent.to_be_bytes());
+                    ping.extend_from_slice(&repeat(sent));
                     sent += 1;
                     if stream.write_all(&ping).await.is_err() {
                         return;
@@ -88,10 +94,11 @@ async fn hold_http2(address: std::net::SocketAddr, opening: &[u8]) -> Option<Dur
 
 /// HTTP/2 connections that make no progress are closed once their idle
 /// time is over, though bytes keep moving on them (pings both ways): one
-/// that never sends a request, and one whose request's answer cannot be
-/// sent because the client opened no flow-control window for it. (Before,
-/// any byte counted as use, so pings alone held a connection slot for
-/// ever; then a request in flight did.)
+/// that never sends a request, one whose request's answer cannot be sent
+/// because the client opened no flow-control window for it, and one that
+/// sends a request the gateway refuses every half second. (Before, any
+/// byte counted as use, so pings alone held a connection slot for ever;
+/// then a request in flight did; then any request did.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_connections_that_make_no_progress_are_closed() {
     let cluster = cluster().await;
@@ -107,18 +114,34 @@ async fn http2_connections_that_make_no_progress_are_closed() {
     .await;
     // An empty SETTINGS frame (RFC 9113, 3.4).
     let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
-    // SETTINGS_INITIAL_WINDOW_SIZE = 0, then HEADERS (END_STREAM,
-    // END_HEADERS) on stream 1 for GET / with an authority (HPACK: indexed
-    // :method GET, :scheme http, :path /, then a literal :authority).
+    // HEADERS (END_STREAM, END_HEADERS) on stream `id` for an unsigned
+    // GET / (HPACK: indexed :method GET, :scheme http, :path /, then a
+    // literal :authority): the gateway refuses it at once.
+    let get = |id: u32| {
+        let block = [&[0x82u8, 0x86, 0x84, 0x41, 9][..], b"localhost"].concat();
+        let mut frame = vec![0u8, 0, block.len() as u8, 1, 5];
+        frame.extend_from_slice(&id.to_be_bytes());
+        frame.extend_from_slice(&block);
+        frame
+    };
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0, then one such GET: its answer
+    // cannot be sent.
     let mut closed_window = vec![0u8, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0];
-    let block = [&[0x82u8, 0x86, 0x84, 0x41, 9][..], b"localhost"].concat();
-    closed_window.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
-    closed_window.extend_from_slice(&block);
-    for (what, opening) in [
-        ("no request", &settings[..]),
-        ("an answer it cannot send", &closed_window[..]),
-    ] {
-        let held = hold_http2(gateway.address(), opening).await;
+    closed_window.extend_from_slice(&get(1));
+    let nothing = |_: u64| Vec::new();
+    let refused_again = |tick: u64| get(2 * tick as u32 + 1);
+    type Repeat<'a> = &'a dyn Fn(u64) -> Vec<u8>;
+    let cases: [(&str, &[u8], Repeat); 3] = [
+        ("no request", &settings, &nothing),
+        ("an answer it cannot send", &closed_window, &nothing),
+        (
+            "a refused request every half second",
+            &settings,
+            &refused_again,
+        ),
+    ];
+    for (what, opening, repeat) in cases {
+        let held = hold_http2(gateway.address(), opening, repeat).await;
         let Some(held) = held else {
             panic!("a connection with {what} was still open after 60 s");
         };

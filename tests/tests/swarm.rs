@@ -361,12 +361,16 @@ async fn an_outsider_learns_no_peers_providers_or_addresses() {
 async fn outsiders_waiting_for_the_handshake_cannot_fill_the_connection_limit() {
     use futures::StreamExt;
     use libp2p::swarm::SwarmEvent;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     let mut cluster = Cluster::start(&[1, 1, 1]).await.unwrap();
     cluster.limits.incoming_connections = 16;
     cluster.restart(1).await.unwrap();
     let victim = cluster.node(1).listen_addrs()[0].clone();
-    let (settled, mut settling) = tokio::sync::mpsc::channel::<()>(32);
+    // Each outsider says when its connection is closed by the victim.
+    let (closed, mut closing) = tokio::sync::mpsc::channel::<()>(32);
+    let connected = Arc::new(AtomicUsize::new(0));
     let mut outsiders = Vec::new();
     for _ in 0..20 {
         let mut swarm = libp2p::SwarmBuilder::with_new_identity()
@@ -377,29 +381,29 @@ async fn outsiders_waiting_for_the_handshake_cannot_fill_the_connection_limit() 
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
             .build();
         swarm.dial(victim.clone()).unwrap();
-        let settled = settled.clone();
+        let (closed, connected) = (closed.clone(), connected.clone());
         outsiders.push(tokio::spawn(async move {
-            // Connected (or refused): then held open as long as allowed.
-            let mut told = false;
             loop {
-                let event = swarm.select_next_some().await;
-                if !told
-                    && matches!(
-                        event,
-                        SwarmEvent::ConnectionEstablished { .. }
-                            | SwarmEvent::OutgoingConnectionError { .. }
-                    )
-                {
-                    told = true;
-                    let _ = settled.send(()).await;
+                match swarm.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { .. } => {
+                        connected.fetch_add(1, Ordering::SeqCst);
+                    }
+                    SwarmEvent::ConnectionClosed { .. } => {
+                        connected.fetch_sub(1, Ordering::SeqCst);
+                        let _ = closed.send(()).await;
+                    }
+                    _ => {}
                 }
             }
         }));
     }
-    for _ in 0..20 {
-        settling.recv().await.unwrap();
+    // The victim keeps at most 8 of them (an eighth of 16, at least 8) once
+    // they have had time for a handshake: 8 are closed.
+    for _ in 0..8 {
+        closing.recv().await.unwrap();
     }
-    // A member that was never connected to the victim dials it now.
+    // A member that was never connected to the victim dials it now, while
+    // the other outsiders still wait for their grace to run out.
     let dir = tempfile::tempdir().unwrap();
     let newcomer = outsider(&cluster.cluster_key, dir.path(), vec![victim]).await;
     assert!(
@@ -407,6 +411,10 @@ async fn outsiders_waiting_for_the_handshake_cannot_fill_the_connection_limit() 
             .wait_for_member(&cluster.node(1).node_id(), Duration::from_secs(10))
             .await,
         "a member could not connect past the outsiders"
+    );
+    assert!(
+        connected.load(Ordering::SeqCst) > 0,
+        "the member got in only once every outsider was gone"
     );
     for outsider in outsiders {
         outsider.abort();

@@ -23,12 +23,26 @@ use cairn_model::heads::WriteCondition;
 
 type ByteReceiver = tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>;
 
+/// The largest piece of a GET's body handed to the connection at once: each
+/// piece is progress for the connection's idle rule, so a client reading
+/// slowly is not taken for one that stopped.
+const BODY_PIECE_BYTES: usize = 256 << 10;
+
 fn receiver_stream(
     receiver: ByteReceiver,
 ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static {
     Box::pin(futures::stream::unfold(
-        receiver,
-        |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
+        (receiver, bytes::Bytes::new()),
+        |(mut receiver, mut rest)| async move {
+            if rest.is_empty() {
+                match receiver.recv().await? {
+                    Ok(bytes) => rest = bytes,
+                    Err(error) => return Some((Err(error), (receiver, rest))),
+                }
+            }
+            let piece = rest.split_to(rest.len().min(BODY_PIECE_BYTES));
+            Some((Ok(piece), (receiver, rest)))
+        },
     ))
 }
 
