@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cairn_model::collector::{Collection, Collector};
+use cairn_model::repair::Repairer;
 use cairn_node::clock::now_unix_ms;
 use cairn_node::config::MapConfig;
 use cairn_node::config::ServeConfig;
@@ -497,6 +498,12 @@ async fn serve(
         .map(|section| section.try_into())
         .transpose()
         .with_context(|| format!("{}: [s3]", config.display()))?;
+    let repair: cairn_model::repair::RepairSection = file
+        .remove("repair")
+        .map(|section| section.try_into())
+        .transpose()
+        .with_context(|| format!("{}: [repair]", config.display()))?
+        .unwrap_or_default();
     let mut settings = ServeConfig::from_table(&config, file)?;
     settings.apply_env(|name| std::env::var(name).ok())?;
     if let Some(dir) = data_dir {
@@ -524,6 +531,8 @@ async fn serve(
     }
     // Every node collects orphan fragments for the buckets it replicates.
     let collector = Collector::start(node.handle(), Collection::default());
+    // And repairs the segments of the buckets it is first replica of.
+    let repairer = Repairer::start(node.handle(), repair.settings());
     let gateway = match (s3, root) {
         (Some(section), Some(root)) => {
             let listen: std::net::SocketAddr = section.listen.parse().with_context(|| {
@@ -558,6 +567,7 @@ async fn serve(
         .context("waiting for ctrl-c")?;
     tracing::info!("shutting down");
     drop(collector);
+    drop(repairer);
     if let Some(gateway) = gateway {
         gateway.stop().await;
     }

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 
 use cairn_model::collector::{Collection, Collector};
 use cairn_model::kms::RootKey;
+use cairn_model::repair::{RepairSettings, Repairer};
 use cairn_node::clock::random_bytes;
 
 use crate::error::{GatewayError, GatewayResult};
@@ -53,6 +54,7 @@ impl Default for DevOptions {
 pub struct DevCluster {
     nodes: Vec<Node>,
     collectors: Vec<Collector>,
+    repairers: Vec<Repairer>,
     gateway: Gateway,
     pub access_key: String,
     pub secret_key: String,
@@ -205,6 +207,10 @@ impl DevCluster {
             .iter()
             .map(|node| Collector::start(node.handle(), Collection::default()))
             .collect();
+        let repairers = nodes
+            .iter()
+            .map(|node| Repairer::start(node.handle(), RepairSettings::default()))
+            .collect();
         let seed = dev_key_seed(&dir.join("access-key.seed"))?;
         let key = gateway
             .keys()
@@ -213,6 +219,7 @@ impl DevCluster {
         Ok(Self {
             nodes,
             collectors,
+            repairers,
             gateway,
             access_key: key.id,
             secret_key: key.secret,
@@ -225,6 +232,7 @@ impl DevCluster {
 
     pub async fn shutdown(self) {
         drop(self.collectors);
+        drop(self.repairers);
         self.gateway.stop().await;
         for node in self.nodes {
             node.shutdown().await;

@@ -14,6 +14,7 @@ pub mod kms;
 pub mod listing;
 pub mod locks;
 pub mod registers;
+pub mod repair;
 pub mod rows;
 pub mod uploads;
 

@@ -1,0 +1,930 @@
+//! Repair (spec/repair.md): every committed segment back to `k + m`
+//! fragments on the nodes its placement names, without an operator.
+//!
+//! Each node audits the bucket partitions it is responsible for: those
+//! whose replica set names it first among the replicas it can reach (so
+//! that when it is down the next replica takes over). A pass walks the
+//! partition's versions in this node's replica, asks the placed nodes
+//! which fragments they hold (batched `have` queries), and then repairs
+//! the degraded segments, fewest spares first: a fragment held only by a
+//! node off its placement (a write's hand-off) is copied to its place; a
+//! fragment held nowhere is rebuilt, with every other missing fragment of
+//! its segment, from one read of `k` fragments. Repair is throttled by a
+//! byte rate and a number of segments at once so that clients keep their
+//! latency.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cairn_node::clock::now_unix_ms;
+use cairn_node::meta::Metadata;
+use cairn_node::swarm::NodeHandle;
+use cairn_protocol::erasure::{Scheme, SegmentEncoder, reconstruct};
+use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
+use cairn_protocol::manifest::{Manifest, SegmentRef, SignedManifest};
+use cairn_protocol::membership::SignedMap;
+use cairn_protocol::meta::{Partition, RowKey, RowValue, Table};
+use cairn_protocol::placement::{Placer, segment_placement_key};
+use cairn_protocol::version::VersionBody;
+use cairn_protocol::wire::{Hold, MAX_HAVE_IDS, ObjectKeyDigest};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::error::{ModelError, ModelResult};
+use crate::heads::read_manifest;
+use crate::rows::{manifest_row, register, versions_row};
+
+/// How repair runs on a node. All nodes may differ.
+#[derive(Debug, Clone, Copy)]
+pub struct RepairSettings {
+    /// Pause between the end of one pass and the start of the next.
+    pub every: Duration,
+    /// Segments repaired at once.
+    pub segments_at_once: usize,
+    /// Fragment bytes read and written by repair per second (0: no limit).
+    pub bytes_per_second: u64,
+    /// How long a placed node must have been unreachable before its
+    /// fragments are rebuilt on another node: a restart moves nothing.
+    pub away_grace: Duration,
+    /// A degraded-segment record that matches no segment of an existing
+    /// version (its write never committed, or the version is gone) is
+    /// forgotten this long after it was written.
+    pub forget_records_after: Duration,
+}
+
+impl Default for RepairSettings {
+    fn default() -> Self {
+        Self {
+            every: Duration::from_secs(600),
+            segments_at_once: 4,
+            bytes_per_second: 64 << 20,
+            away_grace: Duration::from_secs(15 * 60),
+            // Past the writers' deadline and clock margin (the collector's
+            // defaults): a write that has not committed by then never will.
+            forget_records_after: Duration::from_secs(8 * 3600),
+        }
+    }
+}
+
+/// `[repair]` in a node's configuration file (every field optional).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepairSection {
+    pub every_seconds: u64,
+    pub segments_at_once: usize,
+    /// 0: no limit.
+    pub bytes_per_second: u64,
+    pub away_grace_seconds: u64,
+}
+
+impl Default for RepairSection {
+    fn default() -> Self {
+        let settings = RepairSettings::default();
+        Self {
+            every_seconds: settings.every.as_secs(),
+            segments_at_once: settings.segments_at_once,
+            bytes_per_second: settings.bytes_per_second,
+            away_grace_seconds: settings.away_grace.as_secs(),
+        }
+    }
+}
+
+impl RepairSection {
+    pub fn settings(&self) -> RepairSettings {
+        RepairSettings {
+            every: Duration::from_secs(self.every_seconds.max(1)),
+            segments_at_once: self.segments_at_once.max(1),
+            bytes_per_second: self.bytes_per_second,
+            away_grace: Duration::from_secs(self.away_grace_seconds),
+            ..RepairSettings::default()
+        }
+    }
+}
+
+/// What one pass found and did, over the partitions this node was
+/// responsible for.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    pub started_unix_ms: u64,
+    pub finished_unix_ms: u64,
+    /// Bucket partitions audited.
+    pub partitions: u64,
+    /// Segments of existing versions checked.
+    pub segments: u64,
+    /// Segments found with every fragment on its placed node.
+    pub whole: u64,
+    /// Segments found degraded, by how many more fragments each could
+    /// lose and stay readable (its spares): 0 is one loss from unreadable.
+    pub degraded_by_spares: BTreeMap<usize, u64>,
+    /// Segments with fewer than `k` fragments found: nothing rebuilds them.
+    pub unreadable: u64,
+    /// Degraded segments left for a later pass: a placed node is away for
+    /// less than the grace, or a repair failed.
+    pub pending: u64,
+    /// Fragments rebuilt by decoding, and copied from a node off placement.
+    pub rebuilt: u64,
+    pub copied: u64,
+    /// Fragment bytes repair read and wrote.
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+impl PassReport {
+    /// Whether the pass found every segment whole.
+    pub fn all_whole(&self) -> bool {
+        self.whole == self.segments
+    }
+}
+
+/// What a node's repair has done so far.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RepairStatus {
+    /// Passes finished since the node started.
+    pub passes: u64,
+    /// The last pass finished.
+    pub last: Option<PassReport>,
+    /// Since the node started: fragments rebuilt and copied, and the
+    /// fragment bytes read and written for them.
+    pub rebuilt: u64,
+    pub copied: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+/// The repair worker of one node; stops when dropped.
+pub struct Repairer {
+    task: tokio::task::JoinHandle<()>,
+    status: watch::Receiver<RepairStatus>,
+}
+
+impl Repairer {
+    pub fn start(node: NodeHandle, settings: RepairSettings) -> Self {
+        let (publish, status) = watch::channel(RepairStatus::default());
+        let task = tokio::spawn(async move {
+            let mut repair = Repair::new(node, settings);
+            loop {
+                // Not at once: a node just started has not met its peers.
+                tokio::time::sleep(settings.every).await;
+                match repair.pass().await {
+                    Ok(report) => {
+                        if !report.all_whole() || report.rebuilt + report.copied > 0 {
+                            tracing::info!(?report, "repair pass");
+                        }
+                        publish.send_modify(|status| {
+                            status.passes += 1;
+                            status.rebuilt += report.rebuilt;
+                            status.copied += report.copied;
+                            status.bytes_read += report.bytes_read;
+                            status.bytes_written += report.bytes_written;
+                            status.last = Some(report);
+                        });
+                    }
+                    Err(error) => tracing::warn!(%error, "repair pass failed"),
+                }
+            }
+        });
+        Self { task, status }
+    }
+
+    /// What repair has done so far.
+    pub fn status(&self) -> RepairStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Waits for the next pass to finish and returns its report.
+    pub async fn next_pass(&mut self) -> Option<PassReport> {
+        let seen = self.status.borrow_and_update().passes;
+        loop {
+            self.status.changed().await.ok()?;
+            let status = self.status.borrow_and_update();
+            if status.passes > seen {
+                return status.last.clone();
+            }
+        }
+    }
+}
+
+impl Drop for Repairer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How many nodes off placement, down the ranking, are asked for a
+/// fragment its placed node lacks (where a write hands fragments off).
+const SPARES_ASKED: usize = 4;
+/// Segments checked together (their `have` queries share messages).
+const CHECK_BATCH: usize = 256;
+/// Degraded segments kept in memory before they are repaired mid-pass.
+const MAX_QUEUED: usize = 16 * 1024;
+
+/// One segment of an existing version, and where it should be.
+#[derive(Clone)]
+struct SegmentWork {
+    bucket: String,
+    key: String,
+    version: VersionId,
+    upload: UploadId,
+    scheme: Scheme,
+    segment: SegmentRef,
+    placed: Vec<NodeId>,
+    /// Nodes off placement that may hold hand-offs, best first.
+    spares: Vec<NodeId>,
+}
+
+/// A segment found degraded: who holds each fragment.
+struct Degraded {
+    work: SegmentWork,
+    /// Per fragment index: the nodes found holding it (placed node first).
+    holders: Vec<Vec<NodeId>>,
+}
+
+impl Degraded {
+    fn present(&self) -> usize {
+        self.holders.iter().filter(|h| !h.is_empty()).count()
+    }
+
+    fn spares(&self) -> isize {
+        self.present() as isize - self.work.scheme.data() as isize
+    }
+}
+
+struct Repair {
+    node: NodeHandle,
+    settings: RepairSettings,
+    throttle: Throttle,
+    /// When each node of the map was first seen unreachable.
+    away_since: HashMap<NodeId, Instant>,
+}
+
+impl Repair {
+    fn new(node: NodeHandle, settings: RepairSettings) -> Self {
+        Self {
+            node,
+            settings,
+            throttle: Throttle::new(settings.bytes_per_second),
+            away_since: HashMap::new(),
+        }
+    }
+
+    fn reachable(&self, node: &NodeId) -> bool {
+        *node == self.node.node_id() || self.node.is_member(node)
+    }
+
+    async fn pass(&mut self) -> ModelResult<PassReport> {
+        let map = self.node.cluster_map().ok_or(ModelError::NoMap)?;
+        let now = Instant::now();
+        for member in &map.map.nodes {
+            if self.reachable(&member.id) {
+                self.away_since.remove(&member.id);
+            } else {
+                self.away_since.entry(member.id).or_insert(now);
+            }
+        }
+        let mut report = PassReport {
+            started_unix_ms: now_unix_ms(),
+            ..PassReport::default()
+        };
+        let metadata = self.node.metadata().clone();
+        let mut after: Option<Partition> = None;
+        loop {
+            let from = after.clone();
+            let replica = metadata.clone();
+            let (partitions, more) = blocking(move || {
+                replica
+                    .replica()
+                    .partitions(from.as_ref(), 64)
+                    .map_err(|e| ModelError::Internal(format!("replica: {e}")))
+            })
+            .await?;
+            for (partition, _) in &partitions {
+                if partition.is_cluster() || !self.responsible_for(partition)? {
+                    continue;
+                }
+                report.partitions += 1;
+                if let Err(error) = self.audit_partition(&map, partition, &mut report).await {
+                    tracing::warn!(bucket = partition.as_str(), %error, "repair of a bucket failed");
+                }
+            }
+            match partitions.last() {
+                Some((last, _)) if more => after = Some(last.clone()),
+                _ => break,
+            }
+        }
+        report.finished_unix_ms = now_unix_ms();
+        Ok(report)
+    }
+
+    /// Whether this node is the first replica of `partition` it can reach.
+    fn responsible_for(&self, partition: &Partition) -> ModelResult<bool> {
+        let own = self.node.node_id();
+        let replicas = self.node.metadata().replicas_of(partition)?;
+        Ok(replicas.iter().find(|n| self.reachable(n)) == Some(&own))
+    }
+
+    async fn audit_partition(
+        &self,
+        map: &SignedMap,
+        partition: &Partition,
+        report: &mut PassReport,
+    ) -> ModelResult<()> {
+        let bucket = partition.as_str().to_owned();
+        let mut records = degraded_records(self.node.metadata(), partition).await?;
+        let mut placers: HashMap<Scheme, Placer> = HashMap::new();
+        let mut batch: Vec<SegmentWork> = Vec::new();
+        let mut queue: Vec<Degraded> = Vec::new();
+        let mut start = Vec::new();
+        loop {
+            let page = {
+                let metadata = self.node.metadata().clone();
+                let partition = partition.clone();
+                let from = start.clone();
+                blocking(move || {
+                    metadata
+                        .replica()
+                        .range(&partition, Table::Versions, &from, None, 256)
+                        .map_err(|e| ModelError::Internal(format!("replica: {e}")))
+                })
+                .await?
+            };
+            let now = now_unix_ms();
+            for (_, value) in &page.rows {
+                let RowValue::Version(version) = value else {
+                    continue;
+                };
+                let VersionBody::Data { manifest: id, .. } = &version.body else {
+                    continue;
+                };
+                if !version.exists(now) {
+                    continue;
+                }
+                let Some(manifest) = self.manifest(&bucket, id).await? else {
+                    tracing::warn!(bucket, key = version.key, %id, "a version's manifest is missing; nothing to repair from");
+                    continue;
+                };
+                let scheme = manifest.layout.scheme;
+                if let std::collections::hash_map::Entry::Vacant(entry) = placers.entry(scheme) {
+                    let placer = Placer::new(&map.map, scheme, map.tolerance)
+                        .map_err(|e| ModelError::Internal(format!("placement: {e}")))?;
+                    entry.insert(placer);
+                }
+                let placer = &placers[&scheme];
+                for part in &manifest.parts {
+                    for segment in &part.segments {
+                        let key = segment_placement_key(&segment.fragments);
+                        let placed = placer.place(&key);
+                        let spares = placer
+                            .rank(&key)
+                            .into_iter()
+                            .filter(|n| !placed.contains(n))
+                            .take(SPARES_ASKED)
+                            .collect();
+                        batch.push(SegmentWork {
+                            bucket: bucket.clone(),
+                            key: manifest.key.clone(),
+                            version: manifest.version,
+                            upload: part.upload,
+                            scheme,
+                            segment: segment.clone(),
+                            placed,
+                            spares,
+                        });
+                        if batch.len() >= CHECK_BATCH {
+                            let checked = std::mem::take(&mut batch);
+                            self.check(checked, report, &mut records, &mut queue)
+                                .await?;
+                        }
+                    }
+                }
+                if queue.len() >= MAX_QUEUED {
+                    self.repair_queue(std::mem::take(&mut queue), report).await;
+                }
+            }
+            match page.rows.last() {
+                Some((last, _)) if page.more => {
+                    start = last.clone();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        self.check(batch, report, &mut records, &mut queue).await?;
+        self.repair_queue(queue, report).await;
+        // Records of writes that never committed, or of versions gone.
+        let stale_before =
+            now_unix_ms().saturating_sub(self.settings.forget_records_after.as_millis() as u64);
+        for (row, since) in records.into_values() {
+            if since < stale_before {
+                self.forget_record(row).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifest `id` from this node's replica, or from a quorum when
+    /// the replica has not received it yet.
+    async fn manifest(
+        &self,
+        bucket: &str,
+        id: &cairn_protocol::ids::ManifestId,
+    ) -> ModelResult<Option<Manifest>> {
+        let row = manifest_row(bucket, id);
+        let metadata = self.node.metadata().clone();
+        let local = blocking(move || {
+            metadata
+                .replica()
+                .get(std::slice::from_ref(&row))
+                .map_err(|e| ModelError::Internal(format!("replica: {e}")))
+        })
+        .await?;
+        match local.into_iter().next().flatten() {
+            Some(RowValue::Immutable(bytes)) => {
+                let signed = SignedManifest::decode(&bytes)
+                    .map_err(|e| ModelError::Corrupt(format!("manifest {id}: {e}")))?;
+                if signed.id != *id {
+                    return Err(ModelError::Corrupt(format!("manifest {id} has another id")));
+                }
+                Ok(Some(signed.manifest))
+            }
+            _ => read_manifest(self.node.metadata(), bucket, id).await,
+        }
+    }
+
+    /// Asks the placed nodes, then the spares, which fragments of `batch`
+    /// they hold; whole segments are counted, degraded ones queued.
+    async fn check(
+        &self,
+        batch: Vec<SegmentWork>,
+        report: &mut PassReport,
+        records: &mut HashMap<[u8; 32], (RowKey, u64)>,
+        queue: &mut Vec<Degraded>,
+    ) -> ModelResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Round one: each fragment's placed node.
+        let mut asks: Vec<(usize, usize, NodeId)> = Vec::new();
+        for (s, work) in batch.iter().enumerate() {
+            for (index, node) in work.placed.iter().enumerate() {
+                asks.push((s, index, *node));
+            }
+        }
+        let mut holders: Vec<Vec<Vec<NodeId>>> = batch
+            .iter()
+            .map(|w| vec![Vec::new(); w.segment.fragments.len()])
+            .collect();
+        for (s, index, node) in self.ask_have(&batch, asks).await {
+            holders[s][index].push(node);
+        }
+        // Round two: the spares, for fragments their placed node lacks.
+        let mut asks = Vec::new();
+        for (s, work) in batch.iter().enumerate() {
+            for (index, found) in holders[s].iter().enumerate() {
+                if found.is_empty() {
+                    asks.extend(work.spares.iter().map(|n| (s, index, *n)));
+                }
+            }
+        }
+        for (s, index, node) in self.ask_have(&batch, asks).await {
+            holders[s][index].push(node);
+        }
+        for (work, holders) in batch.into_iter().zip(holders) {
+            report.segments += 1;
+            let at_place = work
+                .placed
+                .iter()
+                .enumerate()
+                .all(|(index, node)| holders[index].first() == Some(node));
+            let placement_key = segment_placement_key(&work.segment.fragments);
+            if at_place && work.placed.len() == work.segment.fragments.len() {
+                report.whole += 1;
+                if let Some((row, _)) = records.remove(&placement_key) {
+                    self.forget_record(row).await;
+                }
+                continue;
+            }
+            records.remove(&placement_key);
+            let degraded = Degraded { work, holders };
+            if degraded.spares() < 0 {
+                report.unreadable += 1;
+                tracing::error!(
+                    bucket = degraded.work.bucket,
+                    key = degraded.work.key,
+                    found = degraded.present(),
+                    needed = degraded.work.scheme.data(),
+                    "a segment has too few fragments left to be read or rebuilt"
+                );
+                continue;
+            }
+            *report
+                .degraded_by_spares
+                .entry(degraded.spares() as usize)
+                .or_default() += 1;
+            queue.push(degraded);
+        }
+        Ok(())
+    }
+
+    /// Sends the `have` queries of `asks` (segment, index, node), one
+    /// message per node and 1024 ids; returns the asks answered yes.
+    /// Unreachable nodes are not asked: they hold nothing for now.
+    async fn ask_have(
+        &self,
+        batch: &[SegmentWork],
+        asks: Vec<(usize, usize, NodeId)>,
+    ) -> Vec<(usize, usize, NodeId)> {
+        let mut by_node: BTreeMap<NodeId, Vec<(usize, usize)>> = BTreeMap::new();
+        for (s, index, node) in asks {
+            if self.reachable(&node) {
+                by_node.entry(node).or_default().push((s, index));
+            }
+        }
+        let queries = by_node.into_iter().flat_map(|(node, asks)| {
+            asks.chunks(MAX_HAVE_IDS)
+                .map(|chunk| (node, chunk.to_vec()))
+                .collect::<Vec<_>>()
+        });
+        let answers = futures::stream::iter(queries)
+            .map(|(node, asks)| async move {
+                let ids: Vec<FragmentId> = asks
+                    .iter()
+                    .map(|&(s, index)| batch[s].segment.fragments[index])
+                    .collect();
+                match self.node.have(&node, &ids).await {
+                    Ok(held) => asks
+                        .into_iter()
+                        .zip(held)
+                        .filter(|(_, held)| *held)
+                        .map(|((s, index), _)| (s, index, node))
+                        .collect(),
+                    Err(error) => {
+                        tracing::debug!(%node, %error, "a node could not say which fragments it holds");
+                        Vec::new()
+                    }
+                }
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<Vec<_>>>()
+            .await;
+        answers.into_iter().flatten().collect()
+    }
+
+    /// Repairs `queue`, fewest spares first, a few segments at once.
+    async fn repair_queue(&self, mut queue: Vec<Degraded>, report: &mut PassReport) {
+        queue.sort_by_key(Degraded::spares);
+        let shared = Mutex::new(std::mem::take(report));
+        futures::stream::iter(queue)
+            .for_each_concurrent(self.settings.segments_at_once.max(1), |degraded| {
+                let shared = &shared;
+                async move {
+                    let outcome = self.repair_segment(&degraded).await;
+                    let mut report = shared.lock().expect("report lock");
+                    match outcome {
+                        Ok(done) => {
+                            report.rebuilt += done.rebuilt;
+                            report.copied += done.copied;
+                            report.bytes_read += done.bytes_read;
+                            report.bytes_written += done.bytes_written;
+                            if !done.whole {
+                                report.pending += 1;
+                            }
+                        }
+                        Err(error) => {
+                            report.pending += 1;
+                            tracing::warn!(
+                                bucket = degraded.work.bucket,
+                                key = degraded.work.key,
+                                %error,
+                                "a segment could not be repaired; tried again next pass"
+                            );
+                        }
+                    }
+                }
+            })
+            .await;
+        // A segment repaired now is found whole by the next pass, which
+        // then forgets its record.
+        *report = shared.into_inner().expect("report lock");
+    }
+
+    /// Brings one segment's fragments to their placed nodes.
+    async fn repair_segment(&self, degraded: &Degraded) -> ModelResult<SegmentRepair> {
+        let work = &degraded.work;
+        let mut done = SegmentRepair::default();
+        // Which fragments go where: to the placed node, unless it has been
+        // away past the grace, then to a spare with room in its site.
+        let mut targets: Vec<(usize, NodeId)> = Vec::new();
+        let mut waiting = false;
+        let mut taken: HashSet<NodeId> = degraded.holders.iter().flatten().copied().collect();
+        for (index, node) in work.placed.iter().enumerate() {
+            if degraded.holders[index].first() == Some(node) {
+                continue;
+            }
+            if self.reachable(node) {
+                targets.push((index, *node));
+                taken.insert(*node);
+            } else if !degraded.holders[index].is_empty() {
+                // Held off placement; it moves when its node is back.
+                waiting = true;
+            } else if self
+                .away_since
+                .get(node)
+                .is_some_and(|since| since.elapsed() >= self.settings.away_grace)
+            {
+                match work
+                    .spares
+                    .iter()
+                    .find(|n| self.reachable(n) && !taken.contains(n))
+                {
+                    Some(spare) => {
+                        targets.push((index, *spare));
+                        taken.insert(*spare);
+                    }
+                    None => waiting = true,
+                }
+            } else {
+                waiting = true;
+            }
+        }
+        if targets.is_empty() {
+            done.whole = !waiting;
+            return Ok(done);
+        }
+        // The version may have gone since the audit: nothing to keep then.
+        let row = versions_row(&work.bucket, &work.key, &work.version);
+        let current = self.node.metadata().read(vec![row]).await?.remove(0);
+        match current {
+            Some(RowValue::Version(version)) if version.exists(now_unix_ms()) => {}
+            _ => {
+                done.whole = true;
+                return Ok(done);
+            }
+        }
+        let fragment_len = work
+            .scheme
+            .fragment_len(work.segment.ciphertext_len as usize);
+        let held_nowhere = targets
+            .iter()
+            .any(|(index, _)| degraded.holders[*index].is_empty());
+        let fragments: Vec<(usize, Vec<u8>)> = if held_nowhere {
+            let segment = self
+                .read_and_decode(degraded, fragment_len, &mut done)
+                .await?;
+            let scheme = work.scheme;
+            let expected = work.segment.fragments.clone();
+            let wanted: Vec<usize> = targets.iter().map(|(index, _)| *index).collect();
+            let encoded = blocking(move || {
+                let encoded = SegmentEncoder::new(scheme)
+                    .encode(segment)
+                    .map_err(|e| ModelError::Internal(format!("erasure: {e}")))?;
+                if encoded.fragment_ids() != expected.as_slice() {
+                    return Err(ModelError::Corrupt(
+                        "the rebuilt segment does not give the manifest's fragments".into(),
+                    ));
+                }
+                Ok(wanted
+                    .into_iter()
+                    .map(|index| (index, encoded.fragment(index).to_vec()))
+                    .collect())
+            })
+            .await?;
+            done.rebuilt += targets.len() as u64;
+            encoded
+        } else {
+            let mut copies = Vec::new();
+            for (index, _) in &targets {
+                let id = work.segment.fragments[*index];
+                let bytes = self
+                    .read_one(&degraded.holders[*index], id, fragment_len, &mut done)
+                    .await?;
+                copies.push((*index, bytes));
+            }
+            done.copied += targets.len() as u64;
+            copies
+        };
+        let object = ObjectKeyDigest::of(&work.bucket, &work.key);
+        let signing = self.node.identity().signing_key();
+        let puts = targets.iter().map(|(index, node)| {
+            let bytes = &fragments
+                .iter()
+                .find(|(i, _)| i == index)
+                .expect("a fragment for each target")
+                .1;
+            let id = work.segment.fragments[*index];
+            // Retention holds arrive with Object Lock; until then none.
+            let hold = Hold::sign(signing, &id, work.upload, object, 0);
+            async move {
+                self.throttle.take(bytes.len() as u64).await;
+                self.node.put_fragment(node, id, bytes, hold).await
+            }
+        });
+        let results = futures::future::join_all(puts).await;
+        let mut all_stored = true;
+        for ((index, node), result) in targets.iter().zip(results) {
+            match result {
+                Ok(()) => done.bytes_written += fragment_len as u64,
+                Err(error) => {
+                    all_stored = false;
+                    tracing::warn!(%node, index, %error, "a repaired fragment could not be stored");
+                }
+            }
+        }
+        done.whole = all_stored && !waiting;
+        Ok(done)
+    }
+
+    /// Reads `k` fragments of the segment from their holders (this node,
+    /// then placed holders, data fragments first) and decodes it.
+    async fn read_and_decode(
+        &self,
+        degraded: &Degraded,
+        fragment_len: usize,
+        done: &mut SegmentRepair,
+    ) -> ModelResult<Vec<u8>> {
+        let work = &degraded.work;
+        let own = self.node.node_id();
+        let mut order: Vec<usize> = (0..degraded.holders.len())
+            .filter(|&i| !degraded.holders[i].is_empty())
+            .collect();
+        order.sort_by_key(|&i| (!degraded.holders[i].contains(&own), i));
+        let mut got: Vec<(usize, Vec<u8>)> = Vec::with_capacity(work.scheme.data());
+        let mut next = order.into_iter();
+        let mut errors = Vec::new();
+        while got.len() < work.scheme.data() {
+            let wanted = work.scheme.data() - got.len();
+            let round: Vec<usize> = next.by_ref().take(wanted).collect();
+            if round.is_empty() {
+                return Err(ModelError::Unavailable(format!(
+                    "{} of the {} fragments a rebuild needs could be read: {}",
+                    got.len(),
+                    work.scheme.data(),
+                    errors.join("; ")
+                )));
+            }
+            let reads = round.iter().map(|&index| async move {
+                let id = work.segment.fragments[index];
+                let mut scratch = SegmentRepair::default();
+                let result = self
+                    .read_one(&degraded.holders[index], id, fragment_len, &mut scratch)
+                    .await;
+                (index, result, scratch.bytes_read)
+            });
+            for (index, result, read) in futures::future::join_all(reads).await {
+                done.bytes_read += read;
+                match result {
+                    Ok(bytes) => got.push((index, bytes)),
+                    Err(error) => errors.push(error.to_string()),
+                }
+            }
+        }
+        let scheme = work.scheme;
+        let segment_len = work.segment.ciphertext_len as usize;
+        blocking(move || {
+            let fragments: Vec<(usize, &[u8])> =
+                got.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+            reconstruct(scheme, segment_len, &fragments)
+                .map_err(|e| ModelError::Corrupt(format!("segment: {e}")))
+        })
+        .await
+    }
+
+    /// Reads fragment `id` from the first of `holders` that gives it.
+    async fn read_one(
+        &self,
+        holders: &[NodeId],
+        id: FragmentId,
+        fragment_len: usize,
+        done: &mut SegmentRepair,
+    ) -> ModelResult<Vec<u8>> {
+        let mut errors = Vec::new();
+        for holder in holders {
+            self.throttle.take(fragment_len as u64).await;
+            match self
+                .node
+                .get_fragment(holder, id, 0, fragment_len as u64)
+                .await
+            {
+                Ok(bytes) if FragmentId::of(&bytes) == id => {
+                    done.bytes_read += bytes.len() as u64;
+                    return Ok(bytes);
+                }
+                Ok(_) => errors.push(format!("{holder} sent a corrupt fragment")),
+                Err(error) => errors.push(format!("{holder}: {error}")),
+            }
+        }
+        Err(ModelError::Unavailable(format!(
+            "fragment {id} could not be read: {}",
+            errors.join("; ")
+        )))
+    }
+
+    async fn forget_record(&self, row: RowKey) {
+        let metadata = self.node.metadata();
+        if let Err(error) = metadata
+            .write(vec![(row, register(None, metadata.timestamp()))])
+            .await
+        {
+            tracing::debug!(%error, "a degraded-segment record could not be forgotten; next pass");
+        }
+    }
+}
+
+/// What repairing one segment did.
+#[derive(Debug, Default)]
+struct SegmentRepair {
+    /// Every fragment is on its placed node now.
+    whole: bool,
+    rebuilt: u64,
+    copied: u64,
+    bytes_read: u64,
+    bytes_written: u64,
+}
+
+/// The degraded-segment records of a partition in this node's replica,
+/// by segment placement key: (row, since).
+async fn degraded_records(
+    metadata: &Metadata,
+    partition: &Partition,
+) -> ModelResult<HashMap<[u8; 32], (RowKey, u64)>> {
+    let metadata = metadata.clone();
+    let partition = partition.clone();
+    blocking(move || {
+        let mut records = HashMap::new();
+        let mut start = Vec::new();
+        loop {
+            let page = metadata
+                .replica()
+                .range(&partition, Table::Degraded, &start, None, 1000)
+                .map_err(|e| ModelError::Internal(format!("replica: {e}")))?;
+            for (sort, value) in &page.rows {
+                let RowValue::Register(register) = value else {
+                    continue;
+                };
+                let Some(bytes) = &register.value else {
+                    continue;
+                };
+                let Ok(record) = cairn_protocol::records::DegradedRecord::decode(bytes) else {
+                    continue;
+                };
+                let Some(tail) = sort.len().checked_sub(32).map(|at| &sort[at..]) else {
+                    continue;
+                };
+                let key: [u8; 32] = tail.try_into().expect("32 bytes");
+                records.insert(
+                    key,
+                    (
+                        RowKey::new(partition.clone(), Table::Degraded, sort.clone()),
+                        record.since_unix_ms,
+                    ),
+                );
+            }
+            match page.rows.last() {
+                Some((last, _)) if page.more => {
+                    start = last.clone();
+                    start.push(0);
+                }
+                _ => return Ok(records),
+            }
+        }
+    })
+    .await
+}
+
+/// Runs a blocking replica or codec call off the async runtime.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> ModelResult<T> + Send + 'static,
+) -> ModelResult<T> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| ModelError::Internal(e.to_string()))?
+}
+
+/// Paces repair's bytes: each transfer starts once the ones before it
+/// have had their share of the rate.
+struct Throttle {
+    bytes_per_second: u64,
+    next: Mutex<tokio::time::Instant>,
+}
+
+impl Throttle {
+    fn new(bytes_per_second: u64) -> Self {
+        Self {
+            bytes_per_second,
+            next: Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    async fn take(&self, bytes: u64) {
+        if self.bytes_per_second == 0 {
+            return;
+        }
+        let start = {
+            let mut next = self.next.lock().expect("throttle lock");
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_second as f64);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+}

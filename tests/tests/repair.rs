@@ -1,0 +1,264 @@
+//! Repair brings lost redundancy back without an operator: a node whose
+//! disk was wiped, or fragments a write handed to another node while
+//! their own node was down, end up on the nodes placement names.
+
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use cairn_model::heads::{existing_versions, read_manifest};
+use cairn_model::repair::{RepairSettings, RepairStatus, Repairer};
+use cairn_node::store::FragmentState;
+use cairn_protocol::erasure::Scheme;
+use cairn_protocol::meta::Partition;
+use cairn_protocol::placement::{Placer, Tolerance, segment_placement_key};
+use cairn_protocol::version::VersionBody;
+use cairn_tests::s3::*;
+use cairn_tests::{Cluster, pseudo_random_bytes, random_secret};
+
+/// Passes back to back, nothing throttled, nobody waited for.
+const QUICK_REPAIR: RepairSettings = RepairSettings {
+    every: Duration::from_millis(100),
+    segments_at_once: 4,
+    bytes_per_second: 0,
+    away_grace: Duration::from_secs(3600),
+    forget_records_after: Duration::from_secs(3600),
+};
+
+/// How many fragments of the objects `keys` of `bucket` are not on the
+/// node their placement names (read through node `via`'s metadata).
+async fn fragments_off_placement(
+    cluster: &Cluster,
+    via: usize,
+    bucket: &str,
+    keys: &[String],
+) -> usize {
+    placement_check(cluster, via, bucket, keys).await.off
+}
+
+/// Where the fragments of some objects are.
+#[derive(Debug, Default)]
+struct Placement {
+    segments: usize,
+    /// Fragments not on the node their placement names.
+    off: usize,
+    /// Their bytes, and the bytes of the `k` fragments that rebuild each.
+    off_bytes: u64,
+    off_bytes_times_k: u64,
+}
+
+/// The segments of the objects `keys` of `bucket`, and which of their
+/// fragments are not on the node their placement names.
+async fn placement_check(
+    cluster: &Cluster,
+    via: usize,
+    bucket: &str,
+    keys: &[String],
+) -> Placement {
+    let node = cluster.node(via);
+    let map = node.cluster_map().expect("a map");
+    let mut placement = Placement::default();
+    for key in keys {
+        let versions = existing_versions(node.metadata(), bucket, key, None)
+            .await
+            .unwrap();
+        assert_eq!(versions.len(), 1, "{key} has one version");
+        let VersionBody::Data { manifest, .. } = &versions[0].body else {
+            panic!("{key} is data");
+        };
+        let manifest = read_manifest(node.metadata(), bucket, manifest)
+            .await
+            .unwrap()
+            .expect("the manifest");
+        let placer = Placer::new(&map.map, manifest.layout.scheme, map.tolerance).unwrap();
+        for part in &manifest.parts {
+            for segment in &part.segments {
+                placement.segments += 1;
+                let scheme = manifest.layout.scheme;
+                let fragment_len = scheme.fragment_len(segment.ciphertext_len as usize) as u64;
+                let placed = placer.place(&segment_placement_key(&segment.fragments));
+                for (id, holder) in segment.fragments.iter().zip(&placed) {
+                    let store = cluster.node(cluster.index_of(holder)).store();
+                    let live = matches!(
+                        store.entry(id),
+                        Ok(Some(entry)) if entry.state == FragmentState::Live
+                    );
+                    if !live {
+                        placement.off += 1;
+                        placement.off_bytes += fragment_len;
+                        placement.off_bytes_times_k += fragment_len * scheme.data() as u64;
+                    }
+                }
+            }
+        }
+    }
+    placement
+}
+
+/// Waits for passes of every repairer until every fragment is on its
+/// placed node.
+async fn repair_until_in_place(
+    cluster: &Cluster,
+    repairers: &mut [Repairer],
+    bucket: &str,
+    keys: &[String],
+) {
+    let mut reports = Vec::new();
+    let waited = tokio::time::timeout(Duration::from_secs(240), async {
+        loop {
+            for repairer in repairers.iter_mut() {
+                reports.push(repairer.next_pass().await.expect("repair runs"));
+            }
+            if fragments_off_placement(cluster, 0, bucket, keys).await == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    let left = fragments_off_placement(cluster, 0, bucket, keys).await;
+    assert!(
+        waited.is_ok(),
+        "{left} fragments still off placement; last reports: {:?}",
+        reports
+            .iter()
+            .rev()
+            .take(repairers.len())
+            .collect::<Vec<_>>()
+    );
+}
+
+async fn put_objects(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    sizes: &[usize],
+    seed: u64,
+) -> Vec<(String, Vec<u8>)> {
+    let mut objects = Vec::new();
+    for (n, &size) in sizes.iter().enumerate() {
+        let name = format!("k{n}");
+        let body = pseudo_random_bytes(seed + n as u64, size);
+        client
+            .put_object()
+            .bucket(bucket)
+            .key(&name)
+            .body(ByteStream::from(body.clone()))
+            .send()
+            .await
+            .unwrap();
+        objects.push((name, body));
+    }
+    objects
+}
+
+/// On 3 sites of 2 with 4+2 every node holds a fragment of every segment:
+/// with one node's disk lost, a site loss would leave 3 < 4. Repair puts
+/// the node's fragments back, from k reads per segment, and then a whole
+/// site can go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_node_gets_its_fragments_back_and_then_a_site_can_go() {
+    let mut s = setup().await;
+    s.client
+        .create_bucket()
+        .bucket("heal")
+        .send()
+        .await
+        .unwrap();
+    let sizes = [1usize, 100 << 10, (5 << 20) + 1, 9 << 20];
+    let objects = put_objects(&s.client, "heal", &sizes, 7000).await;
+    let keys: Vec<String> = objects.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(
+        fragments_off_placement(&s.cluster, 0, "heal", &keys).await,
+        0
+    );
+    // The node of site 1 that is no metadata replica of the bucket: its
+    // disk holds fragments only.
+    let replicas = s
+        .cluster
+        .node(0)
+        .metadata()
+        .replicas_of(&Partition::bucket("heal"))
+        .unwrap();
+    let wiped = [2, 3]
+        .into_iter()
+        .find(|&i| !replicas.contains(&s.cluster.members[i].identity.node_id()))
+        .expect("one replica per site");
+    s.cluster.stop(wiped).await;
+    std::fs::remove_dir_all(&s.cluster.members[wiped].data_dir).unwrap();
+    s.cluster.restart(wiped).await.unwrap();
+    let map = s.cluster.node(0).cluster_map().unwrap();
+    s.cluster.install_signed(map).await.unwrap();
+    let lost = placement_check(&s.cluster, 0, "heal", &keys).await;
+    // 4+2 puts a fragment of every segment on every node; small objects
+    // are three copies, on the wiped node or not.
+    assert!(lost.off >= 5 && lost.off <= lost.segments, "{lost:?}");
+    let mut repairers: Vec<Repairer> = (0..s.cluster.members.len())
+        .map(|i| Repairer::start(s.cluster.node(i).handle(), QUICK_REPAIR))
+        .collect();
+    repair_until_in_place(&s.cluster, &mut repairers, "heal", &keys).await;
+    let statuses: Vec<RepairStatus> = repairers.iter().map(Repairer::status).collect();
+    let rebuilt: u64 = statuses.iter().map(|r| r.rebuilt).sum();
+    let read: u64 = statuses.iter().map(|r| r.bytes_read).sum();
+    let written: u64 = statuses.iter().map(|r| r.bytes_written).sum();
+    assert_eq!(rebuilt, lost.off as u64, "each lost fragment rebuilt once");
+    assert_eq!(written, lost.off_bytes);
+    // k fragments read per segment rebuilt: the minimum.
+    assert_eq!(
+        read, lost.off_bytes_times_k,
+        "bytes read per byte rebuilt is k"
+    );
+    drop(repairers);
+    // Site 2 (nodes 4 and 5) goes away; the gateway runs on node 0.
+    s.cluster.stop(4).await;
+    s.cluster.stop(5).await;
+    for (name, body) in &objects {
+        let back = get_bytes(&s.client, "heal", name).await;
+        assert!(back == *body, "{name} differs with site 2 down");
+    }
+    s.shutdown().await;
+}
+
+/// On 3 sites of 3 a write hands the fragments of a node that is down to
+/// another node of its site; once the node is back, repair copies each
+/// such fragment to its placed node (one read each, nothing decoded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fragments_written_while_a_node_was_down_go_back_to_it() {
+    let mut cluster = Cluster::start(&[3, 3, 3]).await.unwrap();
+    cluster
+        .install_map_with(Scheme::new(4, 2).unwrap(), Tolerance::default(), 9)
+        .await
+        .unwrap();
+    let gateway = gateway_on(&cluster, 0, random_secret()).await;
+    let key = gateway.keys().create("test").await.unwrap();
+    let client = client_for(&gateway, &key.id, &key.secret);
+    client.create_bucket().bucket("away").send().await.unwrap();
+    cluster.stop(4).await;
+    let sizes = [1usize, 1 << 20, (4 << 20) + 7, 9 << 20];
+    let objects = put_objects(&client, "away", &sizes, 8000).await;
+    let keys: Vec<String> = objects.iter().map(|(k, _)| k.clone()).collect();
+    cluster.restart(4).await.unwrap();
+    let off = fragments_off_placement(&cluster, 0, "away", &keys).await;
+    assert!(
+        off > 0,
+        "node 4 is placed for some fragment written while it was down"
+    );
+    let mut repairers: Vec<Repairer> = (0..cluster.members.len())
+        .map(|i| Repairer::start(cluster.node(i).handle(), QUICK_REPAIR))
+        .collect();
+    repair_until_in_place(&cluster, &mut repairers, "away", &keys).await;
+    let statuses: Vec<RepairStatus> = repairers.iter().map(Repairer::status).collect();
+    let copied: u64 = statuses.iter().map(|r| r.copied).sum();
+    let rebuilt: u64 = statuses.iter().map(|r| r.rebuilt).sum();
+    assert_eq!(
+        (copied, rebuilt),
+        (off as u64, 0),
+        "each hand-off copied, nothing rebuilt"
+    );
+    drop(repairers);
+    for (name, body) in &objects {
+        assert!(
+            get_bytes(&client, "away", name).await == *body,
+            "{name} differs"
+        );
+    }
+    gateway.stop().await;
+    cluster.shutdown().await;
+}
