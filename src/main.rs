@@ -341,6 +341,7 @@ async fn temporary_member(
         capacity_bytes: 1 << 20,
         limits: StreamLimits::default(),
         anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
+        scrub: Default::default(),
     };
     let node = Node::start(config, identity).await?;
     Ok((scratch, node))

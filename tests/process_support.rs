@@ -250,7 +250,7 @@ impl ProcessCluster {
             .port();
         let mut text = std::fs::read_to_string(&gateway_config).unwrap();
         text += &format!(
-            "[s3]\nlisten = \"127.0.0.1:{s3_port}\"\nroot_key_file = \"{}\"\ntls_self_signed = {tls}\naccess_key_cache_seconds = 0\n",
+            "[s3]\nlisten = \"127.0.0.1:{s3_port}\"\nroot_key_file = \"{}\"\ntls_self_signed = {tls}\naccess_key_cache_seconds = 0\n[repair]\nsegments_at_once = 2\n[scrub]\nbytes_per_second = 8388608\n",
             root.display()
         );
         std::fs::write(&gateway_config, text).unwrap();

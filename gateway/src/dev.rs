@@ -153,6 +153,7 @@ impl DevCluster {
                     capacity_bytes: 1 << 40,
                     limits: StreamLimits::default(),
                     anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
+                    scrub: Default::default(),
                 };
                 let node = Node::start(config, identity)
                     .await

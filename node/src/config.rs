@@ -13,6 +13,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::identity::{Identity, IdentityError};
+use crate::scrub::ScrubSettings;
 use crate::swarm::{DEFAULT_ANTI_ENTROPY_EVERY, Multiaddr, NodeConfig, StreamLimits};
 
 #[derive(Debug, Error)]
@@ -70,6 +71,37 @@ pub struct ServeConfig {
     /// Connections established with any one peer.
     #[serde(default = "default_connections_per_peer")]
     pub max_connections_per_peer: u32,
+    #[serde(default)]
+    pub scrub: ScrubSection,
+}
+
+/// `[scrub]`: how fast and how often the node re-hashes its fragments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrubSection {
+    /// 0: no limit.
+    pub bytes_per_second: u64,
+    /// From the end of one pass to the start of the next.
+    pub every_seconds: u64,
+}
+
+impl Default for ScrubSection {
+    fn default() -> Self {
+        let settings = ScrubSettings::default();
+        Self {
+            bytes_per_second: settings.bytes_per_second,
+            every_seconds: settings.every.as_secs(),
+        }
+    }
+}
+
+impl ScrubSection {
+    pub fn settings(&self) -> ScrubSettings {
+        ScrubSettings {
+            bytes_per_second: self.bytes_per_second,
+            every: std::time::Duration::from_secs(self.every_seconds),
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -207,6 +239,7 @@ impl ServeConfig {
                 connections_per_peer: self.max_connections_per_peer,
             },
             anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
+            scrub: self.scrub.settings(),
         };
         Ok((config, identity))
     }
@@ -369,6 +402,23 @@ mod tests {
         config.data_dir = dir.path().to_owned();
         let error = config.into_node_config().err().unwrap().to_string();
         assert!(error.contains("cluster"), "{error}");
+    }
+
+    #[test]
+    fn the_scrub_section_is_read_and_its_unknown_keys_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cairn.toml");
+        let base = "data_dir = \"d\"\ncluster = \"00\"\ncertificate = \"c\"\ncapacity_bytes = 1\n";
+        std::fs::write(&path, base).unwrap();
+        let defaults = ServeConfig::from_file(&path).unwrap().scrub.settings();
+        assert_eq!(defaults.every, ScrubSettings::default().every);
+        std::fs::write(&path, format!("{base}[scrub]\nbytes_per_second = 5\n")).unwrap();
+        let settings = ServeConfig::from_file(&path).unwrap().scrub.settings();
+        assert_eq!(settings.bytes_per_second, 5);
+        assert_eq!(settings.every, ScrubSettings::default().every);
+        std::fs::write(&path, format!("{base}[scrub]\nrate = 5\n")).unwrap();
+        let error = ServeConfig::from_file(&path).unwrap_err().to_string();
+        assert!(error.contains("rate"), "{error}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod meta;
 mod outbound;
 pub mod pieces;
 pub mod release;
+pub mod scrub;
 pub mod store;
 pub mod swarm;
 mod workers;

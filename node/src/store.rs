@@ -23,6 +23,9 @@ const FRAGMENTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("fragm
 const VOLUMES: TableDefinition<u32, u64> = TableDefinition::new("volumes");
 /// Upload id ‖ fragment id of every indexed fragment: what a release finds.
 const BY_UPLOAD: TableDefinition<&[u8; 48], ()> = TableDefinition::new("by_upload");
+/// Where the scrub is (one row, [`SCRUB_ROW`]): a restart resumes it.
+const SCRUB: TableDefinition<&str, &[u8]> = TableDefinition::new("scrub");
+const SCRUB_ROW: &str = "state";
 const RECORD_MAGIC: &[u8; 4] = b"CRNF";
 const RECORD_HEADER_BYTES: u64 = 4 + 1 + 32 + 8;
 /// The format byte of a record in a volume.
@@ -251,6 +254,86 @@ impl FragmentEntry {
     }
 }
 
+/// Where the scrub of this store is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScrubState {
+    /// The pass under way, and the last fragment it checked (`None`: the
+    /// pass has checked nothing yet).
+    pub pass: Option<ScrubPass>,
+    /// When the last pass finished (0: never).
+    pub last_finished_unix_ms: u64,
+    /// Passes finished, and corrupt fragments they found, since the store
+    /// was created.
+    pub passes: u64,
+    pub corrupt_found: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScrubPass {
+    pub started_unix_ms: u64,
+    pub after: Option<FragmentId>,
+    pub checked: u64,
+    pub bytes: u64,
+}
+
+impl ScrubState {
+    const BYTES: usize = 2 + 32 + 8 * 7;
+
+    fn encode(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        let pass = self.pass.unwrap_or_default();
+        out[0] = u8::from(self.pass.is_some());
+        out[1] = u8::from(pass.after.is_some());
+        out[2..34].copy_from_slice(pass.after.as_ref().map_or(&[0; 32], |id| id.as_bytes()));
+        let numbers = [
+            pass.started_unix_ms,
+            pass.checked,
+            pass.bytes,
+            self.last_finished_unix_ms,
+            self.passes,
+            self.corrupt_found,
+            0,
+        ];
+        for (i, n) in numbers.iter().enumerate() {
+            out[34 + 8 * i..42 + 8 * i].copy_from_slice(&n.to_be_bytes());
+        }
+        out
+    }
+
+    fn decode(raw: &[u8]) -> Option<Self> {
+        if raw.len() != Self::BYTES || raw[0] > 1 || raw[1] > 1 {
+            return None;
+        }
+        let n =
+            |i: usize| u64::from_be_bytes(raw[34 + 8 * i..42 + 8 * i].try_into().expect("8 bytes"));
+        let after = (raw[1] == 1).then(|| FragmentId(raw[2..34].try_into().expect("32 bytes")));
+        Some(Self {
+            pass: (raw[0] == 1).then_some(ScrubPass {
+                started_unix_ms: n(0),
+                after,
+                checked: n(1),
+                bytes: n(2),
+            }),
+            last_finished_unix_ms: n(3),
+            passes: n(4),
+            corrupt_found: n(5),
+        })
+    }
+}
+
+/// What one scrub step checked.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ScrubStep {
+    /// The last fragment of the step (where the next one starts after).
+    pub last: Option<FragmentId>,
+    /// No live fragment is left after `last`.
+    pub reached_end: bool,
+    pub checked: u64,
+    pub bytes: u64,
+    /// Fragments found corrupt, now quarantined.
+    pub corrupt: Vec<FragmentId>,
+}
+
 struct PutRequest {
     fragment: VerifiedFragment,
     hold: Hold,
@@ -311,6 +394,7 @@ impl FragmentStore {
             let committed = {
                 txn.open_table(FRAGMENTS).map_err(index_error)?;
                 txn.open_table(BY_UPLOAD).map_err(index_error)?;
+                txn.open_table(SCRUB).map_err(index_error)?;
                 let table = txn.open_table(VOLUMES).map_err(index_error)?;
                 table
                     .iter()
@@ -632,6 +716,83 @@ impl FragmentStore {
             }
         }
         Ok((count, hasher.finalize().0))
+    }
+
+    /// Where the scrub is.
+    pub fn scrub_state(&self) -> Result<ScrubState, StoreError> {
+        let txn = self.shared.db.begin_read().map_err(index_error)?;
+        let table = txn.open_table(SCRUB).map_err(index_error)?;
+        let row = table.get(SCRUB_ROW).map_err(index_error)?;
+        Ok(row
+            .and_then(|raw| ScrubState::decode(raw.value()))
+            .unwrap_or_default())
+    }
+
+    pub fn set_scrub_state(&self, state: &ScrubState) -> Result<(), StoreError> {
+        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
+        // Losing the last steps to a crash only scrubs them again.
+        txn.set_durability(Durability::None).map_err(index_error)?;
+        {
+            let mut table = txn.open_table(SCRUB).map_err(index_error)?;
+            table
+                .insert(SCRUB_ROW, &state.encode()[..])
+                .map_err(index_error)?;
+        }
+        txn.commit().map_err(index_error)
+    }
+
+    /// Re-hashes the live fragments after `after` in id order, until about
+    /// `max_bytes` were read; a fragment whose bytes do not match is
+    /// quarantined (as any read does). Blocking.
+    pub fn scrub_step(
+        &self,
+        after: Option<&FragmentId>,
+        max_bytes: u64,
+    ) -> Result<ScrubStep, StoreError> {
+        let mut batch: Vec<(FragmentId, u64)> = Vec::new();
+        let mut reached_end = true;
+        {
+            let txn = self.shared.db.begin_read().map_err(index_error)?;
+            let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            let start = match after {
+                Some(id) => std::ops::Bound::Excluded(id.as_bytes()),
+                None => std::ops::Bound::Unbounded,
+            };
+            let mut planned = 0u64;
+            for row in table
+                .range::<&[u8; 32]>((start, std::ops::Bound::Unbounded))
+                .map_err(index_error)?
+            {
+                if planned >= max_bytes {
+                    reached_end = false;
+                    break;
+                }
+                let (key, value) = row.map_err(index_error)?;
+                let id = FragmentId(*key.value());
+                let entry = FragmentEntry::decode(id, value.value())?;
+                if entry.state == FragmentState::Live {
+                    planned += entry.len;
+                    batch.push((id, entry.len));
+                }
+            }
+        }
+        let mut step = ScrubStep {
+            last: batch.last().map(|(id, _)| *id),
+            reached_end,
+            ..ScrubStep::default()
+        };
+        for (id, len) in batch {
+            match self.read(&id, 0, 0) {
+                Ok(_) => {}
+                Err(StoreError::Corrupt(_)) => step.corrupt.push(id),
+                // Trashed or replaced since the index was read.
+                Err(StoreError::NotFound(_)) => continue,
+                Err(error) => return Err(error),
+            }
+            step.checked += 1;
+            step.bytes += len;
+        }
+        Ok(step)
     }
 
     fn set_state<T>(

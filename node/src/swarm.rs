@@ -20,7 +20,7 @@ use futures::StreamExt;
 pub use libp2p::Multiaddr;
 use libp2p::{PeerId, StreamProtocol};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::budget::ByteBudget;
@@ -36,7 +36,8 @@ use crate::meta::replica::MetaReplica;
 use crate::meta::{META_PROTOCOL, Metadata, rpc as meta_rpc};
 use crate::pieces::{self, PieceError};
 use crate::release::{ReleaseCheck, ReleaseRules};
-use crate::store::{FragmentStore, StoreConfig, StoreError};
+use crate::scrub::{self, ScrubSettings};
+use crate::store::{FragmentStore, ScrubState, StoreConfig, StoreError};
 use crate::workers;
 
 /// How long a node serves one stream of each protocol in all (a piece
@@ -96,6 +97,7 @@ pub struct NodeConfig {
     pub limits: StreamLimits,
     /// How often the metadata replicas compare digests with each other.
     pub anti_entropy_every: Duration,
+    pub scrub: ScrubSettings,
 }
 
 /// Anti-entropy period unless configured otherwise.
@@ -151,6 +153,7 @@ pub struct NodeHandle {
     commands: mpsc::Sender<Command>,
     /// This node's store, served to its own users as to a peer.
     pub(crate) local: pieces::Server,
+    scrub: watch::Receiver<ScrubState>,
 }
 
 impl Node {
@@ -223,7 +226,11 @@ impl Node {
             metadata: metadata.clone(),
             release_rules: ReleaseRules::default(),
         };
-        let mut tasks = vec![workers::purge_trash(store)];
+        let (scrub_progress, scrub) = watch::channel(ScrubState::default());
+        let mut tasks = vec![
+            workers::purge_trash(store.clone()),
+            scrub::start(store, config.scrub, scrub_progress),
+        ];
 
         let admission = |protocol, total, per_peer, deadline| Admission {
             protocol,
@@ -330,6 +337,7 @@ impl Node {
                 maps,
                 commands,
                 local,
+                scrub,
             },
             listen_addrs: vec![listen_addr],
             tasks,
@@ -493,6 +501,11 @@ impl NodeHandle {
             .release_rules
             .write()
             .expect("release rules lock") = Some(rules);
+    }
+
+    /// Where this node's scrub is; changes after every step.
+    pub fn scrub_progress(&self) -> watch::Receiver<ScrubState> {
+        self.scrub.clone()
     }
 
     pub fn is_member(&self, node: &NodeId) -> bool {

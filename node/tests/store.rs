@@ -7,7 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_node::store::{
-    FragmentState, FragmentStore, PutOutcome, StoreConfig, StoreError, VerifiedFragment,
+    FragmentState, FragmentStore, PutOutcome, ScrubPass, ScrubState, StoreConfig, StoreError,
+    VerifiedFragment,
 };
 use cairn_protocol::ed25519_dalek::SigningKey;
 use cairn_protocol::ids::{FragmentId, UploadId};
@@ -203,6 +204,67 @@ async fn a_corrupt_byte_on_disk_is_detected_quarantined_and_never_served() {
         store.read(&id, 0, u64::MAX).unwrap(),
         fragment_bytes(6, 10_000)
     );
+}
+
+/// Flips one byte of fragment `id`'s bytes in its volume file.
+fn flip_a_byte(dir: &std::path::Path, store: &FragmentStore, id: &FragmentId) {
+    let entry = store.entry(id).unwrap().unwrap();
+    let volume = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("volumes").join(format!("{:06}.vol", entry.volume)))
+        .unwrap();
+    let at = entry.offset + 45 + entry.len / 2;
+    let mut byte = [0u8];
+    volume.read_exact_at(&mut byte, at).unwrap();
+    volume.write_all_at(&[byte[0] ^ 0x01], at).unwrap();
+}
+
+#[tokio::test]
+async fn a_scrub_finds_a_flipped_byte_and_resumes_where_it_was_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    let mut ids = Vec::new();
+    for seed in 0..10 {
+        let (id, outcome) = put(&store, fragment_bytes(100 + seed, 20_000), 0).await;
+        outcome.unwrap();
+        ids.push(id);
+    }
+    ids.sort();
+    flip_a_byte(dir.path(), &store, &ids[7]);
+    assert_eq!(store.scrub_state().unwrap(), ScrubState::default());
+    // Three fragments' worth per step: the first step stops after ids[2].
+    let first = store.scrub_step(None, 60_000).unwrap();
+    assert_eq!(
+        (first.last, first.checked, first.reached_end),
+        (Some(ids[2]), 3, false)
+    );
+    assert!(first.corrupt.is_empty());
+    let state = ScrubState {
+        pass: Some(ScrubPass {
+            started_unix_ms: NOW,
+            after: first.last,
+            checked: first.checked,
+            bytes: first.bytes,
+        }),
+        ..ScrubState::default()
+    };
+    store.set_scrub_state(&state).unwrap();
+    drop(store);
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    let resumed = store.scrub_state().unwrap();
+    assert_eq!(resumed, state, "the pass's place survives a reopen");
+    let after = resumed.pass.unwrap().after;
+    let rest = store.scrub_step(after.as_ref(), u64::MAX).unwrap();
+    assert_eq!((rest.checked, rest.reached_end), (7, true));
+    assert_eq!(rest.corrupt, vec![ids[7]]);
+    assert_eq!(
+        store.entry(&ids[7]).unwrap().unwrap().state,
+        FragmentState::Quarantined
+    );
+    // The quarantined fragment is skipped by the next pass.
+    let again = store.scrub_step(None, u64::MAX).unwrap();
+    assert_eq!((again.checked, again.corrupt.len()), (9, 0));
 }
 
 #[tokio::test]

@@ -40,6 +40,8 @@ pub struct Cluster {
     pub limits: StreamLimits,
     /// Applied to nodes started (or restarted) from now on.
     pub anti_entropy_every: Duration,
+    /// Applied to nodes started (or restarted) from now on.
+    pub scrub: cairn_node::scrub::ScrubSettings,
     _dir: tempfile::TempDir,
 }
 
@@ -89,6 +91,7 @@ impl Cluster {
             capacity_bytes: 1 << 34,
             limits: StreamLimits::default(),
             anti_entropy_every: cairn_node::swarm::DEFAULT_ANTI_ENTROPY_EVERY,
+            scrub: Default::default(),
             _dir: dir,
         };
         for index in 0..cluster.members.len() {
@@ -121,6 +124,7 @@ impl Cluster {
             capacity_bytes: self.capacity_bytes,
             limits: self.limits,
             anti_entropy_every: self.anti_entropy_every,
+            scrub: self.scrub,
         }
     }
 

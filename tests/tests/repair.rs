@@ -7,8 +7,10 @@ use std::time::Duration;
 use aws_sdk_s3::primitives::ByteStream;
 use cairn_model::heads::{existing_versions, read_manifest};
 use cairn_model::repair::{RepairSettings, RepairStatus, Repairer};
+use cairn_node::scrub::ScrubSettings;
 use cairn_node::store::FragmentState;
 use cairn_protocol::erasure::Scheme;
+use cairn_protocol::ids::FragmentId;
 use cairn_protocol::meta::Partition;
 use cairn_protocol::placement::{Placer, Tolerance, segment_placement_key};
 use cairn_protocol::version::VersionBody;
@@ -261,4 +263,74 @@ async fn fragments_written_while_a_node_was_down_go_back_to_it() {
     }
     gateway.stop().await;
     cluster.shutdown().await;
+}
+
+/// A byte flipped on a node's disk is found by that node's scrub, which
+/// quarantines the fragment; repair then rebuilds it on the same node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flipped_byte_is_found_by_scrub_and_repaired() {
+    use std::os::unix::fs::FileExt;
+    let mut s = setup().await;
+    s.client.create_bucket().bucket("rot").send().await.unwrap();
+    let objects = put_objects(&s.client, "rot", &[(5 << 20) + 3], 9000).await;
+    let keys: Vec<String> = objects.iter().map(|(k, _)| k.clone()).collect();
+    // Node 1 holds a fragment of every segment (4+2 on 3 sites of 2).
+    let rotten = 1;
+    let store = s.cluster.node(rotten).store().clone();
+    let (id, entry) = {
+        let ids = store
+            .list(&FragmentId([0; 32]), &FragmentId([0xff; 32]), 10)
+            .unwrap();
+        let id = ids[0];
+        (id, store.entry(&id).unwrap().unwrap())
+    };
+    drop(store);
+    let volume = s.cluster.members[rotten]
+        .data_dir
+        .join("fragments")
+        .join("volumes")
+        .join(format!("{:06}.vol", entry.volume));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(volume)
+        .unwrap();
+    let at = entry.offset + 45 + entry.len / 3;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x80], at).unwrap();
+    // The node restarts with a scrub at a test rate: a pass every 100 ms.
+    s.cluster.scrub = ScrubSettings {
+        bytes_per_second: 0,
+        every: Duration::from_millis(100),
+    };
+    s.cluster.restart(rotten).await.unwrap();
+    let mut progress = s.cluster.node(rotten).scrub_progress();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        progress.wait_for(|state| state.corrupt_found >= 1),
+    )
+    .await
+    .expect("scrub finds the flipped byte")
+    .unwrap();
+    let quarantined = s.cluster.node(rotten).store().entry(&id).unwrap().unwrap();
+    assert_eq!(quarantined.state, FragmentState::Quarantined);
+    assert_eq!(
+        fragments_off_placement(&s.cluster, 0, "rot", &keys).await,
+        1
+    );
+    let mut repairers: Vec<Repairer> = (0..s.cluster.members.len())
+        .map(|i| Repairer::start(s.cluster.node(i).handle(), QUICK_REPAIR))
+        .collect();
+    repair_until_in_place(&s.cluster, &mut repairers, "rot", &keys).await;
+    drop(repairers);
+    let store = s.cluster.node(rotten).store().clone();
+    let bytes = tokio::task::spawn_blocking(move || store.read(&id, 0, u64::MAX))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(FragmentId::of(&bytes), id, "the rebuilt fragment is whole");
+    let back = get_bytes(&s.client, "rot", "k0").await;
+    assert!(back == objects[0].1);
+    s.shutdown().await;
 }

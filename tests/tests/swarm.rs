@@ -238,6 +238,7 @@ async fn outsider(
         capacity_bytes: 1 << 30,
         limits: Default::default(),
         anti_entropy_every: cairn_node::swarm::DEFAULT_ANTI_ENTROPY_EVERY,
+        scrub: Default::default(),
     };
     Node::start(config, identity).await.unwrap()
 }
