@@ -14,7 +14,7 @@
 //! latency.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_node::clock::now_unix_ms;
@@ -25,7 +25,7 @@ use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
 use cairn_protocol::manifest::{Manifest, SegmentRef, SignedManifest};
 use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::{Partition, RowKey, RowValue, Table};
-use cairn_protocol::placement::{Placer, segment_placement_key};
+use cairn_protocol::placement::{NodeState, Placer, segment_placement_key};
 use cairn_protocol::version::VersionBody;
 use cairn_protocol::wire::{Hold, MAX_HAVE_IDS, ObjectKeyDigest};
 use futures::StreamExt;
@@ -125,6 +125,8 @@ pub struct PassReport {
     /// Fragments rebuilt by decoding, and copied from a node off placement.
     pub rebuilt: u64,
     pub copied: u64,
+    /// Copies off placement dropped once their fragment was in place.
+    pub shed: u64,
     /// Fragment bytes repair read and wrote.
     pub bytes_read: u64,
     pub bytes_written: u64,
@@ -148,6 +150,7 @@ pub struct RepairStatus {
     /// fragment bytes read and written for them.
     pub rebuilt: u64,
     pub copied: u64,
+    pub shed: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
 }
@@ -175,6 +178,7 @@ impl Repairer {
                             status.passes += 1;
                             status.rebuilt += report.rebuilt;
                             status.copied += report.copied;
+                            status.shed += report.shed;
                             status.bytes_read += report.bytes_read;
                             status.bytes_written += report.bytes_written;
                             status.last = Some(report);
@@ -211,9 +215,10 @@ impl Drop for Repairer {
     }
 }
 
-/// How many nodes off placement, down the ranking, are asked for a
-/// fragment its placed node lacks (where a write hands fragments off).
-const SPARES_ASKED: usize = 4;
+/// How many nodes off placement, down the ranking, beyond the segment's
+/// fragment count, are asked for a fragment its placed node lacks: where
+/// a write hands fragments off, and where a map change left them.
+const EXTRA_SPARES_ASKED: usize = 2;
 /// Segments checked together (their `have` queries share messages).
 const CHECK_BATCH: usize = 256;
 /// Degraded segments kept in memory before they are repaired mid-pass.
@@ -231,6 +236,9 @@ struct SegmentWork {
     placed: Vec<NodeId>,
     /// Nodes off placement that may hold hand-offs, best first.
     spares: Vec<NodeId>,
+    /// Nodes being drained: placement gives them nothing, and what they
+    /// hold moves to its placed nodes.
+    draining: Arc<Vec<NodeId>>,
 }
 
 /// A segment found degraded: who holds each fragment.
@@ -332,6 +340,14 @@ impl Repair {
         let bucket = partition.as_str().to_owned();
         let mut records = degraded_records(self.node.metadata(), partition).await?;
         let mut placers: HashMap<Scheme, Placer> = HashMap::new();
+        let draining: Arc<Vec<NodeId>> = Arc::new(
+            map.map
+                .nodes
+                .iter()
+                .filter(|n| n.state == NodeState::Draining)
+                .map(|n| n.id)
+                .collect(),
+        );
         let mut batch: Vec<SegmentWork> = Vec::new();
         let mut queue: Vec<Degraded> = Vec::new();
         let mut start = Vec::new();
@@ -378,7 +394,7 @@ impl Repair {
                             .rank(&key)
                             .into_iter()
                             .filter(|n| !placed.contains(n))
-                            .take(SPARES_ASKED)
+                            .take(scheme.total() + EXTRA_SPARES_ASKED)
                             .collect();
                         batch.push(SegmentWork {
                             bucket: bucket.clone(),
@@ -389,6 +405,7 @@ impl Repair {
                             segment: segment.clone(),
                             placed,
                             spares,
+                            draining: draining.clone(),
                         });
                         if batch.len() >= CHECK_BATCH {
                             let checked = std::mem::take(&mut batch);
@@ -477,12 +494,23 @@ impl Repair {
         for (s, index, node) in self.ask_have(&batch, asks).await {
             holders[s][index].push(node);
         }
-        // Round two: the spares, for fragments their placed node lacks.
+        // Round two, for fragments their placed node lacks: the segment's
+        // other placed nodes (a map change moves a fragment's index to
+        // another node of the segment), the spares and the draining nodes.
         let mut asks = Vec::new();
         for (s, work) in batch.iter().enumerate() {
             for (index, found) in holders[s].iter().enumerate() {
                 if found.is_empty() {
-                    asks.extend(work.spares.iter().map(|n| (s, index, *n)));
+                    asks.extend(
+                        work.placed
+                            .iter()
+                            .enumerate()
+                            .filter(|(other, _)| *other != index)
+                            .map(|(_, n)| n)
+                            .chain(work.spares.iter())
+                            .chain(work.draining.iter())
+                            .map(|n| (s, index, *n)),
+                    );
                 }
             }
         }
@@ -584,6 +612,7 @@ impl Repair {
                         Ok(done) => {
                             report.rebuilt += done.rebuilt;
                             report.copied += done.copied;
+                            report.shed += done.shed;
                             report.bytes_read += done.bytes_read;
                             report.bytes_written += done.bytes_written;
                             if !done.whole {
@@ -731,7 +760,50 @@ impl Repair {
             }
         }
         done.whole = all_stored && !waiting;
+        if done.whole {
+            done.shed = self.shed_extras(degraded).await;
+        }
         Ok(done)
+    }
+
+    /// Once every fragment is on its placed node, asks the other holders
+    /// found (hand-offs, nodes the map moved the segment away from, nodes
+    /// being drained) to drop their copies; each checks by itself.
+    async fn shed_extras(&self, degraded: &Degraded) -> u64 {
+        let work = &degraded.work;
+        let owner = (work.upload, ObjectKeyDigest::of(&work.bucket, &work.key));
+        let sheds = degraded
+            .holders
+            .iter()
+            .enumerate()
+            .flat_map(|(index, holders)| {
+                let id = work.segment.fragments[index];
+                // A node placed for any fragment with these bytes keeps them.
+                holders
+                    .iter()
+                    .filter(move |n| {
+                        !work
+                            .placed
+                            .iter()
+                            .zip(&work.segment.fragments)
+                            .any(|(placed, fragment)| placed == *n && *fragment == id)
+                    })
+                    .map(move |n| (index, *n))
+            })
+            .map(|(index, node)| async move {
+                match self
+                    .node
+                    .shed_fragment(&node, owner, work.scheme, index, &work.segment.fragments)
+                    .await
+                {
+                    Ok(released) => released.trashed,
+                    Err(error) => {
+                        tracing::debug!(%node, index, %error, "a copy off placement was not shed; next pass");
+                        0
+                    }
+                }
+            });
+        futures::future::join_all(sheds).await.into_iter().sum()
     }
 
     /// Reads `k` fragments of the segment from their holders (this node,
@@ -837,6 +909,7 @@ struct SegmentRepair {
     whole: bool,
     rebuilt: u64,
     copied: u64,
+    shed: u64,
     bytes_read: u64,
     bytes_written: u64,
 }
