@@ -26,6 +26,7 @@ use cairn_protocol::manifest::{Manifest, SegmentRef, SignedManifest};
 use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::{Partition, RowKey, RowValue, Table};
 use cairn_protocol::placement::{NodeState, Placer, segment_placement_key};
+use cairn_protocol::records::DegradedRecord;
 use cairn_protocol::version::VersionBody;
 use cairn_protocol::wire::{Hold, MAX_HAVE_IDS, ObjectKeyDigest};
 use futures::StreamExt;
@@ -33,7 +34,7 @@ use tokio::sync::watch;
 
 use crate::error::{ModelError, ModelResult};
 use crate::heads::read_manifest;
-use crate::rows::{manifest_row, register, versions_row};
+use crate::rows::{degraded_row, manifest_row, register, versions_row};
 
 /// How repair runs on a node. All nodes may differ.
 #[derive(Debug, Clone, Copy)]
@@ -223,22 +224,47 @@ const EXTRA_SPARES_ASKED: usize = 2;
 const CHECK_BATCH: usize = 256;
 /// Degraded segments kept in memory before they are repaired mid-pass.
 const MAX_QUEUED: usize = 16 * 1024;
+/// Degraded-segment records read per partition and pass (the rest wait
+/// for later passes, as these are forgotten).
+const MAX_RECORDS: usize = 64 * 1024;
+/// How long one have-query, read, put or shed of repair may take: a slow
+/// or hung node holds up one call, not the pass.
+const CALL_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a node not connected is given to answer a dial at the start
+/// of a pass.
+const REACH_WAIT: Duration = Duration::from_secs(3);
 
 /// One segment of an existing version, and where it should be.
 #[derive(Clone)]
 struct SegmentWork {
     bucket: String,
-    key: String,
+    key: Arc<str>,
+    object: ObjectKeyDigest,
     version: VersionId,
     upload: UploadId,
     scheme: Scheme,
     segment: SegmentRef,
+    placer: Arc<Placer>,
     placed: Vec<NodeId>,
     /// Nodes off placement that may hold hand-offs, best first.
     spares: Vec<NodeId>,
     /// Nodes being drained: placement gives them nothing, and what they
     /// hold moves to its placed nodes.
     draining: Arc<Vec<NodeId>>,
+}
+
+impl SegmentWork {
+    fn placement_key(&self) -> [u8; 32] {
+        segment_placement_key(&self.segment.fragments)
+    }
+}
+
+/// A degraded-segment record of the partition, by segment placement key.
+struct Record {
+    row: RowKey,
+    since: u64,
+    /// The pass met a segment of an existing version with this key.
+    seen: bool,
 }
 
 /// A segment found degraded: who holds each fragment.
@@ -282,6 +308,14 @@ impl Repair {
 
     async fn pass(&mut self) -> ModelResult<PassReport> {
         let map = self.node.cluster_map().ok_or(ModelError::NoMap)?;
+        // Nodes not connected now are dialed before anything is judged.
+        let reaches = map
+            .map
+            .nodes
+            .iter()
+            .filter(|n| n.state != NodeState::Out)
+            .map(|n| self.node.reach(&n.id, REACH_WAIT));
+        futures::future::join_all(reaches).await;
         let now = Instant::now();
         for member in &map.map.nodes {
             if self.reachable(&member.id) {
@@ -339,7 +373,8 @@ impl Repair {
     ) -> ModelResult<()> {
         let bucket = partition.as_str().to_owned();
         let mut records = degraded_records(self.node.metadata(), partition).await?;
-        let mut placers: HashMap<Scheme, Placer> = HashMap::new();
+        // A scheme this map cannot place is reported once per pass.
+        let mut placers: HashMap<Scheme, Option<Arc<Placer>>> = HashMap::new();
         let draining: Arc<Vec<NodeId>> = Arc::new(
             map.map
                 .nodes
@@ -375,47 +410,79 @@ impl Repair {
                 if !version.exists(now) {
                     continue;
                 }
-                let Some(manifest) = self.manifest(&bucket, id).await? else {
-                    tracing::warn!(bucket, key = version.key, %id, "a version's manifest is missing; nothing to repair from");
-                    continue;
+                // One version that cannot be checked costs only itself.
+                let manifest = match self.manifest(&bucket, id).await {
+                    Ok(Some(manifest)) => manifest,
+                    Ok(None) => {
+                        tracing::warn!(bucket, key = version.key, %id, "a version's manifest is missing; nothing to repair from");
+                        report.pending += 1;
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(bucket, key = version.key, %id, %error, "a version's manifest could not be read; next pass");
+                        report.pending += 1;
+                        continue;
+                    }
                 };
+                // A manifest counts only for the version it was written
+                // for (as a read checks): a row naming another object's
+                // manifest makes no work.
+                if (&manifest.key, manifest.version) != (&version.key, version.version) {
+                    tracing::warn!(bucket, key = version.key, %id, "a version names a manifest of another object; skipped");
+                    continue;
+                }
                 let scheme = manifest.layout.scheme;
                 if let std::collections::hash_map::Entry::Vacant(entry) = placers.entry(scheme) {
-                    let placer = Placer::new(&map.map, scheme, map.tolerance)
-                        .map_err(|e| ModelError::Internal(format!("placement: {e}")))?;
-                    entry.insert(placer);
+                    let (map, tolerance) = (map.map.clone(), map.tolerance);
+                    let placer = blocking(move || Ok(Placer::new(&map, scheme, tolerance))).await?;
+                    entry.insert(match placer {
+                        Ok(placer) => Some(Arc::new(placer)),
+                        Err(error) => {
+                            tracing::warn!(bucket, %scheme, %error, "objects of a scheme this map cannot place are not repaired");
+                            None
+                        }
+                    });
                 }
-                let placer = &placers[&scheme];
+                let Some(placer) = placers[&scheme].clone() else {
+                    report.pending += 1;
+                    continue;
+                };
+                let (key, object) = (
+                    Arc::<str>::from(manifest.key.as_str()),
+                    ObjectKeyDigest::of(&bucket, &manifest.key),
+                );
                 for part in &manifest.parts {
                     for segment in &part.segments {
-                        let key = segment_placement_key(&segment.fragments);
-                        let placed = placer.place(&key);
+                        let placement_key = segment_placement_key(&segment.fragments);
+                        let placed = placer.place(&placement_key);
                         let spares = placer
-                            .rank(&key)
+                            .rank(&placement_key)
                             .into_iter()
                             .filter(|n| !placed.contains(n))
                             .take(scheme.total() + EXTRA_SPARES_ASKED)
                             .collect();
                         batch.push(SegmentWork {
                             bucket: bucket.clone(),
-                            key: manifest.key.clone(),
+                            key: key.clone(),
+                            object,
                             version: manifest.version,
                             upload: part.upload,
                             scheme,
                             segment: segment.clone(),
+                            placer: placer.clone(),
                             placed,
                             spares,
                             draining: draining.clone(),
                         });
                         if batch.len() >= CHECK_BATCH {
                             let checked = std::mem::take(&mut batch);
-                            self.check(checked, report, &mut records, &mut queue)
-                                .await?;
+                            self.check(checked, report, &mut records, &mut queue).await;
+                        }
+                        if queue.len() >= MAX_QUEUED {
+                            self.repair_queue(std::mem::take(&mut queue), report, &mut records)
+                                .await;
                         }
                     }
-                }
-                if queue.len() >= MAX_QUEUED {
-                    self.repair_queue(std::mem::take(&mut queue), report).await;
                 }
             }
             match page.rows.last() {
@@ -426,14 +493,14 @@ impl Repair {
                 _ => break,
             }
         }
-        self.check(batch, report, &mut records, &mut queue).await?;
-        self.repair_queue(queue, report).await;
+        self.check(batch, report, &mut records, &mut queue).await;
+        self.repair_queue(queue, report, &mut records).await;
         // Records of writes that never committed, or of versions gone.
         let stale_before =
             now_unix_ms().saturating_sub(self.settings.forget_records_after.as_millis() as u64);
-        for (row, since) in records.into_values() {
-            if since < stale_before {
-                self.forget_record(row).await;
+        for record in records.into_values() {
+            if record.since < stale_before && !record.seen {
+                self.forget_record(record.row).await;
             }
         }
         Ok(())
@@ -448,37 +515,48 @@ impl Repair {
     ) -> ModelResult<Option<Manifest>> {
         let row = manifest_row(bucket, id);
         let metadata = self.node.metadata().clone();
+        let wanted = *id;
+        // Decoding verifies a signature over up to 16 MiB: off the runtime.
         let local = blocking(move || {
-            metadata
+            let value = metadata
                 .replica()
                 .get(std::slice::from_ref(&row))
-                .map_err(|e| ModelError::Internal(format!("replica: {e}")))
+                .map_err(|e| ModelError::Internal(format!("replica: {e}")))?
+                .into_iter()
+                .next()
+                .flatten();
+            let Some(RowValue::Immutable(bytes)) = value else {
+                return Ok(None);
+            };
+            let signed = SignedManifest::decode(&bytes)
+                .map_err(|e| ModelError::Corrupt(format!("manifest {wanted}: {e}")))?;
+            if signed.id != wanted {
+                return Err(ModelError::Corrupt(format!(
+                    "manifest {wanted} has another id"
+                )));
+            }
+            Ok(Some(signed.manifest))
         })
         .await?;
-        match local.into_iter().next().flatten() {
-            Some(RowValue::Immutable(bytes)) => {
-                let signed = SignedManifest::decode(&bytes)
-                    .map_err(|e| ModelError::Corrupt(format!("manifest {id}: {e}")))?;
-                if signed.id != *id {
-                    return Err(ModelError::Corrupt(format!("manifest {id} has another id")));
-                }
-                Ok(Some(signed.manifest))
-            }
-            _ => read_manifest(self.node.metadata(), bucket, id).await,
+        match local {
+            Some(manifest) => Ok(Some(manifest)),
+            None => read_manifest(self.node.metadata(), bucket, id).await,
         }
     }
 
-    /// Asks the placed nodes, then the spares, which fragments of `batch`
-    /// they hold; whole segments are counted, degraded ones queued.
+    /// Asks the placed nodes, then the others that may hold copies, which
+    /// fragments of `batch` they hold; whole segments are counted, degraded
+    /// ones queued. A segment a node could not answer for is left for the
+    /// next pass: an unanswered query is no evidence of loss.
     async fn check(
         &self,
         batch: Vec<SegmentWork>,
         report: &mut PassReport,
-        records: &mut HashMap<[u8; 32], (RowKey, u64)>,
+        records: &mut HashMap<[u8; 32], Record>,
         queue: &mut Vec<Degraded>,
-    ) -> ModelResult<()> {
+    ) {
         if batch.is_empty() {
-            return Ok(());
+            return;
         }
         // Round one: each fragment's placed node.
         let mut asks: Vec<(usize, usize, NodeId)> = Vec::new();
@@ -491,14 +569,18 @@ impl Repair {
             .iter()
             .map(|w| vec![Vec::new(); w.segment.fragments.len()])
             .collect();
-        for (s, index, node) in self.ask_have(&batch, asks).await {
+        let (held, mut unanswered) = self.ask_have(&batch, asks).await;
+        for (s, index, node) in held {
             holders[s][index].push(node);
         }
         // Round two, for fragments their placed node lacks: the segment's
         // other placed nodes (a map change moves a fragment's index to
         // another node of the segment), the spares and the draining nodes.
+        // For a whole segment with a record (repair put a fragment on a
+        // spare once), the spares, for copies left there.
         let mut asks = Vec::new();
         for (s, work) in batch.iter().enumerate() {
+            let recorded = records.contains_key(&work.placement_key());
             for (index, found) in holders[s].iter().enumerate() {
                 if found.is_empty() {
                     asks.extend(
@@ -511,34 +593,53 @@ impl Repair {
                             .chain(work.draining.iter())
                             .map(|n| (s, index, *n)),
                     );
+                } else if recorded {
+                    asks.extend(work.spares.iter().map(|n| (s, index, *n)));
                 }
             }
         }
-        for (s, index, node) in self.ask_have(&batch, asks).await {
-            holders[s][index].push(node);
+        let (held, failed) = self.ask_have(&batch, asks).await;
+        unanswered.extend(failed);
+        for (s, index, node) in held {
+            if !holders[s][index].contains(&node) {
+                holders[s][index].push(node);
+            }
         }
-        for (work, holders) in batch.into_iter().zip(holders) {
+        for (s, (work, holders)) in batch.into_iter().zip(holders).enumerate() {
             report.segments += 1;
-            let at_place = work
-                .placed
-                .iter()
-                .enumerate()
-                .all(|(index, node)| holders[index].first() == Some(node));
-            let placement_key = segment_placement_key(&work.segment.fragments);
-            if at_place && work.placed.len() == work.segment.fragments.len() {
+            let placement_key = work.placement_key();
+            if let Some(record) = records.get_mut(&placement_key) {
+                record.seen = true;
+            }
+            let at_place = work.placed.len() == work.segment.fragments.len()
+                && work
+                    .placed
+                    .iter()
+                    .enumerate()
+                    .all(|(index, node)| holders[index].first() == Some(node));
+            if at_place {
                 report.whole += 1;
-                if let Some((row, _)) = records.remove(&placement_key) {
-                    self.forget_record(row).await;
+                let extras = holders.iter().any(|h| h.len() > 1);
+                if unanswered.contains(&s) {
+                    continue;
+                }
+                if extras {
+                    queue.push(Degraded { work, holders });
+                } else if let Some(record) = records.remove(&placement_key) {
+                    self.forget_record(record.row).await;
                 }
                 continue;
             }
-            records.remove(&placement_key);
+            if unanswered.contains(&s) {
+                report.pending += 1;
+                continue;
+            }
             let degraded = Degraded { work, holders };
             if degraded.spares() < 0 {
                 report.unreadable += 1;
                 tracing::error!(
                     bucket = degraded.work.bucket,
-                    key = degraded.work.key,
+                    key = &*degraded.work.key,
                     found = degraded.present(),
                     needed = degraded.work.scheme.data(),
                     "a segment has too few fragments left to be read or rebuilt"
@@ -551,17 +652,17 @@ impl Repair {
                 .or_default() += 1;
             queue.push(degraded);
         }
-        Ok(())
     }
 
     /// Sends the `have` queries of `asks` (segment, index, node), one
-    /// message per node and 1024 ids; returns the asks answered yes.
-    /// Unreachable nodes are not asked: they hold nothing for now.
+    /// message per node and 1024 ids; returns the asks answered yes, and
+    /// the segments of queries that failed. Unreachable nodes are not
+    /// asked: they hold nothing for now.
     async fn ask_have(
         &self,
         batch: &[SegmentWork],
         asks: Vec<(usize, usize, NodeId)>,
-    ) -> Vec<(usize, usize, NodeId)> {
+    ) -> (Vec<(usize, usize, NodeId)>, HashSet<usize>) {
         let mut by_node: BTreeMap<NodeId, Vec<(usize, usize)>> = BTreeMap::new();
         for (s, index, node) in asks {
             if self.reachable(&node) {
@@ -579,35 +680,55 @@ impl Repair {
                     .iter()
                     .map(|&(s, index)| batch[s].segment.fragments[index])
                     .collect();
-                match self.node.have(&node, &ids).await {
-                    Ok(held) => asks
+                let answer = tokio::time::timeout(CALL_DEADLINE, self.node.have(&node, &ids)).await;
+                match answer {
+                    Ok(Ok(held)) => Ok(asks
                         .into_iter()
                         .zip(held)
                         .filter(|(_, held)| *held)
                         .map(|((s, index), _)| (s, index, node))
-                        .collect(),
-                    Err(error) => {
+                        .collect::<Vec<_>>()),
+                    Ok(Err(error)) => {
                         tracing::debug!(%node, %error, "a node could not say which fragments it holds");
-                        Vec::new()
+                        Err(asks)
+                    }
+                    Err(_) => {
+                        tracing::debug!(%node, "a node did not say in time which fragments it holds");
+                        Err(asks)
                     }
                 }
             })
             .buffer_unordered(8)
-            .collect::<Vec<Vec<_>>>()
+            .collect::<Vec<_>>()
             .await;
-        answers.into_iter().flatten().collect()
+        let mut held = Vec::new();
+        let mut unanswered = HashSet::new();
+        for answer in answers {
+            match answer {
+                Ok(yes) => held.extend(yes),
+                Err(asks) => unanswered.extend(asks.into_iter().map(|(s, _)| s)),
+            }
+        }
+        (held, unanswered)
     }
 
-    /// Repairs `queue`, fewest spares first, a few segments at once.
-    async fn repair_queue(&self, mut queue: Vec<Degraded>, report: &mut PassReport) {
+    /// Repairs `queue`, fewest spares first, a few segments at once; the
+    /// record of a segment left whole with no copy elsewhere is forgotten.
+    async fn repair_queue(
+        &self,
+        mut queue: Vec<Degraded>,
+        report: &mut PassReport,
+        records: &mut HashMap<[u8; 32], Record>,
+    ) {
         queue.sort_by_key(Degraded::spares);
-        let shared = Mutex::new(std::mem::take(report));
+        let shared = Mutex::new((std::mem::take(report), Vec::new()));
         futures::stream::iter(queue)
             .for_each_concurrent(self.settings.segments_at_once.max(1), |degraded| {
                 let shared = &shared;
                 async move {
                     let outcome = self.repair_segment(&degraded).await;
-                    let mut report = shared.lock().expect("report lock");
+                    let mut shared = shared.lock().expect("report lock");
+                    let (report, settled) = &mut *shared;
                     match outcome {
                         Ok(done) => {
                             report.rebuilt += done.rebuilt;
@@ -615,7 +736,9 @@ impl Repair {
                             report.shed += done.shed;
                             report.bytes_read += done.bytes_read;
                             report.bytes_written += done.bytes_written;
-                            if !done.whole {
+                            if done.whole && done.no_copies_left {
+                                settled.push(degraded.work.placement_key());
+                            } else if !done.whole {
                                 report.pending += 1;
                             }
                         }
@@ -623,7 +746,7 @@ impl Repair {
                             report.pending += 1;
                             tracing::warn!(
                                 bucket = degraded.work.bucket,
-                                key = degraded.work.key,
+                                key = &*degraded.work.key,
                                 %error,
                                 "a segment could not be repaired; tried again next pass"
                             );
@@ -632,9 +755,13 @@ impl Repair {
                 }
             })
             .await;
-        // A segment repaired now is found whole by the next pass, which
-        // then forgets its record.
-        *report = shared.into_inner().expect("report lock");
+        let (done, settled) = shared.into_inner().expect("report lock");
+        *report = done;
+        for key in settled {
+            if let Some(record) = records.remove(&key) {
+                self.forget_record(record.row).await;
+            }
+        }
     }
 
     /// Brings one segment's fragments to their placed nodes.
@@ -646,6 +773,14 @@ impl Repair {
         let mut targets: Vec<(usize, NodeId)> = Vec::new();
         let mut waiting = false;
         let mut taken: HashSet<NodeId> = degraded.holders.iter().flatten().copied().collect();
+        // Fragments per site once this repair is done: one holder each.
+        let mut per_site: HashMap<usize, usize> = HashMap::new();
+        for holders in &degraded.holders {
+            if let Some(site) = holders.first().and_then(|n| work.placer.site_of(n)) {
+                *per_site.entry(site).or_default() += 1;
+            }
+        }
+        let mut on_spare = false;
         for (index, node) in work.placed.iter().enumerate() {
             if degraded.holders[index].first() == Some(node) {
                 continue;
@@ -653,6 +788,11 @@ impl Repair {
             if self.reachable(node) {
                 targets.push((index, *node));
                 taken.insert(*node);
+                if degraded.holders[index].is_empty()
+                    && let Some(site) = work.placer.site_of(node)
+                {
+                    *per_site.entry(site).or_default() += 1;
+                }
             } else if !degraded.holders[index].is_empty() {
                 // Held off placement; it moves when its node is back.
                 waiting = true;
@@ -661,14 +801,25 @@ impl Repair {
                 .get(node)
                 .is_some_and(|since| since.elapsed() >= self.settings.away_grace)
             {
+                // A spare in a site with room under the cap, as a write's
+                // hand-off: a site loss must still leave k fragments.
+                let room = |n: &NodeId| {
+                    work.placer.site_of(n).is_some_and(|site| {
+                        per_site.get(&site).copied().unwrap_or(0) < work.placer.site_cap()
+                    })
+                };
                 match work
                     .spares
                     .iter()
-                    .find(|n| self.reachable(n) && !taken.contains(n))
+                    .find(|n| self.reachable(n) && !taken.contains(n) && room(n))
                 {
                     Some(spare) => {
                         targets.push((index, *spare));
                         taken.insert(*spare);
+                        if let Some(site) = work.placer.site_of(spare) {
+                            *per_site.entry(site).or_default() += 1;
+                        }
+                        on_spare = true;
                     }
                     None => waiting = true,
                 }
@@ -678,6 +829,9 @@ impl Repair {
         }
         if targets.is_empty() {
             done.whole = !waiting;
+            if done.whole {
+                (done.shed, done.no_copies_left) = self.shed_extras(degraded).await;
+            }
             return Ok(done);
         }
         // The version may have gone since the audit: nothing to keep then.
@@ -687,8 +841,14 @@ impl Repair {
             Some(RowValue::Version(version)) if version.exists(now_unix_ms()) => {}
             _ => {
                 done.whole = true;
+                done.no_copies_left = true;
                 return Ok(done);
             }
+        }
+        if on_spare {
+            // The copy on a spare outlives its use once the placed node is
+            // back with its own: a record makes later passes look for it.
+            self.record(work).await?;
         }
         let fragment_len = work
             .scheme
@@ -696,14 +856,34 @@ impl Repair {
         let held_nowhere = targets
             .iter()
             .any(|(index, _)| degraded.holders[*index].is_empty());
-        let fragments: Vec<(usize, Vec<u8>)> = if held_nowhere {
+        let mut fragments: Vec<(usize, Vec<u8>)> = Vec::new();
+        if !held_nowhere {
+            for (index, _) in &targets {
+                let id = work.segment.fragments[*index];
+                match self
+                    .read_one(&degraded.holders[*index], id, fragment_len, &mut done)
+                    .await
+                {
+                    Ok(bytes) => fragments.push((*index, bytes)),
+                    Err(error) => {
+                        // A holder that said yes and then could not give
+                        // it: rebuild instead.
+                        tracing::debug!(%error, "a copy could not be read; rebuilding the segment");
+                        fragments.clear();
+                        break;
+                    }
+                }
+            }
+            done.copied += fragments.len() as u64;
+        }
+        if fragments.len() < targets.len() {
             let segment = self
                 .read_and_decode(degraded, fragment_len, &mut done)
                 .await?;
             let scheme = work.scheme;
             let expected = work.segment.fragments.clone();
             let wanted: Vec<usize> = targets.iter().map(|(index, _)| *index).collect();
-            let encoded = blocking(move || {
+            fragments = blocking(move || {
                 let encoded = SegmentEncoder::new(scheme)
                     .encode(segment)
                     .map_err(|e| ModelError::Internal(format!("erasure: {e}")))?;
@@ -718,21 +898,9 @@ impl Repair {
                     .collect())
             })
             .await?;
+            done.copied = 0;
             done.rebuilt += targets.len() as u64;
-            encoded
-        } else {
-            let mut copies = Vec::new();
-            for (index, _) in &targets {
-                let id = work.segment.fragments[*index];
-                let bytes = self
-                    .read_one(&degraded.holders[*index], id, fragment_len, &mut done)
-                    .await?;
-                copies.push((*index, bytes));
-            }
-            done.copied += targets.len() as u64;
-            copies
-        };
-        let object = ObjectKeyDigest::of(&work.bucket, &work.key);
+        }
         let signing = self.node.identity().signing_key();
         let puts = targets.iter().map(|(index, node)| {
             let bytes = &fragments
@@ -742,10 +910,18 @@ impl Repair {
                 .1;
             let id = work.segment.fragments[*index];
             // Retention holds arrive with Object Lock; until then none.
-            let hold = Hold::sign(signing, &id, work.upload, object, 0);
+            let hold = Hold::sign(signing, &id, work.upload, work.object, 0);
             async move {
                 self.throttle.take(bytes.len() as u64).await;
-                self.node.put_fragment(node, id, bytes, hold).await
+                match tokio::time::timeout(
+                    CALL_DEADLINE,
+                    self.node.put_fragment(node, id, bytes, hold),
+                )
+                .await
+                {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {CALL_DEADLINE:?}")),
+                }
             }
         });
         let results = futures::future::join_all(puts).await;
@@ -759,19 +935,39 @@ impl Repair {
                 }
             }
         }
-        done.whole = all_stored && !waiting;
+        done.whole = all_stored && !waiting && !on_spare;
         if done.whole {
-            done.shed = self.shed_extras(degraded).await;
+            (done.shed, done.no_copies_left) = self.shed_extras(degraded).await;
         }
         Ok(done)
     }
 
+    /// Writes a degraded-segment record for `work` (repair put one of its
+    /// fragments on a spare).
+    async fn record(&self, work: &SegmentWork) -> ModelResult<()> {
+        let metadata = self.node.metadata();
+        let record = DegradedRecord {
+            since_unix_ms: now_unix_ms(),
+            fragments: work.segment.fragments.clone(),
+            missing: Vec::new(),
+        };
+        metadata
+            .write(vec![(
+                degraded_row(&work.bucket, &work.key, &work.upload, &work.placement_key()),
+                register(Some(record.encode()), metadata.timestamp()),
+            )])
+            .await?;
+        Ok(())
+    }
+
     /// Once every fragment is on its placed node, asks the other holders
     /// found (hand-offs, nodes the map moved the segment away from, nodes
-    /// being drained) to drop their copies; each checks by itself.
-    async fn shed_extras(&self, degraded: &Degraded) -> u64 {
+    /// being drained, spares repair used) to drop their copies; each
+    /// checks by itself. Returns the copies dropped, and whether none is
+    /// left that was asked.
+    async fn shed_extras(&self, degraded: &Degraded) -> (u64, bool) {
         let work = &degraded.work;
-        let owner = (work.upload, ObjectKeyDigest::of(&work.bucket, &work.key));
+        let owner = (work.upload, work.object);
         let sheds = degraded
             .holders
             .iter()
@@ -791,19 +987,26 @@ impl Repair {
                     .map(move |n| (index, *n))
             })
             .map(|(index, node)| async move {
-                match self
-                    .node
-                    .shed_fragment(&node, owner, work.scheme, index, &work.segment.fragments)
-                    .await
-                {
-                    Ok(released) => released.trashed,
-                    Err(error) => {
+                let asked = self.node.shed_fragment(
+                    &node,
+                    owner,
+                    work.scheme,
+                    index,
+                    &work.segment.fragments,
+                );
+                match tokio::time::timeout(CALL_DEADLINE, asked).await {
+                    Ok(Ok(released)) => (released.trashed, released.held == 0),
+                    Ok(Err(error)) => {
                         tracing::debug!(%node, index, %error, "a copy off placement was not shed; next pass");
-                        0
+                        (0, false)
                     }
+                    Err(_) => (0, false),
                 }
             });
-        futures::future::join_all(sheds).await.into_iter().sum()
+        futures::future::join_all(sheds)
+            .await
+            .into_iter()
+            .fold((0, true), |(shed, all), (n, ok)| (shed + n, all && ok))
     }
 
     /// Reads `k` fragments of the segment from their holders (this node,
@@ -872,11 +1075,14 @@ impl Repair {
         let mut errors = Vec::new();
         for holder in holders {
             self.throttle.take(fragment_len as u64).await;
-            match self
-                .node
-                .get_fragment(holder, id, 0, fragment_len as u64)
+            let read = self.node.get_fragment(holder, id, 0, fragment_len as u64);
+            match tokio::time::timeout(CALL_DEADLINE, read)
                 .await
-            {
+                .unwrap_or_else(|_| {
+                    Err(cairn_node::swarm::NodeError::Swarm(format!(
+                        "no answer within {CALL_DEADLINE:?}"
+                    )))
+                }) {
                 Ok(bytes) if FragmentId::of(&bytes) == id => {
                     done.bytes_read += bytes.len() as u64;
                     return Ok(bytes);
@@ -907,6 +1113,8 @@ impl Repair {
 struct SegmentRepair {
     /// Every fragment is on its placed node now.
     whole: bool,
+    /// And every other copy found was dropped.
+    no_copies_left: bool,
     rebuilt: u64,
     copied: u64,
     shed: u64,
@@ -915,11 +1123,11 @@ struct SegmentRepair {
 }
 
 /// The degraded-segment records of a partition in this node's replica,
-/// by segment placement key: (row, since).
+/// at most [`MAX_RECORDS`], by segment placement key.
 async fn degraded_records(
     metadata: &Metadata,
     partition: &Partition,
-) -> ModelResult<HashMap<[u8; 32], (RowKey, u64)>> {
+) -> ModelResult<HashMap<[u8; 32], Record>> {
     let metadata = metadata.clone();
     let partition = partition.clone();
     blocking(move || {
@@ -937,7 +1145,7 @@ async fn degraded_records(
                 let Some(bytes) = &register.value else {
                     continue;
                 };
-                let Ok(record) = cairn_protocol::records::DegradedRecord::decode(bytes) else {
+                let Ok(record) = DegradedRecord::decode(bytes) else {
                     continue;
                 };
                 let Some(tail) = sort.len().checked_sub(32).map(|at| &sort[at..]) else {
@@ -946,11 +1154,15 @@ async fn degraded_records(
                 let key: [u8; 32] = tail.try_into().expect("32 bytes");
                 records.insert(
                     key,
-                    (
-                        RowKey::new(partition.clone(), Table::Degraded, sort.clone()),
-                        record.since_unix_ms,
-                    ),
+                    Record {
+                        row: RowKey::new(partition.clone(), Table::Degraded, sort.clone()),
+                        since: record.since_unix_ms,
+                        seen: false,
+                    },
                 );
+                if records.len() >= MAX_RECORDS {
+                    return Ok(records);
+                }
             }
             match page.rows.last() {
                 Some((last, _)) if page.more => {

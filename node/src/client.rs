@@ -96,6 +96,25 @@ impl NodeHandle {
         .await
     }
 
+    /// Whether `node` is a member connected to this one, dialing it first
+    /// if it is not (idle connections close; a node not heard from is not
+    /// a node gone). Gives up after `timeout`.
+    pub async fn reach(&self, node: &NodeId, timeout: Duration) -> bool {
+        if *node == self.node_id() || self.is_member(node) {
+            return true;
+        }
+        let reached = async {
+            if let Ok(mut stream) = self.open_raw_piece_stream(node).await {
+                use futures::AsyncWriteExt;
+                let _ = stream.close().await;
+            }
+            self.wait_for_member(node, timeout).await
+        };
+        tokio::time::timeout(timeout, reached)
+            .await
+            .unwrap_or(false)
+    }
+
     /// Which of `ids` `node` holds, in `ids` order.
     pub async fn have(&self, node: &NodeId, ids: &[FragmentId]) -> Result<Vec<bool>, NodeError> {
         if *node == self.node_id() {

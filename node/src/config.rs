@@ -99,7 +99,7 @@ impl ScrubSection {
     pub fn settings(&self) -> ScrubSettings {
         ScrubSettings {
             bytes_per_second: self.bytes_per_second,
-            every: std::time::Duration::from_secs(self.every_seconds),
+            every: std::time::Duration::from_secs(self.every_seconds.max(1)),
         }
     }
 }

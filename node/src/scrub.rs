@@ -64,8 +64,10 @@ async fn step(
     let mut pass = match state.pass {
         Some(pass) => pass,
         None => {
+            // A finish stamped while the clock ran ahead counts from now.
             let due = state
                 .last_finished_unix_ms
+                .min(now)
                 .saturating_add(settings.every.as_millis() as u64);
             if state.passes > 0 && now < due {
                 let wait = Duration::from_millis(due - now).min(LONGEST_WAIT);

@@ -750,6 +750,8 @@ impl FragmentStore {
         max_bytes: u64,
     ) -> Result<ScrubStep, StoreError> {
         let mut batch: Vec<(FragmentId, u64)> = Vec::new();
+        let mut bad_entries = Vec::new();
+        let mut last_seen: Option<FragmentId> = None;
         let mut reached_end = true;
         {
             let txn = self.shared.db.begin_read().map_err(index_error)?;
@@ -769,22 +771,29 @@ impl FragmentStore {
                 }
                 let (key, value) = row.map_err(index_error)?;
                 let id = FragmentId(*key.value());
-                let entry = FragmentEntry::decode(id, value.value())?;
-                if entry.state == FragmentState::Live {
-                    planned += entry.len;
-                    batch.push((id, entry.len));
+                match FragmentEntry::decode(id, value.value()) {
+                    Ok(entry) if entry.state == FragmentState::Live => {
+                        planned += entry.len;
+                        batch.push((id, entry.len));
+                    }
+                    Ok(_) => {}
+                    // An entry that does not decode is reported and passed
+                    // over: the scrub goes on past it.
+                    Err(_) => bad_entries.push(id),
                 }
+                last_seen = Some(id);
             }
         }
         let mut step = ScrubStep {
-            last: batch.last().map(|(id, _)| *id),
+            last: last_seen,
             reached_end,
+            corrupt: bad_entries,
             ..ScrubStep::default()
         };
         for (id, len) in batch {
             match self.read(&id, 0, 0) {
                 Ok(_) => {}
-                Err(StoreError::Corrupt(_)) => step.corrupt.push(id),
+                Err(StoreError::Corrupt(_) | StoreError::BadIndexEntry(_)) => step.corrupt.push(id),
                 // Trashed or replaced since the index was read.
                 Err(StoreError::NotFound(_)) => continue,
                 Err(error) => return Err(error),

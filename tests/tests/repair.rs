@@ -599,3 +599,75 @@ async fn a_drained_node_empties_itself_and_can_then_be_removed() {
     gateway.stop().await;
     cluster.shutdown().await;
 }
+
+/// A node gone past the grace: its fragments are rebuilt on spares, each
+/// in a site with room under the cap (on 3 sites of 3 with 4+2 every site
+/// holds 2 of each segment, so only the lost node's own site has room),
+/// and every segment then survives the loss of any site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fragments_of_a_node_gone_for_good_are_rebuilt_within_the_site_caps() {
+    let mut cluster = Cluster::start(&[3, 3, 3]).await.unwrap();
+    cluster
+        .install_map_with(Scheme::new(4, 2).unwrap(), Tolerance::default(), 9)
+        .await
+        .unwrap();
+    let gateway = gateway_on(&cluster, 0, random_secret()).await;
+    let key = gateway.keys().create("test").await.unwrap();
+    let client = client_for(&gateway, &key.id, &key.secret);
+    client.create_bucket().bucket("gone").send().await.unwrap();
+    let sizes = [1 << 20, 2 << 20, 3 << 20, (5 << 20) + 1, 9 << 20, 1 << 20];
+    let objects = put_objects(&client, "gone", &sizes, 12_000).await;
+    let keys: Vec<String> = objects.iter().map(|(k, _)| k.clone()).collect();
+    let segments = segments_of(&cluster, 0, "gone", &keys).await;
+    let gone = 4;
+    let gone_id = cluster.members[gone].identity.node_id();
+    cluster.stop(gone).await;
+    let copies = live_copies(&cluster);
+    let lost = segments
+        .iter()
+        .flat_map(|(_, ids)| ids)
+        .filter(|id| !copies.contains_key(id))
+        .count();
+    assert!(lost > 2, "node {gone} held fragments of several segments");
+    let at_once = RepairSettings {
+        away_grace: Duration::ZERO,
+        ..QUICK_REPAIR
+    };
+    let mut repairers: Vec<Repairer> = (0..cluster.members.len())
+        .filter(|&i| i != gone)
+        .map(|i| Repairer::start(cluster.node(i).handle(), at_once))
+        .collect();
+    let rebuilt = tokio::time::timeout(Duration::from_secs(240), async {
+        loop {
+            for repairer in repairers.iter_mut() {
+                repairer.next_pass().await.expect("repair runs");
+            }
+            let copies = live_copies(&cluster);
+            if segments
+                .iter()
+                .all(|(_, ids)| ids.iter().all(|id| copies.contains_key(id)))
+            {
+                return copies;
+            }
+        }
+    })
+    .await
+    .expect("every lost fragment rebuilt");
+    assert!(
+        rebuilt.values().all(|nodes| !nodes.contains(&gone_id)),
+        "only running nodes are counted"
+    );
+    assert!(
+        every_segment_survives_any_site(&cluster, &segments, &rebuilt),
+        "a fragment was rebuilt in a site already at its cap"
+    );
+    drop(repairers);
+    for (name, body) in &objects {
+        assert!(
+            get_bytes(&client, "gone", name).await == *body,
+            "{name} differs"
+        );
+    }
+    gateway.stop().await;
+    cluster.shutdown().await;
+}

@@ -1,0 +1,210 @@
+//! Repair on a loopback cluster (3 sites x 2 nodes, 4+2, every node in
+//! this one process): `cargo bench -p cairn-tests --bench repair`.
+//!
+//! 1. Objects of 64 MiB are written through S3; one node's disk is wiped
+//!    (it held one fragment of every segment) and the node restarted.
+//!    Repair runs unthrottled on every node: the time until every lost
+//!    fragment is back, rebuilt MiB/s, and bytes read per byte rebuilt.
+//! 2. Reed-Solomon reconstruction alone on this machine, rebuilding one
+//!    fragment of a 4 MiB segment from 4 (decode, then encode again, as
+//!    repair does), for comparison.
+//! 3. Client PUT and GET throughput idle, then while repair (at its default
+//!    rate) rebuilds another wiped node.
+//!
+//! Under `cargo test` it runs with a few small objects, as a check.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::ByteStream;
+use cairn_model::repair::{RepairSettings, Repairer};
+use cairn_protocol::erasure::{Scheme, SegmentEncoder, reconstruct};
+use cairn_protocol::meta::Partition;
+use cairn_tests::pseudo_random_bytes;
+use cairn_tests::s3::{Setup, setup};
+use futures::StreamExt;
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// Puts `count` objects of `size` bytes, two at a time; returns MiB/s.
+async fn put_objects(client: &Client, prefix: &str, size: usize, count: usize) -> f64 {
+    let body = pseudo_random_bytes(42, size);
+    let started = Instant::now();
+    let puts = (0..count).map(|n| {
+        let (client, body) = (client.clone(), body.clone());
+        let key = format!("{prefix}/{n}");
+        async move {
+            client
+                .put_object()
+                .bucket("bench")
+                .key(key)
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+    futures::stream::iter(puts)
+        .buffer_unordered(2)
+        .collect::<Vec<()>>()
+        .await;
+    (size * count) as f64 / MIB / started.elapsed().as_secs_f64()
+}
+
+/// Gets the objects `put_objects` wrote, two at a time; returns MiB/s.
+async fn get_objects(client: &Client, prefix: &str, size: usize, count: usize) -> f64 {
+    let started = Instant::now();
+    let gets = (0..count).map(|n| {
+        let client = client.clone();
+        let key = format!("{prefix}/{n}");
+        async move {
+            let object = client
+                .get_object()
+                .bucket("bench")
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+            let bytes = object.body.collect().await.unwrap().into_bytes();
+            assert_eq!(bytes.len(), size);
+        }
+    });
+    futures::stream::iter(gets)
+        .buffer_unordered(2)
+        .collect::<Vec<()>>()
+        .await;
+    (size * count) as f64 / MIB / started.elapsed().as_secs_f64()
+}
+
+/// Wipes the disk of the node of site 1 that is no metadata replica of
+/// the bucket, and restarts it.
+async fn wipe_a_node(s: &mut Setup) -> usize {
+    let replicas = s
+        .cluster
+        .node(0)
+        .metadata()
+        .replicas_of(&Partition::bucket("bench"))
+        .unwrap();
+    let wiped = [2, 3]
+        .into_iter()
+        .find(|&i| !replicas.contains(&s.cluster.members[i].identity.node_id()))
+        .unwrap();
+    s.cluster.stop(wiped).await;
+    std::fs::remove_dir_all(&s.cluster.members[wiped].data_dir).unwrap();
+    s.cluster.restart(wiped).await.unwrap();
+    let map = s.cluster.node(0).cluster_map().unwrap();
+    s.cluster.install_signed(map).await.unwrap();
+    wiped
+}
+
+fn start_repairers(s: &Setup, settings: RepairSettings) -> Vec<Repairer> {
+    (0..s.cluster.members.len())
+        .map(|i| Repairer::start(s.cluster.node(i).handle(), settings))
+        .collect()
+}
+
+/// Waits until the repairers together rebuilt `fragments`.
+async fn wait_for_rebuilt(repairers: &mut [Repairer], fragments: u64) {
+    loop {
+        let rebuilt: u64 = repairers.iter().map(|r| r.status().rebuilt).sum();
+        if rebuilt >= fragments {
+            return;
+        }
+        // Any repairer finishing a pass is a moment to look again.
+        let waits = repairers.iter_mut().map(|r| Box::pin(r.next_pass()));
+        futures::future::select_all(waits).await;
+    }
+}
+
+fn reconstruction_alone(segments: usize) -> f64 {
+    let scheme = Scheme::new(4, 2).unwrap();
+    let segment = pseudo_random_bytes(7, (4 << 20) + 1024);
+    let encoded = SegmentEncoder::new(scheme).encode(segment.clone()).unwrap();
+    let fragment_len = encoded.fragment_len();
+    // Fragment 0 lost: rebuilt from 1, 2, 3 and 4.
+    let present: Vec<(usize, Vec<u8>)> =
+        (1..5).map(|i| (i, encoded.fragment(i).to_vec())).collect();
+    let mut encoder = SegmentEncoder::new(scheme);
+    let started = Instant::now();
+    for _ in 0..segments {
+        let fragments: Vec<(usize, &[u8])> =
+            present.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+        let rebuilt = reconstruct(scheme, segment.len(), &fragments).unwrap();
+        let again = encoder.encode(rebuilt).unwrap();
+        assert_eq!(again.fragment_ids()[0], encoded.fragment_ids()[0]);
+        encoder.recycle(again);
+    }
+    (fragment_len * segments) as f64 / MIB / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let (size, count) = if full { (64 << 20, 8) } else { (5 << 20, 2) };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut s = setup().await;
+        s.client.create_bucket().bucket("bench").send().await.unwrap();
+        let idle_put = put_objects(&s.client, "a", size, count).await;
+        let idle_get = get_objects(&s.client, "a", size, count).await;
+        // 4 MiB of plaintext per segment; every node holds one fragment of each.
+        let segments = (count * size.div_ceil(4 << 20)) as u64;
+
+        wipe_a_node(&mut s).await;
+        let unthrottled = RepairSettings {
+            every: Duration::from_millis(50),
+            bytes_per_second: 0,
+            ..RepairSettings::default()
+        };
+        let mut repairers = start_repairers(&s, unthrottled);
+        let started = Instant::now();
+        wait_for_rebuilt(&mut repairers, segments).await;
+        let seconds = started.elapsed().as_secs_f64();
+        let read: u64 = repairers.iter().map(|r| r.status().bytes_read).sum();
+        let written: u64 = repairers.iter().map(|r| r.status().bytes_written).sum();
+        drop(repairers);
+        let alone = reconstruction_alone(if full { 64 } else { 2 });
+
+        // Client load while repair, at its default rate, rebuilds the
+        // same node wiped again.
+        wipe_a_node(&mut s).await;
+        let background = RepairSettings {
+            every: Duration::from_millis(50),
+            ..RepairSettings::default()
+        };
+        let repairers = start_repairers(&s, background);
+        let during_put = put_objects(&s.client, "b", size, count).await;
+        let during_get = get_objects(&s.client, "a", size, count).await;
+        let rebuilt_during: u64 = repairers.iter().map(|r| r.status().rebuilt).sum();
+        drop(repairers);
+        println!(
+            "Repair on 3 sites x 2 nodes, 4+2, {count} objects of {} MiB ({segments} segments)",
+            size >> 20
+        );
+        println!("| measure | figure |");
+        println!("| --- | --- |");
+        println!(
+            "| lost with the wiped node | {segments} fragments, {:.1} MiB |",
+            written as f64 / MIB
+        );
+        println!("| time to full redundancy, unthrottled | {seconds:.2} s |");
+        println!(
+            "| repair throughput (fragment bytes rebuilt) | {:.1} MiB/s |",
+            written as f64 / MIB / seconds
+        );
+        println!(
+            "| bytes read per byte rebuilt | {:.2} (k = 4) |",
+            read as f64 / written as f64
+        );
+        println!(
+            "| RS reconstruction alone (decode and encode, one fragment of 4) | {alone:.1} MiB/s of fragment rebuilt |"
+        );
+        println!("| client PUT, idle / during repair at 64 MiB/s | {idle_put:.1} / {:.1} MiB/s |", during_put);
+        println!("| client GET, idle / during repair at 64 MiB/s | {idle_get:.1} / {:.1} MiB/s |", during_get);
+        println!("| fragments rebuilt while the client ran | {} of {segments} |", rebuilt_during);
+        s.shutdown().await;
+    });
+}
