@@ -34,7 +34,7 @@ use tokio::sync::watch;
 
 use crate::error::{ModelError, ModelResult};
 use crate::heads::read_manifest;
-use crate::rows::{degraded_row, manifest_row, register, versions_row};
+use crate::rows::{manifest_row, register, versions_row};
 
 /// How repair runs on a node. All nodes may differ.
 #[derive(Debug, Clone, Copy)]
@@ -59,7 +59,10 @@ impl Default for RepairSettings {
         Self {
             every: Duration::from_secs(600),
             segments_at_once: 4,
-            bytes_per_second: 64 << 20,
+            // Fragment bytes read plus written: at this rate a client on
+            // the same nodes kept within 20% of its idle throughput here
+            // (BENCHMARKS.md, "Repair").
+            bytes_per_second: 32 << 20,
             away_grace: Duration::from_secs(15 * 60),
             // Past the writers' deadline and clock margin (the collector's
             // defaults): a write that has not committed by then never will.
@@ -126,8 +129,6 @@ pub struct PassReport {
     /// Fragments rebuilt by decoding, and copied from a node off placement.
     pub rebuilt: u64,
     pub copied: u64,
-    /// Copies off placement dropped once their fragment was in place.
-    pub shed: u64,
     /// Fragment bytes repair read and wrote.
     pub bytes_read: u64,
     pub bytes_written: u64,
@@ -151,7 +152,6 @@ pub struct RepairStatus {
     /// fragment bytes read and written for them.
     pub rebuilt: u64,
     pub copied: u64,
-    pub shed: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
 }
@@ -179,7 +179,6 @@ impl Repairer {
                             status.passes += 1;
                             status.rebuilt += report.rebuilt;
                             status.copied += report.copied;
-                            status.shed += report.shed;
                             status.bytes_read += report.bytes_read;
                             status.bytes_written += report.bytes_written;
                             status.last = Some(report);
@@ -227,7 +226,7 @@ const MAX_QUEUED: usize = 16 * 1024;
 /// Degraded-segment records read per partition and pass (the rest wait
 /// for later passes, as these are forgotten).
 const MAX_RECORDS: usize = 64 * 1024;
-/// How long one have-query, read, put or shed of repair may take: a slow
+/// How long one have-query, read or put of repair may take: a slow
 /// or hung node holds up one call, not the pass.
 const CALL_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a node not connected is given to answer a dial at the start
@@ -275,8 +274,27 @@ struct Degraded {
 }
 
 impl Degraded {
+    /// Distinct fragments held: indexes with a holder, but no more than
+    /// the distinct nodes holding them (a node serves one fragment of a
+    /// segment; copies share one id, and so can padding fragments).
     fn present(&self) -> usize {
-        self.holders.iter().filter(|h| !h.is_empty()).count()
+        let indexes = self.holders.iter().filter(|h| !h.is_empty()).count();
+        let nodes: HashSet<&NodeId> = self.holders.iter().flatten().collect();
+        indexes.min(nodes.len())
+    }
+
+    /// Whether fragment `index` is held by a node placement does not name
+    /// for a fragment with the same bytes (a hand-off or a left copy).
+    fn copies_off_placement(&self, index: usize) -> bool {
+        let id = self.work.segment.fragments[index];
+        self.holders[index].iter().any(|holder| {
+            !self
+                .work
+                .placed
+                .iter()
+                .zip(&self.work.segment.fragments)
+                .any(|(placed, fragment)| placed == holder && *fragment == id)
+        })
     }
 
     fn spares(&self) -> isize {
@@ -479,8 +497,7 @@ impl Repair {
                             self.check(checked, report, &mut records, &mut queue).await;
                         }
                         if queue.len() >= MAX_QUEUED {
-                            self.repair_queue(std::mem::take(&mut queue), report, &mut records)
-                                .await;
+                            self.repair_queue(std::mem::take(&mut queue), report).await;
                         }
                     }
                 }
@@ -494,7 +511,7 @@ impl Repair {
             }
         }
         self.check(batch, report, &mut records, &mut queue).await;
-        self.repair_queue(queue, report, &mut records).await;
+        self.repair_queue(queue, report).await;
         // Records of writes that never committed, or of versions gone.
         let stale_before =
             now_unix_ms().saturating_sub(self.settings.forget_records_after.as_millis() as u64);
@@ -576,11 +593,8 @@ impl Repair {
         // Round two, for fragments their placed node lacks: the segment's
         // other placed nodes (a map change moves a fragment's index to
         // another node of the segment), the spares and the draining nodes.
-        // For a whole segment with a record (repair put a fragment on a
-        // spare once), the spares, for copies left there.
         let mut asks = Vec::new();
         for (s, work) in batch.iter().enumerate() {
-            let recorded = records.contains_key(&work.placement_key());
             for (index, found) in holders[s].iter().enumerate() {
                 if found.is_empty() {
                     asks.extend(
@@ -593,8 +607,6 @@ impl Repair {
                             .chain(work.draining.iter())
                             .map(|n| (s, index, *n)),
                     );
-                } else if recorded {
-                    asks.extend(work.spares.iter().map(|n| (s, index, *n)));
                 }
             }
         }
@@ -619,13 +631,7 @@ impl Repair {
                     .all(|(index, node)| holders[index].first() == Some(node));
             if at_place {
                 report.whole += 1;
-                let extras = holders.iter().any(|h| h.len() > 1);
-                if unanswered.contains(&s) {
-                    continue;
-                }
-                if extras {
-                    queue.push(Degraded { work, holders });
-                } else if let Some(record) = records.remove(&placement_key) {
+                if let Some(record) = records.remove(&placement_key) {
                     self.forget_record(record.row).await;
                 }
                 continue;
@@ -712,33 +718,25 @@ impl Repair {
         (held, unanswered)
     }
 
-    /// Repairs `queue`, fewest spares first, a few segments at once; the
-    /// record of a segment left whole with no copy elsewhere is forgotten.
-    async fn repair_queue(
-        &self,
-        mut queue: Vec<Degraded>,
-        report: &mut PassReport,
-        records: &mut HashMap<[u8; 32], Record>,
-    ) {
+    /// Repairs `queue`, fewest spares first, a few segments at once. A
+    /// segment repaired now is found whole by the next pass, which then
+    /// forgets its record.
+    async fn repair_queue(&self, mut queue: Vec<Degraded>, report: &mut PassReport) {
         queue.sort_by_key(Degraded::spares);
-        let shared = Mutex::new((std::mem::take(report), Vec::new()));
+        let shared = Mutex::new(std::mem::take(report));
         futures::stream::iter(queue)
             .for_each_concurrent(self.settings.segments_at_once.max(1), |degraded| {
                 let shared = &shared;
                 async move {
                     let outcome = self.repair_segment(&degraded).await;
-                    let mut shared = shared.lock().expect("report lock");
-                    let (report, settled) = &mut *shared;
+                    let mut report = shared.lock().expect("report lock");
                     match outcome {
                         Ok(done) => {
                             report.rebuilt += done.rebuilt;
                             report.copied += done.copied;
-                            report.shed += done.shed;
                             report.bytes_read += done.bytes_read;
                             report.bytes_written += done.bytes_written;
-                            if done.whole && done.no_copies_left {
-                                settled.push(degraded.work.placement_key());
-                            } else if !done.whole {
+                            if !done.whole {
                                 report.pending += 1;
                             }
                         }
@@ -755,13 +753,7 @@ impl Repair {
                 }
             })
             .await;
-        let (done, settled) = shared.into_inner().expect("report lock");
-        *report = done;
-        for key in settled {
-            if let Some(record) = records.remove(&key) {
-                self.forget_record(record.row).await;
-            }
-        }
+        *report = shared.into_inner().expect("report lock");
     }
 
     /// Brings one segment's fragments to their placed nodes.
@@ -773,14 +765,20 @@ impl Repair {
         let mut targets: Vec<(usize, NodeId)> = Vec::new();
         let mut waiting = false;
         let mut taken: HashSet<NodeId> = degraded.holders.iter().flatten().copied().collect();
-        // Fragments per site once this repair is done: one holder each.
+        // Fragments per site once this repair is done: each fragment's
+        // first holder, then every placed node that gets one.
         let mut per_site: HashMap<usize, usize> = HashMap::new();
-        for holders in &degraded.holders {
-            if let Some(site) = holders.first().and_then(|n| work.placer.site_of(n)) {
+        let count = |node: &NodeId, per_site: &mut HashMap<usize, usize>| {
+            if let Some(site) = work.placer.site_of(node) {
                 *per_site.entry(site).or_default() += 1;
             }
+        };
+        for holders in &degraded.holders {
+            if let Some(holder) = holders.first() {
+                count(holder, &mut per_site);
+            }
         }
-        let mut on_spare = false;
+        let mut away = Vec::new();
         for (index, node) in work.placed.iter().enumerate() {
             if degraded.holders[index].first() == Some(node) {
                 continue;
@@ -788,50 +786,47 @@ impl Repair {
             if self.reachable(node) {
                 targets.push((index, *node));
                 taken.insert(*node);
-                if degraded.holders[index].is_empty()
-                    && let Some(site) = work.placer.site_of(node)
-                {
-                    *per_site.entry(site).or_default() += 1;
+                if degraded.holders[index].is_empty() {
+                    count(node, &mut per_site);
                 }
-            } else if !degraded.holders[index].is_empty() {
-                // Held off placement; it moves when its node is back.
+            } else if degraded.copies_off_placement(index) {
+                // A copy off placement (a hand-off) keeps the fragment's
+                // redundancy; it moves when its node is back.
                 waiting = true;
             } else if self
                 .away_since
                 .get(node)
                 .is_some_and(|since| since.elapsed() >= self.settings.away_grace)
             {
-                // A spare in a site with room under the cap, as a write's
-                // hand-off: a site loss must still leave k fragments.
-                let room = |n: &NodeId| {
-                    work.placer.site_of(n).is_some_and(|site| {
-                        per_site.get(&site).copied().unwrap_or(0) < work.placer.site_cap()
-                    })
-                };
-                match work
-                    .spares
-                    .iter()
-                    .find(|n| self.reachable(n) && !taken.contains(n) && room(n))
-                {
-                    Some(spare) => {
-                        targets.push((index, *spare));
-                        taken.insert(*spare);
-                        if let Some(site) = work.placer.site_of(spare) {
-                            *per_site.entry(site).or_default() += 1;
-                        }
-                        on_spare = true;
-                    }
-                    None => waiting = true,
-                }
+                away.push(index);
             } else {
                 waiting = true;
             }
         }
+        // Spares last, once every placed target is counted: in a site
+        // with room under the cap, as a write's hand-off, so that a site
+        // loss still leaves k.
+        for index in away {
+            let room = |n: &NodeId, per_site: &HashMap<usize, usize>| {
+                work.placer.site_of(n).is_some_and(|site| {
+                    per_site.get(&site).copied().unwrap_or(0) < work.placer.site_cap()
+                })
+            };
+            match work
+                .spares
+                .iter()
+                .find(|n| self.reachable(n) && !taken.contains(n) && room(n, &per_site))
+            {
+                Some(spare) => {
+                    targets.push((index, *spare));
+                    taken.insert(*spare);
+                    count(spare, &mut per_site);
+                }
+                None => waiting = true,
+            }
+        }
         if targets.is_empty() {
             done.whole = !waiting;
-            if done.whole {
-                (done.shed, done.no_copies_left) = self.shed_extras(degraded).await;
-            }
             return Ok(done);
         }
         // The version may have gone since the audit: nothing to keep then.
@@ -841,14 +836,8 @@ impl Repair {
             Some(RowValue::Version(version)) if version.exists(now_unix_ms()) => {}
             _ => {
                 done.whole = true;
-                done.no_copies_left = true;
                 return Ok(done);
             }
-        }
-        if on_spare {
-            // The copy on a spare outlives its use once the placed node is
-            // back with its own: a record makes later passes look for it.
-            self.record(work).await?;
         }
         let fragment_len = work
             .scheme
@@ -935,78 +924,9 @@ impl Repair {
                 }
             }
         }
-        done.whole = all_stored && !waiting && !on_spare;
-        if done.whole {
-            (done.shed, done.no_copies_left) = self.shed_extras(degraded).await;
-        }
+        done.whole =
+            all_stored && !waiting && targets.iter().all(|(i, n)| work.placed.get(*i) == Some(n));
         Ok(done)
-    }
-
-    /// Writes a degraded-segment record for `work` (repair put one of its
-    /// fragments on a spare).
-    async fn record(&self, work: &SegmentWork) -> ModelResult<()> {
-        let metadata = self.node.metadata();
-        let record = DegradedRecord {
-            since_unix_ms: now_unix_ms(),
-            fragments: work.segment.fragments.clone(),
-            missing: Vec::new(),
-        };
-        metadata
-            .write(vec![(
-                degraded_row(&work.bucket, &work.key, &work.upload, &work.placement_key()),
-                register(Some(record.encode()), metadata.timestamp()),
-            )])
-            .await?;
-        Ok(())
-    }
-
-    /// Once every fragment is on its placed node, asks the other holders
-    /// found (hand-offs, nodes the map moved the segment away from, nodes
-    /// being drained, spares repair used) to drop their copies; each
-    /// checks by itself. Returns the copies dropped, and whether none is
-    /// left that was asked.
-    async fn shed_extras(&self, degraded: &Degraded) -> (u64, bool) {
-        let work = &degraded.work;
-        let owner = (work.upload, work.object);
-        let sheds = degraded
-            .holders
-            .iter()
-            .enumerate()
-            .flat_map(|(index, holders)| {
-                let id = work.segment.fragments[index];
-                // A node placed for any fragment with these bytes keeps them.
-                holders
-                    .iter()
-                    .filter(move |n| {
-                        !work
-                            .placed
-                            .iter()
-                            .zip(&work.segment.fragments)
-                            .any(|(placed, fragment)| placed == *n && *fragment == id)
-                    })
-                    .map(move |n| (index, *n))
-            })
-            .map(|(index, node)| async move {
-                let asked = self.node.shed_fragment(
-                    &node,
-                    owner,
-                    work.scheme,
-                    index,
-                    &work.segment.fragments,
-                );
-                match tokio::time::timeout(CALL_DEADLINE, asked).await {
-                    Ok(Ok(released)) => (released.trashed, released.held == 0),
-                    Ok(Err(error)) => {
-                        tracing::debug!(%node, index, %error, "a copy off placement was not shed; next pass");
-                        (0, false)
-                    }
-                    Err(_) => (0, false),
-                }
-            });
-        futures::future::join_all(sheds)
-            .await
-            .into_iter()
-            .fold((0, true), |(shed, all), (n, ok)| (shed + n, all && ok))
     }
 
     /// Reads `k` fragments of the segment from their holders (this node,
@@ -1113,11 +1033,8 @@ impl Repair {
 struct SegmentRepair {
     /// Every fragment is on its placed node now.
     whole: bool,
-    /// And every other copy found was dropped.
-    no_copies_left: bool,
     rebuilt: u64,
     copied: u64,
-    shed: u64,
     bytes_read: u64,
     bytes_written: u64,
 }

@@ -5,9 +5,8 @@
 
 use std::time::Duration;
 
-use cairn_protocol::erasure::Scheme;
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId};
-use cairn_protocol::wire::{Hold, ObjectKeyDigest};
+use cairn_protocol::wire::Hold;
 
 use crate::event_loop::{Command, upload_provider_key};
 use crate::identity::{node_id_of, peer_id_of};
@@ -69,31 +68,6 @@ impl NodeHandle {
         }
         self.with_retries(node, |stream| pieces::release(stream, upload, bucket, key))
             .await
-    }
-
-    /// Asks `node` (this node itself included) to move its copy of
-    /// `fragments[index]`, stored for `owner` (upload and object), to its
-    /// trash; it does so only if the fragment lives on the node placement
-    /// names for it.
-    pub async fn shed_fragment(
-        &self,
-        node: &NodeId,
-        owner: (UploadId, ObjectKeyDigest),
-        scheme: Scheme,
-        index: usize,
-        fragments: &[FragmentId],
-    ) -> Result<Released, NodeError> {
-        let (upload, object) = owner;
-        if *node == self.node_id() {
-            return Ok(self
-                .local
-                .shed_local(upload, object, scheme, index, fragments)
-                .await?);
-        }
-        self.with_retries(node, |stream| {
-            pieces::shed(stream, upload, object, scheme, index, fragments.to_vec())
-        })
-        .await
     }
 
     /// Whether `node` is a member connected to this one, dialing it first

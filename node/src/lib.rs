@@ -22,7 +22,6 @@ mod outbound;
 pub mod pieces;
 pub mod release;
 pub mod scrub;
-mod shed;
 pub mod store;
 pub mod swarm;
 mod workers;

@@ -6,7 +6,6 @@
 //! stream closed; nothing it sends is allocated beyond one frame, or beyond
 //! the store's fragment limit for a declared put.
 
-use cairn_protocol::erasure::Scheme;
 use cairn_protocol::ids::{FragmentHasher, FragmentId, UploadId};
 use cairn_protocol::wire::{
     self, FrameDecoder, Hold, Message, ObjectKeyDigest, RejectCode, WireError,
@@ -23,7 +22,6 @@ use crate::budget::{ByteBudget, Taken};
 
 use crate::meta::Metadata;
 use crate::release::{ReleaseRules, may_release};
-use crate::shed::ShedCheck;
 use crate::store::{
     FragmentState, FragmentStore, PutOutcome, Released, StoreError, VerifiedFragment,
 };
@@ -180,8 +178,6 @@ pub struct Server {
     /// What a release is checked against.
     pub(crate) metadata: Metadata,
     pub(crate) release_rules: ReleaseRules,
-    /// What a shed is checked against.
-    pub(crate) shed_check: Arc<ShedCheck>,
 }
 
 /// Runs a store call on a blocking thread: store reads touch the disk and
@@ -316,72 +312,9 @@ impl Server {
                 }
                 Err(refusal) => send(write, &refusal).await,
             },
-            Message::Shed {
-                upload,
-                object,
-                scheme,
-                index,
-                fragments,
-            } => match self
-                .shed(upload, object, scheme, usize::from(index), &fragments)
-                .await?
-            {
-                Ok(Released { trashed, held }) => {
-                    send(write, &Message::Released { trashed, held }).await
-                }
-                Err(refusal) => send(write, &refusal).await,
-            },
             Message::Cancel => Ok(()),
             other => Err(unexpected(&other)),
         }
-    }
-
-    /// Moves this node's copy of `fragments[index]` to the trash if it
-    /// was stored for `upload` and `object` and may go
-    /// ([`ShedCheck::may_shed`]); a copy under a retention stays.
-    async fn shed(
-        &self,
-        upload: UploadId,
-        object: ObjectKeyDigest,
-        scheme: Scheme,
-        index: usize,
-        fragments: &[FragmentId],
-    ) -> Result<Result<Released, Message>, PieceError> {
-        let id = fragments[index];
-        let store = self.store.clone();
-        let held_here = matches!(
-            blocking(move || store.entry(&id)).await?,
-            Ok(Some(entry)) if entry.state == FragmentState::Live
-                && entry.hold.upload == upload
-                && entry.hold.object == object
-        );
-        if !held_here {
-            return Ok(Ok(Released::default()));
-        }
-        if let Err(why) = self.shed_check.may_shed(scheme, index, fragments).await {
-            tracing::debug!(fragment = %id, %why, "refused a shed");
-            return Ok(Err(reject(
-                RejectCode::Unauthorized,
-                format!("shed refused: {why}"),
-            )));
-        }
-        let store = self.store.clone();
-        let now = (self.now_unix_ms)();
-        Ok(match blocking(move || store.delete(&id, now)).await? {
-            Ok(()) => {
-                tracing::debug!(fragment = %id, "shed a copy that lives on its placed node");
-                Ok(Released {
-                    trashed: 1,
-                    held: 0,
-                })
-            }
-            Err(StoreError::Held { .. }) => Ok(Released {
-                trashed: 0,
-                held: 1,
-            }),
-            Err(StoreError::NotFound(_)) => Ok(Released::default()),
-            Err(error) => Err(reject_for(&error)),
-        })
     }
 
     async fn receive_put<R, W>(
@@ -585,19 +518,6 @@ impl Server {
         self.live(ids).await
     }
 
-    pub(crate) async fn shed_local(
-        &self,
-        upload: UploadId,
-        object: ObjectKeyDigest,
-        scheme: Scheme,
-        index: usize,
-        fragments: &[FragmentId],
-    ) -> Result<Released, PieceError> {
-        self.shed(upload, object, scheme, index, fragments)
-            .await?
-            .map_err(|r| refused(&r))
-    }
-
     pub(crate) async fn release_local(
         &self,
         upload: UploadId,
@@ -785,31 +705,6 @@ pub async fn release<S: AsyncRead + AsyncWrite + Unpin>(
         upload,
         bucket: bucket.to_owned(),
         key: key.to_owned(),
-    };
-    let (mut reader, mut write) = open_exchange(stream, &request).await?;
-    write.close().await?;
-    match reader.expect().await? {
-        Message::Released { trashed, held } => Ok(Released { trashed, held }),
-        Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
-        other => Err(unexpected(&other)),
-    }
-}
-
-/// Asks the peer to move its copy of `fragments[index]` to its trash.
-pub async fn shed<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
-    upload: UploadId,
-    object: ObjectKeyDigest,
-    scheme: Scheme,
-    index: usize,
-    fragments: Vec<FragmentId>,
-) -> Result<Released, PieceError> {
-    let request = Message::Shed {
-        upload,
-        object,
-        scheme,
-        index: index as u8,
-        fragments,
     };
     let (mut reader, mut write) = open_exchange(stream, &request).await?;
     write.close().await?;

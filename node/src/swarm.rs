@@ -37,7 +37,6 @@ use crate::meta::{META_PROTOCOL, Metadata, rpc as meta_rpc};
 use crate::pieces::{self, PieceError};
 use crate::release::{ReleaseCheck, ReleaseRules};
 use crate::scrub::{self, ScrubSettings};
-use crate::shed::ShedCheck;
 use crate::store::{FragmentStore, ScrubState, StoreConfig, StoreError};
 use crate::workers;
 
@@ -226,12 +225,6 @@ impl Node {
             stored: Some(stored),
             metadata: metadata.clone(),
             release_rules: ReleaseRules::default(),
-            shed_check: Arc::new(ShedCheck {
-                own: identity.node_id(),
-                maps: maps.clone(),
-                control: control.clone(),
-                members: members.clone(),
-            }),
         };
         let (scrub_progress, scrub) = watch::channel(ScrubState::default());
         let mut tasks = vec![

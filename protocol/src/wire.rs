@@ -10,7 +10,6 @@ use ed25519_dalek::{Signature, Signer, SigningKey};
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::erasure::Scheme;
 use crate::ids::{FragmentId, NodeId, UploadId};
 use crate::manifest::{MAX_BUCKET_BYTES, MAX_KEY_BYTES};
 
@@ -270,20 +269,6 @@ pub enum Message {
         trashed: u64,
         held: u64,
     },
-    /// Asks the holder to move its copy of `fragments[index]` to its trash:
-    /// the fragment now lives on the node that placement names for it (a
-    /// rebalance or a hand-off moved it). The holder checks that by itself
-    /// (spec/repair.md, "Shedding"); the answer is `released`. Only a copy
-    /// whose hold names `upload` and `object` is dropped: identical bytes
-    /// stored for another object are that object's.
-    Shed {
-        upload: UploadId,
-        object: ObjectKeyDigest,
-        scheme: Scheme,
-        index: u8,
-        /// The segment's fragment ids in order: its placement key.
-        fragments: Vec<FragmentId>,
-    },
 }
 
 mod tag {
@@ -303,7 +288,6 @@ mod tag {
     pub const CANCEL: u8 = 0x0e;
     pub const RELEASE: u8 = 0x0f;
     pub const RELEASED: u8 = 0x10;
-    pub const SHED: u8 = 0x11;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -322,8 +306,6 @@ pub enum WireError {
         len: usize,
         max: usize,
     },
-    #[error("a shed names an invalid scheme, or an index or id count outside it")]
-    BadShed,
 }
 
 impl Message {
@@ -453,26 +435,6 @@ impl Message {
                 out.put_u64(*trashed);
                 out.put_u64(*held);
             }
-            Message::Shed {
-                upload,
-                object,
-                scheme,
-                index,
-                fragments,
-            } => {
-                if fragments.len() != scheme.total() || usize::from(*index) >= fragments.len() {
-                    return Err(WireError::BadShed);
-                }
-                out.put_u8(tag::SHED);
-                out.extend_from_slice(upload.as_bytes());
-                out.extend_from_slice(object.as_bytes());
-                out.put_u8(scheme.data() as u8);
-                out.put_u8(scheme.parity() as u8);
-                out.put_u8(*index);
-                for id in fragments {
-                    out.extend_from_slice(id.as_bytes());
-                }
-            }
         }
         let frame_len = out.len() - start - 4;
         out[start..start + 4].copy_from_slice(&(frame_len as u32).to_be_bytes());
@@ -562,27 +524,6 @@ impl Message {
                 trashed: r.u64("trashed")?,
                 held: r.u64("held")?,
             },
-            tag::SHED => {
-                let upload = UploadId(r.array("upload id")?);
-                let object = ObjectKeyDigest(r.array("object key digest")?);
-                let (k, m) = (r.u8("shed k")?, r.u8("shed m")?);
-                let scheme = Scheme::new(k, m).map_err(|_| WireError::BadShed)?;
-                let index = r.u8("shed index")?;
-                if usize::from(index) >= scheme.total() {
-                    return Err(WireError::BadShed);
-                }
-                // At most 64 ids: the scheme bounds the count, not the peer.
-                let fragments = (0..scheme.total())
-                    .map(|_| r.array("fragment id").map(FragmentId))
-                    .collect::<Result<_, _>>()?;
-                Message::Shed {
-                    upload,
-                    object,
-                    scheme,
-                    index,
-                    fragments,
-                }
-            }
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish("message")?;
@@ -747,17 +688,6 @@ mod tests {
                 trashed: 3,
                 held: 1,
             },
-            Message::Shed {
-                upload: UploadId([5; 16]),
-                object: ObjectKeyDigest([6; 32]),
-                scheme: Scheme::new(2, 1).unwrap(),
-                index: 2,
-                fragments: vec![
-                    FragmentId([1; 32]),
-                    FragmentId([2; 32]),
-                    FragmentId([3; 32]),
-                ],
-            },
         ];
         let mut stream = Vec::new();
         for m in &messages {
@@ -793,51 +723,5 @@ mod tests {
         let mut longer = hold.clone();
         longer.retain_until_unix_ms += 1;
         assert!(!longer.verify(&id));
-    }
-
-    #[test]
-    fn a_shed_outside_its_scheme_is_refused_both_ways() {
-        let id = FragmentId([9; 32]);
-        let shed = |k: u8, m: u8, index: u8, count: usize| Message::Shed {
-            upload: UploadId([5; 16]),
-            object: ObjectKeyDigest([6; 32]),
-            scheme: Scheme::new(k, m).unwrap(),
-            index,
-            fragments: vec![id; count],
-        };
-        let mut out = Vec::new();
-        assert!(matches!(
-            shed(4, 2, 6, 6).encode(&mut out),
-            Err(WireError::BadShed)
-        ));
-        assert!(matches!(
-            shed(4, 2, 0, 5).encode(&mut out),
-            Err(WireError::BadShed)
-        ));
-        let frame = |payload: &[u8]| {
-            let mut bytes = ((payload.len() + 1 + 48) as u32).to_be_bytes().to_vec();
-            bytes.push(tag::SHED);
-            bytes.extend_from_slice(&[5; 16]);
-            bytes.extend_from_slice(&[6; 32]);
-            bytes.extend_from_slice(payload);
-            let mut decoder = FrameDecoder::default();
-            decoder.feed(&bytes);
-            decoder.next_message()
-        };
-        let ids = [9u8; 32 * 3];
-        // k = 0, k above 32, index past the end, one id short, one too many.
-        for payload in [
-            [&[0, 2, 0][..], &ids[..64]].concat(),
-            [&[33, 0, 0][..], &ids[..]].concat(),
-            [&[2, 1, 3][..], &ids[..]].concat(),
-            [&[2, 1, 0][..], &ids[..64]].concat(),
-            [&[1, 1, 0][..], &ids[..]].concat(),
-        ] {
-            assert!(frame(&payload).is_err(), "{:?}", &payload[..3]);
-        }
-        assert_eq!(
-            frame(&[&[2, 1, 2][..], &ids[..]].concat()).unwrap(),
-            Some(shed(2, 1, 2, 3))
-        );
     }
 }

@@ -542,16 +542,6 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
                 held: 1,
             },
         ),
-        (
-            "shed",
-            Message::Shed {
-                upload: UploadId([0x4d; 16]),
-                object: cairn_protocol::wire::ObjectKeyDigest::of("photos", "2026/cat.jpg"),
-                scheme: cairn_protocol::erasure::Scheme::new(4, 2).unwrap(),
-                index: 5,
-                fragments: (1..=6u8).map(|n| FragmentId([n; 32])).collect(),
-            },
-        ),
     ]
 }
 
