@@ -510,7 +510,11 @@ impl FragmentStore {
             && FragmentId::of(&bytes) == *id;
         if !intact {
             tracing::error!(fragment = %id, volume = entry.volume, offset = entry.offset, "corrupt fragment: quarantined");
-            self.set_state(id, |e| e.state = FragmentState::Quarantined)?;
+            // Kept for the trash period as evidence, then purged.
+            self.set_state(id, |e| {
+                e.state = FragmentState::Quarantined;
+                e.trashed_at_unix_ms = crate::clock::now_unix_ms();
+            })?;
             return Err(StoreError::Corrupt(*id));
         }
         let start = offset.min(entry.len) as usize;
@@ -634,7 +638,8 @@ impl FragmentStore {
         Ok(counts)
     }
 
-    /// Forgets the fragments whose trash period is over; returns how many.
+    /// Forgets the fragments whose trash period is over, and quarantined
+    /// entries as long after they were quarantined; returns how many.
     pub fn purge_trash(&self, now_unix_ms: u64) -> Result<usize, StoreError> {
         let trash_ms = self.shared.config.trash_ms;
         let mut txn = self.shared.db.begin_write().map_err(index_error)?;
@@ -648,8 +653,10 @@ impl FragmentStore {
                 let (key, value) = row.map_err(index_error)?;
                 let id = FragmentId(*key.value());
                 let entry = FragmentEntry::decode(id, value.value())?;
-                if entry.state == FragmentState::Trash
-                    && entry.trashed_at_unix_ms.saturating_add(trash_ms) <= now_unix_ms
+                if matches!(
+                    entry.state,
+                    FragmentState::Trash | FragmentState::Quarantined
+                ) && entry.trashed_at_unix_ms.saturating_add(trash_ms) <= now_unix_ms
                 {
                     expired.push((id, entry.hold.upload));
                 }
@@ -938,7 +945,7 @@ impl Writer {
                         replies.push((request.reply, Ok(PutOutcome::AlreadyStored)));
                         continue;
                     }
-                    Some(mut entry) if entry.state != FragmentState::Quarantined => {
+                    Some(mut entry) if entry.state == FragmentState::Live => {
                         // A hold only ever extends, and only for the
                         // upload and object it names: a later put cannot
                         // move a fragment to an upload or key it can release.
@@ -954,15 +961,21 @@ impl Writer {
                                 .map_err(index_error)?;
                             entry.hold = request.hold;
                         }
-                        entry.state = FragmentState::Live;
-                        entry.trashed_at_unix_ms = 0;
                         table
                             .insert(id.as_bytes(), &entry.encode()[..])
                             .map_err(index_error)?;
                         replies.push((request.reply, Ok(PutOutcome::AlreadyStored)));
                         continue;
                     }
-                    _ => {}
+                    // A copy in the trash or in quarantine is replaced by
+                    // this put's verified bytes, hold and time: bytes in the
+                    // trash are not scrubbed and may have rotted.
+                    Some(entry) => {
+                        by_upload
+                            .remove(&upload_key(&entry.hold.upload, &id))
+                            .map_err(index_error)?;
+                    }
+                    None => {}
                 }
                 let record_len = RECORD_HEADER_BYTES + request.fragment.len();
                 let (used, capacity) = (self.used_bytes(), self.shared.config.capacity_bytes);

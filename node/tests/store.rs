@@ -268,6 +268,41 @@ async fn a_scrub_finds_a_flipped_byte_and_resumes_where_it_was_after_a_reopen() 
 }
 
 #[tokio::test]
+async fn a_put_of_a_trashed_fragment_stores_its_bytes_again_and_quarantine_is_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    let (id, outcome) = put(&store, fragment_bytes(31, 30_000), 0).await;
+    outcome.unwrap();
+    store.delete(&id, NOW).unwrap();
+    // The bytes rot in the trash, where no scrub looks.
+    flip_a_byte(dir.path(), &store, &id);
+    let again = VerifiedFragment::new(id, fragment_bytes(31, 30_000)).unwrap();
+    let outcome = store.put(again, hold(&id, 0), NOW + 5).await.unwrap();
+    assert_eq!(
+        outcome,
+        PutOutcome::Stored,
+        "the put's bytes are written again"
+    );
+    let entry = store.entry(&id).unwrap().unwrap();
+    assert_eq!(
+        (entry.state, entry.stored_at_unix_ms),
+        (FragmentState::Live, NOW + 5)
+    );
+    assert_eq!(
+        store.read(&id, 0, u64::MAX).unwrap(),
+        fragment_bytes(31, 30_000)
+    );
+    // A quarantined entry goes with the trash purge, a trash period after
+    // it was quarantined.
+    flip_a_byte(dir.path(), &store, &id);
+    assert!(matches!(store.read(&id, 0, 1), Err(StoreError::Corrupt(_))));
+    let now = cairn_node::clock::now_unix_ms();
+    assert_eq!(store.purge_trash(now).unwrap(), 0);
+    assert_eq!(store.purge_trash(now + 2_000).unwrap(), 1);
+    assert!(store.entry(&id).unwrap().is_none());
+}
+
+#[tokio::test]
 async fn bytes_of_an_interrupted_batch_are_cut_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let id = {
