@@ -200,7 +200,7 @@ def check_manifest():
 def check_wire():
     names = ["hello", "put_fragment", "data", "ack", "reject", "get_fragment", "fragment_header", "have_query",
              "have_reply", "inventory_query", "inventory_digest", "inventory_list", "inventory_page", "cancel",
-             "release", "released"]
+             "release", "released", "status_query", "status_reply"]
     for i, frame in enumerate(load("wire.json")["frames"]):
         raw = h(frame["frame"])
         assert frame["message"] == names[i]
@@ -220,6 +220,17 @@ def check_wire():
             r.done()
         if frame["message"] == "released":
             assert len(raw) == 5 + 16
+        if frame["message"] == "status_query":
+            assert len(raw) == 5
+        if frame["message"] == "status_reply":
+            n = [struct.unpack(">Q", raw[5 + 8 * i:13 + 8 * i])[0] for i in range(23)]
+            live, trash, quarantined = n[3], n[4], n[5]
+            segments, whole, unreadable = n[15], n[16], n[17]
+            assert (live, trash, quarantined) == (2048, 3, 1) and n[0] == 1 << 40
+            count = struct.unpack(">I", raw[5 + 184:9 + 184])[0]
+            table = [(raw[193 + 9 * i], struct.unpack(">Q", raw[194 + 9 * i:202 + 9 * i])[0]) for i in range(count)]
+            assert table == [(0, 1), (1, 2)] and len(raw) == 193 + 9 * count
+            assert whole + sum(c for _, c in table) + unreadable + 0 == segments
 
 
 def check_versions():

@@ -17,6 +17,8 @@ use cairn_protocol::ids::{NodeId, SiteId};
 use cairn_protocol::membership::{Certificate, ClusterId, SignedMap};
 use clap::{Parser, Subcommand};
 
+mod status;
+
 #[derive(Parser)]
 #[command(
     name = "cairn",
@@ -85,6 +87,17 @@ enum Admin {
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+    /// Every node of the map: up or down, what it holds, its last scrub
+    /// and repair, and the segments at full strength, degraded or
+    /// unreadable.
+    Status {
+        /// The cluster key.
+        #[arg(long)]
+        cluster_key: PathBuf,
+        /// A node's QUIC address, e.g. /ip4/10.0.0.5/udp/7400/quic-v1.
+        #[arg(long)]
+        peer: String,
     },
     /// Create a KMS root key file for the gateways (mode 0600).
     RootKey {
@@ -300,6 +313,11 @@ fn admin(command: Admin) -> Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(key_command(command))?;
         }
+        Admin::Status { cluster_key, peer } => {
+            let cluster_key = load_cluster_key(&cluster_key)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(status_command(cluster_key, peer))?;
+        }
         Admin::Map {
             command:
                 MapCommand::Push {
@@ -421,6 +439,35 @@ async fn key_command(command: KeyCommand) -> Result<()> {
     drop(keys);
     node.shutdown().await;
     outcome
+}
+
+/// Asks every node of the map for its status and prints the report.
+async fn status_command(cluster_key: Identity, peer: String) -> Result<()> {
+    let (_scratch, node) = join_for_a_moment(&cluster_key, &peer).await?;
+    let map = node
+        .cluster_map()
+        .expect("join_for_a_moment waits for the map");
+    let asks = map.map.nodes.iter().map(|member| {
+        let node = &node;
+        async move {
+            let asked = tokio::time::timeout(Duration::from_secs(10), node.status(&member.id));
+            let answer = match asked.await {
+                Ok(Ok(status)) => Ok(status),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err("no answer within 10 s".to_owned()),
+            };
+            (member.id, answer)
+        }
+    });
+    let answers = futures::future::join_all(asks).await.into_iter().collect();
+    print!(
+        "cluster map version {}, scheme {}\n{}",
+        map.map.version,
+        map.scheme,
+        status::render(&map.map.nodes, &answers, now_unix_ms())
+    );
+    node.shutdown().await;
+    Ok(())
 }
 
 /// Joins the cluster as a short-lived member, pushes the map to one node

@@ -429,6 +429,25 @@ fn a_served_node_with_an_s3_section_serves_keys_made_by_the_admin_commands() {
         assert_eq!(bytes.as_ref(), b"through cairn serve");
     });
 
+    // `cairn admin status` shows the three nodes up, and the object's one
+    // segment whole once the responsible node's repair has passed over it.
+    let status = || {
+        let mut args = vec!["admin", "status"];
+        args.extend(cluster.admin_args[..4].iter().map(String::as_str));
+        String::from_utf8_lossy(&run(&args).stdout).into_owned()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let report = loop {
+        let report = status();
+        if report.contains("checked 1, at full strength 1") {
+            break report;
+        }
+        assert!(std::time::Instant::now() < deadline, "{report}");
+    };
+    assert_eq!(report.matches(" ok ").count(), 3, "{report}");
+    assert!(report.contains("unreadable: 0"), "{report}");
+    assert!(report.contains("(1 fragments;"), "{report}");
+
     admin(&["delete", &id]);
     // The served gateway caches no access key (access_key_cache_seconds = 0).
     runtime.block_on(async {

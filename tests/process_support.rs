@@ -266,6 +266,10 @@ impl ProcessCluster {
                 let name = format!("s{site}n{n}");
                 let id = enrol(dir.path(), &key, &name, &format!("site-{site}"));
                 let config = write_config(dir.path(), &name, &cluster, free_udp_port());
+                // Repair passes every second, for `cairn admin status` to report.
+                let mut text = std::fs::read_to_string(&config).unwrap();
+                text += "[repair]\nevery_seconds = 1\n";
+                std::fs::write(&config, text).unwrap();
                 let server = Server::start(&config, &[("CAIRN_BOOTSTRAP", first.clone())]);
                 server.wait_for(&["member verified", &gateway_id]);
                 nodes.push(server);

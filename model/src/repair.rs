@@ -27,6 +27,7 @@ use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::{Partition, RowKey, RowValue, Table};
 use cairn_protocol::placement::{NodeState, Placer, segment_placement_key};
 use cairn_protocol::records::DegradedRecord;
+use cairn_protocol::status::RepairSummary;
 use cairn_protocol::version::VersionBody;
 use cairn_protocol::wire::{Hold, MAX_HAVE_IDS, ObjectKeyDigest};
 use futures::StreamExt;
@@ -156,6 +157,31 @@ pub struct RepairStatus {
     pub bytes_written: u64,
 }
 
+impl RepairStatus {
+    /// What a status query of the node answers (`cairn admin status`).
+    pub fn summary(&self) -> RepairSummary {
+        let last = self.last.clone().unwrap_or_default();
+        RepairSummary {
+            passes: self.passes,
+            last_finished_unix_ms: last.finished_unix_ms,
+            partitions: last.partitions,
+            segments: last.segments,
+            whole: last.whole,
+            degraded_by_spares: last
+                .degraded_by_spares
+                .iter()
+                .map(|(spares, segments)| ((*spares).min(255) as u8, *segments))
+                .collect(),
+            unreadable: last.unreadable,
+            pending: last.pending,
+            rebuilt: self.rebuilt,
+            copied: self.copied,
+            bytes_read: self.bytes_read,
+            bytes_written: self.bytes_written,
+        }
+    }
+}
+
 /// The repair worker of one node; stops when dropped.
 pub struct Repairer {
     task: tokio::task::JoinHandle<()>,
@@ -183,6 +209,7 @@ impl Repairer {
                             status.bytes_written += report.bytes_written;
                             status.last = Some(report);
                         });
+                        repair.node.publish_repair(publish.borrow().summary());
                     }
                     Err(error) => tracing::warn!(%error, "repair pass failed"),
                 }

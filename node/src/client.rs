@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId};
+use cairn_protocol::status::NodeStatus;
 use cairn_protocol::wire::Hold;
 
 use crate::event_loop::{Command, upload_provider_key};
@@ -87,6 +88,14 @@ impl NodeHandle {
         tokio::time::timeout(timeout, reached)
             .await
             .unwrap_or(false)
+    }
+
+    /// `node`'s status (this node's own included).
+    pub async fn status(&self, node: &NodeId) -> Result<NodeStatus, NodeError> {
+        if *node == self.node_id() {
+            return Ok(self.local.status_local().await?);
+        }
+        self.with_retries(node, pieces::status).await
     }
 
     /// Which of `ids` `node` holds, in `ids` order.

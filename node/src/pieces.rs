@@ -18,12 +18,15 @@ use libp2p::PeerId;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
+use cairn_protocol::status::{NodeStatus, RepairSummary, ScrubStatus};
+use tokio::sync::watch;
+
 use crate::budget::{ByteBudget, Taken};
 
 use crate::meta::Metadata;
 use crate::release::{ReleaseRules, may_release};
 use crate::store::{
-    FragmentState, FragmentStore, PutOutcome, Released, StoreError, VerifiedFragment,
+    FragmentState, FragmentStore, PutOutcome, Released, ScrubState, StoreError, VerifiedFragment,
 };
 
 pub const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new(wire::PROTOCOL_NAME);
@@ -178,6 +181,9 @@ pub struct Server {
     /// What a release is checked against.
     pub(crate) metadata: Metadata,
     pub(crate) release_rules: ReleaseRules,
+    /// Where this node's scrub is, and its repair's last report.
+    pub(crate) scrub: watch::Receiver<ScrubState>,
+    pub(crate) repair: Arc<std::sync::Mutex<RepairSummary>>,
 }
 
 /// Runs a store call on a blocking thread: store reads touch the disk and
@@ -312,9 +318,41 @@ impl Server {
                 }
                 Err(refusal) => send(write, &refusal).await,
             },
+            Message::StatusQuery => match self.status().await? {
+                Ok(status) => send(write, &Message::StatusReply(Box::new(status))).await,
+                Err(error) => send(write, &reject_for(&error)).await,
+            },
             Message::Cancel => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// This node's status: its store (an index walk, off the runtime),
+    /// its scrub and its repair.
+    async fn status(&self) -> Result<Result<NodeStatus, StoreError>, PieceError> {
+        let store = self.store.clone();
+        let summary = match blocking(move || store.status()).await? {
+            Ok(summary) => summary,
+            Err(error) => return Ok(Err(error)),
+        };
+        let scrub = *self.scrub.borrow();
+        let pass = scrub.pass.unwrap_or_default();
+        Ok(Ok(NodeStatus {
+            store: summary,
+            scrub: ScrubStatus {
+                passes: scrub.passes,
+                last_finished_unix_ms: scrub.last_finished_unix_ms,
+                pass_started_unix_ms: scrub.pass.map_or(0, |p| p.started_unix_ms),
+                pass_checked: pass.checked,
+                pass_bytes: pass.bytes,
+                corrupt_found: scrub.corrupt_found,
+            },
+            repair: self.repair.lock().expect("repair summary lock").clone(),
+        }))
+    }
+
+    pub(crate) async fn status_local(&self) -> Result<NodeStatus, PieceError> {
+        self.status().await?.map_err(|e| refused(&reject_for(&e)))
     }
 
     async fn receive_put<R, W>(
@@ -710,6 +748,19 @@ pub async fn release<S: AsyncRead + AsyncWrite + Unpin>(
     write.close().await?;
     match reader.expect().await? {
         Message::Released { trashed, held } => Ok(Released { trashed, held }),
+        Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// Asks the peer for its status.
+pub async fn status<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+) -> Result<NodeStatus, PieceError> {
+    let (mut reader, mut write) = open_exchange(stream, &Message::StatusQuery).await?;
+    write.close().await?;
+    match reader.expect().await? {
+        Message::StatusReply(status) => Ok(*status),
         Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
         other => Err(unexpected(&other)),
     }

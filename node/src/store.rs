@@ -638,6 +638,37 @@ impl FragmentStore {
         Ok(counts)
     }
 
+    /// What the store holds, for a status: counts by state, live bytes,
+    /// and the bytes of the volumes. Walks the index: blocking.
+    pub fn status(&self) -> Result<cairn_protocol::status::StoreStatus, StoreError> {
+        let txn = self.shared.db.begin_read().map_err(index_error)?;
+        let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+        let mut status = cairn_protocol::status::StoreStatus {
+            capacity_bytes: self.shared.config.capacity_bytes,
+            ..Default::default()
+        };
+        for row in table.iter().map_err(index_error)? {
+            let (key, value) = row.map_err(index_error)?;
+            let Ok(entry) = FragmentEntry::decode(FragmentId(*key.value()), value.value()) else {
+                continue;
+            };
+            match entry.state {
+                FragmentState::Live => {
+                    status.live += 1;
+                    status.live_bytes += entry.len;
+                }
+                FragmentState::Trash => status.trash += 1,
+                FragmentState::Quarantined => status.quarantined += 1,
+            }
+        }
+        let volumes = txn.open_table(VOLUMES).map_err(index_error)?;
+        for row in volumes.iter().map_err(index_error)? {
+            let (_, len) = row.map_err(index_error)?;
+            status.used_bytes += len.value();
+        }
+        Ok(status)
+    }
+
     /// Forgets the fragments whose trash period is over, and quarantined
     /// entries as long after they were quarantined; returns how many.
     pub fn purge_trash(&self, now_unix_ms: u64) -> Result<usize, StoreError> {

@@ -36,6 +36,8 @@ use crate::meta::replica::MetaReplica;
 use crate::meta::{META_PROTOCOL, Metadata, rpc as meta_rpc};
 use crate::pieces::{self, PieceError};
 use crate::release::{ReleaseCheck, ReleaseRules};
+use cairn_protocol::status::RepairSummary;
+
 use crate::scrub::{self, ScrubSettings};
 use crate::store::{FragmentStore, ScrubState, StoreConfig, StoreError};
 use crate::workers;
@@ -213,6 +215,7 @@ impl Node {
             replica,
         );
         metadata.start_anti_entropy(config.anti_entropy_every);
+        let (scrub_progress, scrub) = watch::channel(ScrubState::default());
         let local = pieces::Server {
             store: store.clone(),
             max_fragment_bytes,
@@ -225,8 +228,9 @@ impl Node {
             stored: Some(stored),
             metadata: metadata.clone(),
             release_rules: ReleaseRules::default(),
+            scrub: scrub.clone(),
+            repair: Arc::default(),
         };
-        let (scrub_progress, scrub) = watch::channel(ScrubState::default());
         let mut tasks = vec![
             workers::purge_trash(store.clone()),
             scrub::start(store, config.scrub, scrub_progress),
@@ -501,6 +505,11 @@ impl NodeHandle {
             .release_rules
             .write()
             .expect("release rules lock") = Some(rules);
+    }
+
+    /// Publishes this node's last repair report, for status queries.
+    pub fn publish_repair(&self, summary: RepairSummary) {
+        *self.local.repair.lock().expect("repair summary lock") = summary;
     }
 
     /// Where this node's scrub is; changes after every step.

@@ -23,6 +23,7 @@ pub mod metarpc;
 pub mod pipeline;
 pub mod placement;
 pub mod records;
+pub mod status;
 pub mod version;
 pub mod wire;
 

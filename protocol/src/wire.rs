@@ -12,6 +12,7 @@ use thiserror::Error;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::ids::{FragmentId, NodeId, UploadId};
 use crate::manifest::{MAX_BUCKET_BYTES, MAX_KEY_BYTES};
+use crate::status::NodeStatus;
 
 /// The protocol name on libp2p streams.
 /// Version 2: a hold names the object its fragment was written for, and a
@@ -269,6 +270,9 @@ pub enum Message {
         trashed: u64,
         held: u64,
     },
+    /// Asks for the node's status (`cairn admin status`).
+    StatusQuery,
+    StatusReply(Box<NodeStatus>),
 }
 
 mod tag {
@@ -288,6 +292,8 @@ mod tag {
     pub const CANCEL: u8 = 0x0e;
     pub const RELEASE: u8 = 0x0f;
     pub const RELEASED: u8 = 0x10;
+    pub const STATUS_QUERY: u8 = 0x11;
+    pub const STATUS_REPLY: u8 = 0x12;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -435,6 +441,11 @@ impl Message {
                 out.put_u64(*trashed);
                 out.put_u64(*held);
             }
+            Message::StatusQuery => out.put_u8(tag::STATUS_QUERY),
+            Message::StatusReply(status) => {
+                out.put_u8(tag::STATUS_REPLY);
+                status.put(out);
+            }
         }
         let frame_len = out.len() - start - 4;
         out[start..start + 4].copy_from_slice(&(frame_len as u32).to_be_bytes());
@@ -524,6 +535,8 @@ impl Message {
                 trashed: r.u64("trashed")?,
                 held: r.u64("held")?,
             },
+            tag::STATUS_QUERY => Message::StatusQuery,
+            tag::STATUS_REPLY => Message::StatusReply(Box::new(NodeStatus::read(&mut r)?)),
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish("message")?;
@@ -688,6 +701,18 @@ mod tests {
                 trashed: 3,
                 held: 1,
             },
+            Message::StatusQuery,
+            Message::StatusReply(Box::new(NodeStatus {
+                store: crate::status::StoreStatus {
+                    live: 4,
+                    ..Default::default()
+                },
+                repair: crate::status::RepairSummary {
+                    degraded_by_spares: [(0, 2), (1, 5)].into(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })),
         ];
         let mut stream = Vec::new();
         for m in &messages {

@@ -542,6 +542,42 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
                 held: 1,
             },
         ),
+        ("status_query", Message::StatusQuery),
+        (
+            "status_reply",
+            Message::StatusReply(Box::new(cairn_protocol::status::NodeStatus {
+                store: cairn_protocol::status::StoreStatus {
+                    capacity_bytes: 1 << 40,
+                    used_bytes: 3 << 30,
+                    live_bytes: 2 << 30,
+                    live: 2048,
+                    trash: 3,
+                    quarantined: 1,
+                },
+                scrub: cairn_protocol::status::ScrubStatus {
+                    passes: 2,
+                    last_finished_unix_ms: 1_764_000_000_000,
+                    pass_started_unix_ms: 0,
+                    pass_checked: 0,
+                    pass_bytes: 0,
+                    corrupt_found: 1,
+                },
+                repair: cairn_protocol::status::RepairSummary {
+                    passes: 7,
+                    last_finished_unix_ms: 1_764_000_100_000,
+                    partitions: 3,
+                    segments: 500,
+                    whole: 497,
+                    degraded_by_spares: [(0, 1), (1, 2)].into(),
+                    unreadable: 0,
+                    pending: 1,
+                    rebuilt: 9,
+                    copied: 4,
+                    bytes_read: 37 << 20,
+                    bytes_written: 13 << 20,
+                },
+            })),
+        ),
     ]
 }
 

@@ -1,0 +1,165 @@
+//! A node's status as `cairn admin status` shows it (spec/wire.md,
+//! "Status"): its store, its scrub and its repair, answered to a
+//! status-query on the piece-exchange protocol.
+
+use std::collections::BTreeMap;
+
+use crate::codec::{DecodeError, Reader, Writer};
+
+/// Entries of the degraded-by-spares table a status may carry: a segment
+/// has at most 64 fragments, so at most 64 spares.
+pub const MAX_SPARE_COUNTS: usize = 65;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub store: StoreStatus,
+    pub scrub: ScrubStatus,
+    pub repair: RepairSummary,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStatus {
+    pub capacity_bytes: u64,
+    /// Bytes of the volumes, live or not (what compaction would reclaim
+    /// is `used_bytes - live_bytes`).
+    pub used_bytes: u64,
+    pub live_bytes: u64,
+    pub live: u64,
+    pub trash: u64,
+    pub quarantined: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScrubStatus {
+    pub passes: u64,
+    /// 0: never.
+    pub last_finished_unix_ms: u64,
+    /// 0: no pass under way.
+    pub pass_started_unix_ms: u64,
+    pub pass_checked: u64,
+    pub pass_bytes: u64,
+    pub corrupt_found: u64,
+}
+
+/// The last repair pass of the node (over the partitions it was
+/// responsible for) and its totals since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairSummary {
+    pub passes: u64,
+    /// 0: no pass finished yet.
+    pub last_finished_unix_ms: u64,
+    pub partitions: u64,
+    pub segments: u64,
+    pub whole: u64,
+    /// Degraded segments by their spares (losses left before unreadable).
+    pub degraded_by_spares: BTreeMap<u8, u64>,
+    pub unreadable: u64,
+    pub pending: u64,
+    pub rebuilt: u64,
+    pub copied: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+impl NodeStatus {
+    pub fn put(&self, out: &mut Vec<u8>) {
+        let s = &self.store;
+        for n in [
+            s.capacity_bytes,
+            s.used_bytes,
+            s.live_bytes,
+            s.live,
+            s.trash,
+            s.quarantined,
+        ] {
+            out.put_u64(n);
+        }
+        let c = &self.scrub;
+        for n in [
+            c.passes,
+            c.last_finished_unix_ms,
+            c.pass_started_unix_ms,
+            c.pass_checked,
+            c.pass_bytes,
+            c.corrupt_found,
+        ] {
+            out.put_u64(n);
+        }
+        let r = &self.repair;
+        for n in [
+            r.passes,
+            r.last_finished_unix_ms,
+            r.partitions,
+            r.segments,
+            r.whole,
+            r.unreadable,
+            r.pending,
+            r.rebuilt,
+            r.copied,
+            r.bytes_read,
+            r.bytes_written,
+        ] {
+            out.put_u64(n);
+        }
+        // Callers keep the table within MAX_SPARE_COUNTS (spares < 256).
+        let entries: Vec<_> = r.degraded_by_spares.iter().take(MAX_SPARE_COUNTS).collect();
+        out.put_u32(entries.len() as u32);
+        for (spares, segments) in entries {
+            out.put_u8(*spares);
+            out.put_u64(*segments);
+        }
+    }
+
+    pub fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let mut n = |field| r.u64(field);
+        let store = StoreStatus {
+            capacity_bytes: n("capacity")?,
+            used_bytes: n("used bytes")?,
+            live_bytes: n("live bytes")?,
+            live: n("live")?,
+            trash: n("trash")?,
+            quarantined: n("quarantined")?,
+        };
+        let scrub = ScrubStatus {
+            passes: n("scrub passes")?,
+            last_finished_unix_ms: n("scrub finished")?,
+            pass_started_unix_ms: n("scrub started")?,
+            pass_checked: n("scrub checked")?,
+            pass_bytes: n("scrub bytes")?,
+            corrupt_found: n("corrupt found")?,
+        };
+        let mut repair = RepairSummary {
+            passes: n("repair passes")?,
+            last_finished_unix_ms: n("repair finished")?,
+            partitions: n("partitions")?,
+            segments: n("segments")?,
+            whole: n("whole")?,
+            unreadable: n("unreadable")?,
+            pending: n("pending")?,
+            rebuilt: n("rebuilt")?,
+            copied: n("copied")?,
+            bytes_read: n("bytes read")?,
+            bytes_written: n("bytes written")?,
+            degraded_by_spares: BTreeMap::new(),
+        };
+        let count = r.count("degraded by spares", MAX_SPARE_COUNTS, 9)?;
+        let mut previous = None;
+        for _ in 0..count {
+            let spares = r.u8("spares")?;
+            // Ascending and distinct: one encoding per table.
+            if previous.is_some_and(|p| spares <= p) {
+                return Err(DecodeError::InvalidValue {
+                    field: "spares order",
+                    value: u64::from(spares),
+                });
+            }
+            previous = Some(spares);
+            repair.degraded_by_spares.insert(spares, r.u64("segments")?);
+        }
+        Ok(Self {
+            store,
+            scrub,
+            repair,
+        })
+    }
+}

@@ -1,0 +1,179 @@
+//! `cairn admin status`: every node of the map, what it holds, its scrub
+//! and its repair, and the cluster's segments by strength.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use cairn_protocol::ids::NodeId;
+use cairn_protocol::placement::MapNode;
+use cairn_protocol::status::NodeStatus;
+
+/// The report for `nodes` (the map's, in order) and each one's answer:
+/// its status, or why it could not be asked. `now_unix_ms` dates the ages.
+pub fn render(
+    nodes: &[MapNode],
+    answers: &BTreeMap<NodeId, Result<NodeStatus, String>>,
+    now_unix_ms: u64,
+) -> String {
+    let mut out = String::new();
+    let age = |at: u64| {
+        if at == 0 {
+            "never".to_owned()
+        } else {
+            let seconds = now_unix_ms.saturating_sub(at) / 1000;
+            match seconds {
+                0..120 => format!("{seconds} s ago"),
+                120..7200 => format!("{} min ago", seconds / 60),
+                7200..172_800 => format!("{} h ago", seconds / 3600),
+                _ => format!("{} d ago", seconds / 86_400),
+            }
+        }
+    };
+    let gib = |bytes: u64| {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+        let mut value = bytes as f64;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < units.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        if unit == 0 {
+            format!("{bytes} B")
+        } else {
+            format!("{value:.1} {}", units[unit])
+        }
+    };
+    let _ = writeln!(out, "nodes");
+    for node in nodes {
+        let short = node.id.to_string();
+        let short = &short[..short.len().min(12)];
+        let state = format!("{:?}", node.state).to_lowercase();
+        match answers.get(&node.id) {
+            Some(Ok(status)) => {
+                let s = &status.store;
+                let c = &status.scrub;
+                let scrub = if c.pass_started_unix_ms != 0 {
+                    format!(
+                        "scrubbing ({} checked), last pass {}",
+                        c.pass_checked,
+                        age(c.last_finished_unix_ms)
+                    )
+                } else {
+                    format!("last scrub {}", age(c.last_finished_unix_ms))
+                };
+                let _ = writeln!(
+                    out,
+                    "  {site:<12} {short}  {state:<8} ok    live {live} of {cap} ({frags} fragments; {used} in volumes), trash {trash}, quarantined {q}; {scrub}, corrupt found {corrupt}",
+                    site = node.site.as_str(),
+                    live = gib(s.live_bytes),
+                    cap = gib(s.capacity_bytes),
+                    frags = s.live,
+                    used = gib(s.used_bytes),
+                    trash = s.trash,
+                    q = s.quarantined,
+                    corrupt = c.corrupt_found,
+                );
+            }
+            Some(Err(why)) => {
+                let _ = writeln!(
+                    out,
+                    "  {site:<12} {short}  {state:<8} DOWN  {why}",
+                    site = node.site.as_str()
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  {site:<12} {short}  {state:<8} not asked",
+                    site = node.site.as_str()
+                );
+            }
+        }
+    }
+    // Segments are counted by the node responsible for their bucket, in
+    // its last pass: the sum over nodes counts each once.
+    let mut segments = 0;
+    let mut whole = 0;
+    let mut unreadable = 0;
+    let mut pending = 0;
+    let mut by_spares: BTreeMap<u8, u64> = BTreeMap::new();
+    let mut rebuilt = 0;
+    let mut copied = 0;
+    let mut last_pass = Vec::new();
+    for status in answers.values().flatten() {
+        let r = &status.repair;
+        segments += r.segments;
+        whole += r.whole;
+        unreadable += r.unreadable;
+        pending += r.pending;
+        for (spares, count) in &r.degraded_by_spares {
+            *by_spares.entry(*spares).or_default() += count;
+        }
+        rebuilt += r.rebuilt;
+        copied += r.copied;
+        last_pass.push(r.last_finished_unix_ms);
+    }
+    let _ = writeln!(
+        out,
+        "segments (each node's last repair pass over the buckets it is first replica of)"
+    );
+    let _ = writeln!(out, "  checked {segments}, at full strength {whole}");
+    for (spares, count) in &by_spares {
+        let _ = writeln!(
+            out,
+            "  degraded, {spares} more loss{} from unreadable: {count}",
+            if *spares == 1 { "" } else { "es" }
+        );
+    }
+    let _ = writeln!(out, "  unreadable: {unreadable}");
+    let _ = writeln!(out, "  left for a later pass: {pending}");
+    let _ = writeln!(
+        out,
+        "repair since the nodes started: {rebuilt} fragments rebuilt, {copied} copied into place; oldest last pass {}",
+        age(last_pass.iter().copied().min().unwrap_or(0))
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_protocol::ids::SiteId;
+    use cairn_protocol::placement::NodeState;
+    use cairn_protocol::status::RepairSummary;
+
+    #[test]
+    fn degraded_segments_are_summed_over_nodes_and_a_node_down_says_why() {
+        let node = |n: u8, site: &str| MapNode {
+            id: NodeId([n; 32]),
+            site: SiteId::new(site).unwrap(),
+            capacity_bytes: 1 << 40,
+            state: NodeState::Up,
+        };
+        let nodes = [node(1, "paris"), node(2, "lyon")];
+        let first = NodeStatus {
+            repair: RepairSummary {
+                segments: 10,
+                whole: 7,
+                degraded_by_spares: [(0, 1), (1, 2)].into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let answers = BTreeMap::from([
+            (NodeId([1; 32]), Ok(first)),
+            (NodeId([2; 32]), Err("no answer within 10 s".to_owned())),
+        ]);
+        let text = render(&nodes, &answers, 1_000_000);
+        assert!(text.contains("checked 10, at full strength 7"), "{text}");
+        assert!(
+            text.contains("degraded, 0 more losses from unreadable: 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("degraded, 1 more loss from unreadable: 2"),
+            "{text}"
+        );
+        assert!(text.contains("DOWN  no answer within 10 s"), "{text}");
+    }
+}
