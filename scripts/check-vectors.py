@@ -221,15 +221,16 @@ def check_wire():
         if frame["message"] == "released":
             assert len(raw) == 5 + 16
         if frame["message"] == "status_query":
-            assert len(raw) == 5
+            assert len(raw) == 6 and raw[5] in (0, 1)
         if frame["message"] == "status_reply":
-            n = [struct.unpack(">Q", raw[5 + 8 * i:13 + 8 * i])[0] for i in range(23)]
+            n = [struct.unpack(">Q", raw[5 + 8 * i:13 + 8 * i])[0] for i in range(24)]
             live, trash, quarantined = n[3], n[4], n[5]
-            segments, whole, unreadable = n[15], n[16], n[17]
+            segments, whole, unreadable = n[16], n[17], n[18]
             assert (live, trash, quarantined) == (2048, 3, 1) and n[0] == 1 << 40
-            count = struct.unpack(">I", raw[5 + 184:9 + 184])[0]
-            table = [(raw[193 + 9 * i], struct.unpack(">Q", raw[194 + 9 * i:202 + 9 * i])[0]) for i in range(count)]
-            assert table == [(0, 1), (1, 2)] and len(raw) == 193 + 9 * count
+            assert n[14] == 1_764_000_700_000
+            count = struct.unpack(">I", raw[5 + 192:9 + 192])[0]
+            table = [(raw[201 + 9 * i], struct.unpack(">Q", raw[202 + 9 * i:210 + 9 * i])[0]) for i in range(count)]
+            assert table == [(0, 1), (1, 2)] and len(raw) == 201 + 9 * count
             assert whole + sum(c for _, c in table) + unreadable + 0 == segments
 
 

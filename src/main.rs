@@ -450,7 +450,8 @@ async fn status_command(cluster_key: Identity, peer: String) -> Result<()> {
     let asks = map.map.nodes.iter().map(|member| {
         let node = &node;
         async move {
-            let asked = tokio::time::timeout(Duration::from_secs(10), node.status(&member.id));
+            let asked =
+                tokio::time::timeout(Duration::from_secs(10), node.status(&member.id, true));
             let answer = match asked.await {
                 Ok(Ok(status)) => Ok(status),
                 Ok(Err(error)) => Err(error.to_string()),

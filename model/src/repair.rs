@@ -164,6 +164,7 @@ impl RepairStatus {
         RepairSummary {
             passes: self.passes,
             last_finished_unix_ms: last.finished_unix_ms,
+            running_since_unix_ms: 0,
             partitions: last.partitions,
             segments: last.segments,
             whole: last.whole,
@@ -196,6 +197,9 @@ impl Repairer {
             loop {
                 // Not at once: a node just started has not met its peers.
                 tokio::time::sleep(settings.every).await;
+                let mut running = publish.borrow().summary();
+                running.running_since_unix_ms = now_unix_ms();
+                repair.node.publish_repair(running);
                 match repair.pass().await {
                     Ok(report) => {
                         if !report.all_whole() || report.rebuilt + report.copied > 0 {
@@ -211,7 +215,10 @@ impl Repairer {
                         });
                         repair.node.publish_repair(publish.borrow().summary());
                     }
-                    Err(error) => tracing::warn!(%error, "repair pass failed"),
+                    Err(error) => {
+                        tracing::warn!(%error, "repair pass failed");
+                        repair.node.publish_repair(publish.borrow().summary());
+                    }
                 }
             }
         });
@@ -374,6 +381,7 @@ impl Repair {
             ..PassReport::default()
         };
         let metadata = self.node.metadata().clone();
+        let mut repairing = HashMap::new();
         let mut after: Option<Partition> = None;
         loop {
             let from = after.clone();
@@ -386,7 +394,9 @@ impl Repair {
             })
             .await?;
             for (partition, _) in &partitions {
-                if partition.is_cluster() || !self.responsible_for(partition)? {
+                if partition.is_cluster()
+                    || !self.responsible_for(partition, &mut repairing).await?
+                {
                     continue;
                 }
                 report.partitions += 1;
@@ -403,11 +413,58 @@ impl Repair {
         Ok(report)
     }
 
-    /// Whether this node is the first replica of `partition` it can reach.
-    fn responsible_for(&self, partition: &Partition) -> ModelResult<bool> {
+    /// Whether this node is the first replica of `partition` it can reach
+    /// that repairs: a replica before it that answers but shows no recent
+    /// pass (an old binary, a stuck task) is passed over. `repairing`
+    /// caches the answers for the pass.
+    async fn responsible_for(
+        &self,
+        partition: &Partition,
+        repairing: &mut HashMap<NodeId, bool>,
+    ) -> ModelResult<bool> {
         let own = self.node.node_id();
-        let replicas = self.node.metadata().replicas_of(partition)?;
-        Ok(replicas.iter().find(|n| self.reachable(n)) == Some(&own))
+        for replica in self.node.metadata().replicas_of(partition)? {
+            if replica == own {
+                return Ok(true);
+            }
+            if !self.reachable(&replica) {
+                continue;
+            }
+            let active = match repairing.get(&replica) {
+                Some(active) => *active,
+                None => {
+                    let active = self.is_repairing(&replica).await;
+                    repairing.insert(replica, active);
+                    active
+                }
+            };
+            if active {
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether `node` says it finished a repair pass lately or runs one
+    /// begun within a day. Judged by this node's own period: a replica
+    /// set to pass much less often than this one is repeated, not missed.
+    async fn is_repairing(&self, node: &NodeId) -> bool {
+        let now = now_unix_ms();
+        let lately = (self.settings.every * 3 + Duration::from_secs(60)).as_millis() as u64;
+        match tokio::time::timeout(CALL_DEADLINE, self.node.status(node, false)).await {
+            Ok(Ok(status)) => {
+                let repair = status.repair;
+                let finished_lately =
+                    repair.passes > 0 && now.saturating_sub(repair.last_finished_unix_ms) <= lately;
+                let running = repair.running_since_unix_ms != 0
+                    && now.saturating_sub(repair.running_since_unix_ms) <= 24 * 3600 * 1000;
+                finished_lately || running
+            }
+            _ => {
+                tracing::debug!(%node, "a replica before this one did not say it repairs; repairing its buckets here");
+                false
+            }
+        }
     }
 
     async fn audit_partition(

@@ -90,12 +90,14 @@ impl NodeHandle {
             .unwrap_or(false)
     }
 
-    /// `node`'s status (this node's own included).
-    pub async fn status(&self, node: &NodeId) -> Result<NodeStatus, NodeError> {
+    /// `node`'s status (this node's own included); its store's part only
+    /// `with_store` (answering it walks the node's whole index).
+    pub async fn status(&self, node: &NodeId, with_store: bool) -> Result<NodeStatus, NodeError> {
         if *node == self.node_id() {
-            return Ok(self.local.status_local().await?);
+            return Ok(self.local.status_local(with_store).await?);
         }
-        self.with_retries(node, pieces::status).await
+        self.with_retries(node, |stream| pieces::status(stream, with_store))
+            .await
     }
 
     /// Which of `ids` `node` holds, in `ids` order.

@@ -318,7 +318,7 @@ impl Server {
                 }
                 Err(refusal) => send(write, &refusal).await,
             },
-            Message::StatusQuery => match self.status().await? {
+            Message::StatusQuery { store } => match self.status(store).await? {
                 Ok(status) => send(write, &Message::StatusReply(Box::new(status))).await,
                 Err(error) => send(write, &reject_for(&error)).await,
             },
@@ -327,13 +327,17 @@ impl Server {
         }
     }
 
-    /// This node's status: its store (an index walk, off the runtime),
-    /// its scrub and its repair.
-    async fn status(&self) -> Result<Result<NodeStatus, StoreError>, PieceError> {
+    /// This node's status: its store if asked (an index walk, off the
+    /// runtime), its scrub and its repair.
+    async fn status(&self, with_store: bool) -> Result<Result<NodeStatus, StoreError>, PieceError> {
         let store = self.store.clone();
-        let summary = match blocking(move || store.status()).await? {
-            Ok(summary) => summary,
-            Err(error) => return Ok(Err(error)),
+        let summary = if with_store {
+            match blocking(move || store.status()).await? {
+                Ok(summary) => summary,
+                Err(error) => return Ok(Err(error)),
+            }
+        } else {
+            Default::default()
         };
         let scrub = *self.scrub.borrow();
         let pass = scrub.pass.unwrap_or_default();
@@ -351,8 +355,10 @@ impl Server {
         }))
     }
 
-    pub(crate) async fn status_local(&self) -> Result<NodeStatus, PieceError> {
-        self.status().await?.map_err(|e| refused(&reject_for(&e)))
+    pub(crate) async fn status_local(&self, with_store: bool) -> Result<NodeStatus, PieceError> {
+        self.status(with_store)
+            .await?
+            .map_err(|e| refused(&reject_for(&e)))
     }
 
     async fn receive_put<R, W>(
@@ -753,11 +759,13 @@ pub async fn release<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Asks the peer for its status.
+/// Asks the peer for its status (its store's part only `with_store`).
 pub async fn status<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
+    with_store: bool,
 ) -> Result<NodeStatus, PieceError> {
-    let (mut reader, mut write) = open_exchange(stream, &Message::StatusQuery).await?;
+    let query = Message::StatusQuery { store: with_store };
+    let (mut reader, mut write) = open_exchange(stream, &query).await?;
     write.close().await?;
     match reader.expect().await? {
         Message::StatusReply(status) => Ok(*status),

@@ -48,6 +48,8 @@ pub struct RepairSummary {
     pub passes: u64,
     /// 0: no pass finished yet.
     pub last_finished_unix_ms: u64,
+    /// When the pass under way started (0: none).
+    pub running_since_unix_ms: u64,
     pub partitions: u64,
     pub segments: u64,
     pub whole: u64,
@@ -89,6 +91,7 @@ impl NodeStatus {
         for n in [
             r.passes,
             r.last_finished_unix_ms,
+            r.running_since_unix_ms,
             r.partitions,
             r.segments,
             r.whole,
@@ -131,6 +134,7 @@ impl NodeStatus {
         let mut repair = RepairSummary {
             passes: n("repair passes")?,
             last_finished_unix_ms: n("repair finished")?,
+            running_since_unix_ms: n("repair running since")?,
             partitions: n("partitions")?,
             segments: n("segments")?,
             whole: n("whole")?,

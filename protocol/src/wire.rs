@@ -270,8 +270,11 @@ pub enum Message {
         trashed: u64,
         held: u64,
     },
-    /// Asks for the node's status (`cairn admin status`).
-    StatusQuery,
+    /// Asks for the node's status (`cairn admin status`); without `store`,
+    /// the store's part is left empty (it walks the whole index).
+    StatusQuery {
+        store: bool,
+    },
     StatusReply(Box<NodeStatus>),
 }
 
@@ -441,7 +444,10 @@ impl Message {
                 out.put_u64(*trashed);
                 out.put_u64(*held);
             }
-            Message::StatusQuery => out.put_u8(tag::STATUS_QUERY),
+            Message::StatusQuery { store } => {
+                out.put_u8(tag::STATUS_QUERY);
+                out.put_bool(*store);
+            }
             Message::StatusReply(status) => {
                 out.put_u8(tag::STATUS_REPLY);
                 status.put(out);
@@ -535,7 +541,9 @@ impl Message {
                 trashed: r.u64("trashed")?,
                 held: r.u64("held")?,
             },
-            tag::STATUS_QUERY => Message::StatusQuery,
+            tag::STATUS_QUERY => Message::StatusQuery {
+                store: r.bool("store")?,
+            },
             tag::STATUS_REPLY => Message::StatusReply(Box::new(NodeStatus::read(&mut r)?)),
             other => return Err(WireError::UnknownType(other)),
         };
@@ -701,7 +709,7 @@ mod tests {
                 trashed: 3,
                 held: 1,
             },
-            Message::StatusQuery,
+            Message::StatusQuery { store: true },
             Message::StatusReply(Box::new(NodeStatus {
                 store: crate::status::StoreStatus {
                     live: 4,

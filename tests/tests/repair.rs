@@ -320,13 +320,12 @@ async fn a_wiped_node_gets_its_fragments_back_and_then_a_site_can_go() {
     let rebuilt: u64 = statuses.iter().map(|r| r.rebuilt).sum();
     let read: u64 = statuses.iter().map(|r| r.bytes_read).sum();
     let written: u64 = statuses.iter().map(|r| r.bytes_written).sum();
-    assert_eq!(rebuilt, lost.off as u64, "each lost fragment rebuilt once");
-    assert_eq!(written, lost.off_bytes);
-    // k fragments read per segment rebuilt: the minimum.
-    assert_eq!(
-        read, lost.off_bytes_times_k,
-        "bytes read per byte rebuilt is k"
-    );
+    // Two replicas may both repair a segment while the first starts its
+    // first pass: each rebuilds it whole, never less.
+    assert!(rebuilt >= lost.off as u64, "each lost fragment rebuilt");
+    assert_eq!(written, rebuilt * (lost.off_bytes / lost.off as u64));
+    // k fragments read per fragment rebuilt: the minimum.
+    assert_eq!(read, 4 * written, "bytes read per byte rebuilt is k");
     drop(repairers);
     // Site 2 (nodes 4 and 5) goes away; the gateway runs on node 0.
     s.cluster.stop(4).await;
@@ -369,10 +368,9 @@ async fn fragments_written_while_a_node_was_down_go_back_to_it() {
     let statuses: Vec<RepairStatus> = repairers.iter().map(Repairer::status).collect();
     let copied: u64 = statuses.iter().map(|r| r.copied).sum();
     let rebuilt: u64 = statuses.iter().map(|r| r.rebuilt).sum();
-    assert_eq!(
-        (copied, rebuilt),
-        (off as u64, 0),
-        "each hand-off copied, nothing rebuilt"
+    assert!(
+        copied >= off as u64 && rebuilt == 0,
+        "each hand-off copied ({copied} of {off}), nothing rebuilt ({rebuilt})"
     );
     drop(repairers);
     for (name, body) in &objects {
@@ -705,4 +703,44 @@ async fn fragments_of_a_node_gone_for_good_are_rebuilt_within_the_site_caps() {
     }
     gateway.stop().await;
     cluster.shutdown().await;
+}
+
+/// The first metadata replica of a bucket runs but does not repair (an
+/// old binary, a stuck task): the next replica sees no recent pass in its
+/// status and repairs the bucket in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_replica_that_does_not_repair_is_passed_over() {
+    let mut s = setup().await;
+    s.client
+        .create_bucket()
+        .bucket("idle")
+        .send()
+        .await
+        .unwrap();
+    let objects = put_objects(&s.client, "idle", &[(5 << 20) + 1], 13_000).await;
+    let keys: Vec<String> = objects.iter().map(|(k, _)| k.clone()).collect();
+    let replicas = s
+        .cluster
+        .node(0)
+        .metadata()
+        .replicas_of(&Partition::bucket("idle"))
+        .unwrap();
+    let idle = s.cluster.index_of(&replicas[0]);
+    let wiped = [2, 3]
+        .into_iter()
+        .find(|&i| !replicas.contains(&s.cluster.members[i].identity.node_id()))
+        .expect("one replica per site");
+    s.cluster.stop(wiped).await;
+    std::fs::remove_dir_all(&s.cluster.members[wiped].data_dir).unwrap();
+    s.cluster.restart(wiped).await.unwrap();
+    let map = s.cluster.node(0).cluster_map().unwrap();
+    s.cluster.install_signed(map).await.unwrap();
+    assert!(fragments_off_placement(&s.cluster, 0, "idle", &keys).await > 0);
+    let mut repairers: Vec<Repairer> = (0..s.cluster.members.len())
+        .filter(|&i| i != idle)
+        .map(|i| Repairer::start(s.cluster.node(i).handle(), QUICK_REPAIR))
+        .collect();
+    repair_until_in_place(&s.cluster, &mut repairers, "idle", &keys).await;
+    drop(repairers);
+    s.shutdown().await;
 }
