@@ -100,24 +100,38 @@ pub fn render(
     let mut rebuilt = 0;
     let mut copied = 0;
     let mut last_pass = Vec::new();
+    // Figures come from the nodes: sums saturate rather than wrap.
+    let mut never_passed = 0;
     for status in answers.values().flatten() {
         let r = &status.repair;
-        segments += r.segments;
-        whole += r.whole;
-        unreadable += r.unreadable;
-        pending += r.pending;
+        segments = u64::saturating_add(segments, r.segments);
+        whole = u64::saturating_add(whole, r.whole);
+        unreadable = u64::saturating_add(unreadable, r.unreadable);
+        pending = u64::saturating_add(pending, r.pending);
         for (spares, count) in &r.degraded_by_spares {
-            *by_spares.entry(*spares).or_default() += count;
+            let entry = by_spares.entry(*spares).or_default();
+            *entry = entry.saturating_add(*count);
         }
-        rebuilt += r.rebuilt;
-        copied += r.copied;
+        rebuilt = u64::saturating_add(rebuilt, r.rebuilt);
+        copied = u64::saturating_add(copied, r.copied);
         last_pass.push(r.last_finished_unix_ms);
+        never_passed += usize::from(r.passes == 0);
     }
+    let down = answers.values().filter(|a| a.is_err()).count();
     let _ = writeln!(
         out,
         "segments (each node's last repair pass over the buckets it is first replica of)"
     );
     let _ = writeln!(out, "  checked {segments}, at full strength {whole}");
+    if down > 0 || never_passed > 0 {
+        // A bucket's segments are counted by one node: one that is down or
+        // has not finished a pass leaves its buckets out, and one that
+        // took over from it may count them twice.
+        let _ = writeln!(
+            out,
+            "  INCOMPLETE: {down} node(s) did not answer and {never_passed} have not finished a repair pass; figures may miss or repeat buckets"
+        );
+    }
     for (spares, count) in &by_spares {
         let _ = writeln!(
             out,
@@ -175,5 +189,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("DOWN  no answer within 10 s"), "{text}");
+        assert!(
+            text.contains("INCOMPLETE: 1 node(s) did not answer"),
+            "{text}"
+        );
     }
 }

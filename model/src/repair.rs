@@ -164,7 +164,7 @@ impl RepairStatus {
         RepairSummary {
             passes: self.passes,
             last_finished_unix_ms: last.finished_unix_ms,
-            running_since_unix_ms: 0,
+            pass_progress_unix_ms: 0,
             partitions: last.partitions,
             segments: last.segments,
             whole: last.whole,
@@ -187,19 +187,20 @@ impl RepairStatus {
 pub struct Repairer {
     task: tokio::task::JoinHandle<()>,
     status: watch::Receiver<RepairStatus>,
+    /// To say, once stopped, that no pass is under way.
+    node: NodeHandle,
 }
 
 impl Repairer {
     pub fn start(node: NodeHandle, settings: RepairSettings) -> Self {
         let (publish, status) = watch::channel(RepairStatus::default());
+        let handle = node.clone();
         let task = tokio::spawn(async move {
             let mut repair = Repair::new(node, settings);
             loop {
                 // Not at once: a node just started has not met its peers.
                 tokio::time::sleep(settings.every).await;
-                let mut running = publish.borrow().summary();
-                running.running_since_unix_ms = now_unix_ms();
-                repair.node.publish_repair(running);
+                repair.node.repair_heartbeat();
                 match repair.pass().await {
                     Ok(report) => {
                         if !report.all_whole() || report.rebuilt + report.copied > 0 {
@@ -222,7 +223,11 @@ impl Repairer {
                 }
             }
         });
-        Self { task, status }
+        Self {
+            task,
+            status,
+            node: handle,
+        }
     }
 
     /// What repair has done so far.
@@ -246,6 +251,7 @@ impl Repairer {
 impl Drop for Repairer {
     fn drop(&mut self) {
         self.task.abort();
+        self.node.publish_repair(self.status.borrow().summary());
     }
 }
 
@@ -400,6 +406,7 @@ impl Repair {
                     continue;
                 }
                 report.partitions += 1;
+                self.node.repair_heartbeat();
                 if let Err(error) = self.audit_partition(&map, partition, &mut report).await {
                     tracing::warn!(bucket = partition.as_str(), %error, "repair of a bucket failed");
                 }
@@ -446,19 +453,22 @@ impl Repair {
     }
 
     /// Whether `node` says it finished a repair pass lately or runs one
-    /// begun within a day. Judged by this node's own period: a replica
-    /// set to pass much less often than this one is repeated, not missed.
+    /// that made progress lately (a pass reports progress after every
+    /// batch of segments). Judged by this node's own period and clock: a
+    /// replica set to pass much less often than this one, or whose clock
+    /// is behind by more than that, is repeated, not missed.
     async fn is_repairing(&self, node: &NodeId) -> bool {
         let now = now_unix_ms();
         let lately = (self.settings.every * 3 + Duration::from_secs(60)).as_millis() as u64;
         match tokio::time::timeout(CALL_DEADLINE, self.node.status(node, false)).await {
             Ok(Ok(status)) => {
+                // A stamp ahead of this clock by more than a minute (a
+                // clock set wrong, or a lie) proves nothing.
+                let recent =
+                    |at: u64| at != 0 && at <= now + 60_000 && now.saturating_sub(at) <= lately;
                 let repair = status.repair;
-                let finished_lately =
-                    repair.passes > 0 && now.saturating_sub(repair.last_finished_unix_ms) <= lately;
-                let running = repair.running_since_unix_ms != 0
-                    && now.saturating_sub(repair.running_since_unix_ms) <= 24 * 3600 * 1000;
-                finished_lately || running
+                (repair.passes > 0 && recent(repair.last_finished_unix_ms))
+                    || recent(repair.pass_progress_unix_ms)
             }
             _ => {
                 tracing::debug!(%node, "a replica before this one did not say it repairs; repairing its buckets here");
@@ -659,6 +669,7 @@ impl Repair {
         if batch.is_empty() {
             return;
         }
+        self.node.repair_heartbeat();
         // Round one: each fragment's placed node.
         let mut asks: Vec<(usize, usize, NodeId)> = Vec::new();
         for (s, work) in batch.iter().enumerate() {

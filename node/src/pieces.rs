@@ -184,6 +184,10 @@ pub struct Server {
     /// Where this node's scrub is, and its repair's last report.
     pub(crate) scrub: watch::Receiver<ScrubState>,
     pub(crate) repair: Arc<std::sync::Mutex<RepairSummary>>,
+    /// The store's part of the last status, and when it was taken.
+    pub(crate) store_status: Arc<
+        tokio::sync::Mutex<Option<(tokio::time::Instant, cairn_protocol::status::StoreStatus)>>,
+    >,
 }
 
 /// Runs a store call on a blocking thread: store reads touch the disk and
@@ -195,6 +199,9 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| PieceError::Io(std::io::Error::other(e.to_string())))
 }
+
+/// How long the store's part of a status answers again without a walk.
+const STORE_STATUS_KEPT: Duration = Duration::from_secs(5);
 
 /// How long an exchange waits for room in the bytes-in-flight budget:
 /// less than a caller waits for an answer, so that it hears `busy`.
@@ -330,11 +337,22 @@ impl Server {
     /// This node's status: its store if asked (an index walk, off the
     /// runtime), its scrub and its repair.
     async fn status(&self, with_store: bool) -> Result<Result<NodeStatus, StoreError>, PieceError> {
-        let store = self.store.clone();
         let summary = if with_store {
-            match blocking(move || store.status()).await? {
-                Ok(summary) => summary,
-                Err(error) => return Ok(Err(error)),
+            // One index walk at a time, its answer kept for a few seconds:
+            // members asking in a loop cost one walk per period.
+            let mut cached = self.store_status.lock().await;
+            match *cached {
+                Some((at, summary)) if at.elapsed() < STORE_STATUS_KEPT => summary,
+                _ => {
+                    let store = self.store.clone();
+                    match blocking(move || store.status()).await? {
+                        Ok(summary) => {
+                            *cached = Some((tokio::time::Instant::now(), summary));
+                            summary
+                        }
+                        Err(error) => return Ok(Err(error)),
+                    }
+                }
             }
         } else {
             Default::default()

@@ -375,6 +375,32 @@ impl Drop for WriterHandle {
     }
 }
 
+impl Shared {
+    /// Whether the record `entry` points at holds fragment `id` whole.
+    fn record_intact(&self, id: &FragmentId, entry: &FragmentEntry) -> bool {
+        let Some(file) = self
+            .volumes
+            .read()
+            .expect("volume map lock")
+            .get(&entry.volume)
+            .cloned()
+        else {
+            return false;
+        };
+        let mut header = [0u8; RECORD_HEADER_BYTES as usize];
+        let mut bytes = vec![0u8; entry.len as usize];
+        file.read_exact_at(&mut header, entry.offset).is_ok()
+            && file
+                .read_exact_at(&mut bytes, entry.offset + RECORD_HEADER_BYTES)
+                .is_ok()
+            && header[..4] == RECORD_MAGIC[..]
+            && header[4] == RECORD_FORMAT
+            && header[5..37] == id.0[..]
+            && header[37..45] == entry.len.to_be_bytes()
+            && FragmentId::of(&bytes) == *id
+    }
+}
+
 fn volume_path(dir: &Path, number: u32) -> PathBuf {
     dir.join("volumes").join(format!("{number:06}.vol"))
 }
@@ -684,10 +710,13 @@ impl FragmentStore {
                 let (key, value) = row.map_err(index_error)?;
                 let id = FragmentId(*key.value());
                 let entry = FragmentEntry::decode(id, value.value())?;
+                // Quarantined before quarantines were stamped: kept.
+                let stamped = entry.state == FragmentState::Trash || entry.trashed_at_unix_ms > 0;
                 if matches!(
                     entry.state,
                     FragmentState::Trash | FragmentState::Quarantined
-                ) && entry.trashed_at_unix_ms.saturating_add(trash_ms) <= now_unix_ms
+                ) && stamped
+                    && entry.trashed_at_unix_ms.saturating_add(trash_ms) <= now_unix_ms
                 {
                     expired.push((id, entry.hold.upload));
                 }
@@ -971,6 +1000,7 @@ impl Writer {
                     None => None,
                 };
                 let duplicate_in_batch = new_entries.iter().any(|(other, _)| *other == id);
+                let mut replaced: Option<UploadId> = None;
                 match existing {
                     _ if duplicate_in_batch => {
                         replies.push((request.reply, Ok(PutOutcome::AlreadyStored)));
@@ -998,14 +1028,32 @@ impl Writer {
                         replies.push((request.reply, Ok(PutOutcome::AlreadyStored)));
                         continue;
                     }
-                    // A copy in the trash or in quarantine is replaced by
-                    // this put's verified bytes, hold and time: bytes in the
-                    // trash are not scrubbed and may have rotted.
-                    Some(entry) => {
+                    // A copy in the trash whose bytes are still whole (the
+                    // trash is not scrubbed: they are checked here) is live
+                    // again in place, under this put's hold and time.
+                    Some(mut entry)
+                        if entry.state == FragmentState::Trash
+                            && self.shared.record_intact(&id, &entry) =>
+                    {
                         by_upload
                             .remove(&upload_key(&entry.hold.upload, &id))
                             .map_err(index_error)?;
+                        by_upload
+                            .insert(&upload_key(&request.hold.upload, &id), ())
+                            .map_err(index_error)?;
+                        entry.state = FragmentState::Live;
+                        entry.trashed_at_unix_ms = 0;
+                        entry.stored_at_unix_ms = request.now_unix_ms;
+                        entry.hold = request.hold;
+                        table
+                            .insert(id.as_bytes(), &entry.encode()[..])
+                            .map_err(index_error)?;
+                        replies.push((request.reply, Ok(PutOutcome::AlreadyStored)));
+                        continue;
                     }
+                    // Otherwise (rotted, or quarantined) this put's bytes
+                    // are written anew; the old entry's pair goes with it.
+                    Some(entry) => replaced = Some(entry.hold.upload),
                     None => {}
                 }
                 let record_len = RECORD_HEADER_BYTES + request.fragment.len();
@@ -1032,6 +1080,11 @@ impl Writer {
                     trashed_at_unix_ms: 0,
                     hold: request.hold,
                 };
+                if let Some(old) = replaced {
+                    by_upload
+                        .remove(&upload_key(&old, &id))
+                        .map_err(index_error)?;
+                }
                 new_entries.push((id, entry));
                 replies.push((request.reply, Ok(PutOutcome::Stored)));
             }

@@ -230,6 +230,7 @@ impl Node {
             release_rules: ReleaseRules::default(),
             scrub: scrub.clone(),
             repair: Arc::default(),
+            store_status: Arc::default(),
         };
         let mut tasks = vec![
             workers::purge_trash(store.clone()),
@@ -505,6 +506,15 @@ impl NodeHandle {
             .release_rules
             .write()
             .expect("release rules lock") = Some(rules);
+    }
+
+    /// Marks the repair pass under way as making progress now.
+    pub fn repair_heartbeat(&self) {
+        self.local
+            .repair
+            .lock()
+            .expect("repair summary lock")
+            .pass_progress_unix_ms = now_unix_ms();
     }
 
     /// Publishes this node's last repair report, for status queries.

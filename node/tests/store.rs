@@ -271,6 +271,20 @@ async fn a_scrub_finds_a_flipped_byte_and_resumes_where_it_was_after_a_reopen() 
 async fn a_put_of_a_trashed_fragment_stores_its_bytes_again_and_quarantine_is_purged() {
     let dir = tempfile::tempdir().unwrap();
     let store = FragmentStore::open(config(dir.path())).unwrap();
+    // Whole bytes in the trash come back in place, under the new put.
+    let (kept, outcome) = put(&store, fragment_bytes(32, 30_000), 0).await;
+    outcome.unwrap();
+    store.delete(&kept, NOW).unwrap();
+    let used = store.status().unwrap().used_bytes;
+    let again = VerifiedFragment::new(kept, fragment_bytes(32, 30_000)).unwrap();
+    let outcome = store.put(again, hold(&kept, 0), NOW + 3).await.unwrap();
+    assert_eq!(outcome, PutOutcome::AlreadyStored);
+    assert_eq!(store.status().unwrap().used_bytes, used, "no byte written");
+    let entry = store.entry(&kept).unwrap().unwrap();
+    assert_eq!(
+        (entry.state, entry.stored_at_unix_ms),
+        (FragmentState::Live, NOW + 3)
+    );
     let (id, outcome) = put(&store, fragment_bytes(31, 30_000), 0).await;
     outcome.unwrap();
     store.delete(&id, NOW).unwrap();
@@ -296,9 +310,10 @@ async fn a_put_of_a_trashed_fragment_stores_its_bytes_again_and_quarantine_is_pu
     // it was quarantined.
     flip_a_byte(dir.path(), &store, &id);
     assert!(matches!(store.read(&id, 0, 1), Err(StoreError::Corrupt(_))));
-    let now = cairn_node::clock::now_unix_ms();
-    assert_eq!(store.purge_trash(now).unwrap(), 0);
-    assert_eq!(store.purge_trash(now + 2_000).unwrap(), 1);
+    let quarantined_at = store.entry(&id).unwrap().unwrap().trashed_at_unix_ms;
+    assert!(quarantined_at > 0);
+    assert_eq!(store.purge_trash(quarantined_at + 999).unwrap(), 0);
+    assert_eq!(store.purge_trash(quarantined_at + 1_000).unwrap(), 1);
     assert!(store.entry(&id).unwrap().is_none());
 }
 

@@ -48,8 +48,8 @@ pub struct RepairSummary {
     pub passes: u64,
     /// 0: no pass finished yet.
     pub last_finished_unix_ms: u64,
-    /// When the pass under way started (0: none).
-    pub running_since_unix_ms: u64,
+    /// When the pass under way last made progress (0: no pass under way).
+    pub pass_progress_unix_ms: u64,
     pub partitions: u64,
     pub segments: u64,
     pub whole: u64,
@@ -91,7 +91,7 @@ impl NodeStatus {
         for n in [
             r.passes,
             r.last_finished_unix_ms,
-            r.running_since_unix_ms,
+            r.pass_progress_unix_ms,
             r.partitions,
             r.segments,
             r.whole,
@@ -134,7 +134,7 @@ impl NodeStatus {
         let mut repair = RepairSummary {
             passes: n("repair passes")?,
             last_finished_unix_ms: n("repair finished")?,
-            running_since_unix_ms: n("repair running since")?,
+            pass_progress_unix_ms: n("repair pass progress")?,
             partitions: n("partitions")?,
             segments: n("segments")?,
             whole: n("whole")?,

@@ -565,7 +565,7 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
                 repair: cairn_protocol::status::RepairSummary {
                     passes: 7,
                     last_finished_unix_ms: 1_764_000_100_000,
-                    running_since_unix_ms: 1_764_000_700_000,
+                    pass_progress_unix_ms: 1_764_000_700_000,
                     partitions: 3,
                     segments: 500,
                     whole: 497,
