@@ -380,7 +380,8 @@ fn a_served_node_with_an_s3_section_serves_keys_made_by_the_admin_commands() {
     // Three storage nodes and a gateway process serving S3 over TLS with
     // the self-signed certificate it made, keys made by the admin commands
     // through the gateway's QUIC address.
-    let cluster = ProcessCluster::start_with_tls(&[1, 1, 1], 1, 1, true);
+    // Repair passes every second, for `cairn admin status` to report.
+    let cluster = ProcessCluster::start_with_tls(&[1, 1, 1], 1, 1, true, Some(1));
     let certificate = std::fs::read(cluster.tls_certificate.as_ref().unwrap()).unwrap();
     let admin = |command: &[&str]| {
         let args: Vec<&str> = ["admin", "key"]

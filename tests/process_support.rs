@@ -226,12 +226,19 @@ impl ProcessCluster {
     /// `nodes_per_site[s]` storage nodes in site `s`, scheme `k+m`.
     #[allow(dead_code)] // Not every includer starts a plain-HTTP cluster.
     pub fn start(nodes_per_site: &[usize], k: u8, m: u8) -> Self {
-        Self::start_with_tls(nodes_per_site, k, m, false)
+        Self::start_with_tls(nodes_per_site, k, m, false, None)
     }
 
     /// The same, with the gateway's S3 listener on TLS with a self-signed
-    /// certificate (`[s3] tls_self_signed`) when `tls` is set.
-    pub fn start_with_tls(nodes_per_site: &[usize], k: u8, m: u8, tls: bool) -> Self {
+    /// certificate (`[s3] tls_self_signed`) when `tls` is set, and the
+    /// storage nodes' repair passing every `repair_every_seconds` if given.
+    pub fn start_with_tls(
+        nodes_per_site: &[usize],
+        k: u8,
+        m: u8,
+        tls: bool,
+        repair_every_seconds: Option<u64>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("cluster.key");
         let cluster = printed(
@@ -266,10 +273,11 @@ impl ProcessCluster {
                 let name = format!("s{site}n{n}");
                 let id = enrol(dir.path(), &key, &name, &format!("site-{site}"));
                 let config = write_config(dir.path(), &name, &cluster, free_udp_port());
-                // Repair passes every second, for `cairn admin status` to report.
-                let mut text = std::fs::read_to_string(&config).unwrap();
-                text += "[repair]\nevery_seconds = 1\n";
-                std::fs::write(&config, text).unwrap();
+                if let Some(every) = repair_every_seconds {
+                    let mut text = std::fs::read_to_string(&config).unwrap();
+                    text += &format!("[repair]\nevery_seconds = {every}\n");
+                    std::fs::write(&config, text).unwrap();
+                }
                 let server = Server::start(&config, &[("CAIRN_BOOTSTRAP", first.clone())]);
                 server.wait_for(&["member verified", &gateway_id]);
                 nodes.push(server);
