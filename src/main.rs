@@ -98,6 +98,12 @@ enum Admin {
         /// A node's QUIC address, e.g. /ip4/10.0.0.5/udp/7400/quic-v1.
         #[arg(long)]
         peer: String,
+        /// Wait until every node has passed over its buckets since now and
+        /// every segment is at full strength, showing progress (a bar on a
+        /// terminal, a line per change otherwise); fails if a segment is
+        /// unreadable.
+        #[arg(long)]
+        wait: bool,
     },
     /// Create a KMS root key file for the gateways (mode 0600).
     RootKey {
@@ -313,10 +319,14 @@ fn admin(command: Admin) -> Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(key_command(command))?;
         }
-        Admin::Status { cluster_key, peer } => {
+        Admin::Status {
+            cluster_key,
+            peer,
+            wait,
+        } => {
             let cluster_key = load_cluster_key(&cluster_key)?;
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(status_command(cluster_key, peer))?;
+            runtime.block_on(status_command(cluster_key, peer, wait))?;
         }
         Admin::Map {
             command:
@@ -442,33 +452,91 @@ async fn key_command(command: KeyCommand) -> Result<()> {
 }
 
 /// Asks every node of the map for its status and prints the report.
-async fn status_command(cluster_key: Identity, peer: String) -> Result<()> {
+async fn status_command(cluster_key: Identity, peer: String, wait: bool) -> Result<()> {
     let (_scratch, node) = join_for_a_moment(&cluster_key, &peer).await?;
-    let map = node
-        .cluster_map()
-        .expect("join_for_a_moment waits for the map");
-    let asks = map.map.nodes.iter().map(|member| {
-        let node = &node;
-        async move {
-            let asked =
-                tokio::time::timeout(Duration::from_secs(10), node.status(&member.id, true));
-            let answer = match asked.await {
-                Ok(Ok(status)) => Ok(status),
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(_) => Err("no answer within 10 s".to_owned()),
-            };
-            (member.id, answer)
+    let outcome = async {
+        if wait {
+            wait_for_full_strength(&node).await?;
         }
-    });
-    let answers = futures::future::join_all(asks).await.into_iter().collect();
-    print!(
-        "cluster map version {}, scheme {}\n{}",
-        map.map.version,
-        map.scheme,
-        status::render(&map.map.nodes, &answers, now_unix_ms())
-    );
+        let map = node
+            .cluster_map()
+            .expect("join_for_a_moment waits for the map");
+        let answers = ask_statuses(&node, &map.map.nodes, true).await;
+        print!(
+            "cluster map version {}, scheme {}\n{}",
+            map.map.version,
+            map.scheme,
+            status::render(&map.map.nodes, &answers, now_unix_ms())
+        );
+        anyhow::Ok(())
+    }
+    .await;
     node.shutdown().await;
-    Ok(())
+    outcome
+}
+
+/// Every node's status (its store's part only `with_store`), or why not.
+async fn ask_statuses(
+    node: &Node,
+    nodes: &[cairn_protocol::placement::MapNode],
+    with_store: bool,
+) -> std::collections::BTreeMap<
+    NodeId,
+    std::result::Result<cairn_protocol::status::NodeStatus, String>,
+> {
+    let asks = nodes.iter().map(|member| async move {
+        let asked =
+            tokio::time::timeout(Duration::from_secs(10), node.status(&member.id, with_store));
+        let answer = match asked.await {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err("no answer within 10 s".to_owned()),
+        };
+        (member.id, answer)
+    });
+    futures::future::join_all(asks).await.into_iter().collect()
+}
+
+/// Polls every node until each has finished a repair pass since the wait
+/// began and no segment is degraded or pending; shows progress.
+async fn wait_for_full_strength(node: &Node) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let since = now_unix_ms();
+    let terminal = std::io::stdout().is_terminal();
+    let mut progress = status::Progress::new(since);
+    let mut last_line = String::new();
+    loop {
+        let map = node
+            .cluster_map()
+            .expect("join_for_a_moment waits for the map");
+        let answers = ask_statuses(node, &map.map.nodes, false).await;
+        let strength = status::Strength::of(&answers, since);
+        let line = progress.line(&strength, now_unix_ms());
+        if terminal {
+            print!("\r{line}\x1b[K");
+            std::io::stdout().flush()?;
+        } else if line != last_line {
+            println!("{line}");
+        }
+        last_line = line;
+        if strength.unreadable > 0 {
+            if terminal {
+                println!();
+            }
+            bail!(
+                "{} segments are unreadable: too few fragments are left to rebuild them",
+                strength.unreadable
+            );
+        }
+        if strength.settled() {
+            if terminal {
+                println!();
+            }
+            println!("every segment is at full strength");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// Joins the cluster as a short-lived member, pushes the map to one node

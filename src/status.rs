@@ -149,6 +149,95 @@ pub fn render(
     out
 }
 
+/// The cluster's segments as the nodes' last repair passes saw them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Strength {
+    pub segments: u64,
+    pub whole: u64,
+    pub degraded: u64,
+    pub unreadable: u64,
+    pub pending: u64,
+    /// Nodes that did not answer, or have not finished a pass since.
+    pub waiting_for: usize,
+}
+
+impl Strength {
+    /// Sums the answers; a node counts as seen once it finished a pass
+    /// that ended after `since_unix_ms`.
+    pub fn of(answers: &BTreeMap<NodeId, Result<NodeStatus, String>>, since_unix_ms: u64) -> Self {
+        let mut strength = Self::default();
+        for answer in answers.values() {
+            let Ok(status) = answer else {
+                strength.waiting_for += 1;
+                continue;
+            };
+            let r = &status.repair;
+            if r.passes == 0 || r.last_finished_unix_ms < since_unix_ms {
+                strength.waiting_for += 1;
+            }
+            strength.segments = strength.segments.saturating_add(r.segments);
+            strength.whole = strength.whole.saturating_add(r.whole);
+            strength.unreadable = strength.unreadable.saturating_add(r.unreadable);
+            strength.pending = strength.pending.saturating_add(r.pending);
+            for count in r.degraded_by_spares.values() {
+                strength.degraded = strength.degraded.saturating_add(*count);
+            }
+        }
+        strength
+    }
+
+    /// Every node has passed since, and nothing is left to repair.
+    pub fn settled(&self) -> bool {
+        self.waiting_for == 0 && self.degraded == 0 && self.pending == 0 && self.unreadable == 0
+    }
+}
+
+/// A progress line and its ETA, from how fast segments come back.
+pub struct Progress {
+    started_unix_ms: u64,
+    first_whole: Option<u64>,
+}
+
+impl Progress {
+    pub fn new(started_unix_ms: u64) -> Self {
+        Self {
+            started_unix_ms,
+            first_whole: None,
+        }
+    }
+
+    pub fn line(&mut self, strength: &Strength, now_unix_ms: u64) -> String {
+        let first = *self.first_whole.get_or_insert(strength.whole);
+        let total = strength.segments.max(1);
+        let percent = strength.whole.saturating_mul(100) / total;
+        let filled = (percent / 5) as usize;
+        let bar = format!(
+            "[{}{}]",
+            "#".repeat(filled),
+            ".".repeat(20 - filled.min(20))
+        );
+        let elapsed_s = now_unix_ms.saturating_sub(self.started_unix_ms) / 1000;
+        let gained = strength.whole.saturating_sub(first);
+        let eta = if strength.whole >= strength.segments {
+            String::new()
+        } else if gained == 0 || elapsed_s == 0 {
+            ", ETA unknown".to_owned()
+        } else {
+            let left = strength.segments - strength.whole;
+            format!(", ETA {} s", left.saturating_mul(elapsed_s) / gained)
+        };
+        let waiting = if strength.waiting_for > 0 {
+            format!("; waiting for a pass of {} node(s)", strength.waiting_for)
+        } else {
+            String::new()
+        };
+        format!(
+            "{bar} {percent}% of {} segments at full strength, {} degraded, {} unreadable, {} pending{eta}{waiting}",
+            strength.segments, strength.degraded, strength.unreadable, strength.pending
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +282,22 @@ mod tests {
             text.contains("INCOMPLETE: 1 node(s) did not answer"),
             "{text}"
         );
+        let strength = Strength::of(&answers, 0);
+        assert_eq!((strength.degraded, strength.waiting_for), (3, 2));
+        assert!(!strength.settled());
+        let mut progress = Progress::new(0);
+        let line = progress.line(&strength, 10_000);
+        assert!(
+            line.starts_with("[##############......] 70% of 10 segments"),
+            "{line}"
+        );
+        // 2 more whole in 20 s: the last one in 10 s more.
+        let better = Strength {
+            whole: 9,
+            degraded: 1,
+            ..strength
+        };
+        let line = progress.line(&better, 20_000);
+        assert!(line.contains("ETA 10 s"), "{line}");
     }
 }

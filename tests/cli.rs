@@ -449,6 +449,19 @@ fn a_served_node_with_an_s3_section_serves_keys_made_by_the_admin_commands() {
     };
     assert!(report.contains("unreadable: 0"), "{report}");
     assert!(report.contains("(1 fragments;"), "{report}");
+    // `--wait` returns once every node has passed again and nothing is
+    // degraded, with its progress as plain lines (no terminal here).
+    let mut args = vec!["admin", "status", "--wait"];
+    args.extend(cluster.admin_args[..4].iter().map(String::as_str));
+    let waited = String::from_utf8_lossy(&run(&args).stdout).into_owned();
+    assert!(
+        waited.contains("of 1 segments at full strength"),
+        "{waited}"
+    );
+    assert!(
+        waited.contains("every segment is at full strength"),
+        "{waited}"
+    );
 
     admin(&["delete", &id]);
     // The served gateway caches no access key (access_key_cache_seconds = 0).
