@@ -376,20 +376,23 @@ impl Drop for WriterHandle {
 }
 
 impl Shared {
-    /// Whether the record `entry` points at holds fragment `id` whole.
-    fn record_intact(&self, id: &FragmentId, entry: &FragmentEntry) -> bool {
-        let Some(file) = self
+    /// The bytes of the record `entry` points at, if it holds fragment `id`
+    /// whole (header and hash checked); an unknown volume is a bad entry.
+    fn read_record(
+        &self,
+        id: &FragmentId,
+        entry: &FragmentEntry,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let file = self
             .volumes
             .read()
             .expect("volume map lock")
             .get(&entry.volume)
             .cloned()
-        else {
-            return false;
-        };
+            .ok_or(StoreError::BadIndexEntry(*id))?;
         let mut header = [0u8; RECORD_HEADER_BYTES as usize];
         let mut bytes = vec![0u8; entry.len as usize];
-        file.read_exact_at(&mut header, entry.offset).is_ok()
+        let intact = file.read_exact_at(&mut header, entry.offset).is_ok()
             && file
                 .read_exact_at(&mut bytes, entry.offset + RECORD_HEADER_BYTES)
                 .is_ok()
@@ -397,7 +400,8 @@ impl Shared {
             && header[4] == RECORD_FORMAT
             && header[5..37] == id.0[..]
             && header[37..45] == entry.len.to_be_bytes()
-            && FragmentId::of(&bytes) == *id
+            && FragmentId::of(&bytes) == *id;
+        Ok(intact.then_some(bytes))
     }
 }
 
@@ -515,26 +519,8 @@ impl FragmentStore {
             }
             _ => return Err(StoreError::NotFound(*id)),
         };
-        let file = self
-            .shared
-            .volumes
-            .read()
-            .expect("volume map lock")
-            .get(&entry.volume)
-            .cloned()
-            .ok_or(StoreError::BadIndexEntry(*id))?;
-        let mut header = [0u8; RECORD_HEADER_BYTES as usize];
-        let mut bytes = vec![0u8; entry.len as usize];
-        let intact = file.read_exact_at(&mut header, entry.offset).is_ok()
-            && file
-                .read_exact_at(&mut bytes, entry.offset + RECORD_HEADER_BYTES)
-                .is_ok()
-            && header[..4] == RECORD_MAGIC[..]
-            && header[4] == RECORD_FORMAT
-            && header[5..37] == id.0[..]
-            && header[37..45] == entry.len.to_be_bytes()
-            && FragmentId::of(&bytes) == *id;
-        if !intact {
+        let record = self.shared.read_record(id, &entry)?;
+        let Some(mut bytes) = record else {
             tracing::error!(fragment = %id, volume = entry.volume, offset = entry.offset, "corrupt fragment: quarantined");
             // Kept for the trash period as evidence, then purged.
             self.set_state(id, |e| {
@@ -542,7 +528,7 @@ impl FragmentStore {
                 e.trashed_at_unix_ms = crate::clock::now_unix_ms();
             })?;
             return Err(StoreError::Corrupt(*id));
-        }
+        };
         let start = offset.min(entry.len) as usize;
         let end = offset.saturating_add(len).min(entry.len) as usize;
         bytes.truncate(end);
@@ -1033,7 +1019,7 @@ impl Writer {
                     // again in place, under this put's hold and time.
                     Some(mut entry)
                         if entry.state == FragmentState::Trash
-                            && self.shared.record_intact(&id, &entry) =>
+                            && matches!(self.shared.read_record(&id, &entry), Ok(Some(_))) =>
                     {
                         by_upload
                             .remove(&upload_key(&entry.hold.upload, &id))

@@ -21,7 +21,7 @@ use cairn_model::repair::{RepairSettings, Repairer};
 use cairn_protocol::erasure::{Scheme, SegmentEncoder, reconstruct};
 use cairn_protocol::meta::Partition;
 use cairn_tests::pseudo_random_bytes;
-use cairn_tests::s3::{Setup, setup};
+use cairn_tests::s3::{Setup, setup, wipe_a_node_holding_no_metadata_of};
 use futures::StreamExt;
 
 const MIB: f64 = (1 << 20) as f64;
@@ -74,27 +74,6 @@ async fn get_objects(client: &Client, prefix: &str, size: usize, count: usize) -
         .collect::<Vec<()>>()
         .await;
     (size * count) as f64 / MIB / started.elapsed().as_secs_f64()
-}
-
-/// Wipes the disk of the node of site 1 that is no metadata replica of
-/// the bucket, and restarts it.
-async fn wipe_a_node(s: &mut Setup) -> usize {
-    let replicas = s
-        .cluster
-        .node(0)
-        .metadata()
-        .replicas_of(&Partition::bucket("bench"))
-        .unwrap();
-    let wiped = [2, 3]
-        .into_iter()
-        .find(|&i| !replicas.contains(&s.cluster.members[i].identity.node_id()))
-        .unwrap();
-    s.cluster.stop(wiped).await;
-    std::fs::remove_dir_all(&s.cluster.members[wiped].data_dir).unwrap();
-    s.cluster.restart(wiped).await.unwrap();
-    let map = s.cluster.node(0).cluster_map().unwrap();
-    s.cluster.install_signed(map).await.unwrap();
-    wiped
 }
 
 fn start_repairers(s: &Setup, settings: RepairSettings) -> Vec<Repairer> {
@@ -153,7 +132,7 @@ fn main() {
         // 4 MiB of plaintext per segment; every node holds one fragment of each.
         let segments = (count * size.div_ceil(4 << 20)) as u64;
 
-        wipe_a_node(&mut s).await;
+        wipe_a_node_holding_no_metadata_of(&mut s.cluster, "bench").await;
         let unthrottled = RepairSettings {
             every: Duration::from_millis(50),
             bytes_per_second: 0,
@@ -170,7 +149,7 @@ fn main() {
 
         // Client load while repair, at its default rate, rebuilds the
         // same node wiped again.
-        wipe_a_node(&mut s).await;
+        wipe_a_node_holding_no_metadata_of(&mut s.cluster, "bench").await;
         let background = RepairSettings {
             every: Duration::from_millis(50),
             ..RepairSettings::default()

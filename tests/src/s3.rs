@@ -250,3 +250,24 @@ pub async fn complete_upload(
         .send()
         .await
 }
+
+/// Deletes the data directory of the node of site 1 (of 3 sites x 2)
+/// that is no metadata replica of `bucket` (its disk holds fragments
+/// only), restarts it and gives it the map again; returns its index.
+pub async fn wipe_a_node_holding_no_metadata_of(cluster: &mut Cluster, bucket: &str) -> usize {
+    let replicas = cluster
+        .node(0)
+        .metadata()
+        .replicas_of(&cairn_protocol::meta::Partition::bucket(bucket))
+        .unwrap();
+    let wiped = [2, 3]
+        .into_iter()
+        .find(|&i| !replicas.contains(&cluster.members[i].identity.node_id()))
+        .expect("one replica per site");
+    cluster.stop(wiped).await;
+    std::fs::remove_dir_all(&cluster.members[wiped].data_dir).unwrap();
+    cluster.restart(wiped).await.unwrap();
+    let map = cluster.node(0).cluster_map().unwrap();
+    cluster.install_signed(map).await.unwrap();
+    wiped
+}

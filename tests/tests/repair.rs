@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use cairn_model::heads::{existing_versions, read_manifest};
 use cairn_model::repair::{RepairSettings, RepairStatus, Repairer};
@@ -16,6 +17,7 @@ use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::Partition;
 use cairn_protocol::placement::{NodeState, Placer, Tolerance, segment_placement_key};
 use cairn_protocol::version::VersionBody;
+use cairn_tests::gateway::Gateway;
 use cairn_tests::s3::*;
 use cairn_tests::{Cluster, pseudo_random_bytes, random_secret};
 
@@ -270,6 +272,21 @@ async fn put_objects(
     objects
 }
 
+/// 3 sites of 3, 4+2 with nine metadata replicas (a majority outlives a
+/// site), a gateway on node 0 and a client with `bucket` created.
+async fn three_sites_of_three(bucket: &str) -> (Cluster, Gateway, Client) {
+    let cluster = Cluster::start(&[3, 3, 3]).await.unwrap();
+    cluster
+        .install_map_with(Scheme::new(4, 2).unwrap(), Tolerance::default(), 9)
+        .await
+        .unwrap();
+    let gateway = gateway_on(&cluster, 0, random_secret()).await;
+    let key = gateway.keys().create("test").await.unwrap();
+    let client = client_for(&gateway, &key.id, &key.secret);
+    client.create_bucket().bucket(bucket).send().await.unwrap();
+    (cluster, gateway, client)
+}
+
 /// On 3 sites of 2 with 4+2 every node holds a fragment of every segment:
 /// with one node's disk lost, a site loss would leave 3 < 4. Repair puts
 /// the node's fragments back, from k reads per segment, and then a whole
@@ -292,23 +309,7 @@ async fn a_wiped_node_gets_its_fragments_back_and_then_a_site_can_go() {
         fragments_off_placement(&s.cluster, 0, "heal", &keys).await,
         0
     );
-    // The node of site 1 that is no metadata replica of the bucket: its
-    // disk holds fragments only.
-    let replicas = s
-        .cluster
-        .node(0)
-        .metadata()
-        .replicas_of(&Partition::bucket("heal"))
-        .unwrap();
-    let wiped = [2, 3]
-        .into_iter()
-        .find(|&i| !replicas.contains(&s.cluster.members[i].identity.node_id()))
-        .expect("one replica per site");
-    s.cluster.stop(wiped).await;
-    std::fs::remove_dir_all(&s.cluster.members[wiped].data_dir).unwrap();
-    s.cluster.restart(wiped).await.unwrap();
-    let map = s.cluster.node(0).cluster_map().unwrap();
-    s.cluster.install_signed(map).await.unwrap();
+    wipe_a_node_holding_no_metadata_of(&mut s.cluster, "heal").await;
     let lost = placement_check(&s.cluster, 0, "heal", &keys).await;
     // 4+2 on 3 sites of 2 puts a fragment of every segment on every node.
     assert_eq!(lost.off, lost.segments, "{lost:?}");
@@ -346,15 +347,7 @@ async fn a_wiped_node_gets_its_fragments_back_and_then_a_site_can_go() {
 /// such fragment to its placed node (one read each, nothing decoded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fragments_written_while_a_node_was_down_go_back_to_it() {
-    let mut cluster = Cluster::start(&[3, 3, 3]).await.unwrap();
-    cluster
-        .install_map_with(Scheme::new(4, 2).unwrap(), Tolerance::default(), 9)
-        .await
-        .unwrap();
-    let gateway = gateway_on(&cluster, 0, random_secret()).await;
-    let key = gateway.keys().create("test").await.unwrap();
-    let client = client_for(&gateway, &key.id, &key.secret);
-    client.create_bucket().bucket("away").send().await.unwrap();
+    let (mut cluster, gateway, client) = three_sites_of_three("away").await;
     cluster.stop(4).await;
     let sizes = [1usize, 1 << 20, (4 << 20) + 7, 9 << 20];
     let objects = put_objects(&client, "away", &sizes, 8000).await;
@@ -561,20 +554,12 @@ async fn a_site_added_gets_its_share_of_every_segment() {
 /// is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drained_node_can_be_removed_once_its_fragments_are_in_place() {
-    let mut cluster = Cluster::start(&[3, 3, 3]).await.unwrap();
+    let (mut cluster, gateway, client) = three_sites_of_three("drain").await;
     let scheme = Scheme::new(4, 2).unwrap();
     let sign = |map, cluster: &Cluster| {
         SignedMap::sign_with_replicas(&cluster.cluster_key, map, scheme, Tolerance::default(), 9)
             .unwrap()
     };
-    cluster
-        .install_signed(sign(cluster.map(), &cluster))
-        .await
-        .unwrap();
-    let gateway = gateway_on(&cluster, 0, random_secret()).await;
-    let key = gateway.keys().create("test").await.unwrap();
-    let client = client_for(&gateway, &key.id, &key.secret);
-    client.create_bucket().bucket("drain").send().await.unwrap();
     let sizes = [1usize, 200 << 10, 1 << 20, 2 << 20, (4 << 20) + 9, 9 << 20];
     let objects = put_objects(&client, "drain", &sizes, 11_000).await;
     let keys: Vec<String> = objects.iter().map(|(k, _)| k.clone()).collect();
@@ -633,15 +618,7 @@ async fn a_drained_node_can_be_removed_once_its_fragments_are_in_place() {
 /// and every segment then survives the loss of any site.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fragments_of_a_node_gone_for_good_are_rebuilt_within_the_site_caps() {
-    let mut cluster = Cluster::start(&[3, 3, 3]).await.unwrap();
-    cluster
-        .install_map_with(Scheme::new(4, 2).unwrap(), Tolerance::default(), 9)
-        .await
-        .unwrap();
-    let gateway = gateway_on(&cluster, 0, random_secret()).await;
-    let key = gateway.keys().create("test").await.unwrap();
-    let client = client_for(&gateway, &key.id, &key.secret);
-    client.create_bucket().bucket("gone").send().await.unwrap();
+    let (mut cluster, gateway, client) = three_sites_of_three("gone").await;
     // Small objects are three copies (1+2): a lost copy is one too.
     let sizes = [
         1,
@@ -730,15 +707,7 @@ async fn a_first_replica_that_does_not_repair_is_passed_over() {
         .replicas_of(&Partition::bucket("idle"))
         .unwrap();
     let idle = s.cluster.index_of(&replicas[0]);
-    let wiped = [2, 3]
-        .into_iter()
-        .find(|&i| !replicas.contains(&s.cluster.members[i].identity.node_id()))
-        .expect("one replica per site");
-    s.cluster.stop(wiped).await;
-    std::fs::remove_dir_all(&s.cluster.members[wiped].data_dir).unwrap();
-    s.cluster.restart(wiped).await.unwrap();
-    let map = s.cluster.node(0).cluster_map().unwrap();
-    s.cluster.install_signed(map).await.unwrap();
+    wipe_a_node_holding_no_metadata_of(&mut s.cluster, "idle").await;
     assert!(fragments_off_placement(&s.cluster, 0, "idle", &keys).await > 0);
     let mut repairers: Vec<Repairer> = (0..s.cluster.members.len())
         .filter(|&i| i != idle)
