@@ -19,7 +19,6 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use cairn_model::repair::{RepairSettings, Repairer};
 use cairn_protocol::erasure::{Scheme, SegmentEncoder, reconstruct};
-use cairn_protocol::meta::Partition;
 use cairn_tests::pseudo_random_bytes;
 use cairn_tests::s3::{Setup, setup, wipe_a_node_holding_no_metadata_of};
 use futures::StreamExt;
