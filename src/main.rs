@@ -370,6 +370,7 @@ async fn temporary_member(
         limits: StreamLimits::default(),
         anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
         scrub: Default::default(),
+        store: Default::default(),
     };
     let node = Node::start(config, identity).await?;
     Ok((scratch, node))

@@ -154,6 +154,7 @@ impl DevCluster {
                     limits: StreamLimits::default(),
                     anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
                     scrub: Default::default(),
+                    store: Default::default(),
                 };
                 let node = Node::start(config, identity)
                     .await

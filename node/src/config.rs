@@ -15,6 +15,7 @@ use thiserror::Error;
 use crate::identity::{Identity, IdentityError};
 use crate::scrub::ScrubSettings;
 use crate::swarm::{DEFAULT_ANTI_ENTROPY_EVERY, Multiaddr, NodeConfig, StreamLimits};
+use crate::workers::StoreSettings;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -73,6 +74,59 @@ pub struct ServeConfig {
     pub max_connections_per_peer: u32,
     #[serde(default)]
     pub scrub: ScrubSection,
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+/// `[store]`: the trash period, the volumes and their compaction.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// How long a deleted fragment stays restorable; every node of a
+    /// cluster should use the same.
+    pub trash_period_seconds: u64,
+    /// A new volume is started when the active one would pass this size.
+    pub volume_bytes: u64,
+    /// How often the trash is purged and volumes are compacted.
+    pub housekeeping_every_seconds: u64,
+    /// Bytes compaction copies per second (0: no limit).
+    pub compaction_bytes_per_second: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        let settings = StoreSettings::default();
+        Self {
+            trash_period_seconds: settings.trash_period.as_secs(),
+            volume_bytes: settings.volume_bytes,
+            housekeeping_every_seconds: settings.housekeeping_every.as_secs(),
+            compaction_bytes_per_second: settings.compaction_bytes_per_second,
+        }
+    }
+}
+
+impl StoreSection {
+    pub fn settings(&self) -> Result<StoreSettings, ConfigError> {
+        // Smaller volumes would mean a file for every few fragments.
+        const SMALLEST_VOLUME: u64 = 1 << 20;
+        if self.volume_bytes < SMALLEST_VOLUME {
+            return Err(invalid(
+                "store.volume_bytes",
+                format!(
+                    "{} is below the smallest, {SMALLEST_VOLUME}",
+                    self.volume_bytes
+                ),
+            ));
+        }
+        Ok(StoreSettings {
+            trash_period: std::time::Duration::from_secs(self.trash_period_seconds),
+            volume_bytes: self.volume_bytes,
+            housekeeping_every: std::time::Duration::from_secs(
+                self.housekeeping_every_seconds.max(1),
+            ),
+            compaction_bytes_per_second: self.compaction_bytes_per_second,
+        })
+    }
 }
 
 /// `[scrub]`: how fast and how often the node re-hashes its fragments.
@@ -240,6 +294,7 @@ impl ServeConfig {
             },
             anti_entropy_every: DEFAULT_ANTI_ENTROPY_EVERY,
             scrub: self.scrub.settings(),
+            store: self.store.settings()?,
         };
         Ok((config, identity))
     }

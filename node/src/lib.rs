@@ -24,6 +24,6 @@ pub mod release;
 pub mod scrub;
 pub mod store;
 pub mod swarm;
-mod workers;
+pub mod workers;
 
 pub use cairn_protocol as protocol;

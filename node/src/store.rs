@@ -10,7 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 
 use cairn_protocol::ids::{FragmentHasher, FragmentId, NodeId, UploadId};
@@ -32,6 +32,9 @@ const RECORD_HEADER_BYTES: u64 = 4 + 1 + 32 + 8;
 const RECORD_FORMAT: u8 = 2;
 /// The format byte of an index entry.
 const ENTRY_FORMAT: u8 = 3;
+/// The volume of an entry whose record is gone (a corrupt record that
+/// compaction did not copy): volumes are numbered from 1.
+const NO_VOLUME: u32 = 0;
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -354,6 +357,9 @@ struct Shared {
 pub struct FragmentStore {
     // Dropped first: stops the writer, which releases its share of `shared`.
     writer: Arc<WriterHandle>,
+    /// The appender: the writer thread takes it for each batch, compaction
+    /// for each chunk it moves, so that one of them appends at a time.
+    appender: Arc<Mutex<Writer>>,
     shared: Arc<Shared>,
 }
 
@@ -413,6 +419,65 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Deletes the volume files the index does not know: one a compaction
+/// emptied and dropped from the index just before a crash, or one started
+/// for a batch that never committed. No entry can point into them.
+fn remove_orphan_volumes(dir: &Path, committed: &BTreeMap<u32, u64>) -> io::Result<()> {
+    let volumes = dir.join("volumes");
+    let mut removed = false;
+    for file in fs::read_dir(&volumes)? {
+        let path = file?.path();
+        let number = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_suffix(".vol"))
+            .and_then(|number| number.parse::<u32>().ok());
+        if let Some(number) = number
+            && !committed.contains_key(&number)
+        {
+            tracing::info!(volume = number, "removing a volume the index does not name");
+            fs::remove_file(&path)?;
+            removed = true;
+        }
+    }
+    if removed {
+        sync_dir(&volumes)?;
+    }
+    Ok(())
+}
+
+/// What one volume holds, for compaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeUse {
+    pub number: u32,
+    /// Its committed length.
+    pub bytes: u64,
+    /// The bytes of the records index entries point at, in any state
+    /// (a trashed fragment is still restorable); the rest is dead.
+    pub referenced_bytes: u64,
+    /// New records go here: it is never compacted.
+    pub active: bool,
+}
+
+impl VolumeUse {
+    pub fn dead_bytes(&self) -> u64 {
+        self.bytes.saturating_sub(self.referenced_bytes)
+    }
+}
+
+/// What compacting one volume did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compacted {
+    /// Records copied to the active volume.
+    pub moved: u64,
+    pub moved_bytes: u64,
+    /// Records that did not read whole: their entries are quarantined and
+    /// their bytes are not copied.
+    pub quarantined: u64,
+    /// The length of the volume deleted.
+    pub reclaimed_bytes: u64,
+}
+
 impl FragmentStore {
     /// Opens (or creates) the store, cutting every volume back to its
     /// committed length: bytes of a batch a crash interrupted disappear.
@@ -438,6 +503,7 @@ impl FragmentStore {
             txn.commit().map_err(index_error)?;
             committed
         };
+        remove_orphan_volumes(&config.dir, &committed)?;
         let mut volumes = BTreeMap::new();
         for (&number, &len) in &committed {
             let path = volume_path(&config.dir, number);
@@ -459,15 +525,30 @@ impl FragmentStore {
             volumes: RwLock::new(volumes),
         });
         let (puts, requests) = mpsc::channel(1024);
-        let writer = Writer::new(shared.clone(), committed)?;
-        let thread = thread::Builder::new()
-            .name("cairn-store-writer".into())
-            .spawn(move || writer.run(requests))?;
+        let appender = Arc::new(Mutex::new(Writer::new(shared.clone(), committed)?));
+        let thread = {
+            let appender = appender.clone();
+            let max_bytes = shared.config.batch_bytes;
+            thread::Builder::new()
+                .name("cairn-store-writer".into())
+                .spawn(move || {
+                    crate::batching::run(
+                        requests,
+                        max_bytes,
+                        |request: &PutRequest| request.fragment.len(),
+                        |batch| appender.lock().expect("appender lock").commit_batch(batch),
+                    )
+                })?
+        };
         let writer = Arc::new(WriterHandle {
             puts: Some(puts),
             thread: Some(thread),
         });
-        Ok(Self { writer, shared })
+        Ok(Self {
+            writer,
+            appender,
+            shared,
+        })
     }
 
     /// Stores a fragment durably; returns once it is on disk and indexed.
@@ -512,14 +593,23 @@ impl FragmentStore {
     /// end), after verifying the whole fragment. Blocking: call it from a
     /// blocking thread.
     pub fn read(&self, id: &FragmentId, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
-        let entry = match self.entry(id)? {
-            Some(entry) if entry.state == FragmentState::Live => entry,
+        let live = |entry: Option<FragmentEntry>| match entry {
+            Some(entry) if entry.state == FragmentState::Live => Ok(entry),
             Some(entry) if entry.state == FragmentState::Quarantined => {
-                return Err(StoreError::Corrupt(*id));
+                Err(StoreError::Corrupt(*id))
             }
-            _ => return Err(StoreError::NotFound(*id)),
+            _ => Err(StoreError::NotFound(*id)),
         };
-        let record = self.shared.read_record(id, &entry)?;
+        let mut entry = live(self.entry(id)?)?;
+        let record = match self.shared.read_record(id, &entry) {
+            // Its volume was compacted away between the two reads: the
+            // entry now names where the record went.
+            Err(StoreError::BadIndexEntry(_)) => {
+                entry = live(self.entry(id)?)?;
+                self.shared.read_record(id, &entry)?
+            }
+            other => other?,
+        };
         let Some(mut bytes) = record else {
             tracing::error!(fragment = %id, volume = entry.volume, offset = entry.offset, "corrupt fragment: quarantined");
             // Kept for the trash period as evidence, then purged.
@@ -857,6 +947,113 @@ impl FragmentStore {
         Ok(step)
     }
 
+    /// The bytes of each volume, and how many of them the index still
+    /// points at. Walks the index: blocking.
+    pub fn volume_use(&self) -> Result<Vec<VolumeUse>, StoreError> {
+        let active = self.appender.lock().expect("appender lock").active.0;
+        let txn = self.shared.db.begin_read().map_err(index_error)?;
+        let mut volumes: BTreeMap<u32, VolumeUse> = BTreeMap::new();
+        for row in txn
+            .open_table(VOLUMES)
+            .map_err(index_error)?
+            .iter()
+            .map_err(index_error)?
+        {
+            let (number, len) = row.map_err(index_error)?;
+            let number = number.value();
+            volumes.insert(
+                number,
+                VolumeUse {
+                    number,
+                    bytes: len.value(),
+                    referenced_bytes: 0,
+                    active: number == active,
+                },
+            );
+        }
+        for row in txn
+            .open_table(FRAGMENTS)
+            .map_err(index_error)?
+            .iter()
+            .map_err(index_error)?
+        {
+            let (key, value) = row.map_err(index_error)?;
+            let Ok(entry) = FragmentEntry::decode(FragmentId(*key.value()), value.value()) else {
+                continue;
+            };
+            if let Some(volume) = volumes.get_mut(&entry.volume) {
+                volume.referenced_bytes += RECORD_HEADER_BYTES + entry.len;
+            }
+        }
+        Ok(volumes.into_values().collect())
+    }
+
+    /// Copies every record of volume `number` that the index points at to
+    /// the active volume, in chunks of about `chunk_bytes` (each made
+    /// durable and switched in one index transaction), then deletes the
+    /// volume once no entry points into it (spec/store.md, "Compaction").
+    /// `after_chunk` is called with each chunk's bytes, outside the
+    /// appender's lock (where a throttle sleeps). Blocking.
+    pub fn compact_volume(
+        &self,
+        number: u32,
+        chunk_bytes: u64,
+        mut after_chunk: impl FnMut(u64),
+    ) -> Result<Compacted, StoreError> {
+        let mut compacted = Compacted::default();
+        loop {
+            let records = self.records_in(number)?;
+            if records.is_empty() {
+                let mut writer = self.appender.lock().expect("appender lock");
+                if let Some(reclaimed) = writer.drop_volume(number)? {
+                    compacted.reclaimed_bytes = reclaimed;
+                    return Ok(compacted);
+                }
+                // A record came back into it meanwhile: go round again.
+                continue;
+            }
+            let mut chunk = Vec::new();
+            let mut chunk_len = 0u64;
+            let mut records = records.into_iter().peekable();
+            while let Some(record) = records.next() {
+                chunk_len += RECORD_HEADER_BYTES + record.1.len;
+                chunk.push(record);
+                if chunk_len >= chunk_bytes || records.peek().is_none() {
+                    let moved = self
+                        .appender
+                        .lock()
+                        .expect("appender lock")
+                        .move_records(number, &chunk)?;
+                    compacted.moved += moved.moved;
+                    compacted.moved_bytes += moved.moved_bytes;
+                    compacted.quarantined += moved.quarantined;
+                    after_chunk(chunk_len);
+                    chunk.clear();
+                    chunk_len = 0;
+                }
+            }
+        }
+    }
+
+    /// The entries that point into volume `number`, in the order of their
+    /// records.
+    fn records_in(&self, number: u32) -> Result<Vec<(FragmentId, FragmentEntry)>, StoreError> {
+        let txn = self.shared.db.begin_read().map_err(index_error)?;
+        let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+        let mut records = Vec::new();
+        for row in table.iter().map_err(index_error)? {
+            let (key, value) = row.map_err(index_error)?;
+            let id = FragmentId(*key.value());
+            if let Ok(entry) = FragmentEntry::decode(id, value.value())
+                && entry.volume == number
+            {
+                records.push((id, entry));
+            }
+        }
+        records.sort_by_key(|(_, entry)| entry.offset);
+        Ok(records)
+    }
+
     fn set_state<T>(
         &self,
         id: &FragmentId,
@@ -923,18 +1120,156 @@ impl Writer {
         Ok(file)
     }
 
-    fn run(mut self, requests: mpsc::Receiver<PutRequest>) {
-        let max_bytes = self.shared.config.batch_bytes;
-        crate::batching::run(
-            requests,
-            max_bytes,
-            |request| request.fragment.len(),
-            |batch| self.commit_batch(batch),
-        );
-    }
-
     fn used_bytes(&self) -> u64 {
         self.committed.values().sum()
+    }
+
+    /// Cuts what a failed step appended off the active volume and forgets
+    /// it; a volume the step filled and left is cut back at the next open.
+    fn cut_back(&mut self, before: BTreeMap<u32, u64>) {
+        let (number, file) = &self.active;
+        let len = before.get(number).copied().unwrap_or(0);
+        if let Err(error) = file.set_len(len) {
+            tracing::error!(%error, volume = number, "could not cut a failed step off the volume");
+        }
+        self.committed = before;
+        self.committed.entry(*number).or_insert(0);
+    }
+
+    /// One chunk of a compaction: copies the records `chunk` names out of
+    /// volume `from` (each checked whole on the way), syncs them, then
+    /// points their entries at the copies in one transaction. An entry
+    /// that changed since `chunk` was read is left alone (its copy is dead
+    /// bytes); a record that does not read whole is not copied, and its
+    /// entry is quarantined without a volume.
+    fn move_records(
+        &mut self,
+        from: u32,
+        chunk: &[(FragmentId, FragmentEntry)],
+    ) -> Result<Compacted, StoreError> {
+        if from == self.active.0 {
+            return Err(StoreError::Index(format!(
+                "volume {from} is the active volume and is not compacted"
+            )));
+        }
+        let before = self.committed.clone();
+        let result = self.try_move_records(from, chunk);
+        if result.is_err() {
+            self.cut_back(before);
+        }
+        result
+    }
+
+    fn try_move_records(
+        &mut self,
+        from: u32,
+        chunk: &[(FragmentId, FragmentEntry)],
+    ) -> Result<Compacted, StoreError> {
+        // Each record: its id, where it was, and where its copy is (none
+        // when it did not read whole).
+        type Move = (FragmentId, u64, Option<(u32, u64)>);
+        let mut moves: Vec<Move> = Vec::with_capacity(chunk.len());
+        let mut touched = false;
+        for (id, entry) in chunk {
+            match self.shared.read_record(id, entry)? {
+                Some(bytes) => {
+                    moves.push((*id, entry.offset, Some(self.append_record(id, &bytes)?)));
+                    touched = true;
+                }
+                None => moves.push((*id, entry.offset, None)),
+            }
+        }
+        if touched {
+            self.active.1.sync_data()?;
+        }
+        let mut compacted = Compacted::default();
+        let now = crate::clock::now_unix_ms();
+        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(index_error)?;
+        {
+            let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            for (id, offset, to) in moves {
+                let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
+                    continue;
+                };
+                let Ok(mut entry) = FragmentEntry::decode(id, raw.value()) else {
+                    continue;
+                };
+                drop(raw);
+                if entry.volume != from || entry.offset != offset {
+                    continue;
+                }
+                match to {
+                    Some((volume, offset)) => {
+                        entry.volume = volume;
+                        entry.offset = offset;
+                        compacted.moved += 1;
+                        compacted.moved_bytes += RECORD_HEADER_BYTES + entry.len;
+                    }
+                    None => {
+                        if entry.state != FragmentState::Quarantined {
+                            tracing::error!(fragment = %id, volume = from, "corrupt fragment found by compaction: quarantined");
+                            entry.state = FragmentState::Quarantined;
+                            entry.trashed_at_unix_ms = now;
+                        }
+                        // No volume: a later put of the id writes it anew.
+                        entry.volume = NO_VOLUME;
+                        entry.offset = 0;
+                        compacted.quarantined += 1;
+                    }
+                }
+                table
+                    .insert(id.as_bytes(), &entry.encode()[..])
+                    .map_err(index_error)?;
+            }
+            let mut volumes = txn.open_table(VOLUMES).map_err(index_error)?;
+            for (number, len) in &self.committed {
+                volumes.insert(number, len).map_err(index_error)?;
+            }
+        }
+        txn.commit().map_err(index_error)?;
+        Ok(compacted)
+    }
+
+    /// Forgets volume `number` and deletes its file, if no entry points
+    /// into it (checked in the transaction that forgets it); returns its
+    /// length, or `None` when an entry still does.
+    fn drop_volume(&mut self, number: u32) -> Result<Option<u64>, StoreError> {
+        if number == self.active.0 {
+            return Err(StoreError::Index(format!(
+                "volume {number} is the active volume and is not compacted"
+            )));
+        }
+        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(index_error)?;
+        {
+            let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            for row in table.iter().map_err(index_error)? {
+                let (key, value) = row.map_err(index_error)?;
+                if let Ok(entry) = FragmentEntry::decode(FragmentId(*key.value()), value.value())
+                    && entry.volume == number
+                {
+                    return Ok(None);
+                }
+            }
+            let mut volumes = txn.open_table(VOLUMES).map_err(index_error)?;
+            volumes.remove(number).map_err(index_error)?;
+        }
+        txn.commit().map_err(index_error)?;
+        let len = self.committed.remove(&number).unwrap_or(0);
+        self.shared
+            .volumes
+            .write()
+            .expect("volume map lock")
+            .remove(&number);
+        // Readers holding the file still read it; the name goes now, and a
+        // crash before this leaves an orphan that the next open removes.
+        let volumes = self.shared.config.dir.join("volumes");
+        fs::remove_file(volume_path(&self.shared.config.dir, number))?;
+        sync_dir(&volumes)?;
+        Ok(Some(len))
     }
 
     fn commit_batch(&mut self, batch: Vec<PutRequest>) {
@@ -943,15 +1278,7 @@ impl Writer {
         let result = self.write_batch(batch, &mut replies);
         if let Err(error) = &result {
             tracing::error!(%error, "fragment batch failed; nothing in it is acknowledged");
-            // Cut the failed batch's bytes off the active volume; a volume it
-            // filled and left is cut back at the next open.
-            let (number, file) = &self.active;
-            let len = before.get(number).copied().unwrap_or(0);
-            if let Err(error) = file.set_len(len) {
-                tracing::error!(%error, volume = number, "could not cut a failed batch off the volume");
-            }
-            self.committed = before;
-            self.committed.entry(*number).or_insert(0);
+            self.cut_back(before);
         }
         for (reply, outcome) in replies {
             let outcome = match (&result, outcome) {
@@ -1098,7 +1425,11 @@ impl Writer {
     /// Appends one record to the active volume (starting a new one when it
     /// is full) and returns where it starts.
     fn append(&mut self, fragment: &VerifiedFragment) -> Result<(u32, u64), StoreError> {
-        let record_len = RECORD_HEADER_BYTES + fragment.len();
+        self.append_record(&fragment.id, &fragment.bytes)
+    }
+
+    fn append_record(&mut self, id: &FragmentId, bytes: &[u8]) -> Result<(u32, u64), StoreError> {
+        let record_len = RECORD_HEADER_BYTES + bytes.len() as u64;
         let (number, _) = self.active;
         let end = self.committed[&number];
         if end > 0 && end + record_len > self.shared.config.volume_bytes {
@@ -1113,10 +1444,10 @@ impl Writer {
         let mut header = [0u8; RECORD_HEADER_BYTES as usize];
         header[..4].copy_from_slice(RECORD_MAGIC);
         header[4] = RECORD_FORMAT;
-        header[5..37].copy_from_slice(fragment.id.as_bytes());
-        header[37..45].copy_from_slice(&fragment.len().to_be_bytes());
+        header[5..37].copy_from_slice(id.as_bytes());
+        header[37..45].copy_from_slice(&(bytes.len() as u64).to_be_bytes());
         file.write_all_at(&header, offset)?;
-        file.write_all_at(&fragment.bytes, offset + RECORD_HEADER_BYTES)?;
+        file.write_all_at(bytes, offset + RECORD_HEADER_BYTES)?;
         self.committed.insert(*number, offset + record_len);
         Ok((*number, offset))
     }

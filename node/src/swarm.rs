@@ -41,6 +41,7 @@ use cairn_protocol::status::RepairSummary;
 use crate::scrub::{self, ScrubSettings};
 use crate::store::{FragmentStore, ScrubState, StoreConfig, StoreError};
 use crate::workers;
+use crate::workers::StoreSettings;
 
 /// How long a node serves one stream of each protocol in all (a piece
 /// exchange carries a few MiB; a metadata request is one frame each way;
@@ -56,8 +57,6 @@ const PEER_SHARE_OF_BUDGET: u64 = 4;
 const UNVERIFIED_SHARE_OF_INCOMING: usize = 8;
 /// Cluster map pushes taken at once (each up to 8 MiB).
 const MAP_STREAMS: usize = 4;
-/// How long a fragment stays in the trash before it is purged.
-const TRASH_PERIOD_MS: u64 = 7 * 24 * 3600 * 1000;
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -100,6 +99,7 @@ pub struct NodeConfig {
     /// How often the metadata replicas compare digests with each other.
     pub anti_entropy_every: Duration,
     pub scrub: ScrubSettings,
+    pub store: StoreSettings,
 }
 
 /// Anti-entropy period unless configured otherwise.
@@ -168,7 +168,8 @@ impl Node {
             .map_err(NodeError::OwnCertificate)?;
         let mut store_config =
             StoreConfig::new(config.data_dir.join("fragments"), config.capacity_bytes);
-        store_config.trash_ms = TRASH_PERIOD_MS;
+        store_config.trash_ms = config.store.trash_period.as_millis() as u64;
+        store_config.volume_bytes = config.store.volume_bytes;
         let max_fragment_bytes = store_config.max_fragment_bytes;
         let store = FragmentStore::open(store_config)?;
         let maps = Arc::new(MapKeeper::load(
@@ -233,7 +234,7 @@ impl Node {
             store_status: Arc::default(),
         };
         let mut tasks = vec![
-            workers::purge_trash(store.clone()),
+            workers::housekeeping(store.clone(), config.store),
             scrub::start(store, config.scrub, scrub_progress),
         ];
 

@@ -1,29 +1,106 @@
-//! The node's background work that needs no peer: today the trash purge.
+//! The node's background work that needs no peer: the trash purge, then
+//! the compaction of volumes that are mostly dead bytes (spec/store.md).
 
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
 use crate::clock::now_unix_ms;
-use crate::store::FragmentStore;
+use crate::store::{FragmentStore, StoreError, VolumeUse};
 
-/// How often the trash is purged of fragments whose trash period is over.
-const TRASH_PURGE_EVERY: Duration = Duration::from_secs(3600);
+/// How a node keeps its store: trash period, volumes, compaction.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreSettings {
+    /// How long a deleted fragment stays restorable in the trash.
+    pub trash_period: Duration,
+    /// A new volume is started when the active one would pass this size.
+    pub volume_bytes: u64,
+    /// How often the trash is purged and volumes are compacted.
+    pub housekeeping_every: Duration,
+    /// Bytes compaction copies per second (0: no limit).
+    pub compaction_bytes_per_second: u64,
+}
 
-/// Removes fragments whose trash period is over from the index, now and
-/// then, on a blocking thread.
-pub(crate) fn purge_trash(store: FragmentStore) -> JoinHandle<()> {
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            trash_period: Duration::from_secs(7 * 24 * 3600),
+            volume_bytes: 1 << 30,
+            housekeeping_every: Duration::from_secs(3600),
+            compaction_bytes_per_second: 32 << 20,
+        }
+    }
+}
+
+/// Bytes compaction moves per index transaction, at most.
+const COMPACTION_CHUNK_BYTES: u64 = 4 << 20;
+
+/// A volume is compacted once at least half of it is dead bytes (the
+/// copy then costs at most as much as it frees).
+pub fn worth_compacting(volume: &VolumeUse) -> bool {
+    !volume.active && volume.bytes > 0 && volume.dead_bytes() * 2 >= volume.bytes
+}
+
+/// Purges the trash and compacts volumes, every `housekeeping_every`, on
+/// a blocking thread.
+pub(crate) fn housekeeping(store: FragmentStore, settings: StoreSettings) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(TRASH_PURGE_EVERY);
+        let mut every = tokio::time::interval(settings.housekeeping_every);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
             let store = store.clone();
-            match tokio::task::spawn_blocking(move || store.purge_trash(now_unix_ms())).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(purged)) => tracing::info!(purged, "purged fragments from the trash"),
-                Ok(Err(error)) => tracing::warn!(%error, "trash purge failed"),
-                Err(error) => tracing::warn!(%error, "trash purge task failed"),
+            match tokio::task::spawn_blocking(move || keep_house(&store, &settings)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "store housekeeping failed"),
+                Err(error) => tracing::warn!(%error, "store housekeeping task failed"),
             }
         }
     })
+}
+
+fn keep_house(store: &FragmentStore, settings: &StoreSettings) -> Result<(), StoreError> {
+    let purged = store.purge_trash(now_unix_ms())?;
+    if purged > 0 {
+        tracing::info!(purged, "purged fragments from the trash");
+    }
+    for volume in store.volume_use()? {
+        if !worth_compacting(&volume) {
+            continue;
+        }
+        tracing::info!(
+            volume = volume.number,
+            bytes = volume.bytes,
+            referenced = volume.referenced_bytes,
+            "compacting a volume"
+        );
+        let mut moved = 0u64;
+        let rate = settings.compaction_bytes_per_second;
+        let chunk = if rate == 0 {
+            COMPACTION_CHUNK_BYTES
+        } else {
+            COMPACTION_CHUNK_BYTES.min(rate)
+        };
+        let compacted = store.compact_volume(volume.number, chunk, |bytes| {
+            moved += bytes;
+            tracing::info!(
+                volume = volume.number,
+                moved,
+                of = volume.referenced_bytes,
+                "compaction moved a chunk"
+            );
+            if rate > 0 {
+                std::thread::sleep(Duration::from_secs_f64(bytes as f64 / rate as f64));
+            }
+        })?;
+        tracing::info!(
+            volume = volume.number,
+            moved = compacted.moved,
+            moved_bytes = compacted.moved_bytes,
+            quarantined = compacted.quarantined,
+            reclaimed_bytes = compacted.reclaimed_bytes,
+            "volume compacted"
+        );
+    }
+    Ok(())
 }

@@ -635,3 +635,268 @@ fn kill_dash_nine_loses_no_acknowledged_fragment_and_shows_no_half_one() {
         );
     }
 }
+
+/// Fills several volumes with 512 KiB fragments and leaves a third of them
+/// referenced: of each six, one stays live, one goes to the trash (kept)
+/// and four are trashed and purged. Returns (live, trashed) ids.
+async fn volumes_two_thirds_dead(
+    store: &FragmentStore,
+    count: u64,
+) -> (Vec<FragmentId>, Vec<FragmentId>) {
+    let (mut live, mut trashed) = (Vec::new(), Vec::new());
+    for i in 0..count {
+        let (id, outcome) = put(store, fragment_bytes(500 + i, 512 << 10), 0).await;
+        outcome.unwrap();
+        match i % 6 {
+            0 => live.push(id),
+            3 => {
+                store.delete(&id, NOW + 10_000).unwrap();
+                trashed.push(id);
+            }
+            _ => store.delete(&id, NOW).unwrap(),
+        }
+    }
+    // The trash period is 1 s: only those trashed at NOW go.
+    assert_eq!(
+        store.purge_trash(NOW + 5_000).unwrap() as u64,
+        count - live.len() as u64 - trashed.len() as u64
+    );
+    (live, trashed)
+}
+
+fn volume_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join("volumes")).unwrap().count()
+}
+
+fn assert_all_read_back(store: &FragmentStore, live: &[FragmentId], trashed: &[FragmentId]) {
+    for id in live {
+        let bytes = store
+            .read(id, 0, u64::MAX)
+            .unwrap_or_else(|e| panic!("live {id}: {e}"));
+        assert_eq!(FragmentId::of(&bytes), *id);
+    }
+    for id in trashed {
+        let entry = store.entry(id).unwrap().expect("trashed entry kept");
+        assert_eq!(entry.state, FragmentState::Trash, "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_live_and_trashed_fragments_reclaims_the_rest_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    let (live, trashed) = volumes_two_thirds_dead(&store, 42).await;
+    // A live fragment on the first volume rots: compaction does not copy it.
+    let rotten = live[0];
+    flip_a_byte(dir.path(), &store, &rotten);
+    let before = store.status().unwrap();
+    let files_before = volume_files(dir.path());
+    let volumes = store.volume_use().unwrap();
+    let worth: Vec<_> = volumes
+        .iter()
+        .filter(|v| cairn_node::workers::worth_compacting(v))
+        .collect();
+    assert!(
+        worth.len() >= 4 && volumes.iter().filter(|v| v.active).count() == 1,
+        "{volumes:?}"
+    );
+
+    // Readers run through the whole compaction.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (store, stop, ids) = (store.clone(), stop.clone(), live[1..].to_vec());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for id in &ids {
+                    let bytes = store
+                        .read(id, 0, u64::MAX)
+                        .unwrap_or_else(|e| panic!("read of {id} during compaction: {e}"));
+                    assert_eq!(FragmentId::of(&bytes), *id);
+                    reads += 1;
+                }
+            }
+            reads
+        })
+    };
+    let mut total = cairn_node::store::Compacted::default();
+    for volume in &worth {
+        let compacted = tokio::task::block_in_place(|| {
+            store
+                .compact_volume(volume.number, 1 << 20, |_| {})
+                .unwrap()
+        });
+        assert_eq!(compacted.reclaimed_bytes, volume.bytes);
+        total.moved += compacted.moved;
+        total.quarantined += compacted.quarantined;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().unwrap();
+    assert!(reads > 0);
+    assert_eq!(total.quarantined, 1, "the rotten fragment");
+    assert_eq!(
+        store.read(&rotten, 0, 1).unwrap_err().to_string(),
+        StoreError::Corrupt(rotten).to_string()
+    );
+    let after = store.status().unwrap();
+    assert_eq!(after.live, before.live - 1);
+    assert_eq!(after.trash, before.trash);
+    assert!(
+        after.used_bytes < before.used_bytes / 2,
+        "{} of {} bytes left",
+        after.used_bytes,
+        before.used_bytes
+    );
+    assert!(volume_files(dir.path()) < files_before);
+    assert_all_read_back(&store, &live[1..], &trashed);
+    // A trashed fragment moved by compaction comes back whole.
+    store.restore(&trashed[0]).unwrap();
+    store.read(&trashed[0], 0, u64::MAX).unwrap();
+    store.delete(&trashed[0], NOW + 10_000).unwrap();
+    // A good copy of the rotten one is written anew.
+    let (_, again) = put(&store, fragment_bytes(500, 512 << 10), 0).await;
+    assert_eq!(again.unwrap(), PutOutcome::Stored);
+    drop(store);
+
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    assert_all_read_back(&store, &live, &trashed);
+    assert_eq!(store.status().unwrap().used_bytes, {
+        let mut used = after.used_bytes;
+        used += 45 + (512 << 10);
+        used
+    });
+}
+
+#[tokio::test]
+async fn a_volume_file_the_index_does_not_name_is_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let store = FragmentStore::open(config(dir.path())).unwrap();
+        let (id, outcome) = put(&store, fragment_bytes(7, 1000), 0).await;
+        outcome.unwrap();
+        id
+    };
+    // What a crash leaves between forgetting a compacted volume and
+    // deleting its file.
+    let stray = dir.path().join("volumes").join("000099.vol");
+    std::fs::write(&stray, b"CRNF junk").unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    assert!(!stray.exists());
+    store.read(&id, 0, u64::MAX).unwrap();
+}
+
+const COMPACTION_CRASH_DIR: &str = "CAIRN_STORE_COMPACTION_CRASH_DIR";
+
+/// The child half of the compaction kill -9 test: compacts every volume
+/// worth it, one record per chunk, printing a line after each chunk, until
+/// killed (or done). Not a test of its own (ignored unless asked for).
+#[test]
+#[ignore = "the child process of kill_dash_nine_in_the_middle_of_a_compaction_loses_nothing"]
+fn compaction_crash_child_compacts_until_killed() {
+    let dir = std::env::var_os(COMPACTION_CRASH_DIR)
+        .expect("run by the compaction kill -9 test, which names the store directory");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _guard = runtime.enter();
+    let store = FragmentStore::open(config(std::path::Path::new(&dir))).unwrap();
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for volume in store.volume_use().unwrap() {
+        if cairn_node::workers::worth_compacting(&volume) {
+            store
+                .compact_volume(volume.number, 1, |_| {
+                    writeln!(out, "moved a chunk").unwrap();
+                    out.flush().unwrap();
+                    // Gives the parent time to kill in the middle.
+                    std::thread::sleep(Duration::from_millis(20));
+                })
+                .unwrap();
+            writeln!(out, "compacted {}", volume.number).unwrap();
+        }
+    }
+    writeln!(out, "done").unwrap();
+}
+
+#[test]
+fn kill_dash_nine_in_the_middle_of_a_compaction_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (live, trashed) = runtime.block_on(async {
+        let store = FragmentStore::open(config(dir.path())).unwrap();
+        volumes_two_thirds_dead(&store, 60).await
+    });
+    let used_at_start = {
+        let _guard = runtime.enter();
+        FragmentStore::open(config(dir.path()))
+            .unwrap()
+            .status()
+            .unwrap()
+            .used_bytes
+    };
+    let mut finished = false;
+    for round in 0..4 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "compaction_crash_child_compacts_until_killed",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(COMPACTION_CRASH_DIR, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Killed after a number of chunks that differs per round.
+        let target = 3 + round * 5;
+        let mut chunks = 0;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line == "moved a chunk" {
+                chunks += 1;
+                if chunks == target {
+                    break;
+                }
+            }
+            if line == "done" {
+                finished = true;
+                break;
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let _guard = runtime.enter();
+        let store = FragmentStore::open(config(dir.path())).unwrap();
+        assert_all_read_back(&store, &live, &trashed);
+        // Nothing indexed points at a half-copied record.
+        for id in store
+            .list(&FragmentId([0; 32]), &FragmentId([0xff; 32]), usize::MAX)
+            .unwrap()
+        {
+            store
+                .read(&id, 0, u64::MAX)
+                .unwrap_or_else(|e| panic!("round {round}: {id} unreadable: {e}"));
+        }
+        eprintln!("round {round}: killed after {chunks} chunks; everything reads back");
+        if finished {
+            break;
+        }
+    }
+    // Whatever the crashes left, a compaction to the end reclaims the space.
+    let _guard = runtime.enter();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    for volume in store.volume_use().unwrap() {
+        if cairn_node::workers::worth_compacting(&volume) {
+            store
+                .compact_volume(volume.number, 1 << 20, |_| {})
+                .unwrap();
+        }
+    }
+    assert_all_read_back(&store, &live, &trashed);
+    let used = store.status().unwrap().used_bytes;
+    assert!(
+        used < used_at_start / 2,
+        "{used} of {used_at_start} bytes left"
+    );
+}

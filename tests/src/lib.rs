@@ -125,6 +125,7 @@ impl Cluster {
             limits: self.limits,
             anti_entropy_every: self.anti_entropy_every,
             scrub: self.scrub,
+            store: Default::default(),
         }
     }
 

@@ -239,6 +239,7 @@ async fn outsider(
         limits: Default::default(),
         anti_entropy_every: cairn_node::swarm::DEFAULT_ANTI_ENTROPY_EVERY,
         scrub: Default::default(),
+        store: Default::default(),
     };
     Node::start(config, identity).await.unwrap()
 }
