@@ -200,7 +200,7 @@ def check_manifest():
 def check_wire():
     names = ["hello", "put_fragment", "data", "ack", "reject", "get_fragment", "fragment_header", "have_query",
              "have_reply", "inventory_query", "inventory_digest", "inventory_list", "inventory_page", "cancel",
-             "release", "released", "status_query", "status_reply"]
+             "release", "released", "status_query", "status_reply", "restore", "restored"]
     for i, frame in enumerate(load("wire.json")["frames"]):
         raw = h(frame["frame"])
         assert frame["message"] == names[i]
@@ -223,15 +223,22 @@ def check_wire():
         if frame["message"] == "status_query":
             assert len(raw) == 6 and raw[5] in (0, 1)
         if frame["message"] == "status_reply":
-            n = [struct.unpack(">Q", raw[5 + 8 * i:13 + 8 * i])[0] for i in range(24)]
-            live, trash, quarantined = n[3], n[4], n[5]
-            segments, whole, unreadable = n[16], n[17], n[18]
+            n = [struct.unpack(">Q", raw[5 + 8 * i:13 + 8 * i])[0] for i in range(25)]
+            live, trash, quarantined, trash_period = n[3], n[4], n[5], n[6]
+            segments, whole, unreadable = n[17], n[18], n[19]
             assert (live, trash, quarantined) == (2048, 3, 1) and n[0] == 1 << 40
-            assert n[14] == 1_764_000_700_000
-            count = struct.unpack(">I", raw[5 + 192:9 + 192])[0]
-            table = [(raw[201 + 9 * i], struct.unpack(">Q", raw[202 + 9 * i:210 + 9 * i])[0]) for i in range(count)]
-            assert table == [(0, 1), (1, 2)] and len(raw) == 201 + 9 * count
+            assert trash_period == 7 * 24 * 3600 * 1000
+            assert n[15] == 1_764_000_700_000
+            count = struct.unpack(">I", raw[5 + 200:9 + 200])[0]
+            table = [(raw[209 + 9 * i], struct.unpack(">Q", raw[210 + 9 * i:218 + 9 * i])[0]) for i in range(count)]
+            assert table == [(0, 1), (1, 2)] and len(raw) == 209 + 9 * count
             assert whole + sum(c for _, c in table) + unreadable + 0 == segments
+        if frame["message"] == "restore":
+            r = Reader(raw[5 + 16:])
+            assert r.str16(63) == "photos" and r.str16(1024) == "2026/cat.jpg"
+            r.done()
+        if frame["message"] == "restored":
+            assert len(raw) == 5 + 8
 
 
 def check_versions():

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use cairn_model::collector::{Collection, Collector};
+use anyhow::{Context, Result, anyhow, bail};
+use cairn_model::collector::Collector;
 use cairn_model::repair::Repairer;
 use cairn_node::clock::now_unix_ms;
 use cairn_node::config::MapConfig;
@@ -105,6 +105,12 @@ enum Admin {
         #[arg(long)]
         wait: bool,
     },
+    /// Object versions deleted or overwritten within the trash period:
+    /// list them, or bring one back.
+    Trash {
+        #[command(subcommand)]
+        command: TrashCommand,
+    },
     /// Create a KMS root key file for the gateways (mode 0600).
     RootKey {
         /// Where to write it; refuses to overwrite.
@@ -151,6 +157,32 @@ enum KeyCommand {
         access: ClusterAccess,
         /// The access key id.
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrashCommand {
+    /// The versions in the trash, with how long each stays restorable.
+    List {
+        #[command(flatten)]
+        access: ClusterAccess,
+        /// Only this bucket's (all buckets' otherwise).
+        #[arg(long)]
+        bucket: Option<String>,
+    },
+    /// Bring a version back as its key's current object: the same bytes,
+    /// ETag, headers and Last-Modified (under a new version id). The
+    /// object it replaces goes to the trash.
+    Restore {
+        #[command(flatten)]
+        access: ClusterAccess,
+        #[arg(long)]
+        bucket: String,
+        #[arg(long)]
+        key: String,
+        /// The version id `cairn admin trash list` shows.
+        #[arg(long)]
+        version: String,
     },
 }
 
@@ -319,6 +351,10 @@ fn admin(command: Admin) -> Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(key_command(command))?;
         }
+        Admin::Trash { command } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(trash_command(command))?;
+        }
         Admin::Status {
             cluster_key,
             peer,
@@ -450,6 +486,110 @@ async fn key_command(command: KeyCommand) -> Result<()> {
     drop(keys);
     node.shutdown().await;
     outcome
+}
+
+async fn trash_command(command: TrashCommand) -> Result<()> {
+    use cairn_model::buckets::Buckets;
+    use cairn_model::kms::{Kms, RootKey};
+    use cairn_model::trash;
+    let (TrashCommand::List { access, .. } | TrashCommand::Restore { access, .. }) = &command;
+    let cluster_key = load_cluster_key(&access.cluster_key)?;
+    let root = RootKey::from_env_or_file(access.root_key.as_deref())?;
+    let (_scratch, node) = join_for_a_moment(&cluster_key, &access.peer).await?;
+    let metadata = node.metadata().clone();
+    let kms = Kms::new(root, metadata.clone());
+    let outcome = async {
+        let period = trash_period(&node).await?;
+        match &command {
+            TrashCommand::List { bucket, .. } => {
+                let buckets = match bucket {
+                    Some(bucket) => vec![bucket.clone()],
+                    None => Buckets::new(metadata.clone(), kms.clone())
+                        .list()
+                        .await?
+                        .into_iter()
+                        .map(|(name, _)| name)
+                        .collect(),
+                };
+                let now = now_unix_ms();
+                let mut count = 0;
+                for bucket in buckets {
+                    for entry in trash::list(&metadata, &bucket, period).await? {
+                        let left = (entry.purged_unix_ms + period.as_millis() as u64)
+                            .saturating_sub(now);
+                        println!(
+                            "{}/{} version {}: {} bytes, ETag {}, deleted {} s ago, restorable for {} s more",
+                            entry.bucket,
+                            entry.key,
+                            entry.version,
+                            entry.size_bytes,
+                            entry.etag,
+                            now.saturating_sub(entry.purged_unix_ms) / 1000,
+                            left / 1000
+                        );
+                        count += 1;
+                    }
+                }
+                println!(
+                    "{count} versions in the trash (trash period {} s)",
+                    period.as_secs()
+                );
+            }
+            TrashCommand::Restore {
+                bucket,
+                key,
+                version,
+                ..
+            } => {
+                let version = cairn_protocol::ids::VersionId::parse(version)
+                    .map_err(|e| anyhow!("--version: {e}"))?;
+                let restored =
+                    trash::restore(&node.handle(), &kms, bucket, key, version, period).await?;
+                println!(
+                    "restored {bucket}/{key} version {version} as version {}: {} fragments back from the trash; segments whole {}, degraded {} (repair rebuilds them), unreadable {}",
+                    restored.version.version,
+                    restored.fragments_restored,
+                    restored.segments_whole,
+                    restored.segments_degraded,
+                    restored.segments_unreadable
+                );
+                for node in &restored.nodes_not_confirmed {
+                    eprintln!("node {node} did not confirm; repair rebuilds what it lacks");
+                }
+                if restored.segments_unreadable > 0 {
+                    bail!(
+                        "{} segments of the restored version are unreadable",
+                        restored.segments_unreadable
+                    );
+                }
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    node.shutdown().await;
+    outcome
+}
+
+/// The trash period of the cluster's nodes (the shortest, if they
+/// disagree): what the trash commands count from.
+async fn trash_period(node: &Node) -> Result<Duration> {
+    let map = node
+        .cluster_map()
+        .expect("join_for_a_moment waits for the map");
+    let answers = ask_statuses(node, &map.map.nodes, false).await;
+    let periods: std::collections::BTreeSet<u64> = answers
+        .values()
+        .filter_map(|answer| answer.as_ref().ok())
+        .map(|status| status.store.trash_period_ms)
+        .collect();
+    if periods.len() > 1 {
+        eprintln!("the nodes disagree on the trash period ({periods:?} ms); using the shortest");
+    }
+    let shortest = periods
+        .first()
+        .ok_or_else(|| anyhow!("no node of the map answered; the trash period is unknown"))?;
+    Ok(Duration::from_millis(*shortest))
 }
 
 /// Asks every node of the map for its status and prints the report.
@@ -622,6 +762,13 @@ async fn serve(
         .transpose()
         .with_context(|| format!("{}: [repair]", config.display()))?
         .unwrap_or_default();
+    let collection: cairn_model::collector::CollectionSection = file
+        .remove("collection")
+        .map(|section| section.try_into())
+        .transpose()
+        .with_context(|| format!("{}: [collection]", config.display()))?
+        .unwrap_or_default();
+    let collection = collection.collection();
     let mut settings = ServeConfig::from_table(&config, file)?;
     settings.apply_env(|name| std::env::var(name).ok())?;
     if let Some(dir) = data_dir {
@@ -648,7 +795,7 @@ async fn serve(
         tracing::info!(%address, node = %node.node_id(), "listening");
     }
     // Every node collects orphan fragments for the buckets it replicates.
-    let collector = Collector::start(node.handle(), Collection::default());
+    let collector = Collector::start(node.handle(), collection);
     // And repairs the segments of the buckets it is first replica of.
     let repairer = Repairer::start(node.handle(), repair.settings());
     let gateway = match (s3, root) {
@@ -672,6 +819,7 @@ async fn serve(
                             section.header_read_timeout_seconds.max(1),
                         ),
                         idle_timeout: Duration::from_secs(section.idle_timeout_seconds.max(1)),
+                        collection,
                         ..Default::default()
                     },
                 )

@@ -73,7 +73,13 @@ impl Server {
 
     /// Waits for a log line containing every one of `needles`.
     pub fn wait_for(&self, needles: &[&str]) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        self.wait_for_within(needles, Duration::from_secs(30))
+    }
+
+    /// The same, for up to `patience` (work that waits on timers of the
+    /// cluster's own, set in its files).
+    pub fn wait_for_within(&self, needles: &[&str], patience: Duration) -> String {
+        let deadline = std::time::Instant::now() + patience;
         let mut seen = Vec::new();
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
             match self.lines.recv_timeout(left) {
@@ -213,6 +219,10 @@ pub struct ProcessCluster {
     pub nodes: Vec<Server>,
     /// Each storage node's data directory, in the order of `nodes`.
     pub data_dirs: Vec<std::path::PathBuf>,
+    /// Each storage node's configuration file, in the order of `nodes`.
+    pub node_configs: Vec<std::path::PathBuf>,
+    /// The gateway's QUIC address, which storage nodes bootstrap from.
+    pub bootstrap: String,
     pub endpoint: String,
     /// The gateway's self-signed certificate, when it speaks TLS.
     pub tls_certificate: Option<std::path::PathBuf>,
@@ -239,6 +249,23 @@ impl ProcessCluster {
         tls: bool,
         repair_every_seconds: Option<u64>,
     ) -> Self {
+        let node_toml = repair_every_seconds
+            .map(|every| format!("[repair]\nevery_seconds = {every}\n"))
+            .unwrap_or_default();
+        Self::start_configured(nodes_per_site, k, m, tls, &node_toml, "")
+    }
+
+    /// The same, with `node_toml` added to each storage node's file and
+    /// `everyone_toml` to every process's (sections the gateway's file
+    /// does not have: it has `[s3]`, `[repair]` and `[scrub]`).
+    pub fn start_configured(
+        nodes_per_site: &[usize],
+        k: u8,
+        m: u8,
+        tls: bool,
+        node_toml: &str,
+        everyone_toml: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("cluster.key");
         let cluster = printed(
@@ -257,7 +284,7 @@ impl ProcessCluster {
             .port();
         let mut text = std::fs::read_to_string(&gateway_config).unwrap();
         text += &format!(
-            "[s3]\nlisten = \"127.0.0.1:{s3_port}\"\nroot_key_file = \"{}\"\ntls_self_signed = {tls}\naccess_key_cache_seconds = 0\n[repair]\nsegments_at_once = 2\n[scrub]\nbytes_per_second = 8388608\n",
+            "[s3]\nlisten = \"127.0.0.1:{s3_port}\"\nroot_key_file = \"{}\"\ntls_self_signed = {tls}\naccess_key_cache_seconds = 0\n[repair]\nsegments_at_once = 2\n[scrub]\nbytes_per_second = 8388608\n{everyone_toml}",
             root.display()
         );
         std::fs::write(&gateway_config, text).unwrap();
@@ -268,17 +295,18 @@ impl ProcessCluster {
         let mut map = format!("version = 1\ndata_fragments = {k}\nparity_fragments = {m}\n");
         let mut nodes = Vec::new();
         let mut data_dirs = Vec::new();
+        let mut node_configs = Vec::new();
         for (site, &count) in nodes_per_site.iter().enumerate() {
             for n in 0..count {
                 let name = format!("s{site}n{n}");
                 let id = enrol(dir.path(), &key, &name, &format!("site-{site}"));
                 let config = write_config(dir.path(), &name, &cluster, free_udp_port());
-                if let Some(every) = repair_every_seconds {
-                    let mut text = std::fs::read_to_string(&config).unwrap();
-                    text += &format!("[repair]\nevery_seconds = {every}\n");
-                    std::fs::write(&config, text).unwrap();
-                }
+                let mut text = std::fs::read_to_string(&config).unwrap();
+                text += node_toml;
+                text += everyone_toml;
+                std::fs::write(&config, text).unwrap();
                 let server = Server::start(&config, &[("CAIRN_BOOTSTRAP", first.clone())]);
+                node_configs.push(config);
                 server.wait_for(&["member verified", &gateway_id]);
                 nodes.push(server);
                 data_dirs.push(dir.path().join(&name));
@@ -324,7 +352,26 @@ impl ProcessCluster {
             gateway,
             nodes,
             data_dirs,
+            node_configs,
+            bootstrap: first,
         }
+    }
+
+    /// Kills storage node `index` (SIGKILL).
+    pub fn kill_node(&mut self, index: usize) {
+        let child = &mut self.nodes[index].child;
+        let _ = child.kill();
+        child.wait().unwrap();
+    }
+
+    /// Starts storage node `index` again (after a kill), from its file.
+    pub fn restart_node(&mut self, index: usize) {
+        let server = Server::start(
+            &self.node_configs[index],
+            &[("CAIRN_BOOTSTRAP", self.bootstrap.clone())],
+        );
+        server.wait_for(&["member verified"]);
+        self.nodes[index] = server;
     }
 
     pub fn shutdown(self) {

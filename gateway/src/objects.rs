@@ -353,6 +353,7 @@ impl ObjectStore {
                 object.intent,
                 object.condition,
                 object.deadline_unix_ms,
+                None,
             )
             .await?)
     }

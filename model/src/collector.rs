@@ -53,6 +53,37 @@ impl Default for Collection {
     }
 }
 
+/// `[collection]` in a node's configuration file (every field optional);
+/// every node of a cluster must use the same times.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectionSection {
+    pub write_deadline_seconds: u64,
+    pub clock_margin_seconds: u64,
+    pub every_seconds: u64,
+}
+
+impl Default for CollectionSection {
+    fn default() -> Self {
+        let collection = Collection::default();
+        Self {
+            write_deadline_seconds: collection.write_deadline.as_secs(),
+            clock_margin_seconds: collection.clock_margin.as_secs(),
+            every_seconds: collection.every.as_secs(),
+        }
+    }
+}
+
+impl CollectionSection {
+    pub fn collection(&self) -> Collection {
+        Collection {
+            write_deadline: Duration::from_secs(self.write_deadline_seconds.max(1)),
+            clock_margin: Duration::from_secs(self.clock_margin_seconds),
+            every: Duration::from_secs(self.every_seconds.max(1)),
+        }
+    }
+}
+
 impl Collection {
     /// How long after it became garbage (or its write began) a release
     /// waits: past every deadline a write in flight could still meet.
@@ -528,6 +559,27 @@ impl ReleaseCheck for ReleaseRule {
             match self.why_not(metadata, bucket, key, upload).await {
                 Ok(None) => Ok(()),
                 Ok(Some(why)) => Err(why),
+                Err(error) => Err(format!("the metadata could not be checked: {error}")),
+            }
+        })
+    }
+
+    fn check_restore<'a>(
+        &'a self,
+        metadata: &'a Metadata,
+        bucket: &'a str,
+        key: &'a str,
+        upload: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            if check_bucket_name(bucket).is_err() || key.is_empty() || key.contains('\0') {
+                return Err(format!("{bucket:?}/{key:?} names no object"));
+            }
+            match in_use(metadata, bucket, key, upload).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(format!(
+                    "no version of {bucket}/{key} that exists uses upload {upload}"
+                )),
                 Err(error) => Err(format!("the metadata could not be checked: {error}")),
             }
         })

@@ -10,6 +10,7 @@ use std::time::Duration;
 use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::Metadata;
 use cairn_node::swarm::NodeHandle;
+use cairn_protocol::hlc::Timestamp;
 use cairn_protocol::ids::{ManifestId, VersionId, VersionIdGenerator};
 use cairn_protocol::manifest::{Manifest, SignedManifest};
 use cairn_protocol::meta::{Partition, RowKey, RowValue, Table};
@@ -339,7 +340,10 @@ impl ObjectIndex {
     /// then the version row with the end of the upload and the retirement
     /// of the versions it replaced (the bucket keeps no history). Past
     /// `deadline_unix_ms` the head refuses it: the collector may by then
-    /// be releasing the upload's fragments.
+    /// be releasing the upload's fragments. `created` is the version's
+    /// time when it is not now: a version restored from the trash keeps
+    /// the time it was first committed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn commit(
         &self,
         mut manifest: Manifest,
@@ -348,6 +352,7 @@ impl ObjectIndex {
         upload_key: RowKey,
         condition: &WriteCondition,
         deadline_unix_ms: u64,
+        created: Option<Timestamp>,
     ) -> ModelResult<ObjectVersion> {
         const IDENTITIES: usize = 8;
         let metadata = self.node.metadata();
@@ -361,7 +366,7 @@ impl ObjectIndex {
                 bucket: manifest.bucket.clone(),
                 key: manifest.key.clone(),
                 version: manifest.version,
-                created: at,
+                created: created.unwrap_or(at),
                 seq: 0,
                 body: VersionBody::Data {
                     manifest: signed.id,
@@ -393,7 +398,9 @@ impl ObjectIndex {
                 // fragments are committed again as a new version, its data
                 // key wrapped for that version.
                 manifest.version = self.new_version();
-                manifest.created_unix_ms = now_unix_ms();
+                if created.is_none() {
+                    manifest.created_unix_ms = now_unix_ms();
+                }
                 manifest.encryption =
                     keys.envelope(&manifest.bucket, &manifest.key, manifest.version);
                 continue;

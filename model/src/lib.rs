@@ -16,6 +16,7 @@ pub mod locks;
 pub mod registers;
 pub mod repair;
 pub mod rows;
+pub mod trash;
 pub mod uploads;
 
 pub use error::{ModelError, ModelResult};

@@ -71,6 +71,22 @@ impl NodeHandle {
             .await
     }
 
+    /// Asks `node` to bring the fragments of `upload`, written for
+    /// `bucket`/`key`, back from its trash; it checks the metadata first.
+    pub async fn restore_upload(
+        &self,
+        node: &NodeId,
+        upload: UploadId,
+        bucket: &str,
+        key: &str,
+    ) -> Result<u64, NodeError> {
+        if *node == self.node_id() {
+            return Ok(self.local.restore_local(upload, bucket, key).await?);
+        }
+        self.with_retries(node, |stream| pieces::restore(stream, upload, bucket, key))
+            .await
+    }
+
     /// Whether `node` is a member connected to this one, dialing it first
     /// if it is not (idle connections close; a node not heard from is not
     /// a node gone). Gives up after `timeout`.

@@ -18,13 +18,13 @@ use libp2p::PeerId;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use cairn_protocol::status::{NodeStatus, RepairSummary, ScrubStatus};
+use cairn_protocol::status::{NodeStatus, RepairSummary, ScrubStatus, StoreStatus};
 use tokio::sync::watch;
 
 use crate::budget::{ByteBudget, Taken};
 
 use crate::meta::Metadata;
-use crate::release::{ReleaseRules, may_release};
+use crate::release::{ReleaseRules, may_release, may_restore};
 use crate::store::{
     FragmentState, FragmentStore, PutOutcome, Released, ScrubState, StoreError, VerifiedFragment,
 };
@@ -185,9 +185,7 @@ pub struct Server {
     pub(crate) scrub: watch::Receiver<ScrubState>,
     pub(crate) repair: Arc<std::sync::Mutex<RepairSummary>>,
     /// The store's part of the last status, and when it was taken.
-    pub(crate) store_status: Arc<
-        tokio::sync::Mutex<Option<(tokio::time::Instant, cairn_protocol::status::StoreStatus)>>,
-    >,
+    pub(crate) store_status: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, StoreStatus)>>>,
 }
 
 /// Runs a store call on a blocking thread: store reads touch the disk and
@@ -325,6 +323,14 @@ impl Server {
                 }
                 Err(refusal) => send(write, &refusal).await,
             },
+            Message::Restore {
+                upload,
+                bucket,
+                key,
+            } => match self.restore(upload, &bucket, &key).await? {
+                Ok(restored) => send(write, &Message::Restored { restored }).await,
+                Err(refusal) => send(write, &refusal).await,
+            },
             Message::StatusQuery { store } => match self.status(store).await? {
                 Ok(status) => send(write, &Message::StatusReply(Box::new(status))).await,
                 Err(error) => send(write, &reject_for(&error)).await,
@@ -356,6 +362,10 @@ impl Server {
             }
         } else {
             Default::default()
+        };
+        let summary = StoreStatus {
+            trash_period_ms: self.store.trash_period_ms(),
+            ..summary
         };
         let scrub = *self.scrub.borrow();
         let pass = scrub.pass.unwrap_or_default();
@@ -516,6 +526,7 @@ impl Server {
         bucket: &str,
         key: &str,
     ) -> Result<Result<Released, Message>, PieceError> {
+        let _in_order = self.release_rules.order.lock().await;
         let settle_ms =
             match may_release(&self.release_rules, &self.metadata, bucket, key, upload).await {
                 Ok(settle_ms) => settle_ms,
@@ -539,6 +550,35 @@ impl Server {
             tracing::info!(%upload, trashed, held, "released an upload's fragments to the trash");
         }
         Ok(released.map_err(|error| reject_for(&error)))
+    }
+
+    /// Brings an upload's fragments back from the trash if the replicated
+    /// metadata shows a version that uses them.
+    async fn restore(
+        &self,
+        upload: UploadId,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Result<u64, Message>, PieceError> {
+        let _in_order = self.release_rules.order.lock().await;
+        if let Err(why) =
+            may_restore(&self.release_rules, &self.metadata, bucket, key, upload).await
+        {
+            tracing::warn!(%upload, bucket, key, %why, "refused a restore");
+            return Ok(Err(reject(
+                RejectCode::Unauthorized,
+                format!("restore refused: {why}"),
+            )));
+        }
+        let store = self.store.clone();
+        let object = ObjectKeyDigest::of(bucket, key);
+        let restored = blocking(move || store.restore_upload(&upload, &object)).await?;
+        if let Ok(restored) = &restored
+            && *restored > 0
+        {
+            tracing::info!(%upload, restored, "brought an upload's fragments back from the trash");
+        }
+        Ok(restored.map_err(|error| reject_for(&error)))
     }
 }
 
@@ -587,6 +627,17 @@ impl Server {
         key: &str,
     ) -> Result<Released, PieceError> {
         self.release(upload, bucket, key)
+            .await?
+            .map_err(|r| refused(&r))
+    }
+
+    pub(crate) async fn restore_local(
+        &self,
+        upload: UploadId,
+        bucket: &str,
+        key: &str,
+    ) -> Result<u64, PieceError> {
+        self.restore(upload, bucket, key)
             .await?
             .map_err(|r| refused(&r))
     }
@@ -772,6 +823,27 @@ pub async fn release<S: AsyncRead + AsyncWrite + Unpin>(
     write.close().await?;
     match reader.expect().await? {
         Message::Released { trashed, held } => Ok(Released { trashed, held }),
+        Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// Asks the peer to bring the fragments of `upload` back from its trash.
+pub async fn restore<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    upload: UploadId,
+    bucket: &str,
+    key: &str,
+) -> Result<u64, PieceError> {
+    let request = Message::Restore {
+        upload,
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+    };
+    let (mut reader, mut write) = open_exchange(stream, &request).await?;
+    write.close().await?;
+    match reader.expect().await? {
+        Message::Restored { restored } => Ok(restored),
         Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
         other => Err(unexpected(&other)),
     }

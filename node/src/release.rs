@@ -24,6 +24,16 @@ pub trait ReleaseCheck: Send + Sync {
         upload: UploadId,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
+    /// The check a restore must pass: `Ok` when a version of `key` that
+    /// exists uses `upload`, so that its fragments are needed again.
+    fn check_restore<'a>(
+        &'a self,
+        metadata: &'a Metadata,
+        bucket: &'a str,
+        key: &'a str,
+        upload: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
     /// How long after a fragment is stored here a release may trash it:
     /// the longest a write may take to commit, plus a margin. Measured by
     /// this node's own clock, which no peer can set, it keeps the
@@ -31,8 +41,24 @@ pub trait ReleaseCheck: Send + Sync {
     fn settle_ms(&self) -> u64;
 }
 
-/// The rules a node holds, once installed.
-pub(crate) type ReleaseRules = Arc<RwLock<Option<Arc<dyn ReleaseCheck>>>>;
+/// The rules a node holds, once installed, and the lock that puts its
+/// releases and restores in one order: a release checked before a
+/// version was restored trashes before the restore brings back.
+#[derive(Clone, Default)]
+pub(crate) struct ReleaseRules {
+    installed: Arc<RwLock<Option<Arc<dyn ReleaseCheck>>>>,
+    pub(crate) order: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl ReleaseRules {
+    pub(crate) fn install(&self, rules: Arc<dyn ReleaseCheck>) {
+        *self.installed.write().expect("release rules lock") = Some(rules);
+    }
+
+    fn get(&self) -> Option<Arc<dyn ReleaseCheck>> {
+        self.installed.read().expect("release rules lock").clone()
+    }
+}
 
 /// Whether the installed rules let `upload` go, and then how long its
 /// fragments must have been stored here to go; a node without rules lets
@@ -44,12 +70,25 @@ pub(crate) async fn may_release(
     key: &str,
     upload: UploadId,
 ) -> Result<u64, String> {
-    let installed = rules.read().expect("release rules lock").clone();
-    match installed {
+    match rules.get() {
         Some(rules) => {
             rules.check(metadata, bucket, key, upload).await?;
             Ok(rules.settle_ms())
         }
         None => Err("this node has no metadata rules to check a release against".into()),
+    }
+}
+
+/// Whether the installed rules let the fragments of `upload` come back.
+pub(crate) async fn may_restore(
+    rules: &ReleaseRules,
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+    upload: UploadId,
+) -> Result<(), String> {
+    match rules.get() {
+        Some(rules) => rules.check_restore(metadata, bucket, key, upload).await,
+        None => Err("this node has no metadata rules to check a restore against".into()),
     }
 }

@@ -724,6 +724,60 @@ impl FragmentStore {
         Ok(released)
     }
 
+    /// Brings back from the trash every fragment whose hold names `upload`
+    /// and `object` (a version that uses them was restored); returns how
+    /// many. Blocking.
+    pub fn restore_upload(
+        &self,
+        upload: &UploadId,
+        object: &ObjectKeyDigest,
+    ) -> Result<u64, StoreError> {
+        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(index_error)?;
+        let mut restored = 0;
+        {
+            let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
+            let first = upload_key(upload, &FragmentId([0; 32]));
+            let last = upload_key(upload, &FragmentId([0xff; 32]));
+            let ids: Vec<FragmentId> = by_upload
+                .range::<&[u8; 48]>(&first..=&last)
+                .map_err(index_error)?
+                .map(|row| {
+                    row.map(|(key, _)| FragmentId(key.value()[16..].try_into().expect("32 bytes")))
+                        .map_err(index_error)
+                })
+                .collect::<Result<_, _>>()?;
+            for id in ids {
+                let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
+                    continue;
+                };
+                let mut entry = FragmentEntry::decode(id, raw.value())?;
+                drop(raw);
+                if entry.state != FragmentState::Trash
+                    || entry.hold.upload != *upload
+                    || entry.hold.object != *object
+                {
+                    continue;
+                }
+                entry.state = FragmentState::Live;
+                entry.trashed_at_unix_ms = 0;
+                table
+                    .insert(id.as_bytes(), &entry.encode()[..])
+                    .map_err(index_error)?;
+                restored += 1;
+            }
+        }
+        txn.commit().map_err(index_error)?;
+        Ok(restored)
+    }
+
+    /// How long a fragment stays in the trash here.
+    pub fn trash_period_ms(&self) -> u64 {
+        self.shared.config.trash_ms
+    }
+
     /// How many fragments are here in each state: (live, trash, quarantined).
     pub fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
         let txn = self.shared.db.begin_read().map_err(index_error)?;
@@ -1035,6 +1089,17 @@ impl FragmentStore {
         }
     }
 
+    /// Starts a new active volume if `number` is still the active one, so
+    /// that it can be compacted (one mostly dead bytes that no put follows
+    /// would otherwise keep them). Blocking.
+    pub fn seal_volume(&self, number: u32) -> Result<(), StoreError> {
+        let mut writer = self.appender.lock().expect("appender lock");
+        if writer.active.0 == number {
+            writer.start_volume()?;
+        }
+        Ok(())
+    }
+
     /// The entries that point into volume `number`, in the order of their
     /// records.
     fn records_in(&self, number: u32) -> Result<Vec<(FragmentId, FragmentEntry)>, StoreError> {
@@ -1122,6 +1187,18 @@ impl Writer {
 
     fn used_bytes(&self) -> u64 {
         self.committed.values().sum()
+    }
+
+    /// Leaves the active volume for the next one. Until a batch commits
+    /// into it, the new volume has no row in `volumes` (a crash leaves an
+    /// orphan file, removed at open).
+    fn start_volume(&mut self) -> Result<(), StoreError> {
+        // The last records of the volume left must be durable first.
+        self.active.1.sync_data()?;
+        let next = self.active.0 + 1;
+        self.active = (next, Self::open_volume(&self.shared, next)?);
+        self.committed.insert(next, 0);
+        Ok(())
     }
 
     /// Cuts what a failed step appended off the active volume and forgets
@@ -1433,11 +1510,7 @@ impl Writer {
         let (number, _) = self.active;
         let end = self.committed[&number];
         if end > 0 && end + record_len > self.shared.config.volume_bytes {
-            // The full volume's last records must be durable before it is left.
-            self.active.1.sync_data()?;
-            let next = number + 1;
-            self.active = (next, Self::open_volume(&self.shared, next)?);
-            self.committed.insert(next, 0);
+            self.start_volume()?;
         }
         let (number, file) = &self.active;
         let offset = self.committed[number];

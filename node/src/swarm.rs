@@ -502,11 +502,7 @@ impl NodeHandle {
     /// whoever starts the node's collector), in place of any before;
     /// until then this node refuses every release.
     pub fn install_release_rules(&self, rules: Arc<dyn ReleaseCheck>) {
-        *self
-            .local
-            .release_rules
-            .write()
-            .expect("release rules lock") = Some(rules);
+        self.local.release_rules.install(rules);
     }
 
     /// Marks the repair pass under way as making progress now.

@@ -36,9 +36,10 @@ impl Default for StoreSettings {
 const COMPACTION_CHUNK_BYTES: u64 = 4 << 20;
 
 /// A volume is compacted once at least half of it is dead bytes (the
-/// copy then costs at most as much as it frees).
+/// copy then costs at most as much as it frees); the active one is sealed
+/// first.
 pub fn worth_compacting(volume: &VolumeUse) -> bool {
-    !volume.active && volume.bytes > 0 && volume.dead_bytes() * 2 >= volume.bytes
+    volume.bytes > 0 && volume.dead_bytes() * 2 >= volume.bytes
 }
 
 /// Purges the trash and compacts volumes, every `housekeeping_every`, on
@@ -74,6 +75,9 @@ fn keep_house(store: &FragmentStore, settings: &StoreSettings) -> Result<(), Sto
             referenced = volume.referenced_bytes,
             "compacting a volume"
         );
+        if volume.active {
+            store.seal_volume(volume.number)?;
+        }
         let mut moved = 0u64;
         let rate = settings.compaction_bytes_per_second;
         let chunk = if rate == 0 {

@@ -27,6 +27,9 @@ pub struct StoreStatus {
     pub live: u64,
     pub trash: u64,
     pub quarantined: u64,
+    /// How long a fragment (and an object version) stays restorable in the
+    /// trash on this node; sent also when the rest of the store part is not.
+    pub trash_period_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -73,6 +76,7 @@ impl NodeStatus {
             s.live,
             s.trash,
             s.quarantined,
+            s.trash_period_ms,
         ] {
             out.put_u64(n);
         }
@@ -122,6 +126,7 @@ impl NodeStatus {
             live: n("live")?,
             trash: n("trash")?,
             quarantined: n("quarantined")?,
+            trash_period_ms: n("trash period")?,
         };
         let scrub = ScrubStatus {
             passes: n("scrub passes")?,

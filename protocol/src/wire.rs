@@ -270,6 +270,19 @@ pub enum Message {
         trashed: u64,
         held: u64,
     },
+    /// Asks the holder to bring back from its trash every fragment whose
+    /// hold names `upload` and the object `bucket`/`key`: a version that
+    /// uses the upload was restored. The holder checks the replicated
+    /// metadata for that version first.
+    Restore {
+        upload: UploadId,
+        bucket: String,
+        key: String,
+    },
+    /// Answers a restore: fragments brought back from the trash.
+    Restored {
+        restored: u64,
+    },
     /// Asks for the node's status (`cairn admin status`); without `store`,
     /// the store's part is left empty (it walks the whole index).
     StatusQuery {
@@ -297,6 +310,8 @@ mod tag {
     pub const RELEASED: u8 = 0x10;
     pub const STATUS_QUERY: u8 = 0x11;
     pub const STATUS_REPLY: u8 = 0x12;
+    pub const RESTORE: u8 = 0x13;
+    pub const RESTORED: u8 = 0x14;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -444,6 +459,22 @@ impl Message {
                 out.put_u64(*trashed);
                 out.put_u64(*held);
             }
+            Message::Restore {
+                upload,
+                bucket,
+                key,
+            } => {
+                check_len("restore bucket", bucket.len(), MAX_BUCKET_BYTES)?;
+                check_len("restore key", key.len(), MAX_KEY_BYTES)?;
+                out.put_u8(tag::RESTORE);
+                out.extend_from_slice(upload.as_bytes());
+                out.put_bytes16(bucket.as_bytes());
+                out.put_bytes16(key.as_bytes());
+            }
+            Message::Restored { restored } => {
+                out.put_u8(tag::RESTORED);
+                out.put_u64(*restored);
+            }
             Message::StatusQuery { store } => {
                 out.put_u8(tag::STATUS_QUERY);
                 out.put_bool(*store);
@@ -540,6 +571,14 @@ impl Message {
             tag::RELEASED => Message::Released {
                 trashed: r.u64("trashed")?,
                 held: r.u64("held")?,
+            },
+            tag::RESTORE => Message::Restore {
+                upload: UploadId(r.array("upload id")?),
+                bucket: r.str16("restore bucket", MAX_BUCKET_BYTES)?.to_owned(),
+                key: r.str16("restore key", MAX_KEY_BYTES)?.to_owned(),
+            },
+            tag::RESTORED => Message::Restored {
+                restored: r.u64("restored")?,
             },
             tag::STATUS_QUERY => Message::StatusQuery {
                 store: r.bool("store")?,
@@ -709,6 +748,12 @@ mod tests {
                 trashed: 3,
                 held: 1,
             },
+            Message::Restore {
+                upload: UploadId([7; 16]),
+                bucket: "photos".into(),
+                key: "2026/cat.jpg".into(),
+            },
+            Message::Restored { restored: 3 },
             Message::StatusQuery { store: true },
             Message::StatusReply(Box::new(NodeStatus {
                 store: crate::status::StoreStatus {

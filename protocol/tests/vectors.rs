@@ -553,6 +553,7 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
                     live: 2048,
                     trash: 3,
                     quarantined: 1,
+                    trash_period_ms: 7 * 24 * 3600 * 1000,
                 },
                 scrub: cairn_protocol::status::ScrubStatus {
                     passes: 2,
@@ -579,6 +580,15 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
                 },
             })),
         ),
+        (
+            "restore",
+            Message::Restore {
+                upload: UploadId([0x4d; 16]),
+                bucket: "photos".into(),
+                key: "2026/cat.jpg".into(),
+            },
+        ),
+        ("restored", Message::Restored { restored: 12 }),
     ]
 }
 

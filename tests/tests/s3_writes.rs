@@ -1150,3 +1150,72 @@ async fn a_retried_completion_answers_like_the_first() {
     assert_eq!(code(&late.into_service_error()), "NoSuchUpload");
     s.shutdown().await;
 }
+
+/// A member cannot bring a deleted object's fragments back from the trash
+/// on its word (they would stay live with nothing to release them): each
+/// node checks that a version that exists uses the upload, and refuses,
+/// whatever bucket and key the request names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restore_of_an_upload_no_version_uses_is_refused_and_the_trash_stays() {
+    use cairn_node::pieces::PieceError;
+    use cairn_node::swarm::NodeError;
+    use cairn_protocol::wire::RejectCode;
+    let s = setup_with(QUICK_COLLECTION).await;
+    let _collectors = start_collectors(&s.cluster, QUICK_COLLECTION);
+    let c = &s.client;
+    c.create_bucket().bucket("gone").send().await.unwrap();
+    c.put_object()
+        .bucket("gone")
+        .key("k")
+        .body(ByteStream::from(pseudo_random_bytes(42, 1 << 20)))
+        .send()
+        .await
+        .unwrap();
+    let head = head_of(&s.cluster, "gone", "k").await.unwrap();
+    let VersionBody::Data { manifest, .. } = head.body else {
+        panic!("{head:?}");
+    };
+    let manifest =
+        cairn_model::heads::read_manifest(s.cluster.node(0).metadata(), "gone", &manifest)
+            .await
+            .unwrap()
+            .unwrap();
+    c.delete_object()
+        .bucket("gone")
+        .key("k")
+        .send()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let trashed = loop {
+        let (live, trash) = fragment_counts(&s.cluster);
+        if live == 0 && trash > 0 && collector_work(&s.cluster, "gone").await == 0 {
+            break trash;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "live {live}, trash {trash}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let member = s.cluster.node(1);
+    for target in 0..6 {
+        let target = s.cluster.node(target).node_id();
+        for (bucket, key) in [("gone", "k"), ("gone", "another"), ("elsewhere", "k")] {
+            match member
+                .restore_upload(&target, manifest.upload, bucket, key)
+                .await
+            {
+                Err(NodeError::Piece(PieceError::Rejected {
+                    code: RejectCode::Unauthorized,
+                    ..
+                })) => {}
+                other => {
+                    panic!("a restore of a deleted upload as {bucket}/{key} on {target}: {other:?}")
+                }
+            }
+        }
+    }
+    assert_eq!(fragment_counts(&s.cluster), (0, trashed));
+    s.shutdown().await;
+}
