@@ -200,7 +200,8 @@ def check_manifest():
 def check_wire():
     names = ["hello", "put_fragment", "data", "ack", "reject", "get_fragment", "fragment_header", "have_query",
              "have_reply", "inventory_query", "inventory_digest", "inventory_list", "inventory_page", "cancel",
-             "release", "released", "status_query", "status_reply", "restore", "restored"]
+             "release", "released", "status_query", "status_reply", "restore", "restored",
+             "drop_copy", "dropped"]
     for i, frame in enumerate(load("wire.json")["frames"]):
         raw = h(frame["frame"])
         assert frame["message"] == names[i]
@@ -239,6 +240,13 @@ def check_wire():
             r.done()
         if frame["message"] == "restored":
             assert len(raw) == 5 + 8
+        if frame["message"] == "drop_copy":
+            r = Reader(raw[5 + 32:])
+            assert r.str16(63) == "photos" and r.str16(1024) == "2026/cat.jpg"
+            assert r.take(16) == bytes([0x5e] * 16) and r.take(32) == bytes([0x6b] * 32)
+            r.done()
+        if frame["message"] == "dropped":
+            assert len(raw) == 5
 
 
 def check_versions():

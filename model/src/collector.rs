@@ -17,7 +17,7 @@ use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::Metadata;
 use cairn_node::release::ReleaseCheck;
 use cairn_node::swarm::NodeHandle;
-use cairn_protocol::ids::UploadId;
+use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
 use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, split_key_sort};
 use cairn_protocol::records::{ReleaseRecord, ReleaseTarget, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, VersionBody};
@@ -580,6 +580,31 @@ impl ReleaseCheck for ReleaseRule {
                 Ok(false) => Err(format!(
                     "no version of {bucket}/{key} that exists uses upload {upload}"
                 )),
+                Err(error) => Err(format!("the metadata could not be checked: {error}")),
+            }
+        })
+    }
+
+    fn check_drop<'a>(
+        &'a self,
+        metadata: &'a Metadata,
+        bucket: &'a str,
+        key: &'a str,
+        version: VersionId,
+        fragment: FragmentId,
+        upload: UploadId,
+        keeper: NodeId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            if check_bucket_name(bucket).is_err() || key.is_empty() || key.contains('\0') {
+                return Err(format!("{bucket:?}/{key:?} names no object"));
+            }
+            let why_not = crate::repair::why_not_drop(
+                metadata, bucket, key, version, fragment, upload, keeper,
+            );
+            match why_not.await {
+                Ok(None) => Ok(()),
+                Ok(Some(why)) => Err(why),
                 Err(error) => Err(format!("the metadata could not be checked: {error}")),
             }
         })

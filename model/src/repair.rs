@@ -9,7 +9,9 @@
 //! the degraded segments, fewest spares first: a fragment held only by a
 //! node off its placement (a write's hand-off) is copied to its place; a
 //! fragment held nowhere is rebuilt, with every other missing fragment of
-//! its segment, from one read of `k` fragments. Repair is throttled by a
+//! its segment, from one read of `k` fragments. Once a fragment is at its
+//! place, the nodes holding copies of it off placement are asked to drop
+//! them (each checks that itself). Repair is throttled by a
 //! byte rate and a number of segments at once so that clients keep their
 //! latency.
 
@@ -130,6 +132,9 @@ pub struct PassReport {
     /// Fragments rebuilt by decoding, and copied from a node off placement.
     pub rebuilt: u64,
     pub copied: u64,
+    /// Copies left off placement that their holders moved to their trash
+    /// once the fragment was at its place.
+    pub dropped: u64,
     /// Fragment bytes repair read and wrote.
     pub bytes_read: u64,
     pub bytes_written: u64,
@@ -153,6 +158,8 @@ pub struct RepairStatus {
     /// fragment bytes read and written for them.
     pub rebuilt: u64,
     pub copied: u64,
+    /// Copies left off placement dropped by their holders.
+    pub dropped: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
 }
@@ -203,13 +210,16 @@ impl Repairer {
                 repair.node.repair_heartbeat();
                 match repair.pass().await {
                     Ok(report) => {
-                        if !report.all_whole() || report.rebuilt + report.copied > 0 {
+                        if !report.all_whole()
+                            || report.rebuilt + report.copied + report.dropped > 0
+                        {
                             tracing::info!(?report, "repair pass");
                         }
                         publish.send_modify(|status| {
                             status.passes += 1;
                             status.rebuilt += report.rebuilt;
                             status.copied += report.copied;
+                            status.dropped += report.dropped;
                             status.bytes_read += report.bytes_read;
                             status.bytes_written += report.bytes_written;
                             status.last = Some(report);
@@ -296,6 +306,98 @@ impl SegmentWork {
     fn placement_key(&self) -> [u8; 32] {
         segment_placement_key(&self.segment.fragments)
     }
+}
+
+/// Why this node (the one `metadata` belongs to) may not drop its copy of
+/// `fragment`, written by `upload` for `bucket`/`key`, on the word that
+/// `keeper` holds it at its place; `None` when it may (spec/repair.md,
+/// "Copies left behind"): the fragment is in a segment of `version`, which
+/// exists, and in every such segment placement under this node's map
+/// names `keeper` for it and never this node.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn why_not_drop(
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+    version: VersionId,
+    fragment: FragmentId,
+    upload: UploadId,
+    keeper: NodeId,
+) -> ModelResult<Option<String>> {
+    let row = metadata
+        .read(vec![versions_row(bucket, key, &version)])
+        .await?
+        .remove(0);
+    let manifest_id = match row {
+        Some(RowValue::Version(found)) if found.exists(now_unix_ms()) => match found.body {
+            VersionBody::Data { manifest, .. } => manifest,
+            VersionBody::DeleteMarker => {
+                return Ok(Some(format!(
+                    "version {version} of {bucket}/{key} is a delete marker"
+                )));
+            }
+        },
+        _ => {
+            return Ok(Some(format!(
+                "{bucket}/{key} has no version {version} that exists"
+            )));
+        }
+    };
+    let Some(manifest) = read_manifest(metadata, bucket, &manifest_id).await? else {
+        return Ok(Some(format!("manifest {manifest_id} is missing")));
+    };
+    if (&manifest.bucket, &manifest.key, manifest.version)
+        != (&bucket.to_owned(), &key.to_owned(), version)
+    {
+        return Ok(Some(format!(
+            "manifest {manifest_id} belongs to another object"
+        )));
+    }
+    let segments: Vec<SegmentRef> = manifest
+        .parts
+        .iter()
+        .filter(|part| part.upload == upload)
+        .flat_map(|part| part.segments.iter())
+        .filter(|segment| segment.fragments.contains(&fragment))
+        .cloned()
+        .collect();
+    if segments.is_empty() {
+        return Ok(Some(format!(
+            "version {version} of {bucket}/{key} has no fragment {fragment} written by upload {upload}"
+        )));
+    }
+    let Some(map) = metadata.cluster_map() else {
+        return Ok(Some("this node has no cluster map".into()));
+    };
+    let own = metadata.node_id();
+    let scheme = manifest.layout.scheme;
+    blocking(move || {
+        let placer = Placer::new(&map.map, scheme, map.tolerance)
+            .map_err(|e| ModelError::Internal(format!("placement: {e}")))?;
+        for segment in &segments {
+            let placed = placer.place(&segment_placement_key(&segment.fragments));
+            let placed_for = |node: &NodeId| {
+                placed
+                    .iter()
+                    .zip(&segment.fragments)
+                    .any(|(n, id)| n == node && *id == fragment)
+            };
+            if placed_for(&own) {
+                return Ok(Some(format!(
+                    "placement under map version {} names this node for fragment {fragment}",
+                    map.map.version
+                )));
+            }
+            if !placed_for(&keeper) {
+                return Ok(Some(format!(
+                    "placement under map version {} does not name {keeper} for fragment {fragment}",
+                    map.map.version
+                )));
+            }
+        }
+        Ok(None)
+    })
+    .await
 }
 
 /// A degraded-segment record of the partition, by segment placement key.
@@ -829,6 +931,7 @@ impl Repair {
                         Ok(done) => {
                             report.rebuilt += done.rebuilt;
                             report.copied += done.copied;
+                            report.dropped += done.dropped;
                             report.bytes_read += done.bytes_read;
                             report.bytes_written += done.bytes_written;
                             if !done.whole {
@@ -1010,18 +1113,63 @@ impl Repair {
         });
         let results = futures::future::join_all(puts).await;
         let mut all_stored = true;
+        let mut at_place = Vec::new();
         for ((index, node), result) in targets.iter().zip(results) {
             match result {
-                Ok(()) => done.bytes_written += fragment_len as u64,
+                Ok(()) => {
+                    done.bytes_written += fragment_len as u64;
+                    if work.placed.get(*index) == Some(node) {
+                        at_place.push((*index, *node));
+                    }
+                }
                 Err(error) => {
                     all_stored = false;
                     tracing::warn!(%node, index, %error, "a repaired fragment could not be stored");
                 }
             }
         }
+        done.dropped = self.drop_copies_left(degraded, &at_place).await;
         done.whole =
             all_stored && !waiting && targets.iter().all(|(i, n)| work.placed.get(*i) == Some(n));
         Ok(done)
+    }
+
+    /// Asks each node that holds a copy of a fragment now at its place
+    /// (`at_place`: index, placed node) and that placement does not name
+    /// for it to move its copy to its trash (spec/repair.md, "Copies left
+    /// behind"); each checks it all itself. Returns how many did.
+    async fn drop_copies_left(&self, degraded: &Degraded, at_place: &[(usize, NodeId)]) -> u64 {
+        let work = &degraded.work;
+        let placed_for = |node: &NodeId, id: &FragmentId| {
+            work.placed
+                .iter()
+                .zip(&work.segment.fragments)
+                .any(|(placed, fragment)| placed == node && fragment == id)
+        };
+        let mut dropped = 0;
+        for (index, keeper) in at_place {
+            let id = work.segment.fragments[*index];
+            for holder in &degraded.holders[*index] {
+                if holder == keeper || placed_for(holder, &id) {
+                    continue;
+                }
+                let asked = tokio::time::timeout(
+                    CALL_DEADLINE,
+                    self.node
+                        .drop_copy(holder, id, &work.bucket, &work.key, work.version, *keeper),
+                );
+                match asked.await {
+                    Ok(Ok(())) => dropped += 1,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%holder, fragment = %id, %error, "a copy left off placement was not dropped");
+                    }
+                    Err(_) => {
+                        tracing::debug!(%holder, fragment = %id, "a drop was not answered in time");
+                    }
+                }
+            }
+        }
+        dropped
     }
 
     /// Reads `k` fragments of the segment from their holders (this node,
@@ -1130,6 +1278,7 @@ struct SegmentRepair {
     whole: bool,
     rebuilt: u64,
     copied: u64,
+    dropped: u64,
     bytes_read: u64,
     bytes_written: u64,
 }

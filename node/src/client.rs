@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use cairn_protocol::ids::{FragmentId, NodeId, UploadId};
+use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
 use cairn_protocol::status::NodeStatus;
 use cairn_protocol::wire::Hold;
 
@@ -85,6 +85,30 @@ impl NodeHandle {
         }
         self.with_retries(node, |stream| pieces::restore(stream, upload, bucket, key))
             .await
+    }
+
+    /// Asks `node` to move its copy of `fragment` (a copy left off
+    /// placement) to its trash; it checks the metadata, its own map and
+    /// that `keeper` holds the fragment first.
+    pub async fn drop_copy(
+        &self,
+        node: &NodeId,
+        fragment: FragmentId,
+        bucket: &str,
+        key: &str,
+        version: VersionId,
+        keeper: NodeId,
+    ) -> Result<(), NodeError> {
+        if *node == self.node_id() {
+            return Ok(self
+                .local
+                .drop_copy_local(fragment, bucket, key, version, keeper)
+                .await?);
+        }
+        self.with_retries(node, |stream| {
+            pieces::drop_copy(stream, fragment, bucket, key, version, keeper)
+        })
+        .await
     }
 
     /// Whether `node` is a member connected to this one, dialing it first

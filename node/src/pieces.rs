@@ -6,7 +6,7 @@
 //! stream closed; nothing it sends is allocated beyond one frame, or beyond
 //! the store's fragment limit for a declared put.
 
-use cairn_protocol::ids::{FragmentHasher, FragmentId, UploadId};
+use cairn_protocol::ids::{FragmentHasher, FragmentId, NodeId, UploadId, VersionId};
 use cairn_protocol::wire::{
     self, FrameDecoder, Hold, Message, ObjectKeyDigest, RejectCode, WireError,
 };
@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use crate::budget::{ByteBudget, Taken};
 
 use crate::meta::Metadata;
-use crate::release::{ReleaseRules, may_release, may_restore};
+use crate::release::{ReleaseRules, may_drop, may_release, may_restore};
 use crate::store::{
     FragmentState, FragmentStore, PutOutcome, Released, ScrubState, StoreError, VerifiedFragment,
 };
@@ -200,6 +200,9 @@ async fn blocking<T: Send + 'static>(
 
 /// How long the store's part of a status answers again without a walk.
 const STORE_STATUS_KEPT: Duration = Duration::from_secs(5);
+/// How long the keeper named in a drop is given to send the fragment
+/// (within the caller's patience for the answer).
+const KEEPER_SHOWS_WITHIN: Duration = Duration::from_secs(15);
 
 /// How long an exchange waits for room in the bytes-in-flight budget:
 /// less than a caller waits for an answer, so that it hears `busy`.
@@ -329,6 +332,19 @@ impl Server {
                 key,
             } => match self.restore(upload, &bucket, &key).await? {
                 Ok(restored) => send(write, &Message::Restored { restored }).await,
+                Err(refusal) => send(write, &refusal).await,
+            },
+            Message::DropCopy {
+                fragment,
+                bucket,
+                key,
+                version,
+                keeper,
+            } => match self
+                .drop_copy(fragment, &bucket, &key, version, keeper)
+                .await?
+            {
+                Ok(()) => send(write, &Message::Dropped).await,
                 Err(refusal) => send(write, &refusal).await,
             },
             Message::StatusQuery { store } => match self.status(store).await? {
@@ -552,6 +568,85 @@ impl Server {
         Ok(released.map_err(|error| reject_for(&error)))
     }
 
+    /// Moves this node's copy of `fragment` to the trash once it has
+    /// checked that it is a copy left off placement: the replicated
+    /// metadata shows the fragment in `version`, written by the upload its
+    /// hold names, placement under this node's map names `keeper` for it
+    /// and not this node, and `keeper` shows it holds the fragment by
+    /// sending its bytes.
+    async fn drop_copy(
+        &self,
+        fragment: FragmentId,
+        bucket: &str,
+        key: &str,
+        version: VersionId,
+        keeper: NodeId,
+    ) -> Result<Result<(), Message>, PieceError> {
+        let refuse = |why: String| {
+            tracing::warn!(%fragment, bucket, key, %why, "refused to drop a copy");
+            Ok(Err(reject(
+                RejectCode::Unauthorized,
+                format!("drop refused: {why}"),
+            )))
+        };
+        let _in_order = self.release_rules.order.lock().await;
+        let store = self.store.clone();
+        let entry = match blocking(move || store.entry(&fragment)).await? {
+            Ok(Some(entry)) if entry.state == FragmentState::Live => entry,
+            Ok(_) => return Ok(Err(reject_for(&StoreError::NotFound(fragment)))),
+            Err(error) => return Ok(Err(reject_for(&error))),
+        };
+        let object = ObjectKeyDigest::of(bucket, key);
+        if entry.hold.object != object {
+            return refuse(format!(
+                "the copy here was written for another object than {bucket}/{key}"
+            ));
+        }
+        if keeper == self.metadata.node_id() {
+            return refuse("this node cannot keep what it drops".into());
+        }
+        let upload = entry.hold.upload;
+        if let Err(why) = may_drop(
+            &self.release_rules,
+            &self.metadata,
+            bucket,
+            key,
+            version,
+            fragment,
+            upload,
+            keeper,
+        )
+        .await
+        {
+            return refuse(why);
+        }
+        // The keeper shows it holds the fragment whole, now: its bytes,
+        // checked against the id.
+        let shown = tokio::time::timeout(KEEPER_SHOWS_WITHIN, async {
+            let stream = self.metadata.open_member_stream(&keeper, PROTOCOL).await?;
+            get(stream, fragment, 0, u64::MAX)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {KEEPER_SHOWS_WITHIN:?}")));
+        if let Err(why) = shown {
+            return refuse(format!(
+                "the keeper {keeper} did not show the fragment: {why}"
+            ));
+        }
+        let store = self.store.clone();
+        let now = (self.now_unix_ms)();
+        match blocking(move || store.drop_copy(&fragment, &upload, &object, now)).await? {
+            Ok(true) => {
+                tracing::info!(%fragment, bucket, key, %keeper, "dropped a copy left off placement to the trash");
+                Ok(Ok(()))
+            }
+            Ok(false) => Ok(Err(reject_for(&StoreError::NotFound(fragment)))),
+            Err(error) => Ok(Err(reject_for(&error))),
+        }
+    }
+
     /// Brings an upload's fragments back from the trash if the replicated
     /// metadata shows a version that uses them.
     async fn restore(
@@ -627,6 +722,19 @@ impl Server {
         key: &str,
     ) -> Result<Released, PieceError> {
         self.release(upload, bucket, key)
+            .await?
+            .map_err(|r| refused(&r))
+    }
+
+    pub(crate) async fn drop_copy_local(
+        &self,
+        fragment: FragmentId,
+        bucket: &str,
+        key: &str,
+        version: VersionId,
+        keeper: NodeId,
+    ) -> Result<(), PieceError> {
+        self.drop_copy(fragment, bucket, key, version, keeper)
             .await?
             .map_err(|r| refused(&r))
     }
@@ -844,6 +952,32 @@ pub async fn restore<S: AsyncRead + AsyncWrite + Unpin>(
     write.close().await?;
     match reader.expect().await? {
         Message::Restored { restored } => Ok(restored),
+        Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// Asks the peer to move its copy of `fragment`, left off placement, to
+/// its trash; `keeper` holds the placed one.
+pub async fn drop_copy<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    fragment: FragmentId,
+    bucket: &str,
+    key: &str,
+    version: VersionId,
+    keeper: NodeId,
+) -> Result<(), PieceError> {
+    let request = Message::DropCopy {
+        fragment,
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        version,
+        keeper,
+    };
+    let (mut reader, mut write) = open_exchange(stream, &request).await?;
+    write.close().await?;
+    match reader.expect().await? {
+        Message::Dropped => Ok(()),
         Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
         other => Err(unexpected(&other)),
     }

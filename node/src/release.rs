@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
-use cairn_protocol::ids::UploadId;
+use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
 
 use crate::meta::Metadata;
 
@@ -32,6 +32,22 @@ pub trait ReleaseCheck: Send + Sync {
         bucket: &'a str,
         key: &'a str,
         upload: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+    /// The check a drop of this node's copy of `fragment` must pass: `Ok`
+    /// when `fragment` is in `version` of `bucket`/`key` as written by
+    /// `upload`, and placement under this node's map names `keeper` for it
+    /// and not this node.
+    #[allow(clippy::too_many_arguments)]
+    fn check_drop<'a>(
+        &'a self,
+        metadata: &'a Metadata,
+        bucket: &'a str,
+        key: &'a str,
+        version: VersionId,
+        fragment: FragmentId,
+        upload: UploadId,
+        keeper: NodeId,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
     /// How long after a fragment is stored here a release may trash it:
@@ -76,6 +92,28 @@ pub(crate) async fn may_release(
             Ok(rules.settle_ms())
         }
         None => Err("this node has no metadata rules to check a release against".into()),
+    }
+}
+
+/// Whether the installed rules let this node drop its copy of `fragment`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn may_drop(
+    rules: &ReleaseRules,
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+    version: VersionId,
+    fragment: FragmentId,
+    upload: UploadId,
+    keeper: NodeId,
+) -> Result<(), String> {
+    match rules.get() {
+        Some(rules) => {
+            rules
+                .check_drop(metadata, bucket, key, version, fragment, upload, keeper)
+                .await
+        }
+        None => Err("this node has no metadata rules to check a drop against".into()),
     }
 }
 

@@ -773,6 +773,35 @@ impl FragmentStore {
         Ok(restored)
     }
 
+    /// Moves this node's copy of `id` to the trash if it is live and its
+    /// hold names `upload` and `object` and keeps it no longer (a copy left
+    /// off placement, checked by the caller); `false` when it was not live.
+    pub fn drop_copy(
+        &self,
+        id: &FragmentId,
+        upload: &UploadId,
+        object: &ObjectKeyDigest,
+        now_unix_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.set_state(id, |entry| {
+            if entry.state != FragmentState::Live
+                || entry.hold.upload != *upload
+                || entry.hold.object != *object
+            {
+                return Ok(false);
+            }
+            if entry.hold.retain_until_unix_ms > now_unix_ms {
+                return Err(StoreError::Held {
+                    id: *id,
+                    retain_until_unix_ms: entry.hold.retain_until_unix_ms,
+                });
+            }
+            entry.state = FragmentState::Trash;
+            entry.trashed_at_unix_ms = now_unix_ms;
+            Ok(true)
+        })?
+    }
+
     /// How long a fragment stays in the trash here.
     pub fn trash_period_ms(&self) -> u64 {
         self.shared.config.trash_ms

@@ -10,7 +10,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey};
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::ids::{FragmentId, NodeId, UploadId};
+use crate::ids::{FragmentId, NodeId, UploadId, VersionId};
 use crate::manifest::{MAX_BUCKET_BYTES, MAX_KEY_BYTES};
 use crate::status::NodeStatus;
 
@@ -283,6 +283,19 @@ pub enum Message {
     Restored {
         restored: u64,
     },
+    /// Asks the holder to move its copy of `fragment` to its trash: the
+    /// fragment is part of `version` of `bucket`/`key`, placement under the
+    /// current map does not name the holder for it, and names `keeper`,
+    /// which holds it. The holder checks all of it itself.
+    DropCopy {
+        fragment: FragmentId,
+        bucket: String,
+        key: String,
+        version: VersionId,
+        keeper: NodeId,
+    },
+    /// Answers a drop: the copy is in the trash.
+    Dropped,
     /// Asks for the node's status (`cairn admin status`); without `store`,
     /// the store's part is left empty (it walks the whole index).
     StatusQuery {
@@ -312,6 +325,8 @@ mod tag {
     pub const STATUS_REPLY: u8 = 0x12;
     pub const RESTORE: u8 = 0x13;
     pub const RESTORED: u8 = 0x14;
+    pub const DROP_COPY: u8 = 0x15;
+    pub const DROPPED: u8 = 0x16;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -475,6 +490,23 @@ impl Message {
                 out.put_u8(tag::RESTORED);
                 out.put_u64(*restored);
             }
+            Message::DropCopy {
+                fragment,
+                bucket,
+                key,
+                version,
+                keeper,
+            } => {
+                check_len("drop bucket", bucket.len(), MAX_BUCKET_BYTES)?;
+                check_len("drop key", key.len(), MAX_KEY_BYTES)?;
+                out.put_u8(tag::DROP_COPY);
+                out.extend_from_slice(fragment.as_bytes());
+                out.put_bytes16(bucket.as_bytes());
+                out.put_bytes16(key.as_bytes());
+                out.extend_from_slice(&version.0);
+                out.extend_from_slice(keeper.as_bytes());
+            }
+            Message::Dropped => out.put_u8(tag::DROPPED),
             Message::StatusQuery { store } => {
                 out.put_u8(tag::STATUS_QUERY);
                 out.put_bool(*store);
@@ -580,6 +612,14 @@ impl Message {
             tag::RESTORED => Message::Restored {
                 restored: r.u64("restored")?,
             },
+            tag::DROP_COPY => Message::DropCopy {
+                fragment: FragmentId(r.array("fragment id")?),
+                bucket: r.str16("drop bucket", MAX_BUCKET_BYTES)?.to_owned(),
+                key: r.str16("drop key", MAX_KEY_BYTES)?.to_owned(),
+                version: VersionId(r.array("version id")?),
+                keeper: NodeId(r.array("keeper")?),
+            },
+            tag::DROPPED => Message::Dropped,
             tag::STATUS_QUERY => Message::StatusQuery {
                 store: r.bool("store")?,
             },
@@ -754,6 +794,14 @@ mod tests {
                 key: "2026/cat.jpg".into(),
             },
             Message::Restored { restored: 3 },
+            Message::DropCopy {
+                fragment: id,
+                bucket: "photos".into(),
+                key: "2026/cat.jpg".into(),
+                version: VersionId([9; 16]),
+                keeper: NodeId([4; 32]),
+            },
+            Message::Dropped,
             Message::StatusQuery { store: true },
             Message::StatusReply(Box::new(NodeStatus {
                 store: crate::status::StoreStatus {

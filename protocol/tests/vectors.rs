@@ -589,6 +589,17 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
             },
         ),
         ("restored", Message::Restored { restored: 12 }),
+        (
+            "drop_copy",
+            Message::DropCopy {
+                fragment: id,
+                bucket: "photos".into(),
+                key: "2026/cat.jpg".into(),
+                version: cairn_protocol::ids::VersionId([0x5e; 16]),
+                keeper: cairn_protocol::ids::NodeId([0x6b; 32]),
+            },
+        ),
+        ("dropped", Message::Dropped),
     ]
 }
 

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
+use cairn_model::collector::Collection;
 use cairn_model::heads::{existing_versions, read_manifest};
 use cairn_model::repair::{RepairSettings, RepairStatus, Repairer};
 use cairn_node::scrub::ScrubSettings;
 use cairn_node::store::FragmentState;
 use cairn_protocol::erasure::Scheme;
-use cairn_protocol::ids::{FragmentId, NodeId};
+use cairn_protocol::ids::{FragmentId, NodeId, VersionId};
 use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::Partition;
 use cairn_protocol::placement::{NodeState, Placer, Tolerance, segment_placement_key};
@@ -113,6 +114,31 @@ fn live_copies(cluster: &Cluster) -> HashMap<FragmentId, Vec<NodeId>> {
             .unwrap()
         {
             copies.entry(id).or_default().push(node.node_id());
+        }
+    }
+    copies
+}
+
+/// Every copy of the segments' fragments in the running nodes' stores,
+/// live or in the trash: fragment id -> nodes.
+fn stored_copies(
+    cluster: &Cluster,
+    segments: &[(Scheme, Vec<FragmentId>)],
+) -> HashMap<FragmentId, Vec<NodeId>> {
+    let mut copies: HashMap<FragmentId, Vec<NodeId>> = HashMap::new();
+    for member in cluster.members.iter() {
+        let Some(node) = member.node.as_ref() else {
+            continue;
+        };
+        for id in segments.iter().flat_map(|(_, ids)| ids) {
+            let stored = node
+                .store()
+                .entry(id)
+                .unwrap()
+                .is_some_and(|e| matches!(e.state, FragmentState::Live | FragmentState::Trash));
+            if stored && !copies.get(id).is_some_and(|n| n.contains(&node.node_id())) {
+                copies.entry(*id).or_default().push(node.node_id());
+            }
         }
     }
     copies
@@ -476,9 +502,11 @@ async fn rebalance_until_in_place(
             for repairer in repairers.iter_mut() {
                 repairer.next_pass().await.expect("repair runs");
             }
-            // Repair only adds copies: a snapshot taken during a pass
-            // never shows fewer than there are.
-            let copies = live_copies(cluster);
+            // A copy is dropped only once its placed one is stored, and
+            // goes to its holder's trash: counting trashed copies, a
+            // snapshot read node after node during a pass never shows
+            // fewer than there are.
+            let copies = stored_copies(cluster, segments);
             assert!(
                 every_segment_survives_any_site(cluster, segments, &copies),
                 "a site loss would take a segment below k mid-rebalance"
@@ -500,8 +528,9 @@ async fn rebalance_until_in_place(
 }
 
 /// A site added to the map: segments are copied to the placement the new
-/// map gives (the old copies stay), every segment survives a site loss
-/// throughout, and every object then reads back with the new site down.
+/// map gives and the old copies dropped to their holders' trash, every
+/// segment survives a site loss throughout, and every object then reads
+/// back with the new site down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_site_added_gets_its_share_of_every_segment() {
     let mut cluster = Cluster::start(&[2, 2, 2, 2]).await.unwrap();
@@ -522,6 +551,9 @@ async fn a_site_added_gets_its_share_of_every_segment() {
     cluster.install_map(four_sites, scheme).await.unwrap();
     let before = copies_off_placement(&cluster, &segments, &live_copies(&cluster));
     assert!(before > 0, "the new site is placed for some fragment");
+    // As `cairn serve` does: the collectors install the rules a drop is
+    // checked against.
+    let _collectors = start_collectors(&cluster, Collection::default());
     let mut repairers: Vec<Repairer> = (0..cluster.members.len())
         .map(|i| Repairer::start(cluster.node(i).handle(), QUICK_REPAIR))
         .collect();
@@ -534,6 +566,12 @@ async fn a_site_added_gets_its_share_of_every_segment() {
         0,
         "moves are copies"
     );
+    // The copies left on the old placement went to their holders' trash.
+    assert_eq!(
+        copies_off_placement(&cluster, &segments, &live_copies(&cluster)),
+        0
+    );
+    assert!(statuses.iter().map(|r| r.dropped).sum::<u64>() > 0);
     drop(repairers);
     // Site 3 (nodes 6 and 7) holds its share now; it goes away, and
     // every object reads back through the gateway on node 0.
@@ -550,8 +588,9 @@ async fn a_site_added_gets_its_share_of_every_segment() {
 }
 
 /// A node drained, then marked out and its disk deleted: every fragment
-/// it held is copied to the nodes placement now names first, and nothing
-/// is lost.
+/// it held is copied to the nodes placement now names first and then
+/// dropped from it (its status shows no live fragment), and nothing is
+/// lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drained_node_can_be_removed_once_its_fragments_are_in_place() {
     let (mut cluster, gateway, client) = three_sites_of_three("drain").await;
@@ -580,11 +619,18 @@ async fn a_drained_node_can_be_removed_once_its_fragments_are_in_place() {
         .install_signed(sign(draining.clone(), &cluster))
         .await
         .unwrap();
+    // As `cairn serve` does: the collectors install the rules a drop is
+    // checked against.
+    let _collectors = start_collectors(&cluster, Collection::default());
     let mut repairers: Vec<Repairer> = (0..cluster.members.len())
         .map(|i| Repairer::start(cluster.node(i).handle(), QUICK_REPAIR))
         .collect();
     rebalance_until_in_place(&cluster, &mut repairers, &segments).await;
     drop(repairers);
+    // It emptied itself: what it held is in its trash, and its status
+    // says it holds no live fragment.
+    assert_eq!(held(&cluster), 0, "node {drained} still holds live copies");
+    assert_eq!(cluster.node(drained).store().status().unwrap().live, 0);
     // Out, stopped, its data deleted.
     let mut out = draining;
     out.version = 3;
@@ -716,4 +762,125 @@ async fn a_first_replica_that_does_not_repair_is_passed_over() {
     repair_until_in_place(&s.cluster, &mut repairers, "idle", &keys).await;
     drop(repairers);
     s.shutdown().await;
+}
+
+/// A member cannot have a copy dropped on its word: the holder checks the
+/// version in the metadata, placement under its own map (never its own
+/// placed fragment, and only for a keeper placement names) and that the
+/// keeper sends the fragment's bytes; then the copy goes to its trash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
+    use cairn_node::pieces::PieceError;
+    use cairn_node::swarm::NodeError;
+    use cairn_protocol::wire::{Hold, ObjectKeyDigest, RejectCode};
+    let (cluster, gateway, client) = three_sites_of_three("drops").await;
+    let _collectors = start_collectors(&cluster, Collection::default());
+    let objects = put_objects(&client, "drops", &[1 << 20], 12_000).await;
+    let node = cluster.node(0);
+    let versions = existing_versions(node.metadata(), "drops", "k0", None)
+        .await
+        .unwrap();
+    let VersionBody::Data { manifest, .. } = &versions[0].body else {
+        panic!("data");
+    };
+    let manifest = read_manifest(node.metadata(), "drops", manifest)
+        .await
+        .unwrap()
+        .unwrap();
+    let segment = &manifest.parts[0].segments[0];
+    let map = node.cluster_map().unwrap();
+    let placer = Placer::new(&map.map, manifest.layout.scheme, map.tolerance).unwrap();
+    let placed = placer.place(&segment_placement_key(&segment.fragments));
+    let (fragment, keeper) = (segment.fragments[0], placed[0]);
+    let other_placed = placed[1];
+    let spare = cluster
+        .node_ids()
+        .into_iter()
+        .find(|n| !placed.contains(n))
+        .unwrap();
+    // A copy of fragment 0 off placement, as a write's hand-off leaves.
+    let bytes = cluster
+        .node(0)
+        .get_fragment(&keeper, fragment, 0, u64::MAX)
+        .await
+        .unwrap();
+    let signer = cluster.members[0].identity.signing_key();
+    let hold = Hold::sign(
+        signer,
+        &fragment,
+        manifest.upload,
+        ObjectKeyDigest::of("drops", "k0"),
+        0,
+    );
+    node.put_fragment(&spare, fragment, &bytes, hold)
+        .await
+        .unwrap();
+    let state = |n: &NodeId| {
+        cluster
+            .node(cluster.index_of(n))
+            .store()
+            .entry(&fragment)
+            .unwrap()
+            .map(|e| e.state)
+    };
+    let refused = |outcome: Result<(), NodeError>, what: &str| match outcome {
+        Err(NodeError::Piece(PieceError::Rejected {
+            code: RejectCode::Unauthorized,
+            message,
+        })) => message,
+        other => panic!("{what}: {other:?}"),
+    };
+    let member = cluster.node(1);
+    let version = manifest.version;
+    // The placed node never drops its own fragment.
+    let why = refused(
+        member
+            .drop_copy(&keeper, fragment, "drops", "k0", version, spare)
+            .await,
+        "a drop of a placed fragment",
+    );
+    assert!(why.contains("names this node"), "{why}");
+    // The keeper must be the node placement names for that fragment.
+    let why = refused(
+        member
+            .drop_copy(&spare, fragment, "drops", "k0", version, other_placed)
+            .await,
+        "a drop naming another placed node as keeper",
+    );
+    assert!(why.contains("does not name"), "{why}");
+    // A version that does not exist, or another object's name: refused.
+    refused(
+        member
+            .drop_copy(&spare, fragment, "drops", "k0", VersionId([7; 16]), keeper)
+            .await,
+        "a drop naming no version",
+    );
+    refused(
+        member
+            .drop_copy(&spare, fragment, "drops", "other", version, keeper)
+            .await,
+        "a drop naming another object",
+    );
+    // The keeper must show the bytes: with its copy in its trash, it cannot.
+    let keeper_store = cluster.node(cluster.index_of(&keeper)).store();
+    keeper_store.delete(&fragment, 0).unwrap();
+    let why = refused(
+        member
+            .drop_copy(&spare, fragment, "drops", "k0", version, keeper)
+            .await,
+        "a drop whose keeper lacks the fragment",
+    );
+    assert!(why.contains("did not show"), "{why}");
+    assert_eq!(state(&spare), Some(FragmentState::Live));
+    keeper_store.restore(&fragment).unwrap();
+    // Everything checks out: the copy goes to the spare's trash.
+    member
+        .drop_copy(&spare, fragment, "drops", "k0", version, keeper)
+        .await
+        .unwrap();
+    assert_eq!(state(&spare), Some(FragmentState::Trash));
+    assert_eq!(state(&keeper), Some(FragmentState::Live));
+    assert!(get_bytes(&client, "drops", "k0").await == objects[0].1);
+    gateway.stop().await;
+    cluster.shutdown().await;
 }

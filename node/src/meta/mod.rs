@@ -145,6 +145,40 @@ impl Metadata {
         }
     }
 
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.own
+    }
+
+    /// The newest cluster map this node has verified.
+    pub fn cluster_map(&self) -> Option<cairn_protocol::membership::SignedMap> {
+        self.inner.maps.current()
+    }
+
+    /// A stream of `protocol` to member `node`, once the handshake has
+    /// admitted it (waiting a few seconds for that).
+    pub(crate) async fn open_member_stream(
+        &self,
+        node: &NodeId,
+        protocol: libp2p::StreamProtocol,
+    ) -> Result<libp2p::Stream, String> {
+        let peer = crate::identity::peer_id_of(node).map_err(|e| e.to_string())?;
+        if !self
+            .inner
+            .members
+            .wait_for(&peer, crate::members::MEMBERSHIP_WAIT)
+            .await
+        {
+            return Err(format!("{node} is not a member reachable from here"));
+        }
+        self.inner
+            .control
+            .clone()
+            .open_stream(peer, protocol)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// This node's replica (for the RPC server and tests).
     pub fn replica(&self) -> &MetaReplica {
         &self.inner.replica
