@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use cairn_protocol::ids::NodeId;
-use cairn_protocol::placement::MapNode;
+use cairn_protocol::placement::{MapNode, NodeState};
 use cairn_protocol::status::NodeStatus;
 
 /// The report for `nodes` (the map's, in order) and each one's answer:
@@ -73,6 +73,19 @@ pub fn render(
                     q = s.quarantined,
                     corrupt = c.corrupt_found,
                 );
+                // What an operator waits for before marking a node out.
+                if node.state == NodeState::Draining {
+                    let _ = writeln!(
+                        out,
+                        "  {:<12} {short}  {}",
+                        "",
+                        if s.live == 0 {
+                            "drained: holds no live fragment; once every segment is whole it can be marked out".to_owned()
+                        } else {
+                            format!("draining: {} live fragments still here", s.live)
+                        }
+                    );
+                }
             }
             Some(Err(why)) => {
                 let _ = writeln!(
@@ -299,5 +312,33 @@ mod tests {
         };
         let line = progress.line(&better, 20_000);
         assert!(line.contains("ETA 10 s"), "{line}");
+    }
+
+    #[test]
+    fn a_draining_node_says_whether_it_still_holds_fragments() {
+        let draining = |n: u8| MapNode {
+            id: NodeId([n; 32]),
+            site: SiteId::new("paris").unwrap(),
+            capacity_bytes: 1 << 40,
+            state: NodeState::Draining,
+        };
+        let holding = |live| NodeStatus {
+            store: cairn_protocol::status::StoreStatus {
+                live,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let nodes = [draining(1), draining(2)];
+        let answers = BTreeMap::from([
+            (NodeId([1; 32]), Ok(holding(12))),
+            (NodeId([2; 32]), Ok(holding(0))),
+        ]);
+        let text = render(&nodes, &answers, 1_000_000);
+        assert!(
+            text.contains("draining: 12 live fragments still here"),
+            "{text}"
+        );
+        assert!(text.contains("drained: holds no live fragment"), "{text}");
     }
 }
