@@ -11,7 +11,10 @@
 //! 3. Client PUT and GET throughput idle, then while repair (at its default
 //!    rate, 32 MiB/s of fragment bytes read and written) rebuilds the node wiped again.
 //!
-//! Under `cargo test` it runs with a few small objects, as a check.
+//! Under `cargo test` it runs with a few small objects, as a check. With
+//! `CAIRN_REPAIR_BENCH_GIB=N` it writes enough 64 MiB objects for the
+//! wiped node to hold N GiB and measures step 1 only (the time from the
+//! loss of a node with N GiB to full redundancy).
 
 use std::time::{Duration, Instant};
 
@@ -117,7 +120,16 @@ fn reconstruction_alone(segments: usize) -> f64 {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let (size, count) = if full { (64 << 20, 8) } else { (5 << 20, 2) };
+    // A 64 MiB object puts 16 fragments of 1 MiB on every node.
+    let lost_gib: Option<usize> = std::env::var("CAIRN_REPAIR_BENCH_GIB").ok().map(|n| {
+        n.parse()
+            .expect("CAIRN_REPAIR_BENCH_GIB is a number of GiB")
+    });
+    let (size, count) = match lost_gib {
+        Some(gib) if full => (64 << 20, gib * 64),
+        _ if full => (64 << 20, 8),
+        _ => (5 << 20, 2),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -127,7 +139,11 @@ fn main() {
         let mut s = setup().await;
         s.client.create_bucket().bucket("bench").send().await.unwrap();
         let idle_put = put_objects(&s.client, "a", size, count).await;
-        let idle_get = get_objects(&s.client, "a", size, count).await;
+        let idle_get = if lost_gib.is_some() {
+            0.0
+        } else {
+            get_objects(&s.client, "a", size, count).await
+        };
         // 4 MiB of plaintext per segment; every node holds one fragment of each.
         let segments = (count * size.div_ceil(4 << 20)) as u64;
 
@@ -144,6 +160,16 @@ fn main() {
         let read: u64 = repairers.iter().map(|r| r.status().bytes_read).sum();
         let written: u64 = repairers.iter().map(|r| r.status().bytes_written).sum();
         drop(repairers);
+        if lost_gib.is_some() {
+            println!(
+                "| node lost with {:.2} GiB ({segments} fragments) | full redundancy after {seconds:.1} s | {:.1} MiB/s rebuilt | {:.2} bytes read per byte rebuilt |",
+                written as f64 / MIB / 1024.0,
+                written as f64 / MIB / seconds,
+                read as f64 / written as f64
+            );
+            s.shutdown().await;
+            return;
+        }
         let alone = reconstruction_alone(if full { 64 } else { 2 });
 
         // Client load while repair, at its default rate, rebuilds the
