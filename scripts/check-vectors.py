@@ -224,15 +224,15 @@ def check_wire():
         if frame["message"] == "status_query":
             assert len(raw) == 6 and raw[5] in (0, 1)
         if frame["message"] == "status_reply":
-            n = [struct.unpack(">Q", raw[5 + 8 * i:13 + 8 * i])[0] for i in range(25)]
-            live, trash, quarantined, trash_period = n[3], n[4], n[5], n[6]
-            segments, whole, unreadable = n[17], n[18], n[19]
+            n = [struct.unpack(">Q", raw[5 + 8 * i:13 + 8 * i])[0] for i in range(26)]
+            live, trash, quarantined, trash_period, grace = n[3], n[4], n[5], n[6], n[7]
+            segments, whole, unreadable = n[18], n[19], n[20]
             assert (live, trash, quarantined) == (2048, 3, 1) and n[0] == 1 << 40
-            assert trash_period == 7 * 24 * 3600 * 1000
-            assert n[15] == 1_764_000_700_000
-            count = struct.unpack(">I", raw[5 + 200:9 + 200])[0]
-            table = [(raw[209 + 9 * i], struct.unpack(">Q", raw[210 + 9 * i:218 + 9 * i])[0]) for i in range(count)]
-            assert table == [(0, 1), (1, 2)] and len(raw) == 209 + 9 * count
+            assert (trash_period, grace) == (7 * 24 * 3600 * 1000, 7 * 3600 * 1000)
+            assert n[16] == 1_764_000_700_000
+            count = struct.unpack(">I", raw[5 + 208:9 + 208])[0]
+            table = [(raw[217 + 9 * i], struct.unpack(">Q", raw[218 + 9 * i:226 + 9 * i])[0]) for i in range(count)]
+            assert table == [(0, 1), (1, 2)] and len(raw) == 217 + 9 * count
             assert whole + sum(c for _, c in table) + unreadable + 0 == segments
         if frame["message"] == "restore":
             r = Reader(raw[5 + 16:])

@@ -488,6 +488,16 @@ async fn key_command(command: KeyCommand) -> Result<()> {
     outcome
 }
 
+/// `text` as it prints safely on one line: as it is when it holds no
+/// control character, quoted and escaped otherwise.
+fn printable(text: &str) -> String {
+    if text.chars().any(char::is_control) {
+        format!("{text:?}")
+    } else {
+        text.to_owned()
+    }
+}
+
 async fn trash_command(command: TrashCommand) -> Result<()> {
     use cairn_model::buckets::Buckets;
     use cairn_model::kms::{Kms, RootKey};
@@ -515,12 +525,16 @@ async fn trash_command(command: TrashCommand) -> Result<()> {
                 let mut count = 0;
                 for bucket in buckets {
                     for entry in trash::list(&metadata, &bucket, period).await? {
-                        let left = (entry.purged_unix_ms + period.as_millis() as u64)
+                        let left = entry
+                            .purged_unix_ms
+                            .saturating_add(period.as_millis() as u64)
                             .saturating_sub(now);
+                        // Keys are any UTF-8 a client chose: escaped, so
+                        // that none can forge a line or steer a terminal.
                         println!(
                             "{}/{} version {}: {} bytes, ETag {}, deleted {} s ago, restorable for {} s more",
                             entry.bucket,
-                            entry.key,
+                            printable(&entry.key),
                             entry.version,
                             entry.size_bytes,
                             entry.etag,
@@ -546,7 +560,8 @@ async fn trash_command(command: TrashCommand) -> Result<()> {
                 let restored =
                     trash::restore(&node.handle(), &kms, bucket, key, version, period).await?;
                 println!(
-                    "restored {bucket}/{key} version {version} as version {}: {} fragments back from the trash; segments whole {}, degraded {} (repair rebuilds them), unreadable {}",
+                    "restored {bucket}/{} version {version} as version {}: {} fragments back from the trash; segments whole {}, degraded {} (repair rebuilds them), unreadable {}",
+                    printable(key),
                     restored.version.version,
                     restored.fragments_restored,
                     restored.segments_whole,
@@ -558,7 +573,7 @@ async fn trash_command(command: TrashCommand) -> Result<()> {
                 }
                 if restored.segments_unreadable > 0 {
                     bail!(
-                        "{} segments of the restored version are unreadable",
+                        "{} segments of the restored version have too few fragments out of the trash to be read; it is the key's current version now, and repair asks the nodes again on its next pass (watch `cairn admin status`)",
                         restored.segments_unreadable
                     );
                 }

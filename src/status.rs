@@ -103,6 +103,26 @@ pub fn render(
             }
         }
     }
+    // Times every node must share: a node that releases sooner than a
+    // gateway's writes may take, or purges its trash sooner than the
+    // others, breaks their promises.
+    for (what, of) in [
+        (
+            "trash periods",
+            (|s: &NodeStatus| s.store.trash_period_ms) as fn(&NodeStatus) -> u64,
+        ),
+        ("release graces", |s: &NodeStatus| s.store.release_grace_ms),
+    ] {
+        let values: std::collections::BTreeSet<u64> = answers.values().flatten().map(of).collect();
+        if values.len() > 1 {
+            let seconds: Vec<String> = values.iter().map(|ms| format!("{} s", ms / 1000)).collect();
+            let _ = writeln!(
+                out,
+                "WARNING: the nodes' {what} differ ({}): set [store] trash_period_seconds and [collection] the same on every node",
+                seconds.join(", ")
+            );
+        }
+    }
     // Segments are counted by the node responsible for their bucket, in
     // its last pass: the sum over nodes counts each once.
     let mut segments = 0;
@@ -276,6 +296,7 @@ mod tests {
             },
             ..Default::default()
         };
+        let first_clone = first.clone();
         let answers = BTreeMap::from([
             (NodeId([1; 32]), Ok(first)),
             (NodeId([2; 32]), Err("no answer within 10 s".to_owned())),
@@ -291,6 +312,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("DOWN  no answer within 10 s"), "{text}");
+        let mut shorter = first_clone.clone();
+        shorter.store.trash_period_ms = 1000;
+        let differing = BTreeMap::from([
+            (NodeId([1; 32]), Ok(first_clone.clone())),
+            (NodeId([2; 32]), Ok(shorter)),
+        ]);
+        let warned = render(&nodes, &differing, 1_000_000);
+        assert!(
+            warned.contains("WARNING: the nodes' trash periods differ (0 s, 1 s)"),
+            "{warned}"
+        );
         assert!(
             text.contains("INCOMPLETE: 1 node(s) did not answer"),
             "{text}"

@@ -809,6 +809,7 @@ impl Repair {
         }
         let (held, failed) = self.ask_have(&batch, asks).await;
         unanswered.extend(failed);
+        let mut unreadable = Vec::new();
         for (s, index, node) in held {
             if !holders[s][index].contains(&node) {
                 holders[s][index].push(node);
@@ -839,14 +840,7 @@ impl Repair {
             }
             let degraded = Degraded { work, holders };
             if degraded.spares() < 0 {
-                report.unreadable += 1;
-                tracing::error!(
-                    bucket = degraded.work.bucket,
-                    key = &*degraded.work.key,
-                    found = degraded.present(),
-                    needed = degraded.work.scheme.data(),
-                    "a segment has too few fragments left to be read or rebuilt"
-                );
+                unreadable.push(degraded);
                 continue;
             }
             *report
@@ -855,6 +849,63 @@ impl Repair {
                 .or_default() += 1;
             queue.push(degraded);
         }
+        for degraded in unreadable {
+            if self.bring_back_from_trash(&degraded).await {
+                // Found again where it was trashed: counted next pass.
+                report.pending += 1;
+                continue;
+            }
+            report.unreadable += 1;
+            tracing::error!(
+                bucket = degraded.work.bucket,
+                key = &*degraded.work.key,
+                found = degraded.present(),
+                needed = degraded.work.scheme.data(),
+                "a segment has too few fragments left to be read or rebuilt"
+            );
+        }
+    }
+
+    /// Asks the placed nodes lacking a fragment of a segment too short to
+    /// be read, and the nodes being drained, to bring the segment's upload
+    /// back from their trash (a restore cut off between its commit and its
+    /// requests to the nodes leaves it there; each node checks that the
+    /// version exists); whether any fragment came back.
+    async fn bring_back_from_trash(&self, degraded: &Degraded) -> bool {
+        let work = &degraded.work;
+        let lacking = work
+            .placed
+            .iter()
+            .enumerate()
+            .filter(|(index, node)| !degraded.holders[*index].contains(node))
+            .map(|(_, node)| node)
+            .chain(work.draining.iter());
+        let mut asked = HashSet::new();
+        let mut restored = 0u64;
+        for node in lacking {
+            if !self.reachable(node) || !asked.insert(*node) {
+                continue;
+            }
+            let ask = self
+                .node
+                .restore_upload(node, work.upload, &work.bucket, &work.key);
+            match tokio::time::timeout(CALL_DEADLINE, ask).await {
+                Ok(Ok(n)) => restored = restored.saturating_add(n),
+                Ok(Err(error)) => {
+                    tracing::debug!(%node, %error, "a node did not bring fragments back from its trash")
+                }
+                Err(_) => tracing::debug!(%node, "a node did not answer a restore in time"),
+            }
+        }
+        if restored > 0 {
+            tracing::warn!(
+                bucket = work.bucket,
+                key = &*work.key,
+                restored,
+                "brought fragments of an existing version back from the trash"
+            );
+        }
+        restored > 0
     }
 
     /// Sends the `have` queries of `asks` (segment, index, node), one

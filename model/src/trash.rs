@@ -237,14 +237,14 @@ async fn bring_back(
     let asks = map.map.nodes.iter().map(|member| {
         let uploads = &uploads;
         async move {
-            let mut restored = 0;
+            let mut restored = 0u64;
             for upload in uploads {
                 let asked = tokio::time::timeout(
                     RESTORE_TIMEOUT,
                     node.restore_upload(&member.id, *upload, bucket, key),
                 );
                 match asked.await {
-                    Ok(Ok(n)) => restored += n,
+                    Ok(Ok(n)) => restored = u64::saturating_add(restored, n),
                     Ok(Err(error)) => {
                         tracing::warn!(node = %member.id, %upload, %error, "restore not confirmed");
                         return (restored, Some(member.id));
@@ -255,10 +255,10 @@ async fn bring_back(
             (restored, None)
         }
     });
-    let mut total = 0;
+    let mut total = 0u64;
     let mut not_confirmed = Vec::new();
     for (restored, failed) in futures::future::join_all(asks).await {
-        total += restored;
+        total = u64::saturating_add(total, restored);
         not_confirmed.extend(failed);
     }
     Ok((total, not_confirmed))

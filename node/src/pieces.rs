@@ -381,6 +381,7 @@ impl Server {
         };
         let summary = StoreStatus {
             trash_period_ms: self.store.trash_period_ms(),
+            release_grace_ms: self.release_rules.settle_ms().unwrap_or(0),
             ..summary
         };
         let scrub = *self.scrub.borrow();
@@ -542,7 +543,8 @@ impl Server {
         bucket: &str,
         key: &str,
     ) -> Result<Result<Released, Message>, PieceError> {
-        let _in_order = self.release_rules.order.lock().await;
+        let object = ObjectKeyDigest::of(bucket, key);
+        let in_order = self.release_rules.order.lock(upload, object).await;
         let settle_ms =
             match may_release(&self.release_rules, &self.metadata, bucket, key, upload).await {
                 Ok(settle_ms) => settle_ms,
@@ -556,10 +558,12 @@ impl Server {
             };
         let store = self.store.clone();
         let now = (self.now_unix_ms)();
-        let object = ObjectKeyDigest::of(bucket, key);
         let stored_before = now.saturating_sub(settle_ms);
-        let released =
-            blocking(move || store.release(&upload, &object, stored_before, now)).await?;
+        let released = blocking(move || {
+            let _in_order = in_order;
+            store.release(&upload, &object, stored_before, now)
+        })
+        .await?;
         if let Ok(Released { trashed, held }) = &released
             && *trashed > 0
         {
@@ -589,7 +593,6 @@ impl Server {
                 format!("drop refused: {why}"),
             )))
         };
-        let _in_order = self.release_rules.order.lock().await;
         let store = self.store.clone();
         let entry = match blocking(move || store.entry(&fragment)).await? {
             Ok(Some(entry)) if entry.state == FragmentState::Live => entry,
@@ -606,6 +609,7 @@ impl Server {
             return refuse("this node cannot keep what it drops".into());
         }
         let upload = entry.hold.upload;
+        let in_order = self.release_rules.order.lock(upload, object).await;
         if let Err(why) = may_drop(
             &self.release_rules,
             &self.metadata,
@@ -637,7 +641,11 @@ impl Server {
         }
         let store = self.store.clone();
         let now = (self.now_unix_ms)();
-        match blocking(move || store.drop_copy(&fragment, &upload, &object, now)).await? {
+        let dropped = blocking(move || {
+            let _in_order = in_order;
+            store.drop_copy(&fragment, &upload, &object, now)
+        });
+        match dropped.await? {
             Ok(true) => {
                 tracing::info!(%fragment, bucket, key, %keeper, "dropped a copy left off placement to the trash");
                 Ok(Ok(()))
@@ -655,7 +663,8 @@ impl Server {
         bucket: &str,
         key: &str,
     ) -> Result<Result<u64, Message>, PieceError> {
-        let _in_order = self.release_rules.order.lock().await;
+        let object = ObjectKeyDigest::of(bucket, key);
+        let in_order = self.release_rules.order.lock(upload, object).await;
         if let Err(why) =
             may_restore(&self.release_rules, &self.metadata, bucket, key, upload).await
         {
@@ -666,8 +675,12 @@ impl Server {
             )));
         }
         let store = self.store.clone();
-        let object = ObjectKeyDigest::of(bucket, key);
-        let restored = blocking(move || store.restore_upload(&upload, &object)).await?;
+        let now = (self.now_unix_ms)();
+        let restored = blocking(move || {
+            let _in_order = in_order;
+            store.restore_upload(&upload, &object, now)
+        })
+        .await?;
         if let Ok(restored) = &restored
             && *restored > 0
         {

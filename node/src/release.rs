@@ -4,11 +4,13 @@
 //! for a peer's release and its own alike, so that no member can have a
 //! live object's fragments trashed on its word alone.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
+use cairn_protocol::wire::ObjectKeyDigest;
 
 use crate::meta::Metadata;
 
@@ -57,13 +59,41 @@ pub trait ReleaseCheck: Send + Sync {
     fn settle_ms(&self) -> u64;
 }
 
-/// The rules a node holds, once installed, and the lock that puts its
-/// releases and restores in one order: a release checked before a
-/// version was restored trashes before the restore brings back.
+/// The rules a node holds, once installed, and the locks that put its
+/// releases, restores and drops of one upload's fragments in one order: a
+/// release checked before a version was restored trashes before the
+/// restore brings back.
 #[derive(Clone, Default)]
 pub(crate) struct ReleaseRules {
     installed: Arc<RwLock<Option<Arc<dyn ReleaseCheck>>>>,
-    pub(crate) order: Arc<tokio::sync::Mutex<()>>,
+    pub(crate) order: Arc<KeyedOrder>,
+}
+
+/// One async lock per (upload, object) in use. The guard is owned: the
+/// blocking step that changes the store takes it along, so that a request
+/// dropped mid-way (a deadline) cannot let the next one in before its
+/// change is committed.
+#[derive(Default)]
+pub(crate) struct KeyedOrder {
+    locks: std::sync::Mutex<HashMap<OrderKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+type OrderKey = (UploadId, ObjectKeyDigest);
+
+impl KeyedOrder {
+    pub(crate) async fn lock(
+        &self,
+        upload: UploadId,
+        object: ObjectKeyDigest,
+    ) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().expect("order locks");
+            // Locks nobody holds or waits for go.
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            locks.entry((upload, object)).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
 }
 
 impl ReleaseRules {
@@ -73,6 +103,11 @@ impl ReleaseRules {
 
     fn get(&self) -> Option<Arc<dyn ReleaseCheck>> {
         self.installed.read().expect("release rules lock").clone()
+    }
+
+    /// The installed rules' grace, if any are installed.
+    pub(crate) fn settle_ms(&self) -> Option<u64> {
+        self.get().map(|rules| rules.settle_ms())
     }
 }
 

@@ -35,6 +35,9 @@ const ENTRY_FORMAT: u8 = 3;
 /// The volume of an entry whose record is gone (a corrupt record that
 /// compaction did not copy): volumes are numbered from 1.
 const NO_VOLUME: u32 = 0;
+/// Entries compaction takes from one walk of the index (bounded memory
+/// whatever the records' sizes).
+const RECORDS_PER_WALK: usize = 65_536;
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -383,7 +386,9 @@ impl Drop for WriterHandle {
 
 impl Shared {
     /// The bytes of the record `entry` points at, if it holds fragment `id`
-    /// whole (header and hash checked); an unknown volume is a bad entry.
+    /// whole (header and hash checked; a record cut short by the end of its
+    /// volume does not); an unknown volume is a bad entry, and an I/O
+    /// error is an error, not evidence of rot.
     fn read_record(
         &self,
         id: &FragmentId,
@@ -396,12 +401,15 @@ impl Shared {
             .get(&entry.volume)
             .cloned()
             .ok_or(StoreError::BadIndexEntry(*id))?;
+        let read = |buffer: &mut [u8], at: u64| match file.read_exact_at(buffer, at) {
+            Ok(()) => Ok(true),
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(error) => Err(StoreError::Io(error)),
+        };
         let mut header = [0u8; RECORD_HEADER_BYTES as usize];
         let mut bytes = vec![0u8; entry.len as usize];
-        let intact = file.read_exact_at(&mut header, entry.offset).is_ok()
-            && file
-                .read_exact_at(&mut bytes, entry.offset + RECORD_HEADER_BYTES)
-                .is_ok()
+        let intact = read(&mut header, entry.offset)?
+            && read(&mut bytes, entry.offset + RECORD_HEADER_BYTES)?
             && header[..4] == RECORD_MAGIC[..]
             && header[4] == RECORD_FORMAT
             && header[5..37] == id.0[..]
@@ -422,9 +430,22 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Deletes the volume files the index does not know: one a compaction
 /// emptied and dropped from the index just before a crash, or one started
 /// for a batch that never committed. No entry can point into them.
-fn remove_orphan_volumes(dir: &Path, committed: &BTreeMap<u32, u64>) -> io::Result<()> {
+fn remove_orphan_volumes(dir: &Path, committed: &BTreeMap<u32, u64>) -> Result<(), StoreError> {
     let volumes = dir.join("volumes");
     let mut removed = false;
+    if committed.is_empty() {
+        // An index that names no volume beside volumes that hold bytes is
+        // an index lost or replaced, not a crash: delete nothing.
+        for file in fs::read_dir(&volumes)? {
+            let file = file?;
+            if file.metadata()?.len() > 0 {
+                return Err(StoreError::Index(format!(
+                    "the index names no volume but {} holds bytes: refusing to start over it (restore index.redb, or move the volumes away to start empty)",
+                    file.path().display()
+                )));
+            }
+        }
+    }
     for file in fs::read_dir(&volumes)? {
         let path = file?.path();
         let number = path
@@ -731,11 +752,13 @@ impl FragmentStore {
         &self,
         upload: &UploadId,
         object: &ObjectKeyDigest,
+        now_unix_ms: u64,
     ) -> Result<u64, StoreError> {
         let mut txn = self.shared.db.begin_write().map_err(index_error)?;
         txn.set_durability(Durability::Immediate)
             .map_err(index_error)?;
         let mut restored = 0;
+        let mut changed = false;
         {
             let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
             let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
@@ -761,15 +784,29 @@ impl FragmentStore {
                 {
                     continue;
                 }
-                entry.state = FragmentState::Live;
-                entry.trashed_at_unix_ms = 0;
+                // The trash is not scrubbed: a record that rotted there
+                // comes back quarantined, for repair to rebuild.
+                if matches!(self.shared.read_record(&id, &entry), Ok(Some(_))) {
+                    entry.state = FragmentState::Live;
+                    entry.trashed_at_unix_ms = 0;
+                    restored += 1;
+                } else {
+                    tracing::error!(fragment = %id, "a fragment in the trash is corrupt: quarantined instead of restored");
+                    entry.state = FragmentState::Quarantined;
+                    entry.trashed_at_unix_ms = now_unix_ms;
+                    changed = true;
+                }
                 table
                     .insert(id.as_bytes(), &entry.encode()[..])
                     .map_err(index_error)?;
-                restored += 1;
             }
         }
-        txn.commit().map_err(index_error)?;
+        if restored == 0 && !changed {
+            // Nothing to make durable: no fsync for an empty restore.
+            txn.abort().map_err(index_error)?;
+        } else {
+            txn.commit().map_err(index_error)?;
+        }
         Ok(restored)
     }
 
@@ -1076,24 +1113,25 @@ impl FragmentStore {
     /// durable and switched in one index transaction), then deletes the
     /// volume once no entry points into it (spec/store.md, "Compaction").
     /// `after_chunk` is called with each chunk's bytes, outside the
-    /// appender's lock (where a throttle sleeps). Blocking.
+    /// appender's lock (where a throttle sleeps); when it answers `false`
+    /// the compaction stops there (the volume stays, what moved is moved).
+    /// The volume must not be the active one ([`Self::seal_volume`]).
+    /// Blocking.
     pub fn compact_volume(
         &self,
         number: u32,
         chunk_bytes: u64,
-        mut after_chunk: impl FnMut(u64),
+        mut after_chunk: impl FnMut(u64) -> bool,
     ) -> Result<Compacted, StoreError> {
         let mut compacted = Compacted::default();
         loop {
-            let records = self.records_in(number)?;
+            let records = self.records_in(number, RECORDS_PER_WALK)?;
             if records.is_empty() {
+                // No entry points into it, and none can again: entries
+                // only ever point into the active volume anew.
                 let mut writer = self.appender.lock().expect("appender lock");
-                if let Some(reclaimed) = writer.drop_volume(number)? {
-                    compacted.reclaimed_bytes = reclaimed;
-                    return Ok(compacted);
-                }
-                // A record came back into it meanwhile: go round again.
-                continue;
+                compacted.reclaimed_bytes = writer.drop_volume(number)?;
+                return Ok(compacted);
             }
             let mut chunk = Vec::new();
             let mut chunk_len = 0u64;
@@ -1110,7 +1148,9 @@ impl FragmentStore {
                     compacted.moved += moved.moved;
                     compacted.moved_bytes += moved.moved_bytes;
                     compacted.quarantined += moved.quarantined;
-                    after_chunk(chunk_len);
+                    if !after_chunk(chunk_len) {
+                        return Ok(compacted);
+                    }
                     chunk.clear();
                     chunk_len = 0;
                 }
@@ -1129,13 +1169,20 @@ impl FragmentStore {
         Ok(())
     }
 
-    /// The entries that point into volume `number`, in the order of their
-    /// records.
-    fn records_in(&self, number: u32) -> Result<Vec<(FragmentId, FragmentEntry)>, StoreError> {
+    /// Up to `limit` entries that point into volume `number`, in the order
+    /// of their records.
+    fn records_in(
+        &self,
+        number: u32,
+        limit: usize,
+    ) -> Result<Vec<(FragmentId, FragmentEntry)>, StoreError> {
         let txn = self.shared.db.begin_read().map_err(index_error)?;
         let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
         let mut records = Vec::new();
         for row in table.iter().map_err(index_error)? {
+            if records.len() == limit {
+                break;
+            }
             let (key, value) = row.map_err(index_error)?;
             let id = FragmentId(*key.value());
             if let Ok(entry) = FragmentEntry::decode(id, value.value())
@@ -1338,10 +1385,9 @@ impl Writer {
         Ok(compacted)
     }
 
-    /// Forgets volume `number` and deletes its file, if no entry points
-    /// into it (checked in the transaction that forgets it); returns its
-    /// length, or `None` when an entry still does.
-    fn drop_volume(&mut self, number: u32) -> Result<Option<u64>, StoreError> {
+    /// Forgets volume `number` and deletes its file (the caller found no
+    /// entry pointing into it); returns its length.
+    fn drop_volume(&mut self, number: u32) -> Result<u64, StoreError> {
         if number == self.active.0 {
             return Err(StoreError::Index(format!(
                 "volume {number} is the active volume and is not compacted"
@@ -1351,15 +1397,6 @@ impl Writer {
         txn.set_durability(Durability::Immediate)
             .map_err(index_error)?;
         {
-            let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
-            for row in table.iter().map_err(index_error)? {
-                let (key, value) = row.map_err(index_error)?;
-                if let Ok(entry) = FragmentEntry::decode(FragmentId(*key.value()), value.value())
-                    && entry.volume == number
-                {
-                    return Ok(None);
-                }
-            }
             let mut volumes = txn.open_table(VOLUMES).map_err(index_error)?;
             volumes.remove(number).map_err(index_error)?;
         }
@@ -1375,7 +1412,7 @@ impl Writer {
         let volumes = self.shared.config.dir.join("volumes");
         fs::remove_file(volume_path(&self.shared.config.dir, number))?;
         sync_dir(&volumes)?;
-        Ok(Some(len))
+        Ok(len)
     }
 
     fn commit_batch(&mut self, batch: Vec<PutRequest>) {

@@ -723,7 +723,7 @@ async fn compaction_keeps_live_and_trashed_fragments_reclaims_the_rest_and_survi
     for volume in &worth {
         let compacted = tokio::task::block_in_place(|| {
             store
-                .compact_volume(volume.number, 1 << 20, |_| {})
+                .compact_volume(volume.number, 1 << 20, |_| true)
                 .unwrap()
         });
         assert_eq!(compacted.reclaimed_bytes, volume.bytes);
@@ -809,6 +809,7 @@ fn compaction_crash_child_compacts_until_killed() {
                     out.flush().unwrap();
                     // Gives the parent time to kill in the middle.
                     std::thread::sleep(Duration::from_millis(20));
+                    true
                 })
                 .unwrap();
             writeln!(out, "compacted {}", volume.number).unwrap();
@@ -890,7 +891,7 @@ fn kill_dash_nine_in_the_middle_of_a_compaction_loses_nothing() {
     for volume in store.volume_use().unwrap() {
         if cairn_node::workers::worth_compacting(&volume) {
             store
-                .compact_volume(volume.number, 1 << 20, |_| {})
+                .compact_volume(volume.number, 1 << 20, |_| true)
                 .unwrap();
         }
     }
@@ -900,4 +901,73 @@ fn kill_dash_nine_in_the_middle_of_a_compaction_loses_nothing() {
         used < used_at_start / 2,
         "{used} of {used_at_start} bytes left"
     );
+}
+
+#[tokio::test]
+async fn an_index_lost_beside_volumes_that_hold_bytes_is_refused_not_started_over() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FragmentStore::open(config(dir.path())).unwrap();
+        put(&store, fragment_bytes(3, 5000), 0).await.1.unwrap();
+    }
+    std::fs::remove_file(dir.path().join("index.redb")).unwrap();
+    let refusal = FragmentStore::open(config(dir.path()))
+        .err()
+        .expect("an empty index over volumes with bytes is refused");
+    assert!(refusal.to_string().contains("refusing"), "{refusal}");
+    assert!(dir.path().join("volumes").join("000001.vol").exists());
+}
+
+#[tokio::test]
+async fn a_restore_brings_back_whole_fragments_and_quarantines_one_that_rotted_in_the_trash() {
+    use cairn_protocol::wire::ObjectKeyDigest;
+    let dir = tempfile::tempdir().unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    let (whole, outcome) = put(&store, fragment_bytes(31, 4000), 0).await;
+    outcome.unwrap();
+    let (rotten, outcome) = put(&store, fragment_bytes(32, 4000), 0).await;
+    outcome.unwrap();
+    store.delete(&whole, NOW).unwrap();
+    store.delete(&rotten, NOW).unwrap();
+    flip_a_byte(dir.path(), &store, &rotten);
+    let object = ObjectKeyDigest::of("bucket", "key");
+    // Another object's name brings nothing back.
+    let other = ObjectKeyDigest::of("bucket", "other");
+    assert_eq!(
+        store
+            .restore_upload(&UploadId([0x4d; 16]), &other, NOW)
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .restore_upload(&UploadId([0x4d; 16]), &object, NOW)
+            .unwrap(),
+        1
+    );
+    store.read(&whole, 0, u64::MAX).unwrap();
+    assert_eq!(
+        store.entry(&rotten).unwrap().unwrap().state,
+        FragmentState::Quarantined
+    );
+}
+
+#[test]
+fn a_compaction_told_to_stop_leaves_the_volume_whole_and_can_go_on_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let store = runtime.block_on(async { FragmentStore::open(config(dir.path())).unwrap() });
+    let (live, trashed) = runtime.block_on(volumes_two_thirds_dead(&store, 24));
+    let first = store
+        .volume_use()
+        .unwrap()
+        .into_iter()
+        .find(|v| !v.active && cairn_node::workers::worth_compacting(v))
+        .unwrap();
+    let stopped = store.compact_volume(first.number, 1, |_| false).unwrap();
+    assert_eq!((stopped.moved, stopped.reclaimed_bytes), (1, 0));
+    assert_all_read_back(&store, &live, &trashed);
+    let finished = store.compact_volume(first.number, 1, |_| true).unwrap();
+    assert_eq!(finished.reclaimed_bytes, first.bytes);
+    assert_all_read_back(&store, &live, &trashed);
 }

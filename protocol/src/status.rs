@@ -30,6 +30,10 @@ pub struct StoreStatus {
     /// How long a fragment (and an object version) stays restorable in the
     /// trash on this node; sent also when the rest of the store part is not.
     pub trash_period_ms: u64,
+    /// How long after it was stored this node lets a release trash a
+    /// fragment (the write deadline plus the clock margin of its
+    /// collector's rule; 0 without one). Sent as the trash period is.
+    pub release_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -77,6 +81,7 @@ impl NodeStatus {
             s.trash,
             s.quarantined,
             s.trash_period_ms,
+            s.release_grace_ms,
         ] {
             out.put_u64(n);
         }
@@ -127,6 +132,7 @@ impl NodeStatus {
             trash: n("trash")?,
             quarantined: n("quarantined")?,
             trash_period_ms: n("trash period")?,
+            release_grace_ms: n("release grace")?,
         };
         let scrub = ScrubStatus {
             passes: n("scrub passes")?,

@@ -554,6 +554,7 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
                     trash: 3,
                     quarantined: 1,
                     trash_period_ms: 7 * 24 * 3600 * 1000,
+                    release_grace_ms: 7 * 3600 * 1000,
                 },
                 scrub: cairn_protocol::status::ScrubStatus {
                     passes: 2,

@@ -884,3 +884,42 @@ async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
     gateway.stop().await;
     cluster.shutdown().await;
 }
+
+/// Every fragment of an existing version in the trash (a restore cut off
+/// between its commit and its requests to the nodes, or a release that
+/// should not have been): repair finds the segments too short to read and
+/// has the nodes bring the fragments back from their trash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fragments_of_an_existing_version_are_brought_back_from_the_trash() {
+    let (cluster, gateway, client) = three_sites_of_three("back").await;
+    let _collectors = start_collectors(&cluster, Collection::default());
+    let objects = put_objects(&client, "back", &[1 << 20, 5 << 20], 13_000).await;
+    let keys: Vec<String> = objects.iter().map(|(k, _)| k.clone()).collect();
+    let segments = segments_of(&cluster, 0, "back", &keys).await;
+    let mut trashed = 0;
+    for member in &cluster.members {
+        let store = member.node.as_ref().unwrap().store();
+        for id in segments.iter().flat_map(|(_, ids)| ids) {
+            if store
+                .entry(id)
+                .unwrap()
+                .is_some_and(|e| e.state == FragmentState::Live)
+            {
+                store.delete(id, 0).unwrap();
+                trashed += 1;
+            }
+        }
+    }
+    assert!(trashed > 0);
+    assert!(live_copies(&cluster).is_empty());
+    let mut repairers: Vec<Repairer> = (0..cluster.members.len())
+        .map(|i| Repairer::start(cluster.node(i).handle(), QUICK_REPAIR))
+        .collect();
+    repair_until_in_place(&cluster, &mut repairers, "back", &keys).await;
+    drop(repairers);
+    for (name, body) in &objects {
+        assert!(get_bytes(&client, "back", name).await == *body, "{name}");
+    }
+    gateway.stop().await;
+    cluster.shutdown().await;
+}
