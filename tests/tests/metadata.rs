@@ -1313,3 +1313,132 @@ async fn the_map_sets_the_replica_count_and_five_replicas_outlive_two_failures()
     );
     cluster.shutdown().await;
 }
+
+/// Tombstones (a cleared register, a purged version) older than the age
+/// go from a replica only once every replica holds them: one replica that
+/// still holds the live value keeps them on all; a locked purged version
+/// and live rows are never removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_are_compacted_only_once_every_replica_holds_them() {
+    use cairn_protocol::version::RetentionMode;
+    let cluster = cluster_with_map().await;
+    let partition = Partition::bucket("tombs");
+    let replicas = cluster.node(0).metadata().replicas_of(&partition).unwrap();
+    let meta = cluster
+        .node(cluster.index_of(&replicas[0]))
+        .metadata()
+        .clone();
+    let register = |name: &str, value: Option<&[u8]>| {
+        (
+            RowKey::new(partition.clone(), Table::Releases, name.as_bytes().to_vec()),
+            RowValue::Register(Register {
+                at: meta.timestamp(),
+                value: value.map(<[u8]>::to_vec),
+            }),
+        )
+    };
+    // Written live everywhere, then cleared everywhere: a tombstone.
+    meta.write(vec![register("cleared", Some(b"work"))])
+        .await
+        .unwrap();
+    let (cleared, tombstone) = register("cleared", None);
+    meta.write(vec![(cleared.clone(), tombstone.clone())])
+        .await
+        .unwrap();
+    // Cleared on two replicas only: the third still holds the work.
+    meta.write(vec![register("half", Some(b"work"))])
+        .await
+        .unwrap();
+    let (half, half_tombstone) = register("half", None);
+    for replica in &replicas[..2] {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        node.replica()
+            .merge(vec![(half.clone(), half_tombstone.clone())], UNFENCED)
+            .await
+            .unwrap();
+    }
+    // A purged version, a purged version under a legal hold, a live one.
+    let purged_row = |n: u64, hold: bool| {
+        let (key, value) = version_row("tombs", &format!("k{n}"), n, meta.timestamp());
+        let RowValue::Version(mut version) = value else {
+            unreachable!()
+        };
+        version.purged = Some(meta.timestamp());
+        if hold {
+            version.legal_hold = Lww {
+                value: true,
+                at: meta.timestamp(),
+            };
+            version.retention.mode = RetentionMode::None;
+        }
+        (key, RowValue::Version(version))
+    };
+    let (gone, gone_value) = purged_row(1, false);
+    let (held, held_value) = purged_row(2, true);
+    let (live, live_value) = version_row("tombs", "k3", 3, meta.timestamp());
+    meta.write(vec![
+        (gone.clone(), gone_value),
+        (held.clone(), held_value),
+        (live.clone(), live_value),
+    ])
+    .await
+    .unwrap();
+
+    for replica in &replicas {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        node.compact_tombstones(Duration::ZERO).await.unwrap();
+    }
+    for replica in &replicas {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        assert_eq!(local_value(&node, &cleared).await, None, "{replica}");
+        assert_eq!(local_value(&node, &gone).await, None, "{replica}");
+        assert!(local_value(&node, &held).await.is_some(), "{replica}");
+        assert!(local_value(&node, &live).await.is_some(), "{replica}");
+    }
+    // The replica that missed the clearing keeps the others from removing
+    // it: nothing can bring the work back where it was cleared.
+    let third = cluster
+        .node(cluster.index_of(&replicas[2]))
+        .metadata()
+        .clone();
+    assert!(matches!(
+        local_value(&third, &half).await,
+        Some(RowValue::Register(Register { value: Some(_), .. }))
+    ));
+    for replica in &replicas[..2] {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        assert_eq!(
+            local_value(&node, &half).await,
+            Some(half_tombstone.clone())
+        );
+    }
+    // Once it has the tombstone too, it goes everywhere.
+    third
+        .replica()
+        .merge(vec![(half.clone(), half_tombstone.clone())], UNFENCED)
+        .await
+        .unwrap();
+    for replica in &replicas {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        node.compact_tombstones(Duration::ZERO).await.unwrap();
+    }
+    for replica in &replicas {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        assert_eq!(local_value(&node, &half).await, None, "{replica}");
+    }
+    // The replicas' digests agree again.
+    let root = |index: usize| {
+        let replica = cluster.node(index).metadata().replica().clone();
+        let partition = partition.clone();
+        async move {
+            tokio::task::spawn_blocking(move || replica.digest(&partition).unwrap().root())
+                .await
+                .unwrap()
+        }
+    };
+    let first = root(cluster.index_of(&replicas[0])).await;
+    for replica in &replicas[1..] {
+        assert_eq!(root(cluster.index_of(replica)).await, first);
+    }
+    cluster.shutdown().await;
+}
