@@ -224,7 +224,8 @@ fn a_deleted_object_comes_back_from_the_trash_exactly_and_after_the_period_is_go
     );
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        !refused.status.success() && why.contains("more than the trash period"),
+        // Its row may be compacted away by then, or not yet.
+        !refused.status.success() && why.contains("trash period"),
         "{why}"
     );
     // What stayed is whole.

@@ -132,7 +132,7 @@ pub async fn restore(
         .remove(0);
     let Some(RowValue::Version(trashed)) = row else {
         return Err(ModelError::InvalidArgument(format!(
-            "{bucket}/{key} has no version {version}"
+            "{bucket}/{key} has no version {version} in the trash: it never existed, or its trash period is over and it is purged"
         )));
     };
     let Some(purged) = trashed.purged else {
