@@ -216,8 +216,6 @@ impl Node {
             replica,
         );
         metadata.start_anti_entropy(config.anti_entropy_every);
-        metadata
-            .start_tombstone_compaction(config.store.housekeeping_every, config.store.trash_period);
         let (scrub_progress, scrub) = watch::channel(ScrubState::default());
         let local = pieces::Server {
             store: store.clone(),

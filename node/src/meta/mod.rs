@@ -12,7 +12,6 @@
 pub mod antientropy;
 pub mod replica;
 pub mod rpc;
-mod tombstones;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -84,12 +84,6 @@ enum Job {
         partition: Partition,
         reply: oneshot::Sender<Result<Response, ReplicaError>>,
     },
-    /// Remove each row whose stored encoding is still exactly the one
-    /// given (a tombstone every replica holds; a row changed since stays).
-    Remove {
-        rows: Vec<(RowKey, Vec<u8>)>,
-        reply: oneshot::Sender<Result<Response, ReplicaError>>,
-    },
     /// Record that `partition` was filled from `old` under map `version`.
     MarkFilled {
         partition: Partition,
@@ -107,7 +101,6 @@ impl Job {
             | Job::Accept { reply, .. }
             | Job::Fence { reply, .. }
             | Job::MarkFilled { reply, .. }
-            | Job::Remove { reply, .. }
             | Job::Forget { reply, .. } => reply,
         }
     }
@@ -232,13 +225,6 @@ impl MetaReplica {
             reply,
         })
         .await
-    }
-
-    /// Removes each of `rows` whose stored encoding is still the one given
-    /// (metadata.md, "Compacting tombstones").
-    pub async fn remove_unchanged(&self, rows: Vec<(RowKey, Vec<u8>)>) -> Result<(), ReplicaError> {
-        self.run(|reply| Job::Remove { rows, reply }).await?;
-        Ok(())
     }
 
     pub async fn prepare(
@@ -645,10 +631,6 @@ fn commit_batch(db: &Database, fence: &AtomicU64, batch: Vec<Job>) {
                         }
                         Ok(Response::Written)
                     }
-                    Job::Remove { rows: removals, .. } => {
-                        remove_unchanged(&mut rows, &mut leaves, removals)
-                            .map(|()| Response::Written)
-                    }
                     Job::Forget { partition, .. } => {
                         forget(&mut rows, &mut leaves, &mut acceptors, partition)
                             .map(|()| Response::Written)
@@ -728,36 +710,6 @@ fn merge_rows(
         xor_into(&mut leaf, &row_digest(key.table, &key.sort, &encoded));
         leaves.insert(leaf_key, leaf.as_slice()).map_err(db_error)?;
         rows.insert(address, encoded.as_slice()).map_err(db_error)?;
-    }
-    Ok(())
-}
-
-fn remove_unchanged(
-    rows: &mut RowsTable<'_>,
-    leaves: &mut LeavesTable<'_>,
-    removals: &[(RowKey, Vec<u8>)],
-) -> Result<(), ReplicaError> {
-    for (key, expected) in removals {
-        let address = (
-            key.partition.as_str(),
-            key.table.code(),
-            key.sort.as_slice(),
-        );
-        let unchanged = rows
-            .get(address)
-            .map_err(db_error)?
-            .is_some_and(|raw| raw.value() == expected.as_slice());
-        if !unchanged {
-            continue;
-        }
-        let leaf_key = (key.partition.as_str(), leaf_of(key.table, &key.sort));
-        let mut leaf = match leaves.get(leaf_key).map_err(db_error)? {
-            Some(raw) => leaf_bytes(raw.value())?,
-            None => [0; 32],
-        };
-        xor_into(&mut leaf, &row_digest(key.table, &key.sort, expected));
-        leaves.insert(leaf_key, leaf.as_slice()).map_err(db_error)?;
-        rows.remove(address).map_err(db_error)?;
     }
     Ok(())
 }
