@@ -36,7 +36,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::error::{ModelError, ModelResult};
-use crate::heads::read_manifest;
+use crate::heads::{existing_versions, is_current_object, read_head, read_manifest};
 use crate::rows::{manifest_row, register, versions_row};
 
 /// How repair runs on a node. All nodes may differ.
@@ -311,9 +311,12 @@ impl SegmentWork {
 /// Why this node (the one `metadata` belongs to) may not drop its copy of
 /// `fragment`, written by `upload` for `bucket`/`key`, on the word that
 /// `keeper` holds it at its place; `None` when it may (spec/repair.md,
-/// "Copies left behind"): the fragment is in a segment of `version`, which
-/// exists, and in every such segment placement under this node's map
-/// names `keeper` for it and never this node.
+/// "Copies left behind"). Every existing version of the key (and its head)
+/// whose manifest has the fragment in a part written by `upload` counts,
+/// `version` among them: in each such segment placement under this node's
+/// map names `keeper` for the fragment and never this node. A version row
+/// or manifest a member forged can only add segments to satisfy, never
+/// take the real version's away.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn why_not_drop(
     metadata: &Metadata,
@@ -324,44 +327,52 @@ pub(crate) async fn why_not_drop(
     upload: UploadId,
     keeper: NodeId,
 ) -> ModelResult<Option<String>> {
-    let row = metadata
-        .read(vec![versions_row(bucket, key, &version)])
-        .await?
-        .remove(0);
-    let manifest_id = match row {
-        Some(RowValue::Version(found)) if found.exists(now_unix_ms()) => match found.body {
-            VersionBody::Data { manifest, .. } => manifest,
-            VersionBody::DeleteMarker => {
-                return Ok(Some(format!(
-                    "version {version} of {bucket}/{key} is a delete marker"
-                )));
-            }
-        },
-        _ => {
-            return Ok(Some(format!(
-                "{bucket}/{key} has no version {version} that exists"
-            )));
-        }
-    };
-    let Some(manifest) = read_manifest(metadata, bucket, &manifest_id).await? else {
-        return Ok(Some(format!("manifest {manifest_id} is missing")));
-    };
-    if (&manifest.bucket, &manifest.key, manifest.version)
-        != (&bucket.to_owned(), &key.to_owned(), version)
+    let mut versions = existing_versions(metadata, bucket, key, None).await?;
+    if let Some(head) = read_head(metadata, bucket, key).await?
+        && is_current_object(&head)
+        && !versions.iter().any(|v| v.version == head.version)
     {
+        versions.push(head);
+    }
+    if !versions.iter().any(|v| v.version == version) {
         return Ok(Some(format!(
-            "manifest {manifest_id} belongs to another object"
+            "{bucket}/{key} has no version {version} that exists"
         )));
     }
-    let segments: Vec<SegmentRef> = manifest
-        .parts
-        .iter()
-        .filter(|part| part.upload == upload)
-        .flat_map(|part| part.segments.iter())
-        .filter(|segment| segment.fragments.contains(&fragment))
-        .cloned()
-        .collect();
-    if segments.is_empty() {
+    // (scheme, segment) of every place the fragment is used by `upload`.
+    let mut uses: Vec<(cairn_protocol::erasure::Scheme, SegmentRef)> = Vec::new();
+    let mut in_named = false;
+    for found in &versions {
+        let VersionBody::Data { manifest: id, .. } = &found.body else {
+            continue;
+        };
+        let Some(manifest) = read_manifest(metadata, bucket, id).await? else {
+            if found.version == version {
+                return Ok(Some(format!("manifest {id} is missing")));
+            }
+            continue;
+        };
+        // A row naming another object's manifest makes no claim here.
+        if (
+            manifest.bucket.as_str(),
+            manifest.key.as_str(),
+            manifest.version,
+        ) != (bucket, key, found.version)
+        {
+            continue;
+        }
+        for segment in manifest
+            .parts
+            .iter()
+            .filter(|part| part.upload == upload)
+            .flat_map(|part| part.segments.iter())
+            .filter(|segment| segment.fragments.contains(&fragment))
+        {
+            in_named |= found.version == version;
+            uses.push((manifest.layout.scheme, segment.clone()));
+        }
+    }
+    if !in_named {
         return Ok(Some(format!(
             "version {version} of {bucket}/{key} has no fragment {fragment} written by upload {upload}"
         )));
@@ -370,12 +381,15 @@ pub(crate) async fn why_not_drop(
         return Ok(Some("this node has no cluster map".into()));
     };
     let own = metadata.node_id();
-    let scheme = manifest.layout.scheme;
     blocking(move || {
-        let placer = Placer::new(&map.map, scheme, map.tolerance)
-            .map_err(|e| ModelError::Internal(format!("placement: {e}")))?;
-        for segment in &segments {
-            let placed = placer.place(&segment_placement_key(&segment.fragments));
+        let mut placers: HashMap<cairn_protocol::erasure::Scheme, Placer> = HashMap::new();
+        for (scheme, segment) in &uses {
+            if !placers.contains_key(scheme) {
+                let placer = Placer::new(&map.map, *scheme, map.tolerance)
+                    .map_err(|e| ModelError::Internal(format!("placement: {e}")))?;
+                placers.insert(*scheme, placer);
+            }
+            let placed = placers[scheme].place(&segment_placement_key(&segment.fragments));
             let placed_for = |node: &NodeId| {
                 placed
                     .iter()
@@ -849,8 +863,9 @@ impl Repair {
                 .or_default() += 1;
             queue.push(degraded);
         }
+        let mut asked = HashMap::new();
         for degraded in unreadable {
-            if self.bring_back_from_trash(&degraded).await {
+            if self.bring_back_from_trash(&degraded, &mut asked).await {
                 // Found again where it was trashed: counted next pass.
                 report.pending += 1;
                 continue;
@@ -866,37 +881,57 @@ impl Repair {
         }
     }
 
-    /// Asks the placed nodes lacking a fragment of a segment too short to
-    /// be read, and the nodes being drained, to bring the segment's upload
-    /// back from their trash (a restore cut off between its commit and its
-    /// requests to the nodes leaves it there; each node checks that the
-    /// version exists); whether any fragment came back.
-    async fn bring_back_from_trash(&self, degraded: &Degraded) -> bool {
+    /// Asks the nodes that may hold a fragment of a segment too short to
+    /// be read (its placed nodes, its spares and the nodes being drained)
+    /// to bring the segment's upload back from their trash (a restore cut
+    /// off between its commit and its requests to the nodes leaves it
+    /// there; each node checks that the version exists), at once, each
+    /// (node, upload) once per batch (`asked` keeps what they answered);
+    /// whether any fragment of the upload came back.
+    async fn bring_back_from_trash(
+        &self,
+        degraded: &Degraded,
+        asked: &mut HashMap<(NodeId, UploadId), u64>,
+    ) -> bool {
         let work = &degraded.work;
-        let lacking = work
+        let mut nodes: Vec<NodeId> = Vec::new();
+        for node in work
             .placed
             .iter()
-            .enumerate()
-            .filter(|(index, node)| !degraded.holders[*index].contains(node))
-            .map(|(_, node)| node)
-            .chain(work.draining.iter());
-        let mut asked = HashSet::new();
-        let mut restored = 0u64;
-        for node in lacking {
-            if !self.reachable(node) || !asked.insert(*node) {
-                continue;
+            .chain(work.spares.iter())
+            .chain(work.draining.iter())
+        {
+            if self.reachable(node)
+                && !nodes.contains(node)
+                && !asked.contains_key(&(*node, work.upload))
+            {
+                nodes.push(*node);
             }
+        }
+        let asks = nodes.iter().map(|node| async move {
             let ask = self
                 .node
                 .restore_upload(node, work.upload, &work.bucket, &work.key);
             match tokio::time::timeout(CALL_DEADLINE, ask).await {
-                Ok(Ok(n)) => restored = restored.saturating_add(n),
+                Ok(Ok(n)) => n,
                 Ok(Err(error)) => {
-                    tracing::debug!(%node, %error, "a node did not bring fragments back from its trash")
+                    tracing::debug!(%node, %error, "a node did not bring fragments back from its trash");
+                    0
                 }
-                Err(_) => tracing::debug!(%node, "a node did not answer a restore in time"),
+                Err(_) => {
+                    tracing::debug!(%node, "a node did not answer a restore in time");
+                    0
+                }
             }
+        });
+        for (node, restored) in nodes.iter().zip(futures::future::join_all(asks).await) {
+            asked.insert((*node, work.upload), restored);
         }
+        let restored: u64 = asked
+            .iter()
+            .filter(|((_, upload), _)| *upload == work.upload)
+            .map(|(_, n)| *n)
+            .fold(0, u64::saturating_add);
         if restored > 0 {
             tracing::warn!(
                 bucket = work.bucket,
@@ -1197,30 +1232,36 @@ impl Repair {
                 .zip(&work.segment.fragments)
                 .any(|(placed, fragment)| placed == node && fragment == id)
         };
-        let mut dropped = 0;
+        let mut drops = Vec::new();
         for (index, keeper) in at_place {
             let id = work.segment.fragments[*index];
             for holder in &degraded.holders[*index] {
-                if holder == keeper || placed_for(holder, &id) {
-                    continue;
-                }
-                let asked = tokio::time::timeout(
-                    CALL_DEADLINE,
-                    self.node
-                        .drop_copy(holder, id, &work.bucket, &work.key, work.version, *keeper),
-                );
-                match asked.await {
-                    Ok(Ok(())) => dropped += 1,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%holder, fragment = %id, %error, "a copy left off placement was not dropped");
-                    }
-                    Err(_) => {
-                        tracing::debug!(%holder, fragment = %id, "a drop was not answered in time");
-                    }
+                if holder != keeper && !placed_for(holder, &id) && self.reachable(holder) {
+                    drops.push((*holder, id, *keeper));
                 }
             }
         }
-        dropped
+        // At once: a holder that does not answer costs one deadline, not
+        // one per copy.
+        let asks = drops.iter().map(|(holder, id, keeper)| async move {
+            let asked = tokio::time::timeout(
+                CALL_DEADLINE,
+                self.node
+                    .drop_copy(holder, *id, &work.bucket, &work.key, work.version, *keeper),
+            );
+            match asked.await {
+                Ok(Ok(())) => 1,
+                Ok(Err(error)) => {
+                    tracing::debug!(%holder, fragment = %id, %error, "a copy left off placement was not dropped");
+                    0
+                }
+                Err(_) => {
+                    tracing::debug!(%holder, fragment = %id, "a drop was not answered in time");
+                    0
+                }
+            }
+        });
+        futures::future::join_all(asks).await.into_iter().sum()
     }
 
     /// Reads `k` fragments of the segment from their holders (this node,

@@ -626,11 +626,21 @@ impl Server {
         }
         // The keeper shows it holds the fragment whole, now: its bytes,
         // checked against the id.
+        let expected_len = entry.len;
         let shown = tokio::time::timeout(KEEPER_SHOWS_WITHIN, async {
             let stream = self.metadata.open_member_stream(&keeper, PROTOCOL).await?;
-            get(stream, fragment, 0, u64::MAX)
+            let bytes = get(stream, fragment, 0, expected_len)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            // All of it, hashing to the id: an answer that announces a
+            // shorter fragment proves nothing.
+            if bytes.len() as u64 != expected_len || FragmentId::of(&bytes) != fragment {
+                return Err(format!(
+                    "it sent {} bytes that are not the fragment",
+                    bytes.len()
+                ));
+            }
+            Ok(())
         })
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {KEEPER_SHOWS_WITHIN:?}")));

@@ -754,39 +754,65 @@ impl FragmentStore {
         object: &ObjectKeyDigest,
         now_unix_ms: u64,
     ) -> Result<u64, StoreError> {
-        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(index_error)?;
-        let mut restored = 0;
-        let mut changed = false;
-        {
-            let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+        // The records are read and hashed outside the write transaction
+        // (which would hold up every put meanwhile), then each verdict is
+        // applied only to an entry still where and what it was.
+        let trashed: Vec<(FragmentId, FragmentEntry)> = {
+            let txn = self.shared.db.begin_read().map_err(index_error)?;
+            let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
             let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
             let first = upload_key(upload, &FragmentId([0; 32]));
             let last = upload_key(upload, &FragmentId([0xff; 32]));
-            let ids: Vec<FragmentId> = by_upload
+            let mut trashed = Vec::new();
+            for row in by_upload
                 .range::<&[u8; 48]>(&first..=&last)
                 .map_err(index_error)?
-                .map(|row| {
-                    row.map(|(key, _)| FragmentId(key.value()[16..].try_into().expect("32 bytes")))
-                        .map_err(index_error)
-                })
-                .collect::<Result<_, _>>()?;
-            for id in ids {
+            {
+                let (key, _) = row.map_err(index_error)?;
+                let id = FragmentId(key.value()[16..].try_into().expect("32 bytes"));
+                let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
+                    continue;
+                };
+                let entry = FragmentEntry::decode(id, raw.value())?;
+                if entry.state == FragmentState::Trash
+                    && entry.hold.upload == *upload
+                    && entry.hold.object == *object
+                {
+                    trashed.push((id, entry));
+                }
+            }
+            trashed
+        };
+        let mut verdicts = Vec::with_capacity(trashed.len());
+        for (id, entry) in trashed {
+            // The trash is not scrubbed: a record that rotted there comes
+            // back quarantined, for repair to rebuild; an I/O error is an
+            // error. One whose volume went meanwhile is left for next time.
+            match self.shared.read_record(&id, &entry) {
+                Ok(whole) => verdicts.push((id, entry, whole.is_some())),
+                Err(StoreError::BadIndexEntry(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if verdicts.is_empty() {
+            return Ok(0);
+        }
+        let mut restored = 0;
+        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(index_error)?;
+        {
+            let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            for (id, read, whole) in verdicts {
                 let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
                     continue;
                 };
                 let mut entry = FragmentEntry::decode(id, raw.value())?;
                 drop(raw);
-                if entry.state != FragmentState::Trash
-                    || entry.hold.upload != *upload
-                    || entry.hold.object != *object
-                {
+                if entry != read {
                     continue;
                 }
-                // The trash is not scrubbed: a record that rotted there
-                // comes back quarantined, for repair to rebuild.
-                if matches!(self.shared.read_record(&id, &entry), Ok(Some(_))) {
+                if whole {
                     entry.state = FragmentState::Live;
                     entry.trashed_at_unix_ms = 0;
                     restored += 1;
@@ -794,19 +820,13 @@ impl FragmentStore {
                     tracing::error!(fragment = %id, "a fragment in the trash is corrupt: quarantined instead of restored");
                     entry.state = FragmentState::Quarantined;
                     entry.trashed_at_unix_ms = now_unix_ms;
-                    changed = true;
                 }
                 table
                     .insert(id.as_bytes(), &entry.encode()[..])
                     .map_err(index_error)?;
             }
         }
-        if restored == 0 && !changed {
-            // Nothing to make durable: no fsync for an empty restore.
-            txn.abort().map_err(index_error)?;
-        } else {
-            txn.commit().map_err(index_error)?;
-        }
+        txn.commit().map_err(index_error)?;
         Ok(restored)
     }
 
@@ -1165,6 +1185,7 @@ impl FragmentStore {
         let mut writer = self.appender.lock().expect("appender lock");
         if writer.active.0 == number {
             writer.start_volume()?;
+            writer.record_active_volume()?;
         }
         Ok(())
     }
@@ -1236,7 +1257,31 @@ impl Writer {
             committed,
         };
         writer.committed.entry(number).or_insert(0);
+        // The active volume has its row before any append: a crash in the
+        // first batch then leaves bytes the next open cuts off, not a
+        // volume the index does not name beside no other.
+        writer.record_active_volume()?;
         Ok(writer)
+    }
+
+    /// Writes the active volume's row (its committed length) if missing.
+    fn record_active_volume(&self) -> Result<(), StoreError> {
+        let (number, _) = self.active;
+        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(index_error)?;
+        {
+            let mut volumes = txn.open_table(VOLUMES).map_err(index_error)?;
+            if volumes.get(number).map_err(index_error)?.is_some() {
+                drop(volumes);
+                txn.abort().map_err(index_error)?;
+                return Ok(());
+            }
+            volumes
+                .insert(number, self.committed[&number])
+                .map_err(index_error)?;
+        }
+        txn.commit().map_err(index_error)
     }
 
     fn open_volume(shared: &Shared, number: u32) -> Result<File, StoreError> {

@@ -971,3 +971,18 @@ fn a_compaction_told_to_stop_leaves_the_volume_whole_and_can_go_on_later() {
     assert_eq!(finished.reclaimed_bytes, first.bytes);
     assert_all_read_back(&store, &live, &trashed);
 }
+
+#[tokio::test]
+async fn a_first_batch_cut_short_by_a_crash_is_cut_off_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(FragmentStore::open(config(dir.path())).unwrap());
+    // What a crash after the first batch's append, before its index
+    // commit, leaves: bytes in a volume the index has committed nothing of.
+    let volume = dir.path().join("volumes").join("000001.vol");
+    std::fs::write(&volume, vec![0xab; 4096]).unwrap();
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    assert_eq!(std::fs::metadata(&volume).unwrap().len(), 0);
+    let (id, outcome) = put(&store, fragment_bytes(41, 3000), 0).await;
+    outcome.unwrap();
+    store.read(&id, 0, u64::MAX).unwrap();
+}

@@ -560,6 +560,10 @@ async fn a_site_added_gets_its_share_of_every_segment() {
     rebalance_until_in_place(&cluster, &mut repairers, &segments).await;
     let statuses: Vec<RepairStatus> = repairers.iter().map(Repairer::status).collect();
     let moved: u64 = statuses.iter().map(|r| r.copied).sum();
+    let fragments: usize = segments.iter().map(|(_, ids)| ids.len()).sum();
+    // The figure spec/repair.md quotes (the new site's fair share of 8
+    // nodes is a quarter).
+    eprintln!("a fourth site moved {moved} of {fragments} fragments");
     assert!(moved > 0, "nothing moved");
     assert_eq!(
         statuses.iter().map(|r| r.rebuilt).sum::<u64>(),
@@ -861,6 +865,109 @@ async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
             .await,
         "a drop naming another object",
     );
+    // A member forges a version of the key whose manifest (signed by
+    // itself: any member can) puts the fragment, written by the same
+    // upload, in a segment placement gives to itself and not to the
+    // keeper; it holds the bytes, and asks the keeper to drop its copy.
+    // The real version still places the fragment on the keeper: refused.
+    let forger_index = (0..cluster.members.len())
+        .find(|i| {
+            let id = cluster.node_ids()[*i];
+            id != keeper && id != spare
+        })
+        .unwrap();
+    let forger = cluster.node(forger_index);
+    let forger_id = forger.node_id();
+    let forged_version = VersionId([0x66; 16]);
+    let mut seed = 0u64;
+    let forged_segment = loop {
+        seed += 1;
+        let mut fragments = segment.fragments.clone();
+        for (i, id) in fragments.iter_mut().enumerate().skip(1) {
+            *id = FragmentId::of(&[seed.to_be_bytes().as_slice(), &[i as u8]].concat());
+        }
+        let placed = placer.place(&segment_placement_key(&fragments));
+        if placed[0] == forger_id && !placed.contains(&keeper) {
+            let mut forged = segment.clone();
+            forged.fragments = fragments;
+            break forged;
+        }
+    };
+    let mut forged = manifest.clone();
+    forged.version = forged_version;
+    forged.writer = forger_id;
+    forged.parts[0].segments = vec![forged_segment];
+    forged.parts.truncate(1);
+    let signed = forged
+        .sign(cluster.members[forger_index].identity.signing_key())
+        .unwrap();
+    let mut row = versions[0].clone();
+    row.version = forged_version;
+    row.body = VersionBody::Data {
+        manifest: signed.id,
+        size_bytes: 1,
+        etag: "\"forged\"".into(),
+        headers: Default::default(),
+    };
+    forger
+        .metadata()
+        .write(vec![
+            (
+                cairn_model::rows::manifest_row("drops", &signed.id),
+                cairn_protocol::meta::RowValue::Immutable(signed.encoded.clone()),
+            ),
+            (
+                cairn_model::rows::versions_row("drops", "k0", &forged_version),
+                cairn_protocol::meta::RowValue::Version(Box::new(row)),
+            ),
+        ])
+        .await
+        .unwrap();
+    let forged_hold = Hold::sign(
+        cluster.members[forger_index].identity.signing_key(),
+        &fragment,
+        manifest.upload,
+        ObjectKeyDigest::of("drops", "k0"),
+        0,
+    );
+    forger
+        .put_fragment(&forger_id, fragment, &bytes, forged_hold)
+        .await
+        .unwrap();
+    let why = refused(
+        forger
+            .drop_copy(&keeper, fragment, "drops", "k0", forged_version, forger_id)
+            .await,
+        "a drop on a forged version's word",
+    );
+    assert!(why.contains("names this node"), "{why}");
+    assert_eq!(state(&keeper), Some(FragmentState::Live));
+    // While it exists the forged version also stands in the way of honest
+    // drops (it does not place the fragment on the keeper); purged, it no
+    // longer counts.
+    let mut purged = match forger
+        .metadata()
+        .read(vec![cairn_model::rows::versions_row(
+            "drops",
+            "k0",
+            &forged_version,
+        )])
+        .await
+        .unwrap()
+        .remove(0)
+    {
+        Some(cairn_protocol::meta::RowValue::Version(version)) => version,
+        other => panic!("{other:?}"),
+    };
+    purged.purged = Some(forger.metadata().timestamp());
+    forger
+        .metadata()
+        .write(vec![(
+            cairn_model::rows::versions_row("drops", "k0", &forged_version),
+            cairn_protocol::meta::RowValue::Version(purged),
+        )])
+        .await
+        .unwrap();
     // The keeper must show the bytes: with its copy in its trash, it cannot.
     let keeper_store = cluster.node(cluster.index_of(&keeper)).store();
     keeper_store.delete(&fragment, 0).unwrap();
