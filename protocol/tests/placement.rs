@@ -278,5 +278,8 @@ fn a_site_added_moves_close_to_the_minimum_of_fragments() {
         moved / minimum
     );
     assert!(minimum > 0.2 && minimum < 0.3, "{minimum}");
-    assert!(moved <= 2.0 * minimum, "moved {moved:.4}, minimum {minimum:.4}");
+    assert!(
+        moved <= 2.0 * minimum,
+        "moved {moved:.4}, minimum {minimum:.4}"
+    );
 }
