@@ -900,9 +900,12 @@ pub async fn get<S: AsyncRead + AsyncWrite + Unpin>(
         Message::Reject { code, message } => return Err(PieceError::Rejected { code, message }),
         other => return Err(unexpected(&other)),
     };
-    if declared > length || declared > total_len {
+    // Exactly what the request covers: a peer that announces fewer bytes
+    // (or a shorter fragment than it sends) would pass a whole read off
+    // as a range, unhashed.
+    if declared != length.min(total_len.saturating_sub(offset)) {
         return Err(PieceError::Unexpected(format!(
-            "{declared} bytes announced for a {length}-byte request"
+            "{declared} bytes announced for {length} bytes from {offset} of a {total_len}-byte fragment"
         )));
     }
     let mut bytes = Vec::with_capacity(declared.min(64 << 20) as usize);
@@ -1018,5 +1021,97 @@ pub async fn status<S: AsyncRead + AsyncWrite + Unpin>(
         Message::StatusReply(status) => Ok(*status),
         Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
         other => Err(unexpected(&other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A peer that answers with bytes written beforehand and takes
+    /// whatever it is sent.
+    struct Scripted(futures::io::Cursor<Vec<u8>>);
+
+    impl AsyncRead for Scripted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Scripted {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn answering(header: Message, data: &[u8]) -> Scripted {
+        let mut out = Vec::new();
+        hello().encode(&mut out).unwrap();
+        header.encode(&mut out).unwrap();
+        if !data.is_empty() {
+            wire::encode_data_header(data.len(), &mut out).unwrap();
+            out.extend_from_slice(data);
+        }
+        Scripted(futures::io::Cursor::new(out))
+    }
+
+    /// A whole read asked of a peer that claims a longer fragment than it
+    /// sends is refused: it would otherwise be taken unhashed (a drop's
+    /// keeper "showing" a fragment it does not hold).
+    #[tokio::test]
+    async fn a_whole_read_answered_short_is_refused_and_a_true_one_is_hashed() {
+        let bytes = b"the fragment the keeper should hold".to_vec();
+        let id = FragmentId::of(&bytes);
+        let short = answering(
+            Message::FragmentHeader {
+                id,
+                total_len: bytes.len() as u64,
+                offset: 0,
+                length: 0,
+            },
+            &[],
+        );
+        let refusal = get(short, id, 0, bytes.len() as u64).await.unwrap_err();
+        assert!(matches!(refusal, PieceError::Unexpected(_)), "{refusal}");
+        let whole = answering(
+            Message::FragmentHeader {
+                id,
+                total_len: bytes.len() as u64,
+                offset: 0,
+                length: bytes.len() as u64,
+            },
+            &bytes,
+        );
+        assert_eq!(get(whole, id, 0, u64::MAX).await.unwrap(), bytes);
+        let forged = answering(
+            Message::FragmentHeader {
+                id,
+                total_len: 4,
+                offset: 0,
+                length: 4,
+            },
+            b"fake",
+        );
+        assert!(matches!(
+            get(forged, id, 0, u64::MAX).await,
+            Err(PieceError::HashMismatch(_))
+        ));
     }
 }
