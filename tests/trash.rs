@@ -239,3 +239,63 @@ fn a_deleted_object_comes_back_from_the_trash_exactly_and_after_the_period_is_go
     });
     cluster.shutdown();
 }
+
+/// kill -9 of a storage node in the middle of compacting a volume: after
+/// a restart the compaction finishes, the volume is gone, and every object
+/// reads back with another node down (so the restarted node's fragments
+/// are needed).
+#[test]
+fn a_node_killed_in_the_middle_of_a_compaction_loses_nothing() {
+    const SLOW_COMPACTION: &str = "[store]\nvolume_bytes = 1048576\nhousekeeping_every_seconds = 1\ntrash_period_seconds = 1\ncompaction_bytes_per_second = 65536\n";
+    let mut cluster =
+        ProcessCluster::start_configured(&[1, 1, 1], 2, 1, false, SLOW_COMPACTION, EVERYONE_TOML);
+    let client = s3_client(&cluster.endpoint, &cluster.access_key, &cluster.secret_key);
+    let runtime = runtime();
+    // Seven objects of 300 kB: each node holds 150 kB of each, six in its
+    // first volume of 1 MiB and the seventh in the next.
+    let bodies: Vec<Vec<u8>> = (0..7).map(|i| pseudo_random(70 + i, 300_000)).collect();
+    runtime.block_on(async {
+        client.create_bucket().bucket("keep").send().await.unwrap();
+        for (i, body) in bodies.iter().enumerate() {
+            put(&client, &format!("o{i}"), body.clone()).await;
+        }
+        // Four of the first six go: their volume is mostly dead bytes.
+        for i in 0..4 {
+            client
+                .delete_object()
+                .bucket("keep")
+                .key(format!("o{i}"))
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+    let victim = 1;
+    let first_volume = cluster.data_dirs[victim].join("fragments/volumes/000001.vol");
+    assert!(first_volume.exists());
+    // At 64 KiB/s a 150 kB record is one chunk and then more than two
+    // seconds of pause: the kill lands between two chunks' commits.
+    cluster.nodes[victim].wait_for_within(&["compaction moved a chunk"], PATIENCE);
+    cluster.kill_node(victim);
+    assert!(first_volume.exists(), "killed before its compaction ended");
+    cluster.restart_node(victim);
+    let deadline = Instant::now() + PATIENCE;
+    while first_volume.exists() {
+        assert!(Instant::now() < deadline, "the compaction never finished");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Node 2 down: every remaining object needs the victim's fragment.
+    cluster.kill_node(2);
+    runtime.block_on(async {
+        for (i, body) in bodies.iter().enumerate().skip(4) {
+            let bytes = get(&client, &format!("o{i}"))
+                .await
+                .body
+                .collect()
+                .await
+                .unwrap();
+            assert!(bytes.into_bytes() == *body, "o{i} differs");
+        }
+    });
+    cluster.shutdown();
+}
