@@ -201,7 +201,7 @@ def check_wire():
     names = ["hello", "put_fragment", "data", "ack", "reject", "get_fragment", "fragment_header", "have_query",
              "have_reply", "inventory_query", "inventory_digest", "inventory_list", "inventory_page", "cancel",
              "release", "released", "status_query", "status_reply", "restore", "restored",
-             "drop_copy", "dropped"]
+             "drop_copy", "dropped", "keep_check"]
     for i, frame in enumerate(load("wire.json")["frames"]):
         raw = h(frame["frame"])
         assert frame["message"] == names[i]
@@ -247,6 +247,11 @@ def check_wire():
             r.done()
         if frame["message"] == "dropped":
             assert len(raw) == 5
+        if frame["message"] == "keep_check":
+            r = Reader(raw[5 + 32:])
+            assert r.str16(63) == "photos" and r.str16(1024) == "2026/cat.jpg"
+            assert r.take(16) == bytes([0x5e] * 16) and r.take(16) == bytes([0x4d] * 16)
+            r.done()
 
 
 def check_versions():

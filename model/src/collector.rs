@@ -600,8 +600,37 @@ impl ReleaseCheck for ReleaseRule {
                 return Err(format!("{bucket:?}/{key:?} names no object"));
             }
             let why_not = crate::repair::why_not_drop(
-                metadata, bucket, key, version, fragment, upload, keeper,
+                metadata,
+                bucket,
+                key,
+                version,
+                fragment,
+                upload,
+                Some(keeper),
             );
+            match why_not.await {
+                Ok(None) => Ok(()),
+                Ok(Some(why)) => Err(why),
+                Err(error) => Err(format!("the metadata could not be checked: {error}")),
+            }
+        })
+    }
+
+    fn check_keep<'a>(
+        &'a self,
+        metadata: &'a Metadata,
+        bucket: &'a str,
+        key: &'a str,
+        version: VersionId,
+        fragment: FragmentId,
+        upload: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            if check_bucket_name(bucket).is_err() || key.is_empty() || key.contains('\0') {
+                return Err(format!("{bucket:?}/{key:?} names no object"));
+            }
+            let why_not =
+                crate::repair::why_not_drop(metadata, bucket, key, version, fragment, upload, None);
             match why_not.await {
                 Ok(None) => Ok(()),
                 Ok(Some(why)) => Err(why),

@@ -317,6 +317,8 @@ impl SegmentWork {
 /// map names `keeper` for the fragment and never this node. A version row
 /// or manifest a member forged can only add segments to satisfy, never
 /// take the real version's away.
+/// With `keeper` `None`, the check of the keeper itself: placement under
+/// this node's map names this node for the fragment in every such segment.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn why_not_drop(
     metadata: &Metadata,
@@ -325,7 +327,7 @@ pub(crate) async fn why_not_drop(
     version: VersionId,
     fragment: FragmentId,
     upload: UploadId,
-    keeper: NodeId,
+    keeper: Option<NodeId>,
 ) -> ModelResult<Option<String>> {
     let mut versions = existing_versions(metadata, bucket, key, None).await?;
     if let Some(head) = read_head(metadata, bucket, key).await?
@@ -396,17 +398,28 @@ pub(crate) async fn why_not_drop(
                     .zip(&segment.fragments)
                     .any(|(n, id)| n == node && *id == fragment)
             };
-            if placed_for(&own) {
-                return Ok(Some(format!(
-                    "placement under map version {} names this node for fragment {fragment}",
-                    map.map.version
-                )));
-            }
-            if !placed_for(&keeper) {
-                return Ok(Some(format!(
-                    "placement under map version {} does not name {keeper} for fragment {fragment}",
-                    map.map.version
-                )));
+            match keeper {
+                Some(keeper) => {
+                    if placed_for(&own) {
+                        return Ok(Some(format!(
+                            "placement under map version {} names this node for fragment {fragment}",
+                            map.map.version
+                        )));
+                    }
+                    if !placed_for(&keeper) {
+                        return Ok(Some(format!(
+                            "placement under map version {} does not name {keeper} for fragment {fragment}",
+                            map.map.version
+                        )));
+                    }
+                }
+                None if !placed_for(&own) => {
+                    return Ok(Some(format!(
+                        "placement under map version {} does not name this node for fragment {fragment}",
+                        map.map.version
+                    )));
+                }
+                None => {}
             }
         }
         Ok(None)

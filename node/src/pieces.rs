@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use crate::budget::{ByteBudget, Taken};
 
 use crate::meta::Metadata;
-use crate::release::{ReleaseRules, may_drop, may_release, may_restore};
+use crate::release::{ReleaseRules, may_drop, may_keep, may_release, may_restore};
 use crate::store::{
     FragmentState, FragmentStore, PutOutcome, Released, ScrubState, StoreError, VerifiedFragment,
 };
@@ -268,6 +268,42 @@ impl Server {
                             id,
                             total_len,
                             offset,
+                            length: bytes.len() as u64,
+                        };
+                        send(write, &header).await?;
+                        send_data(write, &bytes).await
+                    }
+                    Err(refusal) => send(write, &refusal).await,
+                }
+            }
+            Message::KeepCheck {
+                fragment,
+                bucket,
+                key,
+                version,
+                upload,
+            } => {
+                let keeps = may_keep(
+                    &self.release_rules,
+                    &self.metadata,
+                    &bucket,
+                    &key,
+                    version,
+                    fragment,
+                    upload,
+                )
+                .await;
+                if let Err(why) = keeps {
+                    tracing::info!(%fragment, bucket, key, %why, "refused to show a fragment as its keeper");
+                    let refusal = reject(RejectCode::Unauthorized, format!("keep refused: {why}"));
+                    return send(write, &refusal).await;
+                }
+                match self.read(Some(peer), fragment, 0, u64::MAX).await? {
+                    Ok((total_len, bytes, _budget)) => {
+                        let header = Message::FragmentHeader {
+                            id: fragment,
+                            total_len,
+                            offset: 0,
                             length: bytes.len() as u64,
                         };
                         send(write, &header).await?;
@@ -624,12 +660,13 @@ impl Server {
         {
             return refuse(why);
         }
-        // The keeper shows it holds the fragment whole, now: its bytes,
-        // checked against the id.
+        // The keeper shows it holds the fragment whole, now, and that its
+        // own map places it there (two nodes whose maps differ cannot each
+        // drop on the other's word): its bytes, checked against the id.
         let expected_len = entry.len;
         let shown = tokio::time::timeout(KEEPER_SHOWS_WITHIN, async {
             let stream = self.metadata.open_member_stream(&keeper, PROTOCOL).await?;
-            let bytes = get(stream, fragment, 0, expected_len)
+            let bytes = keep_check(stream, fragment, bucket, key, version, upload, expected_len)
                 .await
                 .map_err(|e| e.to_string())?;
             // All of it, hashing to the id: an answer that announces a
@@ -888,8 +925,19 @@ pub async fn get<S: AsyncRead + AsyncWrite + Unpin>(
     length: u64,
 ) -> Result<Vec<u8>, PieceError> {
     let request = Message::GetFragment { id, offset, length };
-    let (mut reader, mut write) = open_exchange(stream, &request).await?;
+    let (reader, mut write) = open_exchange(stream, &request).await?;
     write.close().await?;
+    read_fragment_answer(reader, id, offset, length).await
+}
+
+/// Reads a fragment-header and its data frames: exactly what the request
+/// covers, a whole fragment hashed against its id.
+async fn read_fragment_answer<R: AsyncRead + Unpin>(
+    mut reader: MessageReader<R>,
+    id: FragmentId,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<u8>, PieceError> {
     let (total_len, declared) = match reader.expect().await? {
         Message::FragmentHeader {
             id: answered,
@@ -908,7 +956,8 @@ pub async fn get<S: AsyncRead + AsyncWrite + Unpin>(
             "{declared} bytes announced for {length} bytes from {offset} of a {total_len}-byte fragment"
         )));
     }
-    let mut bytes = Vec::with_capacity(declared.min(64 << 20) as usize);
+    // Grown as the data arrives: the announced length is the peer's word.
+    let mut bytes = Vec::with_capacity(declared.min(1 << 20) as usize);
     while (bytes.len() as u64) < declared {
         match reader.expect().await? {
             Message::Data(data) if bytes.len() as u64 + data.len() as u64 <= declared => {
@@ -918,6 +967,29 @@ pub async fn get<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     checked_read(id, offset, total_len, bytes)
+}
+
+/// Asks `fragment` of the keeper a drop names: the whole fragment, if its
+/// own map places it there (wire.md, "Drop").
+pub async fn keep_check<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    fragment: FragmentId,
+    bucket: &str,
+    key: &str,
+    version: VersionId,
+    upload: UploadId,
+    len: u64,
+) -> Result<Vec<u8>, PieceError> {
+    let request = Message::KeepCheck {
+        fragment,
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        version,
+        upload,
+    };
+    let (reader, mut write) = open_exchange(stream, &request).await?;
+    write.close().await?;
+    read_fragment_answer(reader, fragment, 0, len).await
 }
 
 /// Asks which of `ids` the peer holds live; the answer is in `ids` order.

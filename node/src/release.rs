@@ -52,6 +52,20 @@ pub trait ReleaseCheck: Send + Sync {
         keeper: NodeId,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
+    /// The check a keeper named in a drop must pass before it shows the
+    /// fragment: `Ok` when `fragment` is in `version` of `bucket`/`key` as
+    /// written by `upload` and placement under this node's map names this
+    /// node for it wherever that upload uses it.
+    fn check_keep<'a>(
+        &'a self,
+        metadata: &'a Metadata,
+        bucket: &'a str,
+        key: &'a str,
+        version: VersionId,
+        fragment: FragmentId,
+        upload: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
     /// How long after a fragment is stored here a release may trash it:
     /// the longest a write may take to commit, plus a margin. Measured by
     /// this node's own clock, which no peer can set, it keeps the
@@ -149,6 +163,26 @@ pub(crate) async fn may_drop(
                 .await
         }
         None => Err("this node has no metadata rules to check a drop against".into()),
+    }
+}
+
+/// Whether the installed rules say this node keeps `fragment` at its place.
+pub(crate) async fn may_keep(
+    rules: &ReleaseRules,
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+    version: VersionId,
+    fragment: FragmentId,
+    upload: UploadId,
+) -> Result<(), String> {
+    match rules.get() {
+        Some(rules) => {
+            rules
+                .check_keep(metadata, bucket, key, version, fragment, upload)
+                .await
+        }
+        None => Err("this node has no metadata rules to check a keep against".into()),
     }
 }
 

@@ -296,6 +296,16 @@ pub enum Message {
     },
     /// Answers a drop: the copy is in the trash.
     Dropped,
+    /// Asks a keeper named in a drop to show `fragment`: it answers as to
+    /// a whole get only if placement under its own map names it for the
+    /// fragment in `version` of `bucket`/`key`, written by `upload`.
+    KeepCheck {
+        fragment: FragmentId,
+        bucket: String,
+        key: String,
+        version: VersionId,
+        upload: UploadId,
+    },
     /// Asks for the node's status (`cairn admin status`); without `store`,
     /// the store's part is left empty (it walks the whole index).
     StatusQuery {
@@ -327,6 +337,7 @@ mod tag {
     pub const RESTORED: u8 = 0x14;
     pub const DROP_COPY: u8 = 0x15;
     pub const DROPPED: u8 = 0x16;
+    pub const KEEP_CHECK: u8 = 0x17;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -507,6 +518,22 @@ impl Message {
                 out.extend_from_slice(keeper.as_bytes());
             }
             Message::Dropped => out.put_u8(tag::DROPPED),
+            Message::KeepCheck {
+                fragment,
+                bucket,
+                key,
+                version,
+                upload,
+            } => {
+                check_len("keep bucket", bucket.len(), MAX_BUCKET_BYTES)?;
+                check_len("keep key", key.len(), MAX_KEY_BYTES)?;
+                out.put_u8(tag::KEEP_CHECK);
+                out.extend_from_slice(fragment.as_bytes());
+                out.put_bytes16(bucket.as_bytes());
+                out.put_bytes16(key.as_bytes());
+                out.extend_from_slice(&version.0);
+                out.extend_from_slice(upload.as_bytes());
+            }
             Message::StatusQuery { store } => {
                 out.put_u8(tag::STATUS_QUERY);
                 out.put_bool(*store);
@@ -620,6 +647,13 @@ impl Message {
                 keeper: NodeId(r.array("keeper")?),
             },
             tag::DROPPED => Message::Dropped,
+            tag::KEEP_CHECK => Message::KeepCheck {
+                fragment: FragmentId(r.array("fragment id")?),
+                bucket: r.str16("keep bucket", MAX_BUCKET_BYTES)?.to_owned(),
+                key: r.str16("keep key", MAX_KEY_BYTES)?.to_owned(),
+                version: VersionId(r.array("version id")?),
+                upload: UploadId(r.array("upload id")?),
+            },
             tag::STATUS_QUERY => Message::StatusQuery {
                 store: r.bool("store")?,
             },
@@ -802,6 +836,13 @@ mod tests {
                 keeper: NodeId([4; 32]),
             },
             Message::Dropped,
+            Message::KeepCheck {
+                fragment: id,
+                bucket: "photos".into(),
+                key: "2026/cat.jpg".into(),
+                version: VersionId([9; 16]),
+                upload: UploadId([7; 16]),
+            },
             Message::StatusQuery { store: true },
             Message::StatusReply(Box::new(NodeStatus {
                 store: crate::status::StoreStatus {

@@ -601,6 +601,16 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
             },
         ),
         ("dropped", Message::Dropped),
+        (
+            "keep_check",
+            Message::KeepCheck {
+                fragment: id,
+                bucket: "photos".into(),
+                key: "2026/cat.jpg".into(),
+                version: cairn_protocol::ids::VersionId([0x5e; 16]),
+                upload: UploadId([0x4d; 16]),
+            },
+        ),
     ]
 }
 

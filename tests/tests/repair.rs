@@ -980,6 +980,23 @@ async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
     assert!(why.contains("did not show"), "{why}");
     assert_eq!(state(&spare), Some(FragmentState::Live));
     keeper_store.restore(&fragment).unwrap();
+    // The keeper shows the fragment only when its own map places it there
+    // (two nodes whose maps differ cannot each drop on the other's word):
+    // the spare, which holds it off placement, refuses to be a keeper.
+    let (upload, len) = (manifest.upload, bytes.len() as u64);
+    let ask_keep = |node: NodeId| async move {
+        assert!(member.reach(&node, Duration::from_secs(20)).await);
+        let stream = member.open_raw_piece_stream(&node).await.unwrap();
+        cairn_node::pieces::keep_check(stream, fragment, "drops", "k0", version, upload, len).await
+    };
+    match ask_keep(spare).await {
+        Err(PieceError::Rejected {
+            code: RejectCode::Unauthorized,
+            message,
+        }) => assert!(message.contains("does not name this node"), "{message}"),
+        other => panic!("a spare showed itself as keeper: {other:?}"),
+    }
+    assert_eq!(ask_keep(keeper).await.unwrap(), bytes);
     // Everything checks out: the copy goes to the spare's trash.
     member
         .drop_copy(&spare, fragment, "drops", "k0", version, keeper)
