@@ -90,7 +90,6 @@ pub struct Placer {
 pub type PlacementKey = [u8; 32];
 
 const HASH_CONTEXT: &str = "cairn 2026-11 placement v1";
-const INDEX_CONTEXT: &str = "cairn 2026-12 fragment index v1";
 
 /// The placement key of a segment: its fragment ids in order, so that the
 /// key is known once the segment is encoded and anyone holding the manifest
@@ -212,8 +211,7 @@ impl Placer {
     }
 
     /// The `k + m` nodes for `key`, fragment `i` on the `i`-th: distinct
-    /// nodes, at most `site_cap` per site, each fragment index given to a
-    /// node by [`assign_indexes`].
+    /// nodes, at most `site_cap` per site.
     pub fn place(&self, key: &PlacementKey) -> Vec<NodeId> {
         let mut per_site = vec![0usize; self.site_count];
         let mut chosen = Vec::with_capacity(self.scheme.total());
@@ -227,7 +225,7 @@ impl Placer {
                 }
             }
         }
-        assign_indexes(key, chosen)
+        chosen
     }
 
     fn ranked(&self, key: &PlacementKey) -> Vec<usize> {
@@ -260,46 +258,6 @@ impl Placer {
         });
         scored.into_iter().map(|(_, _, index)| index).collect()
     }
-}
-
-/// Which fragment index each chosen node holds: the pairs (index, node)
-/// taken greedily in decreasing order of their own hash (spec/placement.md,
-/// "Fragment indexes"). A node that stays chosen when another joins or
-/// leaves the set mostly keeps its index, so a map change moves about the
-/// fragments of the nodes that changed, not those ranked below them.
-fn assign_indexes(key: &PlacementKey, chosen: Vec<NodeId>) -> Vec<NodeId> {
-    let base = blake3::Hasher::new_derive_key(INDEX_CONTEXT);
-    let count = chosen.len();
-    let mut pairs: Vec<(u64, usize, usize)> = Vec::with_capacity(count * count);
-    for index in 0..count {
-        for (slot, node) in chosen.iter().enumerate() {
-            let mut hasher = base.clone();
-            hasher.update(key);
-            hasher.update(&[index as u8]);
-            hasher.update(node.as_bytes());
-            let mut first = [0u8; 8];
-            first.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
-            pairs.push((u64::from_be_bytes(first), index, slot));
-        }
-    }
-    // Decreasing hash; ties by index, then by node id.
-    pairs.sort_unstable_by(|a, b| {
-        b.0.cmp(&a.0)
-            .then(a.1.cmp(&b.1))
-            .then_with(|| chosen[a.2].cmp(&chosen[b.2]))
-    });
-    let mut placed: Vec<Option<NodeId>> = vec![None; count];
-    let mut taken = vec![false; count];
-    for (_, index, slot) in pairs {
-        if placed[index].is_none() && !taken[slot] {
-            placed[index] = Some(chosen[slot]);
-            taken[slot] = true;
-        }
-    }
-    placed
-        .into_iter()
-        .map(|node| node.expect("every index gets a node: as many nodes as indexes"))
-        .collect()
 }
 
 /// Returns the per-site cap, or explains why the scheme is unsafe and what

@@ -251,14 +251,13 @@ fn moved_by_index(before: &Placer, after: &Placer, ids: u64) -> (f64, f64) {
     (moved as f64 / all, minimum as f64 / all)
 }
 
-/// A site of two nodes added to three (4+2): the fragments that change
-/// node stay within twice the minimum, the fragments the new nodes take.
-/// Indexes follow their own rendezvous (spec/placement.md, "Fragment
-/// indexes"): giving fragment `i` to the `i`-th node of the ranking, as
-/// before, moved 0.663 of fragments for a minimum of 0.249 (2.66 times);
-/// the pairs taken by their own hash move 0.441 (1.77 times). No index
-/// assignment that is a function of the placed set alone reaches the
-/// minimum (with three nodes sharing two indexes, some pair must swap).
+/// A site of two nodes added to three (4+2): how many fragments change
+/// node against the minimum, the fragments the new nodes take
+/// (spec/placement.md, "Fragment indexes"). Fragment `i` goes to the
+/// `i`-th node taken, so a newcomer shifts the indexes below it: 0.663 of
+/// fragments for a minimum of 0.249 (2.66 times). An index rendezvous of
+/// its own measured 0.441 (1.77 times), but changing the assignment moves
+/// most existing data, so it waits for a placement version in the map.
 #[test]
 fn a_site_added_moves_close_to_the_minimum_of_fragments() {
     let three = map(&[&[1, 1], &[1, 1], &[1, 1]]);
@@ -279,7 +278,7 @@ fn a_site_added_moves_close_to_the_minimum_of_fragments() {
     );
     assert!(minimum > 0.2 && minimum < 0.3, "{minimum}");
     assert!(
-        moved <= 2.0 * minimum,
+        moved <= 3.0 * minimum,
         "moved {moved:.4}, minimum {minimum:.4}"
     );
 }
