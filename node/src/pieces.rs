@@ -283,6 +283,32 @@ impl Server {
                 version,
                 upload,
             } => {
+                // Not while this node is itself dropping, releasing or
+                // restoring that upload: it would vouch for a copy that
+                // may be on its way to the trash.
+                let object = ObjectKeyDigest::of(&bucket, &key);
+                let Some(_in_order) = self.release_rules.order.try_lock(upload, object) else {
+                    let busy = reject(
+                        RejectCode::Busy,
+                        "this node is changing that upload's fragments",
+                    );
+                    return send(write, &busy).await;
+                };
+                // Only a copy written for that object and upload vouches.
+                let store = self.store.clone();
+                let held = blocking(move || store.entry(&fragment)).await?;
+                if !matches!(&held, Ok(Some(e)) if e.state == FragmentState::Live
+                    && e.hold.upload == upload
+                    && e.hold.object == object)
+                {
+                    let refusal = reject(
+                        RejectCode::Unauthorized,
+                        format!(
+                            "keep refused: no live copy of {fragment} written for {bucket}/{key} by upload {upload} here"
+                        ),
+                    );
+                    return send(write, &refusal).await;
+                }
                 let keeps = may_keep(
                     &self.release_rules,
                     &self.metadata,
@@ -646,6 +672,7 @@ impl Server {
         }
         let upload = entry.hold.upload;
         let in_order = self.release_rules.order.lock(upload, object).await;
+        let map_version = self.metadata.cluster_map().map(|m| m.map.version);
         if let Err(why) = may_drop(
             &self.release_rules,
             &self.metadata,
@@ -685,6 +712,11 @@ impl Server {
             return refuse(format!(
                 "the keeper {keeper} did not show the fragment: {why}"
             ));
+        }
+        // Judged under one map from start to end: a map adopted meanwhile
+        // may place the fragment here, and its keeper be asked to drop.
+        if self.metadata.cluster_map().map(|m| m.map.version) != map_version {
+            return refuse("the cluster map changed during the check; asked again later".into());
         }
         let store = self.store.clone();
         let now = (self.now_unix_ms)();

@@ -754,6 +754,29 @@ impl FragmentStore {
         object: &ObjectKeyDigest,
         now_unix_ms: u64,
     ) -> Result<u64, StoreError> {
+        // A fragment compaction moved between the read and the change is
+        // looked at again where it went (a few rounds: compaction moves a
+        // record once per volume it leaves).
+        let mut restored = 0;
+        for _ in 0..4 {
+            let (more, moved) = self.restore_upload_once(upload, object, now_unix_ms)?;
+            restored += more;
+            if moved == 0 {
+                return Ok(restored);
+            }
+        }
+        Err(StoreError::Index(format!(
+            "fragments of upload {upload} kept moving while they were restored; try again"
+        )))
+    }
+
+    /// One round of [`Self::restore_upload`]: (restored, moved meanwhile).
+    fn restore_upload_once(
+        &self,
+        upload: &UploadId,
+        object: &ObjectKeyDigest,
+        now_unix_ms: u64,
+    ) -> Result<(u64, u64), StoreError> {
         // The records are read and hashed outside the write transaction
         // (which would hold up every put meanwhile), then each verdict is
         // applied only to an entry still where and what it was.
@@ -784,18 +807,19 @@ impl FragmentStore {
             trashed
         };
         let mut verdicts = Vec::with_capacity(trashed.len());
+        let mut moved = 0u64;
         for (id, entry) in trashed {
             // The trash is not scrubbed: a record that rotted there comes
             // back quarantined, for repair to rebuild; an I/O error is an
             // error. One whose volume went meanwhile is left for next time.
             match self.shared.read_record(&id, &entry) {
                 Ok(whole) => verdicts.push((id, entry, whole.is_some())),
-                Err(StoreError::BadIndexEntry(_)) => {}
+                Err(StoreError::BadIndexEntry(_)) => moved += 1,
                 Err(error) => return Err(error),
             }
         }
         if verdicts.is_empty() {
-            return Ok(0);
+            return Ok((0, moved));
         }
         let mut restored = 0;
         let mut txn = self.shared.db.begin_write().map_err(index_error)?;
@@ -810,6 +834,13 @@ impl FragmentStore {
                 let mut entry = FragmentEntry::decode(id, raw.value())?;
                 drop(raw);
                 if entry != read {
+                    // Moved by compaction: looked at again; changed
+                    // otherwise (restored, purged, rewritten): left.
+                    if entry.state == read.state
+                        && (entry.volume, entry.offset) != (read.volume, read.offset)
+                    {
+                        moved += 1;
+                    }
                     continue;
                 }
                 if whole {
@@ -827,7 +858,7 @@ impl FragmentStore {
             }
         }
         txn.commit().map_err(index_error)?;
-        Ok(restored)
+        Ok((restored, moved))
     }
 
     /// Moves this node's copy of `id` to the trash if it is live and its

@@ -984,9 +984,10 @@ async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
     // (two nodes whose maps differ cannot each drop on the other's word):
     // the spare, which holds it off placement, refuses to be a keeper.
     let (upload, len) = (manifest.upload, bytes.len() as u64);
+    // Asked from the forger's node: neither the keeper nor the spare.
     let ask_keep = |node: NodeId| async move {
-        assert!(member.reach(&node, Duration::from_secs(20)).await);
-        let stream = member.open_raw_piece_stream(&node).await.unwrap();
+        assert!(forger.reach(&node, Duration::from_secs(20)).await);
+        let stream = forger.open_raw_piece_stream(&node).await.unwrap();
         cairn_node::pieces::keep_check(stream, fragment, "drops", "k0", version, upload, len).await
     };
     match ask_keep(spare).await {
@@ -997,6 +998,34 @@ async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
         other => panic!("a spare showed itself as keeper: {other:?}"),
     }
     assert_eq!(ask_keep(keeper).await.unwrap(), bytes);
+    // A copy the keeper holds for another object does not vouch: a member
+    // that planted it there could have it released later.
+    let hold_for = |object: &str| {
+        Hold::sign(
+            signer,
+            &fragment,
+            manifest.upload,
+            ObjectKeyDigest::of("drops", object),
+            0,
+        )
+    };
+    keeper_store.delete(&fragment, 0).unwrap();
+    forger
+        .put_fragment(&keeper, fragment, &bytes, hold_for("planted"))
+        .await
+        .unwrap();
+    match ask_keep(keeper).await {
+        Err(PieceError::Rejected {
+            code: RejectCode::Unauthorized,
+            message,
+        }) => assert!(message.contains("no live copy"), "{message}"),
+        other => panic!("a copy held for another object vouched: {other:?}"),
+    }
+    keeper_store.delete(&fragment, 0).unwrap();
+    forger
+        .put_fragment(&keeper, fragment, &bytes, hold_for("k0"))
+        .await
+        .unwrap();
     // Everything checks out: the copy goes to the spare's trash.
     member
         .drop_copy(&spare, fragment, "drops", "k0", version, keeper)
