@@ -283,17 +283,13 @@ impl Server {
                 version,
                 upload,
             } => {
-                // Not while this node is itself dropping, releasing or
-                // restoring that upload: it would vouch for a copy that
-                // may be on its way to the trash.
+                // No order lock here: several fragments of one upload are
+                // repaired at once, and a keeper busy dropping another of
+                // them would refuse every honest drop. Two maps cannot drop
+                // both copies: the holder refuses when its map changed
+                // during the check, and this node vouches only under its
+                // own map.
                 let object = ObjectKeyDigest::of(&bucket, &key);
-                let Some(_in_order) = self.release_rules.order.try_lock(upload, object) else {
-                    let busy = reject(
-                        RejectCode::Busy,
-                        "this node is changing that upload's fragments",
-                    );
-                    return send(write, &busy).await;
-                };
                 // Only a copy written for that object and upload vouches.
                 let store = self.store.clone();
                 let held = blocking(move || store.entry(&fragment)).await?;

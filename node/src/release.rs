@@ -108,20 +108,6 @@ impl KeyedOrder {
         };
         lock.lock_owned().await
     }
-
-    /// The lock of (upload, object) if nobody holds it now.
-    pub(crate) fn try_lock(
-        &self,
-        upload: UploadId,
-        object: ObjectKeyDigest,
-    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        let lock = {
-            let mut locks = self.locks.lock().expect("order locks");
-            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-            locks.entry((upload, object)).or_default().clone()
-        };
-        lock.try_lock_owned().ok()
-    }
 }
 
 impl ReleaseRules {
