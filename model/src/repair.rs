@@ -63,8 +63,8 @@ impl Default for RepairSettings {
             every: Duration::from_secs(600),
             segments_at_once: 4,
             // Fragment bytes read plus written: at this rate a client on
-            // the same nodes kept within 20% of its idle throughput here
-            // (BENCHMARKS.md, "Repair").
+            // the same two cores kept GET within 20% of idle and PUT near it
+            // (−15% to −23%; BENCHMARKS.md, "Repair").
             bytes_per_second: 32 << 20,
             away_grace: Duration::from_secs(15 * 60),
             // Past the writers' deadline and clock margin (the collector's

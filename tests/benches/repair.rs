@@ -209,11 +209,12 @@ fn main() {
         println!(
             "| RS reconstruction alone (decode and encode, one fragment of 4) | {alone:.1} MiB/s of fragment rebuilt |"
         );
-        println!("| client PUT, idle / during repair at 32 MiB/s | {idle_put:.1} / {:.1} MiB/s |", during_put);
-        println!("| client GET, idle / during repair at 32 MiB/s | {idle_get:.1} / {:.1} MiB/s |", during_get);
+        let rate = RepairSettings::default().bytes_per_second >> 20;
+        println!("| client PUT, idle / during repair at {rate} MiB/s | {idle_put:.1} / {:.1} MiB/s |", during_put);
+        println!("| client GET, idle / during repair at {rate} MiB/s | {idle_get:.1} / {:.1} MiB/s |", during_get);
 
         println!(
-            "| repair at 32 MiB/s beside the client: client done / repair done | {client_seconds:.1} / {background_seconds:.1} s |"
+            "| repair at {rate} MiB/s beside the client: client done / repair done | {client_seconds:.1} / {background_seconds:.1} s |"
         );
         s.shutdown().await;
     });
