@@ -450,8 +450,8 @@ impl ReleaseRule {
         key: &str,
         upload: UploadId,
     ) -> ModelResult<Option<String>> {
-        if check_bucket_name(bucket).is_err() || key.is_empty() || key.contains('\0') {
-            return Ok(Some(format!("{bucket:?}/{key:?} names no object")));
+        if let Err(why) = names_an_object(bucket, key) {
+            return Ok(Some(why));
         }
         let ripe_before = now_unix_ms().saturating_sub(self.collection.grace_ms());
         if !self
@@ -547,6 +547,24 @@ impl ReleaseRule {
     }
 }
 
+/// A check's answer as a node takes it: a reason not to, or the metadata
+/// that could not be read.
+fn verdict(why_not: ModelResult<Option<String>>) -> Result<(), String> {
+    match why_not {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(why),
+        Err(error) => Err(format!("the metadata could not be checked: {error}")),
+    }
+}
+
+/// Refuses a bucket and key no object can have.
+fn names_an_object(bucket: &str, key: &str) -> Result<(), String> {
+    if check_bucket_name(bucket).is_err() || key.is_empty() || key.contains('\0') {
+        return Err(format!("{bucket:?}/{key:?} names no object"));
+    }
+    Ok(())
+}
+
 impl ReleaseCheck for ReleaseRule {
     fn check<'a>(
         &'a self,
@@ -555,13 +573,7 @@ impl ReleaseCheck for ReleaseRule {
         key: &'a str,
         upload: UploadId,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
-        Box::pin(async move {
-            match self.why_not(metadata, bucket, key, upload).await {
-                Ok(None) => Ok(()),
-                Ok(Some(why)) => Err(why),
-                Err(error) => Err(format!("the metadata could not be checked: {error}")),
-            }
-        })
+        Box::pin(async move { verdict(self.why_not(metadata, bucket, key, upload).await) })
     }
 
     fn check_restore<'a>(
@@ -572,9 +584,7 @@ impl ReleaseCheck for ReleaseRule {
         upload: UploadId,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
         Box::pin(async move {
-            if check_bucket_name(bucket).is_err() || key.is_empty() || key.contains('\0') {
-                return Err(format!("{bucket:?}/{key:?} names no object"));
-            }
+            names_an_object(bucket, key)?;
             match in_use(metadata, bucket, key, upload).await {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(format!(
@@ -596,9 +606,7 @@ impl ReleaseCheck for ReleaseRule {
         keeper: NodeId,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
         Box::pin(async move {
-            if check_bucket_name(bucket).is_err() || key.is_empty() || key.contains('\0') {
-                return Err(format!("{bucket:?}/{key:?} names no object"));
-            }
+            names_an_object(bucket, key)?;
             let why_not = crate::repair::why_not_drop(
                 metadata,
                 bucket,
@@ -608,11 +616,7 @@ impl ReleaseCheck for ReleaseRule {
                 upload,
                 Some(keeper),
             );
-            match why_not.await {
-                Ok(None) => Ok(()),
-                Ok(Some(why)) => Err(why),
-                Err(error) => Err(format!("the metadata could not be checked: {error}")),
-            }
+            verdict(why_not.await)
         })
     }
 
@@ -626,16 +630,10 @@ impl ReleaseCheck for ReleaseRule {
         upload: UploadId,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
         Box::pin(async move {
-            if check_bucket_name(bucket).is_err() || key.is_empty() || key.contains('\0') {
-                return Err(format!("{bucket:?}/{key:?} names no object"));
-            }
+            names_an_object(bucket, key)?;
             let why_not =
                 crate::repair::why_not_drop(metadata, bucket, key, version, fragment, upload, None);
-            match why_not.await {
-                Ok(None) => Ok(()),
-                Ok(Some(why)) => Err(why),
-                Err(error) => Err(format!("the metadata could not be checked: {error}")),
-            }
+            verdict(why_not.await)
         })
     }
 

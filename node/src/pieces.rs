@@ -262,19 +262,7 @@ impl Server {
                     .await
             }
             Message::GetFragment { id, offset, length } => {
-                match self.read(Some(peer), id, offset, length).await? {
-                    Ok((total_len, bytes, _budget)) => {
-                        let header = Message::FragmentHeader {
-                            id,
-                            total_len,
-                            offset,
-                            length: bytes.len() as u64,
-                        };
-                        send(write, &header).await?;
-                        send_data(write, &bytes).await
-                    }
-                    Err(refusal) => send(write, &refusal).await,
-                }
+                self.send_fragment(write, peer, id, offset, length).await
             }
             Message::KeepCheck {
                 fragment,
@@ -320,19 +308,7 @@ impl Server {
                     let refusal = reject(RejectCode::Unauthorized, format!("keep refused: {why}"));
                     return send(write, &refusal).await;
                 }
-                match self.read(Some(peer), fragment, 0, u64::MAX).await? {
-                    Ok((total_len, bytes, _budget)) => {
-                        let header = Message::FragmentHeader {
-                            id: fragment,
-                            total_len,
-                            offset: 0,
-                            length: bytes.len() as u64,
-                        };
-                        send(write, &header).await?;
-                        send_data(write, &bytes).await
-                    }
-                    Err(refusal) => send(write, &refusal).await,
-                }
+                self.send_fragment(write, peer, fragment, 0, u64::MAX).await
             }
             Message::HaveQuery { ids } => {
                 let count = ids.len() as u32;
@@ -411,6 +387,31 @@ impl Server {
             },
             Message::Cancel => Ok(()),
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Answers a read of `length` bytes from `offset` of fragment `id`:
+    /// fragment-header and data frames, or the refusal.
+    async fn send_fragment<W: AsyncWrite + Unpin>(
+        &self,
+        write: &mut W,
+        peer: PeerId,
+        id: FragmentId,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), PieceError> {
+        match self.read(Some(peer), id, offset, length).await? {
+            Ok((total_len, bytes, _budget)) => {
+                let header = Message::FragmentHeader {
+                    id,
+                    total_len,
+                    offset,
+                    length: bytes.len() as u64,
+                };
+                send(write, &header).await?;
+                send_data(write, &bytes).await
+            }
+            Err(refusal) => send(write, &refusal).await,
         }
     }
 
@@ -1053,13 +1054,14 @@ pub async fn release<S: AsyncRead + AsyncWrite + Unpin>(
         bucket: bucket.to_owned(),
         key: key.to_owned(),
     };
-    let (mut reader, mut write) = open_exchange(stream, &request).await?;
-    write.close().await?;
-    match reader.expect().await? {
-        Message::Released { trashed, held } => Ok(Released { trashed, held }),
-        Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
-        other => Err(unexpected(&other)),
-    }
+    ask_once(stream, &request, |answer| match answer {
+        Message::Released { trashed, held } => Some(Released {
+            trashed: *trashed,
+            held: *held,
+        }),
+        _ => None,
+    })
+    .await
 }
 
 /// Asks the peer to bring the fragments of `upload` back from its trash.
@@ -1074,13 +1076,11 @@ pub async fn restore<S: AsyncRead + AsyncWrite + Unpin>(
         bucket: bucket.to_owned(),
         key: key.to_owned(),
     };
-    let (mut reader, mut write) = open_exchange(stream, &request).await?;
-    write.close().await?;
-    match reader.expect().await? {
-        Message::Restored { restored } => Ok(restored),
-        Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
-        other => Err(unexpected(&other)),
-    }
+    ask_once(stream, &request, |answer| match answer {
+        Message::Restored { restored } => Some(*restored),
+        _ => None,
+    })
+    .await
 }
 
 /// Asks the peer to move its copy of `fragment`, left off placement, to
@@ -1100,10 +1100,28 @@ pub async fn drop_copy<S: AsyncRead + AsyncWrite + Unpin>(
         version,
         keeper,
     };
-    let (mut reader, mut write) = open_exchange(stream, &request).await?;
+    ask_once(stream, &request, |answer| match answer {
+        Message::Dropped => Some(()),
+        _ => None,
+    })
+    .await
+}
+
+/// Sends `request`, closes the sending side, and takes the one answer:
+/// what `expected` makes of it, a reject as an error, anything else as
+/// unexpected.
+async fn ask_once<S: AsyncRead + AsyncWrite + Unpin, T>(
+    stream: S,
+    request: &Message,
+    expected: impl FnOnce(&Message) -> Option<T>,
+) -> Result<T, PieceError> {
+    let (mut reader, mut write) = open_exchange(stream, request).await?;
     write.close().await?;
-    match reader.expect().await? {
-        Message::Dropped => Ok(()),
+    let answer = reader.expect().await?;
+    if let Some(value) = expected(&answer) {
+        return Ok(value);
+    }
+    match answer {
         Message::Reject { code, message } => Err(PieceError::Rejected { code, message }),
         other => Err(unexpected(&other)),
     }

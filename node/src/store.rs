@@ -165,6 +165,23 @@ pub struct Released {
     pub held: u64,
 }
 
+/// The fragments `by_upload` lists under `upload`.
+fn ids_of_upload(
+    by_upload: &impl ReadableTable<&'static [u8; 48], ()>,
+    upload: &UploadId,
+) -> Result<Vec<FragmentId>, StoreError> {
+    let first = upload_key(upload, &FragmentId([0; 32]));
+    let last = upload_key(upload, &FragmentId([0xff; 32]));
+    by_upload
+        .range::<&[u8; 48]>(&first..=&last)
+        .map_err(index_error)?
+        .map(|row| {
+            row.map(|(key, _)| FragmentId(key.value()[16..].try_into().expect("32 bytes")))
+                .map_err(index_error)
+        })
+        .collect()
+}
+
 fn upload_key(upload: &UploadId, id: &FragmentId) -> [u8; 48] {
     let mut key = [0u8; 48];
     key[..16].copy_from_slice(upload.as_bytes());
@@ -695,17 +712,7 @@ impl FragmentStore {
         {
             let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
             let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
-            let first = upload_key(upload, &FragmentId([0; 32]));
-            let last = upload_key(upload, &FragmentId([0xff; 32]));
-            let ids: Vec<FragmentId> = by_upload
-                .range::<&[u8; 48]>(&first..=&last)
-                .map_err(index_error)?
-                .map(|row| {
-                    row.map(|(key, _)| FragmentId(key.value()[16..].try_into().expect("32 bytes")))
-                        .map_err(index_error)
-                })
-                .collect::<Result<_, _>>()?;
-            for id in ids {
+            for id in ids_of_upload(&by_upload, upload)? {
                 let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
                     continue;
                 };
@@ -784,15 +791,8 @@ impl FragmentStore {
             let txn = self.shared.db.begin_read().map_err(index_error)?;
             let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
             let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
-            let first = upload_key(upload, &FragmentId([0; 32]));
-            let last = upload_key(upload, &FragmentId([0xff; 32]));
             let mut trashed = Vec::new();
-            for row in by_upload
-                .range::<&[u8; 48]>(&first..=&last)
-                .map_err(index_error)?
-            {
-                let (key, _) = row.map_err(index_error)?;
-                let id = FragmentId(key.value()[16..].try_into().expect("32 bytes"));
+            for id in ids_of_upload(&by_upload, upload)? {
                 let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
                     continue;
                 };
