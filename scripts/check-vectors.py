@@ -283,17 +283,20 @@ def check_membership():
         body, signature = raw[:-64], raw[-64:]
         Ed25519PublicKey.from_public_bytes(cluster).verify(signature, body)
         r = Reader(body)
-        # Certificates are format 1; maps format 2 (with the metadata replicas).
-        assert r.take(4) == magic and r.u16() == (1 if name == "certificate" else 2)
+        # Certificates are format 1; maps format 3 (with the metadata
+        # replicas, and each node's since).
+        assert r.take(4) == magic and r.u16() == (1 if name == "certificate" else 3)
         assert r.take(32) == cluster
         if name == "certificate":
             r.take(32), r.str16(63), r.u64(), r.u64()
         else:
-            r.u64(), r.u8(), r.u8(), r.u8()
+            version = r.u64()
+            r.u8(), r.u8(), r.u8()
             assert 1 <= r.u8() <= 15
             for _ in range(r.u32()):
                 r.take(32), r.str16(63), r.u64()
                 assert r.u8() in (0, 1, 2, 3)
+                assert r.u64() <= version
         r.done()
 
 

@@ -199,6 +199,11 @@ enum MapCommand {
         /// Where to write the signed map.
         #[arg(long)]
         out: PathBuf,
+        /// The signed map in force: each node's `since` (the version from
+        /// which it has been a member) is carried from it, or set to this
+        /// version for a node it lacks.
+        #[arg(long)]
+        previous: Option<PathBuf>,
     },
     /// Hand a signed map to a running node, which passes it to every
     /// member; reports the version the node holds afterwards.
@@ -321,10 +326,22 @@ fn admin(command: Admin) -> Result<()> {
                     cluster_key,
                     map,
                     out,
+                    previous,
                 },
         } => {
             let cluster_key = load_cluster_key(&cluster_key)?;
-            let parts = MapConfig::from_file(&map)?.into_parts()?;
+            let cluster = ClusterId::of(cluster_key.signing_key());
+            let previous = previous
+                .map(|path| -> Result<SignedMap> {
+                    let bytes = std::fs::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    SignedMap::decode(&bytes, &cluster).with_context(|| {
+                        format!("{} is not a map signed by this cluster key", path.display())
+                    })
+                })
+                .transpose()?;
+            let parts =
+                MapConfig::from_file(&map)?.into_parts(previous.as_ref().map(|p| &p.map))?;
             let (version, nodes, scheme) = (parts.map.version, parts.map.nodes.len(), parts.scheme);
             let signed = SignedMap::sign_with_replicas(
                 cluster_key.signing_key(),
@@ -333,6 +350,20 @@ fn admin(command: Admin) -> Result<()> {
                 parts.tolerance,
                 parts.metadata_replicas,
             )?;
+            if let Some(previous) = &previous {
+                if previous.map.version >= version {
+                    bail!(
+                        "the map's version {version} must be above the previous map's {}",
+                        previous.map.version
+                    );
+                }
+                previous.check_since(&signed)?;
+            }
+            if !signed.since_known() {
+                eprintln!(
+                    "warning: some nodes' `since` is unknown; metadata tombstones are kept until a map gives every node one (sign with --previous <the map in force>)"
+                );
+            }
             std::fs::write(&out, signed.encode())
                 .with_context(|| format!("writing {}", out.display()))?;
             println!(

@@ -285,6 +285,7 @@ mod tests {
             site: SiteId::new(site).unwrap(),
             capacity_bytes: 1 << 40,
             state: NodeState::Up,
+            since: 1,
         };
         let nodes = [node(1, "paris"), node(2, "lyon")];
         let first = NodeStatus {
@@ -353,6 +354,7 @@ mod tests {
             site: SiteId::new("paris").unwrap(),
             capacity_bytes: 1 << 40,
             state: NodeState::Draining,
+            since: 1,
         };
         let holding = |live| NodeStatus {
             store: cairn_protocol::status::StoreStatus {

@@ -141,6 +141,7 @@ impl DevCluster {
                     site: site.clone(),
                     capacity_bytes: 1 << 40,
                     state: NodeState::Up,
+                    since: 1,
                 });
                 let config = NodeConfig {
                     data_dir,

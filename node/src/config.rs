@@ -314,6 +314,8 @@ impl ServeConfig {
 /// site = "lyon-1"
 /// capacity_bytes = 4000000000000
 /// state = "up"         # up, down, draining or out
+/// since = 1            # the version from which it has been a member;
+///                      # filled from the map in force by --previous
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -337,6 +339,8 @@ pub struct MapNodeConfig {
     pub capacity_bytes: u64,
     #[serde(default = "default_state")]
     pub state: String,
+    #[serde(default)]
+    pub since: Option<u64>,
 }
 
 fn default_metadata_replicas() -> u8 {
@@ -370,7 +374,11 @@ impl MapConfig {
 
     /// The map and its policy, refused unless placement can keep every
     /// object readable through the loss of a site on it.
-    pub fn into_parts(self) -> Result<MapParts, ConfigError> {
+    ///
+    /// A node's `since` is the one written, else the one `previous` (the
+    /// map in force) gives it, else this version for a node `previous`
+    /// lacks; without `previous`, 1 in a first map and 0 (unknown) after.
+    pub fn into_parts(self, previous: Option<&ClusterMap>) -> Result<MapParts, ConfigError> {
         if self.version == 0 {
             return Err(invalid(
                 "version",
@@ -397,11 +405,28 @@ impl MapConfig {
                     ));
                 }
             };
+            let since = match (node.since, previous) {
+                (Some(since), _) => since,
+                (None, Some(previous)) => previous
+                    .nodes
+                    .iter()
+                    .find(|n| n.id == id)
+                    .map_or(self.version, |n| n.since),
+                (None, None) if self.version == 1 => 1,
+                (None, None) => 0,
+            };
+            if since > self.version {
+                return Err(invalid(
+                    "node.since",
+                    format!("{since} is after the map's version {}", self.version),
+                ));
+            }
             nodes.push(MapNode {
                 id,
                 site,
                 capacity_bytes: node.capacity_bytes,
                 state,
+                since,
             });
         }
         let map = ClusterMap {
@@ -490,7 +515,7 @@ mod tests {
         };
         let three_sites = [node(1, "a"), node(2, "b"), node(3, "c")].concat();
         let config: MapConfig = toml::from_str(&text(2, 1, &three_sites)).unwrap();
-        let parts = config.into_parts().unwrap();
+        let parts = config.into_parts(None).unwrap();
         assert_eq!(
             (
                 parts.map.version,
@@ -504,13 +529,13 @@ mod tests {
             .replace("version = 3\n", "version = 3\nmetadata_replicas = 16\n");
         let error = toml::from_str::<MapConfig>(&five)
             .unwrap()
-            .into_parts()
+            .into_parts(None)
             .unwrap_err()
             .to_string();
         assert!(error.contains("metadata_replicas"), "{error}");
         // 4+2 wants a node per fragment, two per site: three nodes are too few.
         let config: MapConfig = toml::from_str(&text(4, 2, &three_sites)).unwrap();
-        let error = config.into_parts().unwrap_err().to_string();
+        let error = config.into_parts(None).unwrap_err().to_string();
         assert!(
             error.contains("cannot survive the loss of a site"),
             "{error}"
@@ -521,12 +546,52 @@ mod tests {
         );
         let error = toml::from_str::<MapConfig>(&bad_state)
             .unwrap()
-            .into_parts()
+            .into_parts(None)
             .unwrap_err()
             .to_string();
         assert!(
             error.contains("expected up, down, draining or out"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn since_is_carried_from_the_previous_map_or_set_for_a_node_it_lacks() {
+        let id = |seed: u8| {
+            let key = cairn_protocol::ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+            NodeId::from_verifying_key(&key.verifying_key())
+        };
+        let entry = |seed: u8, site: &str, since: &str| {
+            format!(
+                "[[node]]\nid = \"{}\"\nsite = \"{site}\"\ncapacity_bytes = 1000\n{since}",
+                id(seed).to_hex()
+            )
+        };
+        let parts = |version: u64, nodes: &[String], previous: Option<&ClusterMap>| {
+            let text = format!(
+                "version = {version}\ndata_fragments = 2\nparity_fragments = 1\n{}",
+                nodes.concat()
+            );
+            toml::from_str::<MapConfig>(&text)
+                .unwrap()
+                .into_parts(previous)
+        };
+        let since =
+            |map: &ClusterMap, seed: u8| map.nodes.iter().find(|n| n.id == id(seed)).unwrap().since;
+        let three = [entry(1, "a", ""), entry(2, "b", ""), entry(3, "c", "")];
+        let first = parts(1, &three, None).unwrap().map;
+        assert!((1..=3).all(|n| since(&first, n) == 1));
+        // Without the map in force, a later map cannot know.
+        assert_eq!(since(&parts(2, &three, None).unwrap().map, 1), 0);
+        let mut four = three.to_vec();
+        four.push(entry(4, "a", ""));
+        let second = parts(2, &four, Some(&first)).unwrap().map;
+        assert_eq!((since(&second, 1), since(&second, 4)), (1, 2));
+        // Written wins; after the version is refused.
+        four[0] = entry(1, "a", "since = 2\n");
+        assert_eq!(since(&parts(2, &four, Some(&first)).unwrap().map, 1), 2);
+        four[0] = entry(1, "a", "since = 3\n");
+        let error = parts(2, &four, Some(&first)).unwrap_err().to_string();
+        assert!(error.contains("since"), "{error}");
     }
 }

@@ -5,7 +5,7 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use cairn_protocol::membership::{ClusterId, MembershipError, SignedMap};
@@ -31,7 +31,19 @@ pub enum MapError {
         path: PathBuf,
         source: MembershipError,
     },
+    #[error("refusing cluster map version {version}: {source}")]
+    Refused {
+        version: u64,
+        source: MembershipError,
+    },
+    #[error("could not prepare for cluster map version {version}: {reason}")]
+    Prepare { version: u64, reason: String },
 }
+
+/// What a node does to its own state before it adopts a newer map (held,
+/// newer); an error keeps the held map.
+pub type BeforeAdopt =
+    Box<dyn Fn(Option<&SignedMap>, &SignedMap) -> Result<(), String> + Send + Sync>;
 
 fn previous_path(path: &std::path::Path) -> PathBuf {
     path.with_extension("previous")
@@ -45,6 +57,7 @@ pub struct MapKeeper {
     /// are served by both replica sets until the new one has filled.
     previous: RwLock<Option<SignedMap>>,
     changed: Notify,
+    before_adopt: OnceLock<BeforeAdopt>,
 }
 
 fn read_map(cluster: &ClusterId, path: &PathBuf) -> Result<Option<SignedMap>, MapError> {
@@ -99,6 +112,7 @@ impl MapKeeper {
             current: RwLock::new(current),
             previous: RwLock::new(previous),
             changed: Notify::new(),
+            before_adopt: OnceLock::new(),
         })
     }
 
@@ -123,8 +137,16 @@ impl MapKeeper {
             .map(|m| m.map.version)
     }
 
-    /// Takes `map` if it is newer than the one held: written durably first,
-    /// then adopted. Returns whether it was taken.
+    /// Sets what runs before each newer map is adopted (once, at start).
+    pub fn set_before_adopt(&self, before: BeforeAdopt) {
+        if self.before_adopt.set(before).is_err() {
+            tracing::error!("the map keeper's before-adopt step was set twice; the first stays");
+        }
+    }
+
+    /// Takes `map` if it is newer than the one held and its nodes' `since`
+    /// follows from the held map's: prepared for, written durably, then
+    /// adopted. Returns whether it was taken.
     pub fn offer(&self, map: &SignedMap) -> Result<bool, MapError> {
         let mut current = self.current.write().expect("map lock");
         if current
@@ -132,6 +154,15 @@ impl MapKeeper {
             .is_some_and(|held| !held.is_superseded_by(map))
         {
             return Ok(false);
+        }
+        let version = map.map.version;
+        if let Some(held) = current.as_ref() {
+            held.check_since(map)
+                .map_err(|source| MapError::Refused { version, source })?;
+        }
+        if let Some(before) = self.before_adopt.get() {
+            before(current.as_ref(), map)
+                .map_err(|reason| MapError::Prepare { version, reason })?;
         }
         if let Some(held) = current.as_ref() {
             write_map(&previous_path(&self.path), held)?;
@@ -221,6 +252,10 @@ impl MapKeeper {
             }
             Ok(false) => {
                 tracing::debug!(%peer, offered = map.map.version, held = ?self.version(), "ignoring a stale cluster map");
+                None
+            }
+            Err(error @ MapError::Refused { .. }) => {
+                tracing::warn!(%peer, %error, "ignoring a cluster map");
                 None
             }
             Err(error) => {

@@ -139,6 +139,7 @@ mod tests {
                 site,
                 capacity_bytes: 1,
                 state: NodeState::Up,
+                since: 1,
             }],
         };
         assert_eq!(refusal(&certificate, &cluster, Some(&map), 1_500), None);

@@ -205,6 +205,12 @@ impl Node {
             accept(mapsync::PROTOCOL)?,
             accept(META_PROTOCOL)?,
         );
+        {
+            let (own, replica) = (identity.node_id(), replica.clone());
+            maps.set_before_adopt(Box::new(move |held, newer| {
+                crate::meta::forget_if_membership_broke(own, &replica, held, newer)
+            }));
+        }
         let members = Arc::new(Members::default());
         let (commands, command_rx) = mpsc::channel(256);
         let (stored, stored_rx) = mpsc::channel(1024);
@@ -216,6 +222,8 @@ impl Node {
             replica,
         );
         metadata.start_anti_entropy(config.anti_entropy_every);
+        metadata
+            .start_tombstone_compaction(config.store.housekeeping_every, config.store.trash_period);
         let (scrub_progress, scrub) = watch::channel(ScrubState::default());
         let local = pieces::Server {
             store: store.clone(),

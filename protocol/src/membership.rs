@@ -16,9 +16,10 @@ use crate::placement::{ClusterMap, MapNode, NodeState, Tolerance};
 const CERT_MAGIC: &[u8; 4] = b"CRNE";
 const MAP_MAGIC: &[u8; 4] = b"CRNP";
 const FORMAT: u16 = 1;
-/// Maps are written in format 2 (format 1 lacked the metadata replica
-/// count, read as the default).
-const MAP_FORMAT: u16 = 2;
+/// Maps are written in format 3 (format 1 lacked the metadata replica
+/// count, read as the default; formats 1 and 2 lacked each node's
+/// `since`, read as 0, unknown).
+const MAP_FORMAT: u16 = 3;
 /// Metadata replicas per partition unless the map says otherwise.
 pub const DEFAULT_METADATA_REPLICAS: u8 = 3;
 /// The most metadata replicas a map may ask for.
@@ -69,6 +70,31 @@ pub enum MembershipError {
     NotYetValid { issued_unix_ms: u64 },
     #[error("the map lists {0} nodes, above the limit of {MAX_MAP_NODES}")]
     TooManyNodes(usize),
+    #[error("node {node} is a member since version {since}, after the map's own version {version}")]
+    SinceAfterVersion {
+        node: NodeId,
+        since: u64,
+        version: u64,
+    },
+    #[error(
+        "node {node} is not in map version {held}, so map version {version} must give it a `since` above {held} (it says {since}); sign it with --previous"
+    )]
+    SinceNotAfterAbsence {
+        node: NodeId,
+        since: u64,
+        held: u64,
+        version: u64,
+    },
+    #[error(
+        "node {node} has been a member since version {held_since} in map version {held}; map version {version} says since {since}, neither that nor a return after version {held}"
+    )]
+    SinceRewritten {
+        node: NodeId,
+        since: u64,
+        held_since: u64,
+        held: u64,
+        version: u64,
+    },
 }
 
 /// A node's admission to the cluster, signed by the cluster key.
@@ -264,6 +290,13 @@ impl SignedMap {
         if !(1..=MAX_METADATA_REPLICAS).contains(&metadata_replicas) {
             return Err(MembershipError::MetadataReplicas(metadata_replicas));
         }
+        if let Some(node) = map.nodes.iter().find(|n| n.since > map.version) {
+            return Err(MembershipError::SinceAfterVersion {
+                node: node.id,
+                since: node.since,
+                version: map.version,
+            });
+        }
         let mut signed = Self {
             cluster: ClusterId::of(cluster_key),
             map,
@@ -290,6 +323,7 @@ impl SignedMap {
             out.put_bytes16(node.site.as_str().as_bytes());
             out.put_u64(node.capacity_bytes);
             out.put_u8(state_byte(node.state));
+            out.put_u64(node.since);
         }
         out
     }
@@ -307,7 +341,7 @@ impl SignedMap {
             .checked_sub(64)
             .ok_or(DecodeError::Truncated { field: "signature" })?;
         let mut r = Reader::new(&bytes[..body_len]);
-        let (found, format) = read_start(&mut r, MAP_MAGIC, &[1, MAP_FORMAT], "cluster map")?;
+        let (found, format) = read_start(&mut r, MAP_MAGIC, &[1, 2, MAP_FORMAT], "cluster map")?;
         check_cluster(cluster, &found)?;
         let version = r.u64("version")?;
         let (k, m) = (r.u8("k")?, r.u8("m")?);
@@ -355,11 +389,25 @@ impl SignedMap {
                     .into());
                 }
             };
+            let since = match format {
+                1 | 2 => 0,
+                _ => match r.u64("since")? {
+                    since if since <= version => since,
+                    since => {
+                        return Err(DecodeError::InvalidValue {
+                            field: "since",
+                            value: since,
+                        }
+                        .into());
+                    }
+                },
+            };
             nodes.push(MapNode {
                 id,
                 site,
                 capacity_bytes,
                 state,
+                since,
             });
         }
         r.finish("cluster map")?;
@@ -373,6 +421,46 @@ impl SignedMap {
             metadata_replicas,
             signature,
         })
+    }
+
+    /// Whether `newer` may follow this map as far as membership goes
+    /// (spec/membership.md, "Membership since"): a node absent here must
+    /// come back with a `since` above this version, and a node present here
+    /// keeps its `since` unless it left and came back after this version.
+    /// A `since` unknown here (0, an older format) may become any value.
+    pub fn check_since(&self, newer: &SignedMap) -> Result<(), MembershipError> {
+        let held = self.map.version;
+        for node in &newer.map.nodes {
+            match self.map.nodes.iter().find(|n| n.id == node.id) {
+                None if node.since <= held => {
+                    return Err(MembershipError::SinceNotAfterAbsence {
+                        node: node.id,
+                        since: node.since,
+                        held,
+                        version: newer.map.version,
+                    });
+                }
+                Some(before)
+                    if before.since != 0 && node.since != before.since && node.since <= held =>
+                {
+                    return Err(MembershipError::SinceRewritten {
+                        node: node.id,
+                        since: node.since,
+                        held_since: before.since,
+                        held,
+                        version: newer.map.version,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every node's `since` is known (no map of an older format
+    /// left it 0): what compacting metadata tombstones needs.
+    pub fn since_known(&self) -> bool {
+        self.map.nodes.iter().all(|n| n.since > 0)
     }
 
     /// Whether `other` should replace this map: only a higher version does.
@@ -432,6 +520,7 @@ mod tests {
                 site: SiteId::new(&format!("site-{}", i / 2)).unwrap(),
                 capacity_bytes: 1 << 40,
                 state: NodeState::Up,
+                since: 1,
             })
             .collect();
         let scheme = Scheme::new(4, 2).unwrap();
@@ -462,6 +551,68 @@ mod tests {
         for len in 0..v1.encode().len() {
             assert!(SignedMap::decode(&v1.encode()[..len], &cluster).is_err());
         }
+    }
+
+    #[test]
+    fn since_must_follow_an_absence_and_stay_put_otherwise() {
+        let key = cluster_key();
+        let scheme = Scheme::new(1, 0).unwrap();
+        let map = |version: u64, nodes: &[(u8, u64)]| {
+            let nodes = nodes
+                .iter()
+                .map(|&(i, since)| MapNode {
+                    id: node(i),
+                    site: SiteId::new("site-0").unwrap(),
+                    capacity_bytes: 1 << 40,
+                    state: NodeState::Up,
+                    since,
+                })
+                .collect();
+            SignedMap::sign(
+                &key,
+                ClusterMap { version, nodes },
+                scheme,
+                Tolerance::default(),
+            )
+            .unwrap()
+        };
+        let v3 = map(3, &[(0, 1), (1, 2)]);
+        // Kept, added after 3, or back after an absence that began after 3.
+        assert!(v3.check_since(&map(5, &[(0, 1), (1, 2), (2, 4)])).is_ok());
+        assert!(v3.check_since(&map(5, &[(0, 1), (1, 5)])).is_ok());
+        // Added with a since this node's map says it was absent at.
+        assert!(matches!(
+            v3.check_since(&map(5, &[(0, 1), (1, 2), (2, 3)])),
+            Err(MembershipError::SinceNotAfterAbsence { held: 3, .. })
+        ));
+        // A since moved without an absence after 3.
+        assert!(matches!(
+            v3.check_since(&map(5, &[(0, 2), (1, 2)])),
+            Err(MembershipError::SinceRewritten { held_since: 1, .. })
+        ));
+        // Unknown before: any value is taken.
+        let unknown = map(3, &[(0, 0)]);
+        assert!(unknown.check_since(&map(4, &[(0, 2)])).is_ok());
+        assert!(!unknown.since_known() && v3.since_known());
+        // A since after the map's own version is never signed or read.
+        assert!(matches!(
+            SignedMap::sign(
+                &key,
+                ClusterMap {
+                    version: 2,
+                    nodes: map(3, &[(0, 3)]).map.nodes
+                },
+                scheme,
+                Tolerance::default()
+            ),
+            Err(MembershipError::SinceAfterVersion { since: 3, .. })
+        ));
+        let mut bytes = v3.body();
+        let at = bytes.len() - 8;
+        bytes[at..].copy_from_slice(&9u64.to_be_bytes());
+        let signature = key.sign(&bytes).to_bytes();
+        bytes.extend_from_slice(&signature);
+        assert!(SignedMap::decode(&bytes, &ClusterId::of(&key)).is_err());
     }
 
     #[test]

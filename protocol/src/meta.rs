@@ -884,6 +884,7 @@ mod tests {
             site: SiteId::new(site).unwrap(),
             capacity_bytes: 1,
             state: NodeState::Up,
+            since: 1,
         };
         let map = ClusterMap {
             version: 1,

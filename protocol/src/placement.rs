@@ -44,6 +44,11 @@ pub struct MapNode {
     pub site: SiteId,
     pub capacity_bytes: u64,
     pub state: NodeState,
+    /// The map version from which this node has been a member without a
+    /// break (0: unknown, from a map of an older format). A node that held
+    /// an older map than this forgets its metadata replica before adopting
+    /// it (spec/membership.md, "Membership since").
+    pub since: u64,
 }
 
 /// The cluster map: every node, its site, capacity and state.
@@ -569,6 +574,7 @@ mod tests {
                     site: SiteId::new(&format!("site-{site}")).unwrap(),
                     capacity_bytes: 1 << 40,
                     state: NodeState::Up,
+                    since: 1,
                 });
             }
         }

@@ -28,6 +28,7 @@ fn map(sites: &[&[u64]]) -> ClusterMap {
                 site: SiteId::new(&format!("site-{s}")).unwrap(),
                 capacity_bytes: tb << 40,
                 state: NodeState::Up,
+                since: 1,
             })
         })
         .collect();
@@ -146,6 +147,7 @@ fn adding_a_node_moves_about_one_nth_of_the_placements() {
         site: SiteId::new("site-0").unwrap(),
         capacity_bytes: 5 << 40,
         state: NodeState::Up,
+        since: 1,
     });
     let s = scheme(4, 2);
     let (p0, p1) = (

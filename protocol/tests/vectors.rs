@@ -385,6 +385,7 @@ fn vector_map() -> ClusterMap {
             site: SiteId::new(&format!("site-{}", i / 3)).unwrap(),
             capacity_bytes: (1 + u64::from(i % 3)) << 40,
             state: NodeState::Up,
+            since: 1,
         })
         .collect();
     ClusterMap { version: 1, nodes }
@@ -835,6 +836,7 @@ fn metadata_rows_rpc_and_replicas() {
                 site: SiteId::new(sites[usize::from(i % 3)]).unwrap(),
                 capacity_bytes: 1 << 40,
                 state: NodeState::Up,
+                since: 1,
             })
             .collect(),
     };

@@ -155,17 +155,37 @@ impl Cluster {
                 site: m.site.clone(),
                 capacity_bytes: self.capacity_bytes,
                 state: NodeState::Up,
+                since: 1,
             })
             .collect();
         ClusterMap { version: 1, nodes }
     }
 
-    /// Signs `map` and installs it on every running node.
+    /// Signs `map` and installs it on every running node. Each node's
+    /// `since` is carried from the map the running nodes hold, or set to
+    /// this version for a node that map lacks (as `cairn admin map sign
+    /// --previous` does).
     pub async fn install_map(
         &self,
-        map: ClusterMap,
+        mut map: ClusterMap,
         scheme: Scheme,
     ) -> Result<SignedMap, NodeError> {
+        let held = self
+            .members
+            .iter()
+            .filter_map(|m| m.node.as_ref())
+            .filter_map(|node| node.cluster_map())
+            .max_by_key(|held| held.map.version);
+        if let Some(held) = held {
+            for node in &mut map.nodes {
+                node.since = held
+                    .map
+                    .nodes
+                    .iter()
+                    .find(|n| n.id == node.id)
+                    .map_or(map.version, |n| n.since);
+            }
+        }
         let signed = SignedMap::sign(&self.cluster_key, map, scheme, Tolerance::default())
             .map_err(|e| NodeError::Swarm(e.to_string()))?;
         self.install_signed(signed).await

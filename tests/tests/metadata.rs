@@ -1313,3 +1313,295 @@ async fn the_map_sets_the_replica_count_and_five_replicas_outlive_two_failures()
     );
     cluster.shutdown().await;
 }
+
+/// Tombstones (a cleared register, a purged version) older than the age
+/// go from a replica only once every node of the map holds them or
+/// nothing: a replica, or a node that is no replica, still holding the
+/// live value keeps them (and is handed the tombstone); a locked purged
+/// version and live rows are never removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_are_compacted_only_once_every_replica_holds_them() {
+    use cairn_protocol::version::RetentionMode;
+    let cluster = cluster_with_map().await;
+    let partition = Partition::bucket("tombs");
+    let replicas = cluster.node(0).metadata().replicas_of(&partition).unwrap();
+    let meta = cluster
+        .node(cluster.index_of(&replicas[0]))
+        .metadata()
+        .clone();
+    let register = |name: &str, value: Option<&[u8]>| {
+        (
+            RowKey::new(partition.clone(), Table::Releases, name.as_bytes().to_vec()),
+            RowValue::Register(Register {
+                at: meta.timestamp(),
+                value: value.map(<[u8]>::to_vec),
+            }),
+        )
+    };
+    // Written live everywhere, then cleared everywhere: a tombstone.
+    meta.write(vec![register("cleared", Some(b"work"))])
+        .await
+        .unwrap();
+    let (cleared, tombstone) = register("cleared", None);
+    meta.write(vec![(cleared.clone(), tombstone.clone())])
+        .await
+        .unwrap();
+    // Cleared on two replicas only: the third still holds the work.
+    meta.write(vec![register("half", Some(b"work"))])
+        .await
+        .unwrap();
+    let (half, half_tombstone) = register("half", None);
+    for replica in &replicas[..2] {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        node.replica()
+            .merge(vec![(half.clone(), half_tombstone.clone())], UNFENCED)
+            .await
+            .unwrap();
+    }
+    // A purged version, a purged version under a legal hold, a live one.
+    let purged_row = |n: u64, hold: bool| {
+        let (key, value) = version_row("tombs", &format!("k{n}"), n, meta.timestamp());
+        let RowValue::Version(mut version) = value else {
+            unreachable!()
+        };
+        version.purged = Some(meta.timestamp());
+        if hold {
+            version.legal_hold = Lww {
+                value: true,
+                at: meta.timestamp(),
+            };
+            version.retention.mode = RetentionMode::None;
+        }
+        (key, RowValue::Version(version))
+    };
+    let (gone, gone_value) = purged_row(1, false);
+    let (held, held_value) = purged_row(2, true);
+    let (live, live_value) = version_row("tombs", "k3", 3, meta.timestamp());
+    meta.write(vec![
+        (gone.clone(), gone_value),
+        (held.clone(), held_value),
+        (live.clone(), live_value),
+    ])
+    .await
+    .unwrap();
+
+    for replica in &replicas {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        node.compact_tombstones(Duration::ZERO).await.unwrap();
+    }
+    for replica in &replicas {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        assert_eq!(local_value(&node, &cleared).await, None, "{replica}");
+        assert_eq!(local_value(&node, &gone).await, None, "{replica}");
+        assert!(local_value(&node, &held).await.is_some(), "{replica}");
+        assert!(local_value(&node, &live).await.is_some(), "{replica}");
+    }
+    // The replica that missed the clearing kept the first from removing
+    // it, and was handed the tombstone: the work is gone everywhere.
+    let first_replica = cluster
+        .node(cluster.index_of(&replicas[0]))
+        .metadata()
+        .clone();
+    assert_eq!(
+        local_value(&first_replica, &half).await,
+        Some(half_tombstone.clone())
+    );
+    for replica in &replicas {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        assert!(
+            !matches!(
+                local_value(&node, &half).await,
+                Some(RowValue::Register(Register { value: Some(_), .. }))
+            ),
+            "{replica} still holds the work"
+        );
+    }
+    // A node that is no replica but still holds the work (as a node that
+    // was one before a map change may) keeps the tombstone too.
+    let outsider = cluster
+        .node_ids()
+        .into_iter()
+        .find(|n| !replicas.contains(n))
+        .unwrap();
+    let outsider = cluster.node(cluster.index_of(&outsider)).metadata().clone();
+    let (kept, kept_value) = register("kept", Some(b"work"));
+    outsider
+        .replica()
+        .merge(vec![(kept.clone(), kept_value)], UNFENCED)
+        .await
+        .unwrap();
+    let (_, kept_tombstone) = register("kept", None);
+    for replica in &replicas {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        node.replica()
+            .merge(vec![(kept.clone(), kept_tombstone.clone())], UNFENCED)
+            .await
+            .unwrap();
+    }
+    first_replica
+        .compact_tombstones(Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        local_value(&first_replica, &kept).await,
+        Some(kept_tombstone.clone()),
+        "a tombstone went while a node held the value it replaced"
+    );
+    assert_eq!(
+        local_value(&outsider, &kept).await,
+        Some(kept_tombstone.clone()),
+        "the node holding the old value was not handed the tombstone"
+    );
+    // Now that it holds the tombstone, the next passes remove it.
+    for replica in &replicas {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        node.compact_tombstones(Duration::ZERO).await.unwrap();
+    }
+    for replica in &replicas {
+        let node = cluster.node(cluster.index_of(replica)).metadata().clone();
+        assert_eq!(local_value(&node, &half).await, None, "{replica}");
+        assert_eq!(local_value(&node, &kept).await, None, "{replica}");
+    }
+    // The replicas' digests agree again.
+    let root = |index: usize| {
+        let replica = cluster.node(index).metadata().replica().clone();
+        let partition = partition.clone();
+        async move {
+            tokio::task::spawn_blocking(move || replica.digest(&partition).unwrap().root())
+                .await
+                .unwrap()
+        }
+    };
+    let first = root(cluster.index_of(&replicas[0])).await;
+    for replica in &replicas[1..] {
+        assert_eq!(root(cluster.index_of(replica)).await, first);
+    }
+    cluster.shutdown().await;
+}
+
+/// A node out of the map while tombstones were compacted forgets its
+/// metadata replica when a map brings it back (its `since` is after the
+/// map it held), so the values those tombstones replaced stay gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_an_absence_cannot_bring_back_what_compacted_tombstones_replaced() {
+    let mut cluster = Cluster::start(&[2, 2, 2]).await.unwrap();
+    let scheme = Scheme::new(2, 1).unwrap();
+    cluster.install_map(cluster.map(), scheme).await.unwrap();
+    let partition = Partition::bucket("away");
+    let replicas = cluster.node(0).metadata().replicas_of(&partition).unwrap();
+    let away_id = replicas[0];
+    let away = cluster.index_of(&away_id);
+    let meta = cluster
+        .node(coordinator(&cluster, &[away_id]))
+        .metadata()
+        .clone();
+    let key = RowKey::new(partition.clone(), Table::Releases, b"work".to_vec());
+    let register = |value: Option<&[u8]>| {
+        RowValue::Register(Register {
+            at: meta.timestamp(),
+            value: value.map(<[u8]>::to_vec),
+        })
+    };
+    let live = register(Some(b"work"));
+    meta.write(vec![(key.clone(), live.clone())]).await.unwrap();
+    // The node about to leave holds the live value (the write reaches it
+    // in the background).
+    let held = cluster.node(away).metadata().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while local_value(&held, &key).await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write never reached it"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+    cluster.stop(away).await;
+
+    // Map 2 leaves it out; the partition settles on its new replicas.
+    let mut without = cluster.map();
+    without.version = 2;
+    without.nodes.retain(|n| n.id != away_id);
+    cluster.install_map(without, scheme).await.unwrap();
+    // Each new replica asks the stopped node too, and waits out its calls.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while meta.is_moving(&partition).unwrap() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the partition never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Cleared, and the tombstone compacted on every node of map 2.
+    meta.write(vec![(key.clone(), register(None))])
+        .await
+        .unwrap();
+    let running: Vec<usize> = (0..cluster.members.len()).filter(|i| *i != away).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut left = 0;
+        for &i in &running {
+            let node = cluster.node(i).metadata().clone();
+            node.compact_tombstones(Duration::ZERO).await.unwrap();
+            left += usize::from(local_value(&node, &key).await.is_some());
+        }
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} nodes keep the row"
+        );
+    }
+
+    // Map 3 brings it back; it restarts with map 1 and the live value on
+    // disk, and forgets them as it adopts map 3 from its peers.
+    let mut back = cluster.map();
+    back.version = 3;
+    let signed = cluster.install_map(back, scheme).await.unwrap();
+    assert_eq!(
+        signed
+            .map
+            .nodes
+            .iter()
+            .find(|n| n.id == away_id)
+            .unwrap()
+            .since,
+        3
+    );
+    cluster.restart(away).await.unwrap();
+    assert!(
+        cluster
+            .node(away)
+            .wait_for_map_version(3, Duration::from_secs(30))
+            .await
+    );
+    assert_eq!(
+        local_value(cluster.node(away).metadata(), &key).await,
+        None,
+        "the node back kept a value from before its absence"
+    );
+    for i in 0..cluster.members.len() {
+        cluster
+            .node(i)
+            .metadata()
+            .anti_entropy_round()
+            .await
+            .unwrap();
+    }
+    for i in 0..cluster.members.len() {
+        assert_eq!(
+            cluster
+                .node(i)
+                .metadata()
+                .read(vec![key.clone()])
+                .await
+                .unwrap(),
+            vec![None],
+            "node {i} reads the cleared value back"
+        );
+        assert_eq!(local_value(cluster.node(i).metadata(), &key).await, None);
+    }
+    cluster.shutdown().await;
+}

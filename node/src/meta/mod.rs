@@ -12,6 +12,7 @@
 pub mod antientropy;
 pub mod replica;
 pub mod rpc;
+mod tombstones;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -1010,4 +1011,34 @@ fn single_partition<'a>(
         return Err(MetaError::MixedPartitions);
     }
     Ok(Some(first.partition.clone()))
+}
+
+/// Before adopting `newer`: a node whose membership it says began after the
+/// map this node held (`since` above its version, or any `since` when it
+/// held none) was out of the cluster in between, and forgets its metadata
+/// replica, which may hold values whose tombstones were compacted while it
+/// was away (spec/membership.md, "Membership since").
+pub(crate) fn forget_if_membership_broke(
+    own: NodeId,
+    replica: &MetaReplica,
+    held: Option<&cairn_protocol::membership::SignedMap>,
+    newer: &cairn_protocol::membership::SignedMap,
+) -> Result<(), String> {
+    let Some(entry) = newer.map.nodes.iter().find(|n| n.id == own) else {
+        return Ok(());
+    };
+    let held_version = held.map_or(0, |h| h.map.version);
+    if entry.since <= held_version {
+        return Ok(());
+    }
+    let forgotten = replica.forget_everything().map_err(|e| e.to_string())?;
+    if forgotten > 0 {
+        tracing::warn!(
+            forgotten,
+            since = entry.since,
+            held_version,
+            "this node's membership began after the map it held: its metadata replica was forgotten and fills again"
+        );
+    }
+    Ok(())
 }

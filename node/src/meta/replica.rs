@@ -19,7 +19,9 @@ use cairn_protocol::meta::{
     xor_into,
 };
 use cairn_protocol::metarpc::{AcceptedValue, Ballot, ErrorCode, RegisterKey, Response};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
@@ -84,6 +86,12 @@ enum Job {
         partition: Partition,
         reply: oneshot::Sender<Result<Response, ReplicaError>>,
     },
+    /// Remove each row whose stored encoding is still exactly the one
+    /// given (a tombstone every replica holds; a row changed since stays).
+    Remove {
+        rows: Vec<(RowKey, Vec<u8>)>,
+        reply: oneshot::Sender<Result<Response, ReplicaError>>,
+    },
     /// Record that `partition` was filled from `old` under map `version`.
     MarkFilled {
         partition: Partition,
@@ -101,6 +109,7 @@ impl Job {
             | Job::Accept { reply, .. }
             | Job::Fence { reply, .. }
             | Job::MarkFilled { reply, .. }
+            | Job::Remove { reply, .. }
             | Job::Forget { reply, .. } => reply,
         }
     }
@@ -227,6 +236,13 @@ impl MetaReplica {
         .await
     }
 
+    /// Removes each of `rows` whose stored encoding is still the one given
+    /// (metadata.md, "Compacting tombstones").
+    pub async fn remove_unchanged(&self, rows: Vec<(RowKey, Vec<u8>)>) -> Result<(), ReplicaError> {
+        self.run(|reply| Job::Remove { rows, reply }).await?;
+        Ok(())
+    }
+
     pub async fn prepare(
         &self,
         key: RegisterKey,
@@ -295,6 +311,36 @@ impl MetaReplica {
     pub async fn forget(&self, partition: Partition) -> Result<(), ReplicaError> {
         self.run(|reply| Job::Forget { partition, reply }).await?;
         Ok(())
+    }
+
+    /// Drops every row, digest leaf, acceptor state and fill record this
+    /// replica holds, keeping only its fence; returns how many rows went.
+    /// For a node whose membership began after the map it held
+    /// (spec/membership.md, "Membership since"): what it holds is from
+    /// before a break, and may include values whose tombstones were
+    /// compacted meanwhile. Blocks: redb runs it after the writer's batch.
+    pub fn forget_everything(&self) -> Result<u64, ReplicaError> {
+        let txn = self.db()?.begin_write().map_err(db_error)?;
+        let forgotten = {
+            let mut rows = txn.open_table(ROWS).map_err(db_error)?;
+            let count = rows.len().map_err(db_error)?;
+            rows.retain(|_, _| false).map_err(db_error)?;
+            txn.open_table(LEAF_DIGESTS)
+                .map_err(db_error)?
+                .retain(|_, _| false)
+                .map_err(db_error)?;
+            txn.open_table(ACCEPTORS)
+                .map_err(db_error)?
+                .retain(|_, _| false)
+                .map_err(db_error)?;
+            txn.open_table(FILLED)
+                .map_err(db_error)?
+                .retain(|_, _| false)
+                .map_err(db_error)?;
+            count
+        };
+        txn.commit().map_err(db_error)?;
+        Ok(forgotten)
     }
 
     /// What this replica's acceptor of `key` last accepted; reads only.
@@ -631,6 +677,10 @@ fn commit_batch(db: &Database, fence: &AtomicU64, batch: Vec<Job>) {
                         }
                         Ok(Response::Written)
                     }
+                    Job::Remove { rows: removals, .. } => {
+                        remove_unchanged(&mut rows, &mut leaves, removals)
+                            .map(|()| Response::Written)
+                    }
                     Job::Forget { partition, .. } => {
                         forget(&mut rows, &mut leaves, &mut acceptors, partition)
                             .map(|()| Response::Written)
@@ -710,6 +760,36 @@ fn merge_rows(
         xor_into(&mut leaf, &row_digest(key.table, &key.sort, &encoded));
         leaves.insert(leaf_key, leaf.as_slice()).map_err(db_error)?;
         rows.insert(address, encoded.as_slice()).map_err(db_error)?;
+    }
+    Ok(())
+}
+
+fn remove_unchanged(
+    rows: &mut RowsTable<'_>,
+    leaves: &mut LeavesTable<'_>,
+    removals: &[(RowKey, Vec<u8>)],
+) -> Result<(), ReplicaError> {
+    for (key, expected) in removals {
+        let address = (
+            key.partition.as_str(),
+            key.table.code(),
+            key.sort.as_slice(),
+        );
+        let unchanged = rows
+            .get(address)
+            .map_err(db_error)?
+            .is_some_and(|raw| raw.value() == expected.as_slice());
+        if !unchanged {
+            continue;
+        }
+        let leaf_key = (key.partition.as_str(), leaf_of(key.table, &key.sort));
+        let mut leaf = match leaves.get(leaf_key).map_err(db_error)? {
+            Some(raw) => leaf_bytes(raw.value())?,
+            None => [0; 32],
+        };
+        xor_into(&mut leaf, &row_digest(key.table, &key.sort, expected));
+        leaves.insert(leaf_key, leaf.as_slice()).map_err(db_error)?;
+        rows.remove(address).map_err(db_error)?;
     }
     Ok(())
 }
