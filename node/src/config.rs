@@ -376,8 +376,9 @@ impl MapConfig {
     /// object readable through the loss of a site on it.
     ///
     /// A node's `since` is the one written, else the one `previous` (the
-    /// map in force) gives it, else this version for a node `previous`
-    /// lacks; without `previous`, 1 in a first map and 0 (unknown) after.
+    /// map in force) gives it (1 where it gives none), else this version
+    /// for a node `previous` lacks or has out; without `previous`, 1 in a
+    /// first map and 0 (unknown) after.
     pub fn into_parts(self, previous: Option<&ClusterMap>) -> Result<MapParts, ConfigError> {
         if self.version == 0 {
             return Err(invalid(
@@ -407,11 +408,17 @@ impl MapConfig {
             };
             let since = match (node.since, previous) {
                 (Some(since), _) => since,
-                (None, Some(previous)) => previous
-                    .nodes
-                    .iter()
-                    .find(|n| n.id == id)
-                    .map_or(self.version, |n| n.since),
+                (None, Some(previous)) => match previous.nodes.iter().find(|n| n.id == id) {
+                    // Absent, or out and back: a membership begins.
+                    None => self.version,
+                    Some(before) if before.state == NodeState::Out && state != NodeState::Out => {
+                        self.version
+                    }
+                    // Unknown (a map of an older format): a member from
+                    // the first map, as the nodes of that format assumed.
+                    Some(before) if before.since == 0 => 1,
+                    Some(before) => before.since,
+                },
                 (None, None) if self.version == 1 => 1,
                 (None, None) => 0,
             };
@@ -593,5 +600,14 @@ mod tests {
         four[0] = entry(1, "a", "since = 3\n");
         let error = parts(2, &four, Some(&first)).unwrap_err().to_string();
         assert!(error.contains("since"), "{error}");
+        // After a map that did not say (an older format): 1, not a return.
+        let mut unknown = first.clone();
+        unknown.nodes.iter_mut().for_each(|n| n.since = 0);
+        four[0] = entry(1, "a", "");
+        assert_eq!(since(&parts(2, &four, Some(&unknown)).unwrap().map, 1), 1);
+        // Out in the map in force and up now: a return.
+        let mut out = first.clone();
+        out.nodes[0].state = NodeState::Out;
+        assert_eq!(since(&parts(2, &four, Some(&out)).unwrap().map, 1), 2);
     }
 }

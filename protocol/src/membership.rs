@@ -77,9 +77,18 @@ pub enum MembershipError {
         version: u64,
     },
     #[error(
-        "node {node} is not in map version {held}, so map version {version} must give it a `since` above {held} (it says {since}); sign it with --previous"
+        "node {node} is not in map version {held} (or is out there), so map version {version} must give it a `since` above {held} (it says {since}); sign it with --previous"
     )]
     SinceNotAfterAbsence {
+        node: NodeId,
+        since: u64,
+        held: u64,
+        version: u64,
+    },
+    #[error(
+        "node {node} is a member of map version {held}, which does not say since when; map version {version} says since {since}, after it, which would have it forget its metadata: give it a since of {held} or below"
+    )]
+    SinceUnknownBefore {
         node: NodeId,
         since: u64,
         held: u64,
@@ -424,16 +433,36 @@ impl SignedMap {
     }
 
     /// Whether `newer` may follow this map as far as membership goes
-    /// (spec/membership.md, "Membership since"): a node absent here must
-    /// come back with a `since` above this version, and a node present here
-    /// keeps its `since` unless it left and came back after this version.
-    /// A `since` unknown here (0, an older format) may become any value.
+    /// (spec/membership.md, "Membership since"): a node absent here, or
+    /// `out` here and no longer out, must come back with a `since` above
+    /// this version; a node present here keeps its `since` unless it left
+    /// and came back after this version. A `since` unknown here (0, an
+    /// older format) may become any value up to this version, never above:
+    /// nothing here says the node left.
     pub fn check_since(&self, newer: &SignedMap) -> Result<(), MembershipError> {
         let held = self.map.version;
         for node in &newer.map.nodes {
+            let back =
+                |before: &MapNode| before.state == NodeState::Out && node.state != NodeState::Out;
             match self.map.nodes.iter().find(|n| n.id == node.id) {
                 None if node.since <= held => {
                     return Err(MembershipError::SinceNotAfterAbsence {
+                        node: node.id,
+                        since: node.since,
+                        held,
+                        version: newer.map.version,
+                    });
+                }
+                Some(before) if back(before) && node.since <= held => {
+                    return Err(MembershipError::SinceNotAfterAbsence {
+                        node: node.id,
+                        since: node.since,
+                        held,
+                        version: newer.map.version,
+                    });
+                }
+                Some(before) if before.since == 0 && node.since > held && !back(before) => {
+                    return Err(MembershipError::SinceUnknownBefore {
                         node: node.id,
                         since: node.since,
                         held,
@@ -590,10 +619,23 @@ mod tests {
             v3.check_since(&map(5, &[(0, 2), (1, 2)])),
             Err(MembershipError::SinceRewritten { held_since: 1, .. })
         ));
-        // Unknown before: any value is taken.
+        // Unknown before: any value up to the version held, never after
+        // (an upgrade must not have every node forget its metadata).
         let unknown = map(3, &[(0, 0)]);
         assert!(unknown.check_since(&map(4, &[(0, 2)])).is_ok());
+        assert!(matches!(
+            unknown.check_since(&map(4, &[(0, 4)])),
+            Err(MembershipError::SinceUnknownBefore { held: 3, .. })
+        ));
         assert!(!unknown.since_known() && v3.since_known());
+        // Out, then back: a return, with a since after the version held.
+        let mut out = map(3, &[(0, 1), (1, 2)]);
+        out.map.nodes[1].state = NodeState::Out;
+        assert!(matches!(
+            out.check_since(&map(4, &[(0, 1), (1, 2)])),
+            Err(MembershipError::SinceNotAfterAbsence { held: 3, .. })
+        ));
+        assert!(out.check_since(&map(4, &[(0, 1), (1, 4)])).is_ok());
         // A since after the map's own version is never signed or read.
         assert!(matches!(
             SignedMap::sign(

@@ -248,6 +248,27 @@ impl Metadata {
         ))
     }
 
+    /// Whether this node answers as a metadata replica: only while its map
+    /// lists it and not `out` (spec/metadata.md, "Compacting tombstones").
+    pub(crate) fn serves_as_replica(&self) -> Result<(), String> {
+        let map = self
+            .inner
+            .maps
+            .current()
+            .ok_or("this node has no cluster map")?;
+        match map.map.nodes.iter().find(|n| n.id == self.inner.own) {
+            Some(node) if node.state != cairn_protocol::placement::NodeState::Out => Ok(()),
+            Some(_) => Err(format!(
+                "this node is out in cluster map version {}; it answers no metadata request",
+                map.map.version
+            )),
+            None => Err(format!(
+                "this node is not in cluster map version {}; it answers no metadata request",
+                map.map.version
+            )),
+        }
+    }
+
     /// Moves the clock past a timestamp read from a replica, so that a write
     /// made after a read orders after what was read.
     fn observe(&self, value: &RowValue) {

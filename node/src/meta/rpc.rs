@@ -83,6 +83,11 @@ pub async fn answer(metadata: &Metadata, call: Call) -> Response {
     if let Err(declined) = metadata.verified_map(call.map_version).await {
         return Response::error(ErrorCode::Declined, declined);
     }
+    // A node the map leaves out (or has out) holds no replica the cluster
+    // counts on; what it holds may predate compacted tombstones.
+    if let Err(declined) = metadata.serves_as_replica() {
+        return Response::error(ErrorCode::Declined, declined);
+    }
     let replica = metadata.replica();
     if let Err(error) = replica.raise_fence(call.map_version).await {
         tracing::error!(%error, "metadata replica could not raise its fence");

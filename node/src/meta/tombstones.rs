@@ -19,8 +19,9 @@ use crate::clock::now_unix_ms;
 const CHECK_BATCH: usize = 256;
 /// The youngest a tombstone is compacted at, whatever the trash period:
 /// far above how long a metadata call of an older value can be in flight
-/// (four attempts of 10 s, a stream served at most 60 s).
-pub(crate) const MIN_TOMBSTONE_AGE: Duration = Duration::from_secs(600);
+/// (four attempts of 10 s, a stream served at most 60 s) plus the clock
+/// skew between the node that stamped it and this one.
+pub(crate) const MIN_TOMBSTONE_AGE: Duration = Duration::from_secs(3600);
 
 /// Whether `value` is a tombstone older than `ripe_before`: a cleared
 /// register, or a purged version no lock holds.
@@ -67,13 +68,21 @@ impl Metadata {
         if !map.since_known() {
             return Ok(0);
         }
+        // Out nodes answer nothing and serve nothing (rpc::answer); one
+        // brought back gets a new `since` and forgets first.
         let others: Vec<NodeId> = map
             .map
             .nodes
             .iter()
+            .filter(|n| n.state != cairn_protocol::placement::NodeState::Out)
             .map(|n| n.id)
             .filter(|id| *id != self.inner.own)
             .collect();
+        // Every other node must answer: with one away, a pass would only
+        // wait out its calls.
+        if others.iter().any(|node| !self.is_connected(node)) {
+            return Ok(0);
+        }
         let now = now_unix_ms();
         let ripe_before = now.saturating_sub(age.as_millis() as u64);
         let own = self.inner.own;
