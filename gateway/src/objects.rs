@@ -22,8 +22,7 @@ use cairn_node::swarm::NodeHandle;
 use cairn_protocol::encryption::{RangePlan, SecretKey, part_stream_key};
 use cairn_protocol::erasure::{EncodedSegment, Scheme, SegmentLayout, reconstruct};
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId};
-use cairn_protocol::keywrap::{WrapContext, unwrap_data_key};
-use cairn_protocol::manifest::{KeyKind, Manifest, Part, PartKeys, SegmentRef};
+use cairn_protocol::manifest::{Manifest, Part, PartKeys, SegmentRef};
 use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::RowKey;
 use cairn_protocol::pipeline::PutPipeline;
@@ -492,26 +491,7 @@ impl ObjectStore {
                 "manifest {id} belongs to another object"
             )));
         }
-        let data_key = match manifest.encryption.kind {
-            KeyKind::SseS3 => {
-                let bucket_key = self.kms.key(&manifest.encryption.key_id).await?;
-                unwrap_data_key(
-                    &bucket_key,
-                    &manifest.encryption.wrapped,
-                    &WrapContext {
-                        bucket: &manifest.bucket,
-                        key: &manifest.key,
-                        version: manifest.version,
-                    },
-                )
-                .map_err(|e| GatewayError::Corrupt(format!("manifest {id}: {e}")))?
-            }
-            other => {
-                return Err(GatewayError::Internal(format!(
-                    "objects encrypted with {other:?} cannot be read by this gateway yet"
-                )));
-            }
-        };
+        let data_key = DataKeys::of_manifest(&self.kms, &manifest).await?.data_key;
         Ok(OpenObject {
             manifest,
             data_key: Arc::new(data_key),

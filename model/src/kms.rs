@@ -14,8 +14,8 @@ use cairn_node::meta::Metadata;
 use cairn_protocol::encryption::SecretKey;
 use cairn_protocol::ids::VersionId;
 use cairn_protocol::keywrap::{SALT_BYTES, unwrap_labelled_key, wrap_labelled_key};
-use cairn_protocol::keywrap::{WrapContext, wrap_data_key};
-use cairn_protocol::manifest::{KeyEnvelope, KeyKind};
+use cairn_protocol::keywrap::{WrapContext, unwrap_data_key, wrap_data_key};
+use cairn_protocol::manifest::{KeyEnvelope, KeyKind, Manifest};
 use cairn_protocol::records::KmsKeyRecord;
 
 use crate::error::{ModelError, ModelResult};
@@ -172,6 +172,34 @@ pub struct DataKeys {
 }
 
 impl DataKeys {
+    /// The keys of a stored object: its manifest's data key, unwrapped with
+    /// its bucket key for the version the manifest names. Only SSE-S3
+    /// manifests are opened by this build.
+    pub async fn of_manifest(kms: &Kms, manifest: &Manifest) -> ModelResult<Self> {
+        if manifest.encryption.kind != KeyKind::SseS3 {
+            return Err(ModelError::Internal(format!(
+                "objects encrypted with {:?} cannot be opened by this build",
+                manifest.encryption.kind
+            )));
+        }
+        let bucket_key = kms.key(&manifest.encryption.key_id).await?;
+        let data_key = unwrap_data_key(
+            &bucket_key,
+            &manifest.encryption.wrapped,
+            &WrapContext {
+                bucket: &manifest.bucket,
+                key: &manifest.key,
+                version: manifest.version,
+            },
+        )
+        .map_err(|e| ModelError::Corrupt(format!("the data key does not unwrap: {e}")))?;
+        Ok(Self {
+            bucket_key_id: manifest.encryption.key_id.clone(),
+            bucket_key,
+            data_key,
+        })
+    }
+
     /// The data key wrapped for `version` of `key`, as the manifest keeps it.
     pub fn envelope(&self, bucket: &str, key: &str, version: VersionId) -> KeyEnvelope {
         let wrapped = wrap_data_key(

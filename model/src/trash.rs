@@ -18,8 +18,7 @@ use cairn_node::meta::Metadata;
 use cairn_node::swarm::NodeHandle;
 use cairn_protocol::hlc::Timestamp;
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
-use cairn_protocol::keywrap::{WrapContext, unwrap_data_key};
-use cairn_protocol::manifest::{KeyKind, Manifest};
+use cairn_protocol::manifest::Manifest;
 use cairn_protocol::meta::{Partition, RowValue, Table};
 use cairn_protocol::version::{ObjectVersion, VersionBody};
 
@@ -163,7 +162,7 @@ pub async fn restore(
             "manifest {manifest} belongs to another object"
         )));
     }
-    let keys = data_keys(kms, &old).await?;
+    let keys = DataKeys::of_manifest(kms, &old).await?;
     let index = ObjectIndex::new(node.clone(), RESTORE_TIMEOUT, 0);
     let mut copy = old.clone();
     copy.version = index.new_version();
@@ -191,32 +190,6 @@ pub async fn restore(
         segments_whole: whole,
         segments_degraded: degraded,
         segments_unreadable: unreadable,
-    })
-}
-
-/// The data key of `manifest`, unwrapped for its own version.
-async fn data_keys(kms: &Kms, manifest: &Manifest) -> ModelResult<DataKeys> {
-    if manifest.encryption.kind != KeyKind::SseS3 {
-        return Err(ModelError::InvalidArgument(format!(
-            "objects encrypted with {:?} cannot be restored by this build",
-            manifest.encryption.kind
-        )));
-    }
-    let bucket_key = kms.key(&manifest.encryption.key_id).await?;
-    let data_key = unwrap_data_key(
-        &bucket_key,
-        &manifest.encryption.wrapped,
-        &WrapContext {
-            bucket: &manifest.bucket,
-            key: &manifest.key,
-            version: manifest.version,
-        },
-    )
-    .map_err(|e| ModelError::Corrupt(format!("the data key does not unwrap: {e}")))?;
-    Ok(DataKeys {
-        bucket_key_id: manifest.encryption.key_id.clone(),
-        bucket_key,
-        data_key,
     })
 }
 
