@@ -201,7 +201,7 @@ def check_wire():
     names = ["hello", "put_fragment", "data", "ack", "reject", "get_fragment", "fragment_header", "have_query",
              "have_reply", "inventory_query", "inventory_digest", "inventory_list", "inventory_page", "cancel",
              "release", "released", "status_query", "status_reply", "restore", "restored",
-             "drop_copy", "dropped", "keep_check"]
+             "drop_copy", "dropped", "keep_check", "get_any"]
     for i, frame in enumerate(load("wire.json")["frames"]):
         raw = h(frame["frame"])
         assert frame["message"] == names[i]
@@ -234,6 +234,13 @@ def check_wire():
             table = [(raw[217 + 9 * i], struct.unpack(">Q", raw[218 + 9 * i:226 + 9 * i])[0]) for i in range(count)]
             assert table == [(0, 1), (1, 2)] and len(raw) == 217 + 9 * count
             assert whole + sum(c for _, c in table) + unreadable + 0 == segments
+        if frame["message"] == "get_any":
+            r = Reader(raw[5:])
+            count = r.u8()
+            assert 1 <= count <= 32
+            ids = [r.take(32) for _ in range(count)]
+            assert ids[1] == bytes([0x2a] * 32) and (r.u64(), r.u64()) == (4096, 8192)
+            r.done()
         if frame["message"] == "restore":
             r = Reader(raw[5 + 16:])
             assert r.str16(63) == "photos" and r.str16(1024) == "2026/cat.jpg"

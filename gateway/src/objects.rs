@@ -21,7 +21,7 @@ use cairn_node::clock::random_bytes;
 use cairn_node::swarm::NodeHandle;
 use cairn_protocol::encryption::{RangePlan, SecretKey, part_stream_key};
 use cairn_protocol::erasure::{EncodedSegment, Scheme, SegmentLayout, reconstruct};
-use cairn_protocol::ids::{FragmentId, NodeId, UploadId};
+use cairn_protocol::ids::{NodeId, UploadId};
 use cairn_protocol::manifest::{Manifest, Part, PartKeys, SegmentRef};
 use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::RowKey;
@@ -616,11 +616,15 @@ impl ObjectStore {
         Ok(())
     }
 
-    /// Rebuilds one segment from any `k` of its fragments: the placed nodes
-    /// first (connected ones, this node, then its site, data fragments
-    /// before parity), a spare request when one is slow, the placed nodes
-    /// that failed once more, then the upload's providers in the DHT for
-    /// fragments that moved.
+    /// Reads the `k` fragments a segment needs and decodes it. A fragment
+    /// belongs on any node placement takes for the segment (spec/
+    /// placement.md, "Fragment indexes": a map change moves only what
+    /// nodes leaving the set held), so each node is asked for whichever
+    /// of the segment's fragments it holds (get-any). Placed nodes first
+    /// (connected ones, this node, then its site, those written a data
+    /// fragment first), a spare request when one is slow, the placed nodes
+    /// that failed once more, then spare nodes of the ranking (where a
+    /// write's hand-off goes), then the upload's providers in the DHT.
     async fn fetch_segment(
         &self,
         placer: &Placer,
@@ -639,66 +643,66 @@ impl ObjectStore {
         let fragment_len = scheme.fragment_len(segment_len) as u64;
         let placement_key = segment_placement_key(&segment.fragments);
         let placed = placer.place(&placement_key);
-        // Where a fragment went when its placed node failed during the
-        // write: a spare node of the ranking, first in the site the failed
-        // node left room in (push_segment's rule). Tried before the DHT.
-        let spares: Vec<NodeId> = placer
-            .rank(&placement_key)
-            .into_iter()
-            .filter(|n| !placed.contains(n) && reachable.contains(n))
-            .collect();
-        let mut elsewhere: HashMap<usize, std::vec::IntoIter<NodeId>> = HashMap::new();
-        let mut next_elsewhere = |index: usize| -> Option<NodeId> {
-            elsewhere
-                .entry(index)
-                .or_insert_with(|| {
-                    let site = placer.site_of(&placed[index]);
-                    let mut candidates = spares.clone();
-                    candidates.sort_by_key(|n| placer.site_of(n) != site);
-                    candidates.truncate(MAX_SPARES_ASKED);
-                    candidates.into_iter()
-                })
-                .next()
-        };
         let own = self.node.node_id();
-        let mut order: Vec<usize> = (0..scheme.total()).collect();
+        let mut order: Vec<usize> = (0..placed.len()).collect();
         // Nodes this one is connected to first: asking a stopped node costs
         // a membership wait before it fails.
         order.sort_by_key(|&i| {
-            let node = placed.get(i);
+            let node = &placed[i];
             (
-                !node.is_some_and(|n| reachable.contains(n)),
-                node.is_some_and(|n| was_slow.contains(n)),
-                node != Some(&own),
-                !node.is_some_and(|n| same_site.contains(n)),
+                !reachable.contains(node),
+                was_slow.contains(node),
+                *node != own,
+                !same_site.contains(node),
                 i >= scheme.data(),
                 i,
             )
         });
-        let mut queue = order.into_iter();
+        let mut queue: std::collections::VecDeque<NodeId> =
+            order.into_iter().map(|i| placed[i]).collect();
+        let mut spares = placer
+            .rank(&placement_key)
+            .into_iter()
+            .filter(|n| !placed.contains(n) && reachable.contains(n))
+            .take(MAX_SPARES_ASKED * scheme.parity().max(1))
+            .collect::<Vec<_>>()
+            .into_iter();
+        let mut asked: HashSet<NodeId> = HashSet::new();
         // Nodes asked and not answered yet: those still silent when a
         // spare is asked are asked last for the rest of the read.
         let waiting: Mutex<HashSet<NodeId>> = Mutex::new(HashSet::new());
-        let fetch = |index: usize, node: NodeId| {
-            let id = segment.fragments[index];
+        let ids = segment.fragments.as_slice();
+        let fetch = |node: NodeId| {
             waiting.lock().expect("waiting lock").insert(node);
             let waiting = &waiting;
             async move {
-                let result = self.node.get_fragment(&node, id, 0, fragment_len).await;
+                let result = self
+                    .node
+                    .get_any_fragment(&node, ids, 0, fragment_len)
+                    .await;
                 waiting.lock().expect("waiting lock").remove(&node);
-                (index, node, result)
+                (node, result)
             }
         };
         let mut running = FuturesUnordered::new();
+        let mut ask = |node: NodeId, running: &mut FuturesUnordered<_>| {
+            if asked.insert(node) {
+                running.push(fetch(node));
+                true
+            } else {
+                false
+            }
+        };
         for _ in 0..scheme.data() {
-            if let Some(index) = queue.next() {
-                running.push(fetch(index, placed[index]));
+            if let Some(node) = queue.pop_front() {
+                ask(node, &mut running);
             }
         }
         let mut got: Vec<(usize, Vec<u8>)> = Vec::with_capacity(scheme.data());
-        let mut failed: Vec<usize> = Vec::new();
+        let mut failed: Vec<NodeId> = Vec::new();
         let mut errors: Vec<String> = Vec::new();
         let mut retried = false;
+        let mut located = false;
         while got.len() < scheme.data() {
             let next = tokio::time::timeout(SPARE_AFTER, running.next()).await;
             match next {
@@ -707,58 +711,61 @@ impl ObjectStore {
                     slow.lock()
                         .expect("slow peers lock")
                         .extend(waiting.lock().expect("waiting lock").iter().copied());
-                    if let Some(index) = queue.next() {
-                        running.push(fetch(index, placed[index]));
+                    if let Some(node) = queue.pop_front().or_else(|| spares.next()) {
+                        ask(node, &mut running);
                     }
                 }
-                Ok(Some((index, node, Ok(bytes)))) => {
-                    if FragmentId::of(&bytes) == segment.fragments[index]
-                        && !got.iter().any(|(i, _)| *i == index)
-                    {
-                        got.push((index, bytes));
-                    } else if FragmentId::of(&bytes) != segment.fragments[index] {
-                        // A lying or broken peer: the next candidate is
-                        // asked, as for a peer that failed.
-                        errors.push(format!("{node} sent a corrupt fragment"));
-                        failed.push(index);
-                        if let Some(index) = queue.next() {
-                            running.push(fetch(index, placed[index]));
-                        }
-                        if let Some(spare) = next_elsewhere(index) {
-                            running.push(fetch(index, spare));
+                Ok(Some((_, Ok((id, bytes))))) => {
+                    // The answer is one of the ids asked, verified against
+                    // it (pieces::get_any); copies of a padding fragment
+                    // share an id, so the first index not yet read.
+                    let index =
+                        (0..ids.len()).find(|&i| ids[i] == id && !got.iter().any(|(g, _)| *g == i));
+                    match index {
+                        Some(index) => got.push((index, bytes)),
+                        None => {
+                            // A fragment already read: someone else's.
+                            if let Some(node) = queue.pop_front().or_else(|| spares.next()) {
+                                ask(node, &mut running);
+                            }
                         }
                     }
                 }
-                Ok(Some((index, node, Err(error)))) => {
+                Ok(Some((node, Err(error)))) => {
                     errors.push(format!("{node}: {error}"));
-                    failed.push(index);
-                    if let Some(index) = queue.next() {
-                        running.push(fetch(index, placed[index]));
+                    failed.push(node);
+                    if let Some(node) = queue.pop_front().or_else(|| spares.next()) {
+                        ask(node, &mut running);
                     }
-                    if let Some(spare) = next_elsewhere(index) {
-                        running.push(fetch(index, spare));
-                    }
+                }
+                Ok(None) if !queue.is_empty() => {
+                    let node = queue.pop_front().expect("not empty");
+                    ask(node, &mut running);
                 }
                 Ok(None) if !retried && !failed.is_empty() => {
                     // Placement is exhausted: a node that was busy or
                     // briefly unreachable gets one more chance.
                     retried = true;
                     tokio::time::sleep(RETRY_AFTER).await;
-                    failed.sort_unstable();
-                    failed.dedup();
-                    for index in failed.drain(..) {
-                        running.push(fetch(index, placed[index]));
+                    for node in failed.drain(..) {
+                        running.push(fetch(node));
                     }
                 }
                 Ok(None) => {
-                    // Still short: look for fragments that moved.
-                    let Some(index) = failed.pop() else {
+                    if let Some(spare) = spares.next() {
+                        ask(spare, &mut running);
+                        continue;
+                    }
+                    if located {
                         break;
-                    };
-                    let id = segment.fragments[index];
-                    if let Ok(holders) = self.node.locate_fragment(&upload, &id).await {
-                        for holder in holders.into_iter().filter(|h| *h != placed[index]) {
-                            running.push(fetch(index, holder));
+                    }
+                    // Still short: look for fragments that moved.
+                    located = true;
+                    for index in (0..ids.len()).filter(|i| !got.iter().any(|(g, _)| g == i)) {
+                        if let Ok(holders) = self.node.locate_fragment(&upload, &ids[index]).await {
+                            for holder in holders {
+                                ask(holder, &mut running);
+                            }
                         }
                     }
                 }

@@ -313,12 +313,12 @@ impl SegmentWork {
 /// `keeper` holds it at its place; `None` when it may (spec/repair.md,
 /// "Copies left behind"). Every existing version of the key (and its head)
 /// whose manifest has the fragment in a part written by `upload` counts,
-/// `version` among them: in each such segment placement under this node's
-/// map names `keeper` for the fragment and never this node. A version row
+/// `version` among them: for each such segment placement under this node's
+/// map takes `keeper` and never this node. A version row
 /// or manifest a member forged can only add segments to satisfy, never
 /// take the real version's away.
 /// With `keeper` `None`, the check of the keeper itself: placement under
-/// this node's map names this node for the fragment in every such segment.
+/// this node's map takes this node for every such segment.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn why_not_drop(
     metadata: &Metadata,
@@ -391,31 +391,27 @@ pub(crate) async fn why_not_drop(
                     .map_err(|e| ModelError::Internal(format!("placement: {e}")))?;
                 placers.insert(*scheme, placer);
             }
+            // Set, not index: a fragment belongs on any node placement
+            // takes for its segment (Placer::arrange).
             let placed = placers[scheme].place(&segment_placement_key(&segment.fragments));
-            let placed_for = |node: &NodeId| {
-                placed
-                    .iter()
-                    .zip(&segment.fragments)
-                    .any(|(n, id)| n == node && *id == fragment)
-            };
             match keeper {
                 Some(keeper) => {
-                    if placed_for(&own) {
+                    if placed.contains(&own) {
                         return Ok(Some(format!(
-                            "placement under map version {} names this node for fragment {fragment}",
+                            "placement under map version {} takes this node for a segment of fragment {fragment}",
                             map.map.version
                         )));
                     }
-                    if !placed_for(&keeper) {
+                    if !placed.contains(&keeper) {
                         return Ok(Some(format!(
-                            "placement under map version {} does not name {keeper} for fragment {fragment}",
+                            "placement under map version {} does not take {keeper} for a segment of fragment {fragment}",
                             map.map.version
                         )));
                     }
                 }
-                None if !placed_for(&own) => {
+                None if !placed.contains(&own) => {
                     return Ok(Some(format!(
-                        "placement under map version {} does not name this node for fragment {fragment}",
+                        "placement under map version {} does not take this node for a segment of fragment {fragment}",
                         map.map.version
                     )));
                 }
@@ -440,6 +436,9 @@ struct Degraded {
     work: SegmentWork,
     /// Per fragment index: the nodes found holding it (placed node first).
     holders: Vec<Vec<NodeId>>,
+    /// Per fragment index: where it belongs now, arranged from `holders`
+    /// (`Placer::arrange`).
+    place: Vec<NodeId>,
 }
 
 impl Degraded {
@@ -452,14 +451,13 @@ impl Degraded {
         indexes.min(nodes.len())
     }
 
-    /// Whether fragment `index` is held by a node placement does not name
-    /// for a fragment with the same bytes (a hand-off or a left copy).
+    /// Whether fragment `index` is held by a node the arrangement does not
+    /// name for a fragment with the same bytes (a hand-off or a left copy).
     fn copies_off_placement(&self, index: usize) -> bool {
         let id = self.work.segment.fragments[index];
         self.holders[index].iter().any(|holder| {
             !self
-                .work
-                .placed
+                .place
                 .iter()
                 .zip(&self.work.segment.fragments)
                 .any(|(placed, fragment)| placed == holder && *fragment == id)
@@ -848,12 +846,12 @@ impl Repair {
             if let Some(record) = records.get_mut(&placement_key) {
                 record.seen = true;
             }
-            let at_place = work.placed.len() == work.segment.fragments.len()
-                && work
-                    .placed
+            let place = Placer::arrange(&work.placed, &holders);
+            let at_place = place.len() == work.segment.fragments.len()
+                && place
                     .iter()
                     .enumerate()
-                    .all(|(index, node)| holders[index].first() == Some(node));
+                    .all(|(index, node)| holders[index].contains(node));
             if at_place {
                 report.whole += 1;
                 if let Some(record) = records.remove(&placement_key) {
@@ -865,7 +863,11 @@ impl Repair {
                 report.pending += 1;
                 continue;
             }
-            let degraded = Degraded { work, holders };
+            let degraded = Degraded {
+                work,
+                holders,
+                place,
+            };
             if degraded.spares() < 0 {
                 unreadable.push(degraded);
                 continue;
@@ -1076,8 +1078,8 @@ impl Repair {
             }
         }
         let mut away = Vec::new();
-        for (index, node) in work.placed.iter().enumerate() {
-            if degraded.holders[index].first() == Some(node) {
+        for (index, node) in degraded.place.iter().enumerate() {
+            if degraded.holders[index].contains(node) {
                 continue;
             }
             if self.reachable(node) {
@@ -1217,7 +1219,7 @@ impl Repair {
             match result {
                 Ok(()) => {
                     done.bytes_written += fragment_len as u64;
-                    if work.placed.get(*index) == Some(node) {
+                    if degraded.place.get(*index) == Some(node) {
                         at_place.push((*index, *node));
                     }
                 }
@@ -1228,28 +1230,26 @@ impl Repair {
             }
         }
         done.dropped = self.drop_copies_left(degraded, &at_place).await;
-        done.whole =
-            all_stored && !waiting && targets.iter().all(|(i, n)| work.placed.get(*i) == Some(n));
+        done.whole = all_stored
+            && !waiting
+            && targets
+                .iter()
+                .all(|(i, n)| degraded.place.get(*i) == Some(n));
         Ok(done)
     }
 
     /// Asks each node that holds a copy of a fragment now at its place
-    /// (`at_place`: index, placed node) and that placement does not name
-    /// for it to move its copy to its trash (spec/repair.md, "Copies left
-    /// behind"); each checks it all itself. Returns how many did.
+    /// (`at_place`: index, arranged node) and that is not among the nodes
+    /// placement takes for the segment to move its copy to its trash
+    /// (spec/repair.md, "Copies left behind"); each checks it all itself.
+    /// Returns how many did.
     async fn drop_copies_left(&self, degraded: &Degraded, at_place: &[(usize, NodeId)]) -> u64 {
         let work = &degraded.work;
-        let placed_for = |node: &NodeId, id: &FragmentId| {
-            work.placed
-                .iter()
-                .zip(&work.segment.fragments)
-                .any(|(placed, fragment)| placed == node && fragment == id)
-        };
         let mut drops = Vec::new();
         for (index, keeper) in at_place {
             let id = work.segment.fragments[*index];
             for holder in &degraded.holders[*index] {
-                if holder != keeper && !placed_for(holder, &id) && self.reachable(holder) {
+                if holder != keeper && !work.placed.contains(holder) && self.reachable(holder) {
                     drops.push((*holder, id, *keeper));
                 }
             }

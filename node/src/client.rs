@@ -54,6 +54,26 @@ impl NodeHandle {
             .await
     }
 
+    /// Gets a range of whichever of `ids` (the fragments of one segment)
+    /// `node` holds: which, and the bytes (a whole fragment is checked
+    /// against its id).
+    pub async fn get_any_fragment(
+        &self,
+        node: &NodeId,
+        ids: &[FragmentId],
+        offset: u64,
+        length: u64,
+    ) -> Result<(FragmentId, Vec<u8>), NodeError> {
+        if *node == self.node_id() {
+            return Ok(self
+                .local
+                .get_any_local(ids.to_vec(), offset, length)
+                .await?);
+        }
+        self.with_retries(node, |stream| pieces::get_any(stream, ids, offset, length))
+            .await
+    }
+
     /// Asks `node` (this node itself included) to move the fragments of
     /// `upload` to its trash; it does so only if the replicated metadata
     /// says the upload is released.

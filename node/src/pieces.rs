@@ -264,6 +264,20 @@ impl Server {
             Message::GetFragment { id, offset, length } => {
                 self.send_fragment(write, peer, id, offset, length).await
             }
+            Message::GetAny {
+                ids,
+                offset,
+                length,
+            } => match self.first_live(ids).await? {
+                Some(id) => self.send_fragment(write, peer, id, offset, length).await,
+                None => {
+                    let none = reject(
+                        RejectCode::NotFound,
+                        "none of the fragments asked for is held here",
+                    );
+                    send(write, &none).await
+                }
+            },
             Message::KeepCheck {
                 fragment,
                 bucket,
@@ -584,6 +598,15 @@ impl Server {
     }
 
     /// Which of `ids` this node holds live, in `ids` order.
+    /// The first of `ids` held live here, if any.
+    async fn first_live(&self, ids: Vec<FragmentId>) -> Result<Option<FragmentId>, PieceError> {
+        let held = self.live(ids.clone()).await?;
+        Ok(ids
+            .into_iter()
+            .zip(held)
+            .find_map(|(id, held)| held.then_some(id)))
+    }
+
     async fn live(&self, ids: Vec<FragmentId>) -> Result<Vec<bool>, PieceError> {
         let store = self.store.clone();
         blocking(move || {
@@ -800,6 +823,21 @@ impl Server {
         Ok(bytes)
     }
 
+    pub(crate) async fn get_any_local(
+        &self,
+        ids: Vec<FragmentId>,
+        offset: u64,
+        length: u64,
+    ) -> Result<(FragmentId, Vec<u8>), PieceError> {
+        match self.first_live(ids).await? {
+            Some(id) => Ok((id, self.get_local(id, offset, length).await?)),
+            None => Err(PieceError::Rejected {
+                code: RejectCode::NotFound,
+                message: "none of the fragments asked for is held here".into(),
+            }),
+        }
+    }
+
     pub(crate) async fn have_local(&self, ids: Vec<FragmentId>) -> Result<Vec<bool>, PieceError> {
         self.live(ids).await
     }
@@ -956,24 +994,46 @@ pub async fn get<S: AsyncRead + AsyncWrite + Unpin>(
     let request = Message::GetFragment { id, offset, length };
     let (reader, mut write) = open_exchange(stream, &request).await?;
     write.close().await?;
-    read_fragment_answer(reader, id, offset, length).await
+    read_fragment_answer(reader, &[id], offset, length)
+        .await
+        .map(|(_, bytes)| bytes)
 }
 
-/// Reads a fragment-header and its data frames: exactly what the request
-/// covers, a whole fragment hashed against its id.
-async fn read_fragment_answer<R: AsyncRead + Unpin>(
-    mut reader: MessageReader<R>,
-    id: FragmentId,
+/// Gets `length` bytes from `offset` of whichever of `ids` (fragments of
+/// one segment) the peer holds; returns which, and the bytes (a whole
+/// fragment verified against its id).
+pub async fn get_any<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    ids: &[FragmentId],
     offset: u64,
     length: u64,
-) -> Result<Vec<u8>, PieceError> {
-    let (total_len, declared) = match reader.expect().await? {
+) -> Result<(FragmentId, Vec<u8>), PieceError> {
+    let request = Message::GetAny {
+        ids: ids.to_vec(),
+        offset,
+        length,
+    };
+    let (reader, mut write) = open_exchange(stream, &request).await?;
+    write.close().await?;
+    read_fragment_answer(reader, ids, offset, length).await
+}
+
+/// Reads a fragment-header naming one of `ids` and its data frames:
+/// exactly what the request covers, a whole fragment hashed against its
+/// id.
+async fn read_fragment_answer<R: AsyncRead + Unpin>(
+    mut reader: MessageReader<R>,
+    ids: &[FragmentId],
+    offset: u64,
+    length: u64,
+) -> Result<(FragmentId, Vec<u8>), PieceError> {
+    let (id, total_len, declared) = match reader.expect().await? {
         Message::FragmentHeader {
             id: answered,
             total_len,
             length,
             ..
-        } if answered == id => (total_len, length),
+        } if ids.contains(&answered) => (answered, total_len, length),
         Message::Reject { code, message } => return Err(PieceError::Rejected { code, message }),
         other => return Err(unexpected(&other)),
     };
@@ -995,7 +1055,7 @@ async fn read_fragment_answer<R: AsyncRead + Unpin>(
             other => return Err(unexpected(&other)),
         }
     }
-    checked_read(id, offset, total_len, bytes)
+    checked_read(id, offset, total_len, bytes).map(|bytes| (id, bytes))
 }
 
 /// Asks `fragment` of the keeper a drop names: the whole fragment, if its
@@ -1018,7 +1078,9 @@ pub async fn keep_check<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let (reader, mut write) = open_exchange(stream, &request).await?;
     write.close().await?;
-    read_fragment_answer(reader, fragment, 0, len).await
+    read_fragment_answer(reader, &[fragment], 0, len)
+        .await
+        .map(|(_, bytes)| bytes)
 }
 
 /// Asks which of `ids` the peer holds live; the answer is in `ids` order.

@@ -233,6 +233,59 @@ impl Placer {
         chosen
     }
 
+    /// Where each fragment of a segment belongs now, given the nodes found
+    /// holding each (`holders[i]`, any nodes) and the set placement takes
+    /// (`placed`, from [`Placer::place`]): a permutation of `placed`
+    /// (spec/placement.md, "Fragment indexes"). A node of the set keeps a
+    /// fragment it holds (its own placed index first); the fragments no
+    /// node of the set holds go to the nodes of the set holding none, each
+    /// to its placed node when that one is free, else in placement order.
+    /// A map change thus moves only the fragments of nodes that left the
+    /// set, to the nodes that joined it: the fewest there can be.
+    pub fn arrange(placed: &[NodeId], holders: &[Vec<NodeId>]) -> Vec<NodeId> {
+        if placed.len() != holders.len() {
+            return placed.to_vec();
+        }
+        let mut place: Vec<Option<NodeId>> = vec![None; placed.len()];
+        let mut used: Vec<bool> = vec![false; placed.len()];
+        // Its own placed index first, so that a segment no map change
+        // touched arranges as it was written.
+        for (index, node) in placed.iter().enumerate() {
+            if holders[index].contains(node) && !used[index] {
+                place[index] = Some(*node);
+                used[index] = true;
+            }
+        }
+        for index in 0..placed.len() {
+            if place[index].is_some() {
+                continue;
+            }
+            if let Some(at) =
+                (0..placed.len()).find(|&at| !used[at] && holders[index].contains(&placed[at]))
+            {
+                place[index] = Some(placed[at]);
+                used[at] = true;
+            }
+        }
+        for index in 0..placed.len() {
+            if place[index].is_none() && !used[index] {
+                place[index] = Some(placed[index]);
+                used[index] = true;
+            }
+        }
+        for slot in place.iter_mut().filter(|slot| slot.is_none()) {
+            let at = (0..placed.len())
+                .find(|&at| !used[at])
+                .expect("as many nodes as fragments");
+            *slot = Some(placed[at]);
+            used[at] = true;
+        }
+        place
+            .into_iter()
+            .map(|n| n.expect("every index placed"))
+            .collect()
+    }
+
     fn ranked(&self, key: &PlacementKey) -> Vec<usize> {
         let base = blake3::Hasher::new_derive_key(HASH_CONTEXT);
         let mut scored: Vec<(u8, f64, usize)> = self

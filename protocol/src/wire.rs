@@ -24,6 +24,8 @@ pub const MAX_DATA_BYTES: usize = 1 << 20;
 /// Largest frame (type byte and payload) a peer may send.
 pub const MAX_FRAME_BYTES: usize = MAX_DATA_BYTES + 1;
 pub const MAX_HAVE_IDS: usize = 1024;
+/// The most fragment ids one get-any names: every fragment of a segment.
+pub const MAX_GET_ANY_IDS: usize = 32;
 pub const MAX_REJECT_MESSAGE_BYTES: usize = 512;
 /// Read the whole fragment in a get-fragment request.
 pub const WHOLE: u64 = u64::MAX;
@@ -306,6 +308,14 @@ pub enum Message {
         version: VersionId,
         upload: UploadId,
     },
+    /// Asks for whichever of `ids` (the fragments of one segment) the node
+    /// holds live, the first in their order: answered as a get of that
+    /// fragment (its fragment-header names it), or refused when none.
+    GetAny {
+        ids: Vec<FragmentId>,
+        offset: u64,
+        length: u64,
+    },
     /// Asks for the node's status (`cairn admin status`); without `store`,
     /// the store's part is left empty (it walks the whole index).
     StatusQuery {
@@ -338,6 +348,7 @@ mod tag {
     pub const DROP_COPY: u8 = 0x15;
     pub const DROPPED: u8 = 0x16;
     pub const KEEP_CHECK: u8 = 0x17;
+    pub const GET_ANY: u8 = 0x18;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -534,6 +545,27 @@ impl Message {
                 out.extend_from_slice(&version.0);
                 out.extend_from_slice(upload.as_bytes());
             }
+            Message::GetAny {
+                ids,
+                offset,
+                length,
+            } => {
+                if ids.is_empty() {
+                    return Err(WireError::TooMany {
+                        what: "get-any ids (none)",
+                        len: 0,
+                        max: MAX_GET_ANY_IDS,
+                    });
+                }
+                check_len("get-any ids", ids.len(), MAX_GET_ANY_IDS)?;
+                out.put_u8(tag::GET_ANY);
+                out.put_u8(ids.len() as u8);
+                for id in ids {
+                    out.extend_from_slice(id.as_bytes());
+                }
+                out.put_u64(*offset);
+                out.put_u64(*length);
+            }
             Message::StatusQuery { store } => {
                 out.put_u8(tag::STATUS_QUERY);
                 out.put_bool(*store);
@@ -654,6 +686,24 @@ impl Message {
                 version: VersionId(r.array("version id")?),
                 upload: UploadId(r.array("upload id")?),
             },
+            tag::GET_ANY => {
+                let count = usize::from(r.u8("get-any count")?);
+                if count == 0 || count > MAX_GET_ANY_IDS {
+                    return Err(WireError::Malformed(DecodeError::InvalidValue {
+                        field: "get-any count",
+                        value: count as u64,
+                    }));
+                }
+                let mut ids = Vec::with_capacity(count);
+                for _ in 0..count {
+                    ids.push(FragmentId(r.array("fragment id")?));
+                }
+                Message::GetAny {
+                    ids,
+                    offset: r.u64("offset")?,
+                    length: r.u64("length")?,
+                }
+            }
             tag::STATUS_QUERY => Message::StatusQuery {
                 store: r.bool("store")?,
             },
@@ -842,6 +892,11 @@ mod tests {
                 key: "2026/cat.jpg".into(),
                 version: VersionId([9; 16]),
                 upload: UploadId([7; 16]),
+            },
+            Message::GetAny {
+                ids: vec![id; 6],
+                offset: 0,
+                length: WHOLE,
             },
             Message::StatusQuery { store: true },
             Message::StatusReply(Box::new(NodeStatus {

@@ -612,6 +612,14 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
                 upload: UploadId([0x4d; 16]),
             },
         ),
+        (
+            "get_any",
+            Message::GetAny {
+                ids: vec![id, FragmentId([0x2a; 32])],
+                offset: 4096,
+                length: 8192,
+            },
+        ),
     ]
 }
 

@@ -173,19 +173,23 @@ async fn segments_of(
     segments
 }
 
-/// Copies of the segments' fragments on nodes placement does not name
-/// for them (under node 0's map).
+/// Copies of the segments' fragments on nodes placement does not take
+/// for their segment (under node 0's map).
 fn copies_off_placement(
     cluster: &Cluster,
     segments: &[(Scheme, Vec<FragmentId>)],
     copies: &HashMap<FragmentId, Vec<NodeId>>,
 ) -> usize {
+    // A fragment belongs on any node placement takes for its segment
+    // (Placer::arrange): a copy is off placement when its node is not one.
     let map = cluster.node(0).cluster_map().unwrap();
     let mut placed_pairs = HashSet::new();
     for (scheme, ids) in segments {
         let placer = Placer::new(&map.map, *scheme, map.tolerance).unwrap();
         let placed = placer.place(&segment_placement_key(ids));
-        placed_pairs.extend(ids.iter().copied().zip(placed));
+        for id in ids {
+            placed_pairs.extend(placed.iter().map(|node| (*id, *node)));
+        }
     }
     segments
         .iter()
@@ -194,6 +198,69 @@ fn copies_off_placement(
         .into_iter()
         .flat_map(|id| copies.get(&id).into_iter().flatten().map(move |n| (id, *n)))
         .filter(|pair| !placed_pairs.contains(pair))
+        .count()
+}
+
+/// Fragments not at the node the arrangement of the live copies names
+/// (Placer::arrange under the first node's map), over all segments.
+fn fragments_not_arranged(
+    cluster: &Cluster,
+    segments: &[(Scheme, Vec<FragmentId>)],
+    copies: &HashMap<FragmentId, Vec<NodeId>>,
+) -> usize {
+    let map = cluster.node(0).cluster_map().unwrap();
+    segments
+        .iter()
+        .map(|(scheme, ids)| {
+            let placer = Placer::new(&map.map, *scheme, map.tolerance).unwrap();
+            let placed = placer.place(&segment_placement_key(ids));
+            let holders: Vec<Vec<NodeId>> = ids
+                .iter()
+                .map(|id| copies.get(id).cloned().unwrap_or_default())
+                .collect();
+            Placer::arrange(&placed, &holders)
+                .iter()
+                .zip(&holders)
+                .filter(|(node, holders)| !holders.contains(node))
+                .count()
+        })
+        .sum()
+}
+
+/// The fewest fragment copies a move to the current map needs: per
+/// segment, the placed nodes that hold none of its fragments now.
+fn fewest_moves(
+    cluster: &Cluster,
+    segments: &[(Scheme, Vec<FragmentId>)],
+    copies: &HashMap<FragmentId, Vec<NodeId>>,
+) -> usize {
+    let map = cluster.node(0).cluster_map().unwrap();
+    segments
+        .iter()
+        .map(|(scheme, ids)| {
+            let placer = Placer::new(&map.map, *scheme, map.tolerance).unwrap();
+            let holding: HashSet<NodeId> = ids
+                .iter()
+                .flat_map(|id| copies.get(id).into_iter().flatten().copied())
+                .collect();
+            placer
+                .place(&segment_placement_key(ids))
+                .iter()
+                .filter(|node| !holding.contains(node))
+                .count()
+        })
+        .sum()
+}
+
+/// (fragment, node) pairs held in `after` and not in `before`.
+fn new_copies(
+    before: &HashMap<FragmentId, Vec<NodeId>>,
+    after: &HashMap<FragmentId, Vec<NodeId>>,
+) -> usize {
+    after
+        .iter()
+        .flat_map(|(id, nodes)| nodes.iter().map(move |node| (id, node)))
+        .filter(|(id, node)| !before.get(id).is_some_and(|nodes| nodes.contains(node)))
         .count()
 }
 
@@ -484,19 +551,6 @@ async fn rebalance_until_in_place(
     repairers: &mut [Repairer],
     segments: &[(Scheme, Vec<FragmentId>)],
 ) {
-    let map = cluster.node(0).cluster_map().unwrap();
-    let mut placed_pairs = Vec::new();
-    for (scheme, ids) in segments {
-        let placer = Placer::new(&map.map, *scheme, map.tolerance).unwrap();
-        let placed = placer.place(&segment_placement_key(ids));
-        placed_pairs.extend(ids.iter().copied().zip(placed));
-    }
-    let missing = |copies: &HashMap<FragmentId, Vec<NodeId>>| {
-        placed_pairs
-            .iter()
-            .filter(|(id, node)| !copies.get(id).is_some_and(|nodes| nodes.contains(node)))
-            .count()
-    };
     let settled = tokio::time::timeout(Duration::from_secs(240), async {
         loop {
             for repairer in repairers.iter_mut() {
@@ -511,7 +565,7 @@ async fn rebalance_until_in_place(
                 every_segment_survives_any_site(cluster, segments, &copies),
                 "a site loss would take a segment below k mid-rebalance"
             );
-            if missing(&copies) == 0 {
+            if fragments_not_arranged(cluster, segments, &live_copies(cluster)) == 0 {
                 for repairer in repairers.iter_mut() {
                     repairer.next_pass().await.expect("repair runs");
                 }
@@ -523,7 +577,7 @@ async fn rebalance_until_in_place(
     assert!(
         settled.is_ok(),
         "{} fragments still off their placed nodes",
-        missing(&live_copies(cluster))
+        fragments_not_arranged(cluster, segments, &live_copies(cluster))
     );
 }
 
@@ -549,8 +603,10 @@ async fn a_site_added_gets_its_share_of_every_segment() {
     let mut four_sites = cluster.map();
     four_sites.version = 2;
     cluster.install_map(four_sites, scheme).await.unwrap();
-    let before = copies_off_placement(&cluster, &segments, &live_copies(&cluster));
+    let held_before = live_copies(&cluster);
+    let before = copies_off_placement(&cluster, &segments, &held_before);
     assert!(before > 0, "the new site is placed for some fragment");
+    let fewest = fewest_moves(&cluster, &segments, &held_before);
     // As `cairn serve` does: the collectors install the rules a drop is
     // checked against.
     let _collectors = start_collectors(&cluster, Collection::default());
@@ -563,8 +619,15 @@ async fn a_site_added_gets_its_share_of_every_segment() {
     let fragments: usize = segments.iter().map(|(_, ids)| ids.len()).sum();
     // The figure spec/repair.md quotes (the new site's fair share of 8
     // nodes is a quarter).
-    eprintln!("a fourth site moved {moved} of {fragments} fragments");
+    eprintln!("a fourth site moved {moved} of {fragments} fragments; the fewest is {fewest}");
     assert!(moved > 0, "nothing moved");
+    // Only the fragments of nodes leaving a segment's set moved, each to a
+    // node joining it: the fewest copies there can be.
+    assert_eq!(
+        new_copies(&held_before, &live_copies(&cluster)),
+        fewest,
+        "more copies than the minimum were made"
+    );
     assert_eq!(
         statuses.iter().map(|r| r.rebuilt).sum::<u64>(),
         0,
@@ -769,9 +832,10 @@ async fn a_first_replica_that_does_not_repair_is_passed_over() {
 }
 
 /// A member cannot have a copy dropped on its word: the holder checks the
-/// version in the metadata, placement under its own map (never its own
-/// placed fragment, and only for a keeper placement names) and that the
-/// keeper sends the fragment's bytes; then the copy goes to its trash.
+/// version in the metadata, placement under its own map (never while it
+/// takes the holder for the segment, and only for a keeper it takes) and
+/// that the keeper sends the fragment's bytes; then the copy goes to its
+/// trash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
     use cairn_node::pieces::PieceError;
@@ -797,11 +861,12 @@ async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
     let placed = placer.place(&segment_placement_key(&segment.fragments));
     let (fragment, keeper) = (segment.fragments[0], placed[0]);
     let other_placed = placed[1];
-    let spare = cluster
+    let spares: Vec<NodeId> = cluster
         .node_ids()
         .into_iter()
-        .find(|n| !placed.contains(n))
-        .unwrap();
+        .filter(|n| !placed.contains(n))
+        .collect();
+    let (spare, other_spare) = (spares[0], spares[1]);
     // A copy of fragment 0 off placement, as a write's hand-off leaves.
     let bytes = cluster
         .node(0)
@@ -843,15 +908,22 @@ async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
             .await,
         "a drop of a placed fragment",
     );
-    assert!(why.contains("names this node"), "{why}");
-    // The keeper must be the node placement names for that fragment.
+    assert!(why.contains("takes this node"), "{why}");
+    // The keeper must be a node placement takes for the segment, and hold
+    // the fragment there.
     let why = refused(
+        member
+            .drop_copy(&spare, fragment, "drops", "k0", version, other_spare)
+            .await,
+        "a drop naming a keeper placement does not take",
+    );
+    assert!(why.contains("does not take"), "{why}");
+    refused(
         member
             .drop_copy(&spare, fragment, "drops", "k0", version, other_placed)
             .await,
-        "a drop naming another placed node as keeper",
+        "a drop naming a placed node without the fragment as keeper",
     );
-    assert!(why.contains("does not name"), "{why}");
     // A version that does not exist, or another object's name: refused.
     refused(
         member
@@ -940,7 +1012,7 @@ async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
             .await,
         "a drop on a forged version's word",
     );
-    assert!(why.contains("names this node"), "{why}");
+    assert!(why.contains("takes this node"), "{why}");
     assert_eq!(state(&keeper), Some(FragmentState::Live));
     // While it exists the forged version also stands in the way of honest
     // drops (it does not place the fragment on the keeper); purged, it no
@@ -994,7 +1066,7 @@ async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
         Err(PieceError::Rejected {
             code: RejectCode::Unauthorized,
             message,
-        }) => assert!(message.contains("does not name this node"), "{message}"),
+        }) => assert!(message.contains("does not take this node"), "{message}"),
         other => panic!("a spare showed itself as keeper: {other:?}"),
     }
     assert_eq!(ask_keep(keeper).await.unwrap(), bytes);
