@@ -8,8 +8,10 @@
 //! 2. Reed-Solomon reconstruction alone on this machine, rebuilding one
 //!    fragment of a 4 MiB segment from 4 (decode, then encode again, as
 //!    repair does), for comparison.
-//! 3. Client PUT and GET throughput idle, then while repair (at its default
-//!    rate, 32 MiB/s of fragment bytes read and written) rebuilds the node wiped again.
+//! 3. Client PUT and GET throughput beside repair (at its default rate,
+//!    32 MiB/s of fragment bytes read and written) rebuilding the node
+//!    wiped again: rounds with repair stopped and running in turn, each
+//!    measure on half the objects.
 //!
 //! Under `cargo test` it runs with a few small objects, as a check. With
 //! `CAIRN_REPAIR_BENCH_GIB=N` it writes enough 64 MiB objects for the
@@ -172,20 +174,34 @@ fn main() {
         }
         let alone = reconstruction_alone(if full { 64 } else { 2 });
 
-        // Client load while repair, at its default rate, rebuilds the
-        // same node wiped again.
+        // Client load beside repair at its default rate, rebuilding the
+        // same node wiped again: rounds with repair stopped and running in
+        // turn, so that the machine's moment and the wiped node weigh on
+        // both sides alike.
         wipe_a_node_holding_no_metadata_of(&mut s.cluster, "bench").await;
         let background = RepairSettings {
             every: Duration::from_millis(50),
             ..RepairSettings::default()
         };
+        let rounds = if full { 3 } else { 1 };
+        let per_round = (count / 2).max(1);
+        let mut table = Vec::new();
+        let mut rebuilt_before = 0;
+        for round in 0..rounds {
+            let quiet_put = put_objects(&s.client, &format!("q{round}"), size, per_round).await;
+            let quiet_get = get_objects(&s.client, "a", size, per_round).await;
+            let repairers = start_repairers(&s, background);
+            let busy_put = put_objects(&s.client, &format!("r{round}"), size, per_round).await;
+            let busy_get = get_objects(&s.client, "a", size, per_round).await;
+            let rebuilt: u64 = repairers.iter().map(|r| r.status().rebuilt).sum();
+            drop(repairers);
+            rebuilt_before += rebuilt;
+            table.push((quiet_put, busy_put, quiet_get, busy_get, rebuilt_before < segments));
+        }
+        // The rest of the repair, so that the cluster ends whole.
         let mut repairers = start_repairers(&s, background);
-        let background_started = Instant::now();
-        let during_put = put_objects(&s.client, "b", size, count).await;
-        let during_get = get_objects(&s.client, "a", size, count).await;
-        let client_seconds = background_started.elapsed().as_secs_f64();
-        wait_for_rebuilt(&mut repairers, segments).await;
-        let background_seconds = background_started.elapsed().as_secs_f64();
+        let left = segments.saturating_sub(rebuilt_before);
+        wait_for_rebuilt(&mut repairers, left).await;
         drop(repairers);
         println!(
             "Repair on 3 sites x 2 nodes, 4+2, {count} objects of {} MiB ({segments} segments)",
@@ -209,12 +225,28 @@ fn main() {
         println!(
             "| RS reconstruction alone (decode and encode, one fragment of 4) | {alone:.1} MiB/s of fragment rebuilt |"
         );
+        println!("| client PUT and GET, idle before the wipe | {idle_put:.1} / {idle_get:.1} MiB/s |");
         let rate = RepairSettings::default().bytes_per_second >> 20;
-        println!("| client PUT, idle / during repair at {rate} MiB/s | {idle_put:.1} / {:.1} MiB/s |", during_put);
-        println!("| client GET, idle / during repair at {rate} MiB/s | {idle_get:.1} / {:.1} MiB/s |", during_get);
-
+        println!();
         println!(
-            "| repair at {rate} MiB/s beside the client: client done / repair done | {client_seconds:.1} / {background_seconds:.1} s |"
+            "Client beside repair at {rate} MiB/s, {per_round} objects per measure, repair stopped and running in turn:"
+        );
+        println!("| round | PUT stopped → running | GET stopped → running | repair still going at the round's end |");
+        println!("| --- | --- | --- | --- |");
+        for (round, (quiet_put, busy_put, quiet_get, busy_get, going)) in table.iter().enumerate() {
+            println!(
+                "| {} | {quiet_put:.1} → {busy_put:.1} MiB/s ({:+.0}%) | {quiet_get:.1} → {busy_get:.1} MiB/s ({:+.0}%) | {} |",
+                round + 1,
+                (busy_put / quiet_put - 1.0) * 100.0,
+                (busy_get / quiet_get - 1.0) * 100.0,
+                if *going { "yes" } else { "no" }
+            );
+        }
+        let sum = |pick: fn(&(f64, f64, f64, f64, bool)) -> f64| table.iter().map(pick).sum::<f64>();
+        println!(
+            "| all rounds | {:+.0}% | {:+.0}% | |",
+            (sum(|r| r.1) / sum(|r| r.0) - 1.0) * 100.0,
+            (sum(|r| r.3) / sum(|r| r.2) - 1.0) * 100.0
         );
         s.shutdown().await;
     });
