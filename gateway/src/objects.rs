@@ -21,7 +21,7 @@ use cairn_node::clock::random_bytes;
 use cairn_node::swarm::NodeHandle;
 use cairn_protocol::encryption::{RangePlan, SecretKey, part_stream_key};
 use cairn_protocol::erasure::{EncodedSegment, Scheme, SegmentLayout, reconstruct};
-use cairn_protocol::ids::{NodeId, UploadId};
+use cairn_protocol::ids::{FragmentId, NodeId, UploadId};
 use cairn_protocol::manifest::{Manifest, Part, PartKeys, SegmentRef};
 use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::RowKey;
@@ -672,34 +672,48 @@ impl ObjectStore {
         // spare is asked are asked last for the rest of the read.
         let waiting: Mutex<HashSet<NodeId>> = Mutex::new(HashSet::new());
         let ids = segment.fragments.as_slice();
-        let fetch = |node: NodeId| {
+        // What to ask `node` for: the fragments not read yet, the one it
+        // was written first (a node holding a stray copy of another one
+        // still answers with its own), each id once (padding fragments
+        // can share one).
+        let wanted_for = |node: &NodeId, got: &[(usize, Vec<u8>)]| -> Vec<FragmentId> {
+            let unread = |i: &usize| !got.iter().any(|(g, _)| g == i);
+            let written = placed.iter().position(|p| p == node).filter(unread);
+            let mut wanted: Vec<FragmentId> = Vec::with_capacity(ids.len());
+            for index in written.into_iter().chain((0..ids.len()).filter(unread)) {
+                if !wanted.contains(&ids[index]) {
+                    wanted.push(ids[index]);
+                }
+            }
+            wanted
+        };
+        let fetch = |node: NodeId, wanted: Vec<FragmentId>| {
             waiting.lock().expect("waiting lock").insert(node);
             let waiting = &waiting;
             async move {
                 let result = self
                     .node
-                    .get_any_fragment(&node, ids, 0, fragment_len)
+                    .get_any_fragment(&node, &wanted, 0, fragment_len)
                     .await;
                 waiting.lock().expect("waiting lock").remove(&node);
                 (node, result)
             }
         };
         let mut running = FuturesUnordered::new();
-        let mut ask = |node: NodeId, running: &mut FuturesUnordered<_>| {
-            if asked.insert(node) {
-                running.push(fetch(node));
-                true
-            } else {
-                false
-            }
-        };
+        let mut got: Vec<(usize, Vec<u8>)> = Vec::with_capacity(scheme.data());
+        let mut ask =
+            |node: NodeId, got: &[(usize, Vec<u8>)], running: &mut FuturesUnordered<_>| {
+                if asked.insert(node) {
+                    running.push(fetch(node, wanted_for(&node, got)));
+                }
+            };
         for _ in 0..scheme.data() {
             if let Some(node) = queue.pop_front() {
-                ask(node, &mut running);
+                ask(node, &got, &mut running);
             }
         }
-        let mut got: Vec<(usize, Vec<u8>)> = Vec::with_capacity(scheme.data());
         let mut failed: Vec<NodeId> = Vec::new();
+        let mut asked_again: HashSet<NodeId> = HashSet::new();
         let mut errors: Vec<String> = Vec::new();
         let mut retried = false;
         let mut located = false;
@@ -712,21 +726,33 @@ impl ObjectStore {
                         .expect("slow peers lock")
                         .extend(waiting.lock().expect("waiting lock").iter().copied());
                     if let Some(node) = queue.pop_front().or_else(|| spares.next()) {
-                        ask(node, &mut running);
+                        ask(node, &got, &mut running);
                     }
                 }
-                Ok(Some((_, Ok((id, bytes))))) => {
-                    // The answer is one of the ids asked, verified against
-                    // it (pieces::get_any); copies of a padding fragment
-                    // share an id, so the first index not yet read.
-                    let index =
-                        (0..ids.len()).find(|&i| ids[i] == id && !got.iter().any(|(g, _)| *g == i));
-                    match index {
+                Ok(Some((node, Ok((id, bytes))))) => {
+                    // Hashed here whatever the peer said of its length: a
+                    // range read is not hashed by the transfer.
+                    if FragmentId::of(&bytes) != id {
+                        errors.push(format!("{node} sent a corrupt fragment"));
+                        failed.push(node);
+                        if let Some(next) = queue.pop_front().or_else(|| spares.next()) {
+                            ask(next, &got, &mut running);
+                        }
+                        continue;
+                    }
+                    // Copies of a padding fragment share an id: the first
+                    // index not yet read.
+                    match (0..ids.len())
+                        .find(|&i| ids[i] == id && !got.iter().any(|(g, _)| *g == i))
+                    {
                         Some(index) => got.push((index, bytes)),
                         None => {
-                            // A fragment already read: someone else's.
-                            if let Some(node) = queue.pop_front().or_else(|| spares.next()) {
-                                ask(node, &mut running);
+                            // Read meanwhile from another node: this one
+                            // is asked once more for what is still unread.
+                            if asked_again.insert(node) {
+                                running.push(fetch(node, wanted_for(&node, &got)));
+                            } else if let Some(next) = queue.pop_front().or_else(|| spares.next()) {
+                                ask(next, &got, &mut running);
                             }
                         }
                     }
@@ -734,26 +760,26 @@ impl ObjectStore {
                 Ok(Some((node, Err(error)))) => {
                     errors.push(format!("{node}: {error}"));
                     failed.push(node);
-                    if let Some(node) = queue.pop_front().or_else(|| spares.next()) {
-                        ask(node, &mut running);
+                    if let Some(next) = queue.pop_front().or_else(|| spares.next()) {
+                        ask(next, &got, &mut running);
                     }
                 }
                 Ok(None) if !queue.is_empty() => {
                     let node = queue.pop_front().expect("not empty");
-                    ask(node, &mut running);
+                    ask(node, &got, &mut running);
                 }
                 Ok(None) if !retried && !failed.is_empty() => {
                     // Placement is exhausted: a node that was busy or
                     // briefly unreachable gets one more chance.
                     retried = true;
                     tokio::time::sleep(RETRY_AFTER).await;
-                    for node in failed.drain(..) {
-                        running.push(fetch(node));
+                    for node in std::mem::take(&mut failed) {
+                        running.push(fetch(node, wanted_for(&node, &got)));
                     }
                 }
                 Ok(None) => {
                     if let Some(spare) = spares.next() {
-                        ask(spare, &mut running);
+                        ask(spare, &got, &mut running);
                         continue;
                     }
                     if located {
@@ -764,7 +790,9 @@ impl ObjectStore {
                     for index in (0..ids.len()).filter(|i| !got.iter().any(|(g, _)| g == i)) {
                         if let Ok(holders) = self.node.locate_fragment(&upload, &ids[index]).await {
                             for holder in holders {
-                                ask(holder, &mut running);
+                                if asked_again.insert(holder) {
+                                    running.push(fetch(holder, vec![ids[index]]));
+                                }
                             }
                         }
                     }

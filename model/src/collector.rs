@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::Metadata;
-use cairn_node::release::ReleaseCheck;
+use cairn_node::release::{ReleaseCheck, SegmentPlaces};
 use cairn_node::swarm::NodeHandle;
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
 use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, split_key_sort};
@@ -549,10 +549,9 @@ impl ReleaseRule {
 
 /// A check's answer as a node takes it: a reason not to, or the metadata
 /// that could not be read.
-fn verdict(why_not: ModelResult<Option<String>>) -> Result<(), String> {
+fn verdict<T>(why_not: ModelResult<Result<T, String>>) -> Result<T, String> {
     match why_not {
-        Ok(None) => Ok(()),
-        Ok(Some(why)) => Err(why),
+        Ok(answer) => answer,
         Err(error) => Err(format!("the metadata could not be checked: {error}")),
     }
 }
@@ -573,7 +572,10 @@ impl ReleaseCheck for ReleaseRule {
         key: &'a str,
         upload: UploadId,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
-        Box::pin(async move { verdict(self.why_not(metadata, bucket, key, upload).await) })
+        Box::pin(async move {
+            let why_not = self.why_not(metadata, bucket, key, upload).await;
+            verdict(why_not.map(|why| why.map_or(Ok(()), Err)))
+        })
     }
 
     fn check_restore<'a>(
@@ -604,7 +606,7 @@ impl ReleaseCheck for ReleaseRule {
         fragment: FragmentId,
         upload: UploadId,
         keeper: NodeId,
-    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<SegmentPlaces>, String>> + Send + 'a>> {
         Box::pin(async move {
             names_an_object(bucket, key)?;
             let why_not = crate::repair::why_not_drop(
@@ -633,7 +635,7 @@ impl ReleaseCheck for ReleaseRule {
             names_an_object(bucket, key)?;
             let why_not =
                 crate::repair::why_not_drop(metadata, bucket, key, version, fragment, upload, None);
-            verdict(why_not.await)
+            verdict(why_not.await).map(|_| ())
         })
     }
 

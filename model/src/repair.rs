@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::Metadata;
+use cairn_node::release::SegmentPlaces;
 use cairn_node::swarm::NodeHandle;
 use cairn_protocol::erasure::{Scheme, SegmentEncoder, reconstruct};
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
@@ -310,7 +311,8 @@ impl SegmentWork {
 
 /// Why this node (the one `metadata` belongs to) may not drop its copy of
 /// `fragment`, written by `upload` for `bucket`/`key`, on the word that
-/// `keeper` holds it at its place; `None` when it may (spec/repair.md,
+/// `keeper` holds it at its place; when it may, every segment the fragment
+/// is used in with its placed nodes, to be found whole there (spec/repair.md,
 /// "Copies left behind"). Every existing version of the key (and its head)
 /// whose manifest has the fragment in a part written by `upload` counts,
 /// `version` among them: for each such segment placement under this node's
@@ -328,7 +330,7 @@ pub(crate) async fn why_not_drop(
     fragment: FragmentId,
     upload: UploadId,
     keeper: Option<NodeId>,
-) -> ModelResult<Option<String>> {
+) -> ModelResult<Result<Vec<SegmentPlaces>, String>> {
     let mut versions = existing_versions(metadata, bucket, key, None).await?;
     if let Some(head) = read_head(metadata, bucket, key).await?
         && is_current_object(&head)
@@ -337,7 +339,7 @@ pub(crate) async fn why_not_drop(
         versions.push(head);
     }
     if !versions.iter().any(|v| v.version == version) {
-        return Ok(Some(format!(
+        return Ok(Err(format!(
             "{bucket}/{key} has no version {version} that exists"
         )));
     }
@@ -350,7 +352,7 @@ pub(crate) async fn why_not_drop(
         };
         let Some(manifest) = read_manifest(metadata, bucket, id).await? else {
             if found.version == version {
-                return Ok(Some(format!("manifest {id} is missing")));
+                return Ok(Err(format!("manifest {id} is missing")));
             }
             continue;
         };
@@ -375,16 +377,17 @@ pub(crate) async fn why_not_drop(
         }
     }
     if !in_named {
-        return Ok(Some(format!(
+        return Ok(Err(format!(
             "version {version} of {bucket}/{key} has no fragment {fragment} written by upload {upload}"
         )));
     }
     let Some(map) = metadata.cluster_map() else {
-        return Ok(Some("this node has no cluster map".into()));
+        return Ok(Err("this node has no cluster map".into()));
     };
     let own = metadata.node_id();
     blocking(move || {
         let mut placers: HashMap<cairn_protocol::erasure::Scheme, Placer> = HashMap::new();
+        let mut places = Vec::with_capacity(uses.len());
         for (scheme, segment) in &uses {
             if !placers.contains_key(scheme) {
                 let placer = Placer::new(&map.map, *scheme, map.tolerance)
@@ -397,28 +400,32 @@ pub(crate) async fn why_not_drop(
             match keeper {
                 Some(keeper) => {
                     if placed.contains(&own) {
-                        return Ok(Some(format!(
+                        return Ok(Err(format!(
                             "placement under map version {} takes this node for a segment of fragment {fragment}",
                             map.map.version
                         )));
                     }
                     if !placed.contains(&keeper) {
-                        return Ok(Some(format!(
+                        return Ok(Err(format!(
                             "placement under map version {} does not take {keeper} for a segment of fragment {fragment}",
                             map.map.version
                         )));
                     }
                 }
                 None if !placed.contains(&own) => {
-                    return Ok(Some(format!(
+                    return Ok(Err(format!(
                         "placement under map version {} does not take this node for a segment of fragment {fragment}",
                         map.map.version
                     )));
                 }
                 None => {}
             }
+            places.push(SegmentPlaces {
+                placed,
+                fragments: segment.fragments.clone(),
+            });
         }
-        Ok(None)
+        Ok(Ok(places))
     })
     .await
 }

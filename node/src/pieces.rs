@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use crate::budget::{ByteBudget, Taken};
 
 use crate::meta::Metadata;
-use crate::release::{ReleaseRules, may_drop, may_keep, may_release, may_restore};
+use crate::release::{ReleaseRules, SegmentPlaces, may_drop, may_keep, may_release, may_restore};
 use crate::store::{
     FragmentState, FragmentStore, PutOutcome, Released, ScrubState, StoreError, VerifiedFragment,
 };
@@ -693,7 +693,7 @@ impl Server {
         let upload = entry.hold.upload;
         let in_order = self.release_rules.order.lock(upload, object).await;
         let map_version = self.metadata.cluster_map().map(|m| m.map.version);
-        if let Err(why) = may_drop(
+        let places = match may_drop(
             &self.release_rules,
             &self.metadata,
             bucket,
@@ -705,8 +705,9 @@ impl Server {
         )
         .await
         {
-            return refuse(why);
-        }
+            Ok(places) => places,
+            Err(why) => return refuse(why),
+        };
         // The keeper shows it holds the fragment whole, now, and that its
         // own map places it there (two nodes whose maps differ cannot each
         // drop on the other's word): its bytes, checked against the id.
@@ -732,6 +733,13 @@ impl Server {
             return refuse(format!(
                 "the keeper {keeper} did not show the fragment: {why}"
             ));
+        }
+        // Any node of a segment's set may keep any of its fragments, so
+        // the keeper's copy alone proves little (a member of the set could
+        // copy fragments to itself, vouch, then delete them): every
+        // segment must be whole on its placed nodes, each counted once.
+        if let Err(why) = whole_on_placed(&self.metadata, &places).await {
+            return refuse(why);
         }
         // Judged under one map from start to end: a map adopted meanwhile
         // may place the fragment here, and its keeper be asked to drop.
@@ -876,6 +884,33 @@ impl Server {
             .await?
             .map_err(|r| refused(&r))
     }
+}
+
+/// Whether each segment is whole on the nodes placement takes for it, as
+/// their have-answers say: one fragment per node, every fragment.
+async fn whole_on_placed(metadata: &Metadata, places: &[SegmentPlaces]) -> Result<(), String> {
+    for segment in places {
+        let asks = segment.placed.iter().map(|node| async move {
+            let asked = tokio::time::timeout(KEEPER_SHOWS_WITHIN, async {
+                let stream = metadata.open_member_stream(node, PROTOCOL).await?;
+                have(stream, segment.fragments.clone())
+                    .await
+                    .map_err(|e| e.to_string())
+            });
+            asked
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {KEEPER_SHOWS_WITHIN:?}")))
+                .map_err(|why| format!("placed node {node} did not say what it holds: {why}"))
+        });
+        let held = futures::future::try_join_all(asks).await?;
+        if !segment.whole_on(&held) {
+            return Err(format!(
+                "a segment of the fragment is not whole on the {} nodes placement takes for it",
+                segment.placed.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The error a caller sees for a reject message.

@@ -40,6 +40,9 @@ pub trait ReleaseCheck: Send + Sync {
     /// when `fragment` is in `version` of `bucket`/`key` as written by
     /// `upload`, and placement under this node's map names `keeper` for it
     /// and not this node.
+    /// On `Ok`, every segment the fragment is used in, with the nodes
+    /// placement takes for it: the holder checks each is whole on them
+    /// before it drops.
     #[allow(clippy::too_many_arguments)]
     fn check_drop<'a>(
         &'a self,
@@ -50,7 +53,7 @@ pub trait ReleaseCheck: Send + Sync {
         fragment: FragmentId,
         upload: UploadId,
         keeper: NodeId,
-    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<SegmentPlaces>, String>> + Send + 'a>>;
 
     /// The check a keeper named in a drop must pass before it shows the
     /// fragment: `Ok` when `fragment` is in `version` of `bucket`/`key` as
@@ -144,7 +147,56 @@ pub(crate) async fn may_release(
     }
 }
 
-/// Whether the installed rules let this node drop its copy of `fragment`.
+/// A segment's fragments and the nodes placement takes for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentPlaces {
+    pub placed: Vec<NodeId>,
+    pub fragments: Vec<FragmentId>,
+}
+
+impl SegmentPlaces {
+    /// Whether the fragments can be matched one to one with distinct nodes
+    /// of the set holding them (`held[n]`: which fragments `placed[n]`
+    /// says it holds): the segment is whole on its placed nodes, counting
+    /// any node once whatever it holds.
+    pub fn whole_on(&self, held: &[Vec<bool>]) -> bool {
+        let fragments = self.fragments.len();
+        // Kuhn's augmenting paths: at most 32 fragments and nodes.
+        let mut node_of: Vec<Option<usize>> = vec![None; fragments];
+        fn augment(
+            node: usize,
+            held: &[Vec<bool>],
+            node_of: &mut [Option<usize>],
+            seen: &mut [bool],
+        ) -> bool {
+            for fragment in 0..node_of.len() {
+                if held[node].get(fragment).copied().unwrap_or(false) && !seen[fragment] {
+                    seen[fragment] = true;
+                    let free = match node_of[fragment] {
+                        None => true,
+                        Some(other) => augment(other, held, node_of, seen),
+                    };
+                    if free {
+                        node_of[fragment] = Some(node);
+                        return true;
+                    }
+                }
+            }
+            false
+        }
+        let mut matched = 0;
+        for node in 0..held.len().min(self.placed.len()) {
+            let mut seen = vec![false; fragments];
+            if augment(node, held, &mut node_of, &mut seen) {
+                matched += 1;
+            }
+        }
+        matched == fragments
+    }
+}
+
+/// Whether the installed rules let this node drop its copy of `fragment`;
+/// the segments to find whole on their placed nodes first.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn may_drop(
     rules: &ReleaseRules,
@@ -155,7 +207,7 @@ pub(crate) async fn may_drop(
     fragment: FragmentId,
     upload: UploadId,
     keeper: NodeId,
-) -> Result<(), String> {
+) -> Result<Vec<SegmentPlaces>, String> {
     match rules.get() {
         Some(rules) => {
             rules
@@ -197,5 +249,35 @@ pub(crate) async fn may_restore(
     match rules.get() {
         Some(rules) => rules.check_restore(metadata, bucket, key, upload).await,
         None => Err("this node has no metadata rules to check a restore against".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_segment_is_whole_only_with_one_distinct_fragment_per_node() {
+        let segment = SegmentPlaces {
+            placed: (0..3u8).map(|i| NodeId([i; 32])).collect(),
+            fragments: (0..3u8).map(|i| FragmentId([i; 32])).collect(),
+        };
+        let held = |rows: &[[bool; 3]]| rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>();
+        // Node 0 holds two, node 1 one of them: still one each.
+        assert!(segment.whole_on(&held(&[
+            [true, true, false],
+            [true, false, false],
+            [false, false, true]
+        ])));
+        // Node 0 holds two and node 1 none: a node counts once.
+        assert!(!segment.whole_on(&held(&[
+            [true, true, false],
+            [false, false, false],
+            [false, false, true]
+        ])));
+        // Every node holds the same one.
+        assert!(!segment.whole_on(&held(&[[true, false, false]; 3])));
+        // Fewer answers than nodes.
+        assert!(!segment.whole_on(&held(&[[true, true, true]])));
     }
 }

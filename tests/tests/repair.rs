@@ -1148,3 +1148,97 @@ async fn fragments_of_an_existing_version_are_brought_back_from_the_trash() {
     gateway.stop().await;
     cluster.shutdown().await;
 }
+
+/// Copies of one fragment planted on other nodes of its segment's set
+/// (anyone holding the bytes can put them) neither starve a read (each
+/// node is asked for the fragment it was written first) nor let a node of
+/// the set vouch for a fragment the set does not otherwise hold: a copy
+/// off placement is dropped only while the segment is whole on its placed
+/// nodes, each counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copies_planted_on_the_set_neither_starve_a_read_nor_vouch_for_a_drop() {
+    use cairn_node::pieces::PieceError;
+    use cairn_node::swarm::NodeError;
+    use cairn_protocol::wire::{Hold, ObjectKeyDigest, RejectCode};
+    let (cluster, gateway, client) = three_sites_of_three("plant").await;
+    let _collectors = start_collectors(&cluster, Collection::default());
+    let objects = put_objects(&client, "plant", &[1 << 20], 14_000).await;
+    let node = cluster.node(0);
+    let versions = existing_versions(node.metadata(), "plant", "k0", None)
+        .await
+        .unwrap();
+    let VersionBody::Data { manifest, .. } = &versions[0].body else {
+        panic!("data");
+    };
+    let manifest = read_manifest(node.metadata(), "plant", manifest)
+        .await
+        .unwrap()
+        .unwrap();
+    let segment = &manifest.parts[0].segments[0];
+    let map = node.cluster_map().unwrap();
+    let placer = Placer::new(&map.map, manifest.layout.scheme, map.tolerance).unwrap();
+    let placed = placer.place(&segment_placement_key(&segment.fragments));
+    let fragment = segment.fragments[0];
+    let bytes = node
+        .get_fragment(&placed[0], fragment, 0, u64::MAX)
+        .await
+        .unwrap();
+    let member = cluster.node(1);
+    let hold = || {
+        Hold::sign(
+            cluster.members[1].identity.signing_key(),
+            &fragment,
+            manifest.upload,
+            ObjectKeyDigest::of("plant", "k0"),
+            0,
+        )
+    };
+    // Fragment 0 on three more nodes of the set, each still holding its own.
+    for other in &placed[1..4] {
+        member
+            .put_fragment(other, fragment, &bytes, hold())
+            .await
+            .unwrap();
+    }
+    assert!(
+        get_bytes(&client, "plant", "k0").await == objects[0].1,
+        "the read was starved by the planted copies"
+    );
+    // Fragment 0 leaves its place and survives only on a spare (as after
+    // a map change, before repair) and on a node of the set that holds
+    // another fragment: that node vouching cannot get the spare's copy
+    // dropped, since the set holds five distinct fragments on five nodes.
+    let spare = cluster
+        .node_ids()
+        .into_iter()
+        .find(|n| !placed.contains(n))
+        .unwrap();
+    member
+        .put_fragment(&spare, fragment, &bytes, hold())
+        .await
+        .unwrap();
+    cluster
+        .node(cluster.index_of(&placed[0]))
+        .store()
+        .delete(&fragment, 0)
+        .unwrap();
+    let outcome = member
+        .drop_copy(&spare, fragment, "plant", "k0", manifest.version, placed[2])
+        .await;
+    match outcome {
+        Err(NodeError::Piece(PieceError::Rejected {
+            code: RejectCode::Unauthorized,
+            message,
+        })) => assert!(message.contains("not whole"), "{message}"),
+        other => panic!("a drop vouched for by a node holding another fragment: {other:?}"),
+    }
+    let spare_state = cluster
+        .node(cluster.index_of(&spare))
+        .store()
+        .entry(&fragment)
+        .unwrap()
+        .map(|e| e.state);
+    assert_eq!(spare_state, Some(FragmentState::Live));
+    gateway.stop().await;
+    cluster.shutdown().await;
+}
