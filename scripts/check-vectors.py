@@ -201,7 +201,7 @@ def check_wire():
     names = ["hello", "put_fragment", "data", "ack", "reject", "get_fragment", "fragment_header", "have_query",
              "have_reply", "inventory_query", "inventory_digest", "inventory_list", "inventory_page", "cancel",
              "release", "released", "status_query", "status_reply", "restore", "restored",
-             "drop_copy", "dropped", "keep_check", "get_any"]
+             "drop_copy", "dropped", "keep_check", "get_any", "have_held"]
     for i, frame in enumerate(load("wire.json")["frames"]):
         raw = h(frame["frame"])
         assert frame["message"] == names[i]
@@ -240,6 +240,14 @@ def check_wire():
             assert 1 <= count <= 32
             ids = [r.take(32) for _ in range(count)]
             assert ids[1] == bytes([0x2a] * 32) and (r.u64(), r.u64()) == (4096, 8192)
+            r.done()
+        if frame["message"] == "have_held":
+            r = Reader(raw[5:])
+            r.take(16)
+            named = struct.pack(">H", len(b"photos")) + b"photos" + b"2026/cat.jpg"
+            assert r.take(32) == blake3.blake3(named, derive_key_context="cairn object key digest v1").digest()
+            count = r.u32()
+            assert count == 2 and [r.take(32) for _ in range(count)][1] == bytes([0x2a] * 32)
             r.done()
         if frame["message"] == "restore":
             r = Reader(raw[5 + 16:])

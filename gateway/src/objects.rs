@@ -713,7 +713,10 @@ impl ObjectStore {
             }
         }
         let mut failed: Vec<NodeId> = Vec::new();
-        let mut asked_again: HashSet<NodeId> = HashSet::new();
+        // Asks of one node again, each for fewer fragments (those still
+        // unread): at most one per fragment.
+        let mut asked_again: HashMap<NodeId, usize> = HashMap::new();
+        let mut located_from: HashSet<NodeId> = HashSet::new();
         let mut errors: Vec<String> = Vec::new();
         let mut retried = false;
         let mut located = false;
@@ -749,7 +752,9 @@ impl ObjectStore {
                         None => {
                             // Read meanwhile from another node: this one
                             // is asked once more for what is still unread.
-                            if asked_again.insert(node) {
+                            let again = asked_again.entry(node).or_default();
+                            if *again < ids.len() {
+                                *again += 1;
                                 running.push(fetch(node, wanted_for(&node, &got)));
                             } else if let Some(next) = queue.pop_front().or_else(|| spares.next()) {
                                 ask(next, &got, &mut running);
@@ -790,7 +795,7 @@ impl ObjectStore {
                     for index in (0..ids.len()).filter(|i| !got.iter().any(|(g, _)| g == i)) {
                         if let Ok(holders) = self.node.locate_fragment(&upload, &ids[index]).await {
                             for holder in holders {
-                                if asked_again.insert(holder) {
+                                if located_from.insert(holder) {
                                     running.push(fetch(holder, vec![ids[index]]));
                                 }
                             }

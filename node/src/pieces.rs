@@ -327,11 +327,26 @@ impl Server {
             Message::HaveQuery { ids } => {
                 let count = ids.len() as u32;
                 let live = self.live(ids).await?;
-                let mut bitmap = vec![0u8; live.len().div_ceil(8)];
-                for (i, _) in live.iter().enumerate().filter(|(_, live)| **live) {
-                    bitmap[i / 8] |= 0x80 >> (i % 8);
-                }
-                send(write, &Message::HaveReply { count, bitmap }).await
+                send(write, &have_reply(count, &live)).await
+            }
+            Message::HaveHeld {
+                upload,
+                object,
+                ids,
+            } => {
+                let count = ids.len() as u32;
+                let store = self.store.clone();
+                let held = blocking(move || {
+                    ids.iter()
+                        .map(|id| {
+                            matches!(store.entry(id), Ok(Some(e)) if e.state == FragmentState::Live
+                                && e.hold.upload == upload
+                                && e.hold.object == object)
+                        })
+                        .collect::<Vec<bool>>()
+                })
+                .await?;
+                send(write, &have_reply(count, &held)).await
             }
             Message::InventoryQuery { start, end } => {
                 let store = self.store.clone();
@@ -691,8 +706,9 @@ impl Server {
             return refuse("this node cannot keep what it drops".into());
         }
         let upload = entry.hold.upload;
-        let in_order = self.release_rules.order.lock(upload, object).await;
         let map_version = self.metadata.cluster_map().map(|m| m.map.version);
+        // The network checks first, outside the upload's order lock: a slow
+        // keeper or placed node holds up no release or restore of it.
         let places = match may_drop(
             &self.release_rules,
             &self.metadata,
@@ -738,7 +754,24 @@ impl Server {
         // the keeper's copy alone proves little (a member of the set could
         // copy fragments to itself, vouch, then delete them): every
         // segment must be whole on its placed nodes, each counted once.
-        if let Err(why) = whole_on_placed(&self.metadata, &places).await {
+        if let Err(why) = whole_on_placed(&self.metadata, upload, object, &places).await {
+            return refuse(why);
+        }
+        // Under the lock, the metadata again: a release or restore of the
+        // upload ordered before this drop is seen.
+        let in_order = self.release_rules.order.lock(upload, object).await;
+        if let Err(why) = may_drop(
+            &self.release_rules,
+            &self.metadata,
+            bucket,
+            key,
+            version,
+            fragment,
+            upload,
+            keeper,
+        )
+        .await
+        {
             return refuse(why);
         }
         // Judged under one map from start to end: a map adopted meanwhile
@@ -888,22 +921,36 @@ impl Server {
 
 /// Whether each segment is whole on the nodes placement takes for it, as
 /// their have-answers say: one fragment per node, every fragment.
-async fn whole_on_placed(metadata: &Metadata, places: &[SegmentPlaces]) -> Result<(), String> {
-    for segment in places {
-        let asks = segment.placed.iter().map(|node| async move {
-            let asked = tokio::time::timeout(KEEPER_SHOWS_WITHIN, async {
-                let stream = metadata.open_member_stream(node, PROTOCOL).await?;
-                have(stream, segment.fragments.clone())
-                    .await
-                    .map_err(|e| e.to_string())
-            });
-            asked
+async fn whole_on_placed(
+    metadata: &Metadata,
+    upload: UploadId,
+    object: ObjectKeyDigest,
+    places: &[SegmentPlaces],
+) -> Result<(), String> {
+    // Every (segment, node) at once, under one deadline: a slow node costs
+    // the check its deadline once, not once per segment.
+    let asks = places.iter().enumerate().flat_map(|(s, segment)| {
+        segment.placed.iter().map(move |node| async move {
+            let stream = metadata.open_member_stream(node, PROTOCOL).await?;
+            have_held(stream, upload, object, segment.fragments.clone())
                 .await
-                .unwrap_or_else(|_| Err(format!("no answer within {KEEPER_SHOWS_WITHIN:?}")))
-                .map_err(|why| format!("placed node {node} did not say what it holds: {why}"))
-        });
-        let held = futures::future::try_join_all(asks).await?;
-        if !segment.whole_on(&held) {
+                .map(|held| (s, held))
+                .map_err(|e| format!("placed node {node} did not say what it holds: {e}"))
+        })
+    });
+    let answers = tokio::time::timeout(KEEPER_SHOWS_WITHIN, futures::future::try_join_all(asks))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the placed nodes did not all say what they hold within {KEEPER_SHOWS_WITHIN:?}"
+            ))
+        })?;
+    let mut held: Vec<Vec<Vec<bool>>> = vec![Vec::new(); places.len()];
+    for (s, answer) in answers {
+        held[s].push(answer);
+    }
+    for (segment, held) in places.iter().zip(&held) {
+        if !segment.whole_on(held) {
             return Err(format!(
                 "a segment of the fragment is not whole on the {} nodes placement takes for it",
                 segment.placed.len()
@@ -911,6 +958,15 @@ async fn whole_on_placed(metadata: &Metadata, places: &[SegmentPlaces]) -> Resul
         }
     }
     Ok(())
+}
+
+/// A have-reply: bit `i` (most significant first) set when `held[i]`.
+fn have_reply(count: u32, held: &[bool]) -> Message {
+    let mut bitmap = vec![0u8; held.len().div_ceil(8)];
+    for (i, _) in held.iter().enumerate().filter(|(_, held)| **held) {
+        bitmap[i / 8] |= 0x80 >> (i % 8);
+    }
+    Message::HaveReply { count, bitmap }
 }
 
 /// The error a caller sees for a reject message.
@@ -1123,8 +1179,37 @@ pub async fn have<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     ids: Vec<FragmentId>,
 ) -> Result<Vec<bool>, PieceError> {
-    let asked = ids.len();
-    let (mut reader, mut write) = open_exchange(stream, &Message::HaveQuery { ids }).await?;
+    have_answer(stream, Message::HaveQuery { ids }).await
+}
+
+/// Asks which of `ids` the peer holds live for `upload` and `object`; the
+/// answer is in `ids` order.
+pub async fn have_held<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    upload: UploadId,
+    object: ObjectKeyDigest,
+    ids: Vec<FragmentId>,
+) -> Result<Vec<bool>, PieceError> {
+    have_answer(
+        stream,
+        Message::HaveHeld {
+            upload,
+            object,
+            ids,
+        },
+    )
+    .await
+}
+
+async fn have_answer<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    query: Message,
+) -> Result<Vec<bool>, PieceError> {
+    let asked = match &query {
+        Message::HaveQuery { ids } | Message::HaveHeld { ids, .. } => ids.len(),
+        other => return Err(unexpected(other)),
+    };
+    let (mut reader, mut write) = open_exchange(stream, &query).await?;
     write.close().await?;
     match reader.expect().await? {
         Message::HaveReply { count, bitmap }

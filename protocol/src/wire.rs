@@ -229,6 +229,14 @@ pub enum Message {
     HaveQuery {
         ids: Vec<FragmentId>,
     },
+    /// As a have-query, counting only copies held live for `upload` and
+    /// `object` (a copy planted under another hold, which a release of
+    /// that upload could take, does not count): answered by a have-reply.
+    HaveHeld {
+        upload: UploadId,
+        object: ObjectKeyDigest,
+        ids: Vec<FragmentId>,
+    },
     /// Bit `i` (most significant first) says whether `ids[i]` is held.
     HaveReply {
         count: u32,
@@ -349,6 +357,7 @@ mod tag {
     pub const DROPPED: u8 = 0x16;
     pub const KEEP_CHECK: u8 = 0x17;
     pub const GET_ANY: u8 = 0x18;
+    pub const HAVE_HELD: u8 = 0x19;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -435,6 +444,17 @@ impl Message {
             Message::HaveQuery { ids } => {
                 check_len("have query", ids.len(), MAX_HAVE_IDS)?;
                 out.put_u8(tag::HAVE_QUERY);
+                put_ids(out, ids);
+            }
+            Message::HaveHeld {
+                upload,
+                object,
+                ids,
+            } => {
+                check_len("have-held query", ids.len(), MAX_HAVE_IDS)?;
+                out.put_u8(tag::HAVE_HELD);
+                out.extend_from_slice(&upload.0);
+                out.extend_from_slice(&object.0);
                 put_ids(out, ids);
             }
             Message::HaveReply { count, bitmap } => {
@@ -621,6 +641,11 @@ impl Message {
                 length: r.u64("length")?,
             },
             tag::HAVE_QUERY => Message::HaveQuery {
+                ids: read_ids(&mut r)?,
+            },
+            tag::HAVE_HELD => Message::HaveHeld {
+                upload: UploadId(r.array("upload id")?),
+                object: ObjectKeyDigest(r.array("object key digest")?),
                 ids: read_ids(&mut r)?,
             },
             tag::HAVE_REPLY => {
@@ -858,6 +883,11 @@ mod tests {
             Message::Data(Bytes::from_static(b"fragment")),
             Message::Ack { id },
             Message::HaveQuery { ids: vec![id; 9] },
+            Message::HaveHeld {
+                upload: UploadId([1; 16]),
+                object: ObjectKeyDigest::of("bucket", "key"),
+                ids: vec![id; 3],
+            },
             Message::HaveReply {
                 count: 9,
                 bitmap: vec![0xff, 0x80],

@@ -620,6 +620,14 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
                 length: 8192,
             },
         ),
+        (
+            "have_held",
+            Message::HaveHeld {
+                upload: UploadId([0x4d; 16]),
+                object: cairn_protocol::wire::ObjectKeyDigest::of("photos", "2026/cat.jpg"),
+                ids: vec![id, FragmentId([0x2a; 32])],
+            },
+        ),
     ]
 }
 

@@ -1207,7 +1207,8 @@ async fn copies_planted_on_the_set_neither_starve_a_read_nor_vouch_for_a_drop() 
     // Fragment 0 leaves its place and survives only on a spare (as after
     // a map change, before repair) and on a node of the set that holds
     // another fragment: that node vouching cannot get the spare's copy
-    // dropped, since the set holds five distinct fragments on five nodes.
+    // dropped, since the set holds five distinct fragments for the upload
+    // on five nodes.
     let spare = cluster
         .node_ids()
         .into_iter()
@@ -1221,6 +1222,19 @@ async fn copies_planted_on_the_set_neither_starve_a_read_nor_vouch_for_a_drop() 
         .node(cluster.index_of(&placed[0]))
         .store()
         .delete(&fragment, 0)
+        .unwrap();
+    // Back at its place, but held for another upload (a release of that
+    // upload would trash it): it does not count either.
+    let foreign = Hold::sign(
+        cluster.members[1].identity.signing_key(),
+        &fragment,
+        cairn_protocol::ids::UploadId([0x77; 16]),
+        ObjectKeyDigest::of("plant", "k0"),
+        0,
+    );
+    member
+        .put_fragment(&placed[0], fragment, &bytes, foreign)
+        .await
         .unwrap();
     let outcome = member
         .drop_copy(&spare, fragment, "plant", "k0", manifest.version, placed[2])
