@@ -66,7 +66,7 @@ impl Default for RepairSettings {
             // Fragment bytes read plus written: at this rate a client on
             // the same two cores kept GET within 20% of idle and PUT near it
             // (−15% to −23%; BENCHMARKS.md, "Repair").
-            bytes_per_second: 32 << 20,
+            bytes_per_second: 16 << 20,
             away_grace: Duration::from_secs(15 * 60),
             // Past the writers' deadline and clock margin (the collector's
             // defaults): a write that has not committed by then never will.

@@ -9,7 +9,7 @@
 //!    fragment of a 4 MiB segment from 4 (decode, then encode again, as
 //!    repair does), for comparison.
 //! 3. Client PUT and GET throughput beside repair (at its default rate,
-//!    32 MiB/s of fragment bytes read and written) rebuilding the node
+//!    16 MiB/s of fragment bytes read and written) rebuilding the node
 //!    wiped again: rounds with repair stopped and running in turn, each
 //!    measure on half the objects.
 //!
