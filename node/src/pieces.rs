@@ -707,20 +707,21 @@ impl Server {
         }
         let upload = entry.hold.upload;
         let map_version = self.metadata.cluster_map().map(|m| m.map.version);
+        let check_metadata = || {
+            may_drop(
+                &self.release_rules,
+                &self.metadata,
+                bucket,
+                key,
+                version,
+                fragment,
+                upload,
+                keeper,
+            )
+        };
         // The network checks first, outside the upload's order lock: a slow
         // keeper or placed node holds up no release or restore of it.
-        let places = match may_drop(
-            &self.release_rules,
-            &self.metadata,
-            bucket,
-            key,
-            version,
-            fragment,
-            upload,
-            keeper,
-        )
-        .await
-        {
+        let places = match check_metadata().await {
             Ok(places) => places,
             Err(why) => return refuse(why),
         };
@@ -760,18 +761,7 @@ impl Server {
         // Under the lock, the metadata again: a release or restore of the
         // upload ordered before this drop is seen.
         let in_order = self.release_rules.order.lock(upload, object).await;
-        if let Err(why) = may_drop(
-            &self.release_rules,
-            &self.metadata,
-            bucket,
-            key,
-            version,
-            fragment,
-            upload,
-            keeper,
-        )
-        .await
-        {
+        if let Err(why) = check_metadata().await {
             return refuse(why);
         }
         // Judged under one map from start to end: a map adopted meanwhile

@@ -14,10 +14,11 @@ use cairn_node::scrub::ScrubSettings;
 use cairn_node::store::FragmentState;
 use cairn_protocol::erasure::Scheme;
 use cairn_protocol::ids::{FragmentId, NodeId, VersionId};
+use cairn_protocol::manifest::Manifest;
 use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::Partition;
 use cairn_protocol::placement::{NodeState, Placer, Tolerance, segment_placement_key};
-use cairn_protocol::version::VersionBody;
+use cairn_protocol::version::{ObjectVersion, VersionBody};
 use cairn_tests::gateway::Gateway;
 use cairn_tests::s3::*;
 use cairn_tests::{Cluster, pseudo_random_bytes, random_secret};
@@ -53,6 +54,26 @@ struct Placement {
     off_bytes_times_k: u64,
 }
 
+/// The existing versions of `bucket`/`key` as `node` reads them, and the
+/// manifest of the first, which holds data.
+async fn first_manifest(
+    node: &cairn_node::swarm::Node,
+    bucket: &str,
+    key: &str,
+) -> (Vec<ObjectVersion>, Manifest) {
+    let versions = existing_versions(node.metadata(), bucket, key, None)
+        .await
+        .unwrap();
+    let VersionBody::Data { manifest, .. } = &versions[0].body else {
+        panic!("{key} is data");
+    };
+    let manifest = read_manifest(node.metadata(), bucket, manifest)
+        .await
+        .unwrap()
+        .expect("the manifest");
+    (versions, manifest)
+}
+
 /// The segments of the objects `keys` of `bucket`, and which of their
 /// fragments are not on the node their placement names.
 async fn placement_check(
@@ -65,17 +86,8 @@ async fn placement_check(
     let map = node.cluster_map().expect("a map");
     let mut placement = Placement::default();
     for key in keys {
-        let versions = existing_versions(node.metadata(), bucket, key, None)
-            .await
-            .unwrap();
+        let (versions, manifest) = first_manifest(node, bucket, key).await;
         assert_eq!(versions.len(), 1, "{key} has one version");
-        let VersionBody::Data { manifest, .. } = &versions[0].body else {
-            panic!("{key} is data");
-        };
-        let manifest = read_manifest(node.metadata(), bucket, manifest)
-            .await
-            .unwrap()
-            .expect("the manifest");
         let placer = Placer::new(&map.map, manifest.layout.scheme, map.tolerance).unwrap();
         for part in &manifest.parts {
             for segment in &part.segments {
@@ -154,16 +166,7 @@ async fn segments_of(
     let node = cluster.node(via);
     let mut segments = Vec::new();
     for key in keys {
-        let versions = existing_versions(node.metadata(), bucket, key, None)
-            .await
-            .unwrap();
-        let VersionBody::Data { manifest, .. } = &versions[0].body else {
-            panic!("{key} is data");
-        };
-        let manifest = read_manifest(node.metadata(), bucket, manifest)
-            .await
-            .unwrap()
-            .unwrap();
+        let (_, manifest) = first_manifest(node, bucket, key).await;
         for part in &manifest.parts {
             for segment in &part.segments {
                 segments.push((manifest.layout.scheme, segment.fragments.clone()));
@@ -845,16 +848,7 @@ async fn a_copy_is_dropped_only_when_the_holder_checked_it_is_left_behind() {
     let _collectors = start_collectors(&cluster, Collection::default());
     let objects = put_objects(&client, "drops", &[1 << 20], 12_000).await;
     let node = cluster.node(0);
-    let versions = existing_versions(node.metadata(), "drops", "k0", None)
-        .await
-        .unwrap();
-    let VersionBody::Data { manifest, .. } = &versions[0].body else {
-        panic!("data");
-    };
-    let manifest = read_manifest(node.metadata(), "drops", manifest)
-        .await
-        .unwrap()
-        .unwrap();
+    let (versions, manifest) = first_manifest(node, "drops", "k0").await;
     let segment = &manifest.parts[0].segments[0];
     let map = node.cluster_map().unwrap();
     let placer = Placer::new(&map.map, manifest.layout.scheme, map.tolerance).unwrap();
@@ -1164,16 +1158,7 @@ async fn copies_planted_on_the_set_neither_starve_a_read_nor_vouch_for_a_drop() 
     let _collectors = start_collectors(&cluster, Collection::default());
     let objects = put_objects(&client, "plant", &[1 << 20], 14_000).await;
     let node = cluster.node(0);
-    let versions = existing_versions(node.metadata(), "plant", "k0", None)
-        .await
-        .unwrap();
-    let VersionBody::Data { manifest, .. } = &versions[0].body else {
-        panic!("data");
-    };
-    let manifest = read_manifest(node.metadata(), "plant", manifest)
-        .await
-        .unwrap()
-        .unwrap();
+    let (_, manifest) = first_manifest(node, "plant", "k0").await;
     let segment = &manifest.parts[0].segments[0];
     let map = node.cluster_map().unwrap();
     let placer = Placer::new(&map.map, manifest.layout.scheme, map.tolerance).unwrap();

@@ -34,20 +34,13 @@ pub struct SyncStats {
 impl Metadata {
     /// Runs anti-entropy every `every` until the node stops.
     pub(crate) fn start_anti_entropy(&self, every: Duration) {
-        let this = self.clone();
-        self.spawn_tracked(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                match this.anti_entropy_round().await {
-                    Ok(stats) if stats.pulled > 0 => {
-                        tracing::info!(?stats, "anti-entropy pulled rows");
-                    }
-                    Ok(stats) => tracing::debug!(?stats, "anti-entropy round"),
-                    Err(error) => tracing::info!(%error, "anti-entropy round failed"),
+        self.spawn_every(every, |this| async move {
+            match this.anti_entropy_round().await {
+                Ok(stats) if stats.pulled > 0 => {
+                    tracing::info!(?stats, "anti-entropy pulled rows");
                 }
+                Ok(stats) => tracing::debug!(?stats, "anti-entropy round"),
+                Err(error) => tracing::info!(%error, "anti-entropy round failed"),
             }
         });
     }

@@ -893,6 +893,25 @@ impl Metadata {
     }
 
     /// Runs background work that [`Metadata::shutdown`] stops.
+    /// Runs `round` every `every` (the first after one period) until the
+    /// node stops; a round that overruns delays the next.
+    fn spawn_every<F, Fut>(&self, every: Duration, round: F)
+    where
+        F: Fn(Metadata) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let this = self.clone();
+        self.spawn_tracked(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                round(this.clone()).await;
+            }
+        });
+    }
+
     fn spawn_tracked(
         &self,
         work: impl std::future::Future<Output = ()> + Send + 'static,

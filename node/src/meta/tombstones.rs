@@ -41,18 +41,11 @@ fn is_ripe_tombstone(value: &RowValue, ripe_before: u64, now_unix_ms: u64) -> bo
 impl Metadata {
     pub(crate) fn start_tombstone_compaction(&self, every: Duration, age: Duration) {
         let age = age.max(MIN_TOMBSTONE_AGE);
-        let this = self.clone();
-        self.spawn_tracked(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                match this.compact_tombstones(age).await {
-                    Ok(0) => {}
-                    Ok(removed) => tracing::info!(removed, "compacted metadata tombstones"),
-                    Err(error) => tracing::info!(%error, "tombstone compaction failed"),
-                }
+        self.spawn_every(every, move |this| async move {
+            match this.compact_tombstones(age).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "compacted metadata tombstones"),
+                Err(error) => tracing::info!(%error, "tombstone compaction failed"),
             }
         });
     }
