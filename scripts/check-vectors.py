@@ -101,6 +101,21 @@ def check_gateway():
     assert r.u8() == 1
     r.u64(), r.str16(128), r.str16(256)
     r.done()
+    # Bucket settings: generation, versioning, Object Lock, default
+    # retention (mode, then unit and count when the mode is not 0).
+    for raw in v["bucket_settings"]:
+        r = Reader(h(raw))
+        assert r.u8() == 1
+        r.str16(256)
+        versioning = r.u8()
+        lock = r.u8()
+        assert versioning in (0, 1, 2) and lock in (0, 1)
+        assert not lock or versioning == 1
+        mode = r.u8()
+        assert mode in (0, 1, 2) and (mode == 0 or lock)
+        if mode:
+            assert r.u8() in (0, 1) and r.u32() >= 1
+        r.done()
     for name in ("access_key_record", "kms_key_record"):
         r = Reader(h(v[name]))
         assert r.u8() == 1
@@ -272,10 +287,14 @@ def check_wire():
 def check_versions():
     for raw in load("version.json").values():
         r = Reader(h(raw))
-        # Format 2 carries the head sequence after `created`.
-        assert r.u8() == 2
+        # Format 2 carries the head sequence after `created`; format 3
+        # (a version with its own id) flags after it, only bit 0 set.
+        fmt = r.u8()
+        assert fmt in (2, 3)
         r.str16(63), r.str16(1024), r.take(16), r.take(40)
         r.u64()
+        if fmt == 3:
+            assert r.u8() == 1
         if r.u8() == 1:
             r.take(32), r.u64(), r.str16(64)
             names = [(r.str16(8192), r.str16(8192))[0] for _ in range(r.u32())]

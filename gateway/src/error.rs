@@ -14,6 +14,10 @@ pub enum GatewayError {
     NoSuchKey,
     #[error("the version does not exist")]
     NoSuchVersion,
+    #[error("{0}")]
+    InvalidBucketState(String),
+    #[error("{0}")]
+    AccessDenied(String),
     #[error("the upload does not exist; it may have been completed or aborted")]
     NoSuchUpload,
     #[error("you already own the bucket {0:?}")]
@@ -89,6 +93,9 @@ impl From<ModelError> for GatewayError {
             ModelError::InvalidBucketName(why) => Self::InvalidBucketName(why),
             ModelError::InvalidArgument(why) => Self::InvalidArgument(why),
             ModelError::NoSuchKey => Self::NoSuchKey,
+            ModelError::NoSuchVersion => Self::NoSuchVersion,
+            ModelError::InvalidBucketState(why) => Self::InvalidBucketState(why),
+            ModelError::AccessDenied(why) => Self::AccessDenied(why),
             ModelError::NoSuchUpload => Self::NoSuchUpload,
             ModelError::PreconditionFailed => Self::PreconditionFailed,
             ModelError::WriteDeadline { minutes } => Self::WriteDeadline { minutes },

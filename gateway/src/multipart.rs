@@ -14,7 +14,7 @@ use cairn_protocol::encryption::SecretKey;
 use cairn_protocol::ids::UploadId;
 use cairn_protocol::keywrap::{SALT_BYTES, unwrap_labelled_key, wrap_labelled_key};
 use cairn_protocol::manifest::{MAX_OBJECT_BYTES, MAX_PARTS, Part, PartKeys};
-use cairn_protocol::records::{PartRecord, UploadRecord};
+use cairn_protocol::records::{PartRecord, UploadRecord, Versioning};
 use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
 use md5::Digest;
 
@@ -349,6 +349,7 @@ impl ObjectStore {
         upload: &UploadId,
         chosen: &[ChosenPart],
         condition: &WriteCondition,
+        versioning: Versioning,
     ) -> GatewayResult<ObjectVersion> {
         check_part_list(chosen)?;
         let deadline = self.index().write_deadline(now_unix_ms());
@@ -400,6 +401,7 @@ impl ObjectStore {
                 intent: upload_row(bucket, key, upload),
                 condition,
                 deadline_unix_ms: deadline,
+                versioning,
             })
             .await?;
         self.uploads()

@@ -27,7 +27,7 @@ use cairn_protocol::membership::SignedMap;
 use cairn_protocol::meta::RowKey;
 use cairn_protocol::pipeline::PutPipeline;
 use cairn_protocol::placement::{Placer, segment_placement_key};
-use cairn_protocol::records::{DegradedRecord, UploadRecord};
+use cairn_protocol::records::{DegradedRecord, UploadRecord, Versioning};
 use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
 use cairn_protocol::wire::{Hold, ObjectKeyDigest};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -68,6 +68,8 @@ pub struct NewObject {
     pub content_md5: Option<[u8; 16]>,
     pub checksum: Option<ChecksumRequest>,
     pub condition: WriteCondition,
+    /// The bucket's versioning when the write began.
+    pub versioning: Versioning,
 }
 
 /// A body to store: where it goes, how it is sealed and what it must match.
@@ -119,6 +121,7 @@ pub(crate) struct ObjectCommit<'a> {
     pub(crate) intent: RowKey,
     pub(crate) condition: &'a WriteCondition,
     pub(crate) deadline_unix_ms: u64,
+    pub(crate) versioning: Versioning,
 }
 
 /// An object opened for reading: its manifest and data key.
@@ -230,6 +233,7 @@ impl ObjectStore {
             intent: stored.intent,
             condition: &object.condition,
             deadline_unix_ms: stored.deadline_unix_ms,
+            versioning: object.versioning,
         })
         .await
     }
@@ -353,6 +357,7 @@ impl ObjectStore {
                 object.condition,
                 object.deadline_unix_ms,
                 None,
+                object.versioning,
             )
             .await?)
     }

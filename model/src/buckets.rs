@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::Metadata;
-use cairn_protocol::records::BucketRecord;
+use cairn_protocol::meta::Partition;
+use cairn_protocol::metarpc::RegisterKey;
+use cairn_protocol::records::{BucketRecord, BucketSettings, Versioning};
 
 use crate::error::{ModelError, ModelResult};
 use crate::kms::Kms;
-use crate::listing::{ListRequest, ListStart, list_objects};
+use crate::listing::{ListRequest, ListStart, list_versions};
 use crate::registers::{Caching, RegisterTable};
 use cairn_node::clock::random_bytes;
 
@@ -50,6 +52,47 @@ pub fn check_bucket_name(name: &str) -> ModelResult<()> {
     Ok(())
 }
 
+/// The register of a bucket's settings (spec/versioning.md, "Bucket
+/// settings"): its name begins with a zero byte, which no object key (a
+/// head register's name) and no lock guard's name (an object key first)
+/// does.
+fn settings_register(bucket: &str) -> RegisterKey {
+    RegisterKey {
+        partition: Partition::bucket(bucket),
+        name: b"\0settings".to_vec(),
+    }
+}
+
+/// The settings a register value gives the bucket of `record`: a value of
+/// an earlier bucket of the same name, or none, is an unversioned bucket.
+fn current_settings(
+    name: &str,
+    record: &BucketRecord,
+    value: Option<&[u8]>,
+) -> ModelResult<BucketSettings> {
+    let Some(bytes) = value else {
+        return Ok(BucketSettings::unversioned(&record.bucket_key_id));
+    };
+    let settings = BucketSettings::decode(bytes)
+        .map_err(|e| ModelError::Corrupt(format!("settings of bucket {name}: {e}")))?;
+    if settings.generation != record.bucket_key_id {
+        return Ok(BucketSettings::unversioned(&record.bucket_key_id));
+    }
+    Ok(settings)
+}
+
+/// The versioning of `bucket`, read without a gateway's cache (for the
+/// model's own writes: trash restores).
+pub async fn versioning_of(metadata: &Metadata, bucket: &str) -> ModelResult<Versioning> {
+    let table = RegisterTable::<BucketRecord>::new(metadata.clone(), Caching::WriteOnce);
+    let record = table
+        .get_fresh(bucket)
+        .await?
+        .ok_or_else(|| ModelError::NoSuchBucket(bucket.to_owned()))?;
+    let value = metadata.read_register(settings_register(bucket)).await?;
+    Ok(current_settings(bucket, &record, value.as_deref())?.versioning)
+}
+
 /// The buckets of the cluster. Cheap to clone.
 #[derive(Clone)]
 pub struct Buckets {
@@ -76,8 +119,62 @@ impl Buckets {
             .ok_or_else(|| ModelError::NoSuchBucket(name.to_owned()))
     }
 
-    /// Creates a bucket with a fresh KMS key.
-    pub async fn create(&self, name: &str, owner: &str) -> ModelResult<BucketRecord> {
+    /// The bucket's settings, read linearizably: a write decides what it
+    /// does to older versions from them, so a change made through any
+    /// gateway and acknowledged is seen by every write that starts after.
+    pub async fn settings(&self, name: &str) -> ModelResult<BucketSettings> {
+        let record = self.get(name).await?;
+        self.settings_of(name, &record).await
+    }
+
+    /// The settings of the bucket whose record is `record`.
+    pub async fn settings_of(
+        &self,
+        name: &str,
+        record: &BucketRecord,
+    ) -> ModelResult<BucketSettings> {
+        let value = self
+            .table
+            .metadata()
+            .read_register(settings_register(name))
+            .await?;
+        current_settings(name, record, value.as_deref())
+    }
+
+    /// Changes the bucket's settings by compare-and-set: `change` sees the
+    /// current settings and returns the new ones, or refuses.
+    pub async fn change_settings(
+        &self,
+        name: &str,
+        change: impl Fn(&BucketSettings) -> ModelResult<BucketSettings>,
+    ) -> ModelResult<BucketSettings> {
+        let record = self.get(name).await?;
+        let decided = self
+            .table
+            .metadata()
+            .compare_and_set(settings_register(name), |current| {
+                let settings = current_settings(name, &record, current)?;
+                let next = change(&settings)?;
+                next.check().map_err(ModelError::InvalidArgument)?;
+                if next.generation != record.bucket_key_id {
+                    return Err(ModelError::Internal(
+                        "settings changed to another bucket's".into(),
+                    ));
+                }
+                Ok(Some(next.encode()))
+            })
+            .await??;
+        current_settings(name, &record, decided.as_deref())
+    }
+
+    /// Creates a bucket with a fresh KMS key; with Object Lock (which
+    /// turns versioning on) when `object_lock`.
+    pub async fn create(
+        &self,
+        name: &str,
+        owner: &str,
+        object_lock: bool,
+    ) -> ModelResult<BucketRecord> {
         check_bucket_name(name)?;
         if self.table.get_fresh(name).await?.is_some() {
             return Err(ModelError::BucketAlreadyOwnedByYou(name.to_owned()));
@@ -87,6 +184,23 @@ impl Buckets {
             cairn_protocol::to_hex(&random_bytes::<8>())
         );
         self.kms.create_key(&key_id).await?;
+        if object_lock {
+            // Before the record: a bucket is never seen without the lock
+            // it was created with. Settings of a creation that stopped here
+            // belong to no bucket (their generation is this key id).
+            let settings = BucketSettings {
+                generation: key_id.clone(),
+                versioning: Versioning::Enabled,
+                object_lock: true,
+                default_retention: None,
+            };
+            self.table
+                .metadata()
+                .compare_and_set(settings_register(name), |_| {
+                    Ok::<_, ModelError>(Some(settings.encode()))
+                })
+                .await??;
+        }
         let record = BucketRecord {
             created_unix_ms: now_unix_ms(),
             owner: owner.to_owned(),
@@ -96,12 +210,13 @@ impl Buckets {
         Ok(record)
     }
 
-    /// Deletes an empty bucket.
+    /// Deletes an empty bucket: no version of any key exists, delete
+    /// markers and versions a lock keeps included.
     pub async fn delete(&self, name: &str) -> ModelResult<()> {
         if check_bucket_name(name).is_err() || self.table.get_fresh(name).await?.is_none() {
             return Err(ModelError::NoSuchBucket(name.to_owned()));
         }
-        let listing = list_objects(
+        let listing = list_versions(
             self.table.metadata(),
             name,
             &ListRequest {

@@ -335,7 +335,8 @@ async fn in_use(
             return Ok(true);
         }
     }
-    let Some(head) = head else {
+    // A purged head's version was deleted: it is no use.
+    let Some(head) = head.filter(|h| h.purged.is_none()) else {
         return Ok(false);
     };
     if versions.iter().any(|v| v.version == head.version)

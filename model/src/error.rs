@@ -18,6 +18,12 @@ pub enum ModelError {
     InvalidArgument(String),
     #[error("the key does not exist")]
     NoSuchKey,
+    #[error("the version does not exist")]
+    NoSuchVersion,
+    #[error("{0}")]
+    InvalidBucketState(String),
+    #[error("{0}")]
+    AccessDenied(String),
     #[error("the upload does not exist; it may have been completed or aborted")]
     NoSuchUpload,
     #[error("at least one of the preconditions you specified did not hold")]

@@ -1,8 +1,9 @@
 //! The head register of each key (spec/gateway.md, "Heads") and the
-//! policy of what a write or a delete does to a key's versions: the head
-//! is decided by compare-and-set, so of two writers racing on one
-//! condition exactly one wins; the versions below a new head are purged
-//! (a bucket keeps no history yet).
+//! policy of what a write or a delete does to a key's versions
+//! (spec/versioning.md): the head is decided by compare-and-set, so of two
+//! writers racing on one condition exactly one wins; a null version
+//! purges the null versions below it, a version with its own id keeps
+//! everything.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,15 +11,18 @@ use std::time::Duration;
 use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::Metadata;
 use cairn_node::swarm::NodeHandle;
+use cairn_protocol::guard::{GuardChange, GuardRefusal};
 use cairn_protocol::hlc::Timestamp;
 use cairn_protocol::ids::{ManifestId, VersionId, VersionIdGenerator};
 use cairn_protocol::manifest::{Manifest, SignedManifest};
 use cairn_protocol::meta::{Partition, RowKey, RowValue, Table};
 use cairn_protocol::metarpc::RegisterKey;
+use cairn_protocol::records::Versioning;
 use cairn_protocol::version::{Lww, ObjectVersion, Retention, StoredHeaders, VersionBody};
 
 use crate::error::{ModelError, ModelResult};
 use crate::kms::DataKeys;
+use crate::locks::{LockError, decide_version_change};
 use crate::rows::{manifest_row, purge_rows, register, versions_row};
 use crate::uploads::Uploads;
 use cairn_node::clock::random_bytes;
@@ -135,12 +139,71 @@ pub fn is_current_object(head: &ObjectVersion) -> bool {
     matches!(head.body, VersionBody::Data { .. }) && head.purged.is_none()
 }
 
+/// The key's latest version, data or delete marker, as a GET without a
+/// version id sees it: the version the head names while it exists; once
+/// the head's version was deleted (a purged head), the existing version
+/// with the highest sequence — what ListObjects takes too.
+pub async fn latest_version(
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+) -> ModelResult<Option<ObjectVersion>> {
+    match read_head(metadata, bucket, key).await? {
+        None => Ok(None),
+        Some(head) if head.purged.is_none() => Ok(Some(head)),
+        Some(_) => newest_existing(metadata, bucket, key).await,
+    }
+}
+
+/// The existing version of `key` with the highest sequence.
+async fn newest_existing(
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+) -> ModelResult<Option<ObjectVersion>> {
+    Ok(existing_versions(metadata, bucket, key, None)
+        .await?
+        .into_iter()
+        .max_by_key(|v| v.seq))
+}
+
+/// A version as a client names it: `null`, or an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionRef {
+    Null,
+    Id(VersionId),
+}
+
+impl VersionRef {
+    /// Whether `version` is the one named.
+    pub fn names(&self, version: &ObjectVersion) -> bool {
+        match self {
+            VersionRef::Null => version.null,
+            VersionRef::Id(id) => !version.null && version.version == *id,
+        }
+    }
+}
+
+/// The id a client sees for `version`: `null` for a null version.
+pub fn version_id_text(version: &ObjectVersion) -> String {
+    if version.null {
+        "null".to_owned()
+    } else {
+        version.version.to_text()
+    }
+}
+
 /// What a write sets a key's head to.
 pub enum HeadWrite<'a> {
     /// This data version; its sequence is decided with the head.
     Put(&'a ObjectVersion),
-    /// A purged delete marker: the key has no current object.
+    /// A delete marker: purged in a bucket that keeps no history (the
+    /// key has no current object), a version of its own otherwise.
     Delete(&'a ObjectVersion),
+    /// The permanent delete of this version: if the head names it, the
+    /// head becomes it purged, stamped `at`, and what is latest is found
+    /// below ([`latest_version`]); otherwise the head stays.
+    Remove { version: VersionId, at: Timestamp },
 }
 
 /// Why a head write's change refuses the current head.
@@ -152,6 +215,8 @@ pub enum HeadRefusal {
     SequenceExhausted,
     /// A PUT judged again after it proposed once: see [`judge_head`].
     JudgedAgain,
+    /// A permanent delete of a version the head does not name.
+    NotHead,
 }
 
 /// The head a write proposes over `current`, or why it refuses.
@@ -162,15 +227,20 @@ pub enum HeadRefusal {
 /// own. Proposed again, the same version would hold two places in the
 /// key's history and the first one's purge would hide the second from
 /// listings. The caller commits the write again as a new version instead.
-/// A DELETE's marker is never a version row, so it is proposed again.
+/// A DELETE's marker is written out only after its head is decided, so it
+/// is proposed again.
+///
+/// `current_object` is what the conditions are judged against: the
+/// current head's object, or the version below a purged head.
 pub fn judge_head(
     condition: &WriteCondition,
     write: &HeadWrite<'_>,
     current: Option<&ObjectVersion>,
+    current_object: Option<&ObjectVersion>,
     proposed_before: bool,
     past_deadline: bool,
 ) -> Result<ObjectVersion, HeadRefusal> {
-    let current_object = current.filter(|h| is_current_object(h));
+    let current_object = current_object.filter(|h| is_current_object(h));
     let holds = match (condition, current_object) {
         (WriteCondition::Always, _) => Ok(()),
         (WriteCondition::IfAbsent, None) => Ok(()),
@@ -197,16 +267,23 @@ pub fn judge_head(
         return Err(HeadRefusal::Deadline);
     }
     holds?;
-    let template = match write {
+    let mut new = match write {
         HeadWrite::Put(version) => {
             if proposed_before {
                 return Err(HeadRefusal::JudgedAgain);
             }
-            version
+            (*version).clone()
         }
-        HeadWrite::Delete(marker) => marker,
+        HeadWrite::Delete(marker) => (*marker).clone(),
+        HeadWrite::Remove { version, at } => match current {
+            Some(head) if head.purged.is_none() && head.version == *version => {
+                let mut removed = head.clone();
+                removed.purged = Some(*at);
+                removed
+            }
+            _ => return Err(HeadRefusal::NotHead),
+        },
     };
-    let mut new = (*template).clone();
     new.seq = match current.map_or(Some(1), |h| h.seq.checked_add(1)) {
         Some(seq) => seq,
         None => return Err(HeadRefusal::SequenceExhausted),
@@ -242,11 +319,13 @@ pub struct DeleteCondition {
 }
 
 impl DeleteCondition {
-    fn is_unconditional(&self) -> bool {
+    pub fn is_unconditional(&self) -> bool {
         *self == Self::default()
     }
 
-    fn holds_for(&self, head: &ObjectVersion) -> bool {
+    /// Whether every precondition holds for `head` (a delete marker meets
+    /// none).
+    pub fn holds_for(&self, head: &ObjectVersion) -> bool {
         let VersionBody::Data {
             etag, size_bytes, ..
         } = &head.body
@@ -316,12 +395,54 @@ impl ObjectIndex {
         )
     }
 
-    /// The version a GET without a version id reads: the one the key's
-    /// head names, unless the key was deleted.
+    /// The object a GET without a version id reads: the latest version,
+    /// unless it is a delete marker.
     pub async fn current(&self, bucket: &str, key: &str) -> ModelResult<Option<ObjectVersion>> {
-        Ok(read_head(self.node.metadata(), bucket, key)
+        Ok(self
+            .latest(bucket, key)
             .await?
-            .filter(is_current_object))
+            .filter(|v| matches!(v.body, VersionBody::Data { .. })))
+    }
+
+    /// The latest version of `key`, data or delete marker
+    /// ([`latest_version`]).
+    pub async fn latest(&self, bucket: &str, key: &str) -> ModelResult<Option<ObjectVersion>> {
+        latest_version(self.node.metadata(), bucket, key).await
+    }
+
+    /// The existing version `wanted` names, data or delete marker.
+    pub async fn version(
+        &self,
+        bucket: &str,
+        key: &str,
+        wanted: VersionRef,
+    ) -> ModelResult<Option<ObjectVersion>> {
+        let metadata = self.node.metadata();
+        let now = now_unix_ms();
+        match wanted {
+            VersionRef::Id(id) => {
+                let row = metadata
+                    .read(vec![versions_row(bucket, key, &id)])
+                    .await?
+                    .remove(0);
+                Ok(match row {
+                    Some(RowValue::Version(version))
+                        if version.exists(now) && wanted.names(&version) =>
+                    {
+                        Some(*version)
+                    }
+                    _ => None,
+                })
+            }
+            // A crash can leave two null versions for a moment (the newer
+            // one's write purges the older): the newer is the one.
+            VersionRef::Null => Ok(self
+                .existing_versions(bucket, key, None)
+                .await?
+                .into_iter()
+                .filter(|v| v.null)
+                .max_by_key(|v| v.seq)),
+        }
     }
 
     pub async fn existing_versions(
@@ -337,8 +458,8 @@ impl ObjectIndex {
     /// first (invisible alone), then the key's head register by
     /// compare-and-set (where the condition is decided, and which orders
     /// every write of the key: the version's sequence is decided there),
-    /// then the version row with the end of the upload and the retirement
-    /// of the versions it replaced (the bucket keeps no history). Past
+    /// then the version row with the end of the upload and what the
+    /// bucket's `versioning` does below it ([`Self::settle_below`]). Past
     /// `deadline_unix_ms` the head refuses it: the collector may by then
     /// be releasing the upload's fragments. `created` is the version's
     /// time when it is not now: a version restored from the trash keeps
@@ -353,6 +474,7 @@ impl ObjectIndex {
         condition: &WriteCondition,
         deadline_unix_ms: u64,
         created: Option<Timestamp>,
+        versioning: Versioning,
     ) -> ModelResult<ObjectVersion> {
         const IDENTITIES: usize = 8;
         let metadata = self.node.metadata();
@@ -368,6 +490,7 @@ impl ObjectIndex {
                 version: manifest.version,
                 created: created.unwrap_or(at),
                 seq: 0,
+                null: versioning != Versioning::Enabled,
                 body: VersionBody::Data {
                     manifest: signed.id,
                     size_bytes: manifest.plaintext_len(),
@@ -412,7 +535,7 @@ impl ObjectIndex {
                 ),
                 (upload_key, register(None, at)),
             ];
-            rows.extend(self.retirements(&swap).await?);
+            rows.extend(self.settle_below(&swap).await?);
             for chunk in rows.chunks(1000) {
                 metadata.write(chunk.to_vec()).await?;
             }
@@ -424,29 +547,36 @@ impl ObjectIndex {
         )))
     }
 
-    /// Deletes the current object of `key` if `condition` holds: the head
-    /// becomes a purged delete marker, and every version it replaced is
-    /// purged (their fragments go to the collector). A key with no current
-    /// object is a success that changes nothing when the delete is
-    /// conditional, except that versions a crashed writer left below the
-    /// head are purged then too.
+    /// Deletes the current object of `key` if `condition` holds. In a
+    /// bucket that keeps no history (`versioning` Unversioned) the head
+    /// becomes a purged delete marker and every version it replaced is
+    /// purged (their fragments go to the collector); the answer is `None`.
+    /// Otherwise the head becomes a delete marker of its own, written out
+    /// as a version (a null one while versioning is Suspended, which
+    /// replaces the null version), and the answer is that marker. A key
+    /// with no current object is a success that changes nothing when the
+    /// delete is conditional, except that versions a crashed writer left
+    /// below the head are settled then too.
     pub async fn delete(
         &self,
         bucket: &str,
         key: &str,
         condition: &DeleteCondition,
-    ) -> ModelResult<()> {
+        versioning: Versioning,
+    ) -> ModelResult<Option<ObjectVersion>> {
         let at = self.node.metadata().timestamp();
+        let keeps_history = versioning != Versioning::Unversioned;
         let marker = ObjectVersion {
             bucket: bucket.to_owned(),
             key: key.to_owned(),
             version: self.new_version(),
             created: at,
             seq: 0,
+            null: versioning != Versioning::Enabled,
             body: VersionBody::DeleteMarker,
             retention: Retention::default(),
             legal_hold: Lww { value: false, at },
-            purged: Some(at),
+            purged: (!keeps_history).then_some(at),
         };
         let write_condition = WriteCondition::Deleting(condition.clone());
         let swap = match self
@@ -470,43 +600,123 @@ impl ObjectIndex {
                         replaced: None,
                         head,
                     },
-                    None => return Ok(()),
+                    None => return Ok(None),
                 }
             }
             Ok(Some(swap)) => swap,
             Err(error) => return Err(error),
         };
-        let rows = self.retirements(&swap).await?;
+        let mut rows = self.settle_below(&swap).await?;
+        let written = keeps_history && swap.head.version == marker.version;
+        if written {
+            rows.push((
+                versions_row(bucket, key, &swap.head.version),
+                RowValue::Version(Box::new(swap.head.clone())),
+            ));
+        }
         let metadata = self.node.metadata();
         for chunk in rows.chunks(1000) {
             metadata.write(chunk.to_vec()).await?;
         }
-        Ok(())
+        Ok(written.then_some(swap.head))
     }
 
-    /// The rows that purge every version a decided head write replaced:
-    /// the versions of the key with a lower sequence (the one the head
-    /// named before, and any a crashed writer left), never the new head.
-    /// Safe whatever else races: a head's sequence only grows, so a version
-    /// below this one's can never again be what the head names.
-    async fn retirements(&self, swap: &HeadSwap) -> ModelResult<Vec<(RowKey, RowValue)>> {
-        let head = &swap.head;
-        let mut older: Vec<ObjectVersion> = self
-            .existing_versions(&head.bucket, &head.key, None)
-            .await?
-            .into_iter()
-            .filter(|v| v.seq < head.seq && v.version != head.version)
-            .collect();
-        // A head its writer never wrote out goes too.
-        if let Some(replaced) = &swap.replaced
-            && is_current_object(replaced)
-            && replaced.version != head.version
-            && !older.iter().any(|v| v.version == replaced.version)
-        {
-            older.push(replaced.clone());
+    /// Deletes the version `wanted` names permanently, if no lock holds it
+    /// (decided by its lock guard, spec/metadata.md "Locks and permanent
+    /// deletes"). If the head names it, the head becomes it purged, so
+    /// that the version below is latest again. The answer is the version
+    /// deleted; `None` when no such version exists (a success that
+    /// changes nothing, as in S3).
+    /// The preconditions of `condition` are judged against the version
+    /// itself, whose content never changes.
+    pub async fn delete_version(
+        &self,
+        bucket: &str,
+        key: &str,
+        wanted: VersionRef,
+        condition: &DeleteCondition,
+    ) -> ModelResult<Option<ObjectVersion>> {
+        let Some(target) = self.version(bucket, key, wanted).await? else {
+            return Ok(None);
+        };
+        if !condition.is_unconditional() && !condition.holds_for(&target) {
+            return Err(ModelError::PreconditionFailed);
         }
+        let metadata = self.node.metadata();
+        let row = versions_row(bucket, key, &target.version);
+        match decide_version_change(metadata, &row, GuardChange::Purge).await {
+            // Decided before by a delete that stopped: it is finished here.
+            Ok(_) | Err(LockError::Refused(GuardRefusal::Purged)) => {}
+            Err(LockError::NoSuchVersion) => return Ok(None),
+            Err(LockError::Refused(refusal)) => {
+                return Err(ModelError::AccessDenied(format!(
+                    "version {} of {key} cannot be deleted: {refusal}",
+                    version_id_text(&target)
+                )));
+            }
+            Err(LockError::Corrupt(why)) => return Err(ModelError::Corrupt(why)),
+            Err(LockError::Meta(error)) => return Err(error.into()),
+        }
+        let at = metadata.timestamp();
+        let removal = HeadWrite::Remove {
+            version: target.version,
+            at,
+        };
+        match self
+            .swap_head(bucket, key, &WriteCondition::Always, removal, None)
+            .await
+        {
+            Ok(_) | Err(ModelError::NoSuchVersion) => {}
+            Err(error) => return Err(error),
+        }
+        let rows = purge_rows(vec![target.clone()], at);
+        metadata.write(rows).await?;
+        Ok(Some(target))
+    }
+
+    /// What a decided head write does below it: a null head purges the
+    /// null versions below it (S3's null version is replaced; in a bucket
+    /// that never kept history every version is null); a head with its own
+    /// id purges nothing. The head it replaced, if its writer never wrote
+    /// it out, is written out (or purged, when the new head replaces it).
+    /// Safe whatever else races: a head's sequence only grows, so a
+    /// version below this one's can never again be what the head names.
+    async fn settle_below(&self, swap: &HeadSwap) -> ModelResult<Vec<(RowKey, RowValue)>> {
+        let head = &swap.head;
         let at = self.node.metadata().timestamp();
-        Ok(purge_rows(older, at))
+        let replaced = swap
+            .replaced
+            .as_ref()
+            .filter(|r| r.purged.is_none() && r.version != head.version);
+        let mut rows = Vec::new();
+        let mut older = Vec::new();
+        let mut replaced_written = false;
+        if head.null {
+            let existing = self
+                .existing_versions(&head.bucket, &head.key, None)
+                .await?;
+            replaced_written =
+                replaced.is_some_and(|r| existing.iter().any(|v| v.version == r.version));
+            older.extend(
+                existing
+                    .into_iter()
+                    .filter(|v| v.null && v.seq < head.seq && v.version != head.version),
+            );
+        }
+        if let Some(replaced) = replaced
+            && !replaced_written
+        {
+            if head.null && replaced.null {
+                older.push(replaced.clone());
+            } else {
+                let row = versions_row(&replaced.bucket, &replaced.key, &replaced.version);
+                if self.metadata().read(vec![row.clone()]).await?[0].is_none() {
+                    rows.push((row, RowValue::Version(Box::new(replaced.clone()))));
+                }
+            }
+        }
+        rows.extend(purge_rows(older, at));
+        Ok(rows)
     }
 
     /// Sets the head of `key` to what `write` says if `condition` holds
@@ -524,6 +734,19 @@ impl ObjectIndex {
         write: HeadWrite<'_>,
         deadline_unix_ms: Option<u64>,
     ) -> ModelResult<Option<HeadSwap>> {
+        // A condition on a key whose head's version was deleted is judged
+        // against the version below, found before the compare-and-set and
+        // used while the head is the purged one it was found under.
+        let below_purged_head = match condition {
+            WriteCondition::Always => None,
+            _ => match read_head(self.metadata(), bucket, key).await? {
+                Some(head) if head.purged.is_some() => Some((
+                    head.encode(),
+                    newest_existing(self.metadata(), bucket, key).await?,
+                )),
+                _ => None,
+            },
+        };
         // What each run of the change saw and proposed: the one whose
         // proposal was chosen is the answer (an earlier run's proposal can
         // be chosen after a later run judged another current head).
@@ -533,11 +756,16 @@ impl ObjectIndex {
             .metadata()
             .compare_and_set(head_register(bucket, key), |current| {
                 let head = current.and_then(|bytes| ObjectVersion::decode(bytes).ok());
+                let current_object = match &below_purged_head {
+                    Some((under, below)) if current == Some(under.as_slice()) => below.as_ref(),
+                    _ => head.as_ref(),
+                };
                 let mut proposals = proposals.lock().expect("head proposals");
                 let new = judge_head(
                     condition,
                     &write,
                     head.as_ref(),
+                    current_object,
                     !proposals.is_empty(),
                     deadline_unix_ms.is_some_and(|deadline| now_unix_ms() > deadline),
                 )?;
@@ -572,6 +800,7 @@ impl ObjectIndex {
             Err(HeadRefusal::Condition) => Err(ModelError::PreconditionFailed),
             Err(HeadRefusal::NoCurrentObject) => Err(ModelError::NoSuchKey),
             Err(HeadRefusal::Deadline) => Err(self.deadline_error()),
+            Err(HeadRefusal::NotHead) => Err(ModelError::NoSuchVersion),
         }
     }
 }
@@ -594,6 +823,7 @@ mod tests {
             version: VersionId::new(1_000 + u64::from(n), [n; 10]),
             created: at,
             seq,
+            null: true,
             body,
             retention: Retention::default(),
             legal_hold: Lww { value: false, at },
@@ -619,10 +849,17 @@ mod tests {
         let current = data(1, 7);
         let mine = data(2, 0);
         let put = HeadWrite::Put(&mine);
-        let head = judge_head(&WriteCondition::Always, &put, Some(&current), false, false);
+        let head = judge_head(
+            &WriteCondition::Always,
+            &put,
+            Some(&current),
+            Some(&current),
+            false,
+            false,
+        );
         assert_eq!(head.map(|h| (h.version, h.seq)), Ok((mine.version, 8)));
         assert_eq!(
-            judge_head(&WriteCondition::Always, &put, None, false, false).map(|h| h.seq),
+            judge_head(&WriteCondition::Always, &put, None, None, false, false).map(|h| h.seq),
             Ok(1)
         );
         let refusals = [
@@ -649,7 +886,7 @@ mod tests {
         ];
         for (condition, current, refusal) in refusals {
             assert_eq!(
-                judge_head(&condition, &put, current, false, false),
+                judge_head(&condition, &put, current, current, false, false),
                 Err(refusal),
                 "{condition:?}"
             );
@@ -659,6 +896,7 @@ mod tests {
                 &WriteCondition::IfMatch("e1".into()),
                 &put,
                 Some(&current),
+                Some(&current),
                 false,
                 false
             )
@@ -666,13 +904,21 @@ mod tests {
             Ok(8)
         );
         assert_eq!(
-            judge_head(&WriteCondition::Always, &put, Some(&current), false, true),
+            judge_head(
+                &WriteCondition::Always,
+                &put,
+                Some(&current),
+                Some(&current),
+                false,
+                true
+            ),
             Err(HeadRefusal::Deadline)
         );
         assert_eq!(
             judge_head(
                 &WriteCondition::Always,
                 &put,
+                Some(&data(1, u64::MAX)),
                 Some(&data(1, u64::MAX)),
                 false,
                 false
@@ -693,6 +939,7 @@ mod tests {
                 &WriteCondition::Always,
                 &HeadWrite::Put(&mine),
                 Some(&current),
+                Some(&current),
                 true,
                 false
             ),
@@ -705,6 +952,7 @@ mod tests {
             judge_head(
                 &deleting,
                 &HeadWrite::Delete(&marker),
+                Some(&current),
                 Some(&current),
                 true,
                 false
@@ -722,6 +970,7 @@ mod tests {
             judge_head(
                 &named,
                 &HeadWrite::Delete(&marker),
+                Some(&current),
                 Some(&current),
                 false,
                 false

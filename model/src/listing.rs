@@ -4,6 +4,7 @@
 //! page with the point to continue from. Pages come from quorum range
 //! reads, so a listing sees every write acknowledged before it began.
 
+#[cfg(test)]
 use cairn_protocol::ids::VersionId;
 use cairn_protocol::meta::{
     Partition, RowValue, Table, prefix_end, version_of_sort_key, version_sort_key,
@@ -13,6 +14,8 @@ use cairn_protocol::version::{ObjectVersion, VersionBody};
 
 use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::{MetaError, Metadata};
+
+use crate::heads::VersionRef;
 
 /// Entries in one listing page at most: what one metadata page carries
 /// (S3's own cap of 1000 is the gateway's to apply).
@@ -25,8 +28,9 @@ pub enum ListStart {
     Beginning,
     /// After every version of this key (start-after, marker, key-marker).
     AfterKey(String),
-    /// After this version of this key (key-marker with version-id-marker).
-    AfterVersion(String, VersionId),
+    /// After this version of this key, in the key's newest-first order
+    /// (key-marker with version-id-marker; ListObjectVersions only).
+    AfterVersion(String, VersionRef),
     /// From a point a previous page handed out (continuation token).
     Resume(Vec<u8>),
 }
@@ -46,13 +50,28 @@ pub struct ListRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListPage {
     pub entries: Vec<ObjectVersion>,
+    /// For ListObjectVersions, whether each entry is its key's latest
+    /// version (S3's IsLatest); for ListObjects every entry is.
+    pub is_latest: Vec<bool>,
     pub common_prefixes: Vec<String>,
     /// Where the next page starts, when the listing is truncated.
     pub resume: Option<Vec<u8>>,
 }
 
-/// The current version of every key (ListObjects): keys whose newest
-/// existing version is a delete marker are left out.
+impl ListPage {
+    pub fn empty() -> Self {
+        Self {
+            entries: Vec::new(),
+            is_latest: Vec::new(),
+            common_prefixes: Vec::new(),
+            resume: None,
+        }
+    }
+}
+
+/// The current version of every key (ListObjects): a key's latest
+/// version is its existing version with the highest head sequence, and
+/// keys whose latest version is a delete marker are left out.
 pub async fn list_objects(
     metadata: &Metadata,
     bucket: &str,
@@ -61,8 +80,8 @@ pub async fn list_objects(
     list(metadata, bucket, request, false).await
 }
 
-/// Every existing version, newest first within a key, delete markers
-/// included (ListObjectVersions).
+/// Every existing version, newest first (by head sequence) within a key,
+/// delete markers included (ListObjectVersions).
 pub async fn list_versions(
     metadata: &Metadata,
     bucket: &str,
@@ -84,8 +103,9 @@ async fn list(
     let mut cursor = match &request.start {
         ListStart::Beginning => prefix.to_vec(),
         ListStart::AfterKey(key) => after_key(key),
-        ListStart::AfterVersion(key, version) => {
-            let mut sort = version_sort_key(key, version);
+        // The key's versions are read whole: their order is by sequence.
+        ListStart::AfterVersion(key, _) => {
+            let mut sort = key.as_bytes().to_vec();
             sort.push(0);
             sort
         }
@@ -95,13 +115,9 @@ async fn list(
         cursor = prefix.to_vec();
     }
     let now = now_unix_ms();
-    let mut page = ListPage {
-        entries: Vec::new(),
-        common_prefixes: Vec::new(),
-        resume: None,
-    };
-    // ListObjects decides a key once it has seen all its rows: the row
-    // with the highest head sequence is the one the key's head names.
+    let mut page = ListPage::empty();
+    // A key is decided once all its rows are seen: the existing row with
+    // the highest head sequence is its latest version.
     let mut group: Option<KeyGroup> = None;
     loop {
         let rows = metadata
@@ -119,26 +135,11 @@ async fn list(
             else {
                 continue;
             };
-            if all_versions {
-                if version.exists(now)
-                    && let Some(step) = page.offer(request, sort, version, max_keys)
-                {
-                    match step {
-                        Step::Full | Step::End => return Ok(page),
-                        Step::Jump(next) => {
-                            cursor = next;
-                            jumped = true;
-                            break;
-                        }
-                    }
-                }
-                continue;
-            }
             match &mut group {
-                Some(current) if current.key == key => current.consider(version),
+                Some(current) if current.key == key => current.consider(version, now),
                 _ => {
                     if let Some(done) = group.take()
-                        && let Some(step) = page.decide(request, done, now, max_keys)
+                        && let Some(step) = page.decide(request, done, all_versions, max_keys)
                     {
                         match step {
                             Step::Full | Step::End => return Ok(page),
@@ -149,7 +150,9 @@ async fn list(
                             }
                         }
                     }
-                    group = Some(KeyGroup::new(key, sort, version));
+                    let mut new = KeyGroup::new(key, sort, all_versions);
+                    new.consider(version, now);
+                    group = Some(new);
                 }
             }
         }
@@ -164,7 +167,7 @@ async fn list(
             _ => {
                 if let Some(done) = group.take() {
                     // A jump past the end of the listing ends it too.
-                    page.decide(request, done, now, max_keys);
+                    page.decide(request, done, all_versions, max_keys);
                 }
                 return Ok(page);
             }
@@ -172,28 +175,37 @@ async fn list(
     }
 }
 
-/// The rows of one key seen so far by ListObjects.
+/// The rows of one key seen so far.
 struct KeyGroup {
     key: String,
     /// Where the key's rows start: a page that ends before the key
     /// resumes here.
     first_sort: Vec<u8>,
-    /// The row with the highest head sequence, existing or not.
-    latest: ObjectVersion,
+    /// The existing row with the highest head sequence.
+    latest: Option<ObjectVersion>,
+    /// Every existing row, when all versions are listed.
+    all: Option<Vec<ObjectVersion>>,
 }
 
 impl KeyGroup {
-    fn new(key: &str, sort: &[u8], version: &ObjectVersion) -> Self {
+    fn new(key: &str, sort: &[u8], all_versions: bool) -> Self {
         Self {
             key: key.to_owned(),
             first_sort: sort.to_vec(),
-            latest: version.clone(),
+            latest: None,
+            all: all_versions.then(Vec::new),
         }
     }
 
-    fn consider(&mut self, version: &ObjectVersion) {
-        if version.seq > self.latest.seq {
-            self.latest = version.clone();
+    fn consider(&mut self, version: &ObjectVersion, now: u64) {
+        if !version.exists(now) {
+            return;
+        }
+        if self.latest.as_ref().is_none_or(|l| version.seq > l.seq) {
+            self.latest = Some(version.clone());
+        }
+        if let Some(all) = &mut self.all {
+            all.push(version.clone());
         }
     }
 }
@@ -209,19 +221,50 @@ enum Step {
 }
 
 impl ListPage {
-    /// Adds the key of `group` if its latest row is an existing object.
+    /// Adds what `group` lists: its latest version if that is an object
+    /// (ListObjects), or every version newest first (ListObjectVersions),
+    /// after the version the request starts after.
     fn decide(
         &mut self,
         request: &ListRequest,
         group: KeyGroup,
-        now: u64,
+        all_versions: bool,
         max_keys: usize,
     ) -> Option<Step> {
-        let latest = &group.latest;
-        if !latest.exists(now) || latest.body == VersionBody::DeleteMarker {
-            return None;
+        let latest = group.latest?;
+        if !all_versions {
+            if latest.body == VersionBody::DeleteMarker {
+                return None;
+            }
+            return self.offer(request, &group.first_sort, &latest, true, max_keys);
         }
-        self.offer(request, &group.first_sort, latest, max_keys)
+        let mut all = group.all.unwrap_or_default();
+        all.sort_by(|a, b| b.seq.cmp(&a.seq).then(b.version.cmp(&a.version)));
+        let skip = match &request.start {
+            ListStart::AfterVersion(key, marker) if *key == group.key => {
+                match all.iter().position(|v| marker.names(v)) {
+                    Some(at) => at + 1,
+                    // The marker's version is gone since the last page:
+                    // ids mostly follow the order, so those below it.
+                    None => match marker {
+                        VersionRef::Id(id) => all
+                            .iter()
+                            .position(|v| v.version < *id)
+                            .unwrap_or(all.len()),
+                        VersionRef::Null => all.len(),
+                    },
+                }
+            }
+            _ => 0,
+        };
+        for version in all.iter().skip(skip) {
+            let sort = version_sort_key(&version.key, &version.version);
+            let is_latest = version.version == latest.version;
+            if let Some(step) = self.offer(request, &sort, version, is_latest, max_keys) {
+                return Some(step);
+            }
+        }
+        None
     }
 
     /// Adds `version` (found at `sort`) as an entry or as its common
@@ -231,6 +274,7 @@ impl ListPage {
         request: &ListRequest,
         sort: &[u8],
         version: &ObjectVersion,
+        is_latest: bool,
         max_keys: usize,
     ) -> Option<Step> {
         let common = common_prefix(&request.prefix, request.delimiter.as_deref(), &version.key);
@@ -252,6 +296,7 @@ impl ListPage {
             }
             None => {
                 self.entries.push(version.clone());
+                self.is_latest.push(is_latest);
                 None
             }
         }

@@ -7,6 +7,7 @@
 use cairn_protocol::guard::{GuardChange, GuardRefusal, VersionGuard};
 use cairn_protocol::meta::{RowKey, RowValue, Table};
 use cairn_protocol::metarpc::RegisterKey;
+use cairn_protocol::version::ObjectVersion;
 use thiserror::Error;
 
 use cairn_node::clock::now_unix_ms;
@@ -24,13 +25,15 @@ pub enum LockError {
     Meta(#[from] MetaError),
 }
 
-/// Applies `change` to the version at `key` (a row of the versions
-/// table) if its lock state allows, and returns the new state.
-pub async fn change_version_lock(
+/// Decides `change` to the version at `key` (a row of the versions
+/// table) in its lock guard, if its lock state allows: the answer is the
+/// row as read and the guard decided. The row is not written; a refusal
+/// of a purge decided earlier is `Purged`.
+pub async fn decide_version_change(
     metadata: &Metadata,
     key: &RowKey,
     change: GuardChange,
-) -> Result<VersionGuard, LockError> {
+) -> Result<(ObjectVersion, VersionGuard), LockError> {
     if key.table != Table::Versions {
         return Err(LockError::NoSuchVersion);
     }
@@ -52,19 +55,34 @@ pub async fn change_version_lock(
                     .map_err(|e| LockError::Corrupt(e.to_string()))?
                     .join(&row),
             };
-            Ok(Some(guard.apply(change, now)?.encode()))
+            Ok::<_, LockError>(Some(guard.apply(change, now)?.encode()))
         })
-        .await?;
-    let mut written = (*row).clone();
+        .await??;
     let guard = match decided {
-        Ok(Some(bytes)) => {
+        Some(bytes) => {
             VersionGuard::decode(&bytes).map_err(|e| LockError::Corrupt(e.to_string()))?
         }
-        Ok(None) => return Err(LockError::Corrupt("empty guard".into())),
+        None => return Err(LockError::Corrupt("empty guard".into())),
+    };
+    Ok((*row, guard))
+}
+
+/// Applies `change` to the version at `key` (a row of the versions
+/// table) if its lock state allows, and returns the new state.
+pub async fn change_version_lock(
+    metadata: &Metadata,
+    key: &RowKey,
+    change: GuardChange,
+) -> Result<VersionGuard, LockError> {
+    let (mut written, guard) = match decide_version_change(metadata, key, change).await {
+        Ok(decided) => decided,
         Err(LockError::Refused(GuardRefusal::Purged)) => {
             // A purge was decided but perhaps never reached the row (its
             // coordinator stopped): finish it before answering.
-            if written.purged.is_none() {
+            if let Some(RowValue::Version(row)) = metadata.read(vec![key.clone()]).await?.remove(0)
+                && row.purged.is_none()
+            {
+                let mut written = *row;
                 written.purged = Some(metadata.timestamp());
                 metadata
                     .write(vec![(key.clone(), RowValue::Version(Box::new(written)))])
@@ -72,7 +90,7 @@ pub async fn change_version_lock(
             }
             return Err(GuardRefusal::Purged.into());
         }
-        Err(refusal) => return Err(refusal),
+        Err(error) => return Err(error),
     };
     written.retention = guard.retention;
     written.legal_hold = guard.legal_hold;

@@ -169,6 +169,7 @@ pub async fn restore(
     copy.writer = node.node_id();
     copy.encryption = keys.envelope(bucket, key, copy.version);
     let upload = copy.upload;
+    let versioning = crate::buckets::versioning_of(metadata, bucket).await?;
     let restored = index
         .commit(
             copy.clone(),
@@ -178,6 +179,7 @@ pub async fn restore(
             &WriteCondition::Always,
             index.write_deadline(now_unix_ms()),
             Some(trashed.created),
+            versioning,
         )
         .await?;
     tracing::info!(bucket, key, from = %version, to = %restored.version, "restored a version from the trash");

@@ -759,6 +759,7 @@ mod tests {
             version: VersionId::new(7, [1; 10]),
             created: at(7, 1),
             seq: 1,
+            null: true,
             body: VersionBody::DeleteMarker,
             retention: Retention::default(),
             legal_hold: Lww {

@@ -10,7 +10,7 @@ use crate::erasure::Scheme;
 use crate::ids::{FragmentId, ManifestId, UploadId};
 use crate::keywrap::WRAPPED_KEY_BYTES;
 use crate::manifest::{MAX_ETAG_BYTES, PartKeys, SegmentRef};
-use crate::version::{StoredHeaders, VersionError};
+use crate::version::{RetentionMode, StoredHeaders, VersionError};
 
 const FORMAT_VERSION: u8 = 1;
 /// Bytes of an access key id: 16 to 128, S3's own bounds.
@@ -67,6 +67,163 @@ impl BucketRecord {
         };
         r.finish("bucket record")?;
         Ok(record)
+    }
+}
+
+/// A bucket's versioning state (S3's): once Enabled, never back to
+/// Unversioned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Versioning {
+    #[default]
+    Unversioned,
+    Enabled,
+    Suspended,
+}
+
+/// How long a new version is retained when its write names no retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetentionPeriod {
+    Days(u32),
+    Years(u32),
+}
+
+/// Object Lock's default retention of a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DefaultRetention {
+    /// Governance or Compliance, never None.
+    pub mode: RetentionMode,
+    pub period: RetentionPeriod,
+}
+
+/// The protections of one bucket that change after it is created
+/// (spec/versioning.md, "Bucket settings"): kept in a compare-and-set
+/// register of the bucket's partition, so that changes racing on them are
+/// put in one order and the rules between them (versioning never back to
+/// Unversioned, Object Lock never off, no suspending under Object Lock)
+/// hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketSettings {
+    /// The bucket's KMS key id, unique to one creation of the bucket:
+    /// settings of an earlier bucket of the same name are not this one's.
+    pub generation: String,
+    pub versioning: Versioning,
+    pub object_lock: bool,
+    /// Only with Object Lock.
+    pub default_retention: Option<DefaultRetention>,
+}
+
+impl BucketSettings {
+    /// What a bucket without a settings register has.
+    pub fn unversioned(generation: &str) -> Self {
+        Self {
+            generation: generation.to_owned(),
+            versioning: Versioning::Unversioned,
+            object_lock: false,
+            default_retention: None,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.generation.len());
+        out.put_u8(FORMAT_VERSION);
+        out.put_bytes16(self.generation.as_bytes());
+        out.put_u8(self.versioning as u8);
+        out.put_bool(self.object_lock);
+        match &self.default_retention {
+            None => out.put_u8(0),
+            Some(default) => {
+                out.put_u8(default.mode as u8);
+                match default.period {
+                    RetentionPeriod::Days(n) => {
+                        out.put_u8(0);
+                        out.put_u32(n);
+                    }
+                    RetentionPeriod::Years(n) => {
+                        out.put_u8(1);
+                        out.put_u32(n);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        let mut r = Reader::new(bytes);
+        read_format(&mut r)?;
+        let generation = r.str16("generation", MAX_KMS_KEY_ID_BYTES)?.to_owned();
+        let versioning = match r.u8("versioning")? {
+            0 => Versioning::Unversioned,
+            1 => Versioning::Enabled,
+            2 => Versioning::Suspended,
+            other => {
+                return Err(DecodeError::InvalidValue {
+                    field: "versioning",
+                    value: u64::from(other),
+                }
+                .into());
+            }
+        };
+        let object_lock = r.bool("object lock")?;
+        let mode = match r.u8("default retention mode")? {
+            0 => None,
+            1 => Some(RetentionMode::Governance),
+            2 => Some(RetentionMode::Compliance),
+            other => {
+                return Err(DecodeError::InvalidValue {
+                    field: "default retention mode",
+                    value: u64::from(other),
+                }
+                .into());
+            }
+        };
+        let default_retention = match mode {
+            None => None,
+            Some(mode) => {
+                let unit = r.u8("retention unit")?;
+                let count = r.u32("retention period")?;
+                let period = match unit {
+                    0 => RetentionPeriod::Days(count),
+                    1 => RetentionPeriod::Years(count),
+                    other => {
+                        return Err(DecodeError::InvalidValue {
+                            field: "retention unit",
+                            value: u64::from(other),
+                        }
+                        .into());
+                    }
+                };
+                Some(DefaultRetention { mode, period })
+            }
+        };
+        r.finish("bucket settings")?;
+        let settings = Self {
+            generation,
+            versioning,
+            object_lock,
+            default_retention,
+        };
+        settings.check().map_err(RecordError::Invalid)?;
+        Ok(settings)
+    }
+
+    /// The rules one settings value keeps by itself.
+    pub fn check(&self) -> Result<(), String> {
+        if self.object_lock && self.versioning != Versioning::Enabled {
+            return Err("Object Lock needs versioning Enabled".into());
+        }
+        if self.default_retention.is_some() && !self.object_lock {
+            return Err("a default retention needs Object Lock".into());
+        }
+        if let Some(default) = &self.default_retention {
+            let count = match default.period {
+                RetentionPeriod::Days(n) | RetentionPeriod::Years(n) => n,
+            };
+            if count == 0 {
+                return Err("a default retention period is at least 1".into());
+            }
+        }
+        Ok(())
     }
 }
 

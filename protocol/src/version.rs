@@ -15,9 +15,15 @@ use crate::hlc::{Timestamp, put_timestamp, read_timestamp};
 use crate::ids::{ManifestId, VersionId};
 use crate::manifest::{MAX_BUCKET_BYTES, MAX_ETAG_BYTES, MAX_KEY_BYTES};
 
-/// Format 2 added the head sequence; format 1 entries read as sequence 0.
+/// Format 3 added flags and is written for versions with an id of their
+/// own; format 2 added the head sequence (format 1 entries read as sequence
+/// 0). Entries of formats 1 and 2 are null versions.
+const FORMAT_WITH_FLAGS: u8 = 3;
 const FORMAT_VERSION: u8 = 2;
 const FORMAT_WITHOUT_SEQ: u8 = 1;
+/// Flag of format 3: the version has an id of its own (written while the
+/// bucket's versioning was Enabled). Other bits are reserved, zero.
+const FLAG_OWN_ID: u8 = 1;
 
 /// Bytes of all stored header names and values of one version together.
 pub const MAX_STORED_HEADER_BYTES: usize = 8 << 10;
@@ -150,6 +156,10 @@ pub struct ObjectVersion {
     /// register's compare-and-set. Of a key's versions, the one with the
     /// highest sequence is the one its head names; immutable.
     pub seq: u64,
+    /// S3's null version: written while the bucket's versioning was not
+    /// Enabled (never enabled, or suspended). A client names it `null`,
+    /// and the next write of a null version replaces it. Immutable.
+    pub null: bool,
     pub body: VersionBody,
     pub retention: Retention,
     pub legal_hold: Lww<bool>,
@@ -193,14 +203,19 @@ impl ObjectVersion {
         }
         // Content is write-once; if two replicas ever disagree, both pick the
         // same one so that they still converge.
-        let (created, seq, body) =
-            (self.created, self.seq, &self.body).min((other.created, other.seq, &other.body));
+        let (created, seq, null, body) = (self.created, self.seq, self.null, &self.body).min((
+            other.created,
+            other.seq,
+            other.null,
+            &other.body,
+        ));
         Ok(Self {
             bucket: self.bucket.clone(),
             key: self.key.clone(),
             version: self.version,
             created,
             seq,
+            null,
             body: body.clone(),
             retention: self.retention.join(other.retention),
             legal_hold: self.legal_hold.join(other.legal_hold),
@@ -208,22 +223,27 @@ impl ObjectVersion {
         })
     }
 
-    /// The canonical encoding: format 2 with its sequence, or format 1
-    /// when the sequence is 0 (an entry that no head decided), so that one
-    /// entry has one byte string.
+    /// The canonical encoding, so that one entry has one byte string: a
+    /// version with an id of its own in format 3 (sequence and flags); a
+    /// null version in format 2 with its sequence, or format 1 when the
+    /// sequence is 0 (an entry that no head decided).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(200 + self.key.len());
-        out.put_u8(if self.seq == 0 {
-            FORMAT_WITHOUT_SEQ
-        } else {
-            FORMAT_VERSION
-        });
+        let format = match (self.null, self.seq) {
+            (false, _) => FORMAT_WITH_FLAGS,
+            (true, 0) => FORMAT_WITHOUT_SEQ,
+            (true, _) => FORMAT_VERSION,
+        };
+        out.put_u8(format);
         out.put_bytes16(self.bucket.as_bytes());
         out.put_bytes16(self.key.as_bytes());
         out.extend_from_slice(&self.version.0);
         put_timestamp(&mut out, &self.created);
-        if self.seq != 0 {
+        if format != FORMAT_WITHOUT_SEQ {
             out.put_u64(self.seq);
+        }
+        if format == FORMAT_WITH_FLAGS {
+            out.put_u8(FLAG_OWN_ID);
         }
         match &self.body {
             VersionBody::DeleteMarker => out.put_u8(0),
@@ -257,7 +277,7 @@ impl ObjectVersion {
     pub fn decode(bytes: &[u8]) -> Result<Self, VersionError> {
         let mut r = Reader::new(bytes);
         let format = r.u8("format")?;
-        if format != FORMAT_VERSION && format != FORMAT_WITHOUT_SEQ {
+        if ![FORMAT_WITH_FLAGS, FORMAT_VERSION, FORMAT_WITHOUT_SEQ].contains(&format) {
             return Err(VersionError::UnsupportedFormat(format));
         }
         let bucket = r.str16("bucket", MAX_BUCKET_BYTES)?.to_owned();
@@ -266,6 +286,7 @@ impl ObjectVersion {
         let created = read_timestamp(&mut r)?;
         let seq = match format {
             FORMAT_WITHOUT_SEQ => 0,
+            FORMAT_WITH_FLAGS => r.u64("head sequence")?,
             _ => match r.u64("head sequence")? {
                 // Sequence 0 is written in format 1 only (canonical).
                 0 => {
@@ -277,6 +298,20 @@ impl ObjectVersion {
                 }
                 seq => seq,
             },
+        };
+        let null = match format {
+            // Null versions are written in formats 1 and 2 only (canonical).
+            FORMAT_WITH_FLAGS => match r.u8("flags")? {
+                FLAG_OWN_ID => false,
+                other => {
+                    return Err(DecodeError::InvalidValue {
+                        field: "flags",
+                        value: u64::from(other),
+                    }
+                    .into());
+                }
+            },
+            _ => true,
         };
         let body = match r.u8("body kind")? {
             0 => VersionBody::DeleteMarker,
@@ -322,6 +357,7 @@ impl ObjectVersion {
             version,
             created,
             seq,
+            null,
             body,
             retention: Retention {
                 mode,
@@ -353,6 +389,7 @@ mod tests {
             version: VersionId::new(1, [0; 10]),
             created: at(1, 1),
             seq: 3,
+            null: true,
             body: VersionBody::Data {
                 manifest: ManifestId([5; 32]),
                 size_bytes: 10,
@@ -436,10 +473,32 @@ mod tests {
     fn encoding_round_trips_and_truncations_fail() {
         let mut e = entry();
         e.purged = Some(at(9, 3));
-        let bytes = e.encode();
-        assert_eq!(ObjectVersion::decode(&bytes).unwrap(), e);
-        for len in 0..bytes.len() {
-            assert!(ObjectVersion::decode(&bytes[..len]).is_err());
+        for (null, seq) in [(true, 3), (true, 0), (false, 3), (false, 0)] {
+            e.null = null;
+            e.seq = seq;
+            let bytes = e.encode();
+            assert_eq!(ObjectVersion::decode(&bytes).unwrap(), e);
+            for len in 0..bytes.len() {
+                assert!(ObjectVersion::decode(&bytes[..len]).is_err());
+            }
         }
+    }
+
+    #[test]
+    fn format_3_carries_the_own_id_flag_and_only_it() {
+        let mut e = entry();
+        e.null = false;
+        let bytes = e.encode();
+        assert_eq!(bytes[0], FORMAT_WITH_FLAGS);
+        let flags = 1 + 2 + e.bucket.len() + 2 + e.key.len() + 16 + 40 + 8;
+        assert_eq!(bytes[flags], FLAG_OWN_ID);
+        for bad in [0u8, 2, 3, 0x80] {
+            let mut changed = bytes.clone();
+            changed[flags] = bad;
+            assert!(ObjectVersion::decode(&changed).is_err(), "flags {bad}");
+        }
+        // Entries of formats 1 and 2 are null versions.
+        e.null = true;
+        assert_eq!(e.encode()[0], FORMAT_VERSION);
     }
 }

@@ -53,6 +53,7 @@ fn replica_view() -> impl Strategy<Value = ObjectVersion> {
                 version: VersionId::new(7, [1; 10]),
                 created,
                 seq: 1,
+                null: true,
                 body,
                 retention: Retention {
                     mode,

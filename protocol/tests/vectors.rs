@@ -179,8 +179,9 @@ fn key_wrapping() {
 fn gateway_records_and_labelled_keys() {
     use cairn_protocol::keywrap::{unwrap_labelled_key, wrap_labelled_key};
     use cairn_protocol::records::{
-        AccessKeyRecord, BucketRecord, DegradedRecord, KmsKeyRecord, PartRecord, ReleaseRecord,
-        ReleaseTarget, UploadRecord,
+        AccessKeyRecord, BucketRecord, BucketSettings, DefaultRetention, DegradedRecord,
+        KmsKeyRecord, PartRecord, ReleaseRecord, ReleaseTarget, RetentionPeriod, UploadRecord,
+        Versioning,
     };
     let root = SecretKey::from_bytes([0x44; 32]);
     let key = SecretKey::from_bytes([0x55; 32]);
@@ -191,6 +192,23 @@ fn gateway_records_and_labelled_keys() {
         owner: "CKABCDEFGHIJKLMNOPQR".into(),
         bucket_key_id: "bucket/photos/0011223344556677".into(),
     };
+    let settings = [
+        BucketSettings {
+            generation: "bucket/photos/0011223344556677".into(),
+            versioning: Versioning::Suspended,
+            object_lock: false,
+            default_retention: None,
+        },
+        BucketSettings {
+            generation: "bucket/photos/0011223344556677".into(),
+            versioning: Versioning::Enabled,
+            object_lock: true,
+            default_retention: Some(DefaultRetention {
+                mode: RetentionMode::Compliance,
+                period: RetentionPeriod::Years(7),
+            }),
+        },
+    ];
     let access = AccessKeyRecord {
         created_unix_ms: 1_764_000_000_001,
         name: "backup job".into(),
@@ -243,6 +261,7 @@ fn gateway_records_and_labelled_keys() {
                 "salt": to_hex(&[0x66; 24]), "label": label, "wrapped": to_hex(&wrapped),
             },
             "bucket_record": to_hex(&bucket.encode()),
+            "bucket_settings": settings.iter().map(|s| to_hex(&s.encode())).collect::<Vec<_>>(),
             "access_key_record": to_hex(&access.encode()),
             "kms_key_record": to_hex(&kms.encode()),
             "upload_record": to_hex(&upload.encode()),
@@ -269,6 +288,14 @@ fn gateway_records_and_labelled_keys() {
         BucketRecord::decode(&hex_bytes(&stored["bucket_record"])),
         Ok(bucket)
     );
+    for (stored, settings) in stored["bucket_settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(settings)
+    {
+        assert_eq!(BucketSettings::decode(&hex_bytes(stored)), Ok(settings));
+    }
     assert_eq!(
         AccessKeyRecord::decode(&hex_bytes(&stored["access_key_record"])),
         Ok(access)
@@ -664,6 +691,7 @@ fn object_versions() {
         version: VersionId::new(1_764_000_000_000, [0xab; 10]),
         created: at(1_764_000_000_000, 1),
         seq: 42,
+        null: true,
         body: VersionBody::Data {
             manifest: ManifestId([0x0d; 32]),
             size_bytes: 65_547,
@@ -694,9 +722,25 @@ fn object_versions() {
         purged: Some(at(1_764_000_009_000, 3)),
         ..entry.clone()
     };
+    // A version with its own id (written while versioning was Enabled).
+    let own_id = ObjectVersion {
+        null: false,
+        body: VersionBody::DeleteMarker,
+        retention: Retention::default(),
+        purged: None,
+        ..entry.clone()
+    };
     let stored = check(
         "version.json",
-        json!({ "data_version": to_hex(&entry.encode()), "purged_delete_marker": to_hex(&marker.encode()) }),
+        json!({
+            "data_version": to_hex(&entry.encode()),
+            "purged_delete_marker": to_hex(&marker.encode()),
+            "own_id_delete_marker": to_hex(&own_id.encode()),
+        }),
+    );
+    assert_eq!(
+        ObjectVersion::decode(&hex_bytes(&stored["own_id_delete_marker"])).unwrap(),
+        own_id
     );
     assert_eq!(
         ObjectVersion::decode(&hex_bytes(&stored["data_version"])).unwrap(),

@@ -35,6 +35,7 @@ fn row(bucket: &str, n: u64, at: Timestamp) -> (RowKey, RowValue) {
         version,
         created: at,
         seq: 1,
+        null: true,
         body: VersionBody::Data {
             manifest: ManifestId([(n % 251) as u8; 32]),
             size_bytes: n,

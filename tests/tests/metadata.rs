@@ -44,6 +44,7 @@ fn version_row(bucket: &str, key: &str, n: u64, at: Timestamp) -> (RowKey, RowVa
         version,
         created: at,
         seq: n,
+        null: true,
         body: VersionBody::Data {
             manifest: ManifestId([n as u8; 32]),
             size_bytes: n,

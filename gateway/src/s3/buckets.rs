@@ -4,6 +4,9 @@
 use s3s::dto::*;
 use s3s::{S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 
+use cairn_model::ModelError;
+use cairn_protocol::records::{BucketSettings, Versioning};
+
 use super::headers::timestamp_of;
 use super::{CairnS3, DEFAULT_REGION};
 use crate::error::GatewayError;
@@ -72,7 +75,7 @@ impl CairnS3 {
         }
         let owner = owner_of(&req);
         self.buckets
-            .create(&req.input.bucket, &owner)
+            .create(&req.input.bucket, &owner, false)
             .await
             .map_err(GatewayError::from)?;
         Ok(S3Response::new(CreateBucketOutput {
@@ -100,6 +103,68 @@ impl CairnS3 {
             .await
             .map_err(GatewayError::from)?;
         Ok(S3Response::new(DeleteBucketOutput {}))
+    }
+
+    pub(super) async fn put_bucket_versioning_op(
+        &self,
+        req: S3Request<PutBucketVersioningInput>,
+    ) -> S3Result<S3Response<PutBucketVersioningOutput>> {
+        let input = req.input;
+        let configuration = input.versioning_configuration;
+        if configuration
+            .mfa_delete
+            .as_ref()
+            .is_some_and(|m| m.as_str() == MFADelete::ENABLED)
+        {
+            return Err(GatewayError::NotImplemented(
+                "MFA Delete is not offered: versions are protected by Object Lock".into(),
+            )
+            .into());
+        }
+        let wanted = match configuration.status.as_ref().map(|s| s.as_str()) {
+            Some(BucketVersioningStatus::ENABLED) => Versioning::Enabled,
+            Some(BucketVersioningStatus::SUSPENDED) => Versioning::Suspended,
+            _ => {
+                return Err(S3Error::with_message(
+                    S3ErrorCode::MalformedXML,
+                    "the versioning configuration needs a Status of Enabled or Suspended",
+                ));
+            }
+        };
+        self.buckets
+            .change_settings(&input.bucket, |current| {
+                if wanted == Versioning::Suspended && current.object_lock {
+                    return Err(ModelError::InvalidBucketState(
+                        "An Object Lock configuration is present on this bucket, so the versioning state cannot be changed.".into(),
+                    ));
+                }
+                Ok(BucketSettings {
+                    versioning: wanted,
+                    ..current.clone()
+                })
+            })
+            .await
+            .map_err(GatewayError::from)?;
+        Ok(S3Response::new(PutBucketVersioningOutput {}))
+    }
+
+    pub(super) async fn get_bucket_versioning_op(
+        &self,
+        req: S3Request<GetBucketVersioningInput>,
+    ) -> S3Result<S3Response<GetBucketVersioningOutput>> {
+        let status = match self.versioning(&req.input.bucket).await? {
+            Versioning::Unversioned => None,
+            Versioning::Enabled => Some(BucketVersioningStatus::from_static(
+                BucketVersioningStatus::ENABLED,
+            )),
+            Versioning::Suspended => Some(BucketVersioningStatus::from_static(
+                BucketVersioningStatus::SUSPENDED,
+            )),
+        };
+        Ok(S3Response::new(GetBucketVersioningOutput {
+            status,
+            ..Default::default()
+        }))
     }
 
     pub(super) async fn get_bucket_location_op(

@@ -202,6 +202,7 @@ mod tests {
             version: VersionId::new(1_000_000, [1; 10]),
             created: at,
             seq: 1,
+            null: true,
             body: VersionBody::Data {
                 manifest: ManifestId([1; 32]),
                 size_bytes: 1,

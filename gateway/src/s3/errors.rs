@@ -12,6 +12,8 @@ impl From<GatewayError> for S3Error {
             GatewayError::NoSuchBucket(_) => C::NoSuchBucket,
             GatewayError::NoSuchKey => C::NoSuchKey,
             GatewayError::NoSuchVersion => C::NoSuchVersion,
+            GatewayError::InvalidBucketState(_) => C::InvalidBucketState,
+            GatewayError::AccessDenied(_) => C::AccessDenied,
             GatewayError::NoSuchUpload => C::NoSuchUpload,
             GatewayError::BucketAlreadyOwnedByYou(_) => C::BucketAlreadyOwnedByYou,
             GatewayError::BucketAlreadyExists(_) => C::BucketAlreadyExists,

@@ -5,8 +5,10 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine;
+use cairn_model::heads::{VersionRef, version_id_text};
 use cairn_protocol::ids::VersionId;
 use cairn_protocol::manifest::MAX_KEY_BYTES;
+use cairn_protocol::records::Versioning;
 use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
 use s3s::dto::*;
 use s3s::{S3Error, S3ErrorCode, S3Result};
@@ -40,6 +42,30 @@ pub(super) fn parse_version_id(text: &str) -> Result<Option<VersionId>, GatewayE
     VersionId::parse(text)
         .map(Some)
         .map_err(|_| GatewayError::InvalidArgument(format!("invalid version id {text:?}")))
+}
+
+/// A `versionId` as a client sends it: `null` or an id.
+pub(super) fn parse_version_ref(text: &str) -> Result<VersionRef, GatewayError> {
+    Ok(match parse_version_id(text)? {
+        None => VersionRef::Null,
+        Some(id) => VersionRef::Id(id),
+    })
+}
+
+/// The `x-amz-version-id` a write answers with: none in a bucket that
+/// never kept history, `null` for a null version.
+pub(super) fn written_version_id(
+    version: &ObjectVersion,
+    versioning: Versioning,
+) -> Option<String> {
+    (versioning != Versioning::Unversioned || !version.null).then(|| version_id_text(version))
+}
+
+/// The `x-amz-version-id` a read answers with: a version's own id; a null
+/// version is not named (in a bucket that never kept history S3 names
+/// none, and telling which this is would cost a read).
+pub(super) fn read_version_id(version: &ObjectVersion) -> Option<String> {
+    (!version.null).then(|| version_id_text(version))
 }
 
 pub(super) fn timestamp_of(unix_ms: u64) -> Timestamp {
@@ -178,6 +204,7 @@ pub(super) fn head_output(version: &ObjectVersion, checksums: bool) -> HeadObjec
         checksum_sha1: sums.checksum_sha1,
         checksum_sha256: sums.checksum_sha256,
         checksum_type: sums.checksum_type,
+        version_id: read_version_id(version),
         ..Default::default()
     }
 }
@@ -205,6 +232,7 @@ macro_rules! from_head {
             checksum_sha1: head.checksum_sha1,
             checksum_sha256: head.checksum_sha256,
             checksum_type: head.checksum_type,
+            version_id: head.version_id,
             $($extra)*
         }
     }};

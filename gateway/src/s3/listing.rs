@@ -2,7 +2,8 @@
 //! continuation tokens and markers, and `encoding-type=url`.
 
 use base64::Engine;
-use cairn_model::listing::{ListPage, ListRequest, ListStart, list_objects};
+use cairn_model::heads::version_id_text;
+use cairn_model::listing::{ListPage, ListRequest, ListStart, list_objects, list_versions};
 use cairn_protocol::manifest::MAX_KEY_BYTES;
 use cairn_protocol::meta::prefix_end;
 use cairn_protocol::version::VersionBody;
@@ -10,7 +11,7 @@ use s3s::dto::*;
 use s3s::{S3Request, S3Response, S3Result};
 
 use super::CairnS3;
-use super::headers::{last_modified, page_size, strong_etag};
+use super::headers::{last_modified, page_size, parse_version_ref, strong_etag};
 use crate::error::GatewayError;
 
 /// Percent-encodes a key for `encoding-type=url` (everything but
@@ -101,11 +102,7 @@ impl CairnS3 {
         max_keys: usize,
     ) -> Result<ListPage, GatewayError> {
         if max_keys == 0 {
-            return Ok(ListPage {
-                entries: Vec::new(),
-                common_prefixes: Vec::new(),
-                resume: None,
-            });
+            return Ok(ListPage::empty());
         }
         let request = ListRequest {
             prefix: prefix.to_owned(),
@@ -196,6 +193,147 @@ impl CairnS3 {
             next_marker: next_marker.map(encode),
             encoding_type: input.encoding_type,
             contents: Some(contents),
+            common_prefixes: Some(common_prefixes),
+            ..Default::default()
+        }))
+    }
+}
+
+/// Where a ListObjectVersions page starts: after the key marker (after
+/// every key under it when it is a common prefix), or after one of its
+/// versions.
+fn versions_start(
+    prefix: &str,
+    delimiter: Option<&str>,
+    key_marker: Option<&str>,
+    version_id_marker: Option<&str>,
+) -> Result<ListStart, GatewayError> {
+    let key_marker = key_marker.filter(|k| !k.is_empty());
+    let version_id_marker = version_id_marker.filter(|v| !v.is_empty());
+    Ok(match (key_marker, version_id_marker) {
+        (None, Some(_)) => {
+            return Err(GatewayError::InvalidArgument(
+                "A version-id marker cannot be specified without a key marker.".into(),
+            ));
+        }
+        (None, None) => ListStart::Beginning,
+        (Some(key), Some(version)) => {
+            ListStart::AfterVersion(key.to_owned(), parse_version_ref(version)?)
+        }
+        (Some(key), None) => match delimiter {
+            Some(d) if key.ends_with(d) && key.starts_with(prefix) => {
+                match prefix_end(key.as_bytes()) {
+                    Some(end) => ListStart::Resume(end),
+                    None => ListStart::AfterKey(key.to_owned()),
+                }
+            }
+            _ => ListStart::AfterKey(key.to_owned()),
+        },
+    })
+}
+
+impl CairnS3 {
+    pub(super) async fn list_object_versions_op(
+        &self,
+        req: S3Request<ListObjectVersionsInput>,
+    ) -> S3Result<S3Response<ListObjectVersionsOutput>> {
+        let input = req.input;
+        self.bucket(&input.bucket).await?;
+        let url = wants_url(input.encoding_type.as_ref())?;
+        let max = max_keys(input.max_keys)?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
+        let start = versions_start(
+            &prefix,
+            delimiter.as_deref(),
+            input.key_marker.as_deref(),
+            input.version_id_marker.as_deref(),
+        )?;
+        let page = if max == 0 {
+            ListPage::empty()
+        } else {
+            let request = ListRequest {
+                prefix: prefix.clone(),
+                delimiter,
+                start,
+                max_keys: max,
+            };
+            list_versions(self.objects.index().metadata(), &input.bucket, &request)
+                .await
+                .map_err(GatewayError::from)?
+        };
+        let encode = |text: &str| {
+            if url {
+                url_encode(text)
+            } else {
+                text.to_owned()
+            }
+        };
+        let mut versions = Vec::new();
+        let mut delete_markers = Vec::new();
+        for (version, is_latest) in page.entries.iter().zip(&page.is_latest) {
+            let key = Some(encode(&version.key));
+            let version_id = Some(version_id_text(version));
+            match &version.body {
+                VersionBody::Data {
+                    size_bytes, etag, ..
+                } => versions.push(ObjectVersion {
+                    key,
+                    version_id,
+                    is_latest: Some(*is_latest),
+                    last_modified: Some(last_modified(version)),
+                    e_tag: Some(strong_etag(etag)),
+                    size: Some(*size_bytes as i64),
+                    storage_class: Some(ObjectVersionStorageClass::from_static(
+                        ObjectVersionStorageClass::STANDARD,
+                    )),
+                    ..Default::default()
+                }),
+                VersionBody::DeleteMarker => delete_markers.push(DeleteMarkerEntry {
+                    key,
+                    version_id,
+                    is_latest: Some(*is_latest),
+                    last_modified: Some(last_modified(version)),
+                    ..Default::default()
+                }),
+            }
+        }
+        // The next page starts after the last entry or common prefix.
+        let (next_key_marker, next_version_id_marker) = match &page.resume {
+            None => (None, None),
+            Some(_) => {
+                let last_entry = page.entries.last();
+                let last_prefix = page.common_prefixes.last();
+                match (last_entry, last_prefix) {
+                    (Some(entry), Some(prefix)) if prefix.as_str() > entry.key.as_str() => {
+                        (Some(prefix.clone()), None)
+                    }
+                    (Some(entry), _) => (Some(entry.key.clone()), Some(version_id_text(entry))),
+                    (None, Some(prefix)) => (Some(prefix.clone()), None),
+                    (None, None) => (None, None),
+                }
+            }
+        };
+        let common_prefixes = page
+            .common_prefixes
+            .iter()
+            .map(|p| CommonPrefix {
+                prefix: Some(encode(p)),
+            })
+            .collect();
+        Ok(S3Response::new(ListObjectVersionsOutput {
+            name: Some(input.bucket),
+            prefix: Some(encode(&prefix)),
+            delimiter: input.delimiter.as_deref().map(encode),
+            key_marker: input.key_marker.as_deref().map(encode),
+            version_id_marker: input.version_id_marker,
+            max_keys: Some(max as i32),
+            is_truncated: Some(page.resume.is_some()),
+            next_key_marker: next_key_marker.as_deref().map(encode),
+            next_version_id_marker,
+            encoding_type: input.encoding_type,
+            versions: Some(versions),
+            delete_markers: Some(delete_markers),
             common_prefixes: Some(common_prefixes),
             ..Default::default()
         }))

@@ -14,7 +14,7 @@ mod multipart;
 mod objects;
 
 use cairn_model::buckets::Buckets;
-use cairn_protocol::records::BucketRecord;
+use cairn_protocol::records::{BucketRecord, BucketSettings, Versioning};
 use s3s::dto::*;
 use s3s::{S3, S3Request, S3Response, S3Result};
 
@@ -40,6 +40,16 @@ impl CairnS3 {
     /// The bucket's record, or `NoSuchBucket`.
     async fn bucket(&self, name: &str) -> GatewayResult<BucketRecord> {
         Ok(self.buckets.get(name).await?)
+    }
+
+    /// The bucket's settings, or `NoSuchBucket`.
+    async fn settings(&self, name: &str) -> GatewayResult<BucketSettings> {
+        Ok(self.buckets.settings(name).await?)
+    }
+
+    /// The bucket's versioning, or `NoSuchBucket`.
+    async fn versioning(&self, name: &str) -> GatewayResult<Versioning> {
+        Ok(self.settings(name).await?.versioning)
     }
 }
 
@@ -71,6 +81,27 @@ impl S3 for CairnS3 {
         req: S3Request<DeleteBucketInput>,
     ) -> S3Result<S3Response<DeleteBucketOutput>> {
         self.delete_bucket_op(req).await
+    }
+
+    async fn put_bucket_versioning(
+        &self,
+        req: S3Request<PutBucketVersioningInput>,
+    ) -> S3Result<S3Response<PutBucketVersioningOutput>> {
+        self.put_bucket_versioning_op(req).await
+    }
+
+    async fn get_bucket_versioning(
+        &self,
+        req: S3Request<GetBucketVersioningInput>,
+    ) -> S3Result<S3Response<GetBucketVersioningOutput>> {
+        self.get_bucket_versioning_op(req).await
+    }
+
+    async fn list_object_versions(
+        &self,
+        req: S3Request<ListObjectVersionsInput>,
+    ) -> S3Result<S3Response<ListObjectVersionsOutput>> {
+        self.list_object_versions_op(req).await
     }
 
     async fn get_bucket_location(

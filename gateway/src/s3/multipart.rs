@@ -10,7 +10,7 @@ use super::CairnS3;
 use super::conditions::{check_copy_conditions, write_condition};
 use super::headers::{
     body_length, check_key, header_fields, page_size, parse_content_md5, sse_s3, stored_checksums,
-    stored_headers, strong_etag, timestamp_of,
+    stored_headers, strong_etag, timestamp_of, written_version_id,
 };
 use crate::checksum::{Algorithm, ChecksumRequest};
 use crate::error::GatewayError;
@@ -169,7 +169,7 @@ impl CairnS3 {
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let input = req.input;
-        self.bucket(&input.bucket).await?;
+        let versioning = self.versioning(&input.bucket).await?;
         check_key(&input.key)?;
         let upload = parse_upload_id(&input.upload_id)?;
         let condition = write_condition(input.if_none_match.as_ref(), input.if_match.as_ref())?;
@@ -201,7 +201,14 @@ impl CairnS3 {
         }
         let version = self
             .objects
-            .complete_upload(&input.bucket, &input.key, &upload, &chosen, &condition)
+            .complete_upload(
+                &input.bucket,
+                &input.key,
+                &upload,
+                &chosen,
+                &condition,
+                versioning,
+            )
             .await?;
         let VersionBody::Data { etag, headers, .. } = &version.body else {
             unreachable!("a completed upload writes data");
@@ -219,6 +226,7 @@ impl CairnS3 {
             e_tag: Some(strong_etag(etag)),
             location: Some(format!("/{}/{}", input.bucket, input.key)),
             server_side_encryption: sse_s3(),
+            version_id: written_version_id(&version, versioning),
             ..Default::default()
         }))
     }

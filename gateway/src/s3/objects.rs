@@ -12,14 +12,15 @@ use super::conditions::{
 };
 use super::headers::{
     body_length, check_key, checksums_wanted, from_head, head_output, header_fields, last_modified,
-    parse_content_md5, parse_version_id, sse_s3, stored_checksums, stored_headers, strong_etag,
-    with_typed_protections,
+    parse_content_md5, parse_version_ref, read_version_id, sse_s3, stored_checksums,
+    stored_headers, strong_etag, with_typed_protections, written_version_id,
 };
 use crate::checksum::ChecksumRequest;
 use crate::error::GatewayError;
 use crate::objects::NewObject;
 use crate::protections::{Operation, WithCopySource, refuse_unoffered};
-use cairn_model::heads::WriteCondition;
+use cairn_model::heads::{DeleteCondition, VersionRef, WriteCondition, version_id_text};
+use cairn_protocol::records::Versioning;
 
 type ByteReceiver = tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>;
 
@@ -46,6 +47,40 @@ fn receiver_stream(
     ))
 }
 
+/// The answer to a read that finds a delete marker: 404 NoSuchKey when it
+/// is the latest version, 405 MethodNotAllowed when the request named it;
+/// both say `x-amz-delete-marker: true` and the marker's version id.
+fn delete_marker_refusal(marker: &ObjectVersion, named: bool) -> S3Error {
+    let mut refusal = if named {
+        S3Error::with_message(
+            S3ErrorCode::MethodNotAllowed,
+            "The specified method is not allowed against a delete marker.",
+        )
+    } else {
+        S3Error::with_message(S3ErrorCode::NoSuchKey, "The specified key does not exist.")
+    };
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        "x-amz-delete-marker",
+        http::HeaderValue::from_static("true"),
+    );
+    if let Ok(id) = http::HeaderValue::from_str(&version_id_text(marker)) {
+        headers.insert("x-amz-version-id", id);
+    }
+    if named {
+        let mut date = Vec::new();
+        if last_modified(marker)
+            .format(TimestampFormat::HttpDate, &mut date)
+            .is_ok()
+            && let Ok(value) = http::HeaderValue::from_bytes(&date)
+        {
+            headers.insert(http::header::LAST_MODIFIED, value);
+        }
+    }
+    refusal.set_headers(headers);
+    refusal
+}
+
 impl CairnS3 {
     /// The source of a copy: its version, resolved like a GET.
     pub(super) async fn copy_source(&self, source: &CopySource) -> S3Result<ObjectVersion> {
@@ -60,7 +95,15 @@ impl CairnS3 {
                 "copy sources are bucket/key",
             ));
         };
-        self.resolve(bucket, key, version_id.as_deref()).await
+        match self.resolve(bucket, key, version_id.as_deref()).await {
+            Err(refusal) if *refusal.code() == S3ErrorCode::MethodNotAllowed => {
+                Err(S3Error::with_message(
+                    S3ErrorCode::InvalidRequest,
+                    "The source of a copy request may not specifically refer to a delete marker by version id.",
+                ))
+            }
+            other => other,
+        }
     }
 
     pub(super) fn source_stream(
@@ -80,20 +123,27 @@ impl CairnS3 {
     ) -> S3Result<ObjectVersion> {
         self.bucket(bucket).await?;
         check_key(key)?;
-        let wanted = version_id.map(parse_version_id).transpose()?.flatten();
-        let current = self
-            .objects
-            .index()
-            .current(bucket, key)
+        let index = self.objects.index();
+        let Some(text) = version_id else {
+            return match index
+                .latest(bucket, key)
+                .await
+                .map_err(GatewayError::from)?
+            {
+                Some(version) if matches!(version.body, VersionBody::Data { .. }) => Ok(version),
+                Some(marker) => Err(delete_marker_refusal(&marker, false)),
+                None => Err(GatewayError::NoSuchKey.into()),
+            };
+        };
+        let wanted = parse_version_ref(text)?;
+        match index
+            .version(bucket, key, wanted)
             .await
-            .map_err(GatewayError::from)?;
-        // The bucket keeps no history: the current object is the only
-        // version there is (a row left below it is on its way out).
-        match (wanted, current) {
-            (None, Some(current)) => Ok(current),
-            (None, None) => Err(GatewayError::NoSuchKey.into()),
-            (Some(wanted), Some(current)) if current.version == wanted => Ok(current),
-            (Some(_), _) => Err(GatewayError::NoSuchVersion.into()),
+            .map_err(GatewayError::from)?
+        {
+            Some(version) if matches!(version.body, VersionBody::Data { .. }) => Ok(version),
+            Some(marker) => Err(delete_marker_refusal(&marker, true)),
+            None => Err(GatewayError::NoSuchVersion.into()),
         }
     }
 
@@ -107,6 +157,12 @@ impl CairnS3 {
         let checksum = ChecksumRequest::from_headers(&req.headers, req.trailing_headers.as_ref())?;
         let input = req.input;
         let bucket = self.bucket(&input.bucket).await?;
+        let versioning = self
+            .buckets
+            .settings_of(&input.bucket, &bucket)
+            .await
+            .map_err(GatewayError::from)?
+            .versioning;
         check_key(&input.key)?;
         let headers = stored_headers(header_fields!(input))?;
         let content_md5 = parse_content_md5(input.content_md5.as_ref())?;
@@ -127,6 +183,7 @@ impl CairnS3 {
                     content_md5,
                     checksum,
                     condition,
+                    versioning,
                 },
                 body,
             )
@@ -143,6 +200,7 @@ impl CairnS3 {
             checksum_sha1: sums.checksum_sha1,
             checksum_sha256: sums.checksum_sha256,
             server_side_encryption: sse_s3(),
+            version_id: written_version_id(&version, versioning),
             ..Default::default()
         }))
     }
@@ -241,13 +299,53 @@ impl CairnS3 {
         )))
     }
 
+    /// Deletes what a DELETE names: with a version id in a bucket that
+    /// keeps history, that version, permanently; otherwise the current
+    /// object (a delete marker where the bucket keeps history). The answer
+    /// is the version id deleted or written and whether it is a marker.
+    async fn delete_one(
+        &self,
+        bucket: &str,
+        key: &str,
+        version_id: Option<&str>,
+        condition: DeleteCondition,
+        versioning: Versioning,
+    ) -> Result<(Option<String>, bool), GatewayError> {
+        check_key(key)?;
+        let index = self.objects.index();
+        match (version_id, versioning) {
+            (Some(text), Versioning::Enabled | Versioning::Suspended) => {
+                let wanted = parse_version_ref(text)?;
+                let condition = DeleteCondition {
+                    version: None,
+                    ..condition
+                };
+                let deleted = index
+                    .delete_version(bucket, key, wanted, &condition)
+                    .await?;
+                let marker = deleted.is_some_and(|v| v.body == VersionBody::DeleteMarker);
+                let id = match wanted {
+                    VersionRef::Null => "null".to_owned(),
+                    VersionRef::Id(id) => id.to_text(),
+                };
+                Ok((Some(id), marker))
+            }
+            (version_id, _) => {
+                let marker = index.delete(bucket, key, &condition, versioning).await?;
+                Ok(match marker {
+                    Some(marker) => (Some(version_id_text(&marker)), true),
+                    None => (version_id.map(str::to_owned), false),
+                })
+            }
+        }
+    }
+
     pub(super) async fn delete_object_op(
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
         let input = req.input;
-        self.bucket(&input.bucket).await?;
-        check_key(&input.key)?;
+        let versioning = self.versioning(&input.bucket).await?;
         // Deleting a key that does not exist succeeds, as in S3.
         let condition = delete_condition(
             input.version_id.as_deref(),
@@ -255,13 +353,18 @@ impl CairnS3 {
             input.if_match_size,
             input.if_match_last_modified_time.as_ref(),
         )?;
-        self.objects
-            .index()
-            .delete(&input.bucket, &input.key, &condition)
-            .await
-            .map_err(GatewayError::from)?;
+        let (version_id, marker) = self
+            .delete_one(
+                &input.bucket,
+                &input.key,
+                input.version_id.as_deref(),
+                condition,
+                versioning,
+            )
+            .await?;
         let mut response = S3Response::new(DeleteObjectOutput {
-            version_id: input.version_id,
+            version_id,
+            delete_marker: marker.then_some(true),
             ..Default::default()
         });
         response.status = Some(http::StatusCode::NO_CONTENT);
@@ -273,7 +376,7 @@ impl CairnS3 {
         req: S3Request<DeleteObjectsInput>,
     ) -> S3Result<S3Response<DeleteObjectsOutput>> {
         let input = req.input;
-        self.bucket(&input.bucket).await?;
+        let versioning = self.versioning(&input.bucket).await?;
         if input.delete.objects.len() > 1000 {
             return Err(S3Error::with_message(
                 S3ErrorCode::MalformedXML,
@@ -284,34 +387,44 @@ impl CairnS3 {
         let mut deleted = Vec::new();
         let mut errors = Vec::new();
         for object in input.delete.objects {
-            let outcome = match check_key(&object.key) {
-                Ok(()) => match delete_condition(
-                    object.version_id.as_deref(),
-                    object
-                        .e_tag
-                        .as_ref()
-                        .map(|etag| ETagCondition::ETag(etag.clone()))
-                        .as_ref(),
-                    object.size,
-                    object.last_modified_time.as_ref(),
-                ) {
-                    Ok(condition) => self
-                        .objects
-                        .index()
-                        .delete(&input.bucket, &object.key, &condition)
-                        .await
-                        .map_err(GatewayError::from),
-                    Err(error) => Err(error),
-                },
+            let outcome = match delete_condition(
+                object.version_id.as_deref(),
+                object
+                    .e_tag
+                    .as_ref()
+                    .map(|etag| ETagCondition::ETag(etag.clone()))
+                    .as_ref(),
+                object.size,
+                object.last_modified_time.as_ref(),
+            ) {
+                Ok(condition) => {
+                    self.delete_one(
+                        &input.bucket,
+                        &object.key,
+                        object.version_id.as_deref(),
+                        condition,
+                        versioning,
+                    )
+                    .await
+                }
                 Err(error) => Err(error),
             };
             match outcome {
-                Ok(()) if !quiet => deleted.push(DeletedObject {
-                    key: Some(object.key),
-                    version_id: object.version_id,
-                    ..Default::default()
-                }),
-                Ok(()) => {}
+                Ok((version_id, marker)) if !quiet => {
+                    // A marker written is named apart from the version the
+                    // request named.
+                    let (version_id, marker_version_id) = match &object.version_id {
+                        None if marker => (None, version_id),
+                        _ => (version_id, None),
+                    };
+                    deleted.push(DeletedObject {
+                        key: Some(object.key),
+                        version_id,
+                        delete_marker: marker.then_some(true),
+                        delete_marker_version_id: marker_version_id,
+                    })
+                }
+                Ok(_) => {}
                 Err(error) => {
                     let s3: S3Error = error.into();
                     errors.push(Error {
@@ -342,6 +455,12 @@ impl CairnS3 {
         )?;
         let input = req.input;
         let bucket = self.bucket(&input.bucket).await?;
+        let versioning = self
+            .buckets
+            .settings_of(&input.bucket, &bucket)
+            .await
+            .map_err(GatewayError::from)?
+            .versioning;
         check_key(&input.key)?;
         let source = self.copy_source(&input.copy_source).await?;
         check_copy_conditions(
@@ -363,7 +482,14 @@ impl CairnS3 {
             .metadata_directive
             .as_ref()
             .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
-        if !replace && source.bucket == input.bucket && source.key == input.key {
+        // Copying a key's older version onto it is how S3 restores one.
+        let same_version = source.bucket == input.bucket && source.key == input.key && {
+            let CopySource::Bucket { version_id, .. } = &input.copy_source else {
+                unreachable!("copy_source refuses the others");
+            };
+            version_id.is_none()
+        };
+        if !replace && same_version {
             return Err(S3Error::with_message(
                 S3ErrorCode::InvalidRequest,
                 "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata, storage class, website redirect location or encryption attributes.",
@@ -388,6 +514,7 @@ impl CairnS3 {
                     content_md5: None,
                     checksum: None,
                     condition: WriteCondition::Always,
+                    versioning,
                 },
                 body,
             )
@@ -402,6 +529,8 @@ impl CairnS3 {
                 ..Default::default()
             }),
             server_side_encryption: sse_s3(),
+            version_id: written_version_id(&version, versioning),
+            copy_source_version_id: read_version_id(&source),
             ..Default::default()
         }))
     }
