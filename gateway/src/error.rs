@@ -18,6 +18,8 @@ pub enum GatewayError {
     InvalidBucketState(String),
     #[error("{0}")]
     AccessDenied(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("the upload does not exist; it may have been completed or aborted")]
     NoSuchUpload,
     #[error("you already own the bucket {0:?}")]

@@ -93,6 +93,7 @@ pub struct Gateway {
     address: SocketAddr,
     keys: AccessKeys,
     task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Gateway {
@@ -142,12 +143,21 @@ impl Gateway {
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout.max(config.header_read_timeout),
         };
-        let task = tokio::spawn(server::serve(listener, service, config.region, tls, limits));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(server::serve(
+            listener,
+            service,
+            config.region,
+            tls,
+            limits,
+            stopped,
+        ));
         tracing::info!(%address, scheme, "S3 gateway listening");
         Ok(Self {
             address,
             keys,
             task,
+            stop,
         })
     }
 
@@ -160,9 +170,10 @@ impl Gateway {
         &self.keys
     }
 
-    /// Stops accepting requests and drops the gateway's handles on the node.
+    /// Stops accepting requests, closes every open connection and drops
+    /// the gateway's handles on the node.
     pub async fn stop(self) {
-        self.task.abort();
+        let _ = self.stop.send(());
         let _ = self.task.await;
     }
 }

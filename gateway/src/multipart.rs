@@ -14,13 +14,14 @@ use cairn_protocol::encryption::SecretKey;
 use cairn_protocol::ids::UploadId;
 use cairn_protocol::keywrap::{SALT_BYTES, unwrap_labelled_key, wrap_labelled_key};
 use cairn_protocol::manifest::{MAX_OBJECT_BYTES, MAX_PARTS, Part, PartKeys};
-use cairn_protocol::records::{PartRecord, UploadRecord, Versioning};
+use cairn_protocol::records::{BucketSettings, PartRecord, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
 use md5::Digest;
 
 use crate::checksum::{Algorithm, ChecksumRequest, composite, sent_matches};
 use crate::error::{GatewayError, GatewayResult};
 use crate::objects::{BodyWrite, ObjectCommit, ObjectStore, check_body_length, with_checksum};
+use crate::s3::locks::{new_lock, take_upload_lock};
 
 /// Every part but the last is at least this long, as in S3.
 pub const MIN_PART_BYTES: u64 = 5 << 20;
@@ -349,7 +350,7 @@ impl ObjectStore {
         upload: &UploadId,
         chosen: &[ChosenPart],
         condition: &WriteCondition,
-        versioning: Versioning,
+        settings: &BucketSettings,
     ) -> GatewayResult<ObjectVersion> {
         check_part_list(chosen)?;
         let deadline = self.index().write_deadline(now_unix_ms());
@@ -375,7 +376,10 @@ impl ObjectStore {
             etag,
             checksum,
         } = assemble_parts(&stored, chosen)?;
-        let mut headers = record.headers.clone();
+        // The lock the upload's creation asked for, else the bucket's
+        // default retention now.
+        let (requested, mut headers) = take_upload_lock(&record.headers)?;
+        let lock = new_lock(requested, settings, now_unix_ms())?;
         if let Some((algorithm, value)) = checksum {
             headers = with_checksum(headers, algorithm, value, "COMPOSITE")?;
         }
@@ -401,7 +405,8 @@ impl ObjectStore {
                 intent: upload_row(bucket, key, upload),
                 condition,
                 deadline_unix_ms: deadline,
-                versioning,
+                versioning: settings.versioning,
+                lock,
             })
             .await?;
         self.uploads()

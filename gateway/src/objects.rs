@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cairn_model::heads::{ObjectIndex, WriteCondition, read_manifest};
+use cairn_model::heads::{CommitRules, NewLock, ObjectIndex, WriteCondition, read_manifest};
 use cairn_model::kms::{DataKeys, Kms};
 use cairn_model::rows::{degraded_row, register, upload_row};
 use cairn_model::uploads::Uploads;
@@ -70,6 +70,7 @@ pub struct NewObject {
     pub condition: WriteCondition,
     /// The bucket's versioning when the write began.
     pub versioning: Versioning,
+    pub lock: NewLock,
 }
 
 /// A body to store: where it goes, how it is sealed and what it must match.
@@ -122,6 +123,7 @@ pub(crate) struct ObjectCommit<'a> {
     pub(crate) condition: &'a WriteCondition,
     pub(crate) deadline_unix_ms: u64,
     pub(crate) versioning: Versioning,
+    pub(crate) lock: NewLock,
 }
 
 /// An object opened for reading: its manifest and data key.
@@ -234,6 +236,7 @@ impl ObjectStore {
             condition: &object.condition,
             deadline_unix_ms: stored.deadline_unix_ms,
             versioning: object.versioning,
+            lock: object.lock,
         })
         .await
     }
@@ -354,10 +357,13 @@ impl ObjectStore {
                 object.keys,
                 object.headers,
                 object.intent,
-                object.condition,
-                object.deadline_unix_ms,
-                None,
-                object.versioning,
+                CommitRules {
+                    condition: object.condition,
+                    deadline_unix_ms: object.deadline_unix_ms,
+                    created: None,
+                    versioning: object.versioning,
+                    lock: object.lock,
+                },
             )
             .await?)
     }

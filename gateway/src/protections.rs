@@ -49,18 +49,12 @@ const COPY_SOURCE_CUSTOMER_HEADERS: [&str; 3] = [
     "x-amz-copy-source-server-side-encryption-customer-key",
     "x-amz-copy-source-server-side-encryption-customer-key-md5",
 ];
-const LOCK_HEADERS: [&str; 3] = [
-    "x-amz-object-lock-mode",
-    "x-amz-object-lock-retain-until-date",
-    "x-amz-object-lock-legal-hold",
-];
-const BUCKET_LOCK: &str = "x-amz-bucket-object-lock-enabled";
 
 /// Refuses the request if it asks for a protection Cairn does not give:
 /// SSE-KMS and SSE-C (NotImplemented), an unknown encryption
-/// (InvalidArgument), Object Lock on a bucket (NotImplemented) or on an
-/// object (InvalidRequest: no bucket has Object Lock), customer-key
-/// headers for an object that has no customer key (InvalidRequest).
+/// (InvalidArgument), customer-key headers for an object that has no
+/// customer key (InvalidRequest). Object Lock headers are the bucket's to
+/// judge (`s3/locks.rs`).
 pub fn refuse_unoffered(
     operation: Operation,
     copy: WithCopySource,
@@ -94,11 +88,6 @@ pub fn refuse_unoffered(
             if let Some(name) = asked.first_of(&CUSTOMER_HEADERS) {
                 return Err(customer_keys_not_offered(name));
             }
-            if let Some(name) = asked.first_of(&LOCK_HEADERS) {
-                return Err(GatewayError::InvalidRequest(format!(
-                    "{name}: the bucket is missing an Object Lock configuration"
-                )));
-            }
         }
         Operation::Part => {
             if let Some(name) = asked.first_of(&CUSTOMER_HEADERS) {
@@ -115,16 +104,7 @@ pub fn refuse_unoffered(
                 return Err(not_customer_encrypted(name));
             }
         }
-        Operation::CreateBucket => {
-            if asked
-                .value(BUCKET_LOCK)
-                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-            {
-                return Err(GatewayError::NotImplemented(
-                    "Object Lock is not available yet; the bucket was not created".into(),
-                ));
-            }
-        }
+        Operation::CreateBucket => {}
     }
     if copy == WithCopySource::Yes
         && let Some(name) = asked.first_of(&COPY_SOURCE_CUSTOMER_HEADERS)
@@ -145,6 +125,12 @@ fn not_customer_encrypted(name: &str) -> GatewayError {
         "{name}: the encryption parameters are not applicable to this object \
          (it is not encrypted with a customer key)"
     ))
+}
+
+/// The value of header `name` (lower-case) as the request sends it: as a
+/// header, or hoisted into a presigned URL's query.
+pub fn asked_value(headers: &HeaderMap, uri: &Uri, name: &str) -> Option<String> {
+    Asked { headers, uri }.value(name)
 }
 
 /// A request's headers and query, asked by lower-case header name.
@@ -236,7 +222,7 @@ mod tests {
             check(
                 CreateBucket,
                 WithCopySource::No,
-                &[(BUCKET_LOCK, "false")],
+                &[("x-amz-bucket-object-lock-enabled", "true")],
                 ""
             ),
             "ok"
@@ -299,20 +285,6 @@ mod tests {
                 "NotImplemented",
             ),
             (
-                NewObject,
-                WithCopySource::No,
-                &[(LOCK_HEADERS[0], "COMPLIANCE")],
-                "",
-                "InvalidRequest",
-            ),
-            (
-                NewObject,
-                WithCopySource::No,
-                &[(LOCK_HEADERS[2], "ON")],
-                "",
-                "InvalidRequest",
-            ),
-            (
                 Part,
                 WithCopySource::No,
                 &[(CUSTOMER_HEADERS[2], "bWQ1")],
@@ -346,13 +318,6 @@ mod tests {
                 &[(COPY_SOURCE_CUSTOMER_HEADERS[1], "a2V5")],
                 "",
                 "InvalidRequest",
-            ),
-            (
-                CreateBucket,
-                WithCopySource::No,
-                &[(BUCKET_LOCK, "true")],
-                "",
-                "NotImplemented",
             ),
             // Hoisted into a presigned URL's query, in any case.
             (

@@ -282,15 +282,36 @@ where
     }
 }
 
+/// Serves until `stop` fires (or its sender is dropped); then every open
+/// connection is closed and waited for, so that nothing of the gateway
+/// holds the node any longer.
 pub async fn serve(
     listener: TcpListener,
     service: S3Service,
     region: String,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Limits,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut open = tokio::task::JoinSet::new();
+    tokio::select! {
+        _ = stop => {}
+        () = accept(&listener, &service, &region, &tls, limits, &mut open) => {}
+    }
+    open.shutdown().await;
+}
+
+async fn accept(
+    listener: &TcpListener,
+    service: &S3Service,
+    region: &str,
+    tls: &Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
+    open: &mut tokio::task::JoinSet<()>,
 ) {
     let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
+        while open.try_join_next().is_some() {}
         // A connection is accepted only with room for it: past the cap,
         // clients wait in the listen backlog.
         let Ok(room) = connections.clone().acquire_owned().await else {
@@ -307,9 +328,9 @@ pub async fn serve(
         // Small requests must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
         let service = service.clone();
-        let region = region.clone();
+        let region = region.to_owned();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        open.spawn(async move {
             let _room = room;
             let activity = Activity::new();
             let requests = activity.clone();

@@ -127,7 +127,10 @@ impl Buckets {
         self.settings_of(name, &record).await
     }
 
-    /// The settings of the bucket whose record is `record`.
+    /// The settings of the bucket whose record is `record` (perhaps read
+    /// from this gateway's cache): settings of another generation send
+    /// the record to be read again, so that a bucket deleted and created
+    /// again elsewhere is not taken for the one cached.
     pub async fn settings_of(
         &self,
         name: &str,
@@ -138,6 +141,18 @@ impl Buckets {
             .metadata()
             .read_register(settings_register(name))
             .await?;
+        let stored_generation = value
+            .as_deref()
+            .and_then(|bytes| BucketSettings::decode(bytes).ok())
+            .map(|settings| settings.generation);
+        if stored_generation.is_some_and(|g| g != record.bucket_key_id) {
+            let fresh = self
+                .table
+                .get_fresh(name)
+                .await?
+                .ok_or_else(|| ModelError::NoSuchBucket(name.to_owned()))?;
+            return current_settings(name, &fresh, value.as_deref());
+        }
         current_settings(name, record, value.as_deref())
     }
 
@@ -148,7 +163,15 @@ impl Buckets {
         name: &str,
         change: impl Fn(&BucketSettings) -> ModelResult<BucketSettings>,
     ) -> ModelResult<BucketSettings> {
-        let record = self.get(name).await?;
+        // Never the cache: settings are written for the bucket that is.
+        if check_bucket_name(name).is_err() {
+            return Err(ModelError::NoSuchBucket(name.to_owned()));
+        }
+        let record = self
+            .table
+            .get_fresh(name)
+            .await?
+            .ok_or_else(|| ModelError::NoSuchBucket(name.to_owned()))?;
         let decided = self
             .table
             .metadata()

@@ -141,8 +141,10 @@ pub fn is_current_object(head: &ObjectVersion) -> bool {
 
 /// The key's latest version, data or delete marker, as a GET without a
 /// version id sees it: the version the head names while it exists; once
-/// the head's version was deleted (a purged head), the existing version
-/// with the highest sequence — what ListObjects takes too.
+/// the head's version was deleted by id (a purged head whose version has
+/// a row), the existing version with the highest sequence — what
+/// ListObjects takes too. A purged head without a row is the DELETE of a
+/// bucket that keeps no history: nothing is current.
 pub async fn latest_version(
     metadata: &Metadata,
     bucket: &str,
@@ -151,8 +153,20 @@ pub async fn latest_version(
     match read_head(metadata, bucket, key).await? {
         None => Ok(None),
         Some(head) if head.purged.is_none() => Ok(Some(head)),
-        Some(_) => newest_existing(metadata, bucket, key).await,
+        Some(head) => below_purged_head(metadata, &head).await,
     }
+}
+
+/// What is latest under a purged head ([`latest_version`]).
+async fn below_purged_head(
+    metadata: &Metadata,
+    head: &ObjectVersion,
+) -> ModelResult<Option<ObjectVersion>> {
+    let row = versions_row(&head.bucket, &head.key, &head.version);
+    if metadata.read(vec![row]).await?[0].is_none() {
+        return Ok(None);
+    }
+    newest_existing(metadata, &head.bucket, &head.key).await
 }
 
 /// The existing version of `key` with the highest sequence.
@@ -274,6 +288,11 @@ pub fn judge_head(
             }
             (*version).clone()
         }
+        // A marker that becomes a row is a version like a PUT's: proposed
+        // once (its first proposal may stand below the head already).
+        HeadWrite::Delete(marker) if proposed_before && marker.purged.is_none() => {
+            return Err(HeadRefusal::JudgedAgain);
+        }
         HeadWrite::Delete(marker) => (*marker).clone(),
         HeadWrite::Remove { version, at } => match current {
             Some(head) if head.purged.is_none() && head.version == *version => {
@@ -289,6 +308,28 @@ pub fn judge_head(
         None => return Err(HeadRefusal::SequenceExhausted),
     };
     Ok(new)
+}
+
+/// The Object Lock a new version is written with (spec/versioning.md,
+/// "Object Lock"): its retention and legal hold, decided before the
+/// commit; later changes go through the version's lock guard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NewLock {
+    pub retention: Retention,
+    pub legal_hold: bool,
+}
+
+/// How a commit decides its head and what it writes (ObjectIndex::commit).
+#[derive(Debug, Clone, Copy)]
+pub struct CommitRules<'a> {
+    pub condition: &'a WriteCondition,
+    /// Past this the head refuses the write.
+    pub deadline_unix_ms: u64,
+    /// The version's time when it is not now (a trash restore).
+    pub created: Option<Timestamp>,
+    /// The bucket's versioning when the write began.
+    pub versioning: Versioning,
+    pub lock: NewLock,
 }
 
 /// The outcome of a decided head write.
@@ -434,14 +475,23 @@ impl ObjectIndex {
                     _ => None,
                 })
             }
-            // A crash can leave two null versions for a moment (the newer
+            // The head first: its row may not be written yet. Otherwise a
+            // crash can leave two null versions for a moment (the newer
             // one's write purges the older): the newer is the one.
-            VersionRef::Null => Ok(self
-                .existing_versions(bucket, key, None)
-                .await?
-                .into_iter()
-                .filter(|v| v.null)
-                .max_by_key(|v| v.seq)),
+            VersionRef::Null => {
+                if let Some(head) = read_head(metadata, bucket, key).await?
+                    && head.null
+                    && head.purged.is_none()
+                {
+                    return Ok(Some(head));
+                }
+                Ok(self
+                    .existing_versions(bucket, key, None)
+                    .await?
+                    .into_iter()
+                    .filter(|v| v.null)
+                    .max_by_key(|v| v.seq))
+            }
         }
     }
 
@@ -471,11 +521,15 @@ impl ObjectIndex {
         keys: &DataKeys,
         headers: StoredHeaders,
         upload_key: RowKey,
-        condition: &WriteCondition,
-        deadline_unix_ms: u64,
-        created: Option<Timestamp>,
-        versioning: Versioning,
+        rules: CommitRules<'_>,
     ) -> ModelResult<ObjectVersion> {
+        let CommitRules {
+            condition,
+            deadline_unix_ms,
+            created,
+            versioning,
+            lock,
+        } = rules;
         const IDENTITIES: usize = 8;
         let metadata = self.node.metadata();
         for _ in 0..IDENTITIES {
@@ -497,8 +551,11 @@ impl ObjectIndex {
                     etag: manifest.etag.clone(),
                     headers: headers.clone(),
                 },
-                retention: Retention::default(),
-                legal_hold: Lww { value: false, at },
+                retention: lock.retention,
+                legal_hold: Lww {
+                    value: lock.legal_hold,
+                    at,
+                },
                 purged: None,
             };
             metadata
@@ -564,36 +621,46 @@ impl ObjectIndex {
         condition: &DeleteCondition,
         versioning: Versioning,
     ) -> ModelResult<Option<ObjectVersion>> {
-        let at = self.node.metadata().timestamp();
+        const IDENTITIES: usize = 8;
         let keeps_history = versioning != Versioning::Unversioned;
-        let marker = ObjectVersion {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            version: self.new_version(),
-            created: at,
-            seq: 0,
-            null: versioning != Versioning::Enabled,
-            body: VersionBody::DeleteMarker,
-            retention: Retention::default(),
-            legal_hold: Lww { value: false, at },
-            purged: (!keeps_history).then_some(at),
-        };
         let write_condition = WriteCondition::Deleting(condition.clone());
-        let swap = match self
-            .swap_head(
-                bucket,
-                key,
-                &write_condition,
-                HeadWrite::Delete(&marker),
-                None,
-            )
-            .await
-        {
-            Ok(None) => {
-                return Err(ModelError::Internal(
-                    "a delete was judged as a new version".into(),
-                ));
+        let mut decided = None;
+        for _ in 0..IDENTITIES {
+            let at = self.node.metadata().timestamp();
+            let marker = ObjectVersion {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+                version: self.new_version(),
+                created: at,
+                seq: 0,
+                null: versioning != Versioning::Enabled,
+                body: VersionBody::DeleteMarker,
+                retention: Retention::default(),
+                legal_hold: Lww { value: false, at },
+                purged: (!keeps_history).then_some(at),
+            };
+            let outcome = self
+                .swap_head(
+                    bucket,
+                    key,
+                    &write_condition,
+                    HeadWrite::Delete(&marker),
+                    None,
+                )
+                .await;
+            // Judged again after proposing: a new marker, as for a PUT.
+            if !matches!(outcome, Ok(None)) {
+                decided = Some((marker, outcome));
+                break;
             }
+        }
+        let Some((marker, outcome)) = decided else {
+            return Err(ModelError::Unavailable(format!(
+                "the head of {bucket}/{key} changed under this delete {IDENTITIES} times; nothing was deleted"
+            )));
+        };
+        let swap = match outcome {
+            Ok(None) => unreachable!("judged again is retried above"),
             Err(ModelError::NoSuchKey) => {
                 match read_head(self.node.metadata(), bucket, key).await? {
                     Some(head) => HeadSwap {
@@ -635,6 +702,7 @@ impl ObjectIndex {
         key: &str,
         wanted: VersionRef,
         condition: &DeleteCondition,
+        bypass_governance: bool,
     ) -> ModelResult<Option<ObjectVersion>> {
         let Some(target) = self.version(bucket, key, wanted).await? else {
             return Ok(None);
@@ -644,7 +712,8 @@ impl ObjectIndex {
         }
         let metadata = self.node.metadata();
         let row = versions_row(bucket, key, &target.version);
-        match decide_version_change(metadata, &row, GuardChange::Purge).await {
+        let purge = GuardChange::Purge { bypass_governance };
+        match decide_version_change(metadata, &row, purge).await {
             // Decided before by a delete that stopped: it is finished here.
             Ok(_) | Err(LockError::Refused(GuardRefusal::Purged)) => {}
             Err(LockError::NoSuchVersion) => return Ok(None),
@@ -677,38 +746,48 @@ impl ObjectIndex {
     /// What a decided head write does below it: a null head purges the
     /// null versions below it (S3's null version is replaced; in a bucket
     /// that never kept history every version is null); a head with its own
-    /// id purges nothing. The head it replaced, if its writer never wrote
-    /// it out, is written out (or purged, when the new head replaces it).
+    /// id purges nothing. The head it replaced may be one whose writer
+    /// stopped before doing this: its part is done too (the null versions
+    /// below a null one are purged), and it is written out if it has no
+    /// row (purged when the new head replaces it).
     /// Safe whatever else races: a head's sequence only grows, so a
     /// version below this one's can never again be what the head names.
     async fn settle_below(&self, swap: &HeadSwap) -> ModelResult<Vec<(RowKey, RowValue)>> {
         let head = &swap.head;
         let at = self.node.metadata().timestamp();
-        let replaced = swap
-            .replaced
-            .as_ref()
-            .filter(|r| r.purged.is_none() && r.version != head.version);
+        let replaced = swap.replaced.as_ref().filter(|r| r.version != head.version);
+        // Null versions below this sequence are replaced.
+        let floor = [
+            head.null.then_some(head.seq),
+            replaced.filter(|r| r.null).map(|r| r.seq),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
         let mut rows = Vec::new();
         let mut older = Vec::new();
-        let mut replaced_written = false;
-        if head.null {
-            let existing = self
+        let mut existing = None;
+        if let Some(floor) = floor {
+            let found = self
                 .existing_versions(&head.bucket, &head.key, None)
                 .await?;
-            replaced_written =
-                replaced.is_some_and(|r| existing.iter().any(|v| v.version == r.version));
-            older.extend(
-                existing
-                    .into_iter()
-                    .filter(|v| v.null && v.seq < head.seq && v.version != head.version),
-            );
+            older.extend(found.iter().cloned().filter(|v| {
+                v.null
+                    && v.seq < floor
+                    && v.version != head.version
+                    && replaced.is_none_or(|r| r.version != v.version)
+            }));
+            existing = Some(found);
         }
-        if let Some(replaced) = replaced
-            && !replaced_written
-        {
-            if head.null && replaced.null {
+        if let Some(replaced) = replaced.filter(|r| r.purged.is_none()) {
+            let retired = head.null && replaced.null;
+            let listed = existing
+                .as_ref()
+                .is_some_and(|e| e.iter().any(|v| v.version == replaced.version));
+            if retired {
+                // Idempotent: its row purged whether written or not.
                 older.push(replaced.clone());
-            } else {
+            } else if !listed {
                 let row = versions_row(&replaced.bucket, &replaced.key, &replaced.version);
                 if self.metadata().read(vec![row.clone()]).await?[0].is_none() {
                     rows.push((row, RowValue::Version(Box::new(replaced.clone()))));
@@ -742,7 +821,7 @@ impl ObjectIndex {
             _ => match read_head(self.metadata(), bucket, key).await? {
                 Some(head) if head.purged.is_some() => Some((
                     head.encode(),
-                    newest_existing(self.metadata(), bucket, key).await?,
+                    below_purged_head(self.metadata(), &head).await?,
                 )),
                 _ => None,
             },
@@ -945,8 +1024,23 @@ mod tests {
             ),
             Err(HeadRefusal::JudgedAgain)
         );
-        // A delete marker is no version row: it is simply proposed again.
-        let marker = version(3, 0, VersionBody::DeleteMarker);
+        // A marker that becomes a row is a version too: a new one is asked
+        // for. A purged marker (a bucket that keeps no history) is no row,
+        // and is simply proposed again.
+        let live_marker = version(3, 0, VersionBody::DeleteMarker);
+        assert_eq!(
+            judge_head(
+                &WriteCondition::Deleting(DeleteCondition::default()),
+                &HeadWrite::Delete(&live_marker),
+                Some(&current),
+                Some(&current),
+                true,
+                false
+            ),
+            Err(HeadRefusal::JudgedAgain)
+        );
+        let mut marker = live_marker.clone();
+        marker.purged = Some(marker.created);
         let deleting = WriteCondition::Deleting(DeleteCondition::default());
         assert_eq!(
             judge_head(

@@ -29,7 +29,10 @@ pub enum ListStart {
     /// After every version of this key (start-after, marker, key-marker).
     AfterKey(String),
     /// After this version of this key, in the key's newest-first order
-    /// (key-marker with version-id-marker; ListObjectVersions only).
+    /// (key-marker with version-id-marker; ListObjectVersions only). An
+    /// id names the version with that internal id, null or not, so that
+    /// a page can resume after a null version exactly; `null` names the
+    /// newest null version.
     AfterVersion(String, VersionRef),
     /// From a point a previous page handed out (continuation token).
     Resume(Vec<u8>),
@@ -139,7 +142,7 @@ async fn list(
                 Some(current) if current.key == key => current.consider(version, now),
                 _ => {
                     if let Some(done) = group.take()
-                        && let Some(step) = page.decide(request, done, all_versions, max_keys)
+                        && let Some(step) = page.decide(request, done, all_versions, now, max_keys)
                     {
                         match step {
                             Step::Full | Step::End => return Ok(page),
@@ -167,7 +170,7 @@ async fn list(
             _ => {
                 if let Some(done) = group.take() {
                     // A jump past the end of the listing ends it too.
-                    page.decide(request, done, all_versions, max_keys);
+                    page.decide(request, done, all_versions, now, max_keys);
                 }
                 return Ok(page);
             }
@@ -183,7 +186,8 @@ struct KeyGroup {
     first_sort: Vec<u8>,
     /// The existing row with the highest head sequence.
     latest: Option<ObjectVersion>,
-    /// Every existing row, when all versions are listed.
+    /// Every row, existing or not (a version-id-marker may name one gone
+    /// since), when all versions are listed.
     all: Option<Vec<ObjectVersion>>,
 }
 
@@ -198,14 +202,11 @@ impl KeyGroup {
     }
 
     fn consider(&mut self, version: &ObjectVersion, now: u64) {
-        if !version.exists(now) {
-            return;
-        }
-        if self.latest.as_ref().is_none_or(|l| version.seq > l.seq) {
-            self.latest = Some(version.clone());
-        }
         if let Some(all) = &mut self.all {
             all.push(version.clone());
+        }
+        if version.exists(now) && self.latest.as_ref().is_none_or(|l| version.seq > l.seq) {
+            self.latest = Some(version.clone());
         }
     }
 }
@@ -229,6 +230,7 @@ impl ListPage {
         request: &ListRequest,
         group: KeyGroup,
         all_versions: bool,
+        now: u64,
         max_keys: usize,
     ) -> Option<Step> {
         let latest = group.latest?;
@@ -240,24 +242,26 @@ impl ListPage {
         }
         let mut all = group.all.unwrap_or_default();
         all.sort_by(|a, b| b.seq.cmp(&a.seq).then(b.version.cmp(&a.version)));
+        // Rows purged since the marker was handed out still hold their
+        // place; only rows compacted away since fall back to id order.
         let skip = match &request.start {
             ListStart::AfterVersion(key, marker) if *key == group.key => {
-                match all.iter().position(|v| marker.names(v)) {
-                    Some(at) => at + 1,
-                    // The marker's version is gone since the last page:
-                    // ids mostly follow the order, so those below it.
-                    None => match marker {
-                        VersionRef::Id(id) => all
-                            .iter()
-                            .position(|v| v.version < *id)
-                            .unwrap_or(all.len()),
-                        VersionRef::Null => all.len(),
-                    },
+                let at = match marker {
+                    VersionRef::Id(id) => all.iter().position(|v| v.version == *id),
+                    VersionRef::Null => all.iter().position(|v| v.null),
+                };
+                match (at, marker) {
+                    (Some(at), _) => at + 1,
+                    (None, VersionRef::Id(id)) => all
+                        .iter()
+                        .position(|v| v.version < *id)
+                        .unwrap_or(all.len()),
+                    (None, VersionRef::Null) => 0,
                 }
             }
             _ => 0,
         };
-        for version in all.iter().skip(skip) {
+        for version in all.iter().skip(skip).filter(|v| v.exists(now)) {
             let sort = version_sort_key(&version.key, &version.version);
             let is_latest = version.version == latest.version;
             if let Some(step) = self.offer(request, &sort, version, is_latest, max_keys) {

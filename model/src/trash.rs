@@ -23,7 +23,7 @@ use cairn_protocol::meta::{Partition, RowValue, Table};
 use cairn_protocol::version::{ObjectVersion, VersionBody};
 
 use crate::error::{ModelError, ModelResult};
-use crate::heads::{ObjectIndex, WriteCondition, read_manifest};
+use crate::heads::{CommitRules, NewLock, ObjectIndex, WriteCondition, read_manifest};
 use crate::kms::{DataKeys, Kms};
 use crate::rows::{upload_row, versions_row};
 
@@ -176,10 +176,15 @@ pub async fn restore(
             &keys,
             headers.clone(),
             upload_row(bucket, key, &upload),
-            &WriteCondition::Always,
-            index.write_deadline(now_unix_ms()),
-            Some(trashed.created),
-            versioning,
+            CommitRules {
+                condition: &WriteCondition::Always,
+                deadline_unix_ms: index.write_deadline(now_unix_ms()),
+                created: Some(trashed.created),
+                versioning,
+                // A version comes back from the trash without a lock: a
+                // locked version never reaches it.
+                lock: NewLock::default(),
+            },
         )
         .await?;
     tracing::info!(bucket, key, from = %version, to = %restored.version, "restored a version from the trash");

@@ -24,8 +24,9 @@ pub struct VersionGuard {
 /// A change asked of the guard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardChange {
-    /// Delete the version permanently.
-    Purge,
+    /// Delete the version permanently; with `bypass_governance`, through
+    /// a governance retention (never through compliance or a legal hold).
+    Purge { bypass_governance: bool },
     /// Set a retention: a stronger mode or a later date only.
     Retain(Retention),
     /// Set or clear the legal hold, stamped `at`.
@@ -94,8 +95,12 @@ impl VersionGuard {
         }
         let mut next = *self;
         match change {
-            GuardChange::Purge => {
-                if self.is_locked(now_unix_ms) {
+            GuardChange::Purge { bypass_governance } => {
+                let retained = self.retention.mode != RetentionMode::None
+                    && self.retention.retain_until_unix_ms > now_unix_ms;
+                let bypassed =
+                    bypass_governance && self.retention.mode == RetentionMode::Governance;
+                if self.legal_hold.value || (retained && !bypassed) {
                     return Err(GuardRefusal::Locked {
                         mode: self.retention.mode,
                         retain_until_unix_ms: self.retention.retain_until_unix_ms,
@@ -212,10 +217,22 @@ mod tests {
             )
             .unwrap();
         assert!(matches!(
-            held.apply(GuardChange::Purge, 10),
+            held.apply(
+                GuardChange::Purge {
+                    bypass_governance: false
+                },
+                10
+            ),
             Err(GuardRefusal::Locked { .. })
         ));
-        let purged = open().apply(GuardChange::Purge, 10).unwrap();
+        let purged = open()
+            .apply(
+                GuardChange::Purge {
+                    bypass_governance: false,
+                },
+                10,
+            )
+            .unwrap();
         assert_eq!(
             purged.apply(
                 GuardChange::LegalHold {
@@ -235,8 +252,26 @@ mod tests {
                 10,
             )
             .unwrap();
-        assert!(retained.apply(GuardChange::Purge, 99).is_err());
-        assert!(retained.apply(GuardChange::Purge, 100).is_ok());
+        assert!(
+            retained
+                .apply(
+                    GuardChange::Purge {
+                        bypass_governance: false
+                    },
+                    99
+                )
+                .is_err()
+        );
+        assert!(
+            retained
+                .apply(
+                    GuardChange::Purge {
+                        bypass_governance: false
+                    },
+                    100
+                )
+                .is_ok()
+        );
         assert_eq!(
             retained.apply(
                 GuardChange::Retain(Retention {
@@ -247,6 +282,43 @@ mod tests {
             ),
             Err(GuardRefusal::Weakening)
         );
+    }
+
+    #[test]
+    fn governance_is_bypassed_on_request_compliance_and_holds_never() {
+        let purge = |bypass_governance| GuardChange::Purge { bypass_governance };
+        let governed = open()
+            .apply(
+                GuardChange::Retain(Retention {
+                    mode: RetentionMode::Governance,
+                    retain_until_unix_ms: 100,
+                }),
+                10,
+            )
+            .unwrap();
+        assert!(governed.apply(purge(false), 50).is_err());
+        assert!(governed.apply(purge(true), 50).unwrap().purged);
+        let compliant = governed
+            .apply(
+                GuardChange::Retain(Retention {
+                    mode: RetentionMode::Compliance,
+                    retain_until_unix_ms: 100,
+                }),
+                10,
+            )
+            .unwrap();
+        assert!(compliant.apply(purge(true), 99).is_err());
+        assert!(compliant.apply(purge(true), 100).is_ok());
+        let held = governed
+            .apply(
+                GuardChange::LegalHold {
+                    on: true,
+                    at: at(2),
+                },
+                10,
+            )
+            .unwrap();
+        assert!(held.apply(purge(true), 500).is_err());
     }
 
     #[test]
@@ -275,7 +347,14 @@ mod tests {
 
     #[test]
     fn guards_round_trip_and_truncations_fail() {
-        let guard = open().apply(GuardChange::Purge, 0).unwrap();
+        let guard = open()
+            .apply(
+                GuardChange::Purge {
+                    bypass_governance: false,
+                },
+                0,
+            )
+            .unwrap();
         let bytes = guard.encode();
         assert_eq!(VersionGuard::decode(&bytes).unwrap(), guard);
         for len in 0..bytes.len() {

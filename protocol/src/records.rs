@@ -216,6 +216,9 @@ impl BucketSettings {
             return Err("a default retention needs Object Lock".into());
         }
         if let Some(default) = &self.default_retention {
+            if default.mode == RetentionMode::None {
+                return Err("a default retention has a mode".into());
+            }
             let count = match default.period {
                 RetentionPeriod::Days(n) | RetentionPeriod::Years(n) => n,
             };

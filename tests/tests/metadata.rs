@@ -1142,7 +1142,14 @@ async fn a_permanent_delete_racing_a_new_lock_is_decided_one_way_only() {
         let (deleted, locked) = tokio::join!(
             async {
                 head_start(3).await;
-                cairn_model::locks::change_version_lock(&deleter, &key, GuardChange::Purge).await
+                cairn_model::locks::change_version_lock(
+                    &deleter,
+                    &key,
+                    GuardChange::Purge {
+                        bypass_governance: false,
+                    },
+                )
+                .await
             },
             async {
                 head_start(1).await;

@@ -7,7 +7,11 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     BucketVersioningStatus, CompletedMultipartUpload, VersioningConfiguration,
 };
+use cairn_model::heads::{DeleteCondition, HeadWrite, ObjectIndex, WriteCondition};
+use cairn_protocol::version::{Lww, ObjectVersion, Retention, VersionBody};
+use cairn_tests::random_secret;
 use cairn_tests::s3::*;
+use std::time::Duration;
 
 async fn set_versioning(client: &Client, bucket: &str, status: BucketVersioningStatus) {
     client
@@ -827,5 +831,203 @@ async fn delete_objects_writes_markers_and_deletes_versions_by_id() {
             .iter()
             .any(|l| l.version == b_marker && l.marker && l.latest)
     );
+    s.shutdown().await;
+}
+
+/// A delete marker not yet written out: what a writer that decided its
+/// head and stopped leaves.
+fn unwritten_marker(index: &ObjectIndex, bucket: &str, key: &str, null: bool) -> ObjectVersion {
+    let at = index.metadata().timestamp();
+    ObjectVersion {
+        bucket: bucket.into(),
+        key: key.into(),
+        version: index.new_version(),
+        created: at,
+        seq: 0,
+        null,
+        body: VersionBody::DeleteMarker,
+        retention: Retention::default(),
+        legal_hold: Lww { value: false, at },
+        purged: None,
+    }
+}
+
+fn index_on(s: &Setup) -> ObjectIndex {
+    ObjectIndex::new(s.cluster.node(0).handle(), Duration::from_secs(3600), 0)
+}
+
+/// Decides `marker` as the key's head and writes nothing else, as a
+/// DELETE that stopped there.
+async fn decide_only(index: &ObjectIndex, bucket: &str, key: &str, marker: &ObjectVersion) {
+    index
+        .swap_head(
+            bucket,
+            key,
+            &WriteCondition::Deleting(DeleteCondition::default()),
+            HeadWrite::Delete(marker),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// A gateway that cached the record of an earlier bucket of the same name
+/// changes the settings of the bucket that is, never back to Unversioned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_bucket_record_never_writes_the_settings_of_an_earlier_bucket() {
+    let Setup {
+        cluster, gateway, ..
+    } = setup().await;
+    gateway.stop().await;
+    // Two gateways of one KMS root key, on two nodes.
+    let root = random_secret();
+    let first = gateway_on(&cluster, 0, root).await;
+    let other = gateway_on(&cluster, 1, root).await;
+    let key = first.keys().create("two gateways").await.unwrap();
+    let c0 = &client_for(&first, &key.id, &key.secret);
+    let c1 = client_for(&other, &key.id, &key.secret);
+    c0.create_bucket().bucket("again").send().await.unwrap();
+    // The second gateway caches the first bucket's record.
+    c1.get_bucket_versioning()
+        .bucket("again")
+        .send()
+        .await
+        .unwrap();
+    c0.delete_bucket().bucket("again").send().await.unwrap();
+    c0.create_bucket().bucket("again").send().await.unwrap();
+    set_versioning(c0, "again", BucketVersioningStatus::Enabled).await;
+    set_versioning(&c1, "again", BucketVersioningStatus::Suspended).await;
+    assert_eq!(
+        versioning_status(c0, "again").await.as_deref(),
+        Some("Suspended")
+    );
+    assert_eq!(
+        versioning_status(&c1, "again").await.as_deref(),
+        Some("Suspended")
+    );
+    first.stop().await;
+    other.stop().await;
+    cluster.shutdown().await;
+}
+
+/// A null write that decided its head and stopped, then a write with its
+/// own id: the null version it replaced is purged all the same, so that
+/// `null` names one version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_null_write_is_settled_by_the_next_write_whatever_its_kind() {
+    let s = setup().await;
+    let c = &s.client;
+    let index = index_on(&s);
+    c.create_bucket().bucket("settle").send().await.unwrap();
+    set_versioning(c, "settle", BucketVersioningStatus::Suspended).await;
+    put(c, "settle", "k", b"old null").await;
+    decide_only(
+        &index,
+        "settle",
+        "k",
+        &unwritten_marker(&index, "settle", "k", true),
+    )
+    .await;
+    set_versioning(c, "settle", BucketVersioningStatus::Enabled).await;
+    let own = put(c, "settle", "k", b"own id").await.unwrap();
+    let versions = all_versions(c, "settle").await;
+    assert_eq!(
+        versions.iter().filter(|l| l.version == "null").count(),
+        1,
+        "{versions:?}"
+    );
+    c.delete_object()
+        .bucket("settle")
+        .key("k")
+        .version_id("null")
+        .send()
+        .await
+        .unwrap();
+    let error = c
+        .get_object()
+        .bucket("settle")
+        .key("k")
+        .version_id("null")
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
+    assert_eq!(code(&error), "NoSuchVersion");
+    assert_eq!(get_version(c, "settle", "k", &own).await, b"own id");
+    s.shutdown().await;
+}
+
+/// Pages resume after the exact version they ended on, even when the null
+/// version they ended on was deleted or replaced since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn version_pages_resume_after_a_null_version_deleted_or_replaced_since() {
+    let s = setup().await;
+    let c = &s.client;
+    c.create_bucket().bucket("resume").send().await.unwrap();
+    set_versioning(c, "resume", BucketVersioningStatus::Enabled).await;
+    let v1 = put(c, "resume", "k", b"1").await.unwrap();
+    let v2 = put(c, "resume", "k", b"2").await.unwrap();
+    set_versioning(c, "resume", BucketVersioningStatus::Suspended).await;
+    put(c, "resume", "k", b"null").await;
+    set_versioning(c, "resume", BucketVersioningStatus::Enabled).await;
+    put(c, "resume", "k", b"4").await.unwrap();
+    // Page 1 ends on the null version.
+    let first = list_versions_page(c, "resume", None, None, None, Some(2)).await;
+    assert_eq!(first.entries[1].version, "null");
+    // Deleted since: the next page is every older version.
+    c.delete_object()
+        .bucket("resume")
+        .key("k")
+        .version_id("null")
+        .send()
+        .await
+        .unwrap();
+    let second = list_versions_page(c, "resume", None, None, first.next.clone(), None).await;
+    let ids: Vec<&str> = second.entries.iter().map(|l| l.version.as_str()).collect();
+    assert_eq!(ids, [v2.as_str(), v1.as_str()]);
+    // Replaced since by a newer null version: nothing is listed twice.
+    set_versioning(c, "resume", BucketVersioningStatus::Suspended).await;
+    put(c, "resume", "k", b"null again").await;
+    let again = list_versions_page(c, "resume", None, None, first.next, None).await;
+    let ids: Vec<&str> = again.entries.iter().map(|l| l.version.as_str()).collect();
+    assert_eq!(ids, [v2.as_str(), v1.as_str()]);
+    s.shutdown().await;
+}
+
+/// An unversioned bucket keeps its old behaviour: a copy onto itself needs
+/// a change, `versionId=null` or not; a DELETE that decided its head and
+/// stopped leaves no object to GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unversioned_bucket_keeps_its_copy_and_delete_rules() {
+    let s = setup().await;
+    let c = &s.client;
+    c.create_bucket().bucket("plain").send().await.unwrap();
+    put(c, "plain", "k", b"x").await;
+    for source in ["plain/k", "plain/k?versionId=null"] {
+        let error = c
+            .copy_object()
+            .bucket("plain")
+            .key("k")
+            .copy_source(source)
+            .send()
+            .await
+            .unwrap_err()
+            .into_service_error();
+        assert_eq!(code(&error), "InvalidRequest", "{source}");
+    }
+    let index = index_on(&s);
+    let mut marker = unwritten_marker(&index, "plain", "k", true);
+    marker.purged = Some(marker.created);
+    decide_only(&index, "plain", "k", &marker).await;
+    let error = c
+        .get_object()
+        .bucket("plain")
+        .key("k")
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
+    assert_eq!(code(&error), "NoSuchKey");
     s.shutdown().await;
 }

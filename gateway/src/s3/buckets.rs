@@ -74,8 +74,9 @@ impl CairnS3 {
             ));
         }
         let owner = owner_of(&req);
+        let object_lock = super::locks::bucket_lock_requested(&req.headers, &req.uri)?;
         self.buckets
-            .create(&req.input.bucket, &owner, false)
+            .create(&req.input.bucket, &owner, object_lock)
             .await
             .map_err(GatewayError::from)?;
         Ok(S3Response::new(CreateBucketOutput {

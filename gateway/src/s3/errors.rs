@@ -14,6 +14,7 @@ impl From<GatewayError> for S3Error {
             GatewayError::NoSuchVersion => C::NoSuchVersion,
             GatewayError::InvalidBucketState(_) => C::InvalidBucketState,
             GatewayError::AccessDenied(_) => C::AccessDenied,
+            GatewayError::MethodNotAllowed(_) => C::MethodNotAllowed,
             GatewayError::NoSuchUpload => C::NoSuchUpload,
             GatewayError::BucketAlreadyOwnedByYou(_) => C::BucketAlreadyOwnedByYou,
             GatewayError::BucketAlreadyExists(_) => C::BucketAlreadyExists,

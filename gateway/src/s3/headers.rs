@@ -178,6 +178,7 @@ pub(super) fn head_output(version: &ObjectVersion, checksums: bool) -> HeadObjec
         return HeadObjectOutput::default();
     };
     let header = |name: &str| headers.get(name).map(str::to_owned);
+    let lock = super::locks::lock_fields(version);
     let sums = if checksums {
         stored_checksums(headers)
     } else {
@@ -205,6 +206,9 @@ pub(super) fn head_output(version: &ObjectVersion, checksums: bool) -> HeadObjec
         checksum_sha256: sums.checksum_sha256,
         checksum_type: sums.checksum_type,
         version_id: read_version_id(version),
+        object_lock_mode: lock.0,
+        object_lock_retain_until_date: lock.1,
+        object_lock_legal_hold_status: lock.2,
         ..Default::default()
     }
 }
@@ -233,6 +237,9 @@ macro_rules! from_head {
             checksum_sha256: head.checksum_sha256,
             checksum_type: head.checksum_type,
             version_id: head.version_id,
+            object_lock_mode: head.object_lock_mode,
+            object_lock_retain_until_date: head.object_lock_retain_until_date,
+            object_lock_legal_hold_status: head.object_lock_legal_hold_status,
             $($extra)*
         }
     }};

@@ -308,7 +308,9 @@ impl CairnS3 {
                     (Some(entry), Some(prefix)) if prefix.as_str() > entry.key.as_str() => {
                         (Some(prefix.clone()), None)
                     }
-                    (Some(entry), _) => (Some(entry.key.clone()), Some(version_id_text(entry))),
+                    // The internal id even of a null version: the next
+                    // page resumes exactly after it (spec/versioning.md).
+                    (Some(entry), _) => (Some(entry.key.clone()), Some(entry.version.to_text())),
                     (None, Some(prefix)) => (Some(prefix.clone()), None),
                     (None, None) => (None, None),
                 }

@@ -12,11 +12,13 @@ use super::headers::{
     body_length, check_key, header_fields, page_size, parse_content_md5, sse_s3, stored_checksums,
     stored_headers, strong_etag, timestamp_of, written_version_id,
 };
+use super::locks::{new_lock, requested_lock, with_upload_lock};
 use crate::checksum::{Algorithm, ChecksumRequest};
 use crate::error::GatewayError;
 use crate::multipart::{ChosenPart, MAX_PART_NUMBER, check_part_number};
 use crate::objects::check_body_length;
 use crate::protections::{Operation, WithCopySource, refuse_unoffered};
+use cairn_node::clock::now_unix_ms;
 
 fn parse_upload_id(text: &str) -> Result<UploadId, GatewayError> {
     UploadId::parse(text).map_err(|_| GatewayError::NoSuchUpload)
@@ -33,10 +35,18 @@ impl CairnS3 {
             &req.headers,
             &req.uri,
         )?;
+        let requested = requested_lock(&req.headers, &req.uri, now_unix_ms())?;
         let input = req.input;
         let bucket = self.bucket(&input.bucket).await?;
+        let settings = self
+            .buckets
+            .settings_of(&input.bucket, &bucket)
+            .await
+            .map_err(GatewayError::from)?;
+        // Judged now so that a refused lock stores nothing.
+        new_lock(requested, &settings, now_unix_ms())?;
         check_key(&input.key)?;
-        let headers = stored_headers(header_fields!(input))?;
+        let headers = with_upload_lock(stored_headers(header_fields!(input))?, requested)?;
         let upload = self
             .objects
             .create_upload(&input.bucket, &bucket.bucket_key_id, &input.key, headers)
@@ -169,7 +179,8 @@ impl CairnS3 {
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let input = req.input;
-        let versioning = self.versioning(&input.bucket).await?;
+        let settings = self.settings(&input.bucket).await?;
+        let versioning = settings.versioning;
         check_key(&input.key)?;
         let upload = parse_upload_id(&input.upload_id)?;
         let condition = write_condition(input.if_none_match.as_ref(), input.if_match.as_ref())?;
@@ -207,7 +218,7 @@ impl CairnS3 {
                 &upload,
                 &chosen,
                 &condition,
-                versioning,
+                &settings,
             )
             .await?;
         let VersionBody::Data { etag, headers, .. } = &version.body else {

@@ -15,11 +15,13 @@ use super::headers::{
     parse_content_md5, parse_version_ref, read_version_id, sse_s3, stored_checksums,
     stored_headers, strong_etag, with_typed_protections, written_version_id,
 };
+use super::locks::{RequestedLock, bypasses_governance, new_lock, requested_lock};
 use crate::checksum::ChecksumRequest;
 use crate::error::GatewayError;
 use crate::objects::NewObject;
 use crate::protections::{Operation, WithCopySource, refuse_unoffered};
 use cairn_model::heads::{DeleteCondition, VersionRef, WriteCondition, version_id_text};
+use cairn_node::clock::now_unix_ms;
 use cairn_protocol::records::Versioning;
 
 type ByteReceiver = tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>;
@@ -154,18 +156,26 @@ impl CairnS3 {
         // A browser POST's form fields reach here parsed, not as headers.
         let asked = with_typed_protections(&req.headers, &req.input);
         refuse_unoffered(Operation::NewObject, WithCopySource::No, &asked, &req.uri)?;
+        let requested = requested_lock(&asked, &req.uri, now_unix_ms())?;
         let checksum = ChecksumRequest::from_headers(&req.headers, req.trailing_headers.as_ref())?;
         let input = req.input;
         let bucket = self.bucket(&input.bucket).await?;
-        let versioning = self
+        let settings = self
             .buckets
             .settings_of(&input.bucket, &bucket)
             .await
-            .map_err(GatewayError::from)?
-            .versioning;
+            .map_err(GatewayError::from)?;
+        let versioning = settings.versioning;
+        let lock = new_lock(requested, &settings, now_unix_ms())?;
         check_key(&input.key)?;
         let headers = stored_headers(header_fields!(input))?;
         let content_md5 = parse_content_md5(input.content_md5.as_ref())?;
+        if requested != RequestedLock::default() && content_md5.is_none() && checksum.is_none() {
+            return Err(GatewayError::InvalidRequest(
+                "Content-MD5 OR x-amz-checksum- HTTP header is required for Put Object requests with Object Lock parameters".into(),
+            )
+            .into());
+        }
         let condition = write_condition(input.if_none_match.as_ref(), input.if_match.as_ref())?;
         let body = input.body.ok_or_else(|| {
             S3Error::with_message(S3ErrorCode::MissingContentLength, "a PUT needs a body")
@@ -184,6 +194,7 @@ impl CairnS3 {
                     checksum,
                     condition,
                     versioning,
+                    lock,
                 },
                 body,
             )
@@ -310,6 +321,7 @@ impl CairnS3 {
         version_id: Option<&str>,
         condition: DeleteCondition,
         versioning: Versioning,
+        bypass_governance: bool,
     ) -> Result<(Option<String>, bool), GatewayError> {
         check_key(key)?;
         let index = self.objects.index();
@@ -321,7 +333,7 @@ impl CairnS3 {
                     ..condition
                 };
                 let deleted = index
-                    .delete_version(bucket, key, wanted, &condition)
+                    .delete_version(bucket, key, wanted, &condition, bypass_governance)
                     .await?;
                 let marker = deleted.is_some_and(|v| v.body == VersionBody::DeleteMarker);
                 let id = match wanted {
@@ -344,6 +356,7 @@ impl CairnS3 {
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        let bypass = bypasses_governance(&req.headers, &req.uri);
         let input = req.input;
         let versioning = self.versioning(&input.bucket).await?;
         // Deleting a key that does not exist succeeds, as in S3.
@@ -360,6 +373,7 @@ impl CairnS3 {
                 input.version_id.as_deref(),
                 condition,
                 versioning,
+                bypass,
             )
             .await?;
         let mut response = S3Response::new(DeleteObjectOutput {
@@ -375,6 +389,7 @@ impl CairnS3 {
         &self,
         req: S3Request<DeleteObjectsInput>,
     ) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        let bypass = bypasses_governance(&req.headers, &req.uri);
         let input = req.input;
         let versioning = self.versioning(&input.bucket).await?;
         if input.delete.objects.len() > 1000 {
@@ -404,6 +419,7 @@ impl CairnS3 {
                         object.version_id.as_deref(),
                         condition,
                         versioning,
+                        bypass,
                     )
                     .await
                 }
@@ -415,6 +431,8 @@ impl CairnS3 {
                     // request named.
                     let (version_id, marker_version_id) = match &object.version_id {
                         None if marker => (None, version_id),
+                        // A marker deleted by id is named twice, as in S3.
+                        Some(_) if marker => (version_id.clone(), version_id),
                         _ => (version_id, None),
                     };
                     deleted.push(DeletedObject {
@@ -453,14 +471,16 @@ impl CairnS3 {
             &req.headers,
             &req.uri,
         )?;
+        let requested = requested_lock(&req.headers, &req.uri, now_unix_ms())?;
         let input = req.input;
         let bucket = self.bucket(&input.bucket).await?;
-        let versioning = self
+        let settings = self
             .buckets
             .settings_of(&input.bucket, &bucket)
             .await
-            .map_err(GatewayError::from)?
-            .versioning;
+            .map_err(GatewayError::from)?;
+        let versioning = settings.versioning;
+        let lock = new_lock(requested, &settings, now_unix_ms())?;
         check_key(&input.key)?;
         let source = self.copy_source(&input.copy_source).await?;
         check_copy_conditions(
@@ -482,12 +502,13 @@ impl CairnS3 {
             .metadata_directive
             .as_ref()
             .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
-        // Copying a key's older version onto it is how S3 restores one.
+        // Copying a key's older version onto it is how S3 restores one;
+        // a bucket that keeps no history has no other version.
         let same_version = source.bucket == input.bucket && source.key == input.key && {
             let CopySource::Bucket { version_id, .. } = &input.copy_source else {
                 unreachable!("copy_source refuses the others");
             };
-            version_id.is_none()
+            version_id.is_none() || versioning == Versioning::Unversioned
         };
         if !replace && same_version {
             return Err(S3Error::with_message(
@@ -515,6 +536,7 @@ impl CairnS3 {
                     checksum: None,
                     condition: WriteCondition::Always,
                     versioning,
+                    lock,
                 },
                 body,
             )
