@@ -218,6 +218,14 @@ pub enum HeadWrite<'a> {
     /// head becomes it purged, stamped `at`, and what is latest is found
     /// below ([`latest_version`]); otherwise the head stays.
     Remove { version: VersionId, at: Timestamp },
+    /// A lock decided by this version's guard, shown by the head too if
+    /// it names the version (merged, so that changes landing in any order
+    /// leave the latest); the sequence stays.
+    Relock {
+        version: VersionId,
+        retention: Retention,
+        legal_hold: Lww<bool>,
+    },
 }
 
 /// Why a head write's change refuses the current head.
@@ -302,6 +310,21 @@ pub fn judge_head(
             }
             _ => return Err(HeadRefusal::NotHead),
         },
+        HeadWrite::Relock {
+            version,
+            retention,
+            legal_hold,
+        } => {
+            return match current {
+                Some(head) if head.purged.is_none() && head.version == *version => {
+                    let mut relocked = head.clone();
+                    relocked.retention = head.retention.join(*retention);
+                    relocked.legal_hold = head.legal_hold.join(*legal_hold);
+                    Ok(relocked)
+                }
+                _ => Err(HeadRefusal::NotHead),
+            };
+        }
     };
     new.seq = match current.map_or(Some(1), |h| h.seq.checked_add(1)) {
         Some(seq) => seq,

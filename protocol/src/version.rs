@@ -118,7 +118,8 @@ pub struct Retention {
 }
 
 impl Retention {
-    fn join(self, other: Self) -> Self {
+    /// The merge: the stronger mode and the later date.
+    pub fn join(self, other: Self) -> Self {
         Self {
             mode: self.mode.max(other.mode),
             retain_until_unix_ms: self.retain_until_unix_ms.max(other.retain_until_unix_ms),
@@ -135,7 +136,8 @@ pub struct Lww<T> {
 }
 
 impl<T: Ord + Copy> Lww<T> {
-    fn join(self, other: Self) -> Self {
+    /// The merge: the later write.
+    pub fn join(self, other: Self) -> Self {
         if (other.at, other.value) > (self.at, self.value) {
             other
         } else {

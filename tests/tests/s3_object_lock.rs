@@ -637,12 +637,54 @@ async fn a_legal_hold_blocks_deletion_until_it_is_lifted() {
     set_hold(ObjectLockLegalHoldStatus::Off).await.unwrap();
     assert_eq!(hold_of(held.clone()).await, ObjectLockLegalHoldStatus::Off);
     set_hold(ObjectLockLegalHoldStatus::On).await.unwrap();
+    // HEAD of the latest version shows the hold set after its write, and
+    // a retention added since.
+    let latest = c
+        .head_object()
+        .bucket("holds")
+        .key("k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        latest.object_lock_legal_hold_status(),
+        Some(&ObjectLockLegalHoldStatus::On)
+    );
+    assert_eq!(
+        set_retention(
+            c,
+            "holds",
+            "k",
+            &held,
+            ObjectLockRetentionMode::Governance,
+            far_future(),
+            false
+        )
+        .await,
+        "ok"
+    );
+    let latest = c
+        .head_object()
+        .bucket("holds")
+        .key("k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(latest.object_lock_mode(), Some(&ObjectLockMode::Governance));
+    assert_eq!(
+        delete_version(c, "holds", "k", &held, true).await,
+        "AccessDenied"
+    );
     assert_eq!(
         delete_version(c, "holds", "k", &held, false).await,
         "AccessDenied"
     );
     set_hold(ObjectLockLegalHoldStatus::Off).await.unwrap();
-    assert_eq!(delete_version(c, "holds", "k", &held, false).await, "ok");
+    assert_eq!(
+        delete_version(c, "holds", "k", &held, false).await,
+        "AccessDenied"
+    );
+    assert_eq!(delete_version(c, "holds", "k", &held, true).await, "ok");
     s.shutdown().await;
 }
 

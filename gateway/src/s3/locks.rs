@@ -4,7 +4,7 @@
 //! version's lock guard.
 
 use cairn_model::ModelError;
-use cairn_model::heads::NewLock;
+use cairn_model::heads::{HeadWrite, NewLock, WriteCondition};
 use cairn_model::locks::{LockError, change_version_lock};
 use cairn_model::rows::versions_row;
 use cairn_protocol::guard::{GuardChange, GuardRefusal};
@@ -319,8 +319,29 @@ impl CairnS3 {
         change: GuardChange,
     ) -> Result<(), GatewayError> {
         let row = versions_row(&version.bucket, &version.key, &version.version);
-        match change_version_lock(self.objects.index().metadata(), &row, change).await {
-            Ok(_) => Ok(()),
+        let index = self.objects.index();
+        match change_version_lock(index.metadata(), &row, change).await {
+            Ok(guard) => {
+                // GET and HEAD of the latest version read the head.
+                let relock = HeadWrite::Relock {
+                    version: version.version,
+                    retention: guard.retention,
+                    legal_hold: guard.legal_hold,
+                };
+                match index
+                    .swap_head(
+                        &version.bucket,
+                        &version.key,
+                        &WriteCondition::Always,
+                        relock,
+                        None,
+                    )
+                    .await
+                {
+                    Ok(_) | Err(ModelError::NoSuchVersion) => Ok(()),
+                    Err(error) => Err(error.into()),
+                }
+            }
             Err(LockError::Refused(refusal)) => Err(guard_refusal(&version.key, refusal)),
             Err(LockError::NoSuchVersion) => Err(GatewayError::NoSuchVersion),
             Err(LockError::Corrupt(why)) => Err(GatewayError::Corrupt(why)),
