@@ -433,6 +433,18 @@ async fn deleting_a_version_by_id_removes_it_for_good_and_no_marker_is_written()
         .unwrap_err()
         .into_service_error();
     assert_eq!(code(&error), "NoSuchVersion");
+    // A permanent delete goes to the recoverable trash.
+    let trashed = cairn_model::trash::list(
+        s.cluster.node(0).metadata(),
+        "purge",
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    assert!(
+        trashed.iter().any(|t| t.version.to_text() == v2),
+        "{trashed:?}"
+    );
     // The latest: the one below becomes current.
     c.delete_object()
         .bucket("purge")
