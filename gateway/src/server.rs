@@ -127,6 +127,40 @@ pub fn check_request<B>(request: &http::Request<B>, region: &str) -> Option<Http
                 ),
             ));
         }
+        // A presigned URL hands out what it signed, nothing more: an
+        // x-amz-* header the signer did not sign (an Object Lock, a
+        // governance bypass, an encryption, a copy source, metadata) is
+        // refused, as S3 does. Claims about the body that the gateway
+        // checks (its hash, length, checksums) grant nothing and may come
+        // from the holder of the URL.
+        let signed = query_param(query, "X-Amz-SignedHeaders")
+            .map(|v| v.replace("%3B", ";").replace("%3b", ";"))
+            .unwrap_or_default();
+        let signed: Vec<&str> = signed.split(';').collect();
+        let body_claim = |name: &str| {
+            [
+                "x-amz-content-sha256",
+                "x-amz-decoded-content-length",
+                "x-amz-trailer",
+                "x-amz-sdk-checksum-algorithm",
+                "x-amz-user-agent",
+            ]
+            .contains(&name)
+                || name.starts_with("x-amz-checksum-")
+        };
+        if let Some(unsigned) = headers
+            .keys()
+            .map(|name| name.as_str())
+            .find(|name| name.starts_with("x-amz-") && !signed.contains(name) && !body_claim(name))
+        {
+            return Some(refuse(
+                403,
+                "AccessDenied",
+                &format!(
+                    "There were headers present in the request which were not signed: {unsigned}"
+                ),
+            ));
+        }
         let expires = query_param(query, "X-Amz-Expires").and_then(|v| v.parse::<u64>().ok());
         if expires.is_none_or(|seconds| seconds > MAX_PRESIGNED_SECONDS) {
             return Some(refuse(
@@ -207,6 +241,13 @@ impl Activity {
         Handling(self.clone())
     }
 
+    /// Returns once no handler is at work on the connection.
+    async fn no_handler_at_work(&self) {
+        while self.handling.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Returns once the connection has made no progress for `idle` with
     /// no handler running.
     async fn idle_for(&self, idle: std::time::Duration) {
@@ -282,9 +323,13 @@ where
     }
 }
 
+/// How long a stopping gateway lets the requests in flight finish.
+const GRACEFUL_STOP: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves until `stop` fires (or its sender is dropped); then every open
-/// connection is closed and waited for, so that nothing of the gateway
-/// holds the node any longer.
+/// connection finishes the requests in flight and closes (for at most
+/// [`GRACEFUL_STOP`], then it is cut), so that nothing of the gateway holds
+/// the node any longer and no request stops half way.
 pub async fn serve(
     listener: TcpListener,
     service: S3Service,
@@ -294,11 +339,45 @@ pub async fn serve(
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut open = tokio::task::JoinSet::new();
+    let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
     tokio::select! {
         _ = stop => {}
-        () = accept(&listener, &service, &region, &tls, limits, &mut open) => {}
+        () = accept(&listener, &service, &region, &tls, limits, &mut open, &stopping_seen) => {}
+    }
+    drop(listener);
+    let _ = stopping.send(true);
+    let drained = async { while open.join_next().await.is_some() {} };
+    if tokio::time::timeout(GRACEFUL_STOP, drained).await.is_err() {
+        tracing::warn!("connections still busy after the graceful stop: cut");
     }
     open.shutdown().await;
+}
+
+/// Drives one connection; when the gateway stops, it is asked to finish
+/// gracefully (HTTP/1 closes once the request in flight is answered,
+/// HTTP/2 sends GOAWAY and ends with its last stream), and it is dropped
+/// as soon as no handler is at work on it: an idle keep-alive connection
+/// goes at once, a request in flight finishes its work first.
+macro_rules! drive {
+    ($connection:expr, $stopping:expr, $activity:expr) => {{
+        let connection = $connection;
+        tokio::pin!(connection);
+        let mut stopping = $stopping;
+        let mut asked = *stopping.borrow();
+        if asked {
+            connection.as_mut().graceful_shutdown();
+        }
+        loop {
+            tokio::select! {
+                served = connection.as_mut() => break served.map_err(|e| e.to_string()),
+                _ = stopping.changed(), if !asked => {
+                    asked = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                () = $activity.no_handler_at_work(), if asked => break Ok(()),
+            }
+        }
+    }};
 }
 
 async fn accept(
@@ -308,6 +387,7 @@ async fn accept(
     tls: &Option<tokio_rustls::TlsAcceptor>,
     limits: Limits,
     open: &mut tokio::task::JoinSet<()>,
+    stopping: &tokio::sync::watch::Receiver<bool>,
 ) {
     let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
@@ -330,6 +410,7 @@ async fn accept(
         let service = service.clone();
         let region = region.to_owned();
         let tls = tls.clone();
+        let stopping = stopping.clone();
         open.spawn(async move {
             let _room = room;
             let activity = Activity::new();
@@ -399,35 +480,45 @@ async fn accept(
             // hyper's header timeout starts once it knows the protocol,
             // which takes a first byte: a client that sends none is cut
             // off here.
+            // A stopping gateway does not wait for them either.
             let mut first = [0u8; 1];
-            match tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => {
-                    tracing::debug!(%peer, "no request bytes in time: closed");
-                    return;
+            let mut stopped = stopping.clone();
+            tokio::select! {
+                peeked = tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)) => {
+                    match peeked {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => {
+                            tracing::debug!(%peer, "no request bytes in time: closed");
+                            return;
+                        }
+                    }
                 }
+                _ = stopped.wait_for(|stop| *stop) => return,
             }
             // Whatever the protocol, a connection that makes no progress
             // for the idle time, with no handler at work, is closed: a
             // client that stops mid-preface or after its TLS handshake,
             // stops sending a body or reading an answer, keeps an HTTP/2
             // connection up with pings alone, or with refused requests.
+            let watched = activity.clone();
             let serving = async move {
                 match tls {
                     Some(tls) => {
                         match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(stream)).await {
-                            Ok(Ok(stream)) => builder
-                                .serve_connection(TokioIo::new(stream), handler)
-                                .await
-                                .map_err(|e| e.to_string()),
+                            Ok(Ok(stream)) => drive!(
+                                builder.serve_connection(TokioIo::new(stream), handler),
+                                stopping,
+                                watched
+                            ),
                             Ok(Err(error)) => Err(format!("TLS handshake failed: {error}")),
                             Err(_) => Err("TLS handshake timed out".into()),
                         }
                     }
-                    None => builder
-                        .serve_connection(TokioIo::new(stream), handler)
-                        .await
-                        .map_err(|e| e.to_string()),
+                    None => drive!(
+                        builder.serve_connection(TokioIo::new(stream), handler),
+                        stopping,
+                        watched
+                    ),
                 }
             };
             tokio::select! {

@@ -728,6 +728,11 @@ impl ObjectIndex {
         bypass_governance: bool,
     ) -> ModelResult<Option<ObjectVersion>> {
         let Some(target) = self.version(bucket, key, wanted).await? else {
+            // A purge decided earlier may have stopped before the head
+            // moved off the version or its release was written.
+            if let VersionRef::Id(id) = wanted {
+                self.finish_purge(bucket, key, id).await?;
+            }
             return Ok(None);
         };
         if !condition.is_unconditional() && !condition.holds_for(&target) {
@@ -766,6 +771,35 @@ impl ObjectIndex {
         Ok(Some(target))
     }
 
+    /// Finishes the permanent delete of version `id` if its row says it
+    /// was purged (a delete, or a lock change refused as purged, stopped
+    /// after deciding it): the head moves off it and its release row is
+    /// written. Idempotent; nothing for a version that exists.
+    pub async fn finish_purge(&self, bucket: &str, key: &str, id: VersionId) -> ModelResult<()> {
+        let metadata = self.node.metadata();
+        let Some(RowValue::Version(row)) = metadata
+            .read(vec![versions_row(bucket, key, &id)])
+            .await?
+            .remove(0)
+        else {
+            return Ok(());
+        };
+        if row.purged.is_none() || row.exists(now_unix_ms()) {
+            return Ok(());
+        }
+        let at = metadata.timestamp();
+        let removal = HeadWrite::Remove { version: id, at };
+        match self
+            .swap_head(bucket, key, &WriteCondition::Always, removal, None)
+            .await
+        {
+            Ok(_) | Err(ModelError::NoSuchVersion) => {}
+            Err(error) => return Err(error),
+        }
+        metadata.write(purge_rows(vec![*row], at)).await?;
+        Ok(())
+    }
+
     /// What a decided head write does below it: a null head purges the
     /// null versions below it (S3's null version is replaced; in a bucket
     /// that never kept history every version is null); a head with its own
@@ -794,12 +828,17 @@ impl ObjectIndex {
             let found = self
                 .existing_versions(&head.bucket, &head.key, None)
                 .await?;
-            older.extend(found.iter().cloned().filter(|v| {
-                v.null
-                    && v.seq < floor
-                    && v.version != head.version
-                    && replaced.is_none_or(|r| r.version != v.version)
-            }));
+            older.extend(
+                found
+                    .iter()
+                    .filter(|v| {
+                        v.null
+                            && v.seq < floor
+                            && v.version != head.version
+                            && replaced.is_none_or(|r| r.version != v.version)
+                    })
+                    .cloned(),
+            );
             existing = Some(found);
         }
         if let Some(replaced) = replaced.filter(|r| r.purged.is_none()) {

@@ -80,6 +80,10 @@ pub enum Versioning {
     Suspended,
 }
 
+/// S3's bounds on a default retention period.
+pub const MAX_DEFAULT_DAYS: u32 = 36_500;
+pub const MAX_DEFAULT_YEARS: u32 = 100;
+
 /// How long a new version is retained when its write names no retention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetentionPeriod {
@@ -219,11 +223,14 @@ impl BucketSettings {
             if default.mode == RetentionMode::None {
                 return Err("a default retention has a mode".into());
             }
-            let count = match default.period {
-                RetentionPeriod::Days(n) | RetentionPeriod::Years(n) => n,
+            let (count, max) = match default.period {
+                RetentionPeriod::Days(n) => (n, MAX_DEFAULT_DAYS),
+                RetentionPeriod::Years(n) => (n, MAX_DEFAULT_YEARS),
             };
-            if count == 0 {
-                return Err("a default retention period is at least 1".into());
+            if count == 0 || count > max {
+                return Err(format!(
+                    "a default retention period is 1 to {MAX_DEFAULT_DAYS} days or 1 to {MAX_DEFAULT_YEARS} years"
+                ));
             }
         }
         Ok(())

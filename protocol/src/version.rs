@@ -191,11 +191,21 @@ impl ObjectVersion {
                 && self.retention.retain_until_unix_ms > now_unix_ms)
     }
 
+    /// Whether a lock nobody may pass holds the version at `now`: a legal
+    /// hold, or a compliance retention.
+    pub fn is_locked_for_everyone(&self, now_unix_ms: u64) -> bool {
+        self.legal_hold.value
+            || (self.retention.mode == RetentionMode::Compliance
+                && self.retention.retain_until_unix_ms > now_unix_ms)
+    }
+
     /// Whether the version still exists at `now`: not purged, or purged
-    /// while a lock holds (a permanent delete takes effect only where no
-    /// lock holds, whatever order the replicas learnt of them in).
+    /// while a lock nobody may pass holds (a permanent delete takes effect
+    /// only where no such lock holds, whatever order the replicas learnt
+    /// of them in). A governance retention does not keep a purged version:
+    /// its guard let the purge through only with the bypass.
     pub fn exists(&self, now_unix_ms: u64) -> bool {
-        self.purged.is_none() || self.is_locked(now_unix_ms)
+        self.purged.is_none() || self.is_locked_for_everyone(now_unix_ms)
     }
 
     /// The CRDT join of two replicas' views of one version.

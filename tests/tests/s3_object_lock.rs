@@ -513,6 +513,25 @@ async fn governance_yields_to_the_bypass_and_compliance_to_nothing() {
         "AccessDenied"
     );
     assert_eq!(delete_version(c, "modes", "g", &governed, true).await, "ok");
+    // Gone for good: no longer readable or listed.
+    let error = c
+        .get_object()
+        .bucket("modes")
+        .key("g")
+        .version_id(&governed)
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
+    assert_eq!(code(&error), "NoSuchVersion");
+    let listed = c
+        .list_object_versions()
+        .bucket("modes")
+        .prefix("g")
+        .send()
+        .await
+        .unwrap();
+    assert!(listed.versions().is_empty());
 
     // Compliance: no shortening, no switch to governance, no bypass;
     // extending is allowed.
@@ -817,4 +836,34 @@ async fn a_compliance_lock_survives_the_restart_of_every_node() {
     assert_eq!(body.as_ref(), b"locked bytes");
     gateway.stop().await;
     cluster.shutdown().await;
+}
+
+/// A presigned URL grants what its signer signed: an Object Lock or a
+/// governance bypass header added by whoever holds the URL is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn presigned_urls_refuse_lock_and_bypass_headers_they_did_not_sign() {
+    let s = setup().await;
+    let c = &s.client;
+    lock_bucket(c, "signed").await;
+    let uri = presigned_put(c, "signed", "k").await;
+    let answer = raw_request(
+        s.gateway.address(),
+        "PUT",
+        &uri,
+        &s.gateway.address().to_string(),
+        "x-amz-object-lock-mode: COMPLIANCE\r\nx-amz-object-lock-retain-until-date: 2099-01-01T00:00:00Z\r\nContent-MD5: kAFQmDzST7DWlj99KOF/cg==\r\n",
+        b"abc",
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("x-amz-object-lock-mode"), "{answer}");
+    let listed = c
+        .list_object_versions()
+        .bucket("signed")
+        .send()
+        .await
+        .unwrap();
+    assert!(listed.versions().is_empty());
+    s.shutdown().await;
 }

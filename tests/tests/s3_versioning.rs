@@ -1043,3 +1043,40 @@ async fn an_unversioned_bucket_keeps_its_copy_and_delete_rules() {
     assert_eq!(code(&error), "NoSuchKey");
     s.shutdown().await;
 }
+
+/// A permanent delete decided by the version's guard whose deleter stopped
+/// before moving the head: the DELETE retried finishes it, and the version
+/// below is latest again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_permanent_delete_that_stopped_after_its_decision_is_finished_by_a_retry() {
+    let s = setup().await;
+    let c = &s.client;
+    c.create_bucket().bucket("finish").send().await.unwrap();
+    set_versioning(c, "finish", BucketVersioningStatus::Enabled).await;
+    put(c, "finish", "k", b"below").await.unwrap();
+    let top = put(c, "finish", "k", b"top").await.unwrap();
+    // The guard decides the purge and the row is stamped; nothing else.
+    let row = cairn_model::rows::versions_row(
+        "finish",
+        "k",
+        &cairn_protocol::ids::VersionId::parse(&top).unwrap(),
+    );
+    cairn_model::locks::change_version_lock(
+        s.cluster.node(0).metadata(),
+        &row,
+        cairn_protocol::guard::GuardChange::Purge {
+            bypass_governance: false,
+        },
+    )
+    .await
+    .unwrap();
+    c.delete_object()
+        .bucket("finish")
+        .key("k")
+        .version_id(&top)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get_bytes(c, "finish", "k").await, b"below");
+    s.shutdown().await;
+}

@@ -68,8 +68,12 @@ pub(super) fn read_version_id(version: &ObjectVersion) -> Option<String> {
     (!version.null).then(|| version_id_text(version))
 }
 
+/// The last millisecond of year 9999 UTC: the latest date S3's formats
+/// write (later ones are refused where they come in).
+pub(super) const LATEST_DATE_UNIX_MS: u64 = 253_402_300_799_999;
+
 pub(super) fn timestamp_of(unix_ms: u64) -> Timestamp {
-    Timestamp::from(UNIX_EPOCH + Duration::from_millis(unix_ms))
+    Timestamp::from(UNIX_EPOCH + Duration::from_millis(unix_ms.min(LATEST_DATE_UNIX_MS)))
 }
 
 pub(super) fn last_modified(version: &ObjectVersion) -> Timestamp {

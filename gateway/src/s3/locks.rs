@@ -9,7 +9,8 @@ use cairn_model::locks::{LockError, change_version_lock};
 use cairn_model::rows::versions_row;
 use cairn_protocol::guard::{GuardChange, GuardRefusal};
 use cairn_protocol::records::{
-    BucketSettings, DefaultRetention as BucketDefaultRetention, RetentionPeriod, Versioning,
+    BucketSettings, DefaultRetention as BucketDefaultRetention, MAX_DEFAULT_DAYS,
+    MAX_DEFAULT_YEARS, RetentionPeriod, Versioning,
 };
 use cairn_protocol::version::{
     ObjectVersion, Retention, RetentionMode, StoredHeaders, VersionBody,
@@ -19,7 +20,7 @@ use s3s::dto::*;
 use s3s::{S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 
 use super::CairnS3;
-use super::headers::{parse_version_ref, timestamp_of};
+use super::headers::{LATEST_DATE_UNIX_MS, parse_version_ref, timestamp_of};
 use crate::error::GatewayError;
 use crate::protections::asked_value;
 
@@ -33,8 +34,8 @@ const BYPASS: &str = "x-amz-bypass-governance-retention";
 const DAYS_PER_YEAR: u64 = 365;
 const DAY_MS: u64 = 86_400_000;
 /// S3's bounds on a default retention period.
-const MAX_DAYS: i32 = 36_500;
-const MAX_YEARS: i32 = 100;
+const MAX_DAYS: i32 = MAX_DEFAULT_DAYS as i32;
+const MAX_YEARS: i32 = MAX_DEFAULT_YEARS as i32;
 
 /// The lock headers of a write, parsed; `None` fields were not sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -72,6 +73,11 @@ fn future_retention(
     if until_unix_ms <= now_unix_ms {
         return Err(GatewayError::InvalidArgument(
             "The retain until date must be in the future!".into(),
+        ));
+    }
+    if until_unix_ms > LATEST_DATE_UNIX_MS {
+        return Err(GatewayError::InvalidArgument(
+            "The retain until date must be in year 9999 UTC at the latest".into(),
         ));
     }
     Ok(Retention {
@@ -342,6 +348,13 @@ impl CairnS3 {
                     Err(error) => Err(error.into()),
                 }
             }
+            Err(LockError::Refused(GuardRefusal::Purged)) => {
+                // A delete decided it and stopped: finished here.
+                index
+                    .finish_purge(&version.bucket, &version.key, version.version)
+                    .await?;
+                Err(GatewayError::NoSuchVersion)
+            }
             Err(LockError::Refused(refusal)) => Err(guard_refusal(&version.key, refusal)),
             Err(LockError::NoSuchVersion) => Err(GatewayError::NoSuchVersion),
             Err(LockError::Corrupt(why)) => Err(GatewayError::Corrupt(why)),
@@ -593,4 +606,57 @@ fn default_retention(default: &DefaultRetention) -> Result<BucketDefaultRetentio
         }
     };
     Ok(BucketDefaultRetention { mode, period })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lock_headers(mode: &str, until: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(MODE, mode.parse().unwrap());
+        headers.insert(RETAIN_UNTIL, until.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn retain_until_dates_are_future_and_within_year_9999_utc() {
+        let uri: Uri = "/b/k".parse().unwrap();
+        let now = 1_800_000_000_000;
+        let refused = |mode: &str, until: &str| {
+            crate::s3::errors::refused(requested_lock(&lock_headers(mode, until), &uri, now))
+        };
+        // Year 10000 in UTC, written as year 9999 with an offset.
+        assert_eq!(
+            refused("GOVERNANCE", "9999-12-31T23:59:59-23:59"),
+            "InvalidArgument"
+        );
+        assert_eq!(
+            refused("GOVERNANCE", "2020-01-01T00:00:00Z"),
+            "InvalidArgument"
+        );
+        assert_eq!(
+            refused("FOREVER", "2099-01-01T00:00:00Z"),
+            "InvalidArgument"
+        );
+        assert!(refused("COMPLIANCE", "9999-12-31T23:59:59Z").starts_with("ok"));
+        // What is stored answers without panicking, whatever it holds.
+        let _ = timestamp_of(u64::MAX);
+    }
+
+    #[test]
+    fn default_periods_stay_within_s3_bounds() {
+        for (days, years) in [(Some(36_501), None), (None, Some(101)), (Some(-1), None)] {
+            let default = DefaultRetention {
+                mode: Some(ObjectLockRetentionMode::from_static(
+                    ObjectLockRetentionMode::GOVERNANCE,
+                )),
+                days,
+                years,
+            };
+            assert!(default_retention(&default).is_err(), "{days:?} {years:?}");
+        }
+        // The longest period does not overflow.
+        assert!(period_ms(RetentionPeriod::Years(MAX_DEFAULT_YEARS)) > 0);
+    }
 }
