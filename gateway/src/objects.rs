@@ -68,9 +68,29 @@ pub struct NewObject {
     pub content_md5: Option<[u8; 16]>,
     pub checksum: Option<ChecksumRequest>,
     pub condition: WriteCondition,
-    /// The bucket's versioning when the write began.
-    pub versioning: Versioning,
-    pub lock: NewLock,
+    /// How the object is versioned and locked.
+    pub rules: WriteRules,
+}
+
+/// How a new object is versioned and locked (spec/versioning.md): known
+/// when the write starts, or still being read from the bucket's settings
+/// while the body is stored (one round trip off a small PUT's time). A
+/// write that asks for a lock reads them first, so that a refusal stores
+/// nothing; without one, what is read cannot refuse.
+pub enum WriteRules {
+    Known(Versioning, NewLock),
+    Reading(tokio::task::JoinHandle<GatewayResult<(Versioning, NewLock)>>),
+}
+
+impl WriteRules {
+    async fn settle(self) -> GatewayResult<(Versioning, NewLock)> {
+        match self {
+            WriteRules::Known(versioning, lock) => Ok((versioning, lock)),
+            WriteRules::Reading(reading) => reading.await.map_err(|e| {
+                GatewayError::Internal(format!("reading the bucket's settings: {e}"))
+            })?,
+        }
+    }
 }
 
 /// A body to store: where it goes, how it is sealed and what it must match.
@@ -184,7 +204,13 @@ impl ObjectStore {
 
     /// Stores an object from `body` and commits it. Nothing is visible
     /// unless every byte arrived, matched its digests and is durable.
-    pub async fn put<S, E>(&self, object: NewObject, body: S) -> GatewayResult<ObjectVersion>
+    /// Stores and commits a new object; the answer says how the bucket
+    /// versioned it.
+    pub async fn put<S, E>(
+        &self,
+        object: NewObject,
+        body: S,
+    ) -> GatewayResult<(ObjectVersion, Versioning)>
     where
         S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -217,28 +243,31 @@ impl ObjectStore {
         if let Some((algorithm, value)) = &stored.checksum {
             headers = with_checksum(headers, *algorithm, value.clone(), "FULL_OBJECT")?;
         }
-        self.commit_object(ObjectCommit {
-            bucket: &object.bucket,
-            key: &object.key,
-            upload: stored.upload,
-            scheme,
-            keys: &keys,
-            etag: stored.etag,
-            parts: vec![Part {
-                number: 0,
+        let (versioning, lock) = object.rules.settle().await?;
+        let committed = self
+            .commit_object(ObjectCommit {
+                bucket: &object.bucket,
+                key: &object.key,
                 upload: stored.upload,
-                plaintext_len: object.length,
-                segments: stored.segments,
-            }],
-            part_keys: PartKeys::PerAttempt,
-            headers,
-            intent: stored.intent,
-            condition: &object.condition,
-            deadline_unix_ms: stored.deadline_unix_ms,
-            versioning: object.versioning,
-            lock: object.lock,
-        })
-        .await
+                scheme,
+                keys: &keys,
+                etag: stored.etag,
+                parts: vec![Part {
+                    number: 0,
+                    upload: stored.upload,
+                    plaintext_len: object.length,
+                    segments: stored.segments,
+                }],
+                part_keys: PartKeys::PerAttempt,
+                headers,
+                intent: stored.intent,
+                condition: &object.condition,
+                deadline_unix_ms: stored.deadline_unix_ms,
+                versioning,
+                lock,
+            })
+            .await?;
+        Ok((committed, versioning))
     }
 
     /// The write path every body takes, an object's or a part's: its

@@ -18,7 +18,7 @@ use super::headers::{
 use super::locks::{RequestedLock, bypasses_governance, new_lock, requested_lock};
 use crate::checksum::ChecksumRequest;
 use crate::error::GatewayError;
-use crate::objects::NewObject;
+use crate::objects::{NewObject, WriteRules};
 use crate::protections::{Operation, WithCopySource, refuse_unoffered};
 use cairn_model::heads::{DeleteCondition, VersionRef, WriteCondition, version_id_text};
 use cairn_node::clock::now_unix_ms;
@@ -160,13 +160,26 @@ impl CairnS3 {
         let checksum = ChecksumRequest::from_headers(&req.headers, req.trailing_headers.as_ref())?;
         let input = req.input;
         let bucket = self.bucket(&input.bucket).await?;
-        let settings = self
-            .buckets
-            .settings_of(&input.bucket, &bucket)
-            .await
-            .map_err(GatewayError::from)?;
-        let versioning = settings.versioning;
-        let lock = new_lock(requested, &settings, now_unix_ms())?;
+        // The settings are read while the body is stored, unless the
+        // request asks for a lock they may refuse (spec/versioning.md).
+        let reading = {
+            let (buckets, name, record) =
+                (self.buckets.clone(), input.bucket.clone(), bucket.clone());
+            async move {
+                let settings = buckets
+                    .settings_of(&name, &record)
+                    .await
+                    .map_err(GatewayError::from)?;
+                let lock = new_lock(requested, &settings, now_unix_ms())?;
+                Ok::<_, GatewayError>((settings.versioning, lock))
+            }
+        };
+        let rules = if requested == RequestedLock::default() {
+            WriteRules::Reading(tokio::spawn(reading))
+        } else {
+            let (versioning, lock) = reading.await?;
+            WriteRules::Known(versioning, lock)
+        };
         check_key(&input.key)?;
         let headers = stored_headers(header_fields!(input))?;
         let content_md5 = parse_content_md5(input.content_md5.as_ref())?;
@@ -181,7 +194,7 @@ impl CairnS3 {
             S3Error::with_message(S3ErrorCode::MissingContentLength, "a PUT needs a body")
         })?;
         let length = body_length(input.content_length, &body)?;
-        let version = self
+        let (version, versioning) = self
             .objects
             .put(
                 NewObject {
@@ -193,8 +206,7 @@ impl CairnS3 {
                     content_md5,
                     checksum,
                     condition,
-                    versioning,
-                    lock,
+                    rules,
                 },
                 body,
             )
@@ -523,7 +535,7 @@ impl CairnS3 {
         };
         let open = self.objects.open(&source).await?;
         let body = self.source_stream(open, 0..*size_bytes);
-        let version = self
+        let (version, _) = self
             .objects
             .put(
                 NewObject {
@@ -535,8 +547,7 @@ impl CairnS3 {
                     content_md5: None,
                     checksum: None,
                     condition: WriteCondition::Always,
-                    versioning,
-                    lock,
+                    rules: WriteRules::Known(versioning, lock),
                 },
                 body,
             )
