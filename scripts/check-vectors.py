@@ -107,6 +107,7 @@ def check_gateway():
         r = Reader(h(raw))
         assert r.u8() == 1
         r.str16(256)
+        r.u64()
         versioning = r.u8()
         lock = r.u8()
         assert versioning in (0, 1, 2) and lock in (0, 1)

@@ -20,6 +20,8 @@ pub enum GatewayError {
     AccessDenied(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    #[error("{0}")]
+    OperationAborted(String),
     #[error("the upload does not exist; it may have been completed or aborted")]
     NoSuchUpload,
     #[error("you already own the bucket {0:?}")]
@@ -98,6 +100,7 @@ impl From<ModelError> for GatewayError {
             ModelError::NoSuchVersion => Self::NoSuchVersion,
             ModelError::InvalidBucketState(why) => Self::InvalidBucketState(why),
             ModelError::AccessDenied(why) => Self::AccessDenied(why),
+            ModelError::OperationAborted(why) => Self::OperationAborted(why),
             ModelError::NoSuchUpload => Self::NoSuchUpload,
             ModelError::PreconditionFailed => Self::PreconditionFailed,
             ModelError::WriteDeadline { minutes } => Self::WriteDeadline { minutes },

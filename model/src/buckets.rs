@@ -16,6 +16,17 @@ use crate::listing::{ListRequest, ListStart, list_versions};
 use crate::registers::{Caching, RegisterTable};
 use cairn_node::clock::random_bytes;
 
+/// How old a claim on a bucket name without a bucket record must be
+/// before another creation takes it over (the creation that made it
+/// stopped before writing its record).
+const CLAIM_TAKEOVER: Duration = Duration::from_secs(120);
+
+fn creation_under_way(name: &str) -> ModelError {
+    ModelError::OperationAborted(format!(
+        "another creation of the bucket {name:?} is under way; try again"
+    ))
+}
+
 /// How long a bucket record read is trusted on this gateway.
 const CACHE_FOR: Duration = Duration::from_secs(2);
 
@@ -199,6 +210,10 @@ impl Buckets {
         object_lock: bool,
     ) -> ModelResult<BucketRecord> {
         check_bucket_name(name)?;
+        let metadata = self.table.metadata();
+        // What the settings register held before the record was found
+        // absent: the claim below takes the name only if it still does.
+        let seen = metadata.read_register(settings_register(name)).await?;
         if self.table.get_fresh(name).await?.is_some() {
             return Err(ModelError::BucketAlreadyOwnedByYou(name.to_owned()));
         }
@@ -207,23 +222,39 @@ impl Buckets {
             cairn_protocol::to_hex(&random_bytes::<8>())
         );
         self.kms.create_key(&key_id).await?;
-        if object_lock {
-            // Before the record: a bucket is never seen without the lock
-            // it was created with. Settings of a creation that stopped here
-            // belong to no bucket (their generation is this key id).
-            let settings = BucketSettings {
-                generation: key_id.clone(),
-                versioning: Versioning::Enabled,
-                object_lock: true,
-                default_retention: None,
-            };
-            self.table
-                .metadata()
-                .compare_and_set(settings_register(name), |_| {
-                    Ok::<_, ModelError>(Some(settings.encode()))
-                })
-                .await??;
-        }
+        // The claim, before the record (spec/versioning.md, "Creating a
+        // bucket"): of creations racing on one name exactly one claims
+        // it, and a bucket is never seen without the lock it was created
+        // with. A claim of a creation that stopped belongs to no bucket
+        // (its generation is this key id) and is taken over once old.
+        let now = now_unix_ms();
+        let settings = BucketSettings {
+            generation: key_id.clone(),
+            claimed_unix_ms: now,
+            versioning: if object_lock {
+                Versioning::Enabled
+            } else {
+                Versioning::Unversioned
+            },
+            object_lock,
+            default_retention: None,
+        };
+        metadata
+            .compare_and_set(settings_register(name), |current| {
+                if current != seen.as_deref() {
+                    return Err(creation_under_way(name));
+                }
+                let young = current
+                    .and_then(|bytes| BucketSettings::decode(bytes).ok())
+                    .is_some_and(|held| {
+                        now.saturating_sub(held.claimed_unix_ms) < CLAIM_TAKEOVER.as_millis() as u64
+                    });
+                if young {
+                    return Err(creation_under_way(name));
+                }
+                Ok(Some(settings.encode()))
+            })
+            .await??;
         let record = BucketRecord {
             created_unix_ms: now_unix_ms(),
             owner: owner.to_owned(),
@@ -253,7 +284,13 @@ impl Buckets {
         if !listing.entries.is_empty() {
             return Err(ModelError::BucketNotEmpty(name.to_owned()));
         }
-        self.table.delete(name).await
+        self.table.delete(name).await?;
+        // The name is free again at once: no claim stays behind.
+        self.table
+            .metadata()
+            .compare_and_set(settings_register(name), |_| Ok::<_, ModelError>(None))
+            .await??;
+        Ok(())
     }
 
     /// Every bucket, by name.

@@ -24,6 +24,8 @@ pub enum ModelError {
     InvalidBucketState(String),
     #[error("{0}")]
     AccessDenied(String),
+    #[error("{0}")]
+    OperationAborted(String),
     #[error("the upload does not exist; it may have been completed or aborted")]
     NoSuchUpload,
     #[error("at least one of the preconditions you specified did not hold")]

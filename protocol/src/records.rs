@@ -110,6 +110,9 @@ pub struct BucketSettings {
     /// The bucket's KMS key id, unique to one creation of the bucket:
     /// settings of an earlier bucket of the same name are not this one's.
     pub generation: String,
+    /// When the creation that wrote this generation claimed the name: a
+    /// young claim without a bucket record is a creation under way.
+    pub claimed_unix_ms: u64,
     pub versioning: Versioning,
     pub object_lock: bool,
     /// Only with Object Lock.
@@ -121,6 +124,7 @@ impl BucketSettings {
     pub fn unversioned(generation: &str) -> Self {
         Self {
             generation: generation.to_owned(),
+            claimed_unix_ms: 0,
             versioning: Versioning::Unversioned,
             object_lock: false,
             default_retention: None,
@@ -131,6 +135,7 @@ impl BucketSettings {
         let mut out = Vec::with_capacity(16 + self.generation.len());
         out.put_u8(FORMAT_VERSION);
         out.put_bytes16(self.generation.as_bytes());
+        out.put_u64(self.claimed_unix_ms);
         out.put_u8(self.versioning as u8);
         out.put_bool(self.object_lock);
         match &self.default_retention {
@@ -156,6 +161,7 @@ impl BucketSettings {
         let mut r = Reader::new(bytes);
         read_format(&mut r)?;
         let generation = r.str16("generation", MAX_KMS_KEY_ID_BYTES)?.to_owned();
+        let claimed_unix_ms = r.u64("claimed")?;
         let versioning = match r.u8("versioning")? {
             0 => Versioning::Unversioned,
             1 => Versioning::Enabled,
@@ -203,6 +209,7 @@ impl BucketSettings {
         r.finish("bucket settings")?;
         let settings = Self {
             generation,
+            claimed_unix_ms,
             versioning,
             object_lock,
             default_retention,

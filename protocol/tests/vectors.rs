@@ -195,12 +195,14 @@ fn gateway_records_and_labelled_keys() {
     let settings = [
         BucketSettings {
             generation: "bucket/photos/0011223344556677".into(),
+            claimed_unix_ms: 1_764_000_000_000,
             versioning: Versioning::Suspended,
             object_lock: false,
             default_retention: None,
         },
         BucketSettings {
             generation: "bucket/photos/0011223344556677".into(),
+            claimed_unix_ms: 1_764_000_000_000,
             versioning: Versioning::Enabled,
             object_lock: true,
             default_retention: Some(DefaultRetention {

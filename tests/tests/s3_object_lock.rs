@@ -867,3 +867,80 @@ async fn presigned_urls_refuse_lock_and_bypass_headers_they_did_not_sign() {
     assert!(listed.versions().is_empty());
     s.shutdown().await;
 }
+
+/// Creations of one name racing through two gateways, one asking for
+/// Object Lock: exactly one creates the bucket, and a creation answered
+/// 200 with Object Lock leaves a bucket that has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_creations_of_one_name_create_one_bucket_with_its_lock() {
+    let Setup {
+        cluster, gateway, ..
+    } = setup().await;
+    gateway.stop().await;
+    let root = random_secret();
+    let first = gateway_on(&cluster, 0, root).await;
+    let second = gateway_on(&cluster, 3, root).await;
+    let key = first.keys().create("racers").await.unwrap();
+    let locking = client_for(&first, &key.id, &key.secret);
+    let plain = client_for(&second, &key.id, &key.secret);
+    for round in 0..10 {
+        let name = format!("race-{round}");
+        let (with_lock, without) = tokio::join!(
+            locking
+                .create_bucket()
+                .bucket(&name)
+                .object_lock_enabled_for_bucket(true)
+                .send(),
+            plain.create_bucket().bucket(&name).send(),
+        );
+        let created: Vec<bool> = [with_lock.is_ok(), without.is_ok()].into();
+        assert_eq!(
+            created.iter().filter(|c| **c).count(),
+            1,
+            "round {round}: {with_lock:?} {without:?}"
+        );
+        for refused in [
+            with_lock.err().map(|e| code(&e.into_service_error())),
+            without.err().map(|e| code(&e.into_service_error())),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            assert!(
+                refused == "OperationAborted" || refused == "BucketAlreadyOwnedByYou",
+                "round {round}: {refused}"
+            );
+        }
+        let configuration = locking
+            .get_object_lock_configuration()
+            .bucket(&name)
+            .send()
+            .await;
+        assert_eq!(configuration.is_ok(), created[0], "round {round}");
+    }
+    // A name deleted is free again at once.
+    locking
+        .create_bucket()
+        .bucket("again")
+        .send()
+        .await
+        .unwrap();
+    locking
+        .delete_bucket()
+        .bucket("again")
+        .send()
+        .await
+        .unwrap();
+    lock_bucket(&plain, "again").await;
+    assert!(
+        plain
+            .get_object_lock_configuration()
+            .bucket("again")
+            .send()
+            .await
+            .is_ok()
+    );
+    first.stop().await;
+    second.stop().await;
+    cluster.shutdown().await;
+}

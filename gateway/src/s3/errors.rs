@@ -15,6 +15,7 @@ impl From<GatewayError> for S3Error {
             GatewayError::InvalidBucketState(_) => C::InvalidBucketState,
             GatewayError::AccessDenied(_) => C::AccessDenied,
             GatewayError::MethodNotAllowed(_) => C::MethodNotAllowed,
+            GatewayError::OperationAborted(_) => C::OperationAborted,
             GatewayError::NoSuchUpload => C::NoSuchUpload,
             GatewayError::BucketAlreadyOwnedByYou(_) => C::BucketAlreadyOwnedByYou,
             GatewayError::BucketAlreadyExists(_) => C::BucketAlreadyExists,
