@@ -105,7 +105,7 @@ def check_gateway():
     # retention (mode, then unit and count when the mode is not 0).
     for raw in v["bucket_settings"]:
         r = Reader(h(raw))
-        assert r.u8() == 1
+        assert r.u8() == 2
         r.str16(256)
         r.u64()
         versioning = r.u8()

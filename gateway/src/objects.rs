@@ -79,14 +79,24 @@ pub struct NewObject {
 /// nothing; without one, what is read cannot refuse.
 pub enum WriteRules {
     Known(Versioning, NewLock),
-    Reading(tokio::task::JoinHandle<GatewayResult<(Versioning, NewLock)>>),
+    Reading(SettingsRead),
+}
+
+/// The read of a bucket's settings under way, stopped if the write that
+/// started it ends first.
+pub struct SettingsRead(pub tokio::task::JoinHandle<GatewayResult<(Versioning, NewLock)>>);
+
+impl Drop for SettingsRead {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl WriteRules {
     async fn settle(self) -> GatewayResult<(Versioning, NewLock)> {
         match self {
             WriteRules::Known(versioning, lock) => Ok((versioning, lock)),
-            WriteRules::Reading(reading) => reading.await.map_err(|e| {
+            WriteRules::Reading(mut reading) => (&mut reading.0).await.map_err(|e| {
                 GatewayError::Internal(format!("reading the bucket's settings: {e}"))
             })?,
         }

@@ -21,6 +21,15 @@ use cairn_node::clock::random_bytes;
 /// stopped before writing its record).
 const CLAIM_TAKEOVER: Duration = Duration::from_secs(120);
 
+/// Whether a claim stamped `claimed_unix_ms` is a creation under way at
+/// `now`: younger than [`CLAIM_TAKEOVER`]. A stamp in the future by more
+/// than that (a clock far ahead) is not trusted either way: it is stale.
+fn is_young(claimed_unix_ms: u64, now_unix_ms: u64) -> bool {
+    let takeover = CLAIM_TAKEOVER.as_millis() as i128;
+    let age = i128::from(now_unix_ms) - i128::from(claimed_unix_ms);
+    (-takeover..takeover).contains(&age)
+}
+
 fn creation_under_way(name: &str) -> ModelError {
     ModelError::OperationAborted(format!(
         "another creation of the bucket {name:?} is under way; try again"
@@ -187,6 +196,17 @@ impl Buckets {
             .table
             .metadata()
             .compare_and_set(settings_register(name), |current| {
+                // A young claim of another generation is a bucket created
+                // since the record was read: its settings are not ours to
+                // change.
+                if let Some(held) = current.and_then(|bytes| BucketSettings::decode(bytes).ok())
+                    && held.generation != record.bucket_key_id
+                    && is_young(held.claimed_unix_ms, now_unix_ms())
+                {
+                    return Err(ModelError::OperationAborted(format!(
+                        "the bucket {name:?} was deleted and created again meanwhile; try again"
+                    )));
+                }
                 let settings = current_settings(name, &record, current)?;
                 let next = change(&settings)?;
                 next.check().map_err(ModelError::InvalidArgument)?;
@@ -221,7 +241,6 @@ impl Buckets {
             "bucket/{name}/{}",
             cairn_protocol::to_hex(&random_bytes::<8>())
         );
-        self.kms.create_key(&key_id).await?;
         // The claim, before the record (spec/versioning.md, "Creating a
         // bucket"): of creations racing on one name exactly one claims
         // it, and a bucket is never seen without the lock it was created
@@ -246,15 +265,15 @@ impl Buckets {
                 }
                 let young = current
                     .and_then(|bytes| BucketSettings::decode(bytes).ok())
-                    .is_some_and(|held| {
-                        now.saturating_sub(held.claimed_unix_ms) < CLAIM_TAKEOVER.as_millis() as u64
-                    });
+                    .is_some_and(|held| is_young(held.claimed_unix_ms, now));
                 if young {
                     return Err(creation_under_way(name));
                 }
                 Ok(Some(settings.encode()))
             })
             .await??;
+        // After the claim: a creation refused leaves no key behind.
+        self.kms.create_key(&key_id).await?;
         let record = BucketRecord {
             created_unix_ms: now_unix_ms(),
             owner: owner.to_owned(),
@@ -267,9 +286,13 @@ impl Buckets {
     /// Deletes an empty bucket: no version of any key exists, delete
     /// markers and versions a lock keeps included.
     pub async fn delete(&self, name: &str) -> ModelResult<()> {
-        if check_bucket_name(name).is_err() || self.table.get_fresh(name).await?.is_none() {
+        let record = match check_bucket_name(name) {
+            Ok(()) => self.table.get_fresh(name).await?,
+            Err(_) => None,
+        };
+        let Some(record) = record else {
             return Err(ModelError::NoSuchBucket(name.to_owned()));
-        }
+        };
         let listing = list_versions(
             self.table.metadata(),
             name,
@@ -285,10 +308,21 @@ impl Buckets {
             return Err(ModelError::BucketNotEmpty(name.to_owned()));
         }
         self.table.delete(name).await?;
-        // The name is free again at once: no claim stays behind.
+        // The name is free again at once: the deleted bucket's settings
+        // go, and only them (a creation may have claimed the name since).
+        let deleted = record.bucket_key_id;
         self.table
             .metadata()
-            .compare_and_set(settings_register(name), |_| Ok::<_, ModelError>(None))
+            .compare_and_set(settings_register(name), |current| {
+                let ours = current
+                    .and_then(|bytes| BucketSettings::decode(bytes).ok())
+                    .is_some_and(|held| held.generation == deleted);
+                Ok::<_, ModelError>(if ours {
+                    None
+                } else {
+                    current.map(<[u8]>::to_vec)
+                })
+            })
             .await??;
         Ok(())
     }
@@ -302,6 +336,18 @@ impl Buckets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claims_are_young_for_two_minutes_and_never_from_far_ahead() {
+        let now = 1_800_000_000_000;
+        assert!(is_young(now, now));
+        assert!(is_young(now - 119_000, now));
+        assert!(!is_young(now - 121_000, now));
+        // A stamp slightly ahead (clock skew) is young; far ahead, stale.
+        assert!(is_young(now + 1_000, now));
+        assert!(!is_young(now + 3_600_000, now));
+        assert!(!is_young(0, now));
+    }
 
     #[test]
     fn bucket_names_follow_s3_rules() {

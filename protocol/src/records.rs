@@ -80,6 +80,10 @@ pub enum Versioning {
     Suspended,
 }
 
+/// Format 2 of bucket settings added the claim; format 1 values read with
+/// claim 0 and are written again in format 2.
+const SETTINGS_FORMAT_WITH_CLAIM: u8 = 2;
+
 /// S3's bounds on a default retention period.
 pub const MAX_DEFAULT_DAYS: u32 = 36_500;
 pub const MAX_DEFAULT_YEARS: u32 = 100;
@@ -132,8 +136,8 @@ impl BucketSettings {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 + self.generation.len());
-        out.put_u8(FORMAT_VERSION);
+        let mut out = Vec::with_capacity(24 + self.generation.len());
+        out.put_u8(SETTINGS_FORMAT_WITH_CLAIM);
         out.put_bytes16(self.generation.as_bytes());
         out.put_u64(self.claimed_unix_ms);
         out.put_u8(self.versioning as u8);
@@ -159,9 +163,14 @@ impl BucketSettings {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         let mut r = Reader::new(bytes);
-        read_format(&mut r)?;
+        let format = r.u8("format")?;
         let generation = r.str16("generation", MAX_KMS_KEY_ID_BYTES)?.to_owned();
-        let claimed_unix_ms = r.u64("claimed")?;
+        let claimed_unix_ms = match format {
+            SETTINGS_FORMAT_WITH_CLAIM => r.u64("claimed")?,
+            // Format 1 had no claim: an old one, taken over at once.
+            FORMAT_VERSION => 0,
+            other => return Err(RecordError::UnsupportedFormat(other)),
+        };
         let versioning = match r.u8("versioning")? {
             0 => Versioning::Unversioned,
             1 => Versioning::Enabled,
@@ -619,6 +628,28 @@ impl DegradedRecord {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn bucket_settings_of_format_1_read_with_no_claim() {
+        let settings = BucketSettings {
+            generation: "bucket/b/00".into(),
+            claimed_unix_ms: 7,
+            versioning: Versioning::Enabled,
+            object_lock: true,
+            default_retention: None,
+        };
+        let mut bytes = settings.encode();
+        assert_eq!(BucketSettings::decode(&bytes), Ok(settings.clone()));
+        let at = 1 + 2 + settings.generation.len();
+        bytes.drain(at..at + 8);
+        bytes[0] = 1;
+        let old = BucketSettings::decode(&bytes).unwrap();
+        assert_eq!(old.claimed_unix_ms, 0);
+        assert_eq!(old.generation, settings.generation);
+        bytes[0] = 3;
+        assert!(BucketSettings::decode(&bytes).is_err());
+    }
+
     use super::*;
 
     #[test]

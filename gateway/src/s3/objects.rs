@@ -18,7 +18,7 @@ use super::headers::{
 use super::locks::{RequestedLock, bypasses_governance, new_lock, requested_lock};
 use crate::checksum::ChecksumRequest;
 use crate::error::GatewayError;
-use crate::objects::{NewObject, WriteRules};
+use crate::objects::{NewObject, SettingsRead, WriteRules};
 use crate::protections::{Operation, WithCopySource, refuse_unoffered};
 use cairn_model::heads::{DeleteCondition, VersionRef, WriteCondition, version_id_text};
 use cairn_node::clock::now_unix_ms;
@@ -175,7 +175,7 @@ impl CairnS3 {
             }
         };
         let rules = if requested == RequestedLock::default() {
-            WriteRules::Reading(tokio::spawn(reading))
+            WriteRules::Reading(SettingsRead(tokio::spawn(reading)))
         } else {
             let (versioning, lock) = reading.await?;
             WriteRules::Known(versioning, lock)
