@@ -104,7 +104,14 @@ pub fn code<E: aws_sdk_s3::error::ProvideErrorMetadata>(error: &E) -> String {
     error.code().unwrap_or("(none)").to_owned()
 }
 
-pub async fn put_bytes(client: &Client, bucket: &str, key: impl Into<String>, body: &'static [u8]) {
+/// PUTs `body`; the version id the answer names (none in a bucket that
+/// never kept history).
+pub async fn put_bytes(
+    client: &Client,
+    bucket: &str,
+    key: impl Into<String>,
+    body: &'static [u8],
+) -> Option<String> {
     client
         .put_object()
         .bucket(bucket)
@@ -112,7 +119,9 @@ pub async fn put_bytes(client: &Client, bucket: &str, key: impl Into<String>, bo
         .body(ByteStream::from_static(body))
         .send()
         .await
-        .unwrap();
+        .unwrap()
+        .version_id()
+        .map(str::to_owned)
 }
 
 pub async fn get_bytes(client: &Client, bucket: &str, key: &str) -> Vec<u8> {

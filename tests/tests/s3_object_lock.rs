@@ -31,17 +31,7 @@ async fn lock_bucket(client: &Client, bucket: &str) {
 }
 
 async fn put_version(client: &Client, bucket: &str, key: &str, body: &'static [u8]) -> String {
-    client
-        .put_object()
-        .bucket(bucket)
-        .key(key)
-        .body(ByteStream::from_static(body))
-        .send()
-        .await
-        .unwrap()
-        .version_id()
-        .unwrap()
-        .to_owned()
+    put_bytes(client, bucket, key, body).await.unwrap()
 }
 
 async fn put_locked(

@@ -34,20 +34,6 @@ async fn versioning_status(client: &Client, bucket: &str) -> Option<String> {
         .map(|s| s.as_str().to_owned())
 }
 
-/// PUTs `body`; the version id the answer names.
-async fn put(client: &Client, bucket: &str, key: &str, body: &'static [u8]) -> Option<String> {
-    client
-        .put_object()
-        .bucket(bucket)
-        .key(key)
-        .body(ByteStream::from_static(body))
-        .send()
-        .await
-        .unwrap()
-        .version_id()
-        .map(str::to_owned)
-}
-
 async fn get_version(client: &Client, bucket: &str, key: &str, version: &str) -> Vec<u8> {
     let object = client
         .get_object()
@@ -212,10 +198,10 @@ async fn enabled_puts_get_new_ids_and_objects_from_before_keep_the_null_version(
     let c = &s.client;
     c.create_bucket().bucket("history").send().await.unwrap();
     // An unversioned bucket names no versions.
-    assert_eq!(put(c, "history", "k", b"before").await, None);
+    assert_eq!(put_bytes(c, "history", "k", b"before").await, None);
     set_versioning(c, "history", BucketVersioningStatus::Enabled).await;
-    let v1 = put(c, "history", "k", b"one").await.unwrap();
-    let v2 = put(c, "history", "k", b"two").await.unwrap();
+    let v1 = put_bytes(c, "history", "k", b"one").await.unwrap();
+    let v2 = put_bytes(c, "history", "k", b"two").await.unwrap();
     assert!(v1 != v2 && v1 != "null" && v2 != "null");
     assert_eq!(get_bytes(c, "history", "k").await, b"two");
     assert_eq!(get_version(c, "history", "k", &v1).await, b"one");
@@ -276,12 +262,12 @@ async fn suspended_writes_replace_only_the_null_version_and_deletes_leave_one_nu
     let s = setup().await;
     let c = &s.client;
     c.create_bucket().bucket("paused").send().await.unwrap();
-    put(c, "paused", "k", b"first null").await;
+    put_bytes(c, "paused", "k", b"first null").await;
     set_versioning(c, "paused", BucketVersioningStatus::Enabled).await;
-    let kept = put(c, "paused", "k", b"kept").await.unwrap();
+    let kept = put_bytes(c, "paused", "k", b"kept").await.unwrap();
     set_versioning(c, "paused", BucketVersioningStatus::Suspended).await;
     assert_eq!(
-        put(c, "paused", "k", b"second null").await.as_deref(),
+        put_bytes(c, "paused", "k", b"second null").await.as_deref(),
         Some("null")
     );
     let versions = all_versions(c, "paused").await;
@@ -330,8 +316,8 @@ async fn delete_markers_hide_a_key_and_deleting_one_brings_the_version_below_bac
     let c = &s.client;
     c.create_bucket().bucket("markers").send().await.unwrap();
     set_versioning(c, "markers", BucketVersioningStatus::Enabled).await;
-    let v1 = put(c, "markers", "k", b"one").await.unwrap();
-    put(c, "markers", "other", b"stays").await;
+    let v1 = put_bytes(c, "markers", "k", b"one").await.unwrap();
+    put_bytes(c, "markers", "other", b"stays").await;
     let deleted = c
         .delete_object()
         .bucket("markers")
@@ -409,9 +395,9 @@ async fn deleting_a_version_by_id_removes_it_for_good_and_no_marker_is_written()
     let c = &s.client;
     c.create_bucket().bucket("purge").send().await.unwrap();
     set_versioning(c, "purge", BucketVersioningStatus::Enabled).await;
-    let v1 = put(c, "purge", "k", b"one").await.unwrap();
-    let v2 = put(c, "purge", "k", b"two").await.unwrap();
-    let v3 = put(c, "purge", "k", b"three").await.unwrap();
+    let v1 = put_bytes(c, "purge", "k", b"one").await.unwrap();
+    let v2 = put_bytes(c, "purge", "k", b"two").await.unwrap();
+    let v3 = put_bytes(c, "purge", "k", b"three").await.unwrap();
     // A version in the middle.
     let deleted = c
         .delete_object()
@@ -513,7 +499,7 @@ async fn a_bucket_with_versions_or_markers_is_not_empty() {
     let c = &s.client;
     c.create_bucket().bucket("full").send().await.unwrap();
     set_versioning(c, "full", BucketVersioningStatus::Enabled).await;
-    let v1 = put(c, "full", "k", b"one").await.unwrap();
+    let v1 = put_bytes(c, "full", "k", b"one").await.unwrap();
     let marker = c
         .delete_object()
         .bucket("full")
@@ -565,11 +551,11 @@ async fn list_object_versions_pages_by_key_and_version_markers() {
     let s = setup().await;
     let c = &s.client;
     c.create_bucket().bucket("pages").send().await.unwrap();
-    put(c, "pages", "a", b"a null").await;
+    put_bytes(c, "pages", "a", b"a null").await;
     set_versioning(c, "pages", BucketVersioningStatus::Enabled).await;
     let mut expected = Vec::new();
-    let a1 = put(c, "pages", "a", b"a1").await.unwrap();
-    let a2 = put(c, "pages", "a", b"a2").await.unwrap();
+    let a1 = put_bytes(c, "pages", "a", b"a1").await.unwrap();
+    let a2 = put_bytes(c, "pages", "a", b"a2").await.unwrap();
     let a_marker = c
         .delete_object()
         .bucket("pages")
@@ -593,9 +579,9 @@ async fn list_object_versions_pages_by_key_and_version_markers() {
             marker,
         });
     }
-    let d1 = put(c, "pages", "dir/x", b"x1").await.unwrap();
-    let d2 = put(c, "pages", "dir/x", b"x2").await.unwrap();
-    let dy = put(c, "pages", "dir/y", b"y").await.unwrap();
+    let d1 = put_bytes(c, "pages", "dir/x", b"x1").await.unwrap();
+    let d2 = put_bytes(c, "pages", "dir/x", b"x2").await.unwrap();
+    let dy = put_bytes(c, "pages", "dir/y", b"y").await.unwrap();
     for (key, version, latest) in [
         ("dir/x", d2.clone(), true),
         ("dir/x", d1.clone(), false),
@@ -608,7 +594,7 @@ async fn list_object_versions_pages_by_key_and_version_markers() {
             marker: false,
         });
     }
-    let z1 = put(c, "pages", "z", b"z1").await.unwrap();
+    let z1 = put_bytes(c, "pages", "z", b"z1").await.unwrap();
     expected.push(Listed {
         key: "z".into(),
         version: z1.clone(),
@@ -722,8 +708,8 @@ async fn copies_name_their_source_version_and_completions_make_versions() {
     let c = &s.client;
     c.create_bucket().bucket("copies").send().await.unwrap();
     set_versioning(c, "copies", BucketVersioningStatus::Enabled).await;
-    let v1 = put(c, "copies", "k", b"old bytes").await.unwrap();
-    put(c, "copies", "k", b"new bytes").await.unwrap();
+    let v1 = put_bytes(c, "copies", "k", b"old bytes").await.unwrap();
+    put_bytes(c, "copies", "k", b"new bytes").await.unwrap();
     // Copying an older version onto its own key restores it as the latest.
     let copied = c
         .copy_object()
@@ -806,8 +792,8 @@ async fn delete_objects_writes_markers_and_deletes_versions_by_id() {
     let c = &s.client;
     c.create_bucket().bucket("batch").send().await.unwrap();
     set_versioning(c, "batch", BucketVersioningStatus::Enabled).await;
-    let a1 = put(c, "batch", "a", b"a1").await.unwrap();
-    put(c, "batch", "b", b"b1").await.unwrap();
+    let a1 = put_bytes(c, "batch", "a", b"a1").await.unwrap();
+    put_bytes(c, "batch", "b", b"b1").await.unwrap();
     use aws_sdk_s3::types::{Delete, ObjectIdentifier};
     let out = c
         .delete_objects()
@@ -933,7 +919,7 @@ async fn a_stopped_null_write_is_settled_by_the_next_write_whatever_its_kind() {
     let index = index_on(&s);
     c.create_bucket().bucket("settle").send().await.unwrap();
     set_versioning(c, "settle", BucketVersioningStatus::Suspended).await;
-    put(c, "settle", "k", b"old null").await;
+    put_bytes(c, "settle", "k", b"old null").await;
     decide_only(
         &index,
         "settle",
@@ -942,7 +928,7 @@ async fn a_stopped_null_write_is_settled_by_the_next_write_whatever_its_kind() {
     )
     .await;
     set_versioning(c, "settle", BucketVersioningStatus::Enabled).await;
-    let own = put(c, "settle", "k", b"own id").await.unwrap();
+    let own = put_bytes(c, "settle", "k", b"own id").await.unwrap();
     let versions = all_versions(c, "settle").await;
     assert_eq!(
         versions.iter().filter(|l| l.version == "null").count(),
@@ -978,12 +964,12 @@ async fn version_pages_resume_after_a_null_version_deleted_or_replaced_since() {
     let c = &s.client;
     c.create_bucket().bucket("resume").send().await.unwrap();
     set_versioning(c, "resume", BucketVersioningStatus::Enabled).await;
-    let v1 = put(c, "resume", "k", b"1").await.unwrap();
-    let v2 = put(c, "resume", "k", b"2").await.unwrap();
+    let v1 = put_bytes(c, "resume", "k", b"1").await.unwrap();
+    let v2 = put_bytes(c, "resume", "k", b"2").await.unwrap();
     set_versioning(c, "resume", BucketVersioningStatus::Suspended).await;
-    put(c, "resume", "k", b"null").await;
+    put_bytes(c, "resume", "k", b"null").await;
     set_versioning(c, "resume", BucketVersioningStatus::Enabled).await;
-    put(c, "resume", "k", b"4").await.unwrap();
+    put_bytes(c, "resume", "k", b"4").await.unwrap();
     // Page 1 ends on the null version.
     let first = list_versions_page(c, "resume", None, None, None, Some(2)).await;
     assert_eq!(first.entries[1].version, "null");
@@ -1000,7 +986,7 @@ async fn version_pages_resume_after_a_null_version_deleted_or_replaced_since() {
     assert_eq!(ids, [v2.as_str(), v1.as_str()]);
     // Replaced since by a newer null version: nothing is listed twice.
     set_versioning(c, "resume", BucketVersioningStatus::Suspended).await;
-    put(c, "resume", "k", b"null again").await;
+    put_bytes(c, "resume", "k", b"null again").await;
     let again = list_versions_page(c, "resume", None, None, first.next, None).await;
     let ids: Vec<&str> = again.entries.iter().map(|l| l.version.as_str()).collect();
     assert_eq!(ids, [v2.as_str(), v1.as_str()]);
@@ -1015,7 +1001,7 @@ async fn an_unversioned_bucket_keeps_its_copy_and_delete_rules() {
     let s = setup().await;
     let c = &s.client;
     c.create_bucket().bucket("plain").send().await.unwrap();
-    put(c, "plain", "k", b"x").await;
+    put_bytes(c, "plain", "k", b"x").await;
     for source in ["plain/k", "plain/k?versionId=null"] {
         let error = c
             .copy_object()
@@ -1053,8 +1039,8 @@ async fn a_permanent_delete_that_stopped_after_its_decision_is_finished_by_a_ret
     let c = &s.client;
     c.create_bucket().bucket("finish").send().await.unwrap();
     set_versioning(c, "finish", BucketVersioningStatus::Enabled).await;
-    put(c, "finish", "k", b"below").await.unwrap();
-    let top = put(c, "finish", "k", b"top").await.unwrap();
+    put_bytes(c, "finish", "k", b"below").await.unwrap();
+    let top = put_bytes(c, "finish", "k", b"top").await.unwrap();
     // The guard decides the purge and the row is stamped; nothing else.
     let row = cairn_model::rows::versions_row(
         "finish",

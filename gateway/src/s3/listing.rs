@@ -160,16 +160,9 @@ impl CairnS3 {
         let prefix = input.prefix.clone().unwrap_or_default();
         let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
         let start = match &input.marker {
-            Some(marker) if !marker.is_empty() => match &delimiter {
-                // A marker that is a common prefix skips everything under it.
-                Some(d) if marker.ends_with(d.as_str()) && marker.starts_with(&prefix) => {
-                    match prefix_end(marker.as_bytes()) {
-                        Some(end) => ListStart::Resume(end),
-                        None => ListStart::AfterKey(marker.clone()),
-                    }
-                }
-                _ => ListStart::AfterKey(marker.clone()),
-            },
+            Some(marker) if !marker.is_empty() => {
+                after_marker(&prefix, delimiter.as_deref(), marker)
+            }
             _ => ListStart::Beginning,
         };
         let page = self
@@ -220,16 +213,23 @@ fn versions_start(
         (Some(key), Some(version)) => {
             ListStart::AfterVersion(key.to_owned(), parse_version_ref(version)?)
         }
-        (Some(key), None) => match delimiter {
-            Some(d) if key.ends_with(d) && key.starts_with(prefix) => {
-                match prefix_end(key.as_bytes()) {
-                    Some(end) => ListStart::Resume(end),
-                    None => ListStart::AfterKey(key.to_owned()),
-                }
-            }
-            _ => ListStart::AfterKey(key.to_owned()),
-        },
+        (Some(key), None) => after_marker(prefix, delimiter, key),
     })
+}
+
+/// Where a listing starts after a key marker: after the key, or after
+/// every key under it when it is a common prefix (it ends with the
+/// delimiter).
+fn after_marker(prefix: &str, delimiter: Option<&str>, marker: &str) -> ListStart {
+    match delimiter {
+        Some(d) if marker.ends_with(d) && marker.starts_with(prefix) => {
+            match prefix_end(marker.as_bytes()) {
+                Some(end) => ListStart::Resume(end),
+                None => ListStart::AfterKey(marker.to_owned()),
+            }
+        }
+        _ => ListStart::AfterKey(marker.to_owned()),
+    }
 }
 
 impl CairnS3 {
