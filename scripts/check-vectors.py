@@ -217,7 +217,8 @@ def check_wire():
     names = ["hello", "put_fragment", "data", "ack", "reject", "get_fragment", "fragment_header", "have_query",
              "have_reply", "inventory_query", "inventory_digest", "inventory_list", "inventory_page", "cancel",
              "release", "released", "status_query", "status_reply", "restore", "restored",
-             "drop_copy", "dropped", "keep_check", "get_any", "have_held"]
+             "drop_copy", "dropped", "keep_check", "get_any", "have_held", "lock_fragments",
+             "fragments_locked"]
     for i, frame in enumerate(load("wire.json")["frames"]):
         raw = h(frame["frame"])
         assert frame["message"] == names[i]
@@ -265,6 +266,13 @@ def check_wire():
             count = r.u32()
             assert count == 2 and [r.take(32) for _ in range(count)][1] == bytes([0x2a] * 32)
             r.done()
+        if frame["message"] == "lock_fragments":
+            r = Reader(raw[5 + 16:])
+            assert r.str16(63) == "photos" and r.str16(1024) == "2026/cat.jpg"
+            assert r.u64() == 1_900_000_000_000 and r.u8() == 1
+            r.done()
+        if frame["message"] == "fragments_locked":
+            assert len(raw) == 5 + 8 and struct.unpack(">Q", raw[5:])[0] == 12
         if frame["message"] == "restore":
             r = Reader(raw[5 + 16:])
             assert r.str16(63) == "photos" and r.str16(1024) == "2026/cat.jpg"

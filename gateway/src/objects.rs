@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use cairn_model::fragment_locks;
 use cairn_model::heads::{CommitRules, NewLock, ObjectIndex, WriteCondition, read_manifest};
 use cairn_model::kms::{DataKeys, Kms};
 use cairn_model::rows::{degraded_row, register, upload_row};
@@ -28,7 +29,7 @@ use cairn_protocol::meta::RowKey;
 use cairn_protocol::pipeline::PutPipeline;
 use cairn_protocol::placement::{Placer, segment_placement_key};
 use cairn_protocol::records::{DegradedRecord, UploadRecord, Versioning};
-use cairn_protocol::version::{ObjectVersion, StoredHeaders, VersionBody};
+use cairn_protocol::version::{ObjectVersion, RetentionMode, StoredHeaders, VersionBody};
 use cairn_protocol::wire::{Hold, ObjectKeyDigest};
 use futures::stream::{FuturesUnordered, StreamExt};
 use md5::Digest;
@@ -327,7 +328,6 @@ impl ObjectStore {
                 bucket: write.bucket,
                 key: write.key,
                 upload,
-                retain_until_unix_ms: 0,
             },
             deadline_unix_ms: deadline,
         };
@@ -389,7 +389,10 @@ impl ObjectStore {
             etag: object.etag,
             parts: object.parts,
         };
-        Ok(self
+        let lock = object.lock;
+        let on_nodes = (lock.retention.mode == RetentionMode::Compliance || lock.legal_hold)
+            .then(|| manifest.clone());
+        let committed = self
             .index
             .commit(
                 manifest,
@@ -401,10 +404,59 @@ impl ObjectStore {
                     deadline_unix_ms: object.deadline_unix_ms,
                     created: None,
                     versioning: object.versioning,
-                    lock: object.lock,
+                    lock,
                 },
             )
-            .await?)
+            .await?;
+        if let Some(manifest) = on_nodes {
+            self.lock_on_nodes(&committed, Some(&manifest)).await;
+        }
+        Ok(committed)
+    }
+
+    /// Locks the fragments of `version` on the nodes that hold them, as
+    /// the versions of its key state together (model fragment_locks). The
+    /// version is committed and its lock decided: a node that does not
+    /// confirm is logged, and repair locks it on its next pass.
+    pub async fn lock_on_nodes(&self, version: &ObjectVersion, manifest: Option<&Manifest>) {
+        let (bucket, key) = (&version.bucket, &version.key);
+        let read;
+        let manifest = match (manifest, &version.body) {
+            (Some(manifest), _) => manifest,
+            (None, VersionBody::Data { manifest: id, .. }) => {
+                match read_manifest(self.node.metadata(), bucket, id).await {
+                    Ok(Some(manifest)) => {
+                        read = manifest;
+                        &read
+                    }
+                    Ok(None) => {
+                        tracing::warn!(bucket, key, %id, "a locked version's manifest is missing; its fragments are not locked on the nodes");
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(bucket, key, %error, "a locked version's manifest could not be read; repair locks its fragments");
+                        return;
+                    }
+                }
+            }
+            (None, VersionBody::DeleteMarker) => return,
+        };
+        match fragment_locks::spread(&self.node, bucket, key, manifest).await {
+            Ok(spread) if spread.not_confirmed.is_empty() => {
+                tracing::debug!(
+                    bucket,
+                    key,
+                    fragments = spread.fragments,
+                    "locked a version's fragments on the nodes"
+                );
+            }
+            Ok(spread) => {
+                tracing::warn!(bucket, key, not_confirmed = ?spread.not_confirmed, "some nodes did not lock a version's fragments; repair asks them again");
+            }
+            Err(error) => {
+                tracing::warn!(bucket, key, %error, "a version's fragments were not locked on the nodes; repair asks them again");
+            }
+        }
     }
 
     /// Pushes one segment's fragments to the nodes placement picks for it.
@@ -447,7 +499,9 @@ impl ObjectStore {
                 &id,
                 target.upload,
                 ObjectKeyDigest::of(target.bucket, target.key),
-                target.retain_until_unix_ms,
+                // A put's hold asks no retention: Object Lock reaches the
+                // fragments once the version is committed (lock_on_nodes).
+                0,
             );
             async move {
                 let result = self
@@ -892,12 +946,11 @@ pub(crate) struct StreamedBody {
 /// One PUT's streaming state: batches of plaintext go through MD5 and the
 /// encoder on a blocking thread; each finished segment is pushed while the
 /// next is being encoded, at most [`SEGMENTS_IN_FLIGHT`] at a time.
-/// Where a segment's fragments go and what their holds say.
+/// Where a segment's fragments go: what their holds name.
 pub(crate) struct PushTarget<'a> {
     pub(crate) bucket: &'a str,
     pub(crate) key: &'a str,
     pub(crate) upload: UploadId,
-    pub(crate) retain_until_unix_ms: u64,
 }
 
 pub(crate) struct StreamPut<'a> {

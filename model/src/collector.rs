@@ -21,6 +21,7 @@ use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
 use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, split_key_sort};
 use cairn_protocol::records::{ReleaseRecord, ReleaseTarget, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, VersionBody};
+use cairn_protocol::wire::FragmentLock;
 
 use crate::buckets::check_bucket_name;
 use crate::error::{ModelError, ModelResult};
@@ -637,6 +638,21 @@ impl ReleaseCheck for ReleaseRule {
             let why_not =
                 crate::repair::why_not_drop(metadata, bucket, key, version, fragment, upload, None);
             verdict(why_not.await).map(|_| ())
+        })
+    }
+
+    fn check_lock<'a>(
+        &'a self,
+        metadata: &'a Metadata,
+        bucket: &'a str,
+        key: &'a str,
+        upload: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<FragmentLock, String>> + Send + 'a>> {
+        Box::pin(async move {
+            names_an_object(bucket, key)?;
+            crate::fragment_locks::lock_of_upload(metadata, bucket, key, upload)
+                .await
+                .map_err(|error| format!("the metadata could not be checked: {error}"))
         })
     }
 

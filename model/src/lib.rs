@@ -9,6 +9,7 @@ pub mod access_keys;
 pub mod buckets;
 pub mod collector;
 pub mod error;
+pub mod fragment_locks;
 pub mod heads;
 pub mod kms;
 pub mod listing;

@@ -15,7 +15,7 @@
 //! byte rate and a number of segments at once so that clients keep their
 //! latency.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::error::{ModelError, ModelResult};
+use crate::fragment_locks;
 use crate::heads::{existing_versions, is_current_object, read_head, read_manifest};
 use crate::rows::{manifest_row, register, versions_row};
 
@@ -301,6 +302,9 @@ struct SegmentWork {
     /// Nodes being drained: placement gives them nothing, and what they
     /// hold moves to its placed nodes.
     draining: Arc<Vec<NodeId>>,
+    /// Whether the version has a lock its fragments' holders keep
+    /// (fragment_locks::has_node_lock): they are asked to, every pass.
+    locked: bool,
 }
 
 impl SegmentWork {
@@ -697,6 +701,7 @@ impl Repair {
                     Arc::<str>::from(manifest.key.as_str()),
                     ObjectKeyDigest::of(&bucket, &manifest.key),
                 );
+                let locked = fragment_locks::has_node_lock(version);
                 for part in &manifest.parts {
                     for segment in &part.segments {
                         let placement_key = segment_placement_key(&segment.fragments);
@@ -719,6 +724,7 @@ impl Repair {
                             placed,
                             spares,
                             draining: draining.clone(),
+                            locked,
                         });
                         if batch.len() >= CHECK_BATCH {
                             let checked = std::mem::take(&mut batch);
@@ -847,6 +853,7 @@ impl Repair {
                 holders[s][index].push(node);
             }
         }
+        self.lock_on_holders(&batch, &holders).await;
         for (s, (work, holders)) in batch.into_iter().zip(holders).enumerate() {
             report.segments += 1;
             let placement_key = work.placement_key();
@@ -900,6 +907,33 @@ impl Repair {
                 needed = degraded.work.scheme.data(),
                 "a segment has too few fragments left to be read or rebuilt"
             );
+        }
+    }
+
+    /// Asks every node found holding a fragment of a locked version to
+    /// lock its upload's fragments as the key's versions state together
+    /// (a node that missed a lock change, or a copy repair wrote since,
+    /// catches up); a node with nothing to change answers from its index.
+    async fn lock_on_holders(&self, batch: &[SegmentWork], holders: &[Vec<Vec<NodeId>>]) {
+        let mut by_upload: BTreeMap<(String, Arc<str>, UploadId), BTreeSet<NodeId>> =
+            BTreeMap::new();
+        for (work, holders) in batch.iter().zip(holders).filter(|(w, _)| w.locked) {
+            by_upload
+                .entry((work.bucket.clone(), work.key.clone(), work.upload))
+                .or_default()
+                .extend(holders.iter().flatten().copied());
+        }
+        for ((bucket, key, upload), nodes) in by_upload {
+            let metadata = self.node.metadata();
+            let lock = match fragment_locks::lock_of_upload(metadata, &bucket, &key, upload).await {
+                Ok(lock) => lock,
+                Err(error) => {
+                    tracing::warn!(bucket, key = &*key, %upload, %error, "the lock of a version's fragments could not be read; next pass");
+                    continue;
+                }
+            };
+            let asks = nodes.into_iter().map(|n| (n, upload, lock)).collect();
+            fragment_locks::ask(&self.node, &bucket, &key, asks).await;
         }
     }
 

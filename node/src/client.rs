@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
 use cairn_protocol::status::NodeStatus;
-use cairn_protocol::wire::Hold;
+use cairn_protocol::wire::{FragmentLock, Hold};
 
 use crate::event_loop::{Command, upload_provider_key};
 use crate::identity::{node_id_of, peer_id_of};
@@ -105,6 +105,26 @@ impl NodeHandle {
         }
         self.with_retries(node, |stream| pieces::restore(stream, upload, bucket, key))
             .await
+    }
+
+    /// Asks `node` to keep the fragments of `upload`, written for
+    /// `bucket`/`key`, under `lock`; it checks the metadata first. Answers
+    /// how many fragments of theirs it holds.
+    pub async fn lock_fragments(
+        &self,
+        node: &NodeId,
+        upload: UploadId,
+        bucket: &str,
+        key: &str,
+        lock: FragmentLock,
+    ) -> Result<u64, NodeError> {
+        if *node == self.node_id() {
+            return Ok(self.local.lock_local(upload, bucket, key, lock).await?);
+        }
+        self.with_retries(node, |stream| {
+            pieces::lock_fragments(stream, upload, bucket, key, lock)
+        })
+        .await
     }
 
     /// Asks `node` to move its copy of `fragment` (a copy left off

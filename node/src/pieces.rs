@@ -8,7 +8,7 @@
 
 use cairn_protocol::ids::{FragmentHasher, FragmentId, NodeId, UploadId, VersionId};
 use cairn_protocol::wire::{
-    self, FrameDecoder, Hold, Message, ObjectKeyDigest, RejectCode, WireError,
+    self, FragmentLock, FrameDecoder, Hold, Message, ObjectKeyDigest, RejectCode, WireError,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,9 +24,12 @@ use tokio::sync::watch;
 use crate::budget::{ByteBudget, Taken};
 
 use crate::meta::Metadata;
-use crate::release::{ReleaseRules, SegmentPlaces, may_drop, may_keep, may_release, may_restore};
+use crate::release::{
+    ReleaseRules, SegmentPlaces, may_drop, may_keep, may_lock, may_release, may_restore,
+};
 use crate::store::{
-    FragmentState, FragmentStore, PutOutcome, Released, ScrubState, StoreError, VerifiedFragment,
+    FragmentState, FragmentStore, Locked, PutOutcome, Released, ScrubState, StoreError,
+    VerifiedFragment,
 };
 
 pub const PROTOCOL: libp2p::StreamProtocol = libp2p::StreamProtocol::new(wire::PROTOCOL_NAME);
@@ -137,9 +140,10 @@ fn reject(code: RejectCode, message: impl Into<String>) -> Message {
 }
 
 /// What this node lets a writer ask in a hold, whoever stores through it
-/// (a peer, or this node's own gateway): a signed hold, and no retention
-/// until Object Lock gives a bucket's retention to check it against — a
-/// member could otherwise pin fragments forever.
+/// (a peer, or this node's own gateway): a signed hold, and no retention.
+/// A put comes before its version is committed, so nothing could check a
+/// retention it asked (a member could pin fragments forever); Object Lock
+/// reaches the fragments by lock-fragments, checked against the version.
 pub(crate) fn admit_hold(id: &FragmentId, hold: &Hold) -> Result<(), StoreError> {
     if !hold.verify(id) {
         return Err(StoreError::BadHold(*id));
@@ -395,6 +399,15 @@ impl Server {
                 key,
             } => match self.restore(upload, &bucket, &key).await? {
                 Ok(restored) => send(write, &Message::Restored { restored }).await,
+                Err(refusal) => send(write, &refusal).await,
+            },
+            Message::LockFragments {
+                upload,
+                bucket,
+                key,
+                lock,
+            } => match self.lock_fragments(upload, &bucket, &key, lock).await? {
+                Ok(fragments) => send(write, &Message::FragmentsLocked { fragments }).await,
                 Err(refusal) => send(write, &refusal).await,
             },
             Message::DropCopy {
@@ -820,6 +833,67 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Puts the fragments of `upload` written for `bucket`/`key` under
+    /// `lock`, if the replicated metadata states it; answers how many
+    /// fragments of theirs are here. A lock that changes nothing here is
+    /// answered without a look at the metadata (repair asks again on
+    /// every pass).
+    async fn lock_fragments(
+        &self,
+        upload: UploadId,
+        bucket: &str,
+        key: &str,
+        lock: FragmentLock,
+    ) -> Result<Result<u64, Message>, PieceError> {
+        let object = ObjectKeyDigest::of(bucket, key);
+        let in_order = self.release_rules.order.lock(upload, object).await;
+        let store = self.store.clone();
+        match blocking(move || store.lock_changes(&upload, &object, lock)).await? {
+            Ok(Locked {
+                changed: 0,
+                fragments,
+            }) => return Ok(Ok(fragments)),
+            Ok(_) => {}
+            Err(error) => return Ok(Err(reject_for(&error))),
+        }
+        if let Err(why) = may_lock(
+            &self.release_rules,
+            &self.metadata,
+            bucket,
+            key,
+            upload,
+            lock,
+        )
+        .await
+        {
+            tracing::warn!(%upload, bucket, key, %why, "refused a lock");
+            return Ok(Err(reject(
+                RejectCode::Unauthorized,
+                format!("lock refused: {why}"),
+            )));
+        }
+        let store = self.store.clone();
+        let now = (self.now_unix_ms)();
+        let locked = blocking(move || {
+            let _in_order = in_order;
+            // A fragment a version under a lock uses is not left in the
+            // trash (the check above found that version).
+            if lock.holds(now) {
+                store.restore_upload(&upload, &object, now)?;
+            }
+            store.lock_upload(&upload, &object, lock)
+        })
+        .await?;
+        if let Ok(locked) = &locked {
+            tracing::info!(%upload, bucket, key, changed = locked.changed, compliance_until_unix_ms = lock.compliance_until_unix_ms, legal_hold = lock.legal_hold, "locked an upload's fragments");
+        }
+        Ok(locked
+            .map(|locked| locked.fragments)
+            .map_err(|error| reject_for(&error)))
+    }
+}
+
 /// This node's own store as one more peer: the gateway's exchanges with it
 /// take the same checks and limits as a peer's, without a stream.
 impl Server {
@@ -893,6 +967,18 @@ impl Server {
         keeper: NodeId,
     ) -> Result<(), PieceError> {
         self.drop_copy(fragment, bucket, key, version, keeper)
+            .await?
+            .map_err(|r| refused(&r))
+    }
+
+    pub(crate) async fn lock_local(
+        &self,
+        upload: UploadId,
+        bucket: &str,
+        key: &str,
+        lock: FragmentLock,
+    ) -> Result<u64, PieceError> {
+        self.lock_fragments(upload, bucket, key, lock)
             .await?
             .map_err(|r| refused(&r))
     }
@@ -1250,6 +1336,27 @@ pub async fn restore<S: AsyncRead + AsyncWrite + Unpin>(
     };
     ask_once(stream, &request, |answer| match answer {
         Message::Restored { restored } => Some(*restored),
+        _ => None,
+    })
+    .await
+}
+
+/// Asks the peer to put the fragments of `upload` under `lock`.
+pub async fn lock_fragments<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    upload: UploadId,
+    bucket: &str,
+    key: &str,
+    lock: FragmentLock,
+) -> Result<u64, PieceError> {
+    let request = Message::LockFragments {
+        upload,
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        lock,
+    };
+    ask_once(stream, &request, |answer| match answer {
+        Message::FragmentsLocked { fragments } => Some(*fragments),
         _ => None,
     })
     .await

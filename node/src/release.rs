@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
-use cairn_protocol::wire::ObjectKeyDigest;
+use cairn_protocol::wire::{FragmentLock, ObjectKeyDigest};
 
 use crate::meta::Metadata;
 
@@ -68,6 +68,18 @@ pub trait ReleaseCheck: Send + Sync {
         fragment: FragmentId,
         upload: UploadId,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+    /// The lock the fragments of `upload`, written for `bucket`/`key`,
+    /// are under by the replicated metadata: the latest compliance date of
+    /// the versions of the key that exist and use the upload, and whether
+    /// any of them is under a legal hold.
+    fn check_lock<'a>(
+        &'a self,
+        metadata: &'a Metadata,
+        bucket: &'a str,
+        key: &'a str,
+        upload: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<FragmentLock, String>> + Send + 'a>>;
 
     /// How long after a fragment is stored here a release may trash it:
     /// the longest a write may take to commit, plus a margin. Measured by
@@ -236,6 +248,46 @@ pub(crate) async fn may_keep(
         }
         None => Err("this node has no metadata rules to check a keep against".into()),
     }
+}
+
+/// Whether the installed rules justify putting the fragments of `upload`
+/// under `asked`: no later compliance date than the metadata states, and
+/// the legal hold it states.
+pub(crate) async fn may_lock(
+    rules: &ReleaseRules,
+    metadata: &Metadata,
+    bucket: &str,
+    key: &str,
+    upload: UploadId,
+    asked: FragmentLock,
+) -> Result<(), String> {
+    let Some(rules) = rules.get() else {
+        return Err("this node has no metadata rules to check a lock against".into());
+    };
+    let stated = rules.check_lock(metadata, bucket, key, upload).await?;
+    if asked.compliance_until_unix_ms > stated.compliance_until_unix_ms {
+        return Err(format!(
+            "a compliance retention until {} (Unix ms) was asked, and the versions of {bucket}/{key} that use upload {upload} state {}",
+            asked.compliance_until_unix_ms,
+            if stated.compliance_until_unix_ms == 0 {
+                "none".to_owned()
+            } else {
+                format!("{} at the latest", stated.compliance_until_unix_ms)
+            }
+        ));
+    }
+    if asked.legal_hold != stated.legal_hold {
+        return Err(format!(
+            "a legal hold {} was asked, and the versions of {bucket}/{key} that use upload {upload} are {}",
+            if asked.legal_hold { "on" } else { "off" },
+            if stated.legal_hold {
+                "under one"
+            } else {
+                "under none"
+            }
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the installed rules let the fragments of `upload` come back.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 
 use cairn_protocol::ids::{FragmentHasher, FragmentId, NodeId, UploadId};
-use cairn_protocol::wire::{Hold, ObjectKeyDigest};
+use cairn_protocol::wire::{FragmentLock, Hold, ObjectKeyDigest};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -31,7 +31,7 @@ const RECORD_HEADER_BYTES: u64 = 4 + 1 + 32 + 8;
 /// The format byte of a record in a volume.
 const RECORD_FORMAT: u8 = 2;
 /// The format byte of an index entry.
-const ENTRY_FORMAT: u8 = 3;
+const ENTRY_FORMAT: u8 = 4;
 /// The volume of an entry whose record is gone (a corrupt record that
 /// compaction did not copy): volumes are numbered from 1.
 const NO_VOLUME: u32 = 0;
@@ -80,7 +80,7 @@ pub enum StoreError {
     #[error("the hold of fragment {0} is not signed by its writer")]
     BadHold(FragmentId),
     #[error(
-        "fragment {id} asks to be held until {retain_until_unix_ms} (Unix ms); this node allows no retention yet"
+        "fragment {id} asks to be held until {retain_until_unix_ms} (Unix ms): a put's hold carries no retention (Object Lock reaches fragments by lock-fragments, checked against the version)"
     )]
     RetentionRefused {
         id: FragmentId,
@@ -92,13 +92,8 @@ pub enum StoreError {
     NotFound(FragmentId),
     #[error("fragment {0} is corrupt on disk; it is quarantined and will not be served")]
     Corrupt(FragmentId),
-    #[error(
-        "fragment {id} is held until {retain_until_unix_ms} (Unix ms) and cannot be deleted before"
-    )]
-    Held {
-        id: FragmentId,
-        retain_until_unix_ms: u64,
-    },
+    #[error("fragment {id} is kept: {why}")]
+    Held { id: FragmentId, why: HeldBy },
     #[error("fragment {0} is not in the trash")]
     NotInTrash(FragmentId),
     #[error("store I/O failed: {0}")]
@@ -153,6 +148,41 @@ impl VerifiedFragment {
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
+}
+
+/// What keeps a fragment from the trash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldBy {
+    /// Its writer's hold, until this date.
+    Hold { until_unix_ms: u64 },
+    /// A compliance retention of a version that uses it, until this date.
+    Compliance { until_unix_ms: u64 },
+    /// A legal hold on a version that uses it.
+    LegalHold,
+}
+
+impl std::fmt::Display for HeldBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Hold { until_unix_ms } => {
+                write!(f, "its hold keeps it until {until_unix_ms} (Unix ms)")
+            }
+            Self::Compliance { until_unix_ms } => write!(
+                f,
+                "a version that uses it is under a compliance retention until {until_unix_ms} (Unix ms)"
+            ),
+            Self::LegalHold => write!(f, "a version that uses it is under a legal hold"),
+        }
+    }
+}
+
+/// What locking an upload's fragments did here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Locked {
+    /// Fragments of the upload and object whose lock changed.
+    pub changed: u64,
+    /// Fragments of the upload and object here, in any state.
+    pub fragments: u64,
 }
 
 /// What releasing an upload did here.
@@ -214,9 +244,13 @@ pub struct FragmentEntry {
     pub stored_at_unix_ms: u64,
     pub trashed_at_unix_ms: u64,
     pub hold: Hold,
+    /// The Object Lock of the versions that use it, as last checked.
+    pub lock: FragmentLock,
 }
 
-const ENTRY_BYTES: usize = 190;
+const ENTRY_BYTES: usize = 199;
+/// Entries of format 3 had no lock.
+const ENTRY_BYTES_FORMAT_3: usize = 190;
 /// Entries of format 2 had no object key digest; read as bound to no
 /// object, their fragments are never released (spec/store.md).
 const ENTRY_BYTES_FORMAT_2: usize = 158;
@@ -240,19 +274,65 @@ impl FragmentEntry {
         out[62..94].copy_from_slice(self.hold.writer.as_bytes());
         out[94..158].copy_from_slice(&self.hold.signature);
         out[158..190].copy_from_slice(self.hold.object.as_bytes());
+        out[190..198].copy_from_slice(&self.lock.compliance_until_unix_ms.to_be_bytes());
+        out[198] = u8::from(self.lock.legal_hold);
         out
+    }
+
+    /// What keeps it from the trash at `now_unix_ms`, if anything.
+    pub fn held_by(&self, now_unix_ms: u64) -> Option<HeldBy> {
+        if self.lock.legal_hold {
+            Some(HeldBy::LegalHold)
+        } else if self.lock.compliance_until_unix_ms > now_unix_ms {
+            Some(HeldBy::Compliance {
+                until_unix_ms: self.lock.compliance_until_unix_ms,
+            })
+        } else if self.hold.retain_until_unix_ms > now_unix_ms {
+            Some(HeldBy::Hold {
+                until_unix_ms: self.hold.retain_until_unix_ms,
+            })
+        } else {
+            None
+        }
+    }
+
+    /// The lock it would carry under `asked`: a compliance date only ever
+    /// moves later; the legal hold is what was asked.
+    fn locked_under(&self, asked: FragmentLock) -> FragmentLock {
+        FragmentLock {
+            compliance_until_unix_ms: self
+                .lock
+                .compliance_until_unix_ms
+                .max(asked.compliance_until_unix_ms),
+            legal_hold: asked.legal_hold,
+        }
     }
 
     fn decode(id: FragmentId, raw: &[u8]) -> Result<Self, StoreError> {
         let bad = || StoreError::BadIndexEntry(id);
-        let object = match (raw.first(), raw.len()) {
+        let u64_at = |at: usize| u64::from_be_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        let (object, lock) = match (raw.first(), raw.len()) {
             (Some(&ENTRY_FORMAT), ENTRY_BYTES) => {
-                ObjectKeyDigest(raw[158..190].try_into().expect("32 bytes"))
+                let legal_hold = match raw[198] {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(bad()),
+                };
+                (
+                    ObjectKeyDigest(raw[158..190].try_into().expect("32 bytes")),
+                    FragmentLock {
+                        compliance_until_unix_ms: u64_at(190),
+                        legal_hold,
+                    },
+                )
             }
-            (Some(2), ENTRY_BYTES_FORMAT_2) => ObjectKeyDigest([0; 32]),
+            (Some(3), ENTRY_BYTES_FORMAT_3) => (
+                ObjectKeyDigest(raw[158..190].try_into().expect("32 bytes")),
+                FragmentLock::default(),
+            ),
+            (Some(2), ENTRY_BYTES_FORMAT_2) => (ObjectKeyDigest([0; 32]), FragmentLock::default()),
             _ => return Err(bad()),
         };
-        let u64_at = |at: usize| u64::from_be_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
         let state = match raw[1] {
             0 => FragmentState::Live,
             1 => FragmentState::Trash,
@@ -273,6 +353,7 @@ impl FragmentEntry {
                 writer: NodeId(raw[62..94].try_into().expect("32 bytes")),
                 signature: raw[94..158].try_into().expect("64 bytes"),
             },
+            lock,
         })
     }
 }
@@ -667,11 +748,8 @@ impl FragmentStore {
     /// Moves a fragment to the trash, unless its hold forbids it.
     pub fn delete(&self, id: &FragmentId, now_unix_ms: u64) -> Result<(), StoreError> {
         self.set_state(id, |entry| {
-            if entry.hold.retain_until_unix_ms > now_unix_ms {
-                return Err(StoreError::Held {
-                    id: *id,
-                    retain_until_unix_ms: entry.hold.retain_until_unix_ms,
-                });
+            if let Some(why) = entry.held_by(now_unix_ms) {
+                return Err(StoreError::Held { id: *id, why });
             }
             if entry.state == FragmentState::Live {
                 entry.state = FragmentState::Trash;
@@ -734,8 +812,7 @@ impl FragmentStore {
                         .insert(id.as_bytes(), &entry.encode()[..])
                         .map_err(index_error)?;
                 }
-                if entry.hold.retain_until_unix_ms > now_unix_ms
-                    || entry.stored_at_unix_ms >= stored_before
+                if entry.held_by(now_unix_ms).is_some() || entry.stored_at_unix_ms >= stored_before
                 {
                     released.held += 1;
                     continue;
@@ -861,6 +938,74 @@ impl FragmentStore {
         Ok((restored, moved))
     }
 
+    /// How many fragments whose hold names `upload` and `object` would
+    /// change under `lock` (in any state), and how many there are. Blocking.
+    pub fn lock_changes(
+        &self,
+        upload: &UploadId,
+        object: &ObjectKeyDigest,
+        lock: FragmentLock,
+    ) -> Result<Locked, StoreError> {
+        let txn = self.shared.db.begin_read().map_err(index_error)?;
+        let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+        let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
+        let mut locked = Locked::default();
+        for id in ids_of_upload(&by_upload, upload)? {
+            let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
+                continue;
+            };
+            let entry = FragmentEntry::decode(id, raw.value())?;
+            if entry.hold.upload != *upload || entry.hold.object != *object {
+                continue;
+            }
+            locked.fragments += 1;
+            if entry.locked_under(lock) != entry.lock {
+                locked.changed += 1;
+            }
+        }
+        Ok(locked)
+    }
+
+    /// Puts every fragment whose hold names `upload` and `object`, in any
+    /// state, under `lock` (its compliance date only moves later), in one
+    /// transaction (spec/store.md, "Locks"). Blocking.
+    pub fn lock_upload(
+        &self,
+        upload: &UploadId,
+        object: &ObjectKeyDigest,
+        lock: FragmentLock,
+    ) -> Result<Locked, StoreError> {
+        let mut txn = self.shared.db.begin_write().map_err(index_error)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(index_error)?;
+        let mut locked = Locked::default();
+        {
+            let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
+            let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
+            for id in ids_of_upload(&by_upload, upload)? {
+                let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
+                    continue;
+                };
+                let mut entry = FragmentEntry::decode(id, raw.value())?;
+                drop(raw);
+                if entry.hold.upload != *upload || entry.hold.object != *object {
+                    continue;
+                }
+                locked.fragments += 1;
+                let next = entry.locked_under(lock);
+                if next != entry.lock {
+                    entry.lock = next;
+                    table
+                        .insert(id.as_bytes(), &entry.encode()[..])
+                        .map_err(index_error)?;
+                    locked.changed += 1;
+                }
+            }
+        }
+        txn.commit().map_err(index_error)?;
+        Ok(locked)
+    }
+
     /// Moves this node's copy of `id` to the trash if it is live and its
     /// hold names `upload` and `object` and keeps it no longer (a copy left
     /// off placement, checked by the caller); `false` when it was not live.
@@ -878,11 +1023,8 @@ impl FragmentStore {
             {
                 return Ok(false);
             }
-            if entry.hold.retain_until_unix_ms > now_unix_ms {
-                return Err(StoreError::Held {
-                    id: *id,
-                    retain_until_unix_ms: entry.hold.retain_until_unix_ms,
-                });
+            if let Some(why) = entry.held_by(now_unix_ms) {
+                return Err(StoreError::Held { id: *id, why });
             }
             entry.state = FragmentState::Trash;
             entry.trashed_at_unix_ms = now_unix_ms;
@@ -959,11 +1101,14 @@ impl FragmentStore {
                 let entry = FragmentEntry::decode(id, value.value())?;
                 // Quarantined before quarantines were stamped: kept.
                 let stamped = entry.state == FragmentState::Trash || entry.trashed_at_unix_ms > 0;
+                // A locked entry stays whatever its state: a quarantined
+                // one keeps its lock for the copy repair writes anew.
                 if matches!(
                     entry.state,
                     FragmentState::Trash | FragmentState::Quarantined
                 ) && stamped
                     && entry.trashed_at_unix_ms.saturating_add(trash_ms) <= now_unix_ms
+                    && entry.held_by(now_unix_ms).is_none()
                 {
                     expired.push((id, entry.hold.upload));
                 }
@@ -1532,7 +1677,7 @@ impl Writer {
                     None => None,
                 };
                 let duplicate_in_batch = new_entries.iter().any(|(other, _)| *other == id);
-                let mut replaced: Option<UploadId> = None;
+                let mut replaced: Option<FragmentEntry> = None;
                 match existing {
                     _ if duplicate_in_batch => {
                         replies.push((request.reply, Ok(PutOutcome::AlreadyStored)));
@@ -1585,7 +1730,7 @@ impl Writer {
                     }
                     // Otherwise (rotted, or quarantined) this put's bytes
                     // are written anew; the old entry's pair goes with it.
-                    Some(entry) => replaced = Some(entry.hold.upload),
+                    Some(entry) => replaced = Some(entry),
                     None => {}
                 }
                 let record_len = RECORD_HEADER_BYTES + request.fragment.len();
@@ -1611,10 +1756,13 @@ impl Writer {
                     stored_at_unix_ms: request.now_unix_ms,
                     trashed_at_unix_ms: 0,
                     hold: request.hold,
+                    // The lock of the entry it replaces stays: it was
+                    // checked for the fragment, whoever writes it again.
+                    lock: replaced.as_ref().map(|old| old.lock).unwrap_or_default(),
                 };
                 if let Some(old) = replaced {
                     by_upload
-                        .remove(&upload_key(&old, &id))
+                        .remove(&upload_key(&old.hold.upload, &id))
                         .map_err(index_error)?;
                 }
                 new_entries.push((id, entry));

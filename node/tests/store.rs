@@ -7,12 +7,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_node::store::{
-    FragmentState, FragmentStore, PutOutcome, ScrubPass, ScrubState, StoreConfig, StoreError,
-    VerifiedFragment,
+    FragmentState, FragmentStore, HeldBy, Locked, PutOutcome, ScrubPass, ScrubState, StoreConfig,
+    StoreError, VerifiedFragment,
 };
 use cairn_protocol::ed25519_dalek::SigningKey;
 use cairn_protocol::ids::{FragmentId, UploadId};
-use cairn_protocol::wire::Hold;
+use cairn_protocol::wire::{FragmentLock, Hold, ObjectKeyDigest};
 
 const NOW: u64 = 1_764_000_000_000;
 
@@ -985,4 +985,131 @@ async fn a_first_batch_cut_short_by_a_crash_is_cut_off_at_open() {
     let (id, outcome) = put(&store, fragment_bytes(41, 3000), 0).await;
     outcome.unwrap();
     store.read(&id, 0, u64::MAX).unwrap();
+}
+
+#[tokio::test]
+async fn a_locked_upload_is_kept_from_every_way_to_the_trash_until_its_lock_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let upload = UploadId([0x4d; 16]);
+    let object = ObjectKeyDigest::of("bucket", "key");
+    let compliance = |until: u64| FragmentLock {
+        compliance_until_unix_ms: until,
+        legal_hold: false,
+    };
+    let (live, rotten) = {
+        let store = FragmentStore::open(config(dir.path())).unwrap();
+        let (live, outcome) = put(&store, fragment_bytes(40, 5_000), 0).await;
+        outcome.unwrap();
+        let (rotten, outcome) = put(&store, fragment_bytes(41, 5_000), 0).await;
+        outcome.unwrap();
+        // Another object's fragment under the same upload id stays unlocked.
+        let bytes = fragment_bytes(42, 600);
+        let elsewhere = FragmentId::of(&bytes);
+        let fragment = VerifiedFragment::new(elsewhere, bytes).unwrap();
+        let elsewhere_hold = Hold::sign(
+            &writer_key(),
+            &elsewhere,
+            upload,
+            ObjectKeyDigest::of("bucket", "another key"),
+            0,
+        );
+        store.put(fragment, elsewhere_hold, NOW).await.unwrap();
+        let lock = compliance(NOW + 60_000);
+        let both = Locked {
+            changed: 2,
+            fragments: 2,
+        };
+        assert_eq!(store.lock_changes(&upload, &object, lock).unwrap(), both);
+        assert_eq!(store.lock_upload(&upload, &object, lock).unwrap(), both);
+        assert_eq!(
+            store.lock_changes(&upload, &object, lock).unwrap().changed,
+            0
+        );
+        assert_eq!(
+            store.entry(&elsewhere).unwrap().unwrap().lock,
+            FragmentLock::default()
+        );
+        // An earlier date changes nothing: a compliance date only moves later.
+        let shorter = store
+            .lock_upload(&upload, &object, compliance(NOW + 1_000))
+            .unwrap();
+        assert_eq!(shorter.changed, 0);
+        (live, rotten)
+    };
+    // The lock survives a reopen, and every way to the trash refuses.
+    let store = FragmentStore::open(config(dir.path())).unwrap();
+    assert_eq!(
+        store.entry(&live).unwrap().unwrap().lock,
+        compliance(NOW + 60_000)
+    );
+    let refusal = store.delete(&live, NOW + 59_999).unwrap_err();
+    assert!(
+        matches!(
+            refusal,
+            StoreError::Held {
+                why: HeldBy::Compliance {
+                    until_unix_ms: until
+                },
+                ..
+            } if until == NOW + 60_000
+        ),
+        "{refusal}"
+    );
+    let released = store
+        .release(&upload, &object, u64::MAX, NOW + 59_999)
+        .unwrap();
+    assert_eq!((released.trashed, released.held), (0, 2));
+    assert!(matches!(
+        store.drop_copy(&live, &upload, &object, NOW),
+        Err(StoreError::Held { .. })
+    ));
+    // A legal hold keeps them past the compliance date.
+    let legal_hold = FragmentLock {
+        compliance_until_unix_ms: 0,
+        legal_hold: true,
+    };
+    assert_eq!(
+        store
+            .lock_upload(&upload, &object, legal_hold)
+            .unwrap()
+            .changed,
+        2
+    );
+    assert_eq!(
+        store.entry(&live).unwrap().unwrap().lock,
+        FragmentLock {
+            compliance_until_unix_ms: NOW + 60_000,
+            legal_hold: true,
+        }
+    );
+    assert!(matches!(
+        store.delete(&live, NOW + 60_000),
+        Err(StoreError::Held {
+            why: HeldBy::LegalHold,
+            ..
+        })
+    ));
+    // A locked fragment found corrupt stays quarantined past the trash
+    // period, and the copy repair writes again carries its lock.
+    flip_a_byte(dir.path(), &store, &rotten);
+    assert!(matches!(
+        store.read(&rotten, 0, 1),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert_eq!(store.purge_trash(u64::MAX / 2).unwrap(), 0);
+    let (_, again) = put(&store, fragment_bytes(41, 5_000), 0).await;
+    assert_eq!(again.unwrap(), PutOutcome::Stored);
+    let entry = store.entry(&rotten).unwrap().unwrap();
+    assert_eq!(
+        (entry.state, entry.lock.legal_hold),
+        (FragmentState::Live, true)
+    );
+    // Once the legal hold is cleared and the date passed, they go.
+    store
+        .lock_upload(&upload, &object, FragmentLock::default())
+        .unwrap();
+    let released = store
+        .release(&upload, &object, u64::MAX, NOW + 60_000)
+        .unwrap();
+    assert_eq!((released.trashed, released.held), (2, 0));
 }

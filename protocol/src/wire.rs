@@ -130,6 +130,24 @@ impl Hold {
     }
 }
 
+/// The Object Lock a storing node keeps on the fragments of an upload,
+/// as the replicated metadata states it for the versions of the object
+/// that use them: the latest compliance retain-until among them, and
+/// whether any is under a legal hold. Governance retention is not here:
+/// it yields to a bypass, so the gateway enforces it alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FragmentLock {
+    pub compliance_until_unix_ms: u64,
+    pub legal_hold: bool,
+}
+
+impl FragmentLock {
+    /// Whether it keeps its fragments at `now_unix_ms`.
+    pub fn holds(&self, now_unix_ms: u64) -> bool {
+        self.legal_hold || self.compliance_until_unix_ms > now_unix_ms
+    }
+}
+
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectCode {
@@ -293,6 +311,21 @@ pub enum Message {
     Restored {
         restored: u64,
     },
+    /// Asks the holder to keep every fragment whose hold names `upload`
+    /// and the object `bucket`/`key` under `lock`: its compliance date
+    /// only ever moves later, its legal hold is set or cleared. The holder
+    /// checks the replicated metadata of the object's versions first.
+    LockFragments {
+        upload: UploadId,
+        bucket: String,
+        key: String,
+        lock: FragmentLock,
+    },
+    /// Answers a lock: the fragments of the upload and object held here,
+    /// each now under the lock asked (or a later compliance date).
+    FragmentsLocked {
+        fragments: u64,
+    },
     /// Asks the holder to move its copy of `fragment` to its trash: the
     /// fragment is part of `version` of `bucket`/`key`, placement under the
     /// current map does not name the holder for it, and names `keeper`,
@@ -358,6 +391,8 @@ mod tag {
     pub const KEEP_CHECK: u8 = 0x17;
     pub const GET_ANY: u8 = 0x18;
     pub const HAVE_HELD: u8 = 0x19;
+    pub const LOCK_FRAGMENTS: u8 = 0x1a;
+    pub const FRAGMENTS_LOCKED: u8 = 0x1b;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -532,6 +567,25 @@ impl Message {
                 out.put_u8(tag::RESTORED);
                 out.put_u64(*restored);
             }
+            Message::LockFragments {
+                upload,
+                bucket,
+                key,
+                lock,
+            } => {
+                check_len("lock bucket", bucket.len(), MAX_BUCKET_BYTES)?;
+                check_len("lock key", key.len(), MAX_KEY_BYTES)?;
+                out.put_u8(tag::LOCK_FRAGMENTS);
+                out.extend_from_slice(upload.as_bytes());
+                out.put_bytes16(bucket.as_bytes());
+                out.put_bytes16(key.as_bytes());
+                out.put_u64(lock.compliance_until_unix_ms);
+                out.put_bool(lock.legal_hold);
+            }
+            Message::FragmentsLocked { fragments } => {
+                out.put_u8(tag::FRAGMENTS_LOCKED);
+                out.put_u64(*fragments);
+            }
             Message::DropCopy {
                 fragment,
                 bucket,
@@ -695,6 +749,18 @@ impl Message {
             },
             tag::RESTORED => Message::Restored {
                 restored: r.u64("restored")?,
+            },
+            tag::LOCK_FRAGMENTS => Message::LockFragments {
+                upload: UploadId(r.array("upload id")?),
+                bucket: r.str16("lock bucket", MAX_BUCKET_BYTES)?.to_owned(),
+                key: r.str16("lock key", MAX_KEY_BYTES)?.to_owned(),
+                lock: FragmentLock {
+                    compliance_until_unix_ms: r.u64("compliance until")?,
+                    legal_hold: r.bool("legal hold")?,
+                },
+            },
+            tag::FRAGMENTS_LOCKED => Message::FragmentsLocked {
+                fragments: r.u64("fragments locked")?,
             },
             tag::DROP_COPY => Message::DropCopy {
                 fragment: FragmentId(r.array("fragment id")?),
@@ -908,6 +974,16 @@ mod tests {
                 key: "2026/cat.jpg".into(),
             },
             Message::Restored { restored: 3 },
+            Message::LockFragments {
+                upload: UploadId([7; 16]),
+                bucket: "photos".into(),
+                key: "2026/cat.jpg".into(),
+                lock: FragmentLock {
+                    compliance_until_unix_ms: 1_900_000_000_000,
+                    legal_hold: true,
+                },
+            },
+            Message::FragmentsLocked { fragments: 5 },
             Message::DropCopy {
                 fragment: id,
                 bucket: "photos".into(),

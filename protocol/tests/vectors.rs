@@ -657,6 +657,22 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
                 ids: vec![id, FragmentId([0x2a; 32])],
             },
         ),
+        (
+            "lock_fragments",
+            Message::LockFragments {
+                upload: UploadId([0x4d; 16]),
+                bucket: "photos".into(),
+                key: "2026/cat.jpg".into(),
+                lock: cairn_protocol::wire::FragmentLock {
+                    compliance_until_unix_ms: 1_900_000_000_000,
+                    legal_hold: true,
+                },
+            },
+        ),
+        (
+            "fragments_locked",
+            Message::FragmentsLocked { fragments: 12 },
+        ),
     ]
 }
 

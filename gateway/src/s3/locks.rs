@@ -4,6 +4,7 @@
 //! version's lock guard.
 
 use cairn_model::ModelError;
+use cairn_model::fragment_locks;
 use cairn_model::heads::{HeadWrite, NewLock, WriteCondition};
 use cairn_model::locks::{LockError, change_version_lock};
 use cairn_model::rows::versions_row;
@@ -344,9 +345,18 @@ impl CairnS3 {
                     )
                     .await
                 {
-                    Ok(_) | Err(ModelError::NoSuchVersion) => Ok(()),
-                    Err(error) => Err(error.into()),
+                    Ok(_) | Err(ModelError::NoSuchVersion) => {}
+                    Err(error) => return Err(error.into()),
                 }
+                let locked = ObjectVersion {
+                    retention: guard.retention,
+                    legal_hold: guard.legal_hold,
+                    ..version.clone()
+                };
+                if fragment_locks::has_node_lock(&locked) {
+                    self.objects.lock_on_nodes(&locked, None).await;
+                }
+                Ok(())
             }
             Err(LockError::Refused(GuardRefusal::Purged)) => {
                 // A delete decided it and stopped: finished here.

@@ -1,0 +1,437 @@
+//! Object Lock enforced by the storage nodes (spec/versioning.md, "Locks on
+//! the nodes"): the fragments of a version under a compliance retention or
+//! a legal hold are locked on every node that holds them, which then keeps
+//! them whatever it is asked, even when the metadata it checks lies.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::{ByteStream, DateTime};
+use aws_sdk_s3::types::{
+    ObjectLockLegalHold, ObjectLockLegalHoldStatus, ObjectLockMode, ObjectLockRetention,
+    ObjectLockRetentionMode,
+};
+use cairn_model::collector::{Collection, ReleaseRule};
+use cairn_model::heads::{existing_versions, read_manifest};
+use cairn_model::repair::{RepairSettings, Repairer};
+use cairn_node::meta::Metadata;
+use cairn_node::pieces::PieceError;
+use cairn_node::release::{ReleaseCheck, SegmentPlaces};
+use cairn_node::store::StoreError;
+use cairn_node::swarm::NodeError;
+use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
+use cairn_protocol::version::VersionBody;
+use cairn_protocol::wire::{FragmentLock, Hold, ObjectKeyDigest, RejectCode};
+use cairn_tests::s3::*;
+use cairn_tests::{Cluster, pseudo_random_bytes};
+
+/// Large enough to be erasure-coded: one fragment of each segment per node.
+const OBJECT_BYTES: usize = 400_000;
+
+/// A date far enough ahead that no test reaches it.
+fn far_future() -> DateTime {
+    DateTime::from_secs(4_000_000_000)
+}
+
+const FAR_FUTURE_MS: u64 = 4_000_000_000_000;
+
+/// Passes back to back, nothing throttled, nobody waited for.
+const QUICK_REPAIR: RepairSettings = RepairSettings {
+    every: Duration::from_millis(100),
+    segments_at_once: 4,
+    bytes_per_second: 0,
+    away_grace: Duration::from_secs(3600),
+    forget_records_after: Duration::from_secs(3600),
+};
+
+/// Every node checks locks and releases against the real metadata rules.
+fn install_rules(cluster: &Cluster) {
+    for n in 0..cluster.members.len() {
+        cluster
+            .node(n)
+            .install_release_rules(Arc::new(ReleaseRule::new(Collection::default())));
+    }
+}
+
+/// Metadata that lies: every release and restore is justified, and no
+/// version is locked. What a member that rewrote the metadata would show.
+struct ForgedMetadata;
+
+impl ReleaseCheck for ForgedMetadata {
+    fn check<'a>(
+        &'a self,
+        _: &'a Metadata,
+        _: &'a str,
+        _: &'a str,
+        _: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn check_restore<'a>(
+        &'a self,
+        _: &'a Metadata,
+        _: &'a str,
+        _: &'a str,
+        _: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn check_drop<'a>(
+        &'a self,
+        _: &'a Metadata,
+        _: &'a str,
+        _: &'a str,
+        _: VersionId,
+        _: FragmentId,
+        _: UploadId,
+        _: NodeId,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<SegmentPlaces>, String>> + Send + 'a>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn check_keep<'a>(
+        &'a self,
+        _: &'a Metadata,
+        _: &'a str,
+        _: &'a str,
+        _: VersionId,
+        _: FragmentId,
+        _: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn check_lock<'a>(
+        &'a self,
+        _: &'a Metadata,
+        _: &'a str,
+        _: &'a str,
+        _: UploadId,
+    ) -> Pin<Box<dyn Future<Output = Result<FragmentLock, String>> + Send + 'a>> {
+        Box::pin(async { Ok(FragmentLock::default()) })
+    }
+
+    fn settle_ms(&self) -> u64 {
+        0
+    }
+}
+
+async fn lock_bucket(client: &Client, bucket: &str) {
+    client
+        .create_bucket()
+        .bucket(bucket)
+        .object_lock_enabled_for_bucket(true)
+        .send()
+        .await
+        .unwrap();
+}
+
+/// PUTs an object of `OBJECT_BYTES` from `seed`, with a compliance
+/// retention until `until` if given; its version id.
+async fn put_object(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    seed: u64,
+    until: Option<DateTime>,
+) -> String {
+    let mut put = client
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from(pseudo_random_bytes(seed, OBJECT_BYTES)));
+    if let Some(until) = until {
+        put = put
+            .object_lock_mode(ObjectLockMode::Compliance)
+            .object_lock_retain_until_date(until);
+    }
+    put.send().await.unwrap().version_id().unwrap().to_owned()
+}
+
+async fn get_object(client: &Client, bucket: &str, key: &str, version: &str) -> Vec<u8> {
+    client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .version_id(version)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes()
+        .to_vec()
+}
+
+/// The upload and the fragments of `version` of `bucket`/`key`.
+async fn fragments_of(
+    cluster: &Cluster,
+    bucket: &str,
+    key: &str,
+    version: &str,
+) -> (UploadId, Vec<FragmentId>) {
+    let metadata = cluster.node(0).metadata();
+    let wanted = VersionId::parse(version).unwrap();
+    let versions = existing_versions(metadata, bucket, key, None)
+        .await
+        .unwrap();
+    let row = versions.iter().find(|v| v.version == wanted).unwrap();
+    let VersionBody::Data { manifest, .. } = &row.body else {
+        panic!("{key} {version} holds data");
+    };
+    let manifest = read_manifest(metadata, bucket, manifest)
+        .await
+        .unwrap()
+        .unwrap();
+    let fragments = manifest
+        .parts
+        .iter()
+        .flat_map(|p| p.segments.iter().flat_map(|s| s.fragments.iter().copied()))
+        .collect();
+    (manifest.upload, fragments)
+}
+
+/// Every copy of `fragments` on the running nodes: (node, its lock).
+fn copies(cluster: &Cluster, fragments: &[FragmentId]) -> Vec<(usize, FragmentLock)> {
+    let mut copies = Vec::new();
+    for (n, member) in cluster.members.iter().enumerate() {
+        let Some(node) = &member.node else { continue };
+        for id in fragments {
+            if let Some(entry) = node.store().entry(id).unwrap() {
+                copies.push((n, entry.lock));
+            }
+        }
+    }
+    copies
+}
+
+fn is_refused(answer: Result<u64, NodeError>, code: RejectCode) -> bool {
+    matches!(answer, Err(NodeError::Piece(PieceError::Rejected { code: c, .. })) if c == code)
+}
+
+/// A compliance version's fragments are locked on every node by the time
+/// its PUT answers; a lock beyond what the metadata states is refused; and
+/// once the metadata lies (releases justified, no lock stated), no release,
+/// lock message, delete or trash purge takes a fragment of it, while an
+/// unlocked version's fragments go at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_compliance_versions_fragments_stay_on_every_node_whatever_the_nodes_are_asked() {
+    let s = setup().await;
+    install_rules(&s.cluster);
+    let c = &s.client;
+    lock_bucket(c, "vault").await;
+    let locked = put_object(c, "vault", "locked", 1, Some(far_future())).await;
+    let plain = put_object(c, "vault", "plain", 2, None).await;
+    let (upload, fragments) = fragments_of(&s.cluster, "vault", "locked", &locked).await;
+    let compliance = FragmentLock {
+        compliance_until_unix_ms: FAR_FUTURE_MS,
+        legal_hold: false,
+    };
+    let held = copies(&s.cluster, &fragments);
+    assert!(held.len() >= fragments.len(), "{held:?}");
+    assert!(
+        held.iter().all(|(_, lock)| *lock == compliance),
+        "every copy locked when the PUT answered: {held:?}"
+    );
+    let (plain_upload, plain_fragments) = fragments_of(&s.cluster, "vault", "plain", &plain).await;
+    assert!(
+        copies(&s.cluster, &plain_fragments)
+            .iter()
+            .all(|(_, lock)| *lock == FragmentLock::default())
+    );
+
+    // A lock message asking more than the metadata states is refused, on
+    // every node; what it states is taken (it changes nothing).
+    let asker = s.cluster.node(1).handle();
+    let ids = s.cluster.node_ids();
+    for node in &ids {
+        let longer = FragmentLock {
+            compliance_until_unix_ms: FAR_FUTURE_MS + 1,
+            legal_hold: false,
+        };
+        let answer = asker
+            .lock_fragments(node, upload, "vault", "locked", longer)
+            .await;
+        assert!(is_refused(answer, RejectCode::Unauthorized), "{node}");
+        let on_plain = asker
+            .lock_fragments(node, plain_upload, "vault", "plain", compliance)
+            .await;
+        assert!(is_refused(on_plain, RejectCode::Unauthorized), "{node}");
+        asker
+            .lock_fragments(node, upload, "vault", "locked", compliance)
+            .await
+            .unwrap();
+    }
+    // A put whose hold asks a retention is refused: nothing could check it.
+    let bytes = b"pinned forever".to_vec();
+    let id = FragmentId::of(&bytes);
+    let hold = Hold::sign(
+        s.cluster.node(1).identity().signing_key(),
+        &id,
+        UploadId([9; 16]),
+        ObjectKeyDigest::of("vault", "pinned"),
+        FAR_FUTURE_MS,
+    );
+    let put = asker.put_fragment(&ids[2], id, &bytes, hold).await;
+    assert!(
+        matches!(
+            put,
+            Err(NodeError::Piece(PieceError::Rejected {
+                code: RejectCode::RetentionRefused,
+                ..
+            }))
+        ),
+        "{put:?}"
+    );
+    assert!(s.cluster.node(2).store().entry(&id).unwrap().is_none());
+
+    // The metadata lies from here on.
+    for n in 0..s.cluster.members.len() {
+        s.cluster
+            .node(n)
+            .install_release_rules(Arc::new(ForgedMetadata));
+    }
+    let mut plain_trashed = 0;
+    for node in &ids {
+        let released = asker
+            .release_upload(node, upload, "vault", "locked")
+            .await
+            .unwrap();
+        assert_eq!(released.trashed, 0, "{node}");
+        plain_trashed += asker
+            .release_upload(node, plain_upload, "vault", "plain")
+            .await
+            .unwrap()
+            .trashed;
+        // A lock asked earlier, or none, leaves the date where it is.
+        asker
+            .lock_fragments(node, upload, "vault", "locked", FragmentLock::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        plain_trashed,
+        plain_fragments.len() as u64,
+        "the forged metadata does justify releases"
+    );
+    for (n, member) in s.cluster.members.iter().enumerate() {
+        let store = member.node.as_ref().unwrap().store();
+        for id in &fragments {
+            let Some(entry) = store.entry(id).unwrap() else {
+                continue;
+            };
+            assert!(
+                matches!(
+                    store.delete(id, cairn_node::clock::now_unix_ms()),
+                    Err(StoreError::Held { .. })
+                ),
+                "node {n}"
+            );
+            assert_eq!(entry.lock, compliance, "node {n}");
+        }
+        // The trash purge, however late, forgets none of them.
+        store.purge_trash(u64::MAX / 2).unwrap();
+    }
+    let after = copies(&s.cluster, &fragments);
+    assert_eq!(after, held, "no copy lost or unlocked");
+    assert_eq!(
+        get_object(c, "vault", "locked", &locked).await,
+        pseudo_random_bytes(1, OBJECT_BYTES)
+    );
+    s.shutdown().await;
+}
+
+/// A legal hold reaches the nodes when it is set and leaves them when it
+/// is lifted; a retention extended reaches them too; a node that was down
+/// for a change is brought up to date by repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_changes_reach_the_nodes_and_repair_brings_a_node_that_missed_one_up_to_date() {
+    let Setup {
+        mut cluster,
+        gateway,
+        client: c,
+    } = setup().await;
+    install_rules(&cluster);
+    lock_bucket(&c, "holds").await;
+    let version = put_object(&c, "holds", "k", 3, None).await;
+    let (_, fragments) = fragments_of(&cluster, "holds", "k", &version).await;
+    let set_hold = |status: ObjectLockLegalHoldStatus| {
+        c.put_object_legal_hold()
+            .bucket("holds")
+            .key("k")
+            .version_id(&version)
+            .legal_hold(ObjectLockLegalHold::builder().status(status).build())
+            .send()
+    };
+    let locks = |cluster: &Cluster| -> Vec<FragmentLock> {
+        copies(cluster, &fragments)
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect()
+    };
+    set_hold(ObjectLockLegalHoldStatus::On).await.unwrap();
+    assert!(locks(&cluster).iter().all(|l| l.legal_hold));
+    set_hold(ObjectLockLegalHoldStatus::Off).await.unwrap();
+    assert!(locks(&cluster).iter().all(|l| !l.legal_hold));
+    c.put_object_retention()
+        .bucket("holds")
+        .key("k")
+        .version_id(&version)
+        .retention(
+            ObjectLockRetention::builder()
+                .mode(ObjectLockRetentionMode::Compliance)
+                .retain_until_date(far_future())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        locks(&cluster)
+            .iter()
+            .all(|l| l.compliance_until_unix_ms == FAR_FUTURE_MS)
+    );
+
+    // Node 5 is down while the legal hold is set again: the request does
+    // not wait for it, and it comes back without the hold.
+    cluster.stop(5).await;
+    set_hold(ObjectLockLegalHoldStatus::On).await.unwrap();
+    cluster.restart(5).await.unwrap();
+    cluster
+        .node(5)
+        .install_release_rules(Arc::new(ReleaseRule::new(Collection::default())));
+    let on_node_5 = |cluster: &Cluster| -> Vec<FragmentLock> {
+        copies(cluster, &fragments)
+            .into_iter()
+            .filter(|(n, _)| *n == 5)
+            .map(|(_, l)| l)
+            .collect()
+    };
+    assert!(!on_node_5(&cluster).is_empty());
+    assert!(on_node_5(&cluster).iter().all(|l| !l.legal_hold));
+    let mut repairers: Vec<Repairer> = (0..cluster.members.len())
+        .map(|i| Repairer::start(cluster.node(i).handle(), QUICK_REPAIR))
+        .collect();
+    let caught_up = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            for repairer in repairers.iter_mut() {
+                repairer.next_pass().await.expect("repair runs");
+            }
+            if on_node_5(&cluster).iter().all(|l| l.legal_hold) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(caught_up.is_ok(), "node 5: {:?}", on_node_5(&cluster));
+    drop(repairers);
+    gateway.stop().await;
+    cluster.shutdown().await;
+}
