@@ -117,6 +117,32 @@ def check_gateway():
         if mode:
             assert r.u8() in (0, 1) and r.u32() >= 1
         r.done()
+    # Lifecycle: generation, then each rule's id, status, prefix, sizes,
+    # expiration, noncurrent expiration and abort of incomplete uploads.
+    r = Reader(h(v["lifecycle_configuration"]))
+    assert r.u8() == 1
+    r.str16(256)
+    rules = []
+    for _ in range(r.u32()):
+        rule = [r.str16(255)]
+        assert r.u8() in (0, 1)
+        rule.append(r.str16(1024))
+        for _ in range(2):
+            if r.u8():
+                rule.append(r.u64())
+        kind = r.u8()
+        assert kind in (0, 1, 2, 3)
+        rule.append({1: lambda: r.u32(), 2: lambda: r.u64()}.get(kind, lambda: kind)())
+        if r.u8():
+            rule.append((r.u32(), r.u32()))
+        if r.u8():
+            rule.append(r.u32())
+        rules.append(rule)
+    r.done()
+    assert rules[0] == ["logs", "logs/", 1024, 30, (7, 2), 3]
+    assert rules[1] == ["markers", "", 3]
+    # A date at midnight UTC.
+    assert rules[2][3] == 1_893_456_000_000 and rules[2][3] % 86_400_000 == 0
     for name in ("access_key_record", "kms_key_record"):
         r = Reader(h(v[name]))
         assert r.u8() == 1
@@ -249,7 +275,10 @@ def check_wire():
             assert n[16] == 1_764_000_700_000
             count = struct.unpack(">I", raw[5 + 208:9 + 208])[0]
             table = [(raw[217 + 9 * i], struct.unpack(">Q", raw[218 + 9 * i:226 + 9 * i])[0]) for i in range(count)]
-            assert table == [(0, 1), (1, 2)] and len(raw) == 217 + 9 * count
+            end = 217 + 9 * count
+            assert table == [(0, 1), (1, 2)] and len(raw) == end + 8 * 9
+            lifecycle = [struct.unpack(">Q", raw[end + 8 * i:end + 8 + 8 * i])[0] for i in range(9)]
+            assert lifecycle == [12, 1_764_000_800_000, 2, 40, 30, 5, 3, 1, 0]
             assert whole + sum(c for _, c in table) + unreadable + 0 == segments
         if frame["message"] == "get_any":
             r = Reader(raw[5:])

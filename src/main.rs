@@ -815,6 +815,12 @@ async fn serve(
         .with_context(|| format!("{}: [collection]", config.display()))?
         .unwrap_or_default();
     let collection = collection.collection();
+    let lifecycle: cairn_model::lifecycle::LifecycleSection = file
+        .remove("lifecycle")
+        .map(|section| section.try_into())
+        .transpose()
+        .with_context(|| format!("{}: [lifecycle]", config.display()))?
+        .unwrap_or_default();
     let mut settings = ServeConfig::from_table(&config, file)?;
     settings.apply_env(|name| std::env::var(name).ok())?;
     if let Some(dir) = data_dir {
@@ -844,6 +850,9 @@ async fn serve(
     let collector = Collector::start(node.handle(), collection);
     // And repairs the segments of the buckets it is first replica of.
     let repairer = Repairer::start(node.handle(), repair.settings());
+    // And applies the lifecycle rules of the same buckets.
+    let lifecycle =
+        cairn_model::lifecycle::LifecycleWorker::start(node.handle(), lifecycle.settings());
     let gateway = match (s3, root) {
         (Some(section), Some(root)) => {
             let listen: std::net::SocketAddr = section.listen.parse().with_context(|| {
@@ -880,6 +889,7 @@ async fn serve(
     tracing::info!("shutting down");
     drop(collector);
     drop(repairer);
+    drop(lifecycle);
     if let Some(gateway) = gateway {
         gateway.stop().await;
     }

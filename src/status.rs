@@ -73,6 +73,22 @@ pub fn render(
                     q = s.quarantined,
                     corrupt = c.corrupt_found,
                 );
+                let l = &status.lifecycle;
+                if l.passes > 0 {
+                    let _ = writeln!(
+                        out,
+                        "  {:<12} {short}  lifecycle: last pass {} over {} buckets; since start expired {}, noncurrent expired {}, delete markers removed {}, uploads aborted {}, kept by a lock {}, failed {}",
+                        "",
+                        age(l.last_finished_unix_ms),
+                        l.buckets,
+                        l.expired,
+                        l.noncurrent_expired,
+                        l.markers_removed,
+                        l.uploads_aborted,
+                        l.kept_by_lock,
+                        l.failed,
+                    );
+                }
                 // What an operator waits for before marking a node out.
                 if node.state == NodeState::Draining {
                     let _ = writeln!(

@@ -3,6 +3,7 @@
 //! node. Everything it creates (cluster key, node keys, root key, access
 //! key, data) lives under one directory, so a restart finds its objects.
 
+use cairn_model::lifecycle::{LifecycleSettings, LifecycleWorker};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,6 +56,7 @@ pub struct DevCluster {
     nodes: Vec<Node>,
     collectors: Vec<Collector>,
     repairers: Vec<Repairer>,
+    lifecycle: Vec<LifecycleWorker>,
     gateway: Gateway,
     pub access_key: String,
     pub secret_key: String,
@@ -214,6 +216,10 @@ impl DevCluster {
             .iter()
             .map(|node| Repairer::start(node.handle(), RepairSettings::default()))
             .collect();
+        let lifecycle = nodes
+            .iter()
+            .map(|node| LifecycleWorker::start(node.handle(), LifecycleSettings::default()))
+            .collect();
         let seed = dev_key_seed(&dir.join("access-key.seed"))?;
         let key = gateway
             .keys()
@@ -223,6 +229,7 @@ impl DevCluster {
             nodes,
             collectors,
             repairers,
+            lifecycle,
             gateway,
             access_key: key.id,
             secret_key: key.secret,
@@ -236,6 +243,7 @@ impl DevCluster {
     pub async fn shutdown(self) {
         drop(self.collectors);
         drop(self.repairers);
+        drop(self.lifecycle);
         self.gateway.stop().await;
         for node in self.nodes {
             node.shutdown().await;

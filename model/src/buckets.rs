@@ -8,7 +8,9 @@ use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::Metadata;
 use cairn_protocol::meta::Partition;
 use cairn_protocol::metarpc::RegisterKey;
-use cairn_protocol::records::{BucketRecord, BucketSettings, Versioning};
+use cairn_protocol::records::{
+    BucketRecord, BucketSettings, LifecycleConfiguration, LifecycleRule, Versioning,
+};
 
 use crate::error::{ModelError, ModelResult};
 use crate::kms::Kms;
@@ -83,6 +85,33 @@ fn settings_register(bucket: &str) -> RegisterKey {
     }
 }
 
+/// The register of a bucket's lifecycle configuration (spec/versioning.md,
+/// "Lifecycle"), named like the settings register.
+fn lifecycle_register(bucket: &str) -> RegisterKey {
+    RegisterKey {
+        partition: Partition::bucket(bucket),
+        name: b"\0lifecycle".to_vec(),
+    }
+}
+
+/// The most bytes a stored lifecycle configuration takes: a register's
+/// value, with room to spare.
+pub const MAX_LIFECYCLE_BYTES: usize = cairn_protocol::metarpc::MAX_REGISTER_BYTES - 1024;
+
+/// The lifecycle configuration a register value gives the bucket of
+/// `record`: one of an earlier bucket of the same name is none.
+fn stored_lifecycle(
+    record: &BucketRecord,
+    value: Option<&[u8]>,
+) -> ModelResult<Option<LifecycleConfiguration>> {
+    let Some(bytes) = value else {
+        return Ok(None);
+    };
+    let configuration = LifecycleConfiguration::decode(bytes)
+        .map_err(|e| ModelError::Corrupt(format!("lifecycle configuration: {e}")))?;
+    Ok((configuration.generation == record.bucket_key_id).then_some(configuration))
+}
+
 /// The settings a register value gives the bucket of `record`: a value of
 /// an earlier bucket of the same name, or none, is an unversioned bucket.
 fn current_settings(
@@ -111,6 +140,26 @@ pub async fn versioning_of(metadata: &Metadata, bucket: &str) -> ModelResult<Ver
         .ok_or_else(|| ModelError::NoSuchBucket(bucket.to_owned()))?;
     let value = metadata.read_register(settings_register(bucket)).await?;
     Ok(current_settings(bucket, &record, value.as_deref())?.versioning)
+}
+
+/// The lifecycle configuration of `bucket` and its versioning, read
+/// linearizably (what the lifecycle worker acts on); `None` without a
+/// configuration or without the bucket.
+pub async fn lifecycle_of(
+    metadata: &Metadata,
+    bucket: &str,
+) -> ModelResult<Option<(LifecycleConfiguration, Versioning)>> {
+    let table = RegisterTable::<BucketRecord>::new(metadata.clone(), Caching::WriteOnce);
+    let Some(record) = table.get_fresh(bucket).await? else {
+        return Ok(None);
+    };
+    let value = metadata.read_register(lifecycle_register(bucket)).await?;
+    let Some(configuration) = stored_lifecycle(&record, value.as_deref())? else {
+        return Ok(None);
+    };
+    let value = metadata.read_register(settings_register(bucket)).await?;
+    let versioning = current_settings(bucket, &record, value.as_deref())?.versioning;
+    Ok(Some((configuration, versioning)))
 }
 
 /// The buckets of the cluster. Cheap to clone.
@@ -219,6 +268,56 @@ impl Buckets {
             })
             .await??;
         current_settings(name, &record, decided.as_deref())
+    }
+
+    /// The bucket's lifecycle configuration, read linearizably; `None`
+    /// without one (or with one of an earlier bucket of the same name).
+    pub async fn lifecycle(&self, name: &str) -> ModelResult<Option<LifecycleConfiguration>> {
+        let record = self.get(name).await?;
+        let value = self
+            .table
+            .metadata()
+            .read_register(lifecycle_register(name))
+            .await?;
+        stored_lifecycle(&record, value.as_deref())
+    }
+
+    /// Sets (or with `None` removes) the bucket's lifecycle rules.
+    pub async fn set_lifecycle(
+        &self,
+        name: &str,
+        rules: Option<Vec<LifecycleRule>>,
+    ) -> ModelResult<()> {
+        if check_bucket_name(name).is_err() {
+            return Err(ModelError::NoSuchBucket(name.to_owned()));
+        }
+        let record = self
+            .table
+            .get_fresh(name)
+            .await?
+            .ok_or_else(|| ModelError::NoSuchBucket(name.to_owned()))?;
+        let value = rules.map(|rules| {
+            LifecycleConfiguration {
+                generation: record.bucket_key_id.clone(),
+                rules,
+            }
+            .encode()
+        });
+        if value
+            .as_ref()
+            .is_some_and(|v| v.len() > MAX_LIFECYCLE_BYTES)
+        {
+            return Err(ModelError::InvalidArgument(format!(
+                "the lifecycle configuration takes more than {MAX_LIFECYCLE_BYTES} bytes stored; use fewer or shorter rules"
+            )));
+        }
+        self.table
+            .metadata()
+            .compare_and_set(lifecycle_register(name), |_| {
+                Ok::<_, ModelError>(value.clone())
+            })
+            .await??;
+        Ok(())
     }
 
     /// Creates a bucket with a fresh KMS key; with Object Lock (which

@@ -12,6 +12,7 @@ pub mod error;
 pub mod fragment_locks;
 pub mod heads;
 pub mod kms;
+pub mod lifecycle;
 pub mod listing;
 pub mod locks;
 pub mod registers;

@@ -18,7 +18,9 @@ use libp2p::PeerId;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use cairn_protocol::status::{NodeStatus, RepairSummary, ScrubStatus, StoreStatus};
+use cairn_protocol::status::{
+    LifecycleSummary, NodeStatus, RepairSummary, ScrubStatus, StoreStatus,
+};
 use tokio::sync::watch;
 
 use crate::budget::{ByteBudget, Taken};
@@ -188,6 +190,7 @@ pub struct Server {
     /// Where this node's scrub is, and its repair's last report.
     pub(crate) scrub: watch::Receiver<ScrubState>,
     pub(crate) repair: Arc<std::sync::Mutex<RepairSummary>>,
+    pub(crate) lifecycle: Arc<std::sync::Mutex<LifecycleSummary>>,
     /// The store's part of the last status, and when it was taken.
     pub(crate) store_status: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, StoreStatus)>>>,
 }
@@ -498,6 +501,7 @@ impl Server {
                 corrupt_found: scrub.corrupt_found,
             },
             repair: self.repair.lock().expect("repair summary lock").clone(),
+            lifecycle: *self.lifecycle.lock().expect("lifecycle summary lock"),
         }))
     }
 

@@ -36,7 +36,7 @@ use crate::meta::replica::MetaReplica;
 use crate::meta::{META_PROTOCOL, Metadata, rpc as meta_rpc};
 use crate::pieces::{self, PieceError};
 use crate::release::{ReleaseCheck, ReleaseRules};
-use cairn_protocol::status::RepairSummary;
+use cairn_protocol::status::{LifecycleSummary, RepairSummary};
 
 use crate::scrub::{self, ScrubSettings};
 use crate::store::{FragmentStore, ScrubState, StoreConfig, StoreError};
@@ -239,6 +239,7 @@ impl Node {
             release_rules: ReleaseRules::default(),
             scrub: scrub.clone(),
             repair: Arc::default(),
+            lifecycle: Arc::default(),
             store_status: Arc::default(),
         };
         let mut tasks = vec![
@@ -525,6 +526,12 @@ impl NodeHandle {
     /// Publishes this node's last repair report, for status queries.
     pub fn publish_repair(&self, summary: RepairSummary) {
         *self.local.repair.lock().expect("repair summary lock") = summary;
+    }
+
+    /// Publishes what this node's lifecycle worker has done, for status
+    /// queries.
+    pub fn publish_lifecycle(&self, summary: LifecycleSummary) {
+        *self.local.lifecycle.lock().expect("lifecycle summary lock") = summary;
     }
 
     /// Where this node's scrub is; changes after every step.

@@ -626,8 +626,230 @@ impl DegradedRecord {
     }
 }
 
+/// Rules of a lifecycle configuration at most (S3's limit).
+pub const MAX_LIFECYCLE_RULES: usize = 1000;
+/// Bytes of a lifecycle rule's id at most (S3's limit).
+pub const MAX_LIFECYCLE_RULE_ID_BYTES: usize = 255;
+const LIFECYCLE_FORMAT: u8 = 1;
+
+/// A bucket's lifecycle configuration (spec/versioning.md, "Lifecycle"),
+/// kept in a register of the bucket's partition; `generation` is the
+/// bucket's KMS key id, as for its settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleConfiguration {
+    pub generation: String,
+    pub rules: Vec<LifecycleRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleRule {
+    pub id: String,
+    pub enabled: bool,
+    /// Keys the rule applies to begin with it ("" for every key).
+    pub prefix: String,
+    /// Sizes the rule applies to are strictly between these, when set.
+    pub size_greater_than: Option<u64>,
+    pub size_less_than: Option<u64>,
+    pub expiration: Option<Expiration>,
+    pub noncurrent: Option<NoncurrentExpiration>,
+    /// Multipart uploads started this many days ago are aborted.
+    pub abort_incomplete_days: Option<u32>,
+}
+
+/// What expires a key's current version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiration {
+    /// Days after its creation, rounded up to the next day boundary.
+    Days(u32),
+    /// From this date (Unix ms) on.
+    Date(u64),
+    /// A delete marker with no noncurrent version left is removed.
+    ExpiredDeleteMarkers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoncurrentExpiration {
+    /// Days after a version became noncurrent, rounded up to the next day
+    /// boundary.
+    pub days: u32,
+    /// How many of the newest noncurrent versions are kept whatever their
+    /// age (0: none).
+    pub newer_versions: u32,
+}
+
+impl LifecycleConfiguration {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.put_u8(LIFECYCLE_FORMAT);
+        out.put_bytes16(self.generation.as_bytes());
+        out.put_u32(self.rules.len() as u32);
+        let put_optional = |out: &mut Vec<u8>, value: Option<u64>| match value {
+            None => out.put_u8(0),
+            Some(v) => {
+                out.put_u8(1);
+                out.put_u64(v);
+            }
+        };
+        for rule in &self.rules {
+            out.put_bytes16(rule.id.as_bytes());
+            out.put_bool(rule.enabled);
+            out.put_bytes16(rule.prefix.as_bytes());
+            put_optional(&mut out, rule.size_greater_than);
+            put_optional(&mut out, rule.size_less_than);
+            match rule.expiration {
+                None => out.put_u8(0),
+                Some(Expiration::Days(days)) => {
+                    out.put_u8(1);
+                    out.put_u32(days);
+                }
+                Some(Expiration::Date(unix_ms)) => {
+                    out.put_u8(2);
+                    out.put_u64(unix_ms);
+                }
+                Some(Expiration::ExpiredDeleteMarkers) => out.put_u8(3),
+            }
+            match rule.noncurrent {
+                None => out.put_u8(0),
+                Some(noncurrent) => {
+                    out.put_u8(1);
+                    out.put_u32(noncurrent.days);
+                    out.put_u32(noncurrent.newer_versions);
+                }
+            }
+            match rule.abort_incomplete_days {
+                None => out.put_u8(0),
+                Some(days) => {
+                    out.put_u8(1);
+                    out.put_u32(days);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        let mut r = Reader::new(bytes);
+        match r.u8("format")? {
+            LIFECYCLE_FORMAT => {}
+            other => return Err(RecordError::UnsupportedFormat(other)),
+        }
+        let generation = r.str16("generation", MAX_KMS_KEY_ID_BYTES)?.to_owned();
+        // A rule is at least 10 bytes: no allocation beyond the input.
+        let count = r.count("lifecycle rules", MAX_LIFECYCLE_RULES, 10)?;
+        let mut rules = Vec::with_capacity(count);
+        fn flag(r: &mut Reader<'_>, field: &'static str, max: u8) -> Result<u8, DecodeError> {
+            let value = r.u8(field)?;
+            if value > max {
+                return Err(DecodeError::InvalidValue {
+                    field,
+                    value: u64::from(value),
+                });
+            }
+            Ok(value)
+        }
+        for _ in 0..count {
+            let id = r.str16("rule id", MAX_LIFECYCLE_RULE_ID_BYTES)?.to_owned();
+            let enabled = r.bool("rule enabled")?;
+            let prefix = r
+                .str16("rule prefix", crate::manifest::MAX_KEY_BYTES)?
+                .to_owned();
+            let size_greater_than = match flag(&mut r, "size greater than", 1)? {
+                0 => None,
+                _ => Some(r.u64("size greater than")?),
+            };
+            let size_less_than = match flag(&mut r, "size less than", 1)? {
+                0 => None,
+                _ => Some(r.u64("size less than")?),
+            };
+            let expiration = match flag(&mut r, "expiration", 3)? {
+                0 => None,
+                1 => Some(Expiration::Days(r.u32("expiration days")?)),
+                2 => Some(Expiration::Date(r.u64("expiration date")?)),
+                _ => Some(Expiration::ExpiredDeleteMarkers),
+            };
+            let noncurrent = match flag(&mut r, "noncurrent expiration", 1)? {
+                0 => None,
+                _ => Some(NoncurrentExpiration {
+                    days: r.u32("noncurrent days")?,
+                    newer_versions: r.u32("newer noncurrent versions")?,
+                }),
+            };
+            let abort_incomplete_days = match flag(&mut r, "abort incomplete", 1)? {
+                0 => None,
+                _ => Some(r.u32("abort incomplete days")?),
+            };
+            rules.push(LifecycleRule {
+                id,
+                enabled,
+                prefix,
+                size_greater_than,
+                size_less_than,
+                expiration,
+                noncurrent,
+                abort_incomplete_days,
+            });
+        }
+        r.finish("lifecycle configuration")?;
+        Ok(Self { generation, rules })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn lifecycle_configurations_round_trip_and_every_cut_is_refused() {
+        let configuration = LifecycleConfiguration {
+            generation: "bucket/b/00".into(),
+            rules: vec![
+                LifecycleRule {
+                    id: "logs".into(),
+                    enabled: true,
+                    prefix: "logs/".into(),
+                    size_greater_than: Some(10),
+                    size_less_than: None,
+                    expiration: Some(Expiration::Days(30)),
+                    noncurrent: Some(NoncurrentExpiration {
+                        days: 7,
+                        newer_versions: 2,
+                    }),
+                    abort_incomplete_days: Some(1),
+                },
+                LifecycleRule {
+                    id: "markers".into(),
+                    enabled: false,
+                    prefix: String::new(),
+                    size_greater_than: None,
+                    size_less_than: Some(1 << 20),
+                    expiration: Some(Expiration::ExpiredDeleteMarkers),
+                    noncurrent: None,
+                    abort_incomplete_days: None,
+                },
+                LifecycleRule {
+                    id: "date".into(),
+                    enabled: true,
+                    prefix: "tmp/".into(),
+                    size_greater_than: None,
+                    size_less_than: None,
+                    expiration: Some(Expiration::Date(1_767_225_600_000)),
+                    noncurrent: None,
+                    abort_incomplete_days: None,
+                },
+            ],
+        };
+        let bytes = configuration.encode();
+        assert_eq!(LifecycleConfiguration::decode(&bytes), Ok(configuration));
+        for cut in 0..bytes.len() {
+            assert!(LifecycleConfiguration::decode(&bytes[..cut]).is_err());
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(LifecycleConfiguration::decode(&longer).is_err());
+        // A count far above the input is refused before any allocation.
+        let mut lying = bytes[..1 + 2 + 11].to_vec();
+        lying.extend_from_slice(&999u32.to_be_bytes());
+        assert!(LifecycleConfiguration::decode(&lying).is_err());
+    }
 
     #[test]
     fn bucket_settings_of_format_1_read_with_no_claim() {

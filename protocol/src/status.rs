@@ -15,6 +15,28 @@ pub struct NodeStatus {
     pub store: StoreStatus,
     pub scrub: ScrubStatus,
     pub repair: RepairSummary,
+    pub lifecycle: LifecycleSummary,
+}
+
+/// What the node's lifecycle worker has done since it started
+/// (spec/versioning.md, "Lifecycle").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LifecycleSummary {
+    pub passes: u64,
+    pub last_finished_unix_ms: u64,
+    /// Buckets with a lifecycle configuration its last pass applied.
+    pub buckets: u64,
+    /// Current versions expired (deleted, or given a delete marker).
+    pub expired: u64,
+    /// Noncurrent versions deleted permanently.
+    pub noncurrent_expired: u64,
+    /// Expired delete markers removed.
+    pub markers_removed: u64,
+    pub uploads_aborted: u64,
+    /// Deletes an Object Lock refused.
+    pub kept_by_lock: u64,
+    /// Actions that failed (tried again on a later pass).
+    pub failed: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -120,6 +142,20 @@ impl NodeStatus {
             out.put_u8(*spares);
             out.put_u64(*segments);
         }
+        let l = &self.lifecycle;
+        for n in [
+            l.passes,
+            l.last_finished_unix_ms,
+            l.buckets,
+            l.expired,
+            l.noncurrent_expired,
+            l.markers_removed,
+            l.uploads_aborted,
+            l.kept_by_lock,
+            l.failed,
+        ] {
+            out.put_u64(n);
+        }
     }
 
     pub fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
@@ -171,10 +207,23 @@ impl NodeStatus {
             previous = Some(spares);
             repair.degraded_by_spares.insert(spares, r.u64("segments")?);
         }
+        let mut n = |field| r.u64(field);
+        let lifecycle = LifecycleSummary {
+            passes: n("lifecycle passes")?,
+            last_finished_unix_ms: n("lifecycle finished")?,
+            buckets: n("lifecycle buckets")?,
+            expired: n("expired")?,
+            noncurrent_expired: n("noncurrent expired")?,
+            markers_removed: n("markers removed")?,
+            uploads_aborted: n("uploads aborted")?,
+            kept_by_lock: n("kept by a lock")?,
+            failed: n("lifecycle failed")?,
+        };
         Ok(Self {
             store,
             scrub,
             repair,
+            lifecycle,
         })
     }
 }

@@ -180,8 +180,8 @@ fn gateway_records_and_labelled_keys() {
     use cairn_protocol::keywrap::{unwrap_labelled_key, wrap_labelled_key};
     use cairn_protocol::records::{
         AccessKeyRecord, BucketRecord, BucketSettings, DefaultRetention, DegradedRecord,
-        KmsKeyRecord, PartRecord, ReleaseRecord, ReleaseTarget, RetentionPeriod, UploadRecord,
-        Versioning,
+        Expiration, KmsKeyRecord, LifecycleConfiguration, LifecycleRule, NoncurrentExpiration,
+        PartRecord, ReleaseRecord, ReleaseTarget, RetentionPeriod, UploadRecord, Versioning,
     };
     let root = SecretKey::from_bytes([0x44; 32]);
     let key = SecretKey::from_bytes([0x55; 32]);
@@ -211,6 +211,44 @@ fn gateway_records_and_labelled_keys() {
             }),
         },
     ];
+    let lifecycle = LifecycleConfiguration {
+        generation: "bucket/photos/0011223344556677".into(),
+        rules: vec![
+            LifecycleRule {
+                id: "logs".into(),
+                enabled: true,
+                prefix: "logs/".into(),
+                size_greater_than: Some(1024),
+                size_less_than: None,
+                expiration: Some(Expiration::Days(30)),
+                noncurrent: Some(NoncurrentExpiration {
+                    days: 7,
+                    newer_versions: 2,
+                }),
+                abort_incomplete_days: Some(3),
+            },
+            LifecycleRule {
+                id: "markers".into(),
+                enabled: false,
+                prefix: String::new(),
+                size_greater_than: None,
+                size_less_than: None,
+                expiration: Some(Expiration::ExpiredDeleteMarkers),
+                noncurrent: None,
+                abort_incomplete_days: None,
+            },
+            LifecycleRule {
+                id: "dated".into(),
+                enabled: true,
+                prefix: "tmp/".into(),
+                size_greater_than: None,
+                size_less_than: Some(1 << 20),
+                expiration: Some(Expiration::Date(1_893_456_000_000)),
+                noncurrent: None,
+                abort_incomplete_days: None,
+            },
+        ],
+    };
     let access = AccessKeyRecord {
         created_unix_ms: 1_764_000_000_001,
         name: "backup job".into(),
@@ -264,6 +302,7 @@ fn gateway_records_and_labelled_keys() {
             },
             "bucket_record": to_hex(&bucket.encode()),
             "bucket_settings": settings.iter().map(|s| to_hex(&s.encode())).collect::<Vec<_>>(),
+            "lifecycle_configuration": to_hex(&lifecycle.encode()),
             "access_key_record": to_hex(&access.encode()),
             "kms_key_record": to_hex(&kms.encode()),
             "upload_record": to_hex(&upload.encode()),
@@ -289,6 +328,10 @@ fn gateway_records_and_labelled_keys() {
     assert_eq!(
         BucketRecord::decode(&hex_bytes(&stored["bucket_record"])),
         Ok(bucket)
+    );
+    assert_eq!(
+        LifecycleConfiguration::decode(&hex_bytes(&stored["lifecycle_configuration"])),
+        Ok(lifecycle)
     );
     for (stored, settings) in stored["bucket_settings"]
         .as_array()
@@ -608,6 +651,17 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
                     copied: 4,
                     bytes_read: 37 << 20,
                     bytes_written: 13 << 20,
+                },
+                lifecycle: cairn_protocol::status::LifecycleSummary {
+                    passes: 12,
+                    last_finished_unix_ms: 1_764_000_800_000,
+                    buckets: 2,
+                    expired: 40,
+                    noncurrent_expired: 30,
+                    markers_removed: 5,
+                    uploads_aborted: 3,
+                    kept_by_lock: 1,
+                    failed: 0,
                 },
             })),
         ),

@@ -76,6 +76,12 @@ pub(super) fn timestamp_of(unix_ms: u64) -> Timestamp {
     Timestamp::from(UNIX_EPOCH + Duration::from_millis(unix_ms.min(LATEST_DATE_UNIX_MS)))
 }
 
+/// The Unix ms of a date a request names (0 before 1970).
+pub(super) fn unix_ms_of(timestamp: &Timestamp) -> u64 {
+    let at = time::OffsetDateTime::from(timestamp.clone());
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
 pub(super) fn last_modified(version: &ObjectVersion) -> Timestamp {
     timestamp_of(version.created.hlc.unix_ms())
 }

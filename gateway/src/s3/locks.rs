@@ -21,7 +21,7 @@ use s3s::dto::*;
 use s3s::{S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 
 use super::CairnS3;
-use super::headers::{LATEST_DATE_UNIX_MS, parse_version_ref, timestamp_of};
+use super::headers::{LATEST_DATE_UNIX_MS, parse_version_ref, timestamp_of, unix_ms_of};
 use crate::error::GatewayError;
 use crate::protections::asked_value;
 
@@ -59,11 +59,6 @@ fn parse_mode(text: &str) -> Result<RetentionMode, GatewayError> {
             "Unknown wormMode directive {other:?}: the Object Lock mode is GOVERNANCE or COMPLIANCE"
         ))),
     }
-}
-
-fn unix_ms_of(timestamp: &Timestamp) -> u64 {
-    let at = time::OffsetDateTime::from(timestamp.clone());
-    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
 fn future_retention(
