@@ -838,11 +838,11 @@ impl Server {
 }
 
 impl Server {
-    /// Puts the fragments of `upload` written for `bucket`/`key` under
-    /// `lock`, if the replicated metadata states it; answers how many
-    /// fragments of theirs are here. A lock that changes nothing here is
-    /// answered without a look at the metadata (repair asks again on
-    /// every pass).
+    /// Puts the fragments of `upload` written for `bucket`/`key` under the
+    /// lock the replicated metadata states, if it justifies the compliance
+    /// date of `lock`; answers how many fragments of theirs are here. A
+    /// lock that changes nothing here is answered without a look at the
+    /// metadata (repair asks again on every pass).
     async fn lock_fragments(
         &self,
         upload: UploadId,
@@ -861,7 +861,7 @@ impl Server {
             Ok(_) => {}
             Err(error) => return Ok(Err(reject_for(&error))),
         }
-        if let Err(why) = may_lock(
+        let lock = match may_lock(
             &self.release_rules,
             &self.metadata,
             bucket,
@@ -871,12 +871,15 @@ impl Server {
         )
         .await
         {
-            tracing::warn!(%upload, bucket, key, %why, "refused a lock");
-            return Ok(Err(reject(
-                RejectCode::Unauthorized,
-                format!("lock refused: {why}"),
-            )));
-        }
+            Ok(stated) => stated,
+            Err(why) => {
+                tracing::warn!(%upload, bucket, key, %why, "refused a lock");
+                return Ok(Err(reject(
+                    RejectCode::Unauthorized,
+                    format!("lock refused: {why}"),
+                )));
+            }
+        };
         let store = self.store.clone();
         let now = (self.now_unix_ms)();
         let locked = blocking(move || {

@@ -250,9 +250,10 @@ pub(crate) async fn may_keep(
     }
 }
 
-/// Whether the installed rules justify putting the fragments of `upload`
-/// under `asked`: no later compliance date than the metadata states, and
-/// the legal hold it states.
+/// The lock the installed rules find the fragments of `upload` under, if
+/// it justifies `asked`: a compliance date no later than the metadata
+/// states. Its legal hold is the metadata's, whatever was asked: two
+/// changes racing reach the node in any order, and the later check wins.
 pub(crate) async fn may_lock(
     rules: &ReleaseRules,
     metadata: &Metadata,
@@ -260,7 +261,7 @@ pub(crate) async fn may_lock(
     key: &str,
     upload: UploadId,
     asked: FragmentLock,
-) -> Result<(), String> {
+) -> Result<FragmentLock, String> {
     let Some(rules) = rules.get() else {
         return Err("this node has no metadata rules to check a lock against".into());
     };
@@ -276,18 +277,7 @@ pub(crate) async fn may_lock(
             }
         ));
     }
-    if asked.legal_hold != stated.legal_hold {
-        return Err(format!(
-            "a legal hold {} was asked, and the versions of {bucket}/{key} that use upload {upload} are {}",
-            if asked.legal_hold { "on" } else { "off" },
-            if stated.legal_hold {
-                "under one"
-            } else {
-                "under none"
-            }
-        ));
-    }
-    Ok(())
+    Ok(stated)
 }
 
 /// Whether the installed rules let the fragments of `upload` come back.
