@@ -326,19 +326,25 @@ def check_versions():
     for raw in load("version.json").values():
         r = Reader(h(raw))
         # Format 2 carries the head sequence after `created`; format 3
-        # (a version with its own id) flags after it, only bit 0 set.
+        # (a version with its own id) flags after it, only bit 0 set;
+        # format 4 (a retention a guard decided) flags, bit 0 or none, and
+        # the retention's stamp after its date.
         fmt = r.u8()
-        assert fmt in (2, 3)
+        assert fmt in (2, 3, 4)
         r.str16(63), r.str16(1024), r.take(16), r.take(40)
         r.u64()
         if fmt == 3:
             assert r.u8() == 1
+        if fmt == 4:
+            assert r.u8() in (0, 1)
         if r.u8() == 1:
             r.take(32), r.u64(), r.str16(64)
             names = [(r.str16(8192), r.str16(8192))[0] for _ in range(r.u32())]
             assert names == sorted(set(names)) and all(n == n.lower() for n in names)
         assert r.u8() in (0, 1, 2)
         r.u64()
+        if fmt == 4:
+            assert r.take(40) != bytes(40)
         assert r.u8() in (0, 1)
         r.take(40)
         if r.u8() == 1:
@@ -440,7 +446,9 @@ def check_meta():
 
     g = v["guard"]
     r = Reader(h(g["encoded"]))
-    assert r.u8() == 1 and r.u8() == g["mode"] and r.u64() == g["retain_until_unix_ms"]
+    # Format 2: the retention's stamp after its date.
+    assert r.u8() == 2 and r.u8() == g["mode"] and r.u64() == g["retain_until_unix_ms"]
+    assert r.u64() == row["hlc"] and r.take(32) == h(row["node"])
     assert r.u8() == int(g["legal_hold"]) and r.u64() == row["hlc"] and r.take(32) == h(row["node"])
     assert r.u8() == int(g["purged"])
     r.done()

@@ -11,7 +11,9 @@ use crate::codec::{DecodeError, Reader, Writer};
 use crate::hlc::{Timestamp, put_timestamp, read_timestamp};
 use crate::version::{Lww, ObjectVersion, Retention, RetentionMode};
 
-const FORMAT_VERSION: u8 = 1;
+/// Format 2 added the retention's stamp; format 1 guards read with none.
+const FORMAT_VERSION: u8 = 2;
+const FORMAT_WITHOUT_RETENTION_STAMP: u8 = 1;
 
 /// The lock state and whether the version was permanently deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,8 +29,14 @@ pub enum GuardChange {
     /// Delete the version permanently; with `bypass_governance`, through
     /// a governance retention (never through compliance or a legal hold).
     Purge { bypass_governance: bool },
-    /// Set a retention: a stronger mode or a later date only.
-    Retain(Retention),
+    /// Set a retention (its stamp is taken from `at`): a stronger mode or
+    /// a later date; with `bypass_governance`, a governance retention may
+    /// also be shortened, or removed (mode none), never a compliance one.
+    Retain {
+        retention: Retention,
+        at: Timestamp,
+        bypass_governance: bool,
+    },
     /// Set or clear the legal hold, stamped `at`.
     LegalHold { on: bool, at: Timestamp },
 }
@@ -45,8 +53,24 @@ pub enum GuardRefusal {
     },
     #[error("the version was permanently deleted")]
     Purged,
-    #[error("a retention can be extended, never shortened or weakened")]
+    #[error(
+        "a retention can be extended, never shortened or weakened (a governance one only with x-amz-bypass-governance-retention)"
+    )]
     Weakening,
+}
+
+/// `at`, or just after `last` if `at` is not later: a decision is stamped
+/// after the one before it, so that the row's last-writer-wins agrees with
+/// the register's order.
+fn after(last: Timestamp, at: Timestamp) -> Timestamp {
+    if at > last {
+        at
+    } else {
+        Timestamp {
+            hlc: crate::hlc::Hlc::from_u64(last.hlc.as_u64() + 1),
+            node: at.node,
+        }
+    }
 }
 
 impl VersionGuard {
@@ -64,13 +88,7 @@ impl VersionGuard {
     pub fn join(self, row: &ObjectVersion) -> Self {
         let row = Self::of(row);
         Self {
-            retention: Retention {
-                mode: self.retention.mode.max(row.retention.mode),
-                retain_until_unix_ms: self
-                    .retention
-                    .retain_until_unix_ms
-                    .max(row.retention.retain_until_unix_ms),
-            },
+            retention: self.retention.join(row.retention),
             legal_hold: if (row.legal_hold.at, row.legal_hold.value)
                 > (self.legal_hold.at, self.legal_hold.value)
             {
@@ -109,27 +127,32 @@ impl VersionGuard {
                 }
                 next.purged = true;
             }
-            GuardChange::Retain(retention) => {
-                if retention.mode < self.retention.mode
-                    || retention.retain_until_unix_ms < self.retention.retain_until_unix_ms
-                {
+            GuardChange::Retain {
+                retention,
+                at,
+                bypass_governance,
+            } => {
+                let weaker = retention.mode < self.retention.mode
+                    || retention.retain_until_unix_ms < self.retention.retain_until_unix_ms;
+                // Only a governance retention yields, and only to the
+                // bypass; compliance never does, even once expired (the
+                // row's merge keeps a compliance date for good).
+                let yields = bypass_governance && self.retention.mode == RetentionMode::Governance;
+                if weaker && !yields {
                     return Err(GuardRefusal::Weakening);
                 }
-                next.retention = retention;
+                next.retention = Retention {
+                    mode: retention.mode,
+                    retain_until_unix_ms: retention.retain_until_unix_ms,
+                    at: after(self.retention.at, at),
+                };
             }
             GuardChange::LegalHold { on, at } => {
                 // Decided in the register's order, stamped after the last
                 // change so that the row's last-writer-wins agrees.
                 next.legal_hold = Lww {
                     value: on,
-                    at: if at > self.legal_hold.at {
-                        at
-                    } else {
-                        Timestamp {
-                            hlc: crate::hlc::Hlc::from_u64(self.legal_hold.at.hlc.as_u64() + 1),
-                            node: at.node,
-                        }
-                    },
+                    at: after(self.legal_hold.at, at),
                 };
             }
         }
@@ -139,6 +162,7 @@ impl VersionGuard {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![FORMAT_VERSION, self.retention.mode as u8];
         out.put_u64(self.retention.retain_until_unix_ms);
+        put_timestamp(&mut out, &self.retention.at);
         out.put_bool(self.legal_hold.value);
         put_timestamp(&mut out, &self.legal_hold.at);
         out.put_bool(self.purged);
@@ -148,7 +172,7 @@ impl VersionGuard {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(bytes);
         let format = r.u8("guard format")?;
-        if format != FORMAT_VERSION {
+        if format != FORMAT_VERSION && format != FORMAT_WITHOUT_RETENTION_STAMP {
             return Err(DecodeError::InvalidValue {
                 field: "guard format",
                 value: u64::from(format),
@@ -165,10 +189,16 @@ impl VersionGuard {
                 });
             }
         };
+        let retain_until_unix_ms = r.u64("retain until")?;
+        let at = match format {
+            FORMAT_VERSION => read_timestamp(&mut r)?,
+            _ => Timestamp::ZERO,
+        };
         let guard = Self {
             retention: Retention {
                 mode,
-                retain_until_unix_ms: r.u64("retain until")?,
+                retain_until_unix_ms,
+                at,
             },
             legal_hold: Lww {
                 value: r.bool("legal hold")?,
@@ -245,10 +275,11 @@ mod tests {
         );
         let retained = open()
             .apply(
-                GuardChange::Retain(Retention {
-                    mode: RetentionMode::Compliance,
-                    retain_until_unix_ms: 100,
-                }),
+                GuardChange::Retain {
+                    retention: Retention::new(RetentionMode::Compliance, 100),
+                    at: at(5),
+                    bypass_governance: false,
+                },
                 10,
             )
             .unwrap();
@@ -274,13 +305,73 @@ mod tests {
         );
         assert_eq!(
             retained.apply(
-                GuardChange::Retain(Retention {
-                    mode: RetentionMode::Governance,
-                    retain_until_unix_ms: 200,
-                }),
+                GuardChange::Retain {
+                    retention: Retention::new(RetentionMode::Governance, 200),
+                    at: at(5),
+                    bypass_governance: false
+                },
                 10
             ),
             Err(GuardRefusal::Weakening)
+        );
+    }
+
+    #[test]
+    fn the_bypass_shortens_a_governance_retention_and_the_row_keeps_the_later_decision() {
+        let retain = |mode, until, stamp, bypass_governance| GuardChange::Retain {
+            retention: Retention::new(mode, until),
+            at: at(stamp),
+            bypass_governance,
+        };
+        let governed = open()
+            .apply(retain(RetentionMode::Governance, 100, 5, false), 10)
+            .unwrap();
+        assert_eq!(
+            governed.apply(retain(RetentionMode::Governance, 50, 6, false), 10),
+            Err(GuardRefusal::Weakening)
+        );
+        let shortened = governed
+            .apply(retain(RetentionMode::Governance, 50, 6, true), 10)
+            .unwrap();
+        assert_eq!(shortened.retention.retain_until_unix_ms, 50);
+        // A decision stamped before the last is stamped after it.
+        let removed = shortened
+            .apply(retain(RetentionMode::None, 0, 1, true), 10)
+            .unwrap();
+        assert!(removed.retention.at > shortened.retention.at);
+        assert!(!removed.is_locked(10));
+        // The rows written by each decision merge to the last one.
+        let row = |guard: &VersionGuard| {
+            let mut row = crate::version::tests::entry();
+            row.retention = guard.retention;
+            row
+        };
+        let merged = row(&governed)
+            .merge(&row(&removed))
+            .unwrap()
+            .merge(&row(&shortened))
+            .unwrap();
+        assert_eq!(merged.retention, removed.retention);
+        // Compliance yields to nothing, bypass or not.
+        let compliant = open()
+            .apply(retain(RetentionMode::Compliance, 100, 5, false), 10)
+            .unwrap();
+        for (mode, until) in [
+            (RetentionMode::Compliance, 50),
+            (RetentionMode::Governance, 200),
+            (RetentionMode::None, 0),
+        ] {
+            assert_eq!(
+                compliant.apply(retain(mode, until, 6, true), 10),
+                Err(GuardRefusal::Weakening)
+            );
+        }
+        // And a row that says governance later does not weaken it.
+        let forged = row(&shortened);
+        let kept = row(&compliant).merge(&forged).unwrap();
+        assert_eq!(
+            (kept.retention.mode, kept.retention.retain_until_unix_ms),
+            (RetentionMode::Compliance, 100)
         );
     }
 
@@ -289,10 +380,11 @@ mod tests {
         let purge = |bypass_governance| GuardChange::Purge { bypass_governance };
         let governed = open()
             .apply(
-                GuardChange::Retain(Retention {
-                    mode: RetentionMode::Governance,
-                    retain_until_unix_ms: 100,
-                }),
+                GuardChange::Retain {
+                    retention: Retention::new(RetentionMode::Governance, 100),
+                    at: at(5),
+                    bypass_governance: false,
+                },
                 10,
             )
             .unwrap();
@@ -300,10 +392,11 @@ mod tests {
         assert!(governed.apply(purge(true), 50).unwrap().purged);
         let compliant = governed
             .apply(
-                GuardChange::Retain(Retention {
-                    mode: RetentionMode::Compliance,
-                    retain_until_unix_ms: 100,
-                }),
+                GuardChange::Retain {
+                    retention: Retention::new(RetentionMode::Compliance, 100),
+                    at: at(5),
+                    bypass_governance: false,
+                },
                 10,
             )
             .unwrap();

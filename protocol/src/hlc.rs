@@ -107,6 +107,14 @@ pub struct Timestamp {
     pub node: NodeId,
 }
 
+impl Timestamp {
+    /// Before every reading: what a value never set by a write carries.
+    pub const ZERO: Self = Self {
+        hlc: Hlc(0),
+        node: NodeId([0; 32]),
+    };
+}
+
 pub(crate) fn put_timestamp(out: &mut Vec<u8>, at: &Timestamp) {
     out.put_u64(at.hlc.as_u64());
     out.extend_from_slice(at.node.as_bytes());

@@ -3,8 +3,9 @@
 //!
 //! Every field is a join-semilattice, so replicas that saw the same writes
 //! in any order, any number of times, hold the same entry: the version's
-//! content is immutable, retention only grows (mode and date by max), legal
-//! hold is last-writer-wins, and a permanent delete is a tombstone that wins.
+//! content is immutable, a compliance retention only grows while any other
+//! follows the lock guard's last decision, legal hold is last-writer-wins,
+//! and a permanent delete is a tombstone that wins.
 //! Deciding whether a delete may be applied through a lock is not a merge
 //! question; the metadata layer decides it before writing the tombstone.
 
@@ -15,9 +16,12 @@ use crate::hlc::{Timestamp, put_timestamp, read_timestamp};
 use crate::ids::{ManifestId, VersionId};
 use crate::manifest::{MAX_BUCKET_BYTES, MAX_ETAG_BYTES, MAX_KEY_BYTES};
 
-/// Format 3 added flags and is written for versions with an id of their
+/// Format 4 added the retention's stamp and is written for every version
+/// whose retention a lock-guard decision set (a stamp other than zero);
+/// format 3 added flags and is written for versions with an id of their
 /// own; format 2 added the head sequence (format 1 entries read as sequence
 /// 0). Entries of formats 1 and 2 are null versions.
+const FORMAT_WITH_RETENTION_STAMP: u8 = 4;
 const FORMAT_WITH_FLAGS: u8 = 3;
 const FORMAT_VERSION: u8 = 2;
 const FORMAT_WITHOUT_SEQ: u8 = 1;
@@ -111,18 +115,54 @@ pub enum RetentionMode {
     Compliance,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     pub mode: RetentionMode,
     pub retain_until_unix_ms: u64,
+    /// The stamp of the lock-guard decision that set it; zero for the
+    /// retention a version was written with.
+    pub at: Timestamp,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self::new(RetentionMode::None, 0)
+    }
 }
 
 impl Retention {
-    /// The merge: the stronger mode and the later date.
-    pub fn join(self, other: Self) -> Self {
+    /// A retention as a version is written with (no decision's stamp).
+    pub fn new(mode: RetentionMode, retain_until_unix_ms: u64) -> Self {
         Self {
-            mode: self.mode.max(other.mode),
-            retain_until_unix_ms: self.retain_until_unix_ms.max(other.retain_until_unix_ms),
+            mode,
+            retain_until_unix_ms,
+            at: Timestamp::ZERO,
+        }
+    }
+
+    /// The merge. A compliance retention is never shortened or weakened:
+    /// if either side has one, the result is compliance until the later
+    /// of their compliance dates. Otherwise the later decision wins, so
+    /// that a governance retention shortened or removed through the bypass
+    /// stays so (equal stamps fall back to the stronger value).
+    pub fn join(self, other: Self) -> Self {
+        let compliance =
+            |r: &Self| (r.mode == RetentionMode::Compliance).then_some(r.retain_until_unix_ms);
+        let at = self.at.max(other.at);
+        match compliance(&self).max(compliance(&other)) {
+            Some(until) => Self {
+                mode: RetentionMode::Compliance,
+                retain_until_unix_ms: until,
+                at,
+            },
+            None => {
+                let order = |r: &Self| (r.at, r.mode, r.retain_until_unix_ms);
+                if order(&other) > order(&self) {
+                    other
+                } else {
+                    self
+                }
+            }
         }
     }
 }
@@ -241,10 +281,11 @@ impl ObjectVersion {
     /// sequence is 0 (an entry that no head decided).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(200 + self.key.len());
-        let format = match (self.null, self.seq) {
-            (false, _) => FORMAT_WITH_FLAGS,
-            (true, 0) => FORMAT_WITHOUT_SEQ,
-            (true, _) => FORMAT_VERSION,
+        let format = match (self.retention.at != Timestamp::ZERO, self.null, self.seq) {
+            (true, _, _) => FORMAT_WITH_RETENTION_STAMP,
+            (false, false, _) => FORMAT_WITH_FLAGS,
+            (false, true, 0) => FORMAT_WITHOUT_SEQ,
+            (false, true, _) => FORMAT_VERSION,
         };
         out.put_u8(format);
         out.put_bytes16(self.bucket.as_bytes());
@@ -254,8 +295,8 @@ impl ObjectVersion {
         if format != FORMAT_WITHOUT_SEQ {
             out.put_u64(self.seq);
         }
-        if format == FORMAT_WITH_FLAGS {
-            out.put_u8(FLAG_OWN_ID);
+        if format >= FORMAT_WITH_FLAGS {
+            out.put_u8(if self.null { 0 } else { FLAG_OWN_ID });
         }
         match &self.body {
             VersionBody::DeleteMarker => out.put_u8(0),
@@ -274,6 +315,9 @@ impl ObjectVersion {
         }
         out.put_u8(self.retention.mode as u8);
         out.put_u64(self.retention.retain_until_unix_ms);
+        if format == FORMAT_WITH_RETENTION_STAMP {
+            put_timestamp(&mut out, &self.retention.at);
+        }
         out.put_bool(self.legal_hold.value);
         put_timestamp(&mut out, &self.legal_hold.at);
         match &self.purged {
@@ -289,7 +333,14 @@ impl ObjectVersion {
     pub fn decode(bytes: &[u8]) -> Result<Self, VersionError> {
         let mut r = Reader::new(bytes);
         let format = r.u8("format")?;
-        if ![FORMAT_WITH_FLAGS, FORMAT_VERSION, FORMAT_WITHOUT_SEQ].contains(&format) {
+        if ![
+            FORMAT_WITH_RETENTION_STAMP,
+            FORMAT_WITH_FLAGS,
+            FORMAT_VERSION,
+            FORMAT_WITHOUT_SEQ,
+        ]
+        .contains(&format)
+        {
             return Err(VersionError::UnsupportedFormat(format));
         }
         let bucket = r.str16("bucket", MAX_BUCKET_BYTES)?.to_owned();
@@ -298,7 +349,7 @@ impl ObjectVersion {
         let created = read_timestamp(&mut r)?;
         let seq = match format {
             FORMAT_WITHOUT_SEQ => 0,
-            FORMAT_WITH_FLAGS => r.u64("head sequence")?,
+            FORMAT_WITH_FLAGS | FORMAT_WITH_RETENTION_STAMP => r.u64("head sequence")?,
             _ => match r.u64("head sequence")? {
                 // Sequence 0 is written in format 1 only (canonical).
                 0 => {
@@ -314,6 +365,17 @@ impl ObjectVersion {
         let null = match format {
             // Null versions are written in formats 1 and 2 only (canonical).
             FORMAT_WITH_FLAGS => match r.u8("flags")? {
+                FLAG_OWN_ID => false,
+                other => {
+                    return Err(DecodeError::InvalidValue {
+                        field: "flags",
+                        value: u64::from(other),
+                    }
+                    .into());
+                }
+            },
+            FORMAT_WITH_RETENTION_STAMP => match r.u8("flags")? {
+                0 => true,
                 FLAG_OWN_ID => false,
                 other => {
                     return Err(DecodeError::InvalidValue {
@@ -354,6 +416,20 @@ impl ObjectVersion {
             }
         };
         let retain_until_unix_ms = r.u64("retain until")?;
+        let retention_at = match format {
+            FORMAT_WITH_RETENTION_STAMP => match read_timestamp(&mut r)? {
+                // Written in format 4 only with a stamp (canonical).
+                Timestamp::ZERO => {
+                    return Err(DecodeError::InvalidValue {
+                        field: "retention stamp",
+                        value: 0,
+                    }
+                    .into());
+                }
+                at => at,
+            },
+            _ => Timestamp::ZERO,
+        };
         let legal_hold = Lww {
             value: r.bool("legal hold")?,
             at: read_timestamp(&mut r)?,
@@ -374,6 +450,7 @@ impl ObjectVersion {
             retention: Retention {
                 mode,
                 retain_until_unix_ms,
+                at: retention_at,
             },
             legal_hold,
             purged,
@@ -382,7 +459,7 @@ impl ObjectVersion {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::hlc::Hlc;
     use crate::ids::NodeId;
@@ -424,15 +501,9 @@ mod tests {
     #[test]
     fn compliance_retention_cannot_be_shortened_by_a_later_write() {
         let mut locked = entry();
-        locked.retention = Retention {
-            mode: RetentionMode::Compliance,
-            retain_until_unix_ms: 2_000,
-        };
+        locked.retention = Retention::new(RetentionMode::Compliance, 2_000);
         let mut shorter = entry();
-        shorter.retention = Retention {
-            mode: RetentionMode::Governance,
-            retain_until_unix_ms: 1_000,
-        };
+        shorter.retention = Retention::new(RetentionMode::Governance, 1_000);
         let merged = shorter.merge(&locked).unwrap();
         assert_eq!(merged.retention, locked.retention);
         assert!(merged.is_locked(1_999) && !merged.is_locked(2_000));

@@ -42,12 +42,13 @@ fn replica_view() -> impl Strategy<Value = ObjectVersion> {
         body(),
         mode(),
         0u64..100,
+        proptest::option::of(timestamp()),
         any::<bool>(),
         timestamp(),
         proptest::option::of(timestamp()),
     )
         .prop_map(
-            |(created, body, mode, until, hold, hold_at, purged)| ObjectVersion {
+            |(created, body, mode, until, decided_at, hold, hold_at, purged)| ObjectVersion {
                 bucket: "b".into(),
                 key: "k".into(),
                 version: VersionId::new(7, [1; 10]),
@@ -55,9 +56,10 @@ fn replica_view() -> impl Strategy<Value = ObjectVersion> {
                 seq: 1,
                 null: true,
                 body,
+                // A retention as written (no stamp), or as a guard decided it.
                 retention: Retention {
-                    mode,
-                    retain_until_unix_ms: until,
+                    at: decided_at.unwrap_or(Timestamp::ZERO),
+                    ..Retention::new(mode, until)
                 },
                 legal_hold: Lww {
                     value: hold,
@@ -91,11 +93,29 @@ proptest! {
     }
 
     #[test]
-    fn merge_never_weakens_retention(a in replica_view(), b in replica_view()) {
+    fn merge_never_weakens_compliance_and_keeps_the_later_governance_decision(
+        a in replica_view(),
+        b in replica_view(),
+    ) {
         let m = a.merge(&b).unwrap();
-        prop_assert!(m.retention.mode >= a.retention.mode && m.retention.mode >= b.retention.mode);
-        prop_assert!(m.retention.retain_until_unix_ms >= a.retention.retain_until_unix_ms);
-        prop_assert!(m.retention.retain_until_unix_ms >= b.retention.retain_until_unix_ms);
+        let compliance = [a.retention, b.retention]
+            .into_iter()
+            .filter(|r| r.mode == RetentionMode::Compliance)
+            .map(|r| r.retain_until_unix_ms)
+            .max();
+        match compliance {
+            Some(until) => {
+                prop_assert_eq!(m.retention.mode, RetentionMode::Compliance);
+                prop_assert_eq!(m.retention.retain_until_unix_ms, until);
+            }
+            None => {
+                let later = [a.retention, b.retention]
+                    .into_iter()
+                    .max_by_key(|r| (r.at, r.mode, r.retain_until_unix_ms))
+                    .unwrap();
+                prop_assert_eq!(m.retention, later);
+            }
+        }
         prop_assert!(m.purged >= a.purged && m.purged >= b.purged);
     }
 

@@ -774,10 +774,7 @@ fn object_versions() {
             ])
             .unwrap(),
         },
-        retention: Retention {
-            mode: RetentionMode::Compliance,
-            retain_until_unix_ms: 1_900_000_000_000,
-        },
+        retention: Retention::new(RetentionMode::Compliance, 1_900_000_000_000),
         legal_hold: Lww {
             value: true,
             at: at(1_764_000_000_500, 2),
@@ -802,9 +799,19 @@ fn object_versions() {
         purged: None,
         ..entry.clone()
     };
+    // A null version whose governance retention a guard decision set
+    // (shortened through the bypass): format 4.
+    let stamped = ObjectVersion {
+        retention: Retention {
+            at: at(1_764_000_000_900, 3),
+            ..Retention::new(RetentionMode::Governance, 1_800_000_000_000)
+        },
+        ..entry.clone()
+    };
     let stored = check(
         "version.json",
         json!({
+            "stamped_retention": to_hex(&stamped.encode()),
             "data_version": to_hex(&entry.encode()),
             "purged_delete_marker": to_hex(&marker.encode()),
             "own_id_delete_marker": to_hex(&own_id.encode()),
@@ -817,6 +824,10 @@ fn object_versions() {
     assert_eq!(
         ObjectVersion::decode(&hex_bytes(&stored["data_version"])).unwrap(),
         entry
+    );
+    assert_eq!(
+        ObjectVersion::decode(&hex_bytes(&stored["stamped_retention"])).unwrap(),
+        stamped
     );
     assert_eq!(
         ObjectVersion::decode(&hex_bytes(&stored["purged_delete_marker"])).unwrap(),
@@ -995,8 +1006,8 @@ fn metadata_rows_rpc_and_replicas() {
     };
     let guard = cairn_protocol::guard::VersionGuard {
         retention: Retention {
-            mode: RetentionMode::Compliance,
-            retain_until_unix_ms: 1_800_000_000_000,
+            at,
+            ..Retention::new(RetentionMode::Compliance, 1_800_000_000_000)
         },
         legal_hold: Lww { value: true, at },
         purged: false,

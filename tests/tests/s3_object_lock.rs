@@ -598,6 +598,135 @@ async fn governance_yields_to_the_bypass_and_compliance_to_nothing() {
     s.shutdown().await;
 }
 
+/// A governance retention is shortened or removed with the bypass (and
+/// only with it), and stays so on every replica and on the head; a
+/// compliance one never is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bypass_shortens_or_removes_a_governance_retention_never_a_compliance_one() {
+    let s = setup().await;
+    let c = &s.client;
+    lock_bucket(c, "shorten").await;
+    let governed = put_locked(
+        c,
+        "shorten",
+        "g",
+        ObjectLockMode::Governance,
+        farther_future(),
+    )
+    .await;
+    let compliant = put_locked(
+        c,
+        "shorten",
+        "c",
+        ObjectLockMode::Compliance,
+        farther_future(),
+    )
+    .await;
+    let shorten = |key: &'static str, version: String, bypass: bool| async move {
+        set_retention(
+            c,
+            "shorten",
+            key,
+            &version,
+            ObjectLockRetentionMode::Governance,
+            far_future(),
+            bypass,
+        )
+        .await
+    };
+    assert_eq!(shorten("g", governed.clone(), false).await, "AccessDenied");
+    assert_eq!(shorten("g", governed.clone(), true).await, "ok");
+    assert_eq!(
+        retention_of(c, "shorten", "g", &governed).await,
+        ("GOVERNANCE".to_owned(), far_future().secs())
+    );
+    // The head (what HEAD of the latest version reads) agrees.
+    let head = c
+        .head_object()
+        .bucket("shorten")
+        .key("g")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        head.object_lock_retain_until_date().map(|d| d.secs()),
+        Some(far_future().secs())
+    );
+    // Extending again is a later decision: it wins as well.
+    assert_eq!(
+        set_retention(
+            c,
+            "shorten",
+            "g",
+            &governed,
+            ObjectLockRetentionMode::Governance,
+            farther_future(),
+            false
+        )
+        .await,
+        "ok"
+    );
+    assert_eq!(
+        retention_of(c, "shorten", "g", &governed).await,
+        ("GOVERNANCE".to_owned(), farther_future().secs())
+    );
+    // Removing: refused without the bypass, done with it.
+    let remove = |bypass: bool| {
+        let mut put = c
+            .put_object_retention()
+            .bucket("shorten")
+            .key("g")
+            .version_id(&governed)
+            .retention(ObjectLockRetention::builder().build());
+        if bypass {
+            put = put.bypass_governance_retention(true);
+        }
+        put.send()
+    };
+    assert_eq!(
+        code(&remove(false).await.unwrap_err().into_service_error()),
+        "AccessDenied"
+    );
+    remove(true).await.unwrap();
+    let gone = c
+        .get_object_retention()
+        .bucket("shorten")
+        .key("g")
+        .version_id(&governed)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code(&gone.into_service_error()),
+        "NoSuchObjectLockConfiguration"
+    );
+    // Without a retention, the version is deleted without the bypass.
+    assert_eq!(
+        delete_version(c, "shorten", "g", &governed, false).await,
+        "ok"
+    );
+    // Compliance yields to nothing.
+    assert_eq!(shorten("c", compliant.clone(), true).await, "AccessDenied");
+    assert_eq!(
+        set_retention(
+            c,
+            "shorten",
+            "c",
+            &compliant,
+            ObjectLockRetentionMode::Compliance,
+            far_future(),
+            true
+        )
+        .await,
+        "AccessDenied"
+    );
+    assert_eq!(
+        retention_of(c, "shorten", "c", &compliant).await,
+        ("COMPLIANCE".to_owned(), farther_future().secs())
+    );
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_legal_hold_blocks_deletion_until_it_is_lifted() {
     let s = setup().await;

@@ -76,10 +76,7 @@ fn future_retention(
             "The retain until date must be in year 9999 UTC at the latest".into(),
         ));
     }
-    Ok(Retention {
-        mode,
-        retain_until_unix_ms: until_unix_ms,
-    })
+    Ok(Retention::new(mode, until_unix_ms))
 }
 
 /// The Object Lock headers of a PutObject, CopyObject or
@@ -169,10 +166,10 @@ pub(crate) fn new_lock(
     }
     let retention = match (requested.retention, settings.default_retention) {
         (Some(retention), _) => retention,
-        (None, Some(default)) => Retention {
-            mode: default.mode,
-            retain_until_unix_ms: now_unix_ms.saturating_add(period_ms(default.period)),
-        },
+        (None, Some(default)) => Retention::new(
+            default.mode,
+            now_unix_ms.saturating_add(period_ms(default.period)),
+        ),
         (None, None) => Retention::default(),
     };
     Ok(NewLock {
@@ -223,10 +220,10 @@ pub(crate) fn take_upload_lock(
     let corrupt = |what: &str| GatewayError::Corrupt(format!("upload record: {what}"));
     let retention = match (headers.get(UPLOAD_MODE), headers.get(UPLOAD_RETAIN_UNTIL)) {
         (None, None) => None,
-        (Some(mode), Some(until)) => Some(Retention {
-            mode: parse_mode(mode).map_err(|_| corrupt("lock mode"))?,
-            retain_until_unix_ms: until.parse().map_err(|_| corrupt("retain until"))?,
-        }),
+        (Some(mode), Some(until)) => Some(Retention::new(
+            parse_mode(mode).map_err(|_| corrupt("lock mode"))?,
+            until.parse().map_err(|_| corrupt("retain until"))?,
+        )),
         _ => return Err(corrupt("half a retention")),
     };
     let legal_hold = headers.get(UPLOAD_LEGAL_HOLD).map(|v| v == "ON");
@@ -459,28 +456,16 @@ impl CairnS3 {
                 cairn_node::clock::now_unix_ms(),
             )?,
             (None, None) => {
-                // Removing a retention is allowed only where none holds,
-                // and with the bypass through governance, which is not
-                // offered yet.
+                // Removing one that no longer holds changes nothing;
+                // removing one that holds is for the guard to decide (a
+                // governance retention yields to the bypass).
                 let now = cairn_node::clock::now_unix_ms();
                 let holds = version.retention.mode != RetentionMode::None
                     && version.retention.retain_until_unix_ms > now;
                 if !holds {
                     return Ok(S3Response::new(PutObjectRetentionOutput::default()));
                 }
-                if version.retention.mode == RetentionMode::Governance
-                    && input.bypass_governance_retention == Some(true)
-                {
-                    return Err(GatewayError::NotImplemented(
-                        "removing a governance retention is not offered yet: delete the version with x-amz-bypass-governance-retention instead".into(),
-                    )
-                    .into());
-                }
-                return Err(GatewayError::AccessDenied(format!(
-                    "{}: the retention cannot be removed before its date",
-                    input.key
-                ))
-                .into());
+                Retention::default()
             }
             _ => {
                 return Err(S3Error::with_message(
@@ -489,21 +474,12 @@ impl CairnS3 {
                 ));
             }
         };
-        let current = version.retention;
-        let weakens = retention.mode < current.mode
-            || (current.mode != RetentionMode::None
-                && retention.retain_until_unix_ms < current.retain_until_unix_ms);
-        if weakens
-            && current.mode == RetentionMode::Governance
-            && input.bypass_governance_retention == Some(true)
-        {
-            return Err(GatewayError::NotImplemented(
-                "shortening a governance retention is not offered: it can be extended, or the version deleted with x-amz-bypass-governance-retention".into(),
-            )
-            .into());
-        }
-        self.change_lock(&version, GuardChange::Retain(retention))
-            .await?;
+        let change = GuardChange::Retain {
+            retention,
+            at: self.objects.index().metadata().timestamp(),
+            bypass_governance: input.bypass_governance_retention == Some(true),
+        };
+        self.change_lock(&version, change).await?;
         Ok(S3Response::new(PutObjectRetentionOutput::default()))
     }
 
