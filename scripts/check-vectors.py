@@ -296,9 +296,12 @@ def check_wire():
             assert count == 2 and [r.take(32) for _ in range(count)][1] == bytes([0x2a] * 32)
             r.done()
         if frame["message"] == "lock_fragments":
-            r = Reader(raw[5 + 16:])
+            r = Reader(raw[5:])
+            count = r.u32()
+            assert count == 2 and [r.take(16) for _ in range(count)] == [bytes([0x4d] * 16), bytes([0x4e] * 16)]
             assert r.str16(63) == "photos" and r.str16(1024) == "2026/cat.jpg"
-            assert r.u64() == 1_900_000_000_000 and r.u8() == 1
+            assert r.take(16) == bytes([0x5e] * 16)
+            assert r.u64() == 1_900_000_000_000 and r.u64() == 1_800_000_000_000
             r.done()
         if frame["message"] == "fragments_locked":
             assert len(raw) == 5 + 8 and struct.unpack(">Q", raw[5:])[0] == 12

@@ -390,7 +390,9 @@ impl ObjectStore {
             parts: object.parts,
         };
         let lock = object.lock;
-        let on_nodes = (lock.retention.mode == RetentionMode::Compliance || lock.legal_hold)
+        let on_nodes = (lock.retention.mode == RetentionMode::Compliance
+            && lock.retention.retain_until_unix_ms > now_unix_ms()
+            || lock.legal_hold)
             .then(|| manifest.clone());
         let committed = self
             .index
@@ -414,10 +416,10 @@ impl ObjectStore {
         Ok(committed)
     }
 
-    /// Locks the fragments of `version` on the nodes that hold them, as
-    /// the versions of its key state together (model fragment_locks). The
-    /// version is committed and its lock decided: a node that does not
-    /// confirm is logged, and repair locks it on its next pass.
+    /// Locks the fragments of `version` on the nodes placement takes for
+    /// them, as it states (model fragment_locks). The version is committed
+    /// and its lock decided: a node that does not confirm within a few
+    /// seconds is logged, and repair locks it on its next pass.
     pub async fn lock_on_nodes(&self, version: &ObjectVersion, manifest: Option<&Manifest>) {
         let (bucket, key) = (&version.bucket, &version.key);
         let read;
@@ -441,7 +443,8 @@ impl ObjectStore {
             }
             (None, VersionBody::DeleteMarker) => return,
         };
-        match fragment_locks::spread(&self.node, bucket, key, manifest).await {
+        let wait = fragment_locks::GATEWAY_LOCK_WAIT;
+        match fragment_locks::spread(&self.node, version, manifest, wait).await {
             Ok(spread) if spread.not_confirmed.is_empty() => {
                 tracing::debug!(
                     bucket,

@@ -15,13 +15,12 @@ use std::time::Duration;
 
 use cairn_node::clock::now_unix_ms;
 use cairn_node::meta::Metadata;
-use cairn_node::release::{ReleaseCheck, SegmentPlaces};
+use cairn_node::release::{ReleaseCheck, SegmentPlaces, VersionLock};
 use cairn_node::swarm::NodeHandle;
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
 use cairn_protocol::meta::{Partition, Register, RowKey, RowValue, Table, split_key_sort};
 use cairn_protocol::records::{ReleaseRecord, ReleaseTarget, UploadRecord};
 use cairn_protocol::version::{ObjectVersion, VersionBody};
-use cairn_protocol::wire::FragmentLock;
 
 use crate::buckets::check_bucket_name;
 use crate::error::{ModelError, ModelResult};
@@ -646,13 +645,12 @@ impl ReleaseCheck for ReleaseRule {
         metadata: &'a Metadata,
         bucket: &'a str,
         key: &'a str,
-        upload: UploadId,
-    ) -> Pin<Box<dyn Future<Output = Result<FragmentLock, String>> + Send + 'a>> {
+        version: VersionId,
+        uploads: &'a [UploadId],
+    ) -> Pin<Box<dyn Future<Output = Result<VersionLock, String>> + Send + 'a>> {
         Box::pin(async move {
             names_an_object(bucket, key)?;
-            crate::fragment_locks::lock_of_upload(metadata, bucket, key, upload)
-                .await
-                .map_err(|error| format!("the metadata could not be checked: {error}"))
+            crate::fragment_locks::check_version_lock(metadata, bucket, key, version, uploads).await
         })
     }
 

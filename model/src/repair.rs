@@ -31,8 +31,8 @@ use cairn_protocol::meta::{Partition, RowKey, RowValue, Table};
 use cairn_protocol::placement::{NodeState, Placer, segment_placement_key};
 use cairn_protocol::records::DegradedRecord;
 use cairn_protocol::status::RepairSummary;
-use cairn_protocol::version::VersionBody;
-use cairn_protocol::wire::{Hold, MAX_HAVE_IDS, ObjectKeyDigest};
+use cairn_protocol::version::{ObjectVersion, VersionBody};
+use cairn_protocol::wire::{FragmentLock, Hold, MAX_HAVE_IDS, ObjectKeyDigest};
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -302,9 +302,10 @@ struct SegmentWork {
     /// Nodes being drained: placement gives them nothing, and what they
     /// hold moves to its placed nodes.
     draining: Arc<Vec<NodeId>>,
-    /// Whether the version has a lock its fragments' holders keep
-    /// (fragment_locks::has_node_lock): they are asked to, every pass.
-    locked: bool,
+    /// The lock the version's fragments' holders keep, if it holds
+    /// (fragment_locks): they are asked to, every pass, which renews a
+    /// legal hold's lease.
+    locked: Option<(Arc<ObjectVersion>, FragmentLock)>,
 }
 
 impl SegmentWork {
@@ -701,7 +702,11 @@ impl Repair {
                     Arc::<str>::from(manifest.key.as_str()),
                     ObjectKeyDigest::of(&bucket, &manifest.key),
                 );
-                let locked = fragment_locks::has_node_lock(version);
+                let now = now_unix_ms();
+                let lock = fragment_locks::lock_of(version, now);
+                let locked = lock
+                    .holds(now)
+                    .then(|| (Arc::new((**version).clone()), lock));
                 for part in &manifest.parts {
                     for segment in &part.segments {
                         let placement_key = segment_placement_key(&segment.fragments);
@@ -724,7 +729,7 @@ impl Repair {
                             placed,
                             spares,
                             draining: draining.clone(),
-                            locked,
+                            locked: locked.clone(),
                         });
                         if batch.len() >= CHECK_BATCH {
                             let checked = std::mem::take(&mut batch);
@@ -911,30 +916,38 @@ impl Repair {
     }
 
     /// Asks every node found holding a fragment of a locked version to
-    /// lock its upload's fragments as the key's versions state together
-    /// (a node that missed a lock change, or a copy repair wrote since,
-    /// catches up); a node with nothing to change answers from its index.
+    /// lock that version's uploads it holds (a node that missed a lock, a
+    /// copy written on a spare or rebuilt since, and every legal hold's
+    /// lease, are brought up to date); a node with nothing to change
+    /// answers from its index.
     async fn lock_on_holders(&self, batch: &[SegmentWork], holders: &[Vec<Vec<NodeId>>]) {
-        let mut by_upload: BTreeMap<(String, Arc<str>, UploadId), BTreeSet<NodeId>> =
+        type Asks = BTreeMap<NodeId, BTreeSet<UploadId>>;
+        let mut by_version: BTreeMap<VersionId, (Arc<ObjectVersion>, FragmentLock, Asks)> =
             BTreeMap::new();
-        for (work, holders) in batch.iter().zip(holders).filter(|(w, _)| w.locked) {
-            by_upload
-                .entry((work.bucket.clone(), work.key.clone(), work.upload))
-                .or_default()
-                .extend(holders.iter().flatten().copied());
-        }
-        for ((bucket, key, upload), nodes) in by_upload {
-            let metadata = self.node.metadata();
-            let lock = match fragment_locks::lock_of_upload(metadata, &bucket, &key, upload).await {
-                Ok(lock) => lock,
-                Err(error) => {
-                    tracing::warn!(bucket, key = &*key, %upload, %error, "the lock of a version's fragments could not be read; next pass");
-                    continue;
-                }
+        for (work, holders) in batch.iter().zip(holders) {
+            let Some((version, lock)) = &work.locked else {
+                continue;
             };
-            let asks = nodes.into_iter().map(|n| (n, upload, lock)).collect();
-            fragment_locks::ask(&self.node, &bucket, &key, asks).await;
+            let (_, _, asks) = by_version
+                .entry(work.version)
+                .or_insert_with(|| (version.clone(), *lock, BTreeMap::new()));
+            for node in holders.iter().flatten() {
+                asks.entry(*node).or_default().insert(work.upload);
+            }
         }
+        let locks = by_version
+            .into_values()
+            .map(|(version, lock, asks)| async move {
+                let asks = asks
+                    .into_iter()
+                    .map(|(node, uploads)| (node, uploads.into_iter().collect()))
+                    .collect();
+                fragment_locks::ask(&self.node, &version, lock, asks, CALL_DEADLINE).await
+            });
+        futures::stream::iter(locks)
+            .buffer_unordered(4)
+            .collect::<Vec<_>>()
+            .await;
     }
 
     /// Asks the nodes that may hold a fragment of a segment too short to

@@ -107,22 +107,27 @@ impl NodeHandle {
             .await
     }
 
-    /// Asks `node` to keep the fragments of `upload`, written for
-    /// `bucket`/`key`, under `lock`; it checks the metadata first. Answers
-    /// how many fragments of theirs it holds.
+    /// Asks `node` to keep the fragments of `uploads`, written for
+    /// `bucket`/`key`, locked at least until the dates of `lock`, which
+    /// `version` states; it checks the metadata first. Answers how many
+    /// fragments of theirs it holds.
     pub async fn lock_fragments(
         &self,
         node: &NodeId,
-        upload: UploadId,
+        uploads: &[UploadId],
         bucket: &str,
         key: &str,
+        version: VersionId,
         lock: FragmentLock,
     ) -> Result<u64, NodeError> {
         if *node == self.node_id() {
-            return Ok(self.local.lock_local(upload, bucket, key, lock).await?);
+            return Ok(self
+                .local
+                .lock_local(uploads.to_vec(), bucket, key, version, lock)
+                .await?);
         }
         self.with_retries(node, |stream| {
-            pieces::lock_fragments(stream, upload, bucket, key, lock)
+            pieces::lock_fragments(stream, uploads, bucket, key, version, lock)
         })
         .await
     }

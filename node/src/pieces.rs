@@ -405,11 +405,15 @@ impl Server {
                 Err(refusal) => send(write, &refusal).await,
             },
             Message::LockFragments {
-                upload,
+                uploads,
                 bucket,
                 key,
+                version,
                 lock,
-            } => match self.lock_fragments(upload, &bucket, &key, lock).await? {
+            } => match self
+                .lock_fragments(uploads, &bucket, &key, version, lock)
+                .await?
+            {
                 Ok(fragments) => send(write, &Message::FragmentsLocked { fragments }).await,
                 Err(refusal) => send(write, &refusal).await,
             },
@@ -838,22 +842,40 @@ impl Server {
 }
 
 impl Server {
-    /// Puts the fragments of `upload` written for `bucket`/`key` under the
-    /// lock the replicated metadata states, if it justifies the compliance
-    /// date of `lock`; answers how many fragments of theirs are here. A
-    /// lock that changes nothing here is answered without a look at the
-    /// metadata (repair asks again on every pass).
+    /// Locks the fragments of `uploads` written for `bucket`/`key` at least
+    /// until the dates of `lock`, if `version` of the object states them in
+    /// the replicated metadata; answers how many fragments of theirs are
+    /// here. A lock that changes nothing here is answered without a look at
+    /// the metadata (repair asks again on every pass).
     async fn lock_fragments(
         &self,
-        upload: UploadId,
+        mut uploads: Vec<UploadId>,
         bucket: &str,
         key: &str,
+        version: VersionId,
         lock: FragmentLock,
     ) -> Result<Result<u64, Message>, PieceError> {
+        uploads.sort_unstable();
+        uploads.dedup();
         let object = ObjectKeyDigest::of(bucket, key);
-        let in_order = self.release_rules.order.lock(upload, object).await;
+        // In the order of the upload ids: two locks naming the same
+        // uploads never wait on each other.
+        let mut in_order = Vec::with_capacity(uploads.len());
+        for upload in &uploads {
+            in_order.push(self.release_rules.order.lock(*upload, object).await);
+        }
         let store = self.store.clone();
-        match blocking(move || store.lock_changes(&upload, &object, lock)).await? {
+        let asked = uploads.clone();
+        let counted = blocking(move || {
+            asked.iter().try_fold(Locked::default(), |total, upload| {
+                let more = store.lock_changes(upload, &object, lock)?;
+                Ok::<_, StoreError>(Locked {
+                    changed: total.changed + more.changed,
+                    fragments: total.fragments + more.fragments,
+                })
+            })
+        });
+        match counted.await? {
             Ok(Locked {
                 changed: 0,
                 fragments,
@@ -861,39 +883,43 @@ impl Server {
             Ok(_) => {}
             Err(error) => return Ok(Err(reject_for(&error))),
         }
-        let lock = match may_lock(
+        let now = (self.now_unix_ms)();
+        let checked = may_lock(
             &self.release_rules,
             &self.metadata,
             bucket,
             key,
-            upload,
+            version,
+            &uploads,
             lock,
-        )
-        .await
-        {
-            Ok(stated) => stated,
-            Err(why) => {
-                tracing::warn!(%upload, bucket, key, %why, "refused a lock");
-                return Ok(Err(reject(
-                    RejectCode::Unauthorized,
-                    format!("lock refused: {why}"),
-                )));
-            }
-        };
+            now,
+        );
+        if let Err(why) = checked.await {
+            tracing::warn!(bucket, key, %version, %why, "refused a lock");
+            return Ok(Err(reject(
+                RejectCode::Unauthorized,
+                format!("lock refused: {why}"),
+            )));
+        }
         let store = self.store.clone();
-        let now = (self.now_unix_ms)();
         let locked = blocking(move || {
             let _in_order = in_order;
-            // A fragment a version under a lock uses is not left in the
-            // trash (the check above found that version).
-            if lock.holds(now) {
-                store.restore_upload(&upload, &object, now)?;
-            }
-            store.lock_upload(&upload, &object, lock)
+            uploads.iter().try_fold(Locked::default(), |total, upload| {
+                // A fragment a version under a lock uses is not left in
+                // the trash (the check above found that version).
+                if lock.holds(now) {
+                    store.restore_upload(upload, &object, now)?;
+                }
+                let more = store.lock_upload(upload, &object, lock)?;
+                Ok::<_, StoreError>(Locked {
+                    changed: total.changed + more.changed,
+                    fragments: total.fragments + more.fragments,
+                })
+            })
         })
         .await?;
         if let Ok(locked) = &locked {
-            tracing::info!(%upload, bucket, key, changed = locked.changed, compliance_until_unix_ms = lock.compliance_until_unix_ms, legal_hold = lock.legal_hold, "locked an upload's fragments");
+            tracing::info!(bucket, key, %version, changed = locked.changed, compliance_until_unix_ms = lock.compliance_until_unix_ms, legal_hold_until_unix_ms = lock.legal_hold_until_unix_ms, "locked a version's fragments");
         }
         Ok(locked
             .map(|locked| locked.fragments)
@@ -980,12 +1006,13 @@ impl Server {
 
     pub(crate) async fn lock_local(
         &self,
-        upload: UploadId,
+        uploads: Vec<UploadId>,
         bucket: &str,
         key: &str,
+        version: VersionId,
         lock: FragmentLock,
     ) -> Result<u64, PieceError> {
-        self.lock_fragments(upload, bucket, key, lock)
+        self.lock_fragments(uploads, bucket, key, version, lock)
             .await?
             .map_err(|r| refused(&r))
     }
@@ -1348,18 +1375,20 @@ pub async fn restore<S: AsyncRead + AsyncWrite + Unpin>(
     .await
 }
 
-/// Asks the peer to put the fragments of `upload` under `lock`.
+/// Asks the peer to lock the fragments of `uploads` as `version` states.
 pub async fn lock_fragments<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    upload: UploadId,
+    uploads: &[UploadId],
     bucket: &str,
     key: &str,
+    version: VersionId,
     lock: FragmentLock,
 ) -> Result<u64, PieceError> {
     let request = Message::LockFragments {
-        upload,
+        uploads: uploads.to_vec(),
         bucket: bucket.to_owned(),
         key: key.to_owned(),
+        version,
         lock,
     };
     ask_once(stream, &request, |answer| match answer {

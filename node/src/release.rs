@@ -10,7 +10,9 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
-use cairn_protocol::wire::{FragmentLock, ObjectKeyDigest};
+use cairn_protocol::wire::{
+    FragmentLock, LEGAL_HOLD_LEASE_MS, LEGAL_HOLD_LEASE_STEP_MS, ObjectKeyDigest,
+};
 
 use crate::meta::Metadata;
 
@@ -69,23 +71,32 @@ pub trait ReleaseCheck: Send + Sync {
         upload: UploadId,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
-    /// The lock the fragments of `upload`, written for `bucket`/`key`,
-    /// are under by the replicated metadata: the latest compliance date of
-    /// the versions of the key that exist and use the upload, and whether
-    /// any of them is under a legal hold.
+    /// The lock `version` of `bucket`/`key` puts on the fragments of
+    /// `uploads` by the replicated metadata: `Ok` only if the version
+    /// exists and its manifest uses every one of them; its compliance date
+    /// (0 without one), and whether it is under a legal hold.
     fn check_lock<'a>(
         &'a self,
         metadata: &'a Metadata,
         bucket: &'a str,
         key: &'a str,
-        upload: UploadId,
-    ) -> Pin<Box<dyn Future<Output = Result<FragmentLock, String>> + Send + 'a>>;
+        version: VersionId,
+        uploads: &'a [UploadId],
+    ) -> Pin<Box<dyn Future<Output = Result<VersionLock, String>> + Send + 'a>>;
 
     /// How long after a fragment is stored here a release may trash it:
     /// the longest a write may take to commit, plus a margin. Measured by
     /// this node's own clock, which no peer can set, it keeps the
     /// fragments of a write still on its way whatever the metadata says.
     fn settle_ms(&self) -> u64;
+}
+
+/// The lock a version states in the replicated metadata.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VersionLock {
+    /// Its compliance retention's date (0 without one).
+    pub compliance_until_unix_ms: u64,
+    pub legal_hold: bool,
 }
 
 /// The rules a node holds, once installed, and the locks that put its
@@ -250,34 +261,57 @@ pub(crate) async fn may_keep(
     }
 }
 
-/// The lock the installed rules find the fragments of `upload` under, if
-/// it justifies `asked`: a compliance date no later than the metadata
-/// states. Its legal hold is the metadata's, whatever was asked: two
-/// changes racing reach the node in any order, and the later check wins.
+/// Whether the installed rules justify `asked` on the fragments of
+/// `uploads`: `version` uses them, and states a compliance date no earlier
+/// than the one asked, and a legal hold if a lease is asked (no longer than
+/// a lease from now, by this node's clock, plus a step and a margin).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn may_lock(
     rules: &ReleaseRules,
     metadata: &Metadata,
     bucket: &str,
     key: &str,
-    upload: UploadId,
+    version: VersionId,
+    uploads: &[UploadId],
     asked: FragmentLock,
-) -> Result<FragmentLock, String> {
+    now_unix_ms: u64,
+) -> Result<(), String> {
+    /// Clocks of the asking node and this one may differ by this much.
+    const CLOCK_MARGIN_MS: u64 = 3600 * 1000;
     let Some(rules) = rules.get() else {
         return Err("this node has no metadata rules to check a lock against".into());
     };
-    let stated = rules.check_lock(metadata, bucket, key, upload).await?;
-    if asked.compliance_until_unix_ms > stated.compliance_until_unix_ms {
+    let VersionLock {
+        compliance_until_unix_ms: compliance_until,
+        legal_hold,
+    } = rules
+        .check_lock(metadata, bucket, key, version, uploads)
+        .await?;
+    if asked.compliance_until_unix_ms > compliance_until {
         return Err(format!(
-            "a compliance retention until {} (Unix ms) was asked, and the versions of {bucket}/{key} that use upload {upload} state {}",
+            "a compliance retention until {} (Unix ms) was asked, and version {version} of {bucket}/{key} states {}",
             asked.compliance_until_unix_ms,
-            if stated.compliance_until_unix_ms == 0 {
+            if compliance_until == 0 {
                 "none".to_owned()
             } else {
-                format!("{} at the latest", stated.compliance_until_unix_ms)
+                format!("{compliance_until}")
             }
         ));
     }
-    Ok(stated)
+    let longest_lease = now_unix_ms
+        .saturating_add(LEGAL_HOLD_LEASE_MS + LEGAL_HOLD_LEASE_STEP_MS + CLOCK_MARGIN_MS);
+    if asked.legal_hold_until_unix_ms > 0 && !legal_hold {
+        return Err(format!(
+            "a legal hold was asked, and version {version} of {bucket}/{key} is under none"
+        ));
+    }
+    if asked.legal_hold_until_unix_ms > longest_lease {
+        return Err(format!(
+            "a legal hold's lease until {} (Unix ms) was asked, longer than a lease from now",
+            asked.legal_hold_until_unix_ms
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the installed rules let the fragments of `upload` come back.

@@ -157,8 +157,8 @@ pub enum HeldBy {
     Hold { until_unix_ms: u64 },
     /// A compliance retention of a version that uses it, until this date.
     Compliance { until_unix_ms: u64 },
-    /// A legal hold on a version that uses it.
-    LegalHold,
+    /// A legal hold on a version that uses it, leased until this date.
+    LegalHold { lease_until_unix_ms: u64 },
 }
 
 impl std::fmt::Display for HeldBy {
@@ -171,7 +171,12 @@ impl std::fmt::Display for HeldBy {
                 f,
                 "a version that uses it is under a compliance retention until {until_unix_ms} (Unix ms)"
             ),
-            Self::LegalHold => write!(f, "a version that uses it is under a legal hold"),
+            Self::LegalHold {
+                lease_until_unix_ms,
+            } => write!(
+                f,
+                "a version that uses it is under a legal hold (leased here until {lease_until_unix_ms} Unix ms)"
+            ),
         }
     }
 }
@@ -248,7 +253,7 @@ pub struct FragmentEntry {
     pub lock: FragmentLock,
 }
 
-const ENTRY_BYTES: usize = 199;
+const ENTRY_BYTES: usize = 206;
 /// Entries of format 3 had no lock.
 const ENTRY_BYTES_FORMAT_3: usize = 190;
 /// Entries of format 2 had no object key digest; read as bound to no
@@ -275,14 +280,16 @@ impl FragmentEntry {
         out[94..158].copy_from_slice(&self.hold.signature);
         out[158..190].copy_from_slice(self.hold.object.as_bytes());
         out[190..198].copy_from_slice(&self.lock.compliance_until_unix_ms.to_be_bytes());
-        out[198] = u8::from(self.lock.legal_hold);
+        out[198..206].copy_from_slice(&self.lock.legal_hold_until_unix_ms.to_be_bytes());
         out
     }
 
     /// What keeps it from the trash at `now_unix_ms`, if anything.
     pub fn held_by(&self, now_unix_ms: u64) -> Option<HeldBy> {
-        if self.lock.legal_hold {
-            Some(HeldBy::LegalHold)
+        if self.lock.legal_hold_until_unix_ms > now_unix_ms {
+            Some(HeldBy::LegalHold {
+                lease_until_unix_ms: self.lock.legal_hold_until_unix_ms,
+            })
         } else if self.lock.compliance_until_unix_ms > now_unix_ms {
             Some(HeldBy::Compliance {
                 until_unix_ms: self.lock.compliance_until_unix_ms,
@@ -296,36 +303,23 @@ impl FragmentEntry {
         }
     }
 
-    /// The lock it would carry under `asked`: a compliance date only ever
-    /// moves later; the legal hold is what was asked.
+    /// The lock it would carry under `asked`: each date only ever moves
+    /// later.
     fn locked_under(&self, asked: FragmentLock) -> FragmentLock {
-        FragmentLock {
-            compliance_until_unix_ms: self
-                .lock
-                .compliance_until_unix_ms
-                .max(asked.compliance_until_unix_ms),
-            legal_hold: asked.legal_hold,
-        }
+        self.lock.join(asked)
     }
 
     fn decode(id: FragmentId, raw: &[u8]) -> Result<Self, StoreError> {
         let bad = || StoreError::BadIndexEntry(id);
         let u64_at = |at: usize| u64::from_be_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
         let (object, lock) = match (raw.first(), raw.len()) {
-            (Some(&ENTRY_FORMAT), ENTRY_BYTES) => {
-                let legal_hold = match raw[198] {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(bad()),
-                };
-                (
-                    ObjectKeyDigest(raw[158..190].try_into().expect("32 bytes")),
-                    FragmentLock {
-                        compliance_until_unix_ms: u64_at(190),
-                        legal_hold,
-                    },
-                )
-            }
+            (Some(&ENTRY_FORMAT), ENTRY_BYTES) => (
+                ObjectKeyDigest(raw[158..190].try_into().expect("32 bytes")),
+                FragmentLock {
+                    compliance_until_unix_ms: u64_at(190),
+                    legal_hold_until_unix_ms: u64_at(198),
+                },
+            ),
             (Some(3), ENTRY_BYTES_FORMAT_3) => (
                 ObjectKeyDigest(raw[158..190].try_into().expect("32 bytes")),
                 FragmentLock::default(),

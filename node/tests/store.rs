@@ -994,7 +994,7 @@ async fn a_locked_upload_is_kept_from_every_way_to_the_trash_until_its_lock_ends
     let object = ObjectKeyDigest::of("bucket", "key");
     let compliance = |until: u64| FragmentLock {
         compliance_until_unix_ms: until,
-        legal_hold: false,
+        legal_hold_until_unix_ms: 0,
     };
     let (live, rotten) = {
         let store = FragmentStore::open(config(dir.path())).unwrap();
@@ -1063,10 +1063,13 @@ async fn a_locked_upload_is_kept_from_every_way_to_the_trash_until_its_lock_ends
         store.drop_copy(&live, &upload, &object, NOW),
         Err(StoreError::Held { .. })
     ));
-    // A legal hold keeps them past the compliance date.
+    // A legal hold's lease keeps them past the compliance date; an
+    // earlier lease changes nothing.
+    // Far enough that the real clock, which stamps quarantines, is before.
+    let lease = 4_000_000_000_000;
     let legal_hold = FragmentLock {
         compliance_until_unix_ms: 0,
-        legal_hold: true,
+        legal_hold_until_unix_ms: lease,
     };
     assert_eq!(
         store
@@ -1075,17 +1078,28 @@ async fn a_locked_upload_is_kept_from_every_way_to_the_trash_until_its_lock_ends
             .changed,
         2
     );
+    let earlier = FragmentLock {
+        compliance_until_unix_ms: 0,
+        legal_hold_until_unix_ms: lease - 1,
+    };
+    assert_eq!(
+        store
+            .lock_upload(&upload, &object, earlier)
+            .unwrap()
+            .changed,
+        0
+    );
     assert_eq!(
         store.entry(&live).unwrap().unwrap().lock,
         FragmentLock {
             compliance_until_unix_ms: NOW + 60_000,
-            legal_hold: true,
+            legal_hold_until_unix_ms: lease,
         }
     );
     assert!(matches!(
         store.delete(&live, NOW + 60_000),
         Err(StoreError::Held {
-            why: HeldBy::LegalHold,
+            why: HeldBy::LegalHold { .. },
             ..
         })
     ));
@@ -1096,20 +1110,20 @@ async fn a_locked_upload_is_kept_from_every_way_to_the_trash_until_its_lock_ends
         store.read(&rotten, 0, 1),
         Err(StoreError::Corrupt(_))
     ));
-    assert_eq!(store.purge_trash(u64::MAX / 2).unwrap(), 0);
+    assert_eq!(store.purge_trash(lease - 1).unwrap(), 0);
     let (_, again) = put(&store, fragment_bytes(41, 5_000), 0).await;
     assert_eq!(again.unwrap(), PutOutcome::Stored);
     let entry = store.entry(&rotten).unwrap().unwrap();
     assert_eq!(
-        (entry.state, entry.lock.legal_hold),
-        (FragmentState::Live, true)
+        (entry.state, entry.lock.legal_hold_until_unix_ms),
+        (FragmentState::Live, lease)
     );
-    // Once the legal hold is cleared and the date passed, they go.
-    store
-        .lock_upload(&upload, &object, FragmentLock::default())
-        .unwrap();
+    // Nothing clears a lock: once the lease and the date have passed
+    // (the hold lifted, so nobody renews it), they go.
     let released = store
-        .release(&upload, &object, u64::MAX, NOW + 60_000)
+        .release(&upload, &object, u64::MAX, lease - 1)
         .unwrap();
+    assert_eq!((released.trashed, released.held), (0, 2));
+    let released = store.release(&upload, &object, u64::MAX, lease).unwrap();
     assert_eq!((released.trashed, released.held), (2, 0));
 }

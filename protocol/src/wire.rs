@@ -130,21 +130,53 @@ impl Hold {
     }
 }
 
-/// The Object Lock a storing node keeps on the fragments of an upload,
-/// as the replicated metadata states it for the versions of the object
-/// that use them: the latest compliance retain-until among them, and
-/// whether any is under a legal hold. Governance retention is not here:
-/// it yields to a bypass, so the gateway enforces it alone.
+/// The Object Lock a storing node keeps on the fragments of an upload, as
+/// versions that use them state it (spec/versioning.md, "Locks on the
+/// nodes"): a compliance retain-until, and the end of a legal hold's lease
+/// (a legal hold has no date: while it is on, repair renews the lease; once
+/// lifted, the lease runs out). Both only ever move later. Governance
+/// retention is not here: it yields to a bypass, so the gateway alone
+/// enforces it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FragmentLock {
     pub compliance_until_unix_ms: u64,
-    pub legal_hold: bool,
+    pub legal_hold_until_unix_ms: u64,
 }
+
+/// How long a legal hold's lease on the nodes lasts past the lock that
+/// set it, and the grid its ends fall on (so that a lease renewed every
+/// repair pass changes a node's entries once per step, not every pass).
+pub const LEGAL_HOLD_LEASE_MS: u64 = 24 * 3600 * 1000;
+pub const LEGAL_HOLD_LEASE_STEP_MS: u64 = 6 * 3600 * 1000;
+/// The most uploads one lock-fragments names (a multipart object's
+/// parts are named in several).
+pub const MAX_LOCK_UPLOADS: usize = 1024;
 
 impl FragmentLock {
     /// Whether it keeps its fragments at `now_unix_ms`.
     pub fn holds(&self, now_unix_ms: u64) -> bool {
-        self.legal_hold || self.compliance_until_unix_ms > now_unix_ms
+        self.legal_hold_until_unix_ms > now_unix_ms || self.compliance_until_unix_ms > now_unix_ms
+    }
+
+    /// Each date the later of the two.
+    pub fn join(self, other: Self) -> Self {
+        Self {
+            compliance_until_unix_ms: self
+                .compliance_until_unix_ms
+                .max(other.compliance_until_unix_ms),
+            legal_hold_until_unix_ms: self
+                .legal_hold_until_unix_ms
+                .max(other.legal_hold_until_unix_ms),
+        }
+    }
+
+    /// The end of a legal hold's lease taken at `now_unix_ms`: at least a
+    /// lease ahead, on the step grid.
+    pub fn legal_hold_lease_end(now_unix_ms: u64) -> u64 {
+        now_unix_ms
+            .saturating_add(LEGAL_HOLD_LEASE_MS)
+            .div_ceil(LEGAL_HOLD_LEASE_STEP_MS)
+            .saturating_mul(LEGAL_HOLD_LEASE_STEP_MS)
     }
 }
 
@@ -311,18 +343,19 @@ pub enum Message {
     Restored {
         restored: u64,
     },
-    /// Asks the holder to keep every fragment whose hold names `upload`
-    /// and the object `bucket`/`key` under `lock`: its compliance date
-    /// only ever moves later, its legal hold is set or cleared. The holder
-    /// checks the replicated metadata of the object's versions first.
+    /// Asks the holder to keep every fragment whose hold names one of
+    /// `uploads` and the object `bucket`/`key` at least until the dates of
+    /// `lock`, which `version` of that object states; the holder checks
+    /// the version in the replicated metadata first.
     LockFragments {
-        upload: UploadId,
+        uploads: Vec<UploadId>,
         bucket: String,
         key: String,
+        version: VersionId,
         lock: FragmentLock,
     },
-    /// Answers a lock: the fragments of the upload and object held here,
-    /// each now under the lock asked (or a later compliance date).
+    /// Answers a lock: the fragments of the uploads and object held here,
+    /// each now locked at least until the dates asked.
     FragmentsLocked {
         fragments: u64,
     },
@@ -568,19 +601,25 @@ impl Message {
                 out.put_u64(*restored);
             }
             Message::LockFragments {
-                upload,
+                uploads,
                 bucket,
                 key,
+                version,
                 lock,
             } => {
+                check_len("lock uploads", uploads.len(), MAX_LOCK_UPLOADS)?;
                 check_len("lock bucket", bucket.len(), MAX_BUCKET_BYTES)?;
                 check_len("lock key", key.len(), MAX_KEY_BYTES)?;
                 out.put_u8(tag::LOCK_FRAGMENTS);
-                out.extend_from_slice(upload.as_bytes());
+                out.put_u32(uploads.len() as u32);
+                for upload in uploads {
+                    out.extend_from_slice(upload.as_bytes());
+                }
                 out.put_bytes16(bucket.as_bytes());
                 out.put_bytes16(key.as_bytes());
+                out.extend_from_slice(&version.0);
                 out.put_u64(lock.compliance_until_unix_ms);
-                out.put_bool(lock.legal_hold);
+                out.put_u64(lock.legal_hold_until_unix_ms);
             }
             Message::FragmentsLocked { fragments } => {
                 out.put_u8(tag::FRAGMENTS_LOCKED);
@@ -750,15 +789,22 @@ impl Message {
             tag::RESTORED => Message::Restored {
                 restored: r.u64("restored")?,
             },
-            tag::LOCK_FRAGMENTS => Message::LockFragments {
-                upload: UploadId(r.array("upload id")?),
-                bucket: r.str16("lock bucket", MAX_BUCKET_BYTES)?.to_owned(),
-                key: r.str16("lock key", MAX_KEY_BYTES)?.to_owned(),
-                lock: FragmentLock {
-                    compliance_until_unix_ms: r.u64("compliance until")?,
-                    legal_hold: r.bool("legal hold")?,
-                },
-            },
+            tag::LOCK_FRAGMENTS => {
+                let count = r.count("lock uploads", MAX_LOCK_UPLOADS, 16)?;
+                let uploads = (0..count)
+                    .map(|_| r.array("upload id").map(UploadId))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Message::LockFragments {
+                    uploads,
+                    bucket: r.str16("lock bucket", MAX_BUCKET_BYTES)?.to_owned(),
+                    key: r.str16("lock key", MAX_KEY_BYTES)?.to_owned(),
+                    version: VersionId(r.array("version id")?),
+                    lock: FragmentLock {
+                        compliance_until_unix_ms: r.u64("compliance until")?,
+                        legal_hold_until_unix_ms: r.u64("legal hold until")?,
+                    },
+                }
+            }
             tag::FRAGMENTS_LOCKED => Message::FragmentsLocked {
                 fragments: r.u64("fragments locked")?,
             },
@@ -975,12 +1021,13 @@ mod tests {
             },
             Message::Restored { restored: 3 },
             Message::LockFragments {
-                upload: UploadId([7; 16]),
+                uploads: vec![UploadId([7; 16]), UploadId([8; 16])],
                 bucket: "photos".into(),
                 key: "2026/cat.jpg".into(),
+                version: VersionId([9; 16]),
                 lock: FragmentLock {
                     compliance_until_unix_ms: 1_900_000_000_000,
-                    legal_hold: true,
+                    legal_hold_until_unix_ms: 1_800_000_000_000,
                 },
             },
             Message::FragmentsLocked { fragments: 5 },

@@ -714,12 +714,13 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
         (
             "lock_fragments",
             Message::LockFragments {
-                upload: UploadId([0x4d; 16]),
+                uploads: vec![UploadId([0x4d; 16]), UploadId([0x4e; 16])],
                 bucket: "photos".into(),
                 key: "2026/cat.jpg".into(),
+                version: cairn_protocol::ids::VersionId([0x5e; 16]),
                 lock: cairn_protocol::wire::FragmentLock {
                     compliance_until_unix_ms: 1_900_000_000_000,
-                    legal_hold: true,
+                    legal_hold_until_unix_ms: 1_800_000_000_000,
                 },
             },
         ),

@@ -345,7 +345,7 @@ impl CairnS3 {
                     legal_hold: guard.legal_hold,
                     ..version.clone()
                 };
-                if fragment_locks::has_node_lock(&locked) {
+                if fragment_locks::has_node_lock(&locked, cairn_node::clock::now_unix_ms()) {
                     self.objects.lock_on_nodes(&locked, None).await;
                 }
                 Ok(())
