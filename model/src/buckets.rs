@@ -279,6 +279,20 @@ impl Buckets {
             .metadata()
             .read_register(lifecycle_register(name))
             .await?;
+        // A configuration of another generation may be a bucket created
+        // since this gateway cached its record: the record is read again.
+        let generation = value
+            .as_deref()
+            .and_then(|bytes| LifecycleConfiguration::decode(bytes).ok())
+            .map(|c| c.generation);
+        let record = match generation {
+            Some(generation) if generation != record.bucket_key_id => self
+                .table
+                .get_fresh(name)
+                .await?
+                .ok_or_else(|| ModelError::NoSuchBucket(name.to_owned()))?,
+            _ => record,
+        };
         stored_lifecycle(&record, value.as_deref())
     }
 

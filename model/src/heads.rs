@@ -407,6 +407,16 @@ impl DeleteCondition {
     }
 }
 
+/// What a DELETE without a version id did.
+#[derive(Debug, Default)]
+pub struct Deletion {
+    /// The delete marker it wrote, in a bucket that keeps history.
+    pub marker: Option<ObjectVersion>,
+    /// Whether this delete moved the head (else its condition found no
+    /// current object to delete).
+    pub changed: bool,
+}
+
 /// The object index of one gateway: heads, versions and manifests, and
 /// the version ids it hands out. Cheap to clone.
 #[derive(Clone)]
@@ -630,20 +640,20 @@ impl ObjectIndex {
     /// Deletes the current object of `key` if `condition` holds. In a
     /// bucket that keeps no history (`versioning` Unversioned) the head
     /// becomes a purged delete marker and every version it replaced is
-    /// purged (their fragments go to the collector); the answer is `None`.
-    /// Otherwise the head becomes a delete marker of its own, written out
-    /// as a version (a null one while versioning is Suspended, which
-    /// replaces the null version), and the answer is that marker. A key
-    /// with no current object is a success that changes nothing when the
-    /// delete is conditional, except that versions a crashed writer left
-    /// below the head are settled then too.
+    /// purged (their fragments go to the collector); no marker is
+    /// answered. Otherwise the head becomes a delete marker of its own,
+    /// written out as a version (a null one while versioning is Suspended,
+    /// which replaces the null version), and the answer is that marker. A
+    /// key with no current object is a success that changes nothing when
+    /// the delete is conditional, except that versions a crashed writer
+    /// left below the head are settled then too.
     pub async fn delete(
         &self,
         bucket: &str,
         key: &str,
         condition: &DeleteCondition,
         versioning: Versioning,
-    ) -> ModelResult<Option<ObjectVersion>> {
+    ) -> ModelResult<Deletion> {
         const IDENTITIES: usize = 8;
         let keeps_history = versioning != Versioning::Unversioned;
         let write_condition = WriteCondition::Deleting(condition.clone());
@@ -690,14 +700,15 @@ impl ObjectIndex {
                         replaced: None,
                         head,
                     },
-                    None => return Ok(None),
+                    None => return Ok(Deletion::default()),
                 }
             }
             Ok(Some(swap)) => swap,
             Err(error) => return Err(error),
         };
         let mut rows = self.settle_below(&swap).await?;
-        let written = keeps_history && swap.head.version == marker.version;
+        let changed = swap.head.version == marker.version;
+        let written = keeps_history && changed;
         if written {
             rows.push((
                 versions_row(bucket, key, &swap.head.version),
@@ -708,7 +719,10 @@ impl ObjectIndex {
         for chunk in rows.chunks(1000) {
             metadata.write(chunk.to_vec()).await?;
         }
-        Ok(written.then_some(swap.head))
+        Ok(Deletion {
+            marker: written.then_some(swap.head),
+            changed,
+        })
     }
 
     /// Deletes the version `wanted` names permanently, if no lock holds it
@@ -738,12 +752,30 @@ impl ObjectIndex {
         if !condition.is_unconditional() && !condition.holds_for(&target) {
             return Err(ModelError::PreconditionFailed);
         }
+        Ok(self
+            .purge(target, bypass_governance)
+            .await?
+            .map(|(deleted, _)| deleted))
+    }
+
+    /// Deletes `target` (a version read from its row) permanently if its
+    /// lock guard lets it (`AccessDenied` otherwise): the rest of
+    /// [`Self::delete_version`], for a caller that found the version
+    /// itself. `None` when it no longer exists; else the version, and
+    /// whether this call decided the purge (not one before it).
+    pub async fn purge(
+        &self,
+        target: ObjectVersion,
+        bypass_governance: bool,
+    ) -> ModelResult<Option<(ObjectVersion, bool)>> {
+        let (bucket, key) = (target.bucket.as_str(), target.key.as_str());
         let metadata = self.node.metadata();
         let row = versions_row(bucket, key, &target.version);
         let purge = GuardChange::Purge { bypass_governance };
-        match decide_version_change(metadata, &row, purge).await {
+        let decided = match decide_version_change(metadata, &row, purge).await {
+            Ok(_) => true,
             // Decided before by a delete that stopped: it is finished here.
-            Ok(_) | Err(LockError::Refused(GuardRefusal::Purged)) => {}
+            Err(LockError::Refused(GuardRefusal::Purged)) => false,
             Err(LockError::NoSuchVersion) => return Ok(None),
             Err(LockError::Refused(refusal)) => {
                 return Err(ModelError::AccessDenied(format!(
@@ -753,7 +785,7 @@ impl ObjectIndex {
             }
             Err(LockError::Corrupt(why)) => return Err(ModelError::Corrupt(why)),
             Err(LockError::Meta(error)) => return Err(error.into()),
-        }
+        };
         let at = metadata.timestamp();
         let removal = HeadWrite::Remove {
             version: target.version,
@@ -768,7 +800,7 @@ impl ObjectIndex {
         }
         let rows = purge_rows(vec![target.clone()], at);
         metadata.write(rows).await?;
-        Ok(Some(target))
+        Ok(Some((target, decided)))
     }
 
     /// Finishes the permanent delete of version `id` if its row says it

@@ -5,11 +5,13 @@
 //! a rule acts at most once per object version whoever runs it, and never
 //! through an Object Lock.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use cairn_node::clock::now_unix_ms;
 use cairn_node::swarm::NodeHandle;
-use cairn_protocol::meta::Partition;
+use cairn_protocol::ids::NodeId;
+use cairn_protocol::meta::{Partition, RowValue};
 use cairn_protocol::records::{Expiration, LifecycleRule, Versioning};
 use cairn_protocol::status::LifecycleSummary;
 use cairn_protocol::version::{ObjectVersion, VersionBody};
@@ -17,8 +19,9 @@ use tokio::sync::watch;
 
 use crate::buckets::lifecycle_of;
 use crate::error::{ModelError, ModelResult};
-use crate::heads::{DeleteCondition, ObjectIndex, VersionRef};
+use crate::heads::{DeleteCondition, ObjectIndex, VersionRef, read_head};
 use crate::listing::{ListRequest, ListStart, MAX_PAGE_ENTRIES, list_versions};
+use crate::rows::versions_row;
 use crate::uploads::Uploads;
 
 /// How the lifecycle worker runs on a node.
@@ -29,6 +32,12 @@ pub struct LifecycleSettings {
     /// How long a lifecycle day lasts: a day, except in tests, which set a
     /// shorter one to see rules act.
     pub day: Duration,
+    /// How much later than due an action waits: what clocks of the nodes
+    /// may differ by (a node ahead would act early otherwise).
+    pub clock_margin: Duration,
+    /// Versions one listing page of the walk reads (what it holds in
+    /// memory at once, besides one key's versions).
+    pub page_entries: usize,
 }
 
 impl Default for LifecycleSettings {
@@ -36,6 +45,8 @@ impl Default for LifecycleSettings {
         Self {
             every: Duration::from_secs(3600),
             day: Duration::from_secs(86_400),
+            clock_margin: Duration::from_secs(300),
+            page_entries: MAX_PAGE_ENTRIES,
         }
     }
 }
@@ -47,6 +58,7 @@ pub struct LifecycleSection {
     pub every_seconds: u64,
     /// The length of a lifecycle day: 86400, except to try rules out.
     pub day_seconds: u64,
+    pub clock_margin_seconds: u64,
 }
 
 impl Default for LifecycleSection {
@@ -55,6 +67,7 @@ impl Default for LifecycleSection {
         Self {
             every_seconds: settings.every.as_secs(),
             day_seconds: settings.day.as_secs(),
+            clock_margin_seconds: settings.clock_margin.as_secs(),
         }
     }
 }
@@ -64,6 +77,8 @@ impl LifecycleSection {
         LifecycleSettings {
             every: Duration::from_secs(self.every_seconds.max(1)),
             day: Duration::from_secs(self.day_seconds.max(1)),
+            clock_margin: Duration::from_secs(self.clock_margin_seconds),
+            ..LifecycleSettings::default()
         }
     }
 }
@@ -84,7 +99,7 @@ impl LifecycleWorker {
             let pass = Pass {
                 index: ObjectIndex::new(node.clone(), WRITE_DEADLINE, 0),
                 node,
-                day_ms: (settings.day.as_millis() as u64).max(1),
+                settings,
             };
             loop {
                 // Not at once: a node just started has not met its peers.
@@ -164,12 +179,17 @@ fn applies(rule: &LifecycleRule, version: &ObjectVersion) -> bool {
         && rule.size_less_than.is_none_or(|max| size < max)
 }
 
-fn reference(version: &ObjectVersion) -> VersionRef {
-    if version.null {
-        VersionRef::Null
-    } else {
-        VersionRef::Id(version.version)
-    }
+/// When `version` was written, as far as lifecycle counts: its creation,
+/// or its commit if later (a version restored from the trash keeps its
+/// creation, and was written again at its restore). The legal hold's stamp
+/// is at least the commit's (a later hold change only moves it later,
+/// which only delays an action).
+fn written_at(version: &ObjectVersion) -> u64 {
+    version
+        .created
+        .hlc
+        .unix_ms()
+        .max(version.legal_hold.at.hlc.unix_ms())
 }
 
 /// The counter of a report an action adds to.
@@ -190,12 +210,30 @@ fn noncurrent_expired(report: &mut LifecycleSummary) -> &mut u64 {
 struct Pass {
     node: NodeHandle,
     index: ObjectIndex,
-    day_ms: u64,
+    settings: LifecycleSettings,
+}
+
+/// What a pass acts on in one bucket, read again after every page of its
+/// walk: a configuration removed (or of another bucket since) stops it.
+struct BucketRules {
+    generation: String,
+    rules: Vec<LifecycleRule>,
+    versioning: Versioning,
 }
 
 impl Pass {
+    fn day_ms(&self) -> u64 {
+        (self.settings.day.as_millis() as u64).max(1)
+    }
+
+    /// Whether something due at `due_unix_ms` is due now, clocks allowing.
+    fn is_due(&self, due_unix_ms: u64, now_unix_ms: u64) -> bool {
+        due_unix_ms.saturating_add(self.settings.clock_margin.as_millis() as u64) <= now_unix_ms
+    }
+
     async fn run(&self, report: &mut LifecycleSummary) -> ModelResult<()> {
         let metadata = self.node.metadata().clone();
+        let mut active: HashMap<NodeId, bool> = HashMap::new();
         let mut after: Option<Partition> = None;
         loop {
             let from = after.clone();
@@ -209,18 +247,23 @@ impl Pass {
             .await
             .map_err(|e| ModelError::Internal(e.to_string()))??;
             for (partition, _) in &partitions {
-                if partition.is_cluster() || !self.responsible_for(partition)? {
+                if partition.is_cluster() {
                     continue;
                 }
                 let bucket = partition.as_str();
-                match lifecycle_of(&metadata, bucket).await {
-                    Ok(Some((configuration, versioning))) => {
+                match self.responsible_for(partition, &mut active).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(error) => {
+                        tracing::warn!(bucket, %error, "a bucket's replicas could not be told; next pass");
+                        report.failed += 1;
+                        continue;
+                    }
+                }
+                match self.rules_of(bucket).await {
+                    Ok(Some(rules)) => {
                         report.buckets += 1;
-                        let rules = configuration.rules;
-                        if let Err(error) = self.bucket(bucket, &rules, versioning, report).await {
-                            tracing::warn!(bucket, %error, "lifecycle of a bucket failed; next pass");
-                            report.failed += 1;
-                        }
+                        self.bucket(bucket, rules, report).await;
                     }
                     Ok(None) => {}
                     Err(error) => {
@@ -236,50 +279,94 @@ impl Pass {
         }
     }
 
-    /// Whether this node is the first replica of `partition` it can reach.
-    /// Two nodes that both think so only repeat each other's work: every
-    /// action is decided by a compare-and-set.
-    fn responsible_for(&self, partition: &Partition) -> ModelResult<bool> {
+    async fn rules_of(&self, bucket: &str) -> ModelResult<Option<BucketRules>> {
+        Ok(lifecycle_of(self.node.metadata(), bucket)
+            .await?
+            .map(|(configuration, versioning)| BucketRules {
+                generation: configuration.generation,
+                rules: configuration.rules,
+                versioning,
+            }))
+    }
+
+    /// Whether this node is the first replica of `partition` it can reach
+    /// whose lifecycle worker runs: a replica before it that answers but
+    /// shows no recent pass (an older binary, a stuck worker) is passed
+    /// over. Two nodes that both think so only repeat each other's work:
+    /// every action is decided by a compare-and-set. `active` caches the
+    /// answers for the pass.
+    async fn responsible_for(
+        &self,
+        partition: &Partition,
+        active: &mut HashMap<NodeId, bool>,
+    ) -> ModelResult<bool> {
         let own = self.node.node_id();
         for replica in self.node.metadata().replicas_of(partition)? {
             if replica == own {
                 return Ok(true);
             }
-            if self.node.is_member(&replica) {
+            if !self.node.is_member(&replica) {
+                continue;
+            }
+            let runs = match active.get(&replica) {
+                Some(runs) => *runs,
+                None => {
+                    let runs = self.runs_lifecycle(&replica).await;
+                    active.insert(replica, runs);
+                    runs
+                }
+            };
+            if runs {
                 return Ok(false);
             }
         }
         Ok(false)
     }
 
-    async fn bucket(
-        &self,
-        bucket: &str,
-        rules: &[LifecycleRule],
-        versioning: Versioning,
-        report: &mut LifecycleSummary,
-    ) -> ModelResult<()> {
-        if rules
-            .iter()
-            .any(|r| r.enabled && (r.expiration.is_some() || r.noncurrent.is_some()))
-        {
-            self.versions(bucket, rules, versioning, report).await?;
+    /// Whether `node` says its lifecycle worker finished a pass lately, by
+    /// this node's period and clock.
+    async fn runs_lifecycle(&self, node: &NodeId) -> bool {
+        let lately = (self.settings.every * 3 + Duration::from_secs(60)).as_millis() as u64;
+        let asked = tokio::time::timeout(Duration::from_secs(10), self.node.status(node, false));
+        match asked.await {
+            Ok(Ok(status)) => {
+                let now = now_unix_ms();
+                let finished = status.lifecycle.last_finished_unix_ms;
+                status.lifecycle.passes > 0
+                    && finished <= now + 60_000
+                    && now.saturating_sub(finished) <= lately
+            }
+            _ => false,
         }
-        if rules
-            .iter()
-            .any(|r| r.enabled && r.abort_incomplete_days.is_some())
-        {
-            self.uploads(bucket, rules, report).await?;
-        }
-        Ok(())
     }
 
-    /// Walks every key's versions, newest first, one key at a time.
+    /// Applies a bucket's rules: its versions, then its uploads; a part
+    /// that fails is counted and the other still runs.
+    async fn bucket(&self, bucket: &str, rules: BucketRules, report: &mut LifecycleSummary) {
+        let any =
+            |wanted: fn(&LifecycleRule) -> bool| rules.rules.iter().any(|r| r.enabled && wanted(r));
+        let versions = any(|r| r.expiration.is_some() || r.noncurrent.is_some());
+        let uploads = any(|r| r.abort_incomplete_days.is_some());
+        if versions
+            && let Err(error) = self
+                .versions(bucket, rules.generation.clone(), report)
+                .await
+        {
+            tracing::warn!(bucket, %error, "lifecycle of a bucket's versions failed; next pass");
+            report.failed += 1;
+        }
+        if uploads && let Err(error) = self.uploads(bucket, &rules.rules, report).await {
+            tracing::warn!(bucket, %error, "lifecycle of a bucket's uploads failed; next pass");
+            report.failed += 1;
+        }
+    }
+
+    /// Walks every key's versions, newest first, one key at a time; the
+    /// rules are read again after each page.
     async fn versions(
         &self,
         bucket: &str,
-        rules: &[LifecycleRule],
-        versioning: Versioning,
+        generation: String,
         report: &mut LifecycleSummary,
     ) -> ModelResult<()> {
         let metadata = self.node.metadata();
@@ -287,54 +374,75 @@ impl Pass {
             prefix: String::new(),
             delimiter: None,
             start: ListStart::Beginning,
-            max_keys: MAX_PAGE_ENTRIES,
+            max_keys: self.settings.page_entries.clamp(1, MAX_PAGE_ENTRIES),
         };
         let mut key_versions: Vec<ObjectVersion> = Vec::new();
         loop {
+            let Some(rules) = self
+                .rules_of(bucket)
+                .await?
+                .filter(|r| r.generation == generation)
+            else {
+                return Ok(());
+            };
             let page = list_versions(metadata, bucket, &request).await?;
             for version in page.entries {
                 if key_versions.first().is_some_and(|v| v.key != version.key) {
                     let versions = std::mem::take(&mut key_versions);
-                    self.key(rules, versioning, &versions, report).await;
+                    self.key(&rules, &versions, report).await;
                 }
-                key_versions.push(version);
+                // Each version once, whatever a page boundary did.
+                if !key_versions.iter().any(|v| v.version == version.version) {
+                    key_versions.push(version);
+                }
             }
-            match page.resume {
-                Some(resume) => request.start = ListStart::Resume(resume),
-                None => break,
+            // A page that ends inside a key resumes after its last version
+            // (by its own id, null or not), as ListObjectVersions does.
+            match (page.resume, key_versions.last()) {
+                (Some(_), Some(last)) => {
+                    request.start =
+                        ListStart::AfterVersion(last.key.clone(), VersionRef::Id(last.version));
+                }
+                (Some(resume), None) => request.start = ListStart::Resume(resume),
+                (None, _) => {
+                    if !key_versions.is_empty() {
+                        self.key(&rules, &key_versions, report).await;
+                    }
+                    return Ok(());
+                }
             }
         }
-        if !key_versions.is_empty() {
-            self.key(rules, versioning, &key_versions, report).await;
-        }
-        Ok(())
     }
 
     /// Applies the rules to one key's versions, newest first (the first is
     /// its latest).
     async fn key(
         &self,
-        rules: &[LifecycleRule],
-        versioning: Versioning,
+        rules: &BucketRules,
         versions: &[ObjectVersion],
         report: &mut LifecycleSummary,
     ) {
         let now = now_unix_ms();
+        let day_ms = self.day_ms();
         let Some(latest) = versions.first() else {
             return;
         };
         let (bucket, key) = (&latest.bucket, &latest.key);
-        let created = |v: &ObjectVersion| v.created.hlc.unix_ms();
+        let lone_marker = latest.body == VersionBody::DeleteMarker && versions.len() == 1;
         // The current version: expired once, by the first rule due.
-        for rule in rules.iter().filter(|r| applies(r, latest)) {
+        for rule in rules.rules.iter().filter(|r| applies(r, latest)) {
             let due = match (rule.expiration, &latest.body) {
                 (Some(Expiration::Days(days)), VersionBody::Data { .. }) => {
-                    due_after(created(latest), days, self.day_ms) <= now
+                    self.is_due(due_after(written_at(latest), days, day_ms), now)
                 }
-                (Some(Expiration::Date(date)), VersionBody::Data { .. }) => date <= now,
-                (Some(Expiration::ExpiredDeleteMarkers), VersionBody::DeleteMarker) => {
-                    versions.len() == 1
-                }
+                (Some(Expiration::Date(date)), VersionBody::Data { .. }) => self.is_due(date, now),
+                // A delete marker with no version left below is removed by
+                // ExpiredObjectDeleteMarker, and by an Expiration in days
+                // (as S3 does).
+                (
+                    Some(Expiration::ExpiredDeleteMarkers | Expiration::Days(_)),
+                    VersionBody::DeleteMarker,
+                ) => lone_marker,
                 _ => false,
             };
             if !due {
@@ -348,20 +456,12 @@ impl Pass {
                         version: Some(latest.version),
                         ..DeleteCondition::default()
                     };
-                    self.expire(bucket, key, latest, &condition, versioning)
-                        .await
+                    self.expire(latest, &condition, rules.versioning).await
                 }
                 VersionBody::DeleteMarker => self
-                    .index
-                    .delete_version(
-                        bucket,
-                        key,
-                        reference(latest),
-                        &DeleteCondition::default(),
-                        false,
-                    )
+                    .delete_exact(latest, true)
                     .await
-                    .map(|removed| removed.map(|_| markers_removed as Counter)),
+                    .map(|deleted| deleted.then_some(markers_removed as Counter)),
             };
             self.count(outcome, bucket, key, report);
             break;
@@ -370,54 +470,70 @@ impl Pass {
         // above it was written.
         for (newer, (above, version)) in versions.iter().zip(versions.iter().skip(1)).enumerate() {
             let due = rules
+                .rules
                 .iter()
                 .filter(|r| applies(r, version))
                 .filter_map(|r| r.noncurrent)
                 .any(|noncurrent| {
                     newer >= noncurrent.newer_versions as usize
-                        && due_after(created(above), noncurrent.days, self.day_ms) <= now
+                        && self.is_due(due_after(written_at(above), noncurrent.days, day_ms), now)
                 });
             if !due {
                 continue;
             }
             let outcome = self
-                .index
-                .delete_version(
-                    bucket,
-                    key,
-                    reference(version),
-                    &DeleteCondition::default(),
-                    false,
-                )
+                .delete_exact(version, false)
                 .await
-                .map(|deleted| deleted.map(|_| noncurrent_expired as Counter));
+                .map(|deleted| deleted.then_some(noncurrent_expired as Counter));
             self.count(outcome, bucket, key, report);
         }
     }
 
     /// Deletes `latest` as a DELETE without a version id would, only
-    /// while it is the current object; counted if it is no longer.
+    /// while it is the current object; counted if this delete did it.
     async fn expire(
         &self,
-        bucket: &str,
-        key: &str,
         latest: &ObjectVersion,
         condition: &DeleteCondition,
         versioning: Versioning,
     ) -> ModelResult<Option<Counter>> {
-        let marker = self
+        let (bucket, key) = (&latest.bucket, &latest.key);
+        let deletion = self
             .index
             .delete(bucket, key, condition, versioning)
             .await?;
-        // A marker answered is this delete's; without one (an unversioned
-        // bucket, or the head moved on first) the head says.
-        let gone = marker.is_some()
-            || self
-                .index
-                .current(bucket, key)
-                .await?
-                .is_none_or(|current| current.version != latest.version);
-        Ok(gone.then_some(expired as Counter))
+        Ok(deletion.changed.then_some(expired as Counter))
+    }
+
+    /// Deletes exactly the version the walk read (by its own id, null or
+    /// not, so that a version written since is never the one deleted), if
+    /// it still exists and is the current version when `current`, or not
+    /// when not; through its lock guard, without the governance bypass.
+    /// Whether it deleted it.
+    async fn delete_exact(&self, seen: &ObjectVersion, current: bool) -> ModelResult<bool> {
+        let (bucket, key) = (&seen.bucket, &seen.key);
+        let metadata = self.node.metadata();
+        let Some(RowValue::Version(row)) = metadata
+            .read(vec![versions_row(bucket, key, &seen.version)])
+            .await?
+            .remove(0)
+        else {
+            return Ok(false);
+        };
+        if !row.exists(now_unix_ms()) {
+            return Ok(false);
+        }
+        let is_current = read_head(metadata, bucket, key)
+            .await?
+            .is_some_and(|head| head.purged.is_none() && head.version == seen.version);
+        if is_current != current {
+            return Ok(false);
+        }
+        Ok(self
+            .index
+            .purge(*row, false)
+            .await?
+            .is_some_and(|(_, decided)| decided))
     }
 
     /// Counts what an action did: into its own counter (none when it found
@@ -451,6 +567,7 @@ impl Pass {
         report: &mut LifecycleSummary,
     ) -> ModelResult<()> {
         let uploads = Uploads::new(self.node.metadata());
+        let day_ms = self.day_ms();
         let mut marker: Option<(String, cairn_protocol::ids::UploadId)> = None;
         loop {
             let (page, more) = uploads
@@ -468,7 +585,9 @@ impl Pass {
                     .iter()
                     .filter(|r| r.enabled && upload.key.starts_with(&r.prefix))
                     .filter_map(|r| r.abort_incomplete_days)
-                    .any(|days| due_after(upload.record.started_unix_ms, days, self.day_ms) <= now);
+                    .any(|days| {
+                        self.is_due(due_after(upload.record.started_unix_ms, days, day_ms), now)
+                    });
                 if !due {
                     continue;
                 }

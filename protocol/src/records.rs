@@ -677,6 +677,40 @@ pub struct NoncurrentExpiration {
     pub newer_versions: u32,
 }
 
+/// The most noncurrent versions a rule may keep (S3's bound).
+pub const MAX_NEWER_NONCURRENT_VERSIONS: u32 = 100;
+
+impl LifecycleRule {
+    /// What every stored rule holds to, whoever wrote it: counts of days
+    /// above zero, at most 100 noncurrent versions kept, sizes in order.
+    pub fn check(&self) -> Result<(), String> {
+        let zero_days = matches!(self.expiration, Some(Expiration::Days(0)))
+            || self.noncurrent.is_some_and(|n| n.days == 0)
+            || self.abort_incomplete_days == Some(0);
+        if zero_days {
+            return Err(format!("lifecycle rule {:?} counts 0 days", self.id));
+        }
+        if self
+            .noncurrent
+            .is_some_and(|n| n.newer_versions > MAX_NEWER_NONCURRENT_VERSIONS)
+        {
+            return Err(format!(
+                "lifecycle rule {:?} keeps more than {MAX_NEWER_NONCURRENT_VERSIONS} noncurrent versions",
+                self.id
+            ));
+        }
+        if let (Some(min), Some(max)) = (self.size_greater_than, self.size_less_than)
+            && min >= max
+        {
+            return Err(format!(
+                "lifecycle rule {:?} has no size between its bounds",
+                self.id
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl LifecycleConfiguration {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -778,7 +812,7 @@ impl LifecycleConfiguration {
                 0 => None,
                 _ => Some(r.u32("abort incomplete days")?),
             };
-            rules.push(LifecycleRule {
+            let rule = LifecycleRule {
                 id,
                 enabled,
                 prefix,
@@ -787,7 +821,9 @@ impl LifecycleConfiguration {
                 expiration,
                 noncurrent,
                 abort_incomplete_days,
-            });
+            };
+            rule.check().map_err(RecordError::Invalid)?;
+            rules.push(rule);
         }
         r.finish("lifecycle configuration")?;
         Ok(Self { generation, rules })

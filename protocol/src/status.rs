@@ -207,6 +207,15 @@ impl NodeStatus {
             previous = Some(spares);
             repair.degraded_by_spares.insert(spares, r.u64("segments")?);
         }
+        // A node of an earlier release answers without the lifecycle part.
+        if r.remaining() == 0 {
+            return Ok(Self {
+                store,
+                scrub,
+                repair,
+                lifecycle: LifecycleSummary::default(),
+            });
+        }
         let mut n = |field| r.u64(field);
         let lifecycle = LifecycleSummary {
             passes: n("lifecycle passes")?,

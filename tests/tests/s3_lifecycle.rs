@@ -22,6 +22,8 @@ use cairn_tests::s3::*;
 const QUICK_LIFECYCLE: LifecycleSettings = LifecycleSettings {
     every: Duration::from_millis(50),
     day: Duration::from_millis(200),
+    clock_margin: Duration::ZERO,
+    page_entries: 4096,
 };
 
 fn rule(id: &str, prefix: &str) -> aws_sdk_s3::types::builders::LifecycleRuleBuilder {
@@ -528,4 +530,168 @@ async fn lifecycle_keeps_locked_versions_and_aborts_incomplete_uploads() {
         .unwrap_err();
     assert_eq!(code(&parts.into_service_error()), "NoSuchUpload");
     s.shutdown().await;
+}
+
+/// Null versions (written unversioned and while suspended) are acted on
+/// like the others: a noncurrent one goes, a lone null delete marker is
+/// removed, a Date rule in the past expires the current null version into
+/// a null marker; a disabled rule does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn null_versions_date_rules_and_disabled_rules() {
+    let s = setup().await;
+    let c = &s.client;
+    c.create_bucket().bucket("nulls").send().await.unwrap();
+    put_bytes(c, "nulls", "s/k", b"null, unversioned").await;
+    put_bytes(c, "nulls", "off/k", b"kept").await;
+    let status = |status: BucketVersioningStatus| {
+        c.put_bucket_versioning()
+            .bucket("nulls")
+            .versioning_configuration(VersioningConfiguration::builder().status(status).build())
+            .send()
+    };
+    status(BucketVersioningStatus::Enabled).await.unwrap();
+    put_bytes(c, "nulls", "s/k", b"own id").await;
+    status(BucketVersioningStatus::Suspended).await.unwrap();
+    // A null marker on top: [null marker, own id] (the null version is
+    // replaced by the marker).
+    c.delete_object()
+        .bucket("nulls")
+        .key("s/k")
+        .send()
+        .await
+        .unwrap();
+    put_bytes(c, "nulls", "d/k", b"null, suspended").await;
+    let rules = vec![
+        rule("noncurrent", "s/")
+            .noncurrent_version_expiration(
+                NoncurrentVersionExpiration::builder()
+                    .noncurrent_days(1)
+                    .build(),
+            )
+            .build()
+            .unwrap(),
+        rule("markers", "s/")
+            .expiration(
+                LifecycleExpiration::builder()
+                    .expired_object_delete_marker(true)
+                    .build(),
+            )
+            .build()
+            .unwrap(),
+        rule("dated", "d/")
+            .expiration(
+                LifecycleExpiration::builder()
+                    .date(DateTime::from_secs(1_577_836_800))
+                    .build(),
+            )
+            .build()
+            .unwrap(),
+        LifecycleRule::builder()
+            .id("off")
+            .status(ExpirationStatus::Disabled)
+            .filter(LifecycleRuleFilter::builder().prefix("off/").build())
+            .expiration(expire_after(1))
+            .build()
+            .unwrap(),
+    ];
+    assert_eq!(put_rules(c, "nulls", rules).await, "ok");
+    let summaries = run_until(&s.cluster, |_| async {
+        versions_of(c, "nulls", "s/k").await.is_empty() && !exists(c, "nulls", "d/k").await
+    })
+    .await;
+    // d/k's null version became a null marker, the only version left.
+    let left = versions_of(c, "nulls", "d/k").await;
+    assert!(
+        left.len() == 1 && left[0].starts_with("marker:"),
+        "{left:?}"
+    );
+    assert!(exists(c, "nulls", "off/k").await);
+    assert_eq!(total(&summaries, |s| s.expired), 1, "{summaries:?}");
+    assert_eq!(total(&summaries, |s| s.markers_removed), 1, "{summaries:?}");
+    assert_eq!(
+        total(&summaries, |s| s.noncurrent_expired),
+        1,
+        "{summaries:?}"
+    );
+    s.shutdown().await;
+}
+
+/// A walk whose pages end inside a key sees each of its versions once, in
+/// the key's order, even when a skewed gateway gave the newer version the
+/// older id: a noncurrent rule deletes the noncurrent version, never the
+/// current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pages_that_end_inside_a_key_never_make_the_current_version_noncurrent() {
+    let Setup {
+        cluster, gateway, ..
+    } = setup().await;
+    gateway.stop().await;
+    let root = cairn_tests::random_secret();
+    let on_time = gateway_on(&cluster, 0, root).await;
+    let behind = cairn_gateway::Gateway::start(
+        cluster.node(2).handle(),
+        cairn_model::kms::RootKey::from_bytes(root),
+        cairn_gateway::GatewayConfig {
+            clock_skew_ms: -3_600_000,
+            ..cairn_gateway::GatewayConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let key = on_time.keys().create("pages").await.unwrap();
+    let c = client_for(&on_time, &key.id, &key.secret);
+    let late = client_for(&behind, &key.id, &key.secret);
+    versioned_bucket(&c, "pages").await;
+    let older = put_bytes(&c, "pages", "k", b"older").await.unwrap();
+    // Written second, with an id an hour older.
+    let newer = put_bytes(&late, "pages", "k", b"newer").await.unwrap();
+    let rules = vec![
+        rule("noncurrent", "")
+            .noncurrent_version_expiration(
+                NoncurrentVersionExpiration::builder()
+                    .noncurrent_days(1)
+                    .build(),
+            )
+            .build()
+            .unwrap(),
+    ];
+    assert_eq!(put_rules(&c, "pages", rules).await, "ok");
+    let one_per_page = LifecycleSettings {
+        page_entries: 1,
+        ..QUICK_LIFECYCLE
+    };
+    let mut workers: Vec<LifecycleWorker> = (0..cluster.members.len())
+        .map(|i| LifecycleWorker::start(cluster.node(i).handle(), one_per_page))
+        .collect();
+    let finished = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            for worker in workers.iter_mut() {
+                worker.next_pass().await.expect("lifecycle runs");
+            }
+            if versions_of(&c, "pages", "k").await.len() < 2 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(finished.is_ok());
+    assert_eq!(versions_of(&c, "pages", "k").await, vec![newer.clone()]);
+    let body = c
+        .get_object()
+        .bucket("pages")
+        .key("k")
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    assert_eq!(body.as_ref(), b"newer");
+    let _ = older;
+    drop(workers);
+    on_time.stop().await;
+    behind.stop().await;
+    cluster.shutdown().await;
 }

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use cairn_protocol::manifest::MAX_KEY_BYTES;
 use cairn_protocol::records::{
     Expiration, LifecycleRule as StoredRule, MAX_LIFECYCLE_RULE_ID_BYTES, MAX_LIFECYCLE_RULES,
-    NoncurrentExpiration,
+    MAX_NEWER_NONCURRENT_VERSIONS, NoncurrentExpiration,
 };
 use http::HeaderMap;
 use s3s::dto::*;
@@ -20,7 +20,7 @@ use crate::error::GatewayError;
 
 const DAY_MS: u64 = 86_400_000;
 /// S3's bound on the noncurrent versions a rule keeps.
-const MAX_NEWER_NONCURRENT: i32 = 100;
+const MAX_NEWER_NONCURRENT: i32 = MAX_NEWER_NONCURRENT_VERSIONS as i32;
 
 fn malformed(why: &str) -> S3Error {
     S3Error::with_message(S3ErrorCode::MalformedXML, why.to_owned())
@@ -134,6 +134,10 @@ fn expiration_of(expiration: &LifecycleExpiration) -> S3Result<Option<Expiration
             "Days' for Expiration action",
         )?))),
         (None, Some(date), false) => {
+            let at = time::OffsetDateTime::from(date.clone());
+            if at.unix_timestamp() < 0 {
+                return Err(invalid("'Date' must be in 1970 or later"));
+            }
             let unix_ms = unix_ms_of(date);
             if !unix_ms.is_multiple_of(DAY_MS) {
                 return Err(invalid("'Date' must be at midnight GMT"));

@@ -355,7 +355,10 @@ impl CairnS3 {
                 Ok((Some(id), marker))
             }
             (version_id, _) => {
-                let marker = index.delete(bucket, key, &condition, versioning).await?;
+                let marker = index
+                    .delete(bucket, key, &condition, versioning)
+                    .await?
+                    .marker;
                 Ok(match marker {
                     Some(marker) => (Some(version_id_text(&marker)), true),
                     None => (version_id.map(str::to_owned), false),
