@@ -144,6 +144,10 @@ enum KeyCommand {
         /// A name to remember the key by.
         #[arg(long, default_value = "")]
         name: String,
+        /// Let requests signed with the key bypass a governance retention
+        /// (x-amz-bypass-governance-retention); without it they are 403.
+        #[arg(long)]
+        bypass_governance: bool,
     },
     /// List the access keys (never their secrets).
     List {
@@ -493,15 +497,37 @@ async fn key_command(command: KeyCommand) -> Result<()> {
     );
     let outcome = async {
         match &command {
-            KeyCommand::Create { name, .. } => {
-                let key = keys.create(name).await?;
+            KeyCommand::Create {
+                name,
+                bypass_governance,
+                ..
+            } => {
+                let permissions = if *bypass_governance {
+                    cairn_protocol::records::permission::BYPASS_GOVERNANCE
+                } else {
+                    0
+                };
+                let key = keys.create_with(name, permissions).await?;
                 println!("access key: {}", key.id);
                 println!("secret key: {}", key.secret);
                 println!("(the secret is shown only now)");
             }
             KeyCommand::List { .. } => {
                 for key in keys.list().await? {
-                    println!("{}  created {}  {}", key.id, key.created_unix_ms, key.name);
+                    let may_bypass = key.permissions
+                        & cairn_protocol::records::permission::BYPASS_GOVERNANCE
+                        != 0;
+                    println!(
+                        "{}  created {}  {}{}",
+                        key.id,
+                        key.created_unix_ms,
+                        key.name,
+                        if may_bypass {
+                            "  (may bypass governance retention)"
+                        } else {
+                            ""
+                        }
+                    );
                 }
             }
             KeyCommand::Delete { id, .. } => {

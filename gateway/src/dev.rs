@@ -223,7 +223,12 @@ impl DevCluster {
         let seed = dev_key_seed(&dir.join("access-key.seed"))?;
         let key = gateway
             .keys()
-            .create_with_id(DEV_ACCESS_KEY, "cairn dev", seed)
+            .create_with_id(
+                DEV_ACCESS_KEY,
+                "cairn dev",
+                seed,
+                cairn_protocol::records::permission::BYPASS_GOVERNANCE,
+            )
             .await?;
         Ok(Self {
             nodes,

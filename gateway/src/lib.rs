@@ -128,6 +128,7 @@ impl Gateway {
             config.clock_skew_ms,
         );
         let s3 = CairnS3 {
+            keys: keys.clone(),
             buckets: Buckets::new(metadata, kms.clone()),
             objects: ObjectStore::new(node, kms, index),
             region: config.region.clone(),

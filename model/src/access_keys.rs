@@ -27,6 +27,8 @@ pub struct AccessKeyInfo {
     pub id: String,
     pub name: String,
     pub created_unix_ms: u64,
+    /// Bits of `cairn_protocol::records::permission`.
+    pub permissions: u64,
 }
 
 /// A new key: the only time its secret is shown.
@@ -129,9 +131,17 @@ impl AccessKeys {
         }
     }
 
-    /// Creates a key with a fresh secret.
+    /// Creates a key with a fresh secret and no permission beyond reading
+    /// and writing objects.
     pub async fn create(&self, name: &str) -> ModelResult<NewAccessKey> {
-        self.create_with_id(&new_key_id(), name, SecretKey::from_bytes(random_bytes()))
+        self.create_with(name, 0).await
+    }
+
+    /// Creates a key with a fresh secret and `permissions` (bits of
+    /// `cairn_protocol::records::permission`).
+    pub async fn create_with(&self, name: &str, permissions: u64) -> ModelResult<NewAccessKey> {
+        let seed = SecretKey::from_bytes(random_bytes());
+        self.create_with_id(&new_key_id(), name, seed, permissions)
             .await
     }
 
@@ -142,6 +152,7 @@ impl AccessKeys {
         id: &str,
         name: &str,
         seed: SecretKey,
+        permissions: u64,
     ) -> ModelResult<NewAccessKey> {
         if name.len() > MAX_KEY_NAME_BYTES {
             return Err(ModelError::InvalidArgument(format!(
@@ -163,6 +174,7 @@ impl AccessKeys {
             created_unix_ms: now_unix_ms(),
             name: name.to_owned(),
             wrapped_secret: wrapped.to_vec(),
+            permissions,
         };
         self.table.put(id, &record).await?;
         // Listed again at the next lookup, with the new key in it.
@@ -192,8 +204,22 @@ impl AccessKeys {
                 id,
                 name: record.name,
                 created_unix_ms: record.created_unix_ms,
+                permissions: record.permissions,
             })
             .collect())
+    }
+
+    /// Whether key `id` (one that signed a request: it exists) has every
+    /// bit of `permission`; read as its secret is (cached as long).
+    pub async fn may(&self, id: &str, permission: u64) -> ModelResult<bool> {
+        if !is_key_id(id) {
+            return Ok(false);
+        }
+        let record = match self.table.cached(id) {
+            Some(record) => record,
+            None => self.table.get_fresh(id).await?,
+        };
+        Ok(record.is_some_and(|r| r.may(permission)))
     }
 
     /// The secret of key `id`, or `None` when there is no such key.

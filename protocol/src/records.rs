@@ -263,28 +263,58 @@ pub struct AccessKeyRecord {
     /// The wrapped 32-byte seed of the secret: the secret access key is
     /// the standard base64 of the seed's first 30 bytes (40 characters).
     pub wrapped_secret: Vec<u8>,
+    /// What the key may do beyond reading and writing objects: bits of
+    /// [`permission`].
+    pub permissions: u64,
 }
+
+/// Permission bits of an access key.
+pub mod permission {
+    /// `x-amz-bypass-governance-retention` is honoured (S3's
+    /// s3:BypassGovernanceRetention).
+    pub const BYPASS_GOVERNANCE: u64 = 1;
+}
+
+/// Format 2 of an access key record added its permissions; a format 1
+/// record (a key made before permissions existed, when every key could
+/// bypass governance) reads with that permission.
+const ACCESS_KEY_FORMAT: u8 = 2;
 
 impl AccessKeyRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 + self.name.len() + self.wrapped_secret.len());
-        out.put_u8(FORMAT_VERSION);
+        let mut out = Vec::with_capacity(24 + self.name.len() + self.wrapped_secret.len());
+        out.put_u8(ACCESS_KEY_FORMAT);
         out.put_u64(self.created_unix_ms);
         out.put_bytes16(self.name.as_bytes());
         out.put_bytes16(&self.wrapped_secret);
+        out.put_u64(self.permissions);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         let mut r = Reader::new(bytes);
-        read_format(&mut r)?;
-        let record = Self {
-            created_unix_ms: r.u64("created")?,
-            name: r.str16("name", MAX_KEY_NAME_BYTES)?.to_owned(),
-            wrapped_secret: r.bytes16("wrapped secret", WRAPPED_KEY_BYTES)?.to_vec(),
+        let format = r.u8("format")?;
+        if format != FORMAT_VERSION && format != ACCESS_KEY_FORMAT {
+            return Err(RecordError::UnsupportedFormat(format));
+        }
+        let created_unix_ms = r.u64("created")?;
+        let name = r.str16("name", MAX_KEY_NAME_BYTES)?.to_owned();
+        let wrapped_secret = r.bytes16("wrapped secret", WRAPPED_KEY_BYTES)?.to_vec();
+        let permissions = match format {
+            ACCESS_KEY_FORMAT => r.u64("permissions")?,
+            _ => permission::BYPASS_GOVERNANCE,
         };
         r.finish("access key record")?;
-        Ok(record)
+        Ok(Self {
+            created_unix_ms,
+            name,
+            wrapped_secret,
+            permissions,
+        })
+    }
+
+    pub fn may(&self, permission: u64) -> bool {
+        self.permissions & permission == permission
     }
 }
 
@@ -921,7 +951,20 @@ mod tests {
             created_unix_ms: 7,
             name: "ci".into(),
             wrapped_secret: vec![1; WRAPPED_KEY_BYTES],
+            permissions: 0,
         };
+        // A format 1 record (no permissions) reads with the bypass, as
+        // every key had it then.
+        let mut old = access.encode();
+        old.truncate(old.len() - 8);
+        old[0] = 1;
+        assert_eq!(
+            AccessKeyRecord::decode(&old),
+            Ok(AccessKeyRecord {
+                permissions: permission::BYPASS_GOVERNANCE,
+                ..access.clone()
+            })
+        );
         let kms = KmsKeyRecord {
             created_unix_ms: 9,
             wrapped_key: vec![2; WRAPPED_KEY_BYTES],

@@ -63,7 +63,14 @@ pub async fn setup_with(collection: Collection) -> Setup {
     )
     .await
     .unwrap();
-    let key = gateway.keys().create("test").await.unwrap();
+    let key = gateway
+        .keys()
+        .create_with(
+            "test",
+            cairn_protocol::records::permission::BYPASS_GOVERNANCE,
+        )
+        .await
+        .unwrap();
     let client = client_for(&gateway, &key.id, &key.secret);
     Setup {
         cluster,

@@ -290,7 +290,14 @@ async fn no_locked_version_is_lost_to_concurrent_puts_deletes_and_lock_changes()
         gateway_on(&cluster, 2, root).await,
         gateway_on(&cluster, 4, root).await,
     ];
-    let key = gateways[0].keys().create("races").await.unwrap();
+    let key = gateways[0]
+        .keys()
+        .create_with(
+            "races",
+            cairn_protocol::records::permission::BYPASS_GOVERNANCE,
+        )
+        .await
+        .unwrap();
     let clients: Vec<Client> = gateways
         .iter()
         .map(|g| client_for(g, &key.id, &key.secret))

@@ -918,7 +918,14 @@ async fn a_compliance_lock_survives_the_restart_of_every_node() {
     gateway.stop().await;
     let root = random_secret();
     let gateway = gateway_on(&cluster, 1, root).await;
-    let key = gateway.keys().create("restart").await.unwrap();
+    let key = gateway
+        .keys()
+        .create_with(
+            "restart",
+            cairn_protocol::records::permission::BYPASS_GOVERNANCE,
+        )
+        .await
+        .unwrap();
     let c = client_for(&gateway, &key.id, &key.secret);
     lock_bucket(&c, "durable").await;
     let locked = put_locked(&c, "durable", "k", ObjectLockMode::Compliance, far_future()).await;
@@ -1062,4 +1069,61 @@ async fn racing_creations_of_one_name_create_one_bucket_with_its_lock() {
     first.stop().await;
     second.stop().await;
     cluster.shutdown().await;
+}
+
+/// The governance bypass is a permission of the access key: a key made
+/// without it is refused, 403, whenever it asks for the bypass, and
+/// nothing changes; without the header it is an ordinary request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_a_key_with_the_permission_bypasses_governance() {
+    let s = setup().await;
+    lock_bucket(&s.client, "permitted").await;
+    let governed = put_locked(
+        &s.client,
+        "permitted",
+        "g",
+        ObjectLockMode::Governance,
+        farther_future(),
+    )
+    .await;
+    let plain = put_version(&s.client, "permitted", "p", b"plain").await;
+    let key = s.gateway.keys().create("no bypass").await.unwrap();
+    let c = client_for(&s.gateway, &key.id, &key.secret);
+    assert_eq!(
+        delete_version(&c, "permitted", "g", &governed, true).await,
+        "AccessDenied"
+    );
+    assert_eq!(
+        set_retention(
+            &c,
+            "permitted",
+            "g",
+            &governed,
+            ObjectLockRetentionMode::Governance,
+            far_future(),
+            true
+        )
+        .await,
+        "AccessDenied"
+    );
+    // Refused even where nothing holds: the key asked for what it may not.
+    assert_eq!(
+        delete_version(&c, "permitted", "p", &plain, true).await,
+        "AccessDenied"
+    );
+    assert_eq!(
+        retention_of(&s.client, "permitted", "g", &governed).await,
+        ("GOVERNANCE".to_owned(), farther_future().secs())
+    );
+    // Without the header the same key works as any other.
+    assert_eq!(
+        delete_version(&c, "permitted", "p", &plain, false).await,
+        "ok"
+    );
+    // The key of the setup has the permission.
+    assert_eq!(
+        delete_version(&s.client, "permitted", "g", &governed, true).await,
+        "ok"
+    );
+    s.shutdown().await;
 }

@@ -443,6 +443,7 @@ impl CairnS3 {
         &self,
         req: S3Request<PutObjectRetentionInput>,
     ) -> S3Result<S3Response<PutObjectRetentionOutput>> {
+        let req_credentials = req.credentials;
         let input = req.input;
         self.lock_settings(&input.bucket).await?;
         let version = self
@@ -477,7 +478,12 @@ impl CairnS3 {
         let change = GuardChange::Retain {
             retention,
             at: self.objects.index().metadata().timestamp(),
-            bypass_governance: input.bypass_governance_retention == Some(true),
+            bypass_governance: self
+                .bypass(
+                    req_credentials.as_ref(),
+                    input.bypass_governance_retention == Some(true),
+                )
+                .await?,
         };
         self.change_lock(&version, change).await?;
         Ok(S3Response::new(PutObjectRetentionOutput::default()))

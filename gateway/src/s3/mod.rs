@@ -15,6 +15,7 @@ pub(crate) mod locks;
 mod multipart;
 mod objects;
 
+use cairn_model::access_keys::AccessKeys;
 use cairn_model::buckets::Buckets;
 use cairn_protocol::records::{BucketRecord, BucketSettings, Versioning};
 use s3s::dto::*;
@@ -33,6 +34,8 @@ pub const MAX_KEYS: usize = 1000;
 /// The S3 service of one gateway.
 #[derive(Clone)]
 pub struct CairnS3 {
+    /// The access keys, for what a request's key may do.
+    pub(crate) keys: AccessKeys,
     pub(crate) buckets: Buckets,
     pub(crate) objects: ObjectStore,
     pub(crate) region: String,
@@ -52,6 +55,36 @@ impl CairnS3 {
     /// The bucket's versioning, or `NoSuchBucket`.
     async fn versioning(&self, name: &str) -> GatewayResult<Versioning> {
         Ok(self.settings(name).await?.versioning)
+    }
+
+    /// Whether a request that asks to bypass governance retention
+    /// (`asked`) may: its access key has the permission. A request that
+    /// asks without it is refused, 403, before anything changes.
+    async fn bypass(
+        &self,
+        credentials: Option<&s3s::auth::Credentials>,
+        asked: bool,
+    ) -> GatewayResult<bool> {
+        if !asked {
+            return Ok(false);
+        }
+        let permitted = match credentials {
+            Some(credentials) => {
+                self.keys
+                    .may(
+                        &credentials.access_key,
+                        cairn_protocol::records::permission::BYPASS_GOVERNANCE,
+                    )
+                    .await?
+            }
+            None => false,
+        };
+        if !permitted {
+            return Err(crate::error::GatewayError::AccessDenied(
+                "this access key may not bypass governance retention (s3:BypassGovernanceRetention; see cairn admin key create --bypass-governance)".into(),
+            ));
+        }
+        Ok(true)
     }
 }
 

@@ -371,7 +371,12 @@ impl CairnS3 {
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
-        let bypass = bypasses_governance(&req.headers, &req.uri);
+        let bypass = self
+            .bypass(
+                req.credentials.as_ref(),
+                bypasses_governance(&req.headers, &req.uri),
+            )
+            .await?;
         let input = req.input;
         let versioning = self.versioning(&input.bucket).await?;
         // Deleting a key that does not exist succeeds, as in S3.
@@ -404,7 +409,12 @@ impl CairnS3 {
         &self,
         req: S3Request<DeleteObjectsInput>,
     ) -> S3Result<S3Response<DeleteObjectsOutput>> {
-        let bypass = bypasses_governance(&req.headers, &req.uri);
+        let bypass = self
+            .bypass(
+                req.credentials.as_ref(),
+                bypasses_governance(&req.headers, &req.uri),
+            )
+            .await?;
         let input = req.input;
         let versioning = self.versioning(&input.bucket).await?;
         if input.delete.objects.len() > 1000 {
