@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::buckets::lifecycle_of;
 use crate::error::{ModelError, ModelResult};
-use crate::heads::{DeleteCondition, ObjectIndex, VersionRef, read_head};
+use crate::heads::{DeleteCondition, ObjectIndex, VersionRef, latest_version};
 use crate::listing::{ListRequest, ListStart, MAX_PAGE_ENTRIES, list_versions};
 use crate::rows::versions_row;
 use crate::uploads::Uploads;
@@ -523,9 +523,11 @@ impl Pass {
         if !row.exists(now_unix_ms()) {
             return Ok(false);
         }
-        let is_current = read_head(metadata, bucket, key)
+        // The key's latest existing version (a head deleted by id has the
+        // version below it latest again).
+        let is_current = latest_version(metadata, bucket, key)
             .await?
-            .is_some_and(|head| head.purged.is_none() && head.version == seen.version);
+            .is_some_and(|latest| latest.version == seen.version);
         if is_current != current {
             return Ok(false);
         }

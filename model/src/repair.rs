@@ -922,14 +922,15 @@ impl Repair {
     /// answers from its index.
     async fn lock_on_holders(&self, batch: &[SegmentWork], holders: &[Vec<Vec<NodeId>>]) {
         type Asks = BTreeMap<NodeId, BTreeSet<UploadId>>;
-        let mut by_version: BTreeMap<VersionId, (Arc<ObjectVersion>, FragmentLock, Asks)> =
+        type Named = (String, Arc<str>, VersionId);
+        let mut by_version: BTreeMap<Named, (Arc<ObjectVersion>, FragmentLock, Asks)> =
             BTreeMap::new();
         for (work, holders) in batch.iter().zip(holders) {
             let Some((version, lock)) = &work.locked else {
                 continue;
             };
             let (_, _, asks) = by_version
-                .entry(work.version)
+                .entry((work.bucket.clone(), work.key.clone(), work.version))
                 .or_insert_with(|| (version.clone(), *lock, BTreeMap::new()));
             for node in holders.iter().flatten() {
                 asks.entry(*node).or_default().insert(work.upload);

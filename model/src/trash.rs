@@ -248,11 +248,7 @@ async fn bring_back(
 /// live: (whole, degraded, unreadable).
 async fn count_segments(node: &NodeHandle, manifest: &Manifest) -> ModelResult<(u64, u64, u64)> {
     let map = node.cluster_map().ok_or(ModelError::NoMap)?;
-    let ids: Vec<FragmentId> = manifest
-        .parts
-        .iter()
-        .flat_map(|p| p.segments.iter().flat_map(|s| s.fragments.iter().copied()))
-        .collect();
+    let ids: Vec<FragmentId> = manifest.fragment_ids().collect();
     let mut live: HashSet<FragmentId> = HashSet::new();
     for member in &map.map.nodes {
         for chunk in ids.chunks(cairn_protocol::wire::MAX_HAVE_IDS) {

@@ -66,8 +66,10 @@ fn after(last: Timestamp, at: Timestamp) -> Timestamp {
     if at > last {
         at
     } else {
+        // Saturating: a stamp at the end of time (no honest clock's)
+        // cannot be passed, and is not wrapped to its start.
         Timestamp {
-            hlc: crate::hlc::Hlc::from_u64(last.hlc.as_u64() + 1),
+            hlc: crate::hlc::Hlc::from_u64(last.hlc.as_u64().saturating_add(1)),
             node: at.node,
         }
     }
@@ -159,10 +161,20 @@ impl VersionGuard {
         Ok(next)
     }
 
+    /// Canonical: format 1 while the retention has no decision's stamp
+    /// (zero), format 2 otherwise.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![FORMAT_VERSION, self.retention.mode as u8];
+        let stamped = self.retention.at != Timestamp::ZERO;
+        let format = if stamped {
+            FORMAT_VERSION
+        } else {
+            FORMAT_WITHOUT_RETENTION_STAMP
+        };
+        let mut out = vec![format, self.retention.mode as u8];
         out.put_u64(self.retention.retain_until_unix_ms);
-        put_timestamp(&mut out, &self.retention.at);
+        if stamped {
+            put_timestamp(&mut out, &self.retention.at);
+        }
         out.put_bool(self.legal_hold.value);
         put_timestamp(&mut out, &self.legal_hold.at);
         out.put_bool(self.purged);
@@ -191,7 +203,16 @@ impl VersionGuard {
         };
         let retain_until_unix_ms = r.u64("retain until")?;
         let at = match format {
-            FORMAT_VERSION => read_timestamp(&mut r)?,
+            // Written in format 2 only with a stamp (canonical).
+            FORMAT_VERSION => match read_timestamp(&mut r)? {
+                Timestamp::ZERO => {
+                    return Err(DecodeError::InvalidValue {
+                        field: "retention stamp",
+                        value: 0,
+                    });
+                }
+                at => at,
+            },
             _ => Timestamp::ZERO,
         };
         let guard = Self {
@@ -453,5 +474,41 @@ mod tests {
         for len in 0..bytes.len() {
             assert!(VersionGuard::decode(&bytes[..len]).is_err());
         }
+        // One encoding per guard: format 1 without a retention stamp,
+        // format 2 with one; format 2 with a zero stamp is refused.
+        assert_eq!(bytes[0], 1);
+        let stamped = open()
+            .apply(
+                GuardChange::Retain {
+                    retention: Retention::new(RetentionMode::Governance, 100),
+                    at: at(5),
+                    bypass_governance: false,
+                },
+                0,
+            )
+            .unwrap();
+        let bytes = stamped.encode();
+        assert_eq!(bytes[0], 2);
+        assert_eq!(VersionGuard::decode(&bytes).unwrap(), stamped);
+        let mut zero = bytes.clone();
+        zero[10..50].fill(0);
+        assert!(VersionGuard::decode(&zero).is_err());
+        // A stamp at the end of time is not wrapped to its start.
+        let mut last = stamped;
+        last.retention.at = Timestamp {
+            hlc: crate::hlc::Hlc::from_u64(u64::MAX),
+            node: crate::ids::NodeId([1; 32]),
+        };
+        let next = last
+            .apply(
+                GuardChange::Retain {
+                    retention: Retention::new(RetentionMode::Governance, 200),
+                    at: at(6),
+                    bypass_governance: false,
+                },
+                0,
+            )
+            .unwrap();
+        assert_eq!(next.retention.at.hlc.as_u64(), u64::MAX);
     }
 }

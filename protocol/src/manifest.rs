@@ -145,6 +145,13 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Every fragment of every segment of every part, in order.
+    pub fn fragment_ids(&self) -> impl Iterator<Item = FragmentId> + '_ {
+        self.parts
+            .iter()
+            .flat_map(|p| p.segments.iter().flat_map(|s| s.fragments.iter().copied()))
+    }
+
     pub fn plaintext_len(&self) -> u64 {
         self.parts.iter().map(|p| p.plaintext_len).sum()
     }

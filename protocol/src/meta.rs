@@ -381,6 +381,7 @@ impl RowValue {
             RowValue::Version(version) => [
                 Some(version.created),
                 Some(version.legal_hold.at),
+                Some(version.retention.at),
                 version.purged,
             ]
             .into_iter()
@@ -855,6 +856,14 @@ mod tests {
             })
         );
         assert_eq!(ahead(5).check_stamp(1_000_000, 60_000), Ok(()));
+        // A version row whose retention a decision stamped far ahead: it
+        // would win every later governance decision.
+        let mut version = crate::version::tests::entry();
+        version.retention.at = at(u64::MAX >> 20, 1);
+        assert!(matches!(
+            RowValue::Version(Box::new(version)).check_stamp(1_000_000, 60_000),
+            Err(MetaError::StampAhead { .. })
+        ));
     }
 
     #[test]

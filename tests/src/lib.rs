@@ -16,6 +16,15 @@ use cairn_protocol::placement::{ClusterMap, MapNode, NodeState, Tolerance};
 
 pub mod s3;
 
+/// Repair passes back to back, nothing throttled, nobody waited for.
+pub const QUICK_REPAIR: cairn_model::repair::RepairSettings = cairn_model::repair::RepairSettings {
+    every: Duration::from_millis(100),
+    segments_at_once: 4,
+    bytes_per_second: 0,
+    away_grace: Duration::from_secs(3600),
+    forget_records_after: Duration::from_secs(3600),
+};
+
 pub use cairn_gateway as gateway;
 pub use cairn_node as node;
 pub use cairn_protocol as protocol;

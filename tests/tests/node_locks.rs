@@ -16,7 +16,7 @@ use aws_sdk_s3::types::{
 };
 use cairn_model::collector::{Collection, ReleaseRule};
 use cairn_model::heads::{existing_versions, read_manifest};
-use cairn_model::repair::{RepairSettings, Repairer};
+use cairn_model::repair::Repairer;
 use cairn_node::meta::Metadata;
 use cairn_node::pieces::PieceError;
 use cairn_node::release::{ReleaseCheck, SegmentPlaces, VersionLock};
@@ -26,7 +26,7 @@ use cairn_protocol::ids::{FragmentId, NodeId, UploadId, VersionId};
 use cairn_protocol::version::VersionBody;
 use cairn_protocol::wire::{FragmentLock, Hold, ObjectKeyDigest, RejectCode};
 use cairn_tests::s3::*;
-use cairn_tests::{Cluster, pseudo_random_bytes};
+use cairn_tests::{Cluster, QUICK_REPAIR, pseudo_random_bytes};
 
 /// Large enough to be erasure-coded: one fragment of each segment per node.
 const OBJECT_BYTES: usize = 400_000;
@@ -37,15 +37,6 @@ fn far_future() -> DateTime {
 }
 
 const FAR_FUTURE_MS: u64 = 4_000_000_000_000;
-
-/// Passes back to back, nothing throttled, nobody waited for.
-const QUICK_REPAIR: RepairSettings = RepairSettings {
-    every: Duration::from_millis(100),
-    segments_at_once: 4,
-    bytes_per_second: 0,
-    away_grace: Duration::from_secs(3600),
-    forget_records_after: Duration::from_secs(3600),
-};
 
 /// Every node checks locks and releases against the real metadata rules.
 fn install_rules(cluster: &Cluster) {
@@ -191,11 +182,7 @@ async fn fragments_of(
         .await
         .unwrap()
         .unwrap();
-    let fragments = manifest
-        .parts
-        .iter()
-        .flat_map(|p| p.segments.iter().flat_map(|s| s.fragments.iter().copied()))
-        .collect();
+    let fragments = manifest.fragment_ids().collect();
     (manifest.upload, fragments)
 }
 

@@ -21,16 +21,7 @@ use cairn_protocol::placement::{NodeState, Placer, Tolerance, segment_placement_
 use cairn_protocol::version::{ObjectVersion, VersionBody};
 use cairn_tests::gateway::Gateway;
 use cairn_tests::s3::*;
-use cairn_tests::{Cluster, pseudo_random_bytes, random_secret};
-
-/// Passes back to back, nothing throttled, nobody waited for.
-const QUICK_REPAIR: RepairSettings = RepairSettings {
-    every: Duration::from_millis(100),
-    segments_at_once: 4,
-    bytes_per_second: 0,
-    away_grace: Duration::from_secs(3600),
-    forget_records_after: Duration::from_secs(3600),
-};
+use cairn_tests::{Cluster, QUICK_REPAIR, pseudo_random_bytes, random_secret};
 
 /// How many fragments of the objects `keys` of `bucket` are not on the
 /// node their placement names (read through node `via`'s metadata).

@@ -261,11 +261,7 @@ async fn locked_fragments(cluster: &Cluster, key: &str) -> Vec<(VersionId, Vec<F
             .await
             .unwrap()
             .unwrap();
-        let fragments = manifest
-            .parts
-            .iter()
-            .flat_map(|p| p.segments.iter().flat_map(|s| s.fragments.iter().copied()))
-            .collect();
+        let fragments = manifest.fragment_ids().collect();
         locked.push((version.version, fragments));
     }
     locked
