@@ -174,7 +174,7 @@ impl AccessKeys {
             created_unix_ms: now_unix_ms(),
             name: name.to_owned(),
             wrapped_secret: wrapped.to_vec(),
-            permissions,
+            permissions: Some(permissions),
         };
         self.table.put(id, &record).await?;
         // Listed again at the next lookup, with the new key in it.
@@ -202,9 +202,9 @@ impl AccessKeys {
             .into_iter()
             .map(|(id, record)| AccessKeyInfo {
                 id,
+                permissions: record.permissions_or_legacy(),
                 name: record.name,
                 created_unix_ms: record.created_unix_ms,
-                permissions: record.permissions,
             })
             .collect())
     }

@@ -264,8 +264,10 @@ pub struct AccessKeyRecord {
     /// the standard base64 of the seed's first 30 bytes (40 characters).
     pub wrapped_secret: Vec<u8>,
     /// What the key may do beyond reading and writing objects: bits of
-    /// [`permission`].
-    pub permissions: u64,
+    /// [`permission`]; `None` for a key made before permissions existed
+    /// (format 1), which may do what every key could then: bypass
+    /// governance.
+    pub permissions: Option<u64>,
 }
 
 /// Permission bits of an access key.
@@ -276,18 +278,22 @@ pub mod permission {
 }
 
 /// Format 2 of an access key record added its permissions; a format 1
-/// record (a key made before permissions existed, when every key could
-/// bypass governance) reads with that permission.
+/// record is a key made before permissions existed.
 const ACCESS_KEY_FORMAT: u8 = 2;
 
 impl AccessKeyRecord {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(24 + self.name.len() + self.wrapped_secret.len());
-        out.put_u8(ACCESS_KEY_FORMAT);
+        out.put_u8(match self.permissions {
+            Some(_) => ACCESS_KEY_FORMAT,
+            None => FORMAT_VERSION,
+        });
         out.put_u64(self.created_unix_ms);
         out.put_bytes16(self.name.as_bytes());
         out.put_bytes16(&self.wrapped_secret);
-        out.put_u64(self.permissions);
+        if let Some(permissions) = self.permissions {
+            out.put_u64(permissions);
+        }
         out
     }
 
@@ -301,8 +307,8 @@ impl AccessKeyRecord {
         let name = r.str16("name", MAX_KEY_NAME_BYTES)?.to_owned();
         let wrapped_secret = r.bytes16("wrapped secret", WRAPPED_KEY_BYTES)?.to_vec();
         let permissions = match format {
-            ACCESS_KEY_FORMAT => r.u64("permissions")?,
-            _ => permission::BYPASS_GOVERNANCE,
+            ACCESS_KEY_FORMAT => Some(r.u64("permissions")?),
+            _ => None,
         };
         r.finish("access key record")?;
         Ok(Self {
@@ -313,8 +319,15 @@ impl AccessKeyRecord {
         })
     }
 
+    /// Whether the key has every bit of `permission`.
     pub fn may(&self, permission: u64) -> bool {
-        self.permissions & permission == permission
+        self.permissions_or_legacy() & permission == permission
+    }
+
+    /// Its permissions; for a key made before they existed, what every
+    /// key could do then.
+    pub fn permissions_or_legacy(&self) -> u64 {
+        self.permissions.unwrap_or(permission::BYPASS_GOVERNANCE)
     }
 }
 
@@ -951,20 +964,19 @@ mod tests {
             created_unix_ms: 7,
             name: "ci".into(),
             wrapped_secret: vec![1; WRAPPED_KEY_BYTES],
-            permissions: 0,
+            permissions: Some(0),
         };
-        // A format 1 record (no permissions) reads with the bypass, as
-        // every key had it then.
+        // A format 1 record (no permissions) reads as a key of before
+        // permissions, which may bypass, as every key could then; it
+        // encodes back to the same bytes.
         let mut old = access.encode();
         old.truncate(old.len() - 8);
         old[0] = 1;
-        assert_eq!(
-            AccessKeyRecord::decode(&old),
-            Ok(AccessKeyRecord {
-                permissions: permission::BYPASS_GOVERNANCE,
-                ..access.clone()
-            })
-        );
+        let legacy = AccessKeyRecord::decode(&old).unwrap();
+        assert_eq!(legacy.permissions, None);
+        assert!(legacy.may(permission::BYPASS_GOVERNANCE));
+        assert!(!access.may(permission::BYPASS_GOVERNANCE));
+        assert_eq!(legacy.encode(), old);
         let kms = KmsKeyRecord {
             created_unix_ms: 9,
             wrapped_key: vec![2; WRAPPED_KEY_BYTES],

@@ -253,7 +253,7 @@ fn gateway_records_and_labelled_keys() {
         created_unix_ms: 1_764_000_000_001,
         name: "backup job".into(),
         wrapped_secret: wrapped.to_vec(),
-        permissions: cairn_protocol::records::permission::BYPASS_GOVERNANCE,
+        permissions: Some(cairn_protocol::records::permission::BYPASS_GOVERNANCE),
     };
     let kms = KmsKeyRecord {
         created_unix_ms: 1_764_000_000_002,
