@@ -217,6 +217,28 @@ fn ids_of_upload(
         .collect()
 }
 
+/// The entries, in any state, whose hold names `upload` and `object`: only
+/// the fragments written for that object (an upload id alone proves
+/// nothing).
+fn entries_of_upload(
+    table: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
+    by_upload: &impl ReadableTable<&'static [u8; 48], ()>,
+    upload: &UploadId,
+    object: &ObjectKeyDigest,
+) -> Result<Vec<(FragmentId, FragmentEntry)>, StoreError> {
+    let mut entries = Vec::new();
+    for id in ids_of_upload(by_upload, upload)? {
+        let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
+            continue;
+        };
+        let entry = FragmentEntry::decode(id, raw.value())?;
+        if entry.hold.upload == *upload && entry.hold.object == *object {
+            entries.push((id, entry));
+        }
+    }
+    Ok(entries)
+}
+
 fn upload_key(upload: &UploadId, id: &FragmentId) -> [u8; 48] {
     let mut key = [0u8; 48];
     key[..16].copy_from_slice(upload.as_bytes());
@@ -784,18 +806,8 @@ impl FragmentStore {
         {
             let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
             let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
-            for id in ids_of_upload(&by_upload, upload)? {
-                let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
-                    continue;
-                };
-                let mut entry = FragmentEntry::decode(id, raw.value())?;
-                drop(raw);
-                // Only the fragments written for the object the release
-                // was checked for: an upload id alone proves nothing.
-                if entry.state != FragmentState::Live
-                    || entry.hold.upload != *upload
-                    || entry.hold.object != *object
-                {
+            for (id, mut entry) in entries_of_upload(&table, &by_upload, upload, object)? {
+                if entry.state != FragmentState::Live {
                     continue;
                 }
                 if entry.stored_at_unix_ms > now_unix_ms {
@@ -862,19 +874,8 @@ impl FragmentStore {
             let txn = self.shared.db.begin_read().map_err(index_error)?;
             let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
             let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
-            let mut trashed = Vec::new();
-            for id in ids_of_upload(&by_upload, upload)? {
-                let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
-                    continue;
-                };
-                let entry = FragmentEntry::decode(id, raw.value())?;
-                if entry.state == FragmentState::Trash
-                    && entry.hold.upload == *upload
-                    && entry.hold.object == *object
-                {
-                    trashed.push((id, entry));
-                }
-            }
+            let mut trashed = entries_of_upload(&table, &by_upload, upload, object)?;
+            trashed.retain(|(_, entry)| entry.state == FragmentState::Trash);
             trashed
         };
         let mut verdicts = Vec::with_capacity(trashed.len());
@@ -944,14 +945,7 @@ impl FragmentStore {
         let table = txn.open_table(FRAGMENTS).map_err(index_error)?;
         let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
         let mut locked = Locked::default();
-        for id in ids_of_upload(&by_upload, upload)? {
-            let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
-                continue;
-            };
-            let entry = FragmentEntry::decode(id, raw.value())?;
-            if entry.hold.upload != *upload || entry.hold.object != *object {
-                continue;
-            }
+        for (_, entry) in entries_of_upload(&table, &by_upload, upload, object)? {
             locked.fragments += 1;
             if entry.locked_under(lock) != entry.lock {
                 locked.changed += 1;
@@ -976,15 +970,7 @@ impl FragmentStore {
         {
             let mut table = txn.open_table(FRAGMENTS).map_err(index_error)?;
             let by_upload = txn.open_table(BY_UPLOAD).map_err(index_error)?;
-            for id in ids_of_upload(&by_upload, upload)? {
-                let Some(raw) = table.get(id.as_bytes()).map_err(index_error)? else {
-                    continue;
-                };
-                let mut entry = FragmentEntry::decode(id, raw.value())?;
-                drop(raw);
-                if entry.hold.upload != *upload || entry.hold.object != *object {
-                    continue;
-                }
+            for (id, mut entry) in entries_of_upload(&table, &by_upload, upload, object)? {
                 locked.fragments += 1;
                 let next = entry.locked_under(lock);
                 if next != entry.lock {
